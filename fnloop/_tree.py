@@ -1,0 +1,116 @@
+"""Pytree helpers: the one place that knows fnloop's optree namespace.
+
+fnloop's own containers (``TrainState`` and a few optimizer states) are registered with
+optree under the ``"fnloop"`` namespace and with ``torch.utils._pytree`` (which
+``torch.func.vmap`` and ``torch.compile`` use). Every tree operation inside fnloop goes
+through the functions here so a ``TrainState`` is never flattened as a single leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import optree
+import torch.utils._pytree as torch_pytree
+
+NAMESPACE = "fnloop"
+
+T = TypeVar("T")
+
+
+def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
+    """Registers a frozen dataclass as a pytree node for optree and torch.
+
+    Fields named in ``static`` go into the tree's context (they are compared, never mapped
+    over); all other fields are children.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(static) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}")
+    children = tuple(n for n in names if n not in static)
+    statics = tuple(n for n in names if n in static)
+
+    def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in statics)
+
+    def unflatten_optree(context: tuple[Any, ...], values: Any) -> Any:
+        return cls(**dict(zip(children, values)), **dict(zip(statics, context)))
+
+    def unflatten_torch(values: Any, context: tuple[Any, ...]) -> Any:
+        return unflatten_optree(context, values)
+
+    def flatten_optree(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
+        leaves, context = flatten(obj)
+        return leaves, context, children
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+        leaves, context = flatten(obj)
+        keys = [torch_pytree.GetAttrKey(n) for n in children]
+        return list(zip(keys, leaves)), context
+
+    optree.register_pytree_node(
+        cls,  # type: ignore[arg-type]
+        flatten_optree,  # type: ignore[arg-type]
+        unflatten_optree,
+        namespace=NAMESPACE,
+    )
+    torch_pytree.register_pytree_node(
+        cls,
+        flatten,
+        unflatten_torch,
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
+    return cls
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rests: Any) -> Any:
+    """``optree.tree_map`` in fnloop's namespace (``None`` is an empty subtree)."""
+    return optree.tree_map(fn, tree, *rests, namespace=NAMESPACE)
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` in fnloop's namespace."""
+    return optree.tree_leaves(tree, namespace=NAMESPACE)
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """Leaves and treedef of ``tree`` in fnloop's namespace."""
+    return optree.tree_flatten(tree, namespace=NAMESPACE)
+
+
+def tree_unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
+    """Inverse of :func:`tree_flatten`."""
+    return optree.tree_unflatten(treedef, leaves)
+
+
+def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], Any]:
+    """Paths, leaves and treedef of ``tree`` in fnloop's namespace."""
+    return optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A readable key for a leaf path: ``opt_state.0.mu.fc.weight``."""
+    return ".".join(str(p) for p in path) if path else "<root>"
+
+
+def first_difference(a: Any, b: Any) -> str | None:
+    """Describes the first structural difference between two trees, or ``None``."""
+    paths_a, _, _ = tree_flatten_with_path(a)
+    paths_b, _, _ = tree_flatten_with_path(b)
+    set_b = set(paths_b)
+    for p in paths_a:
+        if p not in set_b:
+            return f"'{path_str(p)}' is present in the first tree but not in the second"
+    set_a = set(paths_a)
+    for p in paths_b:
+        if p not in set_a:
+            return f"'{path_str(p)}' is present in the second tree but not in the first"
+    if optree.tree_structure(a, namespace=NAMESPACE) != optree.tree_structure(
+        b, namespace=NAMESPACE
+    ):
+        return "the trees have the same keys but different node types"
+    return None

@@ -1,0 +1,174 @@
+"""The one place that calls ``torch._foreach_*``.
+
+Every function takes lists of tensors and returns a new list; inputs are never changed.
+Functions whose names end in ``_`` write into their first argument and are only used on
+lists that fnloop itself has just created.
+
+``torch._foreach_*`` ops have no ``vmap`` batching rule, so under ``torch.func.vmap``
+(detected from the tensors themselves) the same math runs one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch._C import _functorch
+
+Scalar = float | torch.Tensor
+TensorList = list[torch.Tensor]
+
+
+def _batched(xs: Sequence[torch.Tensor]) -> bool:
+    """True inside ``torch.func.vmap``, where foreach ops cannot run."""
+    return bool(xs) and _functorch.is_batchedtensor(xs[0])
+
+
+def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
+    """``x + alpha * y`` for each pair (or ``x + y`` for a scalar ``y``)."""
+    if isinstance(ys, list):
+        if _batched(xs) or _batched(ys):
+            return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+        return list(torch._foreach_add(xs, ys, alpha=alpha))
+    if _batched(xs):
+        return [x + ys for x in xs]
+    return list(torch._foreach_add(xs, ys))
+
+
+def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
+    """In-place :func:`add` into ``xs``."""
+    if isinstance(ys, list):
+        if _batched(xs) or _batched(ys):
+            return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys)]
+        torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+    if _batched(xs):
+        return [x.add_(ys) for x in xs]
+    torch._foreach_add_(xs, ys)
+    return xs
+
+
+def mul(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
+    """``x * y`` for each pair, or each ``x`` times a scalar."""
+    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+        if isinstance(ys, list):
+            return [x * y for x, y in zip(xs, ys)]
+        return [x * ys for x in xs]
+    return list(torch._foreach_mul(xs, ys))
+
+
+def mul_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
+    """In-place :func:`mul` into ``xs``."""
+    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+        if isinstance(ys, list):
+            return [x.mul_(y) for x, y in zip(xs, ys)]
+        return [x.mul_(ys) for x in xs]
+    torch._foreach_mul_(xs, ys)
+    return xs
+
+
+def div(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
+    """``x / y`` for each pair, or each ``x`` divided by a scalar."""
+    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+        if isinstance(ys, list):
+            return [x / y for x, y in zip(xs, ys)]
+        return [x / ys for x in xs]
+    return list(torch._foreach_div(xs, ys))
+
+
+def div_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
+    """In-place :func:`div` into ``xs``."""
+    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+        if isinstance(ys, list):
+            return [x.div_(y) for x, y in zip(xs, ys)]
+        return [x.div_(ys) for x in xs]
+    torch._foreach_div_(xs, ys)
+    return xs
+
+
+def addcmul(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
+    """``x + value * t1 * t2``."""
+    if _batched(xs) or _batched(t1):
+        return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+    return list(torch._foreach_addcmul(xs, t1, t2, value=value))
+
+
+def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
+    """In-place :func:`addcmul` into ``xs``."""
+    if _batched(xs) or _batched(t1):
+        return [x.addcmul_(a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+    torch._foreach_addcmul_(xs, t1, t2, value=value)
+    return xs
+
+
+def addcdiv(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
+    """``x + value * t1 / t2``."""
+    if _batched(xs) or _batched(t1):
+        return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+    return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
+
+
+def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
+    """``x + weight * (y - x)``."""
+    if _batched(xs) or _batched(ys):
+        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+    return list(torch._foreach_lerp(xs, ys, weight))
+
+
+def sqrt(xs: TensorList) -> TensorList:
+    """Element-wise square root."""
+    if _batched(xs):
+        return [torch.sqrt(x) for x in xs]
+    return list(torch._foreach_sqrt(xs))
+
+
+def maximum(xs: TensorList, ys: TensorList) -> TensorList:
+    """Element-wise maximum of each pair."""
+    if _batched(xs) or _batched(ys):
+        return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+    return list(torch._foreach_maximum(xs, ys))
+
+
+def clamp(xs: TensorList, low: float, high: float) -> TensorList:
+    """Element-wise clamp to ``[low, high]``."""
+    if _batched(xs):
+        return [torch.clamp(x, low, high) for x in xs]
+    return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, low), high))
+
+
+def norms(xs: TensorList) -> TensorList:
+    """The 2-norm of each tensor (0-d tensors)."""
+    if _batched(xs):
+        return [torch.linalg.vector_norm(x) for x in xs]
+    return list(torch._foreach_norm(xs))
+
+
+def global_norm(xs: TensorList) -> torch.Tensor:
+    """The 2-norm of all tensors together, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    return torch.linalg.vector_norm(torch.stack(norms(xs)))
+
+
+def zeros_like(xs: TensorList) -> TensorList:
+    """New zero tensors shaped like ``xs``."""
+    return [torch.zeros_like(x) for x in xs]
+
+
+def full_like(xs: TensorList, value: float) -> TensorList:
+    """New tensors shaped like ``xs`` filled with ``value``."""
+    return [torch.full_like(x, value) for x in xs]
+
+
+def copy_(dst: TensorList, src: TensorList) -> TensorList:
+    """Copies ``src`` into ``dst`` (used only when a caller donated ``dst``)."""
+    if _batched(dst) or _batched(src):
+        return [d.copy_(s) for d, s in zip(dst, src)]
+    torch._foreach_copy_(dst, src)
+    return dst
+
+
+def where(cond: torch.Tensor, xs: TensorList, ys: TensorList) -> TensorList:
+    """``torch.where(cond, x, y)`` for each pair, with one 0-d boolean ``cond``.
+
+    There is no foreach ``where``; under ``torch.compile`` these fuse into one kernel.
+    """
+    return [torch.where(cond, x, y) for x, y in zip(xs, ys)]

@@ -1,0 +1,229 @@
+"""Optimizers with ``torch.optim``'s update rules, each only a composition of transforms."""
+
+from __future__ import annotations
+
+from fnloop.optim.base import GradientTransformation, chain, identity
+from fnloop.optim.plateau import ReduceOnPlateau
+from fnloop.optim.transform import (
+    Schedule,
+    add_decayed_weights,
+    check_non_negative,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    trace,
+)
+
+LearningRate = float | Schedule | ReduceOnPlateau
+
+
+def sgd(
+    learning_rate: LearningRate,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    dampening: float = 0.0,
+) -> GradientTransformation:
+    r"""Stochastic gradient descent, as ``torch.optim.SGD``.
+
+    .. math::
+       g_t \leftarrow g_t + \lambda \theta_{t-1}, \quad
+       b_t = \mu b_{t-1} + (1 - \tau) g_t \ (b_1 = g_1), \quad
+       \theta_t = \theta_{t-1} - \gamma \,(g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Args:
+      learning_rate: :math:`\gamma`, a number, 0-d tensor, schedule or plateau.
+      momentum: :math:`\mu`; ``0`` disables momentum.
+      nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+      weight_decay: :math:`\lambda`, L2 penalty added to the gradient.
+      dampening: :math:`\tau`.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> tx = optim.sgd(0.1, momentum=0.9)
+      >>> state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update({"w": torch.tensor([1.0])}, state, params)
+      ...     params = optim.apply_updates(params, updates)
+      >>> params["w"]
+      tensor([0.7100])
+    """
+    check_non_negative("momentum value", momentum)
+    check_non_negative("weight_decay value", weight_decay)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            f"Nesterov momentum requires a momentum and zero dampening; got "
+            f"momentum={momentum}, dampening={dampening}."
+        )
+    return chain(
+        add_decayed_weights(weight_decay),
+        trace(momentum, dampening=dampening, nesterov=nesterov) if momentum > 0 else identity(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: LearningRate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    r"""Adam, as ``torch.optim.Adam`` (``weight_decay`` is an L2 penalty on the gradient).
+
+    .. math::
+       m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+       v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+       \theta_t = \theta_{t-1} - \gamma \frac{m_t / (1-\beta_1^t)}
+                  {\sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon}
+
+    Args:
+      learning_rate: :math:`\gamma`.
+      b1: :math:`\beta_1`, in ``[0, 1)``.
+      b2: :math:`\beta_2`, in ``[0, 1)``.
+      eps: :math:`\epsilon`.
+      weight_decay: L2 penalty added to the gradient (for decoupled decay use ``adamw``).
+      amsgrad: use the running maximum of :math:`v_t`.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> tx = optim.adam(0.1)
+      >>> updates, _ = tx.update({"w": torch.tensor([2.0])}, tx.init(params), params)
+      >>> optim.apply_updates(params, updates)["w"]
+      tensor([0.9000])
+    """
+    check_non_negative("weight_decay value", weight_decay)
+    return chain(
+        add_decayed_weights(weight_decay),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: LearningRate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    *,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    r"""AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay.
+
+    .. math::
+       \theta_t = \theta_{t-1} - \gamma \left(\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+                  + \lambda \theta_{t-1}\right)
+
+    Args:
+      learning_rate: :math:`\gamma`.
+      b1: :math:`\beta_1`, in ``[0, 1)``.
+      b2: :math:`\beta_2`, in ``[0, 1)``.
+      eps: :math:`\epsilon`.
+      weight_decay: :math:`\lambda`, applied to the weights, not the gradient.
+      amsgrad: use the running maximum of :math:`v_t`.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> tx = optim.adamw(0.1, weight_decay=0.5)
+      >>> updates, _ = tx.update({"w": torch.tensor([2.0])}, tx.init(params), params)
+      >>> optim.apply_updates(params, updates)["w"]
+      tensor([0.8500])
+    """
+    check_non_negative("weight_decay value", weight_decay)
+    return chain(
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        add_decayed_weights(weight_decay),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: LearningRate,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    centered: bool = False,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    r"""RMSprop, as ``torch.optim.RMSprop``.
+
+    .. math::
+       s_t = \alpha s_{t-1} + (1-\alpha) g_t^2, \quad
+       u_t = g_t / (\sqrt{s_t - \bar g_t^2 \,[\text{centered}]} + \epsilon), \quad
+       b_t = \mu b_{t-1} + u_t, \quad \theta_t = \theta_{t-1} - \gamma b_t
+
+    Args:
+      learning_rate: :math:`\gamma`.
+      alpha: smoothing constant :math:`\alpha`.
+      eps: :math:`\epsilon`.
+      momentum: :math:`\mu`; ``0`` disables momentum.
+      centered: normalise by the estimated variance instead of the second moment.
+      weight_decay: L2 penalty added to the gradient.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> tx = optim.rmsprop(0.01)
+      >>> updates, _ = tx.update({"w": torch.tensor([1.0])}, tx.init(params), params)
+      >>> optim.apply_updates(params, updates)["w"]
+      tensor([0.9000])
+    """
+    check_non_negative("momentum value", momentum)
+    check_non_negative("weight_decay value", weight_decay)
+    return chain(
+        add_decayed_weights(weight_decay),
+        scale_by_rms(alpha, eps, centered=centered),
+        trace(momentum) if momentum > 0 else identity(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate: LearningRate,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> GradientTransformation:
+    r"""Adagrad, as ``torch.optim.Adagrad``.
+
+    .. math::
+       s_t = s_{t-1} + g_t^2, \quad
+       \theta_t = \theta_{t-1} - \frac{\gamma}{1 + (t-1)\eta}\,\frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    Args:
+      learning_rate: :math:`\gamma`.
+      lr_decay: :math:`\eta`.
+      weight_decay: L2 penalty added to the gradient.
+      initial_accumulator_value: the starting value of :math:`s`.
+      eps: :math:`\epsilon`.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> tx = optim.adagrad(0.5)
+      >>> updates, _ = tx.update({"w": torch.tensor([3.0])}, tx.init(params), params)
+      >>> optim.apply_updates(params, updates)["w"]
+      tensor([0.5000])
+    """
+    check_non_negative("weight_decay value", weight_decay)
+    return chain(
+        add_decayed_weights(weight_decay),
+        scale_by_adagrad(
+            eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay
+        ),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,228 @@
+"""The optimizer protocol: ``GradientTransformation(init, update)``, ``chain``, ``apply_updates``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from fnloop import _tree
+from fnloop.optim import _foreach
+from fnloop.typing import OptState, Params, Updates
+
+
+class InitFn(Protocol):
+    """``init(params) -> state``."""
+
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class UpdateFn(Protocol):
+    """``update(updates, state, params) -> (updates, state)``."""
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient transformation: a pair of functions, as in optax.
+
+    ``init(params)`` builds the state; ``update(updates, state, params)`` returns the
+    transformed updates and the new state. Neither changes its inputs.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import optim
+      >>> params = {"w": torch.tensor([1.0, 2.0])}
+      >>> tx = optim.sgd(0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": torch.tensor([1.0, 1.0])}, state, params)
+      >>> optim.apply_updates(params, updates)["w"]
+      tensor([0.9000, 1.9000])
+    """
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none."""
+
+
+def identity() -> GradientTransformation:
+    """A transformation that returns the updates unchanged.
+
+    >>> from fnloop import optim
+    >>> optim.identity().update({"w": 1.0}, optim.EmptyState())[0]
+    {'w': 1.0}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        return updates, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies ``transforms`` one after the other; the state is a tuple of their states.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> tx = optim.chain(optim.clip(1.0), optim.scale_by_learning_rate(0.5))
+    >>> params = {"w": torch.zeros(2)}
+    >>> u, _ = tx.update({"w": torch.tensor([3.0, -0.5])}, tx.init(params), params)
+    >>> u["w"]
+    tensor([-0.5000,  0.2500])
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"chain() argument {i} is a {type(t).__name__}, not a GradientTransformation; "
+                f"pass fnloop.optim transforms such as optim.clip_by_global_norm(1.0)."
+            )
+
+    def init_fn(params: Params) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        if len(state) != len(transforms):
+            raise ValueError(
+                f"chain of {len(transforms)} transforms got a state with {len(state)} "
+                f"entries; was the state made by this optimizer's init?"
+            )
+        new_states = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def check_same_structure(updates: Any, params: Any, what: str = "updates") -> None:
+    """Raises ``ValueError`` naming the first key where ``updates`` and ``params`` differ."""
+    diff = _tree.first_difference(updates, params)
+    if diff is not None:
+        raise ValueError(
+            f"{what} and params must have the same structure, but {diff} "
+            f"(first tree: {what}, second: params). Compute gradients for exactly the "
+            f"params the optimizer was initialised with."
+        )
+
+
+def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], Any, list[Any]]:
+    """Leaves of ``updates`` and of each tree in ``others``, checking they match."""
+    leaves, treedef = _tree.tree_flatten(updates)
+    other_leaves = []
+    for other in others:
+        o_leaves, o_def = _tree.tree_flatten(other)
+        if o_def != treedef:
+            check_same_structure(updates, other)
+            raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
+        other_leaves.append(o_leaves)
+    return leaves, treedef, other_leaves
+
+
+def map_flat(
+    fn: Callable[..., list[torch.Tensor]], updates: Updates, *others: Any
+) -> Updates:
+    """Applies ``fn(leaves, *other_leaves) -> new_leaves`` and rebuilds the tree."""
+    leaves, treedef, other_leaves = flatten_like(updates, *others)
+    return _tree.tree_unflatten(treedef, fn(leaves, *other_leaves))
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Returns ``params + updates`` as new tensors (the inputs are unchanged).
+
+    Each result keeps its parameter's dtype.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+    {'w': tensor([1.5000, 0.0000])}
+    """
+    p_leaves, treedef = _tree.tree_flatten(params)
+    u_leaves, u_def = _tree.tree_flatten(updates)
+    if u_def != treedef:
+        check_same_structure(updates, params)
+    u_leaves = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
+
+
+def apply_updates_(params: Params, updates: Updates) -> Params:
+    """Like :func:`apply_updates` but writes into ``params``, which the caller gives up."""
+    p_leaves, treedef = _tree.tree_flatten(params)
+    u_leaves, u_def = _tree.tree_flatten(updates)
+    if u_def != treedef:
+        check_same_structure(updates, params)
+    u_leaves = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
+
+
+def partition(
+    transforms: dict[str, GradientTransformation], labels: Callable[[str], str]
+) -> GradientTransformation:
+    """Parameter groups: a different transformation for each label.
+
+    ``labels(name)`` gives the label of each parameter name (params are the flat
+    ``{name: tensor}`` dicts of a ``TrainState``). Each group's learning rate is listed
+    separately by ``optim.learning_rates`` and logged per group by ``fit``.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> tx = optim.partition(
+    ...     {"decay": optim.adamw(1e-3), "no_decay": optim.adamw(1e-3, weight_decay=0.0)},
+    ...     lambda name: "no_decay" if name.endswith("bias") else "decay",
+    ... )
+    >>> state = tx.init({"fc.weight": torch.ones(2), "fc.bias": torch.zeros(1)})
+    >>> sorted(state)
+    ['decay', 'no_decay']
+    """
+    if not transforms:
+        raise ValueError("partition needs at least one labelled transform")
+
+    def split(tree: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(tree, dict):
+            raise TypeError(
+                f"partition works on flat {{name: tensor}} dicts; got {type(tree).__name__}"
+            )
+        groups: dict[str, dict[str, Any]] = {label: {} for label in transforms}
+        for name, value in tree.items():
+            label = labels(name)
+            if label not in groups:
+                raise ValueError(
+                    f"labels({name!r}) returned {label!r}, which is not one of "
+                    f"{sorted(transforms)}; add a transform for it."
+                )
+            groups[label][name] = value
+        return groups
+
+    def init_fn(params: Params) -> dict[str, OptState]:
+        groups = split(params)
+        return {label: t.init(groups[label]) for label, t in transforms.items() if groups[label]}
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        u_groups = split(updates)
+        p_groups = split(params) if params is not None else None
+        new_updates: dict[str, Any] = {}
+        new_state = {}
+        for label, s in state.items():
+            p = p_groups[label] if p_groups is not None else None
+            u, new_state[label] = transforms[label].update(u_groups[label], s, p)
+            new_updates.update(u)
+        return {name: new_updates[name] for name in updates}, new_state
+
+    return GradientTransformation(init_fn, update_fn)

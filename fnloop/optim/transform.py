@@ -1,0 +1,477 @@
+"""Gradient transformations: the building blocks that ``alias`` composes into optimizers.
+
+Each transformation is a state ``NamedTuple`` plus a factory returning a
+:class:`GradientTransformation`. All tensor math goes through ``_foreach``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from fnloop import _tree
+from fnloop.optim import _foreach
+from fnloop.optim.base import GradientTransformation, flatten_like, map_flat
+from fnloop.optim.plateau import ReduceOnPlateau, ReduceOnPlateauState
+from fnloop.typing import OptState, Params, Updates
+
+
+def _first_leaf(tree: Any) -> torch.Tensor:
+    leaves = _tree.tree_leaves(tree)
+    if not leaves:
+        raise ValueError("cannot build an optimizer state for an empty parameter tree")
+    return leaves[0]
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """The dtype fnloop keeps optimizer scalars in: float64, or float32 where unsupported."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _count(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=like.device)
+
+
+def _as_float(count: torch.Tensor) -> torch.Tensor:
+    return count.to(scalar_dtype(count.device))
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """Raises ``ValueError`` as torch does when a hyper-parameter is negative."""
+    if isinstance(value, torch.Tensor):
+        return
+    if not value >= 0.0:
+        raise ValueError(f"Invalid {name}: {value} ({name} must be >= 0)")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """Raises ``ValueError`` unless ``0 <= value < 1``."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value} ({name} must be in [0, 1))")
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scales the updates so their global 2-norm is at most ``max_norm``.
+
+    Same math as ``torch.nn.utils.clip_grad_norm_``: the factor is
+    ``min(1, max_norm / (norm + 1e-6))``, computed on the device (no host sync).
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> tx = optim.clip_by_global_norm(1.0)
+    >>> u, _ = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(None))
+    >>> u["w"]
+    tensor([0.6000, 0.8000])
+    """
+    check_non_negative("max_norm", max_norm)
+
+    def init_fn(params: Params) -> OptState:
+        del params
+        return ()
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+
+        def clip_leaves(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+            norm = _foreach.global_norm(leaves)
+            factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            return _foreach.mul(leaves, factor)
+
+        return map_flat(clip_leaves, updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def clip(max_value: float) -> GradientTransformation:
+    """Clamps every update element to ``[-max_value, max_value]``.
+
+    Same math as ``torch.nn.utils.clip_grad_value_``.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> optim.clip(0.5).update({"w": torch.tensor([2.0, -0.1])}, ())[0]["w"]
+    tensor([ 0.5000, -0.1000])
+    """
+    check_non_negative("max_value", max_value)
+
+    def init_fn(params: Params) -> OptState:
+        del params
+        return ()
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        return map_flat(lambda xs: _foreach.clamp(xs, -max_value, max_value), updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- generic
+
+
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """Adds ``weight_decay * params`` to the updates.
+
+    Placed before an optimizer's scaling this is torch's L2 ``weight_decay``; placed
+    after it (as in ``adamw``) it is decoupled weight decay.
+    """
+    check_non_negative("weight_decay value", weight_decay)
+
+    def init_fn(params: Params) -> OptState:
+        del params
+        return ()
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        if weight_decay == 0:
+            return updates, state
+        if params is None:
+            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        return map_flat(
+            lambda us, ps: _foreach.add(us, ps, alpha=weight_decay), updates, params
+        ), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByLearningRateState(NamedTuple):
+    """State of :func:`scale_by_learning_rate`.
+
+    Attributes:
+      count: updates applied so far.
+      lr: the learning rate the next update will use (a 0-d tensor, so each of several
+        stacked models can have its own).
+    """
+
+    count: torch.Tensor
+    lr: torch.Tensor
+
+
+Schedule = Callable[[Any], Any]
+
+
+def scale_by_learning_rate(
+    learning_rate: float | torch.Tensor | Schedule | ReduceOnPlateau,
+    *,
+    flip_sign: bool = True,
+) -> GradientTransformation:
+    """Multiplies the updates by ``-learning_rate`` (or ``+`` with ``flip_sign=False``).
+
+    Args:
+      learning_rate: a number, a 0-d tensor, a schedule ``step -> lr`` (called with a
+        0-d float64 tensor step and written with torch ops), or
+        ``optim.reduce_on_plateau(...)``.
+      flip_sign: negate, so that ``apply_updates`` descends.
+
+    The learning rate the next update will use is kept in the state's ``lr`` field;
+    :func:`fnloop.optim.learning_rates` reads it.
+    """
+    if isinstance(learning_rate, ReduceOnPlateau):
+        plateau = learning_rate
+        sign = -1.0 if flip_sign else 1.0
+
+        def plateau_init(params: Params) -> ReduceOnPlateauState:
+            return plateau.init(_first_leaf(params).device)
+
+        def plateau_update(
+            updates: Updates, state: OptState, params: Params | None = None
+        ) -> tuple[Updates, OptState]:
+            del params
+            factor = state.lr * sign
+            return map_flat(lambda us: _foreach.mul(us, factor), updates), state
+
+        return GradientTransformation(plateau_init, plateau_update)
+
+    schedule = learning_rate if callable(learning_rate) else None
+    if schedule is None:
+        check_non_negative("learning rate", learning_rate)  # type: ignore[arg-type]
+    sign = -1.0 if flip_sign else 1.0
+
+    def lr_at(count: torch.Tensor) -> torch.Tensor:
+        value = schedule(_as_float(count)) if schedule is not None else learning_rate
+        return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
+
+    def init_fn(params: Params) -> ScaleByLearningRateState:
+        count = _count(_first_leaf(params))
+        return ScaleByLearningRateState(count=count, lr=lr_at(count))
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        factor = state.lr * sign
+        updates = map_flat(lambda us: _foreach.mul(us, factor), updates)
+        if schedule is None:
+            return updates, ScaleByLearningRateState(count=state.count + 1, lr=state.lr)
+        count = state.count + 1
+        return updates, ScaleByLearningRateState(count=count, lr=lr_at(count))
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale(factor: float) -> GradientTransformation:
+    """Multiplies the updates by a constant ``factor``."""
+
+    def init_fn(params: Params) -> OptState:
+        del params
+        return ()
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        return map_flat(lambda us: _foreach.mul(us, factor), updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- SGD momentum
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`: the update count and the momentum buffer."""
+
+    count: torch.Tensor
+    momentum_buffer: Updates
+
+
+def trace(momentum: float, *, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+    """Momentum as in ``torch.optim.SGD``.
+
+    ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on the first step), then
+    ``g + momentum * buf`` with ``nesterov`` or ``buf`` without.
+    """
+    check_non_negative("momentum value", momentum)
+
+    def init_fn(params: Params) -> TraceState:
+        return TraceState(
+            count=_count(_first_leaf(params)),
+            momentum_buffer=_tree.tree_map(torch.zeros_like, params),
+        )
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        grads, treedef, (bufs,) = flatten_like(updates, state.momentum_buffer)
+        if dampening == 0.0:
+            new_bufs = _foreach.add(_foreach.mul(bufs, momentum), grads)
+        else:
+            # torch copies the gradient into the buffer on the first step (no dampening).
+            first = state.count == 0
+            one = torch.ones((), dtype=scalar_dtype(first.device), device=first.device)
+            coef = torch.where(first, one, one * (1.0 - dampening))
+            new_bufs = _foreach.add_(_foreach.mul(bufs, momentum), _foreach.mul(grads, coef))
+        out = _foreach.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
+        return _tree.tree_unflatten(treedef, out), TraceState(
+            count=state.count + 1, momentum_buffer=_tree.tree_unflatten(treedef, new_bufs)
+        )
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- Adam
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: count, first and second moments (and their max)."""
+
+    count: torch.Tensor
+    mu: Updates
+    nu: Updates
+    nu_max: Updates
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
+) -> GradientTransformation:
+    """Adam's bias-corrected moment scaling, in ``torch.optim.Adam``'s operation order.
+
+    ``m / (1 - b1^t) / (sqrt(v) / sqrt(1 - b2^t) + eps)``, with ``v`` replaced by its
+    running maximum when ``amsgrad``.
+    """
+    check_unit_interval("beta parameter at index 0", b1)
+    check_unit_interval("beta parameter at index 1", b2)
+    check_non_negative("epsilon value", eps)
+
+    def init_fn(params: Params) -> ScaleByAdamState:
+        zeros = _tree.tree_map(torch.zeros_like, params)
+        return ScaleByAdamState(
+            count=_count(_first_leaf(params)),
+            mu=zeros,
+            nu=_tree.tree_map(torch.zeros_like, params),
+            nu_max=_tree.tree_map(torch.zeros_like, params) if amsgrad else None,
+        )
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        if amsgrad:
+            grads, treedef, (mu, nu, nu_max) = flatten_like(
+                updates, state.mu, state.nu, state.nu_max
+            )
+        else:
+            grads, treedef, (mu, nu) = flatten_like(updates, state.mu, state.nu)
+        count = state.count + 1
+        t = _as_float(count)
+        bc1 = 1.0 - torch.pow(b1, t)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
+        mu = _foreach.lerp(mu, grads, 1.0 - b1)
+        nu = _foreach.addcmul_(_foreach.mul(nu, b2), grads, grads, value=1.0 - b2)
+        if amsgrad:
+            nu_max = _foreach.maximum(nu_max, nu)
+            denom = _foreach.sqrt(nu_max)
+        else:
+            denom = _foreach.sqrt(nu)
+        _foreach.add_(_foreach.div_(denom, bc2_sqrt), eps)
+        out = _foreach.div_(_foreach.div(mu, denom), bc1)
+        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(out), ScaleByAdamState(
+            count=count,
+            mu=unflat(mu),
+            nu=unflat(nu),
+            nu_max=unflat(nu_max) if amsgrad else None,
+        )
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- RMSprop
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms`: squared-gradient average (and gradient average)."""
+
+    square_avg: Updates
+    grad_avg: Updates
+
+
+def scale_by_rms(
+    alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False
+) -> GradientTransformation:
+    """RMSprop's scaling ``g / (sqrt(E[g^2] - centered * E[g]^2) + eps)`` as in torch."""
+    check_non_negative("alpha value", alpha)
+    check_non_negative("epsilon value", eps)
+
+    def init_fn(params: Params) -> ScaleByRmsState:
+        return ScaleByRmsState(
+            square_avg=_tree.tree_map(torch.zeros_like, params),
+            grad_avg=_tree.tree_map(torch.zeros_like, params) if centered else None,
+        )
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        if centered:
+            grads, treedef, (sq, gavg) = flatten_like(updates, state.square_avg, state.grad_avg)
+        else:
+            grads, treedef, (sq,) = flatten_like(updates, state.square_avg)
+        sq = _foreach.addcmul_(_foreach.mul(sq, alpha), grads, grads, value=1.0 - alpha)
+        if centered:
+            gavg = _foreach.lerp(gavg, grads, 1.0 - alpha)
+            avg = _foreach.sqrt(_foreach.addcmul(sq, gavg, gavg, value=-1.0))
+        else:
+            avg = _foreach.sqrt(sq)
+        _foreach.add_(avg, eps)
+        out = _foreach.div(grads, avg)
+        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(out), ScaleByRmsState(
+            square_avg=unflat(sq), grad_avg=unflat(gavg) if centered else None
+        )
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- Adagrad
+
+
+class ScaleByAdagradState(NamedTuple):
+    """State of :func:`scale_by_adagrad`: update count and the sum of squared gradients."""
+
+    count: torch.Tensor
+    sum_of_squares: Updates
+
+
+def scale_by_adagrad(
+    eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0
+) -> GradientTransformation:
+    """Adagrad's scaling ``g / (sqrt(sum g^2) + eps) / (1 + (t - 1) * lr_decay)`` as in torch."""
+    check_non_negative("epsilon value", eps)
+    check_non_negative("initial_accumulator_value", initial_accumulator_value)
+    check_non_negative("lr_decay", lr_decay)
+
+    def init_fn(params: Params) -> ScaleByAdagradState:
+        return ScaleByAdagradState(
+            count=_count(_first_leaf(params)),
+            sum_of_squares=_tree.tree_map(
+                lambda p: torch.full_like(p, initial_accumulator_value), params
+            ),
+        )
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        grads, treedef, (acc,) = flatten_like(updates, state.sum_of_squares)
+        acc = _foreach.addcmul(acc, grads, grads)
+        std = _foreach.add_(_foreach.sqrt(acc), eps)
+        out = _foreach.div(grads, std)
+        if lr_decay != 0.0:
+            decay = 1.0 + _as_float(state.count) * lr_decay
+            out = _foreach.div_(out, decay)
+        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(out), ScaleByAdagradState(count=state.count + 1, sum_of_squares=unflat(acc))
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
+    """The learning rates the next update will use, one per learning-rate transform.
+
+    A plain optimizer has one; a partitioned one (several parameter groups) has one per
+    group, in the order they appear in the state.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> state = optim.adam(1e-3).init({"w": torch.zeros(1)})
+    >>> [float(lr) for lr in optim.learning_rates(state)]
+    [0.001]
+    """
+
+    def is_lr(node: Any) -> bool:
+        return isinstance(node, ScaleByLearningRateState | ReduceOnPlateauState)
+
+    nodes = optree.tree_leaves(opt_state, is_leaf=is_lr, namespace=_tree.NAMESPACE)
+    return [n.lr for n in nodes if is_lr(n)]
+
+
+__all__ = [
+    "ScaleByAdagradState",
+    "ScaleByAdamState",
+    "ScaleByLearningRateState",
+    "ScaleByRmsState",
+    "TraceState",
+    "add_decayed_weights",
+    "clip",
+    "learning_rates",
+    "clip_by_global_norm",
+    "scale",
+    "scale_by_adagrad",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "trace",
+]
+

@@ -1,0 +1,207 @@
+"""``TrainState``: the whole training state as one immutable value."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from fnloop import _tree
+from fnloop.optim.base import GradientTransformation
+from fnloop.typing import History, OptState, Params
+
+_EMPTY_HISTORY: History = MappingProxyType({})
+
+
+def freeze_history(history: Mapping[str, Mapping[str, Any]]) -> History:
+    """Returns an immutable copy of ``{"train": {"loss": [...]}, ...}``.
+
+    >>> h = freeze_history({"train": {"loss": [0.5, 0.25]}})
+    >>> h["train"]["loss"]
+    (0.5, 0.25)
+    """
+    return MappingProxyType(
+        {
+            split: MappingProxyType({k: tuple(float(v) for v in vs) for k, vs in metrics.items()})
+            for split, metrics in history.items()
+        }
+    )
+
+
+def append_history(history: History, split: str, metrics: Mapping[str, float]) -> History:
+    """A new history with one more epoch of ``metrics`` under ``split``.
+
+    >>> h = append_history(freeze_history({}), "train", {"loss": 1.0})
+    >>> append_history(h, "train", {"loss": 0.5})["train"]["loss"]
+    (1.0, 0.5)
+    """
+    merged = {s: dict(m) for s, m in history.items()}
+    split_metrics = merged.setdefault(split, {})
+    for key, value in metrics.items():
+        split_metrics[key] = (*split_metrics.get(key, ()), float(value))
+    return freeze_history(merged)
+
+
+def _meta_template(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the ``meta`` device.
+
+    Nothing is copied but the Python objects: the template holds no weights.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainState:
+    """The whole training state: weights, optimizer state, counters and history.
+
+    A ``TrainState`` is immutable and a pytree (for optree in the ``"fnloop"`` namespace
+    and for ``torch.utils._pytree``). Its tensors are the leaves; the module template,
+    the optimizer, the counters and the history are static context.
+
+    Attributes:
+      params: trainable tensors, keyed like ``module.named_parameters()``.
+      buffers: buffers (e.g. BatchNorm statistics), keyed like ``module.named_buffers()``.
+      opt_state: the optimizer state made by ``tx.init(params)``.
+      ema: exponential moving average of ``params``, or ``None`` without ``ema_decay``.
+      loss_scale: dynamic loss-scale state for fp16 training, or ``None``.
+      grad_accum: gradients summed over the micro-batches of an accumulation window.
+      skipped_steps: number of updates skipped for non-finite gradients (a 0-d tensor).
+      step: optimizer updates so far (the seed's ``global_step``).
+      epoch: completed epochs (the seed's ``global_epoch``).
+      micro_step: micro-batches seen in the current accumulation window.
+      history: ``{"train": {"loss": (one value per epoch, ...)}, "valid": {...}}``.
+      module: the module template (weights on the ``meta`` device).
+      tx: the optimizer, a :class:`fnloop.optim.GradientTransformation`.
+      ema_decay: the EMA decay, or ``None``.
+
+    Example:
+      >>> import torch
+      >>> from fnloop import TrainState, optim
+      >>> state = TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> sorted(state.params), state.step, state.epoch
+      (['bias', 'weight'], 0, 0)
+      >>> state.replace(epoch=3).epoch, state.epoch
+      (3, 0)
+    """
+
+    params: Params
+    buffers: Params
+    opt_state: OptState
+    ema: Params | None = None
+    loss_scale: Any = None
+    grad_accum: Params | None = None
+    skipped_steps: torch.Tensor
+    step: int = 0
+    epoch: int = 0
+    micro_step: int = 0
+    history: History = dataclasses.field(default_factory=lambda: _EMPTY_HISTORY)
+    module: nn.Module
+    tx: GradientTransformation
+    ema_decay: float | None = None
+
+    @classmethod
+    def create(
+        cls,
+        module: nn.Module,
+        *,
+        tx: GradientTransformation,
+        ema_decay: float | None = None,
+        device: str | torch.device | None = None,
+    ) -> TrainState:
+        """Builds the initial state of training ``module`` with the optimizer ``tx``.
+
+        The module itself is not changed. Its parameters and buffers are moved to
+        ``device`` (no copy is made when they are already there) and detached; the state
+        keeps a template of the module whose weights live on the ``meta`` device, so no
+        second copy of the weights is held.
+
+        Args:
+          module: any ``nn.Module``.
+          tx: the optimizer, e.g. ``optim.adamw(1e-3)``.
+          ema_decay: keep an exponential moving average of the parameters with this
+            decay (e.g. ``0.999``); evaluation steps then use the average.
+          device: where the state lives; ``None`` picks ``cuda`` when available, else
+            ``cpu``.
+
+        Returns:
+          A state with ``step == epoch == 0`` and an empty history.
+
+        Raises:
+          TypeError: ``module`` is not an ``nn.Module`` or ``tx`` is not a
+            ``GradientTransformation``.
+          ValueError: ``ema_decay`` is outside ``[0, 1)``.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"TrainState.create needs an nn.Module as its first argument; got "
+                f"{type(module).__name__}. Pass the model you want to train."
+            )
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(
+                f"tx must be an fnloop.optim.GradientTransformation such as "
+                f"optim.adamw(1e-3); got {type(tx).__name__}. torch.optim optimizers are "
+                f"not accepted: use their fnloop.optim twin."
+            )
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
+        dev = torch.device(device) if device is not None else default_device()
+        params = {n: p.detach().to(dev) for n, p in module.named_parameters()}
+        buffers = {n: b.detach().to(dev) for n, b in module.named_buffers()}
+        if not params:
+            raise ValueError(
+                f"{type(module).__name__} has no parameters to train; check that its "
+                f"layers are registered as submodules (nn.ModuleList, not a Python list)."
+            )
+        ema = {n: p.clone() for n, p in params.items()} if ema_decay is not None else None
+        return cls(
+            params=params,
+            buffers=buffers,
+            opt_state=tx.init(params),
+            ema=ema,
+            skipped_steps=torch.zeros((), dtype=torch.int64, device=dev),
+            module=_meta_template(module),
+            tx=tx,
+            ema_decay=ema_decay,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A new state with ``changes`` applied; this one is untouched."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters."""
+        return next(iter(self.params.values())).device
+
+    def state_dict(self, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """Parameters and buffers as a ``state_dict`` for ``module.load_state_dict``.
+
+        Args:
+          use_ema: export the EMA weights instead of the raw parameters.
+        """
+        params = self.ema if use_ema and self.ema is not None else self.params
+        persistent = set(self.module.state_dict(keep_vars=True))
+        out = {n: t for n, t in params.items()}
+        out.update({n: t for n, t in self.buffers.items() if n in persistent})
+        return out
+
+
+_tree.register_dataclass(
+    TrainState,
+    static=("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay"),
+)
