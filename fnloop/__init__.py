@@ -5,6 +5,17 @@ state and a batch into the next state; :func:`fit` composes them.
 """
 
 from fnloop import optim as optim
+from fnloop.batch import batch_size as batch_size
+from fnloop.batch import to_device as to_device
+from fnloop.ensemble import stack_states as stack_states
+from fnloop.ensemble import unstack_states as unstack_states
+from fnloop.precision import DynamicLossScale as DynamicLossScale
+from fnloop.precision import LossScaleState as LossScaleState
 from fnloop.state import TrainState as TrainState
+from fnloop.step import BoundModel as BoundModel
+from fnloop.step import EvalStep as EvalStep
+from fnloop.step import TrainStep as TrainStep
+from fnloop.step import make_eval_step as make_eval_step
+from fnloop.step import make_train_step as make_train_step
 
 __version__ = "0.1.0"

@@ -39,16 +39,26 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     def unflatten_optree(context: tuple[Any, ...], values: Any) -> Any:
         return cls(**dict(zip(children, values)), **dict(zip(statics, context)))
 
+    # torch.utils._pytree treats None as a leaf, which torch.func.vmap rejects; absent
+    # (None) children therefore go into the context there.
+    def flatten_torch(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        present = tuple(n for n in children if getattr(obj, n) is not None)
+        statics_ = tuple(getattr(obj, n) for n in statics)
+        return [getattr(obj, n) for n in present], (statics_, present)
+
     def unflatten_torch(values: Any, context: tuple[Any, ...]) -> Any:
-        return unflatten_optree(context, values)
+        statics_, present = context
+        fields = dict.fromkeys(children)
+        fields.update(zip(present, values))
+        return cls(**fields, **dict(zip(statics, statics_)))
 
     def flatten_optree(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
         leaves, context = flatten(obj)
         return leaves, context, children
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
-        leaves, context = flatten(obj)
-        keys = [torch_pytree.GetAttrKey(n) for n in children]
+        leaves, context = flatten_torch(obj)
+        keys = [torch_pytree.GetAttrKey(n) for n in context[1]]
         return list(zip(keys, leaves)), context
 
     optree.register_pytree_node(
@@ -59,7 +69,7 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     )
     torch_pytree.register_pytree_node(
         cls,
-        flatten,
+        flatten_torch,
         unflatten_torch,
         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
         flatten_with_keys_fn=flatten_with_keys,

@@ -1,0 +1,86 @@
+"""Batches of any structure: moving them to a device and finding their size (I10, S13)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fnloop.typing import Batch
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """Moves every tensor in ``batch`` to ``device`` (asynchronously where possible).
+
+    Any nesting of tensors, tuples, lists, dicts, namedtuples and dataclasses is kept;
+    other values pass through. Tensors already on ``device`` are not copied.
+
+    >>> import torch
+    >>> to_device({"x": torch.ones(2), "ids": [torch.zeros(1)], "name": "a"}, "cpu")
+    {'x': tensor([1., 1.]), 'ids': [tensor([0.])], 'name': 'a'}
+    """
+    device = torch.device(device)
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(device, non_blocking=True) if obj.device != device else obj
+        if isinstance(obj, Mapping):
+            return type(obj)({k: move(v) for k, v in obj.items()})  # type: ignore[call-arg]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*(move(v) for v in obj))
+        if isinstance(obj, tuple | list):
+            return type(obj)(move(v) for v in obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            changes = {f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+            return dataclasses.replace(obj, **changes)
+        return obj
+
+    return move(batch)
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        children: Any = obj.values()
+    elif isinstance(obj, tuple | list):
+        children = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for child in children:
+        found = _first_tensor(child)
+        if found is not None:
+            return found
+    return None
+
+
+NO_TENSOR_MSG = (
+    "cannot find the batch size of a {kind} batch: it holds no tensor with a leading "
+    "dimension. Pass batch_size=<int or callable(batch) -> int>."
+)
+
+
+def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = None) -> int:
+    """The number of examples in ``batch``: the leading dimension of its first tensor.
+
+    Args:
+      batch: any nesting of tensors.
+      override: a fixed size, or a function ``batch -> size``, for batches whose first
+        tensor is not batch-major.
+
+    >>> import torch
+    >>> batch_size((torch.zeros(8, 3), torch.zeros(8)))
+    8
+    >>> batch_size({"tokens": torch.zeros(4, 16)}, override=lambda b: 64)
+    64
+    """
+    if override is not None:
+        return int(override(batch)) if callable(override) else int(override)
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise ValueError(NO_TENSOR_MSG.format(kind=type(batch).__name__))
+    return int(first.shape[0])

@@ -1,0 +1,76 @@
+"""Many models at once: stack states along a new leading dimension for ``torch.func.vmap`` (B1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fnloop import _tree
+from fnloop.state import TrainState
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """Stacks states of identically shaped models into one batched state.
+
+    Every tensor leaf gets a new leading dimension of size ``len(states)``. The static
+    parts (module template, optimizer, counters, history) come from ``states[0]``; the
+    optimizer's hyper-parameters that live in the state, such as each model's learning
+    rate, stay per model. Train the stack with
+    ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
+
+    Args:
+      states: states with the same parameter names, shapes and optimizer structure, and
+        the same ``step``, ``epoch`` and ``micro_step``.
+
+    Returns:
+      The stacked state.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> from fnloop import optim
+      >>> states = [
+      ...     fl.TrainState.create(torch.nn.Linear(3, 1), tx=optim.sgd(lr), device="cpu")
+      ...     for lr in (0.1, 0.01)
+      ... ]
+      >>> stacked = fl.stack_states(states)
+      >>> stacked.params["weight"].shape
+      torch.Size([2, 1, 3])
+      >>> [float(s.opt_state[-1].lr) for s in fl.unstack_states(stacked)]
+      [0.1, 0.01]
+    """
+    if not states:
+        raise ValueError("stack_states needs at least one state")
+    first = states[0]
+    paths0, leaves0, treedef0 = _tree.tree_flatten_with_path(first)
+    columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
+    for i, state in enumerate(states[1:], start=1):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
+        for attr in ("step", "epoch", "micro_step"):
+            if getattr(state, attr) != getattr(first, attr):
+                raise ValueError(
+                    f"states[{i}].{attr} is {getattr(state, attr)} but states[0].{attr} is "
+                    f"{getattr(first, attr)}; stack states that are at the same point."
+                )
+        paths, leaves, _ = _tree.tree_flatten_with_path(state)
+        if paths != paths0:
+            diff = _tree.first_difference(first, state)
+            raise ValueError(f"states[{i}] differs in structure from states[0]: {diff}")
+        for j, (path, leaf) in enumerate(zip(paths, leaves)):
+            ref = leaves0[j]
+            if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
+                raise ValueError(
+                    f"states[{i}] leaf '{_tree.path_str(path)}' has shape {tuple(leaf.shape)} "
+                    f"and dtype {leaf.dtype}; states[0] has {tuple(ref.shape)} and {ref.dtype}."
+                )
+            columns[j].append(leaf)
+    return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
+
+
+def unstack_states(stacked: TrainState) -> list[TrainState]:
+    """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states."""
+    leaves, treedef = _tree.tree_flatten(stacked)
+    n = leaves[0].shape[0]
+    return [_tree.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]

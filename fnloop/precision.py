@@ -1,0 +1,83 @@
+"""Mixed precision: autocast settings and a dynamic loss scale kept in the state (I3)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Literal, NamedTuple
+
+import torch
+
+Precision = Literal["bf16", "fp16"] | None
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """``torch.autocast`` for ``precision`` on ``device``'s type, or a no-op for ``None``."""
+    if precision is None:
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+class LossScaleState(NamedTuple):
+    """The dynamic loss scale: the current scale and the count of finite steps since a change."""
+
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicLossScale:
+    """Dynamic loss scaling with ``torch.amp.GradScaler``'s rules.
+
+    The loss is multiplied by ``scale`` before the backward pass and the gradients are
+    divided by it. A step whose gradients contain inf or NaN is skipped and the scale is
+    multiplied by ``backoff_factor``; after ``growth_interval`` finite steps in a row it
+    is multiplied by ``growth_factor``.
+
+    >>> import torch
+    >>> ls = DynamicLossScale(init_scale=8.0, growth_interval=2)
+    >>> s = ls.init(torch.device("cpu"))
+    >>> for found_inf in [False, False, True]:
+    ...     s = ls.update(s, torch.tensor(found_inf))
+    ...     print(float(s.scale))
+    8.0
+    16.0
+    8.0
+    """
+
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be > 0; got {self.init_scale}.")
+        if self.growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must be > 1; got {self.growth_factor}.")
+        if not 0.0 < self.backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1); got {self.backoff_factor}.")
+        if self.growth_interval < 1:
+            raise ValueError(f"growth_interval must be >= 1; got {self.growth_interval}.")
+
+    def init(self, device: torch.device) -> LossScaleState:
+        """The state before the first step."""
+        return LossScaleState(
+            scale=torch.full((), self.init_scale, dtype=torch.float32, device=device),
+            growth_tracker=torch.zeros((), dtype=torch.int32, device=device),
+        )
+
+    def update(self, state: LossScaleState, found_inf: torch.Tensor) -> LossScaleState:
+        """The state after a step; ``found_inf`` is a 0-d bool tensor (no host sync)."""
+        tracker = torch.where(found_inf, 0, state.growth_tracker + 1)
+        grown = state.scale * self.growth_factor
+        grow = (tracker == self.growth_interval) & torch.isfinite(grown)
+        scale = torch.where(
+            found_inf, state.scale * self.backoff_factor, torch.where(grow, grown, state.scale)
+        )
+        tracker = torch.where(tracker == self.growth_interval, 0, tracker)
+        return LossScaleState(scale=scale, growth_tracker=tracker.to(torch.int32))

@@ -1,0 +1,430 @@
+"""Pure training and evaluation steps: ``(state, batch) -> (new_state, metrics)``.
+
+The user writes ``training_step(model, batch) -> {"loss": loss, ...}``; the functions
+here turn it into steps that compute gradients, apply the optimizer, keep the EMA and the
+loss scale, and never change their inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch._C import _functorch
+
+from fnloop import _tree
+from fnloop.batch import to_device
+from fnloop.optim import _foreach
+from fnloop.optim.base import apply_updates
+from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
+from fnloop.state import TrainState
+from fnloop.typing import Batch, Metrics, Params
+
+StepFn = Callable[["BoundModel", Batch], Mapping[str, Any]]
+NonFinitePolicy = Literal["skip", "raise"] | None
+
+NO_LOSS_MSG = (
+    "{name} must return a mapping with a 'loss' entry; got {got}. "
+    "Return {{'loss': loss, ...}} (other entries are logged as metrics)."
+)
+LOSS_SHAPE_MSG = (
+    "the 'loss' returned by {name} must be a scalar (0-d) tensor; got shape {shape}. "
+    "Reduce it, e.g. loss.mean()."
+)
+LOSS_GRAD_MSG = (
+    "the 'loss' returned by {name} does not depend on any parameter (requires_grad is "
+    "False). Compute it from model(...) and do not detach it or wrap it in torch.no_grad()."
+)
+METRIC_MSG = (
+    "metric {key!r} returned by {name} must be a tensor or a number; got {kind}. "
+    "Return values such as acc.float().mean() or 1.0."
+)
+NONFINITE_MSG = (
+    "non-finite loss at step {step}. Lower the learning rate, add gradient clipping "
+    "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
+)
+
+
+class BoundModel:
+    """The module template bound to a state's weights: ``model(x)`` runs the forward pass.
+
+    Passed to the user's step function. ``model.module`` is the template (its weights
+    live on the ``meta`` device) and ``model.params`` / ``model.buffers`` the tensors in
+    use.
+    """
+
+    __slots__ = ("buffers", "module", "params")
+
+    def __init__(self, module: nn.Module, params: Params, buffers: Params) -> None:
+        self.module = module
+        self.params = params
+        self.buffers = buffers
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(
+            self.module, (self.params, self.buffers), args, kwargs, strict=False
+        )
+
+
+def _in_transform(params: Params) -> bool:
+    """True under ``torch.compile`` or ``torch.func.vmap``: gradients then come from ``torch.func``."""
+    if torch.compiler.is_compiling():
+        return True
+    first = next(iter(params.values()))
+    return bool(_functorch.is_batchedtensor(first))
+
+
+class _Templates:
+    """The state's module template in train or eval mode (copied once, not per step)."""
+
+    def __init__(self, training: bool) -> None:
+        self.training = training
+        self.source: nn.Module | None = None
+        self.template: nn.Module | None = None
+
+    def get(self, module: nn.Module) -> nn.Module:
+        if module is self.source and self.template is not None:
+            return self.template
+        if all(m.training == self.training for m in module.modules()):
+            template = module
+        else:
+            template = copy.deepcopy(module).train(self.training)
+        self.source, self.template = module, template
+        return template
+
+
+def _check_output(out: Any, name: str) -> torch.Tensor:
+    if not isinstance(out, Mapping) or "loss" not in out:
+        got = f"keys {sorted(out)}" if isinstance(out, Mapping) else type(out).__name__
+        raise ValueError(NO_LOSS_MSG.format(name=name, got=got))
+    loss = out["loss"]
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"the 'loss' returned by {name} must be a tensor; got {type(loss).__name__}."
+        )
+    if loss.dim() != 0:
+        raise ValueError(LOSS_SHAPE_MSG.format(name=name, shape=tuple(loss.shape)))
+    return loss
+
+
+def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics:
+    metrics: Metrics = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"metric {key!r} returned by {name} must hold one value; got shape "
+                    f"{tuple(value.shape)}. Reduce it (e.g. .mean()) or collect it in a "
+                    f"callback instead."
+                )
+            metrics[key] = value.detach().reshape(())
+        elif isinstance(value, bool | int | float):
+            metrics[key] = torch.tensor(float(value), device=device)
+        else:
+            raise TypeError(METRIC_MSG.format(key=key, name=name, kind=type(value).__name__))
+    return metrics
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A pure training step made by :func:`make_train_step`; call it as ``step(state, batch)``."""
+
+    training_step: StepFn
+    accumulation_steps: int = 1
+    precision: Precision = None
+    loss_scale: DynamicLossScale | None = None
+    on_nonfinite: NonFinitePolicy = None
+    _templates: _Templates = dataclasses.field(
+        default_factory=lambda: _Templates(True), repr=False, compare=False
+    )
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        """Runs one (micro-)step; returns the new state and the step's metrics."""
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                f"train_step(state, batch) needs a TrainState first; got "
+                f"{type(state).__name__}. Did you swap the arguments?"
+            )
+        name = _fn_name(self.training_step)
+        device = state.device
+        batch = to_device(batch, device)
+        module = self._templates.get(state.module)
+        loss_scale = state.loss_scale
+        if self.loss_scale is not None and loss_scale is None:
+            loss_scale = self.loss_scale.init(device)
+        scale = loss_scale.scale if loss_scale is not None else None
+
+        grads, loss, metrics, buffers = self._gradients(
+            state, module, batch, scale, name, device
+        )
+
+        if self.on_nonfinite == "raise" and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
+
+        k = self.accumulation_steps
+        if k > 1:
+            if state.grad_accum is not None:
+                grads = _tree.tree_map(torch.add, state.grad_accum, grads)
+            if state.micro_step + 1 < k:
+                new_state = state.replace(
+                    grad_accum=grads,
+                    buffers=buffers,
+                    micro_step=state.micro_step + 1,
+                    loss_scale=loss_scale,
+                )
+                return new_state, metrics
+            grads = _tree.tree_map(lambda g: g / k, grads)
+        return self._update(state, grads, loss, buffers, loss_scale), metrics
+
+    def _gradients(
+        self,
+        state: TrainState,
+        module: nn.Module,
+        batch: Batch,
+        scale: torch.Tensor | None,
+        name: str,
+        device: torch.device,
+    ) -> tuple[Params, torch.Tensor, Metrics, Params]:
+        """Gradients of the (scaled) loss, the loss, metrics and the new buffers."""
+
+        def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
+            buffers = {n: b.clone() for n, b in state.buffers.items()}
+            with autocast(self.precision, device):
+                out = self.training_step(BoundModel(module, params, buffers), batch)
+            loss = _check_output(out, name)
+            metrics = _metrics(out, name, device)
+            metrics["loss"] = loss.detach().float()
+            scaled = loss.float() * scale if scale is not None else loss
+            return scaled, (loss.detach(), metrics, {n: b.detach() for n, b in buffers.items()})
+
+        if _in_transform(state.params):
+            grads, (loss, metrics, buffers) = torch.func.grad(loss_fn, has_aux=True)(state.params)
+            return grads, loss, metrics, buffers
+
+        params = {n: p.detach().requires_grad_() for n, p in state.params.items()}
+        scaled, (loss, metrics, buffers) = loss_fn(params)
+        if not scaled.requires_grad:
+            raise ValueError(LOSS_GRAD_MSG.format(name=name))
+        names = list(params)
+        grad_list = torch.autograd.grad(
+            scaled, [params[n] for n in names], allow_unused=True, materialize_grads=True
+        )
+        return dict(zip(names, grad_list)), loss, metrics, buffers
+
+    def _update(
+        self,
+        state: TrainState,
+        grads: Params,
+        loss: torch.Tensor,
+        buffers: Params,
+        loss_scale: LossScaleState | None,
+    ) -> TrainState:
+        """Applies the optimizer (skipping non-finite updates as configured) and the EMA."""
+        ok: torch.Tensor | None = None
+        if loss_scale is not None and self.loss_scale is not None:
+            names = list(grads)
+            inv = torch.reciprocal(loss_scale.scale.double()).float()
+            unscaled = _foreach.mul([grads[n] for n in names], inv)
+            finite = torch.stack([torch.isfinite(g).all() for g in unscaled]).all()
+            grads = dict(zip(names, unscaled))
+            loss_scale = self.loss_scale.update(loss_scale, ~finite)
+            ok = finite
+        if self.on_nonfinite == "skip":
+            loss_ok = torch.isfinite(loss)
+            ok = loss_ok if ok is None else ok & loss_ok
+
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        skipped = state.skipped_steps
+        if ok is not None:
+            params = _select(ok, params, state.params)
+            opt_state = _select(ok, opt_state, state.opt_state)
+            skipped = skipped + (~ok).to(skipped.dtype)
+
+        ema = state.ema
+        if ema is not None and state.ema_decay is not None:
+            if state.step == 0:
+                new_ema = {n: p.clone() for n, p in params.items()}
+            else:
+                names = list(ema)
+                new_ema = dict(
+                    zip(
+                        names,
+                        _foreach.lerp(
+                            [ema[n] for n in names],
+                            [params[n] for n in names],
+                            1.0 - state.ema_decay,
+                        ),
+                    )
+                )
+            ema = _select(ok, new_ema, ema) if ok is not None else new_ema
+
+        return state.replace(
+            params=params,
+            opt_state=opt_state,
+            buffers=buffers,
+            ema=ema,
+            loss_scale=loss_scale,
+            grad_accum=None,
+            skipped_steps=skipped,
+            step=state.step + 1,
+            micro_step=0,
+        )
+
+
+def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``ok`` else ``old``, leaf by leaf, without a host sync."""
+    new_leaves, treedef = _tree.tree_flatten(new)
+    old_leaves = _tree.tree_leaves(old)
+    return _tree.tree_unflatten(treedef, _foreach.where(ok, new_leaves, old_leaves))
+
+
+def make_train_step(
+    training_step: StepFn,
+    *,
+    accumulation_steps: int = 1,
+    precision: Precision = None,
+    loss_scale: DynamicLossScale | None = None,
+    on_nonfinite: NonFinitePolicy = None,
+) -> TrainStep:
+    """Turns ``training_step(model, batch) -> {"loss": ...}`` into a pure training step.
+
+    The result is called as ``new_state, metrics = train_step(state, batch)``. ``state``
+    is left unchanged (BatchNorm statistics included: the new ones are in
+    ``new_state.buffers``). ``metrics`` holds ``"loss"`` and every other entry that
+    ``training_step`` returned, as detached 0-d tensors on the state's device: nothing is
+    read back to the host.
+
+    Gradients come from ``torch.autograd.grad`` in eager mode, and from
+    ``torch.func.grad`` under ``torch.compile`` and ``torch.func.vmap`` (chosen
+    automatically; both give the same numbers). Gradient clipping is part of the
+    optimizer: ``optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))``.
+
+    Args:
+      training_step: ``(model, batch) -> Mapping`` with a scalar ``"loss"`` tensor; other
+        entries (tensors with one element, or numbers) become metrics.
+      accumulation_steps: average gradients over this many calls (micro-batches) and
+        update once; ``state.step`` counts updates, ``state.micro_step`` micro-batches.
+      precision: ``None``, ``"bf16"`` or ``"fp16"``: autocast on the state's device.
+        ``"fp16"`` also scales the loss dynamically (see ``loss_scale``).
+      loss_scale: the dynamic loss-scale rules; defaults to ``DynamicLossScale()`` with
+        ``"fp16"``. Steps whose gradients are not finite are skipped without a host sync.
+      on_nonfinite: what to do when the loss is inf or NaN: ``None`` applies the update
+        as computed; ``"skip"`` leaves params and optimizer state unchanged and counts
+        the step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
+        ``FloatingPointError`` (reads the loss on the host every step).
+
+    Returns:
+      A :class:`TrainStep`.
+
+    Example:
+      >>> import torch
+      >>> import torch.nn.functional as F
+      >>> import fnloop as fl
+      >>> from fnloop import optim
+      >>> def training_step(model, batch):
+      ...     x, y = batch
+      ...     return {"loss": F.mse_loss(model(x), y)}
+      >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> train_step = fl.make_train_step(training_step)
+      >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+      >>> new_state, metrics = train_step(state, batch)
+      >>> new_state.step, state.step, sorted(metrics)
+      (1, 0, ['loss'])
+    """
+    if accumulation_steps < 1 or int(accumulation_steps) != accumulation_steps:
+        raise ValueError(f"accumulation_steps must be an integer >= 1; got {accumulation_steps}.")
+    if precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
+    if on_nonfinite not in (None, "skip", "raise"):
+        raise ValueError(f"on_nonfinite must be None, 'skip' or 'raise'; got {on_nonfinite!r}.")
+    if loss_scale is not None and precision != "fp16":
+        raise ValueError(
+            f"loss_scale is only used with precision='fp16'; got precision={precision!r}."
+        )
+    if precision == "fp16" and loss_scale is None:
+        loss_scale = DynamicLossScale()
+    if not callable(training_step):
+        raise TypeError(f"training_step must be callable; got {type(training_step).__name__}.")
+    return TrainStep(
+        training_step=training_step,
+        accumulation_steps=int(accumulation_steps),
+        precision=precision,
+        loss_scale=loss_scale,
+        on_nonfinite=on_nonfinite,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+    """A pure evaluation step made by :func:`make_eval_step`; call it as ``step(state, batch)``."""
+
+    validation_step: StepFn
+    use_ema: bool = True
+    precision: Precision = None
+    _templates: _Templates = dataclasses.field(
+        default_factory=lambda: _Templates(False), repr=False, compare=False
+    )
+
+    def __call__(self, state: TrainState, batch: Batch) -> Metrics:
+        """Runs the step in eval mode without gradients; returns its metrics."""
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                f"eval_step(state, batch) needs a TrainState first; got {type(state).__name__}."
+            )
+        name = _fn_name(self.validation_step)
+        device = state.device
+        batch = to_device(batch, device)
+        params = state.ema if self.use_ema and state.ema is not None else state.params
+        module = self._templates.get(state.module)
+        with torch.no_grad(), autocast(self.precision, device):
+            out = self.validation_step(BoundModel(module, params, state.buffers), batch)
+        if not isinstance(out, Mapping):
+            raise ValueError(
+                f"{name} must return a mapping of metrics such as {{'loss': loss}}; got "
+                f"{type(out).__name__}."
+            )
+        metrics = _metrics(out, name, device)
+        if "loss" in metrics:
+            metrics["loss"] = metrics["loss"].float()
+        return metrics
+
+
+def make_eval_step(
+    validation_step: StepFn, *, use_ema: bool = True, precision: Precision = None
+) -> EvalStep:
+    """Turns ``validation_step(model, batch) -> {...}`` into a pure evaluation step.
+
+    The step runs the module in eval mode under ``torch.no_grad`` and returns the
+    metrics as detached 0-d tensors. The state is not changed.
+
+    Args:
+      validation_step: ``(model, batch) -> Mapping`` of metrics (usually the training
+        step itself).
+      use_ema: evaluate the EMA weights when the state keeps them.
+      precision: ``None``, ``"bf16"`` or ``"fp16"`` autocast.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> from fnloop import optim
+      >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> eval_step = fl.make_eval_step(lambda model, x: {"mean": model(x).mean()})
+      >>> sorted(eval_step(state, torch.randn(4, 3)))
+      ['mean']
+    """
+    if precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
+    if not callable(validation_step):
+        raise TypeError(
+            f"validation_step must be callable; got {type(validation_step).__name__}."
+        )
+    return EvalStep(validation_step=validation_step, use_ema=use_ema, precision=precision)
