@@ -4,10 +4,19 @@ The whole training state is one immutable :class:`TrainState`; pure functions tu
 state and a batch into the next state; :func:`fit` composes them.
 """
 
+from fnloop import callbacks as callbacks
 from fnloop import optim as optim
 from fnloop.batch import batch_size as batch_size
 from fnloop.batch import to_device as to_device
+from fnloop.checkpoint import load_checkpoint as load_checkpoint
+from fnloop.checkpoint import load_model as load_model
+from fnloop.checkpoint import save_checkpoint as save_checkpoint
+from fnloop.checkpoint import save_model as save_model
 from fnloop.ensemble import stack_states as stack_states
+from fnloop.epoch import MetricMeans as MetricMeans
+from fnloop.epoch import train_epoch as train_epoch
+from fnloop.epoch import validate_epoch as validate_epoch
+from fnloop.fit import fit as fit
 from fnloop.ensemble import unstack_states as unstack_states
 from fnloop.precision import DynamicLossScale as DynamicLossScale
 from fnloop.precision import LossScaleState as LossScaleState
@@ -17,5 +26,7 @@ from fnloop.step import EvalStep as EvalStep
 from fnloop.step import TrainStep as TrainStep
 from fnloop.step import make_eval_step as make_eval_step
 from fnloop.step import make_train_step as make_train_step
+from fnloop.stopping import EarlyStopping as EarlyStopping
+from fnloop.stopping import EarlyStoppingState as EarlyStoppingState
 
 __version__ = "0.1.0"

@@ -33,7 +33,9 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
         if isinstance(obj, tuple | list):
             return type(obj)(move(v) for v in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            changes = {f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+            changes = {
+                f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
+            }
             return dataclasses.replace(obj, **changes)
         return obj
 

@@ -195,9 +195,16 @@ class TrainState:
           use_ema: export the EMA weights instead of the raw parameters.
         """
         params = self.ema if use_ema and self.ema is not None else self.params
-        persistent = set(self.module.state_dict(keep_vars=True))
-        out = {n: t for n, t in params.items()}
-        out.update({n: t for n, t in self.buffers.items() if n in persistent})
+        tensors = {**params, **self.buffers}
+        # Tied weights appear once in named_parameters() but under every name in
+        # state_dict(): map each template tensor back to the name the state keeps it under.
+        canonical = {id(t): n for n, t in self.module.named_parameters()}
+        canonical.update({id(t): n for n, t in self.module.named_buffers()})
+        out = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            source = canonical.get(id(t), name)
+            if source in tensors:
+                out[name] = tensors[source]
         return out
 
 

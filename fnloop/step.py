@@ -71,7 +71,7 @@ class BoundModel:
 
 
 def _in_transform(params: Params) -> bool:
-    """True under ``torch.compile`` or ``torch.func.vmap``: gradients then come from ``torch.func``."""
+    """True under ``torch.compile`` or ``torch.func.vmap``, where ``torch.func`` takes gradients."""
     if torch.compiler.is_compiling():
         return True
     first = next(iter(params.values()))
@@ -115,13 +115,10 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     metrics: Metrics = {}
     for key, value in out.items():
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"metric {key!r} returned by {name} must hold one value; got shape "
-                    f"{tuple(value.shape)}. Reduce it (e.g. .mean()) or collect it in a "
-                    f"callback instead."
-                )
-            metrics[key] = value.detach().reshape(())
+            # One-element tensors are metrics (averaged per epoch); larger ones, such as
+            # predictions, are passed to the batch-end callbacks and not averaged.
+            value = value.detach()
+            metrics[key] = value.reshape(()) if value.numel() == 1 else value
         elif isinstance(value, bool | int | float):
             metrics[key] = torch.tensor(float(value), device=device)
         else:
@@ -162,9 +159,7 @@ class TrainStep:
             loss_scale = self.loss_scale.init(device)
         scale = loss_scale.scale if loss_scale is not None else None
 
-        grads, loss, metrics, buffers = self._gradients(
-            state, module, batch, scale, name, device
-        )
+        grads, loss, metrics, buffers = self._gradients(state, module, batch, scale, name, device)
 
         if self.on_nonfinite == "raise" and not bool(torch.isfinite(loss)):
             raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
@@ -424,7 +419,5 @@ def make_eval_step(
     if precision not in (None, "bf16", "fp16"):
         raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
     if not callable(validation_step):
-        raise TypeError(
-            f"validation_step must be callable; got {type(validation_step).__name__}."
-        )
+        raise TypeError(f"validation_step must be callable; got {type(validation_step).__name__}.")
     return EvalStep(validation_step=validation_step, use_ema=use_ema, precision=precision)

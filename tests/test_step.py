@@ -191,7 +191,9 @@ def test_skip_nonfinite_leaves_state_unchanged_and_counts():
     bad = (x.clone().fill_(float("nan")), y)
     new_state, metrics = step(state, bad)
     assert torch.isnan(metrics["loss"])
-    for a, b in zip(fl._tree.tree_leaves(state.opt_state), fl._tree.tree_leaves(new_state.opt_state)):
+    for a, b in zip(
+        fl._tree.tree_leaves(state.opt_state), fl._tree.tree_leaves(new_state.opt_state)
+    ):
         assert torch.equal(a, b)
     for name in state.params:
         assert torch.equal(state.params[name], new_state.params[name])
@@ -330,7 +332,10 @@ def test_vmap_over_stacked_states_matches_separate_training():
     lrs = [0.1, 0.03, 0.01]
     states = [
         fl.TrainState.create(
-            mlp(seed=i, bn=True, dtype=torch.float32), tx=optim.adam(lr), ema_decay=0.9, device="cpu"
+            mlp(seed=i, bn=True, dtype=torch.float32),
+            tx=optim.adam(lr),
+            ema_decay=0.9,
+            device="cpu",
         )
         for i, lr in enumerate(lrs)
     ]

@@ -25,6 +25,15 @@ from fnloop.optim.plateau import ReduceOnPlateauState as ReduceOnPlateauState
 from fnloop.optim.plateau import has_plateau as has_plateau
 from fnloop.optim.plateau import observe_metric as observe_metric
 from fnloop.optim.plateau import reduce_on_plateau as reduce_on_plateau
+from fnloop.optim.schedule import constant_schedule as constant_schedule
+from fnloop.optim.schedule import cosine_schedule as cosine_schedule
+from fnloop.optim.schedule import exponential_schedule as exponential_schedule
+from fnloop.optim.schedule import join_schedules as join_schedules
+from fnloop.optim.schedule import linear_schedule as linear_schedule
+from fnloop.optim.schedule import multistep_schedule as multistep_schedule
+from fnloop.optim.schedule import onecycle_schedule as onecycle_schedule
+from fnloop.optim.schedule import polynomial_schedule as polynomial_schedule
+from fnloop.optim.schedule import step_schedule as step_schedule
 from fnloop.optim.transform import ScaleByAdagradState as ScaleByAdagradState
 from fnloop.optim.transform import ScaleByAdamState as ScaleByAdamState
 from fnloop.optim.transform import ScaleByLearningRateState as ScaleByLearningRateState

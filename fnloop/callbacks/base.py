@@ -1,0 +1,141 @@
+"""The callback protocol: the seed's ten hooks as events of ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fnloop.typing import Batch
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+
+EVENTS = (
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_validation_epoch_start",
+    "on_validation_epoch_end",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+)
+
+
+class Callback:
+    """Base class for ``fit`` callbacks: override the events you need.
+
+    Every event receives the current :class:`~fnloop.TrainState` first and may return a
+    new state (which ``fit`` then continues with) or ``None`` to keep it. Epoch-end
+    events receive the epoch's metrics as host floats keyed ``"train/loss"``,
+    ``"valid/acc"``, ...; batch-end events receive the step's outputs as device tensors
+    (reading them with ``float()`` forces a host sync, so do it sparingly).
+
+    Events fire in this order in each epoch: ``on_train_epoch_start``, then per batch
+    ``on_train_batch_start`` / ``on_train_batch_end``, ``on_train_epoch_end``, then (with
+    a validation loader) ``on_validation_epoch_start``, per batch
+    ``on_validation_batch_start`` / ``on_validation_batch_end``, and
+    ``on_validation_epoch_end``. ``on_fit_start`` and ``on_fit_end`` enclose the run.
+
+    Example:
+      >>> import fnloop as fl
+      >>> class PrintLoss(fl.callbacks.Callback):
+      ...     def on_train_epoch_end(self, state, metrics):
+      ...         print(f"epoch {state.epoch}: {metrics['train/loss']:.3f}")
+    """
+
+    def on_fit_start(self, state: TrainState) -> TrainState | None:
+        """Before the first epoch of this ``fit`` call (after any resume)."""
+
+    def on_fit_end(self, state: TrainState) -> TrainState | None:
+        """After the last epoch, also when early stopping ended the run."""
+
+    def on_train_epoch_start(self, state: TrainState) -> TrainState | None:
+        """Before the first training batch of an epoch."""
+
+    def on_train_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float]
+    ) -> TrainState | None:
+        """After the last training batch; ``metrics`` are the epoch's ``train/...`` means."""
+
+    def on_train_batch_start(
+        self, state: TrainState, batch: Batch, batch_idx: int
+    ) -> TrainState | None:
+        """Before each training step."""
+
+    def on_train_batch_end(
+        self,
+        state: TrainState,
+        outputs: Mapping[str, torch.Tensor],
+        batch: Batch,
+        batch_idx: int,
+    ) -> TrainState | None:
+        """After each training step; ``state`` is the state after the step."""
+
+    def on_validation_epoch_start(self, state: TrainState) -> TrainState | None:
+        """Before the first validation batch of an epoch."""
+
+    def on_validation_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float]
+    ) -> TrainState | None:
+        """After the last validation batch; ``metrics`` are the epoch's ``valid/...`` means."""
+
+    def on_validation_batch_start(
+        self, state: TrainState, batch: Batch, batch_idx: int
+    ) -> TrainState | None:
+        """Before each validation step."""
+
+    def on_validation_batch_end(
+        self,
+        state: TrainState,
+        outputs: Mapping[str, torch.Tensor],
+        batch: Batch,
+        batch_idx: int,
+    ) -> TrainState | None:
+        """After each validation step."""
+
+
+def _overrides(callback: Any, event: str) -> bool:
+    method = getattr(type(callback), event, None)
+    return method is not None and method is not getattr(Callback, event)
+
+
+class CallbackList:
+    """Dispatches events to the callbacks that handle them; the driver's only view of them."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        for cb in callbacks:
+            if not any(hasattr(cb, e) for e in EVENTS):
+                raise TypeError(
+                    f"{type(cb).__name__} is not a callback: it has none of the events "
+                    f"{', '.join(EVENTS)}. Subclass fnloop.callbacks.Callback."
+                )
+        self.callbacks = list(callbacks)
+        self._handlers = {
+            e: [getattr(cb, e) for cb in callbacks if _overrides(cb, e)] for e in EVENTS
+        }
+
+    def handles(self, event: str) -> bool:
+        """Whether any callback handles ``event`` (lets the driver skip work)."""
+        return bool(self._handlers[event])
+
+    def __call__(self, event: str, state: TrainState, *args: Any) -> TrainState:
+        """Runs ``event`` on every callback; returns the (possibly replaced) state."""
+        from fnloop.state import TrainState
+
+        for handler in self._handlers[event]:
+            result = handler(state, *args)
+            if result is None:
+                continue
+            if not isinstance(result, TrainState):
+                owner = type(getattr(handler, "__self__", handler)).__name__
+                raise TypeError(
+                    f"{owner}.{event} returned a {type(result).__name__}; a callback must "
+                    f"return a TrainState (e.g. state.replace(...)) or None to keep the state."
+                )
+            state = result
+        return state

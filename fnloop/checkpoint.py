@@ -1,0 +1,808 @@
+"""Checkpoints: save and resume the whole training state, safely.
+
+A checkpoint holds every tensor of a :class:`~fnloop.TrainState` (parameters, buffers,
+optimizer state, EMA, loss scale, ...), its counters and history, and any plain ``extra``
+data (RNG states, early-stopping state, data position, best-model record), so training
+continues bit for bit where it stopped.
+
+Three promises:
+
+* **Loading never runs pickled code.** Files are read with ``torch.load(...,
+  weights_only=True)`` only; a checkpoint is a plain dict of tensors, numbers, strings,
+  lists and dicts, and ``save_checkpoint`` refuses anything else.
+* **Writes are atomic.** A file is written under a temporary name in the same folder,
+  flushed, fsynced and renamed over the target with ``os.replace``: a crash or an error
+  mid-write leaves the previous file at that path untouched.
+* **Damage is detected.** A SHA-256 of the serialized payload is stored beside it; a
+  truncated or altered file raises :class:`CheckpointError`, and
+  :func:`latest_good_checkpoint` falls back to the newest file that is sound.
+
+File format (version 1), as written by ``torch.save``::
+
+    {"format": "fnloop-checkpoint", "version": 1,
+     "sha256": "<hex digest of the payload bytes>",
+     "payload": <1-d uint8 tensor: the bytes of torch.save(payload_dict)>}
+
+    payload_dict = {
+        "leaves": {"params.0.weight": tensor, ..., "opt_state.0.mu.0.weight": tensor, ...},
+        "step": int, "epoch": int, "micro_step": int,
+        "history": {"train": {"loss": [float, ...]}, ...},
+        "extra": {...},                       # the caller's plain data
+        "meta": {"fnloop": str, "torch": str},
+    }
+
+Leaf keys name the path to each tensor in the state, with the field names of optimizer
+states (``opt_state.0.mu.0.weight``). The static parts of a state (the module template,
+``tx``, ``ema_decay``, plateau configuration) are not stored: they come from the ``like``
+state passed to :func:`load_checkpoint`.
+
+In a ``torch.distributed`` run only rank 0 writes: the save functions are no-ops on other
+ranks (they return the path without touching the file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import io
+import os
+import pickle
+import random
+import re
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import optree
+import torch
+from torch import nn
+
+from fnloop import _tree
+from fnloop.state import TrainState, freeze_history
+
+FORMAT = "fnloop-checkpoint"
+"""The ``"format"`` tag of every fnloop checkpoint file."""
+VERSION = 1
+"""The checkpoint format version this fnloop writes and reads."""
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+_PLAIN_CONTAINERS = (dict, list, tuple)
+
+_SAFETENSORS_MISSING = (
+    "Saving or loading '{path}' needs the optional 'safetensors' package. Install it with "
+    "`pip install fnloop[safetensors]` (or `pip install safetensors`), or use a '.pt' path."
+)
+_PLAIN_DATA_HELP = (
+    "Checkpoints hold only plain data (dict, list, tuple, str, int, float, bool, None and "
+    "torch.Tensor) so they can be loaded with torch.load(weights_only=True). Convert it "
+    "first, e.g. with float(x), int(x), x.tolist(), torch.as_tensor(x) or a dict of its "
+    "fields."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: missing, truncated, damaged or not a checkpoint.
+
+    :func:`latest_good_checkpoint` skips files that raise this error (but not its
+    subclass :class:`CheckpointMismatchError`).
+    """
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A sound checkpoint that does not fit: another model, optimizer or format version.
+
+    This is a set-up problem, not damage, so :func:`latest_good_checkpoint` raises it
+    instead of silently falling back to an older file.
+    """
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: the state, the ``extra`` data saved with it, and its file."""
+
+    state: TrainState
+    extra: dict[str, Any]
+    path: Path
+
+
+class SkippedCheckpoint(NamedTuple):
+    """A checkpoint file that :func:`latest_good_checkpoint` could not use, and why."""
+
+    path: Path
+    reason: str
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra: Any) -> Path:
+    """Writes the whole training state, and any plain ``extra`` data, to ``path``.
+
+    The write is atomic: the file appears complete under ``path`` or not at all, and an
+    existing file there is only replaced once the new one is safely on disk. Missing
+    parent folders are created. In a ``torch.distributed`` run only rank 0 writes; other
+    ranks return ``path`` at once.
+
+    Args:
+      path: the file to write, conventionally ending in ``.pt``.
+      state: the state to save.
+      **extra: plain data to store beside the state (RNG states from
+        :func:`rng_state`, early-stopping state, the data position, a best-model
+        record, ...): nested dicts, lists and tuples of str, int, float, bool, None and
+        tensors. Tensors come back on the CPU.
+
+    Returns:
+      ``path`` as a ``pathlib.Path``.
+
+    Raises:
+      TypeError: ``state`` is not a ``TrainState``, or an ``extra`` value is not plain
+        data (the message names the key and the type).
+      ValueError: two leaves of ``state`` map to the same key.
+
+    Example:
+      >>> import pathlib, tempfile, torch
+      >>> from fnloop import TrainState, optim
+      >>> from fnloop.checkpoint import load_checkpoint, save_checkpoint
+      >>> state = TrainState.create(torch.nn.Linear(2, 1), tx=optim.adam(1e-3), device="cpu")
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = save_checkpoint(pathlib.Path(folder) / "ckpt.pt", state.replace(epoch=3))
+      ...     restored = load_checkpoint(path, like=state)
+      >>> restored.epoch
+      3
+    """
+    path = Path(path)
+    _check_state(state, "save_checkpoint")
+    for key, value in extra.items():
+        _check_plain(value, f"extra[{key!r}]")
+    if not _is_main_process():
+        return path
+    keys, leaves, _ = _flatten_with_keys(state)
+    payload = {
+        "leaves": {k: _compact(leaf) for k, leaf in zip(keys, leaves, strict=True)},
+        "step": int(state.step),
+        "epoch": int(state.epoch),
+        "micro_step": int(state.micro_step),
+        "history": {
+            split: {name: [float(v) for v in values] for name, values in metrics.items()}
+            for split, metrics in state.history.items()
+        },
+        "extra": dict(extra),
+        "meta": {"fnloop": _fnloop_version(), "torch": str(torch.__version__)},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    view = buffer.getbuffer()
+    wrapper = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sha256": hashlib.sha256(view).hexdigest(),
+        "payload": torch.frombuffer(view, dtype=torch.uint8),
+    }
+    _atomic_write(path, lambda f: torch.save(wrapper, f))
+    return path
+
+
+def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool = False) -> Path:
+    """Exports the weights of ``state`` as a plain ``state_dict`` file.
+
+    The file is what ``module.state_dict()`` would give for the trained module, so plain
+    PyTorch loads it: ``module.load_state_dict(torch.load(path, weights_only=True))``.
+    A path ending in ``.safetensors`` is written in the safetensors format (needs
+    ``pip install fnloop[safetensors]``). The write is atomic, and only rank 0 writes in
+    a ``torch.distributed`` run.
+
+    Args:
+      path: the file to write (``.pt`` or ``.safetensors``).
+      state: the state whose weights are exported.
+      use_ema: export the EMA weights instead of the raw parameters (when the state has
+        no EMA, the raw parameters are exported).
+
+    Returns:
+      ``path`` as a ``pathlib.Path``.
+
+    Raises:
+      ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
+
+    Example:
+      >>> import pathlib, tempfile, torch
+      >>> from fnloop import TrainState, optim
+      >>> from fnloop.checkpoint import save_model
+      >>> state = TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = save_model(pathlib.Path(folder) / "model.pt", state)
+      ...     torch.nn.Linear(2, 1).load_state_dict(torch.load(path, weights_only=True))
+      <All keys matched successfully>
+    """
+    path = Path(path)
+    _check_state(state, "save_model")
+    if not _is_main_process():
+        return path
+    tensors = {name: _compact(t.detach()) for name, t in state.state_dict(use_ema=use_ema).items()}
+    if _is_safetensors(path):
+        st = _import_safetensors_torch(path)
+        data = st.save({n: t.contiguous() for n, t in tensors.items()}, metadata={"format": "pt"})
+        _atomic_write(path, lambda f: f.write(data))
+    else:
+        _atomic_write(path, lambda f: torch.save(tensors, f))
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then renames it onto ``path``.
+
+    The data is flushed and fsynced before ``os.replace``, and the folder is fsynced
+    after it where the platform allows. On any error (or interrupt) the temporary file
+    is removed and whatever was at ``path`` is left as it was.
+    """
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, like a plain open(path, "wb")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainState:
+    """Loads the training state saved at ``path``.
+
+    Tensors come from the file, each placed on the device of the matching tensor in
+    ``like``; ``step``, ``epoch``, ``micro_step`` and ``history`` come from the file; the
+    module template, ``tx``, ``ema_decay`` and other static configuration come from
+    ``like``. Use :func:`load_checkpoint_with_extra` to get the ``extra`` data too.
+
+    Args:
+      path: a file written by :func:`save_checkpoint`.
+      like: a state of the same structure, typically the freshly created one
+        (``TrainState.create(module, tx=...)`` with the same module and optimizer).
+
+    Returns:
+      The saved state.
+
+    Raises:
+      CheckpointError: the file is missing, truncated, damaged, holds pickled objects
+        or is not an fnloop checkpoint.
+      CheckpointMismatchError: the file is sound but was written for another model or
+        optimizer (the message names the first differing key and, for shape or dtype
+        differences, both values), or by a newer format version.
+    """
+    return load_checkpoint_with_extra(path, like).state
+
+
+def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -> Checkpoint:
+    """Loads the training state and the ``extra`` data saved at ``path``.
+
+    Same as :func:`load_checkpoint`, but returns a :class:`Checkpoint` named tuple
+    ``(state, extra, path)``; ``extra`` is the dict of keyword arguments given to
+    :func:`save_checkpoint`, with its tensors on the CPU.
+
+    Example:
+      >>> import pathlib, tempfile, torch
+      >>> from fnloop import TrainState, optim
+      >>> from fnloop.checkpoint import load_checkpoint_with_extra, save_checkpoint
+      >>> state = TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = save_checkpoint(pathlib.Path(folder) / "ckpt.pt", state, batch=7)
+      ...     state, extra, _ = load_checkpoint_with_extra(path, like=state)
+      >>> extra
+      {'batch': 7}
+    """
+    path = Path(path)
+    _check_state(like, "load_checkpoint")
+    payload = _read_payload(path)
+    saved: dict[str, Any] = payload["leaves"]
+    keys, like_leaves, treedef = _flatten_with_keys(like)
+    _check_structure(path, saved, keys, like_leaves)
+    leaves = [_place(saved[k], ref) for k, ref in zip(keys, like_leaves, strict=True)]
+    state = _tree.tree_unflatten(treedef, leaves).replace(
+        step=payload["step"],
+        epoch=payload["epoch"],
+        micro_step=payload["micro_step"],
+        history=freeze_history(payload["history"]),
+    )
+    return Checkpoint(state=state, extra=payload["extra"], path=path)
+
+
+def load_model(
+    path: str | os.PathLike[str], module: nn.Module, *, strict: bool = True
+) -> nn.Module:
+    """Loads weights exported by :func:`save_model` into ``module`` and returns it.
+
+    The file is read with ``torch.load(weights_only=True)`` (or safetensors for a
+    ``.safetensors`` path); tensors are copied into the module's own parameters and
+    buffers, wherever they live.
+
+    Args:
+      path: a file written by :func:`save_model` (or any plain ``state_dict`` file).
+      module: the module to load into; it is changed in place.
+      strict: passed to ``module.load_state_dict``.
+
+    Returns:
+      ``module``.
+
+    Raises:
+      CheckpointError: the file is missing or cannot be read as a state dict.
+      ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
+    """
+    path = Path(path)
+    _check_is_file(path)
+    if _is_safetensors(path):
+        st = _import_safetensors_torch(path)
+        try:
+            tensors = st.load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"Cannot read the safetensors file {path}: {e}") from e
+    else:
+        tensors = _safe_torch_load(path)
+        if isinstance(tensors, dict) and tensors.get("format") == FORMAT:
+            raise CheckpointError(
+                f"{path} is a training checkpoint, not a model export. Restore it with "
+                f"load_checkpoint(path, like=state) and export with save_model."
+            )
+        if not isinstance(tensors, dict) or not all(
+            isinstance(t, torch.Tensor) for t in tensors.values()
+        ):
+            raise CheckpointError(
+                f"{path} does not hold a state dict (a dict of tensors); found "
+                f"{type(tensors).__name__}."
+            )
+    module.load_state_dict(tensors, strict=strict)
+    return module
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The verified payload dict of the checkpoint at ``path``."""
+    wrapper = _safe_torch_load(path)
+    if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an fnloop checkpoint (no 'format': {FORMAT!r} entry); it may be "
+            f"a model export (use load_model) or another program's file."
+        )
+    version = wrapper.get("version")
+    if type(version) is not int:
+        raise CheckpointError(f"{path} is damaged: its format version is {version!r}.")
+    if version != VERSION:
+        raise CheckpointMismatchError(
+            f"{path} uses checkpoint format version {version}, but this fnloop reads "
+            f"version {VERSION}. Load it with the fnloop version that wrote it."
+        )
+    digest, data = wrapper.get("sha256"), wrapper.get("payload")
+    if (
+        not isinstance(digest, str)
+        or not isinstance(data, torch.Tensor)
+        or data.dtype != torch.uint8
+        or data.dim() != 1
+    ):
+        raise CheckpointError(f"{path} is damaged: its 'sha256' or 'payload' entry is malformed.")
+    data = data.contiguous()  # keep a reference: string_at reads through a raw pointer
+    raw = ctypes.string_at(data.data_ptr(), data.numel())
+    del wrapper, data
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != digest:
+        raise CheckpointError(
+            f"{path} is damaged: checksum mismatch (sha256 of the payload is "
+            f"{actual[:16]}..., the file records {digest[:16]}...). The file was altered "
+            f"or corrupted after it was written."
+        )
+    payload = _safe_torch_load(path, io.BytesIO(raw))
+    _check_payload(path, payload)
+    return payload
+
+
+def _safe_torch_load(path: Path, source: io.BytesIO | None = None) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU, with errors that name ``path``."""
+    if source is None:
+        _check_is_file(path)
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+        if head != _ZIP_MAGIC:
+            what = "is empty" if not head else "is not a PyTorch file (no zip signature)"
+            raise CheckpointError(f"Cannot read checkpoint {path}: the file {what}.")
+    where = f"{path}" if source is None else f"the payload of {path}"
+    try:
+        return torch.load(
+            source if source is not None else path, map_location="cpu", weights_only=True
+        )
+    except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(e)
+        if "global" in detail.lower():
+            raise CheckpointError(
+                f"Refusing to load {where}: it holds pickled Python objects, which fnloop "
+                f"never unpickles ({detail})."
+            ) from e
+        raise CheckpointError(f"Cannot read {where}: the file is damaged ({detail}).") from e
+    except Exception as e:
+        raise CheckpointError(
+            f"Cannot read {where}: the file is truncated or damaged "
+            f"({type(e).__name__}: {_first_sentence(str(e))})."
+        ) from e
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"Cannot read checkpoint {path}: it {what}.")
+
+
+def _unpickler_detail(e: Exception) -> str:
+    """The useful line of torch's weights-only error, without its advice to unpickle."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", str(e), re.S)
+    text = match.group(1) if match else str(e)
+    return _first_sentence(text) or type(e).__name__
+
+
+def _first_sentence(text: str) -> str:
+    line = text.strip().split("\n", 1)[0].strip()
+    return line.split(". ", 1)[0].rstrip(".")
+
+
+def _check_payload(path: Path, payload: Any) -> None:
+    expected = {
+        "leaves": dict,
+        "step": int,
+        "epoch": int,
+        "micro_step": int,
+        "history": dict,
+        "extra": dict,
+    }
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is damaged: its payload is a {type(payload).__name__}.")
+    for key, kind in expected.items():
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(
+                f"{path} is damaged: its payload entry {key!r} should be a {kind.__name__}, "
+                f"got {type(payload.get(key)).__name__}."
+            )
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _flatten_with_keys(state: TrainState) -> tuple[list[str], list[Any], Any]:
+    """Leaf keys (``opt_state.0.mu.0.weight``), leaves and treedef of ``state``."""
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor(state, namespace=_tree.NAMESPACE)
+    keys = [".".join(_entry_name(e) for e in accessor) or "<root>" for accessor in accessors]
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(
+                f"Two tensors of the state have the same checkpoint key {key!r}; rename the "
+                f"parameter or dict entry whose name contains a '.'."
+            )
+        seen.add(key)
+    return keys, leaves, treedef
+
+
+def _entry_name(entry: Any) -> str:
+    for attr in ("field", "key", "name", "index"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry.entry)
+
+
+def _check_structure(
+    path: Path, saved: Mapping[str, Any], keys: list[str], like: list[Any]
+) -> None:
+    """Raises :class:`CheckpointMismatchError` when ``saved`` does not fit ``like``."""
+    missing = [k for k in keys if k not in saved]
+    key_set = set(keys)
+    unexpected = [k for k in saved if k not in key_set]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            parts.append(f"'{missing[0]}'{more} is in `like` but not in the file")
+        if unexpected:
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            parts.append(f"'{unexpected[0]}'{more} is in the file but not in `like`")
+        first = (missing or unexpected)[0]
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} does not match `like`: {'; '.join(parts)}. {_hint(first)}"
+        )
+    for key, ref in zip(keys, like, strict=True):
+        value = saved[key]
+        if isinstance(ref, torch.Tensor) != isinstance(value, torch.Tensor):
+            found = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} does not match `like`: '{key}' is {found} in the file "
+                f"but {type(ref).__name__} in `like`. {_hint(key)}"
+            )
+        if not isinstance(ref, torch.Tensor):
+            continue
+        if value.shape != ref.shape:
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} does not match `like`: '{key}' has shape "
+                f"{tuple(value.shape)} in the file but {tuple(ref.shape)} in `like`. "
+                f"{_hint(key)}"
+            )
+        if value.dtype != ref.dtype:
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} does not match `like`: '{key}' has dtype {value.dtype} "
+                f"in the file but {ref.dtype} in `like`. {_hint(key)}"
+            )
+
+
+def _hint(key: str) -> str:
+    field = key.split(".", 1)[0]
+    what = {
+        "params": "another model",
+        "buffers": "another model",
+        "opt_state": "another optimizer (tx)",
+        "ema": "another ema_decay setting (EMA on or off)",
+        "loss_scale": "another precision setting",
+        "grad_accum": "another gradient-accumulation setting",
+    }.get(field, "another set-up")
+    return (
+        f"It was probably written with {what}: build `like` with the same module and "
+        f"TrainState.create(...) arguments as the run that saved it."
+    )
+
+
+def _place(value: Any, ref: Any) -> Any:
+    """``value`` on the device of ``ref`` (non-tensors unchanged)."""
+    if isinstance(value, torch.Tensor) and value.device != ref.device:
+        return value.to(ref.device)
+    return value
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def find_checkpoints(directory: str | os.PathLike[str], pattern: str = "*.pt") -> list[Path]:
+    """The files in ``directory`` matching ``pattern``, newest first.
+
+    "Newest" is by modification time, which works for any naming scheme (``last.pt``
+    overwritten each epoch beside ``step-000123.pt`` snapshots). Files with the same
+    time are ordered by name, numbers compared as numbers (``step-10`` after ``step-9``),
+    highest first. Copying a run folder without keeping modification times
+    (``cp`` without ``-p``) loses this order. Temporary files of unfinished writes never
+    match ``*.pt``. A missing folder has no checkpoints.
+
+    Args:
+      directory: the folder to search (not recursively).
+      pattern: a glob pattern for the file names.
+
+    Returns:
+      Paths, newest first.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                found.append((p.stat().st_mtime_ns, _natural_key(p.name), p))
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [p for _, _, p in found]
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)
+    )
+
+
+def latest_good_checkpoint(
+    directory: str | os.PathLike[str], like: TrainState, *, pattern: str = "*.pt"
+) -> tuple[Checkpoint | None, list[SkippedCheckpoint]]:
+    """The newest checkpoint in ``directory`` that loads cleanly, and the files skipped.
+
+    Files are tried newest first (see :func:`find_checkpoints`). A damaged file (one
+    that raises :class:`CheckpointError`) is skipped and reported, so the caller can
+    log ``skipping damaged checkpoint {path}: {reason}``. A sound file that does not fit
+    ``like`` raises :class:`CheckpointMismatchError` instead: silently resuming from an
+    older file, or from scratch, would hide a set-up mistake.
+
+    Args:
+      directory: the folder holding the checkpoints.
+      like: a state of the same structure (see :func:`load_checkpoint`).
+      pattern: a glob pattern for the checkpoint file names.
+
+    Returns:
+      ``(checkpoint, skipped)``: the loaded :class:`Checkpoint`, or ``None`` when no file
+      loads, and the :class:`SkippedCheckpoint` entries ``(path, reason)`` of the newer
+      files that could not be used.
+
+    Raises:
+      CheckpointMismatchError: the newest sound file belongs to another set-up.
+    """
+    skipped: list[SkippedCheckpoint] = []
+    for path in find_checkpoints(directory, pattern):
+        try:
+            return load_checkpoint_with_extra(path, like), skipped
+        except CheckpointMismatchError:
+            raise
+        except CheckpointError as e:
+            skipped.append(SkippedCheckpoint(path, str(e)))
+    return None, skipped
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every global random number generator, as plain checkpointable data.
+
+    Captures torch's CPU generator, every CUDA device's generator when CUDA is
+    initialized, Python's ``random`` module, and NumPy's global generator
+    (``numpy.random.seed`` / ``numpy.random.rand``) when NumPy is already imported (it
+    is never imported here). Generators that code owns itself (``torch.Generator``,
+    ``numpy.random.default_rng()``) are not global and not included. Pass the result to
+    :func:`save_checkpoint` as extra data and restore it with :func:`set_rng_state`.
+
+    Returns:
+      A dict of tensors, ints, floats and ``None`` (keys ``"torch"``, ``"python"`` and,
+      when captured, ``"cuda"`` and ``"numpy"``).
+
+    Example:
+      >>> import torch
+      >>> from fnloop.checkpoint import rng_state, set_rng_state
+      >>> saved = rng_state()
+      >>> a = torch.rand(3)
+      >>> set_rng_state(saved)
+      >>> torch.equal(a, torch.rand(3))
+      True
+    """
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores global generators from a dict made by :func:`rng_state`.
+
+    Every generator present in ``state`` is restored: torch's CPU generator, CUDA
+    generators (for as many devices as both the state and this machine have), Python's
+    ``random`` and NumPy's global generator (NumPy is imported if the state holds it).
+
+    Args:
+      state: the dict returned by :func:`rng_state`, possibly after a checkpoint round
+        trip.
+    """
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        saved = list(state["cuda"])[: torch.cuda.device_count()]
+        for device, s in enumerate(saved):
+            torch.cuda.set_rng_state(torch.as_tensor(s).cpu().to(torch.uint8), device)
+    if "python" in state:
+        py = state["python"]
+        internal = tuple(int(v) for v in torch.as_tensor(py["state"]).tolist())
+        gauss = py["gauss_next"]
+        random.setstate((int(py["version"]), internal, None if gauss is None else float(gauss)))
+    if "numpy" in state:
+        import numpy as np
+
+        ns = state["numpy"]
+        keys = torch.as_tensor(ns["keys"]).cpu().numpy().astype(np.uint32)
+        np.random.set_state(
+            (ns["kind"], keys, int(ns["pos"]), int(ns["has_gauss"]), float(ns["cached_gaussian"]))
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    """This process's rank in the default ``torch.distributed`` group (0 when not run so)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
+def _is_main_process() -> bool:
+    """Whether this process writes files: rank 0, or any process outside distributed runs."""
+    return _rank() == 0
+
+
+def _check_state(state: Any, fn: str) -> None:
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"{fn} needs an fnloop.TrainState; got {type(state).__name__}. To save a bare "
+            f"module's weights use torch.save(module.state_dict(), path)."
+        )
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raises ``TypeError`` naming ``where`` unless ``value`` is plain checkpoint data."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS or kind in (torch.Tensor, nn.Parameter):
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; checkpoint dict "
+                    f"keys must be str or int."
+                )
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if kind in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}. {_PLAIN_DATA_HELP}")
+
+
+def _compact(value: Any) -> Any:
+    """``value`` without storage it does not use (``torch.save`` writes whole storages)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    if value.layout != torch.strided:
+        return value
+    used = value.numel() * value.element_size()
+    if (
+        not value.is_contiguous()
+        or value.storage_offset() != 0
+        or value.untyped_storage().nbytes() != used
+    ):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+def _fnloop_version() -> str:
+    import fnloop
+
+    return str(getattr(fnloop, "__version__", "unknown"))
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def _import_safetensors_torch(path: Path) -> Any:
+    try:
+        import safetensors.torch as st
+    except ImportError as e:
+        raise ImportError(_SAFETENSORS_MISSING.format(path=path)) from e
+    return st

@@ -1,0 +1,246 @@
+"""One pass over a loader: ``train_epoch`` and ``validate_epoch``.
+
+Metrics are reduced on the device as batch-size-weighted means (S11) and read back to
+the host once per epoch, and when a progress bar redraws.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fnloop.batch import batch_size as find_batch_size
+from fnloop.callbacks.base import CallbackList
+from fnloop.state import TrainState
+from fnloop.step import EvalStep, TrainStep
+from fnloop.typing import Batch, Metrics
+
+BatchSize = int | Callable[[Batch], int] | None
+
+EMPTY_LOADER_MSG = (
+    "the {split} loader yielded no batches. Check the dataset length, batch_size and "
+    "drop_last (a dataset smaller than one batch with drop_last=True yields nothing)."
+)
+
+
+class MetricMeans:
+    """Batch-size-weighted running means of step metrics, summed on the device.
+
+    ``add`` only records the step's tensors; they are folded into device-side sums when
+    ``means`` is called (once per epoch, or when a progress bar redraws), which is the
+    only place a value is read back to the host.
+
+    >>> import torch
+    >>> m = MetricMeans()
+    >>> m.add({"loss": torch.tensor(1.0)}, 3)
+    >>> m.add({"loss": torch.tensor(3.0)}, 1)
+    >>> m.means()
+    {'loss': 1.5}
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Metrics, int]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
+        """Records one step's metrics for a batch of ``n`` examples."""
+        self._pending.append((metrics, n))  # type: ignore[arg-type]
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        keys: dict[str, None] = {}
+        for metrics, _ in self._pending:
+            keys.update(dict.fromkeys(k for k, v in metrics.items() if v.dim() == 0))
+        for key in keys:
+            values = [(m[key], n) for m, n in self._pending if key in m and m[key].dim() == 0]
+            stacked = torch.stack([v for v, _ in values])
+            acc_dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
+            weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
+            total = (stacked.to(acc_dtype) * weights).sum()
+            self._sums[key] = self._sums[key] + total if key in self._sums else total
+            self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
+        self._pending.clear()
+
+    def means(self) -> dict[str, float]:
+        """The weighted mean of every metric so far (reads the device once)."""
+        self._fold()
+        if not self._sums:
+            return {}
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).tolist()
+        return {k: v / self._counts[k] for k, v in zip(keys, values)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sums and counts, for a mid-epoch checkpoint."""
+        self._fold()
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        self._pending.clear()
+        self._sums = dict(state["sums"])
+        self._counts = {k: int(v) for k, v in state["counts"].items()}
+
+
+def _format(means: Mapping[str, float]) -> str:
+    return " ".join(f"{k}:{v:.4g}" for k, v in means.items())
+
+
+class _Bar:
+    """A tqdm bar whose postfix (running means) is refreshed only when it redraws."""
+
+    def __init__(self, loader: Iterable[Any], desc: str, enabled: bool, initial: int) -> None:
+        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        self.bar = (
+            tqdm(
+                total=total,
+                desc=desc,
+                leave=False,
+                initial=initial,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.2,
+            )
+            if enabled
+            else None
+        )
+        self.last = 0.0
+
+    def update(self, means: MetricMeans) -> None:
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.bar.set_postfix_str(_format(means.means()), refresh=False)
+            self.last = now
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_epoch(
+    state: TrainState,
+    train_step: TrainStep,
+    loader: Iterable[Batch],
+    *,
+    callbacks: CallbackList | None = None,
+    batch_size: BatchSize = None,
+    progress: bool = False,
+    desc: str = "train",
+    start_batch: int = 0,
+    after_skip: Callable[[], None] | None = None,
+    means: MetricMeans | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+    """Runs ``train_step`` over every batch of ``loader``.
+
+    Args:
+      state: the state to start from (not changed).
+      train_step: a step made by :func:`fnloop.make_train_step`.
+      loader: any iterable of batches.
+      callbacks: batch events to fire (``fit`` passes its callbacks here).
+      batch_size: fixed size or ``batch -> size`` when the first tensor is not
+        batch-major.
+      progress: show a tqdm bar with running means.
+      desc: the bar's label.
+      start_batch: skip this many batches first (resuming in the middle of an epoch);
+        skipped batches are loaded but not trained on.
+      after_skip: called once the skipped batches are consumed (``fit`` restores the
+        RNG state there).
+      means: the accumulator to add to (``fit`` passes one restored from a checkpoint).
+
+    Returns:
+      The state after the epoch and the epoch's batch-size-weighted metric means.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> from fnloop import optim
+      >>> state = fl.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> step = fl.make_train_step(lambda m, b: {"loss": (m(b) ** 2).mean()})
+      >>> state, metrics = fl.train_epoch(state, step, [torch.ones(4, 2), torch.ones(2, 2)])
+      >>> state.step, sorted(metrics)
+      (2, ['loss'])
+    """
+    callbacks = callbacks if callbacks is not None else CallbackList([])
+    means = means if means is not None else MetricMeans()
+    batch_start = callbacks.handles("on_train_batch_start")
+    batch_end = callbacks.handles("on_train_batch_end")
+    bar = _Bar(loader, desc, progress, start_batch)
+    seen = 0
+    try:
+        for batch_idx, batch in enumerate(loader):
+            seen += 1
+            if batch_idx < start_batch:
+                continue
+            if batch_idx == start_batch and after_skip is not None and start_batch > 0:
+                after_skip()
+            if batch_start:
+                state = callbacks("on_train_batch_start", state, batch, batch_idx)
+            n = find_batch_size(batch, batch_size)
+            state, outputs = train_step(state, batch)
+            means.add(outputs, n)
+            if batch_end:
+                state = callbacks("on_train_batch_end", state, outputs, batch, batch_idx)
+            bar.update(means)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ValueError(EMPTY_LOADER_MSG.format(split="train"))
+    return state, means.means()
+
+
+def validate_epoch(
+    state: TrainState,
+    eval_step: EvalStep,
+    loader: Iterable[Batch],
+    *,
+    callbacks: CallbackList | None = None,
+    batch_size: BatchSize = None,
+    progress: bool = False,
+    desc: str = "valid",
+) -> tuple[TrainState, dict[str, float]]:
+    """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
+
+    Returns:
+      The state (as callbacks left it) and the batch-size-weighted metric means.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> from fnloop import optim
+      >>> state = fl.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+      >>> step = fl.make_eval_step(lambda m, b: {"loss": (m(b) * 0).mean()})
+      >>> fl.validate_epoch(state, step, [torch.ones(4, 2)])[1]
+      {'loss': 0.0}
+    """
+    callbacks = callbacks if callbacks is not None else CallbackList([])
+    means = MetricMeans()
+    batch_start = callbacks.handles("on_validation_batch_start")
+    batch_end = callbacks.handles("on_validation_batch_end")
+    bar = _Bar(loader, desc, progress, 0)
+    seen = 0
+    try:
+        for batch_idx, batch in enumerate(loader):
+            seen += 1
+            if batch_start:
+                state = callbacks("on_validation_batch_start", state, batch, batch_idx)
+            n = find_batch_size(batch, batch_size)
+            outputs = eval_step(state, batch)
+            means.add(outputs, n)
+            if batch_end:
+                state = callbacks("on_validation_batch_end", state, outputs, batch, batch_idx)
+            bar.update(means)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ValueError(EMPTY_LOADER_MSG.format(split="valid"))
+    return state, means.means()

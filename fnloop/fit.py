@@ -1,0 +1,564 @@
+"""``fit``: the thin driver that composes pure steps into a training run.
+
+It owns every side effect (files, logs, progress bars, checkpoints); the steps own none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from fnloop import checkpoint as ckpt
+from fnloop.callbacks.base import Callback, CallbackList
+from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
+from fnloop.optim.plateau import has_plateau, observe_metric
+from fnloop.optim.transform import learning_rates
+from fnloop.state import TrainState, append_history
+from fnloop.step import EvalStep, StepFn, TrainStep, make_eval_step, make_train_step
+from fnloop.stopping import EarlyStopping, EarlyStoppingState
+
+Loaders = Iterable[Any] | Mapping[str, Iterable[Any] | None]
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_MODEL = "best_model.pt"
+
+MONITOR_WITHOUT_VALID_MSG = (
+    "{what} monitors {monitor!r} but no validation loader was given. Pass "
+    "loaders={{'train': ..., 'valid': ...}} or monitor a 'train/...' metric."
+)
+UNKNOWN_FIT_MONITOR_MSG = (
+    "fit(monitor={monitor!r}) names a metric the epoch did not produce; known: {known}. "
+    "Pass monitor='valid/<metric>' or 'train/<metric>' for a metric your step returns."
+)
+
+
+def _format_time(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{seconds:.1f}s"
+
+
+def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
+    """The seed's epoch summary: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``.
+
+    >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.981, "valid/loss": 0.019}, 135)
+    '[15/50] loss:0.023 acc:0.981 | (val) loss:0.019 (2m 15s)'
+    """
+    width = len(str(max_epochs))
+    parts = [f"[{epoch:>{width}}/{max_epochs}]"]
+    train = [
+        f"{k[6:]}:{v:.4g}"
+        for k, v in metrics.items()
+        if k.startswith("train/") and not k.startswith("train/lr")
+    ]
+    valid = [f"{k[6:]}:{v:.4g}" for k, v in metrics.items() if k.startswith("valid/")]
+    parts.append(" ".join(train))
+    if valid:
+        parts.append("| (val) " + " ".join(valid))
+    parts.append(f"({_format_time(seconds)})")
+    return " ".join(p for p in parts if p)
+
+
+class _TqdmHandler(logging.Handler):
+    """Console handler that prints through ``tqdm.write`` so bars are not broken."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _open_logger(run_name: str, out_dir: Path | None, console: bool) -> logging.Logger:
+    logger = logging.getLogger(f"fnloop.run.{run_name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not _is_main_process():
+        logger.addHandler(logging.NullHandler())
+        return logger
+    if console:
+        handler: logging.Handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if out_dir is not None:
+        file_handler = logging.FileHandler(out_dir / f"{run_name}_training.log", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        logger.addHandler(file_handler)
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _lr_metrics(opt_state: Any) -> dict[str, float]:
+    lrs = [float(lr) for lr in learning_rates(opt_state)]
+    if len(lrs) == 1:
+        return {"lr": lrs[0]}
+    return {f"lr_{i}": lr for i, lr in enumerate(lrs)}
+
+
+def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
+    for i, (a, b) in enumerate(zip(old, new)):
+        if abs(a - b) > 1e-8:
+            group = f" [group {i}]" if len(new) > 1 else ""
+            logger.info(f"Learning rate{group} updated: {a:.6f} → {b:.6f}")
+
+
+@dataclasses.dataclass
+class _Best:
+    """The best monitored epoch so far and its weights (EMA weights when kept)."""
+
+    value: float
+    epoch: int = 0
+    state_dict: dict[str, torch.Tensor] | None = None
+
+
+def _as_train_step(fn: StepFn | TrainStep) -> TrainStep:
+    return fn if isinstance(fn, TrainStep) else make_train_step(fn)
+
+
+def _as_eval_step(fn: StepFn | EvalStep | None, train_step: TrainStep) -> EvalStep:
+    if fn is None:
+        return make_eval_step(train_step.training_step, precision=train_step.precision)
+    return fn if isinstance(fn, EvalStep) else make_eval_step(fn, precision=train_step.precision)
+
+
+def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | None]:
+    if isinstance(loaders, Mapping):
+        unknown = sorted(set(loaders) - {"train", "valid"})
+        if unknown or "train" not in loaders:
+            raise ValueError(
+                f"loaders must be one train loader or a mapping with 'train' and optional "
+                f"'valid'; got keys {sorted(loaders)}."
+            )
+        train = loaders["train"]
+        if train is None:
+            raise ValueError("loaders['train'] is None; pass a loader to train on.")
+        return train, loaders.get("valid")
+    return loaders, None
+
+
+def _check_not_empty(loader: Iterable[Any], split: str) -> None:
+    if hasattr(loader, "__len__") and len(loader) == 0:  # type: ignore[arg-type]
+        raise ValueError(
+            f"the {split} loader is empty (len 0). Check the dataset length, batch_size and "
+            f"drop_last."
+        )
+
+
+def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def fit(
+    state: TrainState,
+    training_step: StepFn | TrainStep,
+    loaders: Loaders,
+    *,
+    max_epochs: int,
+    validation_step: StepFn | EvalStep | None = None,
+    early_stopping: EarlyStopping | Sequence[EarlyStopping] = (),
+    callbacks: Sequence[Callback] = (),
+    out_dir: str | Path | None = None,
+    run_name: str = "run",
+    resume: bool = True,
+    monitor: str | None = None,
+    mode: Literal["min", "max"] = "min",
+    progress: bool | Literal["auto"] = "auto",
+    batch_size: BatchSize = None,
+    checkpoint_every_n_steps: int | None = None,
+    keep_checkpoints: int = 2,
+    log_to_console: bool = True,
+) -> TrainState:
+    """Trains ``state`` until ``state.epoch == max_epochs`` (or early stopping).
+
+    Each epoch runs the train loader, then the validation loader when there is one,
+    records the batch-size-weighted means in ``state.history`` (``"train"`` and
+    ``"valid"``, plus the learning rate under ``"train"``), feeds the monitored metric to
+    a ``reduce_on_plateau`` learning rate, keeps the best weights, checks early
+    stopping, logs the seed's epoch line and, with ``out_dir``, writes a checkpoint.
+
+    With ``out_dir`` the run folder holds ``<run_name>_training.log``, ``metrics.csv``,
+    ``checkpoints/`` (resumed from automatically), ``best_model.pt`` (a state dict for
+    ``module.load_state_dict``) and ``history.png`` when matplotlib is installed.
+
+    Args:
+      state: the state to train; a second ``fit`` continues its step, epoch and history.
+      training_step: ``(model, batch) -> {"loss": ..., ...}``, or a step made by
+        ``make_train_step`` (its options, such as precision, are used as made).
+      loaders: a train loader, or ``{"train": loader, "valid": loader}``.
+      max_epochs: the epoch count to reach (``fit(state, ..., max_epochs=state.epoch + 5)``
+        trains five more).
+      validation_step: the validation function, or a step made by ``make_eval_step``;
+        defaults to ``training_step``'s function.
+      early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
+      callbacks: :class:`fnloop.callbacks.Callback` objects.
+      out_dir: the run folder; ``None`` writes nothing.
+      run_name: names the logger and the log file.
+      resume: continue from the newest good checkpoint in ``out_dir``.
+      monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
+        defaults to ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
+      mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise.
+      progress: tqdm bars; ``"auto"`` shows them when stderr is a terminal.
+      batch_size: a fixed size or ``batch -> size`` when the first tensor of a batch is
+        not batch-major (used for weighted means).
+      checkpoint_every_n_steps: also checkpoint in the middle of epochs, every this many
+        optimizer steps (resumes at the right batch).
+      keep_checkpoints: how many checkpoint files to keep.
+      log_to_console: print log messages (the log file gets them either way).
+
+    Returns:
+      The final state.
+
+    Raises:
+      ValueError: bad set-up, reported before any training: an empty loader,
+        ``max_epochs < state.epoch``, a ``valid/`` monitor without a validation loader.
+      KeyError: a monitored metric is not produced (raised at the first epoch end).
+    """
+    # ------------------------------------------------------------ set-up checks (fail fast)
+    if not isinstance(state, TrainState):
+        raise TypeError(f"fit needs a TrainState first; got {type(state).__name__}.")
+    if max_epochs < state.epoch:
+        raise ValueError(
+            f"max_epochs={max_epochs} is below state.epoch={state.epoch}: fit trains until "
+            f"state.epoch == max_epochs. To train more, pass max_epochs=state.epoch + n."
+        )
+    train_loader, valid_loader = _split_loaders(loaders)
+    _check_not_empty(train_loader, "train")
+    if valid_loader is not None:
+        _check_not_empty(valid_loader, "valid")
+    train_step = _as_train_step(training_step)
+    eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
+    stoppers = (
+        [early_stopping] if isinstance(early_stopping, EarlyStopping) else list(early_stopping)
+    )
+    monitor = monitor or ("valid/loss" if valid_loader is not None else "train/loss")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}.")
+    for what, name in [("fit", monitor)] + [("EarlyStopping", s.monitor) for s in stoppers]:
+        if name.startswith("valid/") and valid_loader is None:
+            raise ValueError(MONITOR_WITHOUT_VALID_MSG.format(what=what, monitor=name))
+    if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
+        raise ValueError(f"checkpoint_every_n_steps must be >= 1; got {checkpoint_every_n_steps}.")
+    if keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1; got {keep_checkpoints}.")
+    show_bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
+    main = _is_main_process()
+
+    run_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
+    if run_dir is not None and main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    user_callbacks = list(callbacks)
+    if run_dir is not None and main:
+        user_callbacks = _default_callbacks(run_dir) + user_callbacks
+    logger = _open_logger(run_name, run_dir if main else None, log_to_console)
+
+    try:
+        return _Run(
+            state=state,
+            train_step=train_step,
+            eval_step=eval_step,
+            train_loader=train_loader,
+            valid_loader=valid_loader,
+            max_epochs=max_epochs,
+            stoppers=stoppers,
+            user_callbacks=user_callbacks,
+            run_dir=run_dir,
+            ckpt_dir=ckpt_dir,
+            monitor=monitor,
+            mode=mode,
+            show_bars=show_bars,
+            batch_size=batch_size,
+            every_n_steps=checkpoint_every_n_steps,
+            keep=keep_checkpoints,
+            logger=logger,
+            main=main,
+        ).run(resume=resume)
+    finally:
+        _close_logger(logger)
+
+
+def _default_callbacks(run_dir: Path) -> list[Callback]:
+    from fnloop.callbacks.metrics_log import CSVLogger
+
+    defaults: list[Callback] = [CSVLogger(run_dir / "metrics.csv")]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return defaults
+    from fnloop.callbacks.plot import PlotHistory
+
+    defaults.append(PlotHistory(run_dir / "history.png"))
+    return defaults
+
+
+class _MidEpochCheckpoints(Callback):
+    """Internal: writes a checkpoint every N optimizer steps inside an epoch."""
+
+    def __init__(self, run: _Run, every: int) -> None:
+        self.run = run
+        self.every = every
+        self.last_step = -1
+
+    def on_train_batch_end(
+        self, state: TrainState, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if state.step % self.every == 0 and state.step != self.last_step and state.micro_step == 0:
+            self.last_step = state.step
+            self.run.save(state, position=batch_idx + 1)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One call of ``fit``: the mutable bookkeeping the driver keeps between epochs."""
+
+    state: TrainState
+    train_step: TrainStep
+    eval_step: EvalStep | None
+    train_loader: Iterable[Any]
+    valid_loader: Iterable[Any] | None
+    max_epochs: int
+    stoppers: list[EarlyStopping]
+    user_callbacks: list[Callback]
+    run_dir: Path | None
+    ckpt_dir: Path | None
+    monitor: str
+    mode: str
+    show_bars: bool
+    batch_size: BatchSize
+    every_n_steps: int | None
+    keep: int
+    logger: logging.Logger
+    main: bool
+    stopper_states: list[EarlyStoppingState] = dataclasses.field(default_factory=list)
+    best: _Best | None = None
+    stop_reason: str = ""
+    epoch_rng: dict[str, Any] | None = None
+    means: MetricMeans | None = None
+    callbacks: CallbackList = dataclasses.field(default_factory=lambda: CallbackList([]))
+
+    def __post_init__(self) -> None:
+        extra: list[Callback] = []
+        if self.every_n_steps is not None and self.ckpt_dir is not None:
+            extra.append(_MidEpochCheckpoints(self, self.every_n_steps))
+        self.callbacks = CallbackList([*extra, *self.user_callbacks])
+        self.stopper_states = [s.init() for s in self.stoppers]
+
+    # ------------------------------------------------------------------ checkpoints
+    def record(self, position: int | None) -> dict[str, Any]:
+        """The driver's part of a checkpoint: everything needed to continue bit-exactly."""
+        best = None
+        if self.best is not None:
+            best = {
+                "value": self.best.value,
+                "epoch": self.best.epoch,
+                "state_dict": self.best.state_dict,
+            }
+        return {
+            "stoppers": [dataclasses.asdict(s) for s in self.stopper_states],
+            "best": best,
+            "stop_reason": self.stop_reason,
+            "position": position,
+            "epoch_rng": self.epoch_rng if position is not None else None,
+            "means": self.means.state_dict() if position is not None and self.means else None,
+            "rng": ckpt.rng_state(),
+        }
+
+    def save(self, state: TrainState, position: int | None) -> None:
+        if self.ckpt_dir is None or not self.main:
+            return
+        kind = "b" if position is not None else "e"
+        path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
+        ckpt.save_checkpoint(path, state, fit=self.record(position))
+        for old in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")[self.keep :]:
+            old.unlink(missing_ok=True)
+
+    def restore(self) -> tuple[int | None, dict[str, Any] | None]:
+        """Resumes from the newest good checkpoint; returns the batch position and RNG."""
+        if self.ckpt_dir is None:
+            return None, None
+        found, skipped = ckpt.latest_good_checkpoint(self.ckpt_dir, self.state, pattern="ckpt-*.pt")
+        for item in skipped:
+            self.logger.warning(f"Skipping damaged checkpoint {item.path}: {item.reason}")
+        if found is None:
+            return None, None
+        self.state = found.state
+        rec = found.extra.get("fit", {})
+        self.stopper_states = [
+            EarlyStoppingState(**s) for s in rec.get("stoppers", [])
+        ] or self.stopper_states
+        if len(self.stopper_states) != len(self.stoppers):
+            self.stopper_states = [s.init() for s in self.stoppers]
+        best = rec.get("best")
+        if best is not None:
+            self.best = _Best(best["value"], best["epoch"], best["state_dict"])
+        self.stop_reason = rec.get("stop_reason", "")
+        position = rec.get("position")
+        where = f"epoch {self.state.epoch}, step {self.state.step}"
+        if position is not None:
+            where += f", batch {position} of epoch {self.state.epoch + 1}"
+            self.epoch_rng = rec.get("epoch_rng")
+            self.means = MetricMeans()
+            if rec.get("means") is not None:
+                self.means.load_state_dict(rec["means"])
+        self.logger.info(f"Resumed from {found.path} ({where})")
+        return position, rec.get("rng")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, resume: bool) -> TrainState:
+        position, rng = self.restore() if resume else (None, None)
+        if rng is not None and position is None:
+            ckpt.set_rng_state(rng)
+        state = self.callbacks("on_fit_start", self.state)
+        if self.stop_reason:
+            self.logger.info(f"Training had stopped early: {self.stop_reason}")
+        start = time.monotonic()
+        while state.epoch < self.max_epochs and not self.stop_reason:
+            state = self.one_epoch(state, position, rng)
+            position, rng = None, None
+        state = self.callbacks("on_fit_end", state)
+        self.export_best(state)
+        self.logger.info(
+            f"Finished at epoch {state.epoch}, step {state.step} "
+            f"({_format_time(time.monotonic() - start)})"
+        )
+        return state
+
+    def one_epoch(
+        self, state: TrainState, position: int | None, rng: dict[str, Any] | None
+    ) -> TrainState:
+        t0 = time.monotonic()
+        epoch = state.epoch + 1
+        _set_epoch(self.train_loader, state.epoch)
+        if position is None:
+            self.epoch_rng = ckpt.rng_state()
+            self.means = MetricMeans()
+        elif self.epoch_rng is not None:
+            ckpt.set_rng_state(self.epoch_rng)
+        lrs_before = list(_lr_metrics(state.opt_state).values())
+        skipped_before = int(state.skipped_steps)
+
+        state = self.callbacks("on_train_epoch_start", state)
+        state, train_means = train_epoch(
+            state,
+            self.train_step,
+            self.train_loader,
+            callbacks=self.callbacks,
+            batch_size=self.batch_size,
+            progress=self.show_bars,
+            desc=f"epoch {epoch}/{self.max_epochs}",
+            start_batch=position or 0,
+            after_skip=(lambda: ckpt.set_rng_state(rng)) if rng is not None and position else None,
+            means=self.means,
+        )
+        train_metrics = {f"train/{k}": v for k, v in train_means.items()}
+        lr_now = _lr_metrics(state.opt_state)
+        train_metrics.update({f"train/{k}": v for k, v in lr_now.items()})
+        state = state.replace(
+            epoch=epoch,
+            history=append_history(
+                state.history, "train", {k[6:]: v for k, v in train_metrics.items()}
+            ),
+        )
+        state = self.callbacks("on_train_epoch_end", state, train_metrics)
+
+        metrics = dict(train_metrics)
+        if self.eval_step is not None and self.valid_loader is not None:
+            state = self.callbacks("on_validation_epoch_start", state)
+            state, valid_means = validate_epoch(
+                state,
+                self.eval_step,
+                self.valid_loader,
+                callbacks=self.callbacks,
+                batch_size=self.batch_size,
+                progress=self.show_bars,
+                desc=f"valid {epoch}/{self.max_epochs}",
+            )
+            valid_metrics = {f"valid/{k}": v for k, v in valid_means.items()}
+            state = state.replace(history=append_history(state.history, "valid", valid_means))
+            state = self.callbacks("on_validation_epoch_end", state, valid_metrics)
+            metrics.update(valid_metrics)
+
+        if self.monitor not in metrics:
+            raise KeyError(
+                UNKNOWN_FIT_MONITOR_MSG.format(monitor=self.monitor, known=sorted(metrics))
+            )
+        value = metrics[self.monitor]
+        if has_plateau(state.opt_state):
+            state = state.replace(opt_state=observe_metric(state.opt_state, value))
+        self.update_best(state, value, epoch)
+        self.stopper_states = [
+            s.update(st, metrics, epoch) for s, st in zip(self.stoppers, self.stopper_states)
+        ]
+
+        self.logger.info(epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0))
+        _log_lr_changes(self.logger, lrs_before, list(_lr_metrics(state.opt_state).values()))
+        skipped = int(state.skipped_steps) - skipped_before
+        if skipped:
+            self.logger.warning(f"Skipped {skipped} updates with non-finite loss or gradients")
+
+        loss = metrics.get("train/loss", 0.0)
+        if not math.isfinite(loss) and self.train_step.on_nonfinite != "skip":
+            self.stop_reason = (
+                f"the training loss is {loss} in epoch {epoch}: training diverged. Lower the "
+                f"learning rate, clip gradients, or pass make_train_step(..., "
+                f"on_nonfinite='skip'). The last checkpoint is kept as it was."
+            )
+            self.logger.error(self.stop_reason)
+            return state
+        reasons = [st.stop_reason for st in self.stopper_states if st.should_stop]
+        if reasons:
+            self.stop_reason = "; ".join(reasons)
+            self.logger.info(f"Early stopping: {self.stop_reason}")
+        self.means = None
+        self.save(state, position=None)
+        return state
+
+    def update_best(self, state: TrainState, value: float, epoch: int) -> None:
+        better = self.best is None or (
+            value < self.best.value if self.mode == "min" else value > self.best.value
+        )
+        if not better or not math.isfinite(value):
+            return
+        weights = state.state_dict(use_ema=state.ema is not None)
+        self.best = _Best(value, epoch, {k: v.detach().clone() for k, v in weights.items()})
+
+    def export_best(self, state: TrainState) -> None:
+        if self.run_dir is None or not self.main or self.best is None:
+            return
+        path = self.run_dir / BEST_MODEL
+        weights = self.best.state_dict or {}
+        best_state = state.replace(
+            params={k: weights[k] for k in state.params},
+            buffers={k: weights.get(k, b) for k, b in state.buffers.items()},
+            ema=None,
+        )
+        ckpt.save_model(path, best_state)
+        self.logger.info(
+            f"Best model ({self.monitor} {self.best.value:.4g} at epoch {self.best.epoch}) "
+            f"saved to {path}"
+        )

@@ -1,0 +1,120 @@
+"""Early stopping as a pure state machine (S5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+UNKNOWN_MONITOR_MSG = (
+    "EarlyStopping monitors {monitor!r}, but the epoch produced only {known}. "
+    "Use one of those names ('train/<metric>' or 'valid/<metric>'), or return "
+    "{metric!r} from your step function."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingState:
+    """Progress of one :class:`EarlyStopping` rule.
+
+    Attributes:
+      best: the best monitored value so far (``inf`` / ``-inf`` before the first epoch).
+      best_epoch: the epoch that reached ``best`` (``0`` before any).
+      bad_epochs: epochs in a row without an improvement larger than ``min_delta``.
+      stop_reason: why training should stop, or ``""`` to go on.
+    """
+
+    best: float
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stop_reason: str = ""
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether this rule asks to stop."""
+        return bool(self.stop_reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stops training when a monitored metric stops improving or reaches a target.
+
+    Args:
+      monitor: the metric to watch, ``"train/<name>"`` or ``"valid/<name>"``.
+      mode: ``"min"`` if lower is better, ``"max"`` if higher is.
+      patience: epochs without improvement tolerated before stopping.
+      min_delta: an epoch improves only if it beats the best by more than this.
+      target: stop as soon as the metric is at least this good (``<=`` for ``"min"``,
+        ``>=`` for ``"max"``); ``None`` for no target.
+
+    Example:
+      >>> stopper = EarlyStopping(monitor="valid/loss", patience=2)
+      >>> s = stopper.init()
+      >>> for epoch, loss in enumerate([0.5, 0.4, 0.45, 0.41], start=1):
+      ...     s = stopper.update(s, {"valid/loss": loss}, epoch)
+      >>> s.stop_reason
+      'valid/loss did not improve for 2 epochs (best 0.4 at epoch 2)'
+    """
+
+    monitor: str = "valid/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 10
+    min_delta: float = 0.0
+    target: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max'; got {self.mode!r}.")
+        if self.patience < 0:
+            raise ValueError(f"EarlyStopping patience must be >= 0; got {self.patience}.")
+        if self.min_delta < 0:
+            raise ValueError(f"EarlyStopping min_delta must be >= 0; got {self.min_delta}.")
+        if "/" not in self.monitor:
+            raise ValueError(
+                f"EarlyStopping monitor {self.monitor!r} needs a split prefix: "
+                f"'train/{self.monitor}' or 'valid/{self.monitor}'."
+            )
+
+    def init(self) -> EarlyStoppingState:
+        """The state before the first epoch."""
+        return EarlyStoppingState(best=math.inf if self.mode == "min" else -math.inf)
+
+    def improved(self, value: float, best: float) -> bool:
+        """Whether ``value`` beats ``best`` by more than ``min_delta``."""
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def update(
+        self, state: EarlyStoppingState, metrics: Mapping[str, float], epoch: int
+    ) -> EarlyStoppingState:
+        """The state after an epoch with ``metrics``; raises ``KeyError`` for an unknown monitor."""
+        if self.monitor not in metrics:
+            raise KeyError(
+                UNKNOWN_MONITOR_MSG.format(
+                    monitor=self.monitor,
+                    known=sorted(metrics),
+                    metric=self.monitor.split("/", 1)[1],
+                )
+            )
+        value = float(metrics[self.monitor])
+        if self.improved(value, state.best):
+            state = dataclasses.replace(state, best=value, best_epoch=epoch, bad_epochs=0)
+        else:
+            state = dataclasses.replace(state, bad_epochs=state.bad_epochs + 1)
+        if self.target is not None and (
+            value <= self.target if self.mode == "min" else value >= self.target
+        ):
+            return dataclasses.replace(
+                state, stop_reason=f"{self.monitor} reached the target {self.target} ({value:.6g})"
+            )
+        if state.bad_epochs >= self.patience and self.patience >= 0 and state.bad_epochs > 0:
+            return dataclasses.replace(
+                state,
+                stop_reason=(
+                    f"{self.monitor} did not improve for {state.bad_epochs} epochs "
+                    f"(best {state.best:.6g} at epoch {state.best_epoch})"
+                ),
+            )
+        return state

@@ -1,0 +1,676 @@
+"""Checkpoints: exact round trips, no unpickling, atomic writes, damage detection, resume.
+
+States come from one table of optimizers (``TXS``); every leaf is set to random values so
+a round trip that drops or mixes up a tensor cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fnloop
+from fnloop import _tree, optim
+from fnloop import checkpoint as ckpt
+from fnloop.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointMismatchError,
+    find_checkpoints,
+    latest_good_checkpoint,
+    load_checkpoint,
+    load_checkpoint_with_extra,
+    load_model,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
+from fnloop.state import freeze_history
+
+TXS: dict[str, Callable[[], optim.GradientTransformation]] = {
+    "adamw": lambda: optim.adamw(1e-3),
+    "clip-sgd-plateau": lambda: optim.chain(
+        optim.clip_by_global_norm(1.0), optim.sgd(optim.reduce_on_plateau(0.1), momentum=0.9)
+    ),
+}
+HISTORY = {
+    "train": {"loss": [1.0, 0.5, 0.25]},
+    "valid": {"loss": [1.1, 0.6, 0.3], "acc": [0.1, 0.5, 0.9]},
+}
+
+
+def make_module(hidden: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, hidden), nn.BatchNorm1d(hidden))
+
+
+def fresh_state(
+    tx: str = "adamw", hidden: int = 4, ema_decay: float | None = 0.9
+) -> fnloop.TrainState:
+    torch.manual_seed(0)
+    return fnloop.TrainState.create(
+        make_module(hidden), tx=TXS[tx](), ema_decay=ema_decay, device="cpu"
+    )
+
+
+def randomized(state: fnloop.TrainState, seed: int = 1) -> fnloop.TrainState:
+    """``state`` with every tensor leaf random and non-trivial counters and history."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def scramble(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        return torch.randint(0, 1000, t.shape, generator=gen, dtype=t.dtype)
+
+    return _tree.tree_map(scramble, state).replace(
+        step=1234, epoch=7, micro_step=3, history=freeze_history(HISTORY)
+    )
+
+
+def leaves_by_key(state: fnloop.TrainState) -> dict[str, Any]:
+    keys, leaves, _ = ckpt._flatten_with_keys(state)
+    return dict(zip(keys, leaves, strict=True))
+
+
+def assert_same_state(a: fnloop.TrainState, b: fnloop.TrainState) -> None:
+    la, lb = leaves_by_key(a), leaves_by_key(b)
+    assert list(la) == list(lb)
+    for key in la:
+        assert la[key].dtype == lb[key].dtype, key
+        assert torch.equal(la[key], lb[key]), key
+    assert (a.step, a.epoch, a.micro_step) == (b.step, b.epoch, b.micro_step)
+    assert {s: dict(m) for s, m in a.history.items()} == {s: dict(m) for s, m in b.history.items()}
+
+
+def assert_same_data(a: Any, b: Any) -> None:
+    """Deep equality for plain data with tensors (types included)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_data(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_data(x, y)
+    else:
+        assert a == b
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("tx", list(TXS))
+def test_round_trip_restores_every_leaf_counter_and_history(tmp_path: Path, tx: str) -> None:
+    state = randomized(fresh_state(tx))
+    path = save_checkpoint(tmp_path / "ckpt.pt", state)
+    assert path == tmp_path / "ckpt.pt"
+
+    like = fresh_state(tx)
+    restored = load_checkpoint(path, like=like)
+
+    assert_same_state(restored, state)
+    assert restored.module is like.module and restored.tx is like.tx
+    assert restored.ema_decay == like.ema_decay
+    assert isinstance(restored.history["train"]["loss"], tuple)  # frozen again
+
+
+def test_round_trip_with_loss_scale_and_grad_accum(tmp_path: Path) -> None:
+    def with_extras(s: fnloop.TrainState) -> fnloop.TrainState:
+        return s.replace(
+            loss_scale={"scale": torch.tensor(65536.0), "good_steps": torch.tensor(3)},
+            grad_accum={k: torch.zeros_like(v) for k, v in s.params.items()},
+        )
+
+    state = randomized(with_extras(fresh_state()), seed=5)
+    restored = load_checkpoint(
+        save_checkpoint(tmp_path / "c.pt", state), with_extras(fresh_state())
+    )
+    assert_same_state(restored, state)
+
+
+def test_extra_round_trips_plain_data(tmp_path: Path) -> None:
+    extra = {
+        "rng": rng_state(),
+        "early_stopping": {
+            "best": 0.125,
+            "bad_epochs": 2,
+            "stopped": False,
+            "monitor": "valid/loss",
+        },
+        "data": {"epoch": 7, "batch": 13, "order": torch.randperm(20)},
+        "best": {"value": None, "path": "best.pt", "pair": (1, 2.5)},
+        "losses": [1.0, float("inf")],
+    }
+    path = save_checkpoint(tmp_path / "ckpt.pt", fresh_state(), **extra)
+    loaded = load_checkpoint_with_extra(path, fresh_state())
+
+    assert isinstance(loaded, Checkpoint)
+    assert loaded.path == path
+    assert_same_data(loaded.extra, extra)
+
+
+def test_restored_plateau_state_keeps_working(tmp_path: Path) -> None:
+    state = fresh_state("clip-sgd-plateau")
+    for loss in [1.0, 0.5, 0.6]:
+        state = state.replace(opt_state=optim.observe_metric(state.opt_state, loss))
+    restored = load_checkpoint(
+        save_checkpoint(tmp_path / "c.pt", state), fresh_state("clip-sgd-plateau")
+    )
+
+    for loss in [0.7] * 12:
+        state = state.replace(opt_state=optim.observe_metric(state.opt_state, loss))
+        restored = restored.replace(opt_state=optim.observe_metric(restored.opt_state, loss))
+    assert_same_state(restored, state)
+    assert [float(x) for x in optim.learning_rates(restored.opt_state)] == pytest.approx([0.01])
+
+
+def test_views_are_saved_without_their_whole_storage(tmp_path: Path) -> None:
+    big = torch.zeros(1_000_000)
+    state = fresh_state()
+    params = {k: big[: v.numel()].view_as(v) + 0 * v for k, v in state.params.items()}
+    params["0.bias"] = big[10:14]  # a view into 4 MB of storage
+    state = state.replace(params=params)
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    assert path.stat().st_size < 100_000
+    assert_same_state(load_checkpoint(path, fresh_state()), state)
+
+
+def test_save_creates_folders_and_respects_umask(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "runs" / "a" / "ckpt.pt", fresh_state())
+    assert path.is_file()
+    if os.name == "posix":
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# --------------------------------------------------------------------------- bad input on save
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "type_name"),
+    [
+        ({"thing": Opaque()}, "extra['thing']", "Opaque"),
+        ({"es": {"best": np.float64(0.5)}}, "extra['es']['best']", "float64"),
+        ({"order": [1, 2, {3}]}, "extra['order'][2]", "set"),
+        ({"pos": np.arange(3)}, "extra['pos']", "ndarray"),
+    ],
+)
+def test_save_rejects_extra_that_is_not_plain_data(
+    tmp_path: Path, extra: dict[str, Any], where: str, type_name: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
+    assert where in str(info.value) and type_name in str(info.value)
+    assert "weights_only" in str(info.value)
+    assert files_in(tmp_path) == []
+
+
+def test_save_rejects_non_state(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="TrainState"):
+        save_checkpoint(tmp_path / "c.pt", make_module())  # type: ignore[arg-type]
+
+
+def test_save_rejects_two_leaves_with_the_same_key(tmp_path: Path) -> None:
+    state = fresh_state(ema_decay=None)
+    bad = state.replace(params={"a.b": torch.zeros(1), "a": {"b": torch.ones(1)}})
+    with pytest.raises(ValueError, match=r"params.a.b"):
+        save_checkpoint(tmp_path / "c.pt", bad)
+
+
+# --------------------------------------------------------------------------- never unpickle
+
+
+class WritesMarker:
+    """Unpickling this object creates a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_pickled_code_in_the_file_is_never_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "version": 1, "x": WritesMarker(marker)}, path)
+    torch.load(path, weights_only=False)  # the file really runs code when unpickled...
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(CheckpointError, match="pickled Python objects") as info:
+        load_checkpoint(path, fresh_state())
+    assert str(path) in str(info.value) and "eval" in str(info.value)
+    assert not marker.exists()  # ...but not when fnloop loads it
+    with pytest.raises(CheckpointError):
+        load_model(path, make_module())
+    assert not marker.exists()
+
+
+def test_pickled_code_in_a_payload_with_a_valid_checksum_is_never_run(tmp_path: Path) -> None:
+    import hashlib
+
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"leaves": {}, "x": WritesMarker(marker)}, buffer)
+    data = buffer.getvalue()
+    path = tmp_path / "evil.pt"
+    wrapper = {
+        "format": ckpt.FORMAT,
+        "version": 1,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
+    torch.save(wrapper, path)
+
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(path, fresh_state())
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path / "ckpt.pt", randomized(fresh_state()))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 100])
+def test_truncated_file_is_detected(good_file: Path, keep: float) -> None:
+    data = good_file.read_bytes()
+    good_file.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    with pytest.raises(CheckpointError, match="truncated or damaged") as info:
+        load_checkpoint(good_file, fresh_state())
+    assert str(good_file) in str(info.value)
+    assert "weights_only=False" not in str(info.value)  # never advise unsafe loading
+
+
+def test_empty_file_is_detected(tmp_path: Path) -> None:
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        load_checkpoint(tmp_path / "c.pt", fresh_state())
+
+
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
+def test_flipped_byte_is_detected(good_file: Path, where: float) -> None:
+    data = bytearray(good_file.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    good_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(good_file, fresh_state())
+    assert str(good_file) in str(info.value)
+
+
+def test_altered_payload_fails_the_checksum(good_file: Path) -> None:
+    wrapper = torch.load(good_file, weights_only=True)
+    payload = wrapper["payload"].clone()
+    payload[len(payload) // 2] ^= 1
+    torch.save({**wrapper, "payload": payload}, good_file)  # a well-formed file again
+    with pytest.raises(CheckpointError, match="checksum mismatch") as info:
+        load_checkpoint(good_file, fresh_state())
+    assert str(good_file) in str(info.value)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"PK\x03\x04"])
+def test_random_garbage_is_detected(tmp_path: Path, prefix: bytes) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(prefix + os.urandom(4096))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, fresh_state())
+    message = str(info.value)
+    assert str(path) in message
+    assert ("not a PyTorch file" in message) if not prefix else ("damaged" in message)
+
+
+def test_a_model_export_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(make_module().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"not an fnloop checkpoint.*load_model"):
+        load_checkpoint(path, fresh_state())
+
+
+def test_newer_format_version_is_refused(good_file: Path) -> None:
+    wrapper = torch.load(good_file, weights_only=True)
+    torch.save({**wrapper, "version": 2}, good_file)
+    with pytest.raises(CheckpointMismatchError, match=r"version 2.*reads version 1"):
+        load_checkpoint(good_file, fresh_state())
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt", fresh_state())
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_checkpoint(tmp_path, fresh_state())
+
+
+# --------------------------------------------------------------------------- other set-ups
+
+
+def test_other_model_size_names_key_and_shapes(good_file: Path) -> None:
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(good_file, fresh_state(hidden=5))
+    message = str(info.value)
+    assert "'params.0.bias' has shape (4,) in the file but (5,) in `like`" in message
+    assert "another model" in message and str(good_file) in message
+
+
+def test_other_model_layers_names_first_missing_key(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "c.pt", fresh_state())
+    like = fnloop.TrainState.create(
+        nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+        tx=optim.adamw(1e-3),
+        device="cpu",
+    )
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(path, like)
+    message = str(info.value)
+    assert "'params.2.bias' (and 5 more) is in `like` but not in the file" in message
+    assert "'params.1.bias' (and 12 more) is in the file but not in `like`" in message
+    assert "another model" in message
+
+
+def test_other_optimizer_names_first_differing_keys(good_file: Path) -> None:
+    like = fnloop.TrainState.create(
+        make_module(), tx=optim.sgd(1e-2, momentum=0.9), ema_decay=0.9, device="cpu"
+    )
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(good_file, like)
+    message = str(info.value)
+    assert "'opt_state.1.count' (and 4 more) is in `like` but not in the file" in message
+    assert "'opt_state.0.count' (and 8 more) is in the file but not in `like`" in message
+    assert "another optimizer" in message
+
+
+def test_other_dtype_names_key_and_dtypes(good_file: Path) -> None:
+    like = fnloop.TrainState.create(
+        make_module().double(), tx=optim.adamw(1e-3), ema_decay=0.9, device="cpu"
+    )
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"'params.0.bias' has dtype torch.float32 in the file but torch.float64",
+    ):
+        load_checkpoint(good_file, like)
+
+
+def test_ema_setting_mismatch_is_explained(good_file: Path) -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"'ema.0.bias'.*in the file.*ema_decay"):
+        load_checkpoint(good_file, fresh_state(ema_decay=None))
+
+
+def test_load_rejects_non_state_like(good_file: Path) -> None:
+    with pytest.raises(TypeError, match="TrainState"):
+        load_checkpoint(good_file, like=make_module())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _partial_then(exc: BaseException) -> Callable[..., None]:
+    real_save = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(f, io.BytesIO):  # serializing the payload in memory: let it work
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise exc
+
+    return save
+
+
+@pytest.mark.parametrize("exc", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_failure_while_writing_keeps_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    old = randomized(fresh_state(), seed=1)
+    path = save_checkpoint(tmp_path / "ckpt.pt", old)
+    before = path.read_bytes()
+
+    monkeypatch.setattr(torch, "save", _partial_then(exc))
+    with pytest.raises(type(exc)):
+        save_checkpoint(path, randomized(fresh_state(), seed=2))
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert_same_state(load_checkpoint(path, fresh_state()), old)
+    assert files_in(tmp_path) == ["ckpt.pt"]
+
+
+def test_failure_in_replace_keeps_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = randomized(fresh_state(), seed=1)
+    path = save_checkpoint(tmp_path / "ckpt.pt", old)
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(path, randomized(fresh_state(), seed=2))
+    with pytest.raises(OSError, match="rename failed"):
+        save_model(tmp_path / "model.pt", old)
+    monkeypatch.undo()
+
+    assert_same_state(load_checkpoint(path, fresh_state()), old)
+    assert files_in(tmp_path) == ["ckpt.pt"]
+
+
+def test_failure_on_first_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "save", _partial_then(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ckpt.pt", fresh_state())
+    assert files_in(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- finding and resuming
+
+
+def _set_mtime(path: Path, seconds: int) -> None:
+    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_find_checkpoints_newest_first(tmp_path: Path) -> None:
+    for name, t in [("step-9.pt", 100), ("step-10.pt", 100), ("last.pt", 200), ("old.pt", 50)]:
+        (tmp_path / name).write_bytes(b"x")
+        _set_mtime(tmp_path / name, t)
+    (tmp_path / ".last.pt.0123.tmp").write_bytes(b"x")  # an unfinished write
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    (tmp_path / "sub.pt").mkdir()
+
+    names = [p.name for p in find_checkpoints(tmp_path)]
+    assert names == ["last.pt", "step-10.pt", "step-9.pt", "old.pt"]
+    assert [p.name for p in find_checkpoints(tmp_path, "step-*.pt")] == ["step-10.pt", "step-9.pt"]
+    assert find_checkpoints(tmp_path / "missing") == []
+
+
+def test_latest_good_checkpoint_skips_damaged_newest(tmp_path: Path) -> None:
+    states = [randomized(fresh_state(), seed=s).replace(step=s) for s in (1, 2, 3)]
+    for i, s in enumerate(states):
+        path = save_checkpoint(tmp_path / f"step-{s.step}.pt", s, position=i)
+        _set_mtime(path, 100 + i)
+    newest = tmp_path / "step-3.pt"
+    newest.write_bytes(newest.read_bytes()[:-50])
+    _set_mtime(newest, 102)
+
+    found, skipped = latest_good_checkpoint(tmp_path, fresh_state())
+
+    assert found is not None and found.path == tmp_path / "step-2.pt"
+    assert_same_state(found.state, states[1])
+    assert found.extra == {"position": 1}
+    assert [s.path for s in skipped] == [newest]
+    assert "truncated or damaged" in skipped[0].reason and str(newest) in skipped[0].reason
+
+
+def test_latest_good_checkpoint_with_nothing_usable(tmp_path: Path) -> None:
+    assert latest_good_checkpoint(tmp_path, fresh_state()) == (None, [])
+    (tmp_path / "a.pt").write_bytes(b"junk")
+    found, skipped = latest_good_checkpoint(tmp_path, fresh_state())
+    assert found is None and [s.path.name for s in skipped] == ["a.pt"]
+
+
+def test_latest_good_checkpoint_raises_on_other_setup(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "last.pt", fresh_state())
+    with pytest.raises(CheckpointMismatchError, match=r"params.0.bias"):
+        latest_good_checkpoint(tmp_path, fresh_state(hidden=5))
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _draws() -> tuple[Any, ...]:
+    return (
+        torch.rand(5),
+        torch.randn(3),
+        [random.random() for _ in range(3)],
+        random.gauss(0.0, 1.0),
+        np.random.rand(4),
+        np.random.randn(3),
+    )
+
+
+def _assert_same_draws(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2] == b[2] and a[3] == b[3]
+    np.testing.assert_array_equal(a[4], b[4])
+    np.testing.assert_array_equal(a[5], b[5])
+
+
+def test_rng_state_round_trip() -> None:
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    random.gauss(0.0, 1.0)  # leave a cached Gaussian in both generators
+    np.random.randn(1)
+    saved = rng_state()
+    first = _draws()
+    set_rng_state(saved)
+    _assert_same_draws(first, _draws())
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "c.pt", fresh_state(), rng=rng_state())
+    first = _draws()
+    for _ in range(3):
+        _draws()  # move every generator on
+    set_rng_state(load_checkpoint_with_extra(path, fresh_state()).extra["rng"])
+    _assert_same_draws(first, _draws())
+
+
+def test_rng_state_does_not_import_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "numpy")
+    state = rng_state()
+    assert "numpy" not in state and "numpy" not in sys.modules
+    assert set(state) >= {"torch", "python"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_includes_cuda() -> None:
+    torch.cuda.init()
+    saved = rng_state()
+    assert len(saved["cuda"]) == torch.cuda.device_count()
+    a = torch.rand(3, device="cuda")
+    set_rng_state(saved)
+    assert torch.equal(a, torch.rand(3, device="cuda"))
+
+
+# --------------------------------------------------------------------------- model export
+
+
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_save_model_loads_into_a_plain_module(tmp_path: Path, use_ema: bool) -> None:
+    state = randomized(fresh_state())
+    path = save_model(tmp_path / "model.pt", state, use_ema=use_ema)
+    weights = state.ema if use_ema else state.params
+    assert weights is not None
+
+    module = make_module()
+    module.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    for name, value in module.state_dict().items():
+        expected = weights[name] if name in weights else state.buffers[name]
+        assert torch.equal(value, expected), name
+
+    other = load_model(path, make_module())
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, module.state_dict()[name]), name
+
+
+def test_load_model_explains_a_training_checkpoint(good_file: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"training checkpoint.*load_checkpoint"):
+        load_model(good_file, make_module())
+
+
+def test_safetensors_export(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    state = randomized(fresh_state())
+    path = save_model(tmp_path / "model.safetensors", state)
+    module = load_model(path, make_module())
+    for name, value in state.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+
+
+def test_safetensors_missing_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r"pip install fnloop\[safetensors\]"):
+        save_model(tmp_path / "model.safetensors", fresh_state())
+    assert files_in(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_only_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ckpt._rank() == 0
+    monkeypatch.setattr(ckpt, "_rank", lambda: 1)
+    assert save_checkpoint(tmp_path / "c.pt", fresh_state()) == tmp_path / "c.pt"
+    assert save_model(tmp_path / "m.pt", fresh_state()) == tmp_path / "m.pt"
+    assert files_in(tmp_path) == []
+    with pytest.raises(TypeError):  # bad input still fails on every rank
+        save_checkpoint(tmp_path / "c.pt", fresh_state(), bad=Opaque())
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_leaves_follow_the_device_of_like(tmp_path: Path) -> None:
+    cpu_state = randomized(fresh_state())
+    path = save_checkpoint(tmp_path / "c.pt", cpu_state, order=torch.arange(3))
+    torch.manual_seed(0)
+    like = fnloop.TrainState.create(
+        make_module(), tx=optim.adamw(1e-3), ema_decay=0.9, device="cuda"
+    )
+    loaded = load_checkpoint_with_extra(path, like)
+    assert all(t.device.type == "cuda" for t in _tree.tree_leaves(loaded.state))
+    assert loaded.extra["order"].device.type == "cpu"
+    assert_same_state(_tree.tree_map(lambda t: t.cpu(), loaded.state), cpu_state)
+    path2 = save_checkpoint(tmp_path / "c2.pt", loaded.state)
+    assert_same_state(load_checkpoint(path2, fresh_state()), cpu_state)
