@@ -1,0 +1,308 @@
+"""The fit driver end to end on small synthetic data."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fnloop as fl
+from fnloop import optim
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return x, y
+
+
+def loaders(batch_size=16, shuffle=True, valid=True):
+    x, y = data()
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+    xv, yv = data(48, seed=1)
+    out = {"train": train}
+    if valid:
+        out["valid"] = DataLoader(TensorDataset(xv, yv), batch_size=batch_size)
+    return out
+
+
+def classify(model, batch):
+    x, y = batch
+    logits = model(x)
+    return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def make_state(tx=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+    return fl.TrainState.create(module, tx=tx or optim.adam(1e-2), device="cpu", **kw)
+
+
+def test_history_and_continuation_across_fit_calls():
+    state = fl.fit(make_state(), classify, loaders(), max_epochs=2, log_to_console=False)
+    assert state.epoch == 2 and state.step == 12
+    assert {k: len(v) for k, v in state.history["train"].items()} == {"loss": 2, "acc": 2, "lr": 2}
+    assert len(state.history["valid"]["acc"]) == 2
+    state = fl.fit(state, classify, loaders(), max_epochs=5, log_to_console=False)
+    assert state.epoch == 5 and state.step == 30
+    assert len(state.history["train"]["loss"]) == 5
+    # Re-running with the same max_epochs trains nothing more.
+    again = fl.fit(state, classify, loaders(), max_epochs=5, log_to_console=False)
+    assert again.step == 30
+
+
+def test_epoch_metrics_are_batch_size_weighted_means():
+    # 10 examples in batches of 4, 4, 2: the loss mean must weight by batch size.
+    x, y = data(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    state = make_state(tx=optim.sgd(0.0))
+    eval_step = fl.make_eval_step(classify)
+    model_loss = float(eval_step(state, (x, y))["loss"])
+    _, means = fl.validate_epoch(state, eval_step, loader)
+    assert means["loss"] == pytest.approx(model_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("stopper", "expected_epochs"),
+    [
+        (fl.EarlyStopping("train/loss", mode="min", target=10.0), 1),
+        (fl.EarlyStopping("valid/acc", mode="max", target=0.0), 1),
+        (fl.EarlyStopping("valid/loss", mode="min", patience=2, min_delta=100.0), 3),
+        (fl.EarlyStopping("train/acc", mode="max", patience=1, min_delta=100.0), 2),
+    ],
+)
+def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=10,
+        early_stopping=stopper,
+        log_to_console=False,
+    )
+    assert state.epoch == expected_epochs
+
+
+def test_unknown_monitor_is_an_error_naming_known_keys():
+    with pytest.raises(KeyError, match=r"valid/f1.*valid/acc"):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=2,
+            early_stopping=fl.EarlyStopping("valid/f1"),
+            log_to_console=False,
+        )
+
+
+def test_plateau_matches_torch_reduce_lr_on_plateau():
+    """The LR drops in exactly the epochs where torch's ReduceLROnPlateau drops it."""
+    kw = dict(mode="min", factor=0.5, patience=1, threshold=0.2, cooldown=1)
+    state = make_state(tx=optim.sgd(optim.reduce_on_plateau(0.05, **kw)))
+    state = fl.fit(state, classify, loaders(), max_epochs=12, log_to_console=False)
+    valid_losses = state.history["valid"]["loss"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+    expected = []
+    for loss in valid_losses:
+        sched.step(loss)
+        expected.append(opt.param_groups[0]["lr"])
+    # history["train"]["lr"][e] is the LR used during epoch e: torch's LR before step e.
+    assert list(state.history["train"]["lr"]) == [0.05, *expected[:-1]]
+    assert float(optim.learning_rates(state.opt_state)[0]) == expected[-1]
+    assert expected[-1] < 0.05  # the sequence did exercise a reduction
+
+
+class Recorder(fl.callbacks.Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, state):
+        self.events.append("fit_start")
+
+    def on_fit_end(self, state):
+        self.events.append("fit_end")
+
+    def on_train_epoch_start(self, state):
+        self.events.append("train_epoch_start")
+
+    def on_train_epoch_end(self, state, metrics):
+        self.events.append("train_epoch_end")
+
+    def on_train_batch_start(self, state, batch, batch_idx):
+        self.events.append(f"train_batch_start{batch_idx}")
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        self.events.append(f"train_batch_end{batch_idx}")
+
+    def on_validation_epoch_start(self, state):
+        self.events.append("valid_epoch_start")
+
+    def on_validation_epoch_end(self, state, metrics):
+        self.events.append("valid_epoch_end")
+
+    def on_validation_batch_start(self, state, batch, batch_idx):
+        self.events.append(f"valid_batch_start{batch_idx}")
+
+    def on_validation_batch_end(self, state, outputs, batch, batch_idx):
+        self.events.append(f"valid_batch_end{batch_idx}")
+
+
+def test_callback_events_fire_in_the_seeds_order():
+    rec = Recorder()
+    x, y = data(32)
+    ld = {
+        "train": DataLoader(TensorDataset(x, y), batch_size=16),
+        "valid": DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16),
+    }
+    fl.fit(make_state(), classify, ld, max_epochs=2, callbacks=[rec], log_to_console=False)
+    epoch = [
+        "train_epoch_start",
+        "train_batch_start0",
+        "train_batch_end0",
+        "train_batch_start1",
+        "train_batch_end1",
+        "train_epoch_end",
+        "valid_epoch_start",
+        "valid_batch_start0",
+        "valid_batch_end0",
+        "valid_epoch_end",
+    ]
+    assert rec.events == ["fit_start", *epoch, *epoch, "fit_end"]
+
+
+def test_callback_can_replace_the_state_and_bad_return_is_an_error():
+    class Warmup(fl.callbacks.Callback):
+        """The seed's LR warm-up hook: here it edits the LR kept in the optimizer state."""
+
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            *rest, lr_state = state.opt_state
+            new_lr = torch.clamp(lr_state.lr * 0 + 0.01 * state.step / 4, max=0.01)
+            return state.replace(opt_state=(*rest, lr_state._replace(lr=new_lr)))
+
+    state = fl.fit(
+        make_state(optim.sgd(1.0)),
+        classify,
+        loaders(),
+        max_epochs=1,
+        callbacks=[Warmup()],
+        log_to_console=False,
+    )
+    assert float(optim.learning_rates(state.opt_state)[0]) == pytest.approx(0.01)
+
+    class Bad(fl.callbacks.Callback):
+        def on_fit_start(self, state):
+            return {"not": "a state"}
+
+    with pytest.raises(TypeError, match=r"Bad.on_fit_start returned a dict"):
+        fl.fit(
+            make_state(), classify, loaders(), max_epochs=1, callbacks=[Bad()], log_to_console=False
+        )
+
+
+def test_bad_setup_is_reported_before_training():
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return classify(model, batch)
+
+    x, y = data(8)
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4)
+    with pytest.raises(ValueError, match="train loader is empty"):
+        fl.fit(make_state(), counting, empty, max_epochs=1)
+    state = make_state().replace(epoch=3)
+    with pytest.raises(ValueError, match=r"max_epochs=2 is below state\.epoch=3"):
+        fl.fit(state, counting, loaders(), max_epochs=2)
+    with pytest.raises(ValueError, match="no validation loader"):
+        fl.fit(
+            make_state(),
+            counting,
+            loaders(valid=False),
+            max_epochs=1,
+            early_stopping=fl.EarlyStopping("valid/loss"),
+        )
+    with pytest.raises(ValueError, match="'train' and optional 'valid'"):
+        fl.fit(make_state(), counting, {"training": loaders()["train"]}, max_epochs=1)
+    assert calls == []
+
+
+def test_run_folder_log_file_csv_and_best_model(tmp_path):
+    state = fl.fit(
+        make_state(ema_decay=0.9),
+        classify,
+        loaders(),
+        max_epochs=3,
+        out_dir=tmp_path,
+        run_name="demo",
+        log_to_console=False,
+    )
+    log = (tmp_path / "demo_training.log").read_text()
+    lines = log.splitlines()
+    assert re.match(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - INFO - \[1/3\] loss:\S+ acc:\S+ "
+        r"\| \(val\) loss:\S+ acc:\S+ \(\d",
+        lines[0],
+    )
+    assert any("Best model (valid/loss" in line for line in lines)
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,step")
+    assert len(csv_lines) == 4
+    best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    fresh = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+    fresh.load_state_dict(best)
+    best_epoch = min(range(3), key=lambda e: state.history["valid"]["loss"][e])
+    assert f"at epoch {best_epoch + 1}" in log
+    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+
+
+def test_console_gets_messages_only(capsys):
+    fl.fit(make_state(), classify, loaders(), max_epochs=1, progress=False)
+    out = capsys.readouterr().out
+    assert out.startswith("[1/1] loss:")
+    assert " - INFO - " not in out
+    assert not logging.getLogger("fnloop.run.run").handlers
+
+
+def test_lr_changes_are_logged(tmp_path):
+    tx = optim.sgd(optim.step_schedule(0.1, step_size=6, gamma=0.5))
+    fl.fit(
+        make_state(tx), classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    assert "Learning rate updated: 0.100000 → 0.050000" in log
+
+
+def test_validation_step_can_differ_and_steps_can_be_premade():
+    def val(model, batch):
+        return {"loss": classify(model, batch)["loss"], "zero": 0.0}
+
+    step = fl.make_train_step(classify, accumulation_steps=2)
+    state = fl.fit(
+        make_state(), step, loaders(), max_epochs=1, validation_step=val, log_to_console=False
+    )
+    assert state.step == 3  # 6 batches, one update per 2
+    assert state.history["valid"]["zero"] == (0.0,)
+
+
+def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
+    def exploding(model, batch):
+        out = classify(model, batch)
+        return {**out, "loss": out["loss"] * torch.inf}
+
+    state = fl.fit(
+        make_state(), classify, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False
+    )
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    state = fl.fit(
+        state, exploding, loaders(), max_epochs=3, out_dir=tmp_path, log_to_console=False
+    )
+    assert state.epoch == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert "training diverged" in (tmp_path / "run_training.log").read_text()
