@@ -120,7 +120,7 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
             value = value.detach()
             metrics[key] = value.reshape(()) if value.numel() == 1 else value
         elif isinstance(value, bool | int | float):
-            metrics[key] = torch.tensor(float(value), device=device)
+            metrics[key] = torch.full((), float(value), device=device)  # no host copy
         else:
             raise TypeError(METRIC_MSG.format(key=key, name=name, kind=type(value).__name__))
     return metrics
