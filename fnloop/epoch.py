@@ -129,7 +129,7 @@ class _Bar:
 
 def train_epoch(
     state: TrainState,
-    train_step: TrainStep,
+    train_step: TrainStep | Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     loader: Iterable[Batch],
     *,
     callbacks: CallbackList | None = None,
@@ -200,7 +200,7 @@ def train_epoch(
 
 def validate_epoch(
     state: TrainState,
-    eval_step: EvalStep,
+    eval_step: EvalStep | Callable[[TrainState, Batch], Metrics],
     loader: Iterable[Batch],
     *,
     callbacks: CallbackList | None = None,

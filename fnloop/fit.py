@@ -6,11 +6,12 @@ It owns every side effect (files, logs, progress bars, checkpoints); the steps o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,14 +135,29 @@ class _Best:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
-def _as_train_step(fn: StepFn | TrainStep) -> TrainStep:
-    return fn if isinstance(fn, TrainStep) else make_train_step(fn)
+def _made_step(fn: Any, kind: type) -> Any:
+    """``fn`` itself, or the step inside ``torch.compile(step)``, when it is a ``kind``."""
+    if isinstance(fn, kind):
+        return fn
+    inner = inspect.unwrap(getattr(fn, "_torchdynamo_orig_callable", fn))
+    return inner if isinstance(inner, kind) else None
 
 
-def _as_eval_step(fn: StepFn | EvalStep | None, train_step: TrainStep) -> EvalStep:
+def _as_train_step(fn: StepFn | TrainStep) -> tuple[Callable[..., Any], TrainStep]:
+    """The callable to run and the ``TrainStep`` that describes it (compiled or not)."""
+    made = _made_step(fn, TrainStep)
+    if made is None:
+        made = make_train_step(fn)
+        return made, made
+    return fn, made
+
+
+def _as_eval_step(fn: StepFn | EvalStep | None, train_step: TrainStep) -> Callable[..., Any]:
     if fn is None:
         return make_eval_step(train_step.training_step, precision=train_step.precision)
-    return fn if isinstance(fn, EvalStep) else make_eval_step(fn, precision=train_step.precision)
+    if _made_step(fn, EvalStep) is not None:
+        return fn
+    return make_eval_step(fn, precision=train_step.precision)
 
 
 def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | None]:
@@ -250,7 +266,7 @@ def fit(
     _check_not_empty(train_loader, "train")
     if valid_loader is not None:
         _check_not_empty(valid_loader, "valid")
-    train_step = _as_train_step(training_step)
+    step_fn, train_step = _as_train_step(training_step)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
     stoppers = (
         [early_stopping] if isinstance(early_stopping, EarlyStopping) else list(early_stopping)
@@ -280,6 +296,7 @@ def fit(
     try:
         return _Run(
             state=state,
+            step_fn=step_fn,
             train_step=train_step,
             eval_step=eval_step,
             train_loader=train_loader,
@@ -337,8 +354,9 @@ class _Run:
     """One call of ``fit``: the mutable bookkeeping the driver keeps between epochs."""
 
     state: TrainState
+    step_fn: Callable[..., Any]
     train_step: TrainStep
-    eval_step: EvalStep | None
+    eval_step: Callable[..., Any] | None
     train_loader: Iterable[Any]
     valid_loader: Iterable[Any] | None
     max_epochs: int
@@ -465,7 +483,7 @@ class _Run:
         state = self.callbacks("on_train_epoch_start", state)
         state, train_means = train_epoch(
             state,
-            self.train_step,
+            self.step_fn,
             self.train_loader,
             callbacks=self.callbacks,
             batch_size=self.batch_size,

@@ -306,3 +306,14 @@ def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
     assert state.epoch == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert "training diverged" in (tmp_path / "run_training.log").read_text()
+
+
+@pytest.mark.slow
+def test_fit_accepts_a_compiled_step_ci_subset():
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+    eager = fl.fit(make_state(), step, loaders(shuffle=False), max_epochs=2, log_to_console=False)
+    compiled = fl.fit(make_state(), torch.compile(step), loaders(shuffle=False), max_epochs=2,
+                      log_to_console=False)
+    assert compiled.step == eager.step == 12
+    for name in eager.params:
+        torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
