@@ -1,0 +1,325 @@
+"""Per-epoch metric logs: one row per epoch, train and validation merged.
+
+:class:`EpochLogger` turns the epoch-end events into rows; :class:`CSVLogger` and
+:class:`JSONLinesLogger` write them to files. TensorBoard and W&B build on the same
+base (:mod:`fnloop.callbacks.tensorboard`, :mod:`fnloop.callbacks.wandb`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fnloop.callbacks.base import Callback
+from fnloop.optim.transform import learning_rates
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+
+_NOT_A_NUMBER_MSG = (
+    "{owner} can only log numbers; metric {key!r} is a {kind}. Epoch-end metrics must be "
+    "floats (or tensors / sequences of numbers, logged element-wise as '{key}/0', ...)."
+)
+
+
+def _is_main_process() -> bool:
+    """Whether this process should write logs: rank 0 under ``torch.distributed``, else yes."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _scalar_items(key: str, value: Any, owner: str = "EpochLogger") -> dict[str, float]:
+    """``{key: float(value)}``; a value with several elements becomes ``key/0``, ``key/1``, ...
+
+    Numbers, tensors (read to the host, which syncs) and sequences of numbers are accepted.
+
+    >>> _scalar_items("train/loss", 0.5)
+    {'train/loss': 0.5}
+    >>> _scalar_items("train/lr", torch.tensor([0.5, 0.25]))
+    {'train/lr/0': 0.5, 'train/lr/1': 0.25}
+    """
+    if isinstance(value, torch.Tensor):
+        values = value.detach().flatten().tolist()
+    elif isinstance(value, int | float):
+        values = [value]
+    elif isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
+        values = list(value)
+    else:
+        raise TypeError(_NOT_A_NUMBER_MSG.format(owner=owner, key=key, kind=type(value).__name__))
+    if len(values) == 1:
+        return {key: float(values[0])}
+    return {f"{key}/{i}": float(v) for i, v in enumerate(values)}
+
+
+def _learning_rate_metrics(opt_state: Any) -> dict[str, float]:
+    """The learning rates of ``opt_state`` keyed as ``fit`` logs them.
+
+    ``"train/lr"`` for one learning rate, ``"train/lr_0"``, ``"train/lr_1"``, ... for
+    several parameter groups; per-model rates of a stacked state get a ``/j`` suffix.
+
+    >>> from fnloop import optim
+    >>> _learning_rate_metrics(optim.sgd(0.1).init({"w": torch.zeros(1)}))
+    {'train/lr': 0.1}
+    """
+    lrs = learning_rates(opt_state)
+    names = ["train/lr"] if len(lrs) == 1 else [f"train/lr_{i}" for i in range(len(lrs))]
+    out: dict[str, float] = {}
+    for name, lr in zip(names, lrs):
+        out.update(_scalar_items(name, lr))
+    return out
+
+
+class EpochLogger(Callback):
+    """Base of the loggers that write one row per epoch, train and validation merged.
+
+    The metrics of ``on_train_epoch_end`` and ``on_validation_epoch_end`` are collected
+    into one row, written at ``on_validation_epoch_end`` (the last event of an epoch);
+    a row still pending (an epoch without validation) is written at the next
+    ``on_train_epoch_start`` or at ``on_fit_end``. A row is
+    ``{"epoch": state.epoch, "step": state.step, "train/loss": ..., "valid/loss": ...}``
+    with the counters of the last event that contributed to it. When the train metrics
+    carry no ``"train/lr..."`` entry, the learning rates are read from the optimizer state
+    (one host sync per epoch). Under ``torch.distributed`` only rank 0 writes.
+
+    Subclasses implement :meth:`write_row` and, where they hold a resource,
+    :meth:`start` and :meth:`finish`.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> class PrintRows(fl.callbacks.EpochLogger):
+      ...     def write_row(self, row):
+      ...         print(row)
+      >>> state = fl.TrainState.create(
+      ...     torch.nn.Linear(3, 1), tx=fl.optim.sgd(0.1), device="cpu"
+      ... )
+      >>> cb = PrintRows()
+      >>> cb.on_fit_start(state)
+      >>> cb.on_train_epoch_start(state)
+      >>> cb.on_train_epoch_end(state.replace(epoch=1, step=4), {"train/loss": 0.5})
+      >>> cb.on_validation_epoch_end(state.replace(epoch=1, step=4), {"valid/loss": 0.25})
+      {'epoch': 1, 'step': 4, 'train/loss': 0.5, 'train/lr': 0.1, 'valid/loss': 0.25}
+      >>> cb.on_train_epoch_start(state.replace(epoch=1, step=4))
+      >>> cb.on_train_epoch_end(state.replace(epoch=2, step=8), {"train/loss": 0.25})
+      >>> cb.on_fit_end(state.replace(epoch=2, step=8))
+      {'epoch': 2, 'step': 8, 'train/loss': 0.25, 'train/lr': 0.1}
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}
+        self._counters: tuple[int, int] | None = None
+        self._active = False
+
+    def start(self, state: TrainState) -> None:
+        """Opens what the logger writes to (at ``on_fit_start``, rank 0 only)."""
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        """Writes one epoch row: ``epoch`` and ``step`` first, then the metrics."""
+        raise NotImplementedError(f"{type(self).__name__} must implement write_row(row)")
+
+    def finish(self, state: TrainState) -> None:
+        """Closes what :meth:`start` opened (at ``on_fit_end``, after the last row)."""
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self._pending, self._counters = {}, None
+        self._active = _is_main_process()
+        if self._active:
+            self.start(state)
+
+    def on_train_epoch_start(self, state: TrainState) -> None:
+        self._flush()
+
+    def on_train_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if not self._active:
+            return
+        row = self._collect(state, metrics)
+        if not any(k.startswith("train/lr") for k in metrics):
+            row.update(_learning_rate_metrics(state.opt_state))
+
+    def on_validation_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self._active:
+            self._collect(state, metrics)
+            self._flush()
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if not self._active:
+            return
+        self._flush()
+        self._active = False
+        self.finish(state)
+
+    def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> dict[str, float]:
+        if any(k in self._pending for k in metrics):  # the same split twice: a new epoch
+            self._flush()
+        for key, value in metrics.items():
+            self._pending.update(_scalar_items(key, value, type(self).__name__))
+        self._counters = (state.epoch, state.step)
+        return self._pending
+
+    def _flush(self) -> None:
+        if not self._active or self._counters is None:
+            return
+        epoch, step = self._counters
+        row: dict[str, float] = {"epoch": epoch, "step": step, **self._pending}
+        self._pending, self._counters = {}, None
+        self.write_row(row)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_complete_lines(path: Path) -> tuple[list[str], bool]:
+    """The file's complete lines, and whether a torn (unterminated) last line was dropped."""
+    if not path.exists():
+        return [], False
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        return lines[:-1], True
+    return lines, False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _after(epoch: Any, state_epoch: int) -> bool:
+    """Whether a logged ``epoch`` lies beyond the state's: left by a run that resumed earlier."""
+    try:
+        return int(epoch) > state_epoch
+    except (TypeError, ValueError):
+        return False
+
+
+def _csv_text(fieldnames: list[str], rows: Iterable[Mapping[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, restval="", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class CSVLogger(EpochLogger):
+    """Writes one CSV row per epoch: ``epoch``, ``step``, then the metric names.
+
+    The file is appended to across ``fit`` calls, so a resumed run continues it; rows of
+    epochs beyond the state's epoch at ``on_fit_start`` (written after the checkpoint a
+    run resumes from, or left by an earlier run in the same place) are dropped first, so
+    no epoch appears twice. When a metric appears that the header lacks, the file is
+    rewritten with the wider header (earlier rows get empty cells). Each row is flushed
+    as it is written.
+
+    Args:
+      path: the CSV file; its parent directories are created.
+
+    Example:
+      >>> import pathlib, tempfile, torch
+      >>> import fnloop as fl
+      >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), tx=fl.optim.sgd(0.1), device="cpu")
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     cb = fl.callbacks.CSVLogger(f"{tmp}/metrics.csv")
+      ...     cb.on_fit_start(state)
+      ...     cb.on_train_epoch_end(state.replace(epoch=1, step=8), {"train/loss": 0.5})
+      ...     cb.on_fit_end(state)
+      ...     print(pathlib.Path(tmp, "metrics.csv").read_text(), end="")
+      epoch,step,train/loss,train/lr
+      1,8,0.5,0.1
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._fieldnames: list[str] = []
+
+    def start(self, state: TrainState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines, torn = _read_complete_lines(self.path)
+        if not lines:
+            self._fieldnames = []
+            if torn:
+                _write_atomically(self.path, "")
+            return
+        reader = csv.DictReader(lines)
+        self._fieldnames = list(reader.fieldnames or [])
+        rows = list(reader)
+        kept = [r for r in rows if not _after(r.get("epoch"), state.epoch)]
+        if torn or len(kept) != len(rows):
+            _write_atomically(self.path, _csv_text(self._fieldnames, kept, header=True))
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        new = [k for k in row if k not in self._fieldnames]
+        if new:
+            old_rows: list[dict[str, str]] = []
+            if self._fieldnames and self.path.exists():
+                with open(self.path, encoding="utf-8", newline="") as f:
+                    old_rows = list(csv.DictReader(f))
+            self._fieldnames = [*self._fieldnames, *new]
+            _write_atomically(self.path, _csv_text(self._fieldnames, old_rows, header=True))
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            f.write(_csv_text(self._fieldnames, [row], header=False))
+            f.flush()
+
+
+class JSONLinesLogger(EpochLogger):
+    """Writes one JSON object per epoch and line: ``{"epoch": 1, "step": 80, "train/loss": ...}``.
+
+    Appends across ``fit`` calls like :class:`CSVLogger`, dropping lines of epochs
+    beyond the state's epoch at ``on_fit_start``. Each line is flushed as it is written.
+
+    Args:
+      path: the ``.jsonl`` file; its parent directories are created.
+
+    Example:
+      Read the log back with the standard library::
+
+          rows = [json.loads(line) for line in open("runs/demo/metrics.jsonl")]
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def start(self, state: TrainState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines, torn = _read_complete_lines(self.path)
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                kept.append(line)
+                continue
+            if not (isinstance(record, dict) and _after(record.get("epoch"), state.epoch)):
+                kept.append(line)
+        if torn or len(kept) != len(lines):
+            _write_atomically(self.path, "".join(kept))
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+            f.flush()
+
+
+__all__ = [
+    "CSVLogger",
+    "EpochLogger",
+    "JSONLinesLogger",
+]

@@ -1,0 +1,136 @@
+"""Training curves as an image: :func:`plot_history` and the :class:`PlotHistory` callback."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fnloop.callbacks.base import Callback
+from fnloop.callbacks.metrics_log import _is_main_process
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+
+MATPLOTLIB_MISSING_MSG = (
+    "Plotting the history needs the 'matplotlib' package, which is not installed. "
+    "Install it with: pip install 'fnloop[plot]'"
+)
+_SPLIT_ORDER = ("train", "valid")
+
+
+def _metric_names(history: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
+    names: list[str] = []
+    for split in history.values():
+        names.extend(n for n, values in split.items() if values and n not in names)
+    return names
+
+
+def plot_history(
+    history: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike[str]
+) -> Path:
+    """Draws one subplot per metric with the curves of every split overlaid; saves it.
+
+    The x axis is the epoch, ``1 .. len(values)`` for each curve. The image is written
+    atomically (a temporary file, then ``os.replace``) in the format of ``path``'s
+    suffix (PNG without one). Uses matplotlib's object API only: no pyplot, no backend
+    switch, no global state.
+
+    Args:
+      history: ``{"train": {"loss": [...], "acc": [...]}, "valid": {...}}``, such as
+        ``state.history``.
+      path: the image file, e.g. ``runs/demo/history.png``; parents are created.
+
+    Returns:
+      ``path`` as a ``Path``.
+
+    Raises:
+      ValueError: the history holds no values.
+      ImportError: matplotlib is not installed.
+
+    Example:
+      Plot a finished run's curves::
+
+          fl.callbacks.plot_history(state.history, "runs/demo/history.png")
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise ImportError(MATPLOTLIB_MISSING_MSG) from e
+
+    names = _metric_names(history)
+    if not names:
+        raise ValueError(
+            f"plot_history got a history with no values (splits: {sorted(history)}); "
+            f"train at least one epoch first."
+        )
+    splits = sorted(history, key=lambda s: (_SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else 2, s))
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, name in zip(axes, names):
+        for split in splits:
+            values = history[split].get(name)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in axes[len(names) :]:
+        fig.delaxes(ax)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format=out.suffix[1:].lower() or "png")
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return out
+
+
+class PlotHistory(Callback):
+    """Saves the training curves of ``state.history`` at the end of ``fit``.
+
+    Calls :func:`plot_history` at ``on_fit_end`` (on rank 0; nothing is drawn when no
+    epoch has run). matplotlib is imported only then, but its presence is checked at
+    ``on_fit_start`` so a missing install fails before training, not after it.
+
+    Args:
+      path: the image file, e.g. ``runs/demo/history.png``.
+
+    Raises:
+      ImportError: at ``on_fit_start``, when matplotlib is not installed.
+
+    Example:
+      ::
+
+          fl.fit(state, training_step, loaders, max_epochs=10,
+                 callbacks=[fl.callbacks.PlotHistory("runs/demo/history.png")])
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, state: TrainState) -> None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(MATPLOTLIB_MISSING_MSG)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if _is_main_process() and _metric_names(state.history):
+            plot_history(state.history, self.path)
+
+
+__all__ = ["MATPLOTLIB_MISSING_MSG", "PlotHistory", "plot_history"]

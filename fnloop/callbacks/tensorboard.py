@@ -1,0 +1,129 @@
+"""TensorBoard logging through ``torch.utils.tensorboard`` (seed I7)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.typing import Batch
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+
+TENSORBOARD_MISSING_MSG = (
+    "The TensorBoard callback needs the 'tensorboard' package, which is not installed. "
+    "Install it with: pip install 'fnloop[tensorboard]'"
+)
+
+
+def _summary_writer_class() -> Any:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(TENSORBOARD_MISSING_MSG) from e
+    return SummaryWriter
+
+
+def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
+    """The 0-d tensors and numbers of ``outputs`` as floats, one host sync per device."""
+    values: dict[str, float] = {}
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0 and not value.is_complex():
+                by_device.setdefault(value.device, []).append((key, value))
+        elif isinstance(value, int | float):
+            values[key] = float(value)
+    for items in by_device.values():
+        read = torch.stack([v.detach().float() for _, v in items]).tolist()
+        values.update({k: float(x) for (k, _), x in zip(items, read)})
+    return {k: values[k] for k in outputs if k in values}
+
+
+class TensorBoard(EpochLogger):
+    """Logs the epoch metrics (and, optionally, step outputs) to TensorBoard.
+
+    At the end of each epoch every metric (``"train/loss"``, ``"valid/acc"``,
+    ``"train/lr"``, ...) is added as a scalar at ``global_step=state.epoch``; train and
+    validation metrics of an epoch are written together, as in
+    :class:`~fnloop.callbacks.EpochLogger`. With ``log_every_n_steps=N`` the 0-d outputs
+    of the training step are also logged as ``"train_step/<name>"`` at
+    ``global_step=state.step`` every ``N`` optimizer steps. Reading them copies the
+    values to the host, which waits for the device to finish the step (one sync per
+    logged step), so keep ``N`` large on a GPU. The writer is created at
+    ``on_fit_start`` and closed at ``on_fit_end``; only rank 0 writes.
+
+    Args:
+      log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
+      log_every_n_steps: also log the step outputs every this many optimizer steps;
+        ``None`` logs per epoch only.
+
+    Raises:
+      ValueError: ``log_every_n_steps`` is not a positive integer.
+      ImportError: at ``on_fit_start``, when the ``tensorboard`` package is missing.
+
+    Example:
+      Log to ``runs/demo/tb`` and view it with ``tensorboard --logdir runs``::
+
+          fl.fit(state, training_step, loaders, max_epochs=10,
+                 callbacks=[fl.callbacks.TensorBoard("runs/demo/tb", log_every_n_steps=50)])
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike[str], log_every_n_steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"log_every_n_steps must be a positive int or None; got {log_every_n_steps!r}."
+            )
+        self.log_dir = Path(log_dir)
+        self.log_every_n_steps = log_every_n_steps
+        self.writer: Any = None
+        self._last_logged_step: int | None = None
+
+    def start(self, state: TrainState) -> None:
+        writer_class = _summary_writer_class()
+        self.writer = writer_class(log_dir=str(self.log_dir))
+        self._last_logged_step = None
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        epoch = int(row["epoch"])
+        for key, value in row.items():
+            if key not in ("epoch", "step"):
+                self.writer.add_scalar(key, value, global_step=epoch)
+        self.writer.flush()
+
+    def finish(self, state: TrainState) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def on_train_batch_end(
+        self,
+        state: TrainState,
+        outputs: Mapping[str, torch.Tensor],
+        batch: Batch,
+        batch_idx: int,
+    ) -> None:
+        n = self.log_every_n_steps
+        if self.writer is None or n is None or state.step % n != 0:
+            return
+        if state.step == self._last_logged_step:  # several micro-batches per step
+            return
+        self._last_logged_step = state.step
+        for key, value in _host_scalars(outputs).items():
+            self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)
+
+
+__all__ = ["TENSORBOARD_MISSING_MSG", "TensorBoard"]

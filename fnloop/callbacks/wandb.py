@@ -1,0 +1,78 @@
+"""Weights & Biases logging (seed I7)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fnloop.callbacks.metrics_log import EpochLogger
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+
+WANDB_MISSING_MSG = (
+    "The WandB callback needs the 'wandb' package, which is not installed. "
+    "Install it with: pip install 'fnloop[wandb]'"
+)
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(WANDB_MISSING_MSG) from e
+    return wandb
+
+
+class WandB(EpochLogger):
+    """Logs the epoch metrics to a Weights & Biases run.
+
+    ``wandb.init(project=project, **init_kwargs)`` runs at ``on_fit_start``; each epoch
+    is one ``run.log({...}, step=state.epoch, commit=True)`` call with the train and validation
+    metrics merged (plus ``"epoch"`` and ``"step"``, the optimizer steps); the run is
+    finished at ``on_fit_end``. Only rank 0 logs.
+
+    To continue the same W&B run when ``fit`` resumes from a checkpoint, give the run a
+    fixed ``id`` and ``resume="allow"``: W&B steps are epochs here, so the resumed run
+    carries on from the epoch of the checkpoint (epochs that W&B already has are
+    ignored by W&B with a warning).
+
+    Args:
+      project: the W&B project; ``None`` uses W&B's default (``WANDB_PROJECT``).
+      **init_kwargs: passed to ``wandb.init`` unchanged: ``name``, ``config``, ``id``,
+        ``resume``, ``dir``, ``mode``, ``tags``, ...
+
+    Raises:
+      ImportError: at ``on_fit_start``, when the ``wandb`` package is missing.
+
+    Attributes:
+      run: the W&B run while ``fit`` runs, else ``None``.
+
+    Example:
+      A resumable run (``WANDB_MODE=offline`` logs without an account)::
+
+          cb = fl.callbacks.WandB(project="demo", id="demo-1", resume="allow",
+                                  config={"lr": 1e-3, "batch_size": 64})
+          fl.fit(state, training_step, loaders, max_epochs=10, callbacks=[cb])
+    """
+
+    def __init__(self, project: str | None = None, **init_kwargs: Any) -> None:
+        super().__init__()
+        self.project = project
+        self.init_kwargs = init_kwargs
+        self.run: Any = None
+
+    def start(self, state: TrainState) -> None:
+        wandb = _import_wandb()
+        self.run = wandb.init(project=self.project, **self.init_kwargs)
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        self.run.log(dict(row), step=int(row["epoch"]), commit=True)
+
+    def finish(self, state: TrainState) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+__all__ = ["WANDB_MISSING_MSG", "WandB"]

@@ -1,0 +1,394 @@
+"""Logging, profiling and plotting callbacks, driven event by event as ``fit`` drives them.
+
+``drive`` plays one ``fit`` call: ``on_fit_start``, then per epoch the train batches, the
+epoch counter and history advanced before ``on_train_epoch_end`` (as ``fit`` does), the
+optional validation epoch, and ``on_fit_end``. Events go through a real ``CallbackList``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fnloop as fl
+from fnloop.callbacks import (
+    CallbackList,
+    CSVLogger,
+    EpochLogger,
+    JSONLinesLogger,
+    PlotHistory,
+    Profiler,
+    TensorBoard,
+    WandB,
+    plot_history,
+)
+from fnloop.callbacks.metrics_log import _learning_rate_metrics
+from fnloop.state import append_history
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+Epoch = tuple[dict[str, float], dict[str, float] | None]
+
+
+def new_state() -> fl.TrainState:
+    return fl.TrainState.create(torch.nn.Linear(3, 1), tx=fl.optim.sgd(0.1), device="cpu")
+
+
+def drive(
+    callbacks: Sequence[Any],
+    state: fl.TrainState,
+    epochs: Sequence[Epoch],
+    *,
+    batches: int = 2,
+    work: Callable[[], Any] | None = None,
+) -> fl.TrainState:
+    """One ``fit`` call over ``epochs`` of ``(train_metrics, valid_metrics or None)``."""
+    cbs = CallbackList(callbacks)
+    batch = torch.ones(4, 3)
+    state = cbs("on_fit_start", state)
+    for train, valid in epochs:
+        state = cbs("on_train_epoch_start", state)
+        for i in range(batches):
+            state = cbs("on_train_batch_start", state, batch, i)
+            if work is not None:
+                work()
+            state = state.replace(step=state.step + 1)
+            outputs = {"loss": torch.tensor(1.0 / state.step), "logits": torch.zeros(4, 1)}
+            state = cbs("on_train_batch_end", state, outputs, batch, i)
+        history = append_history(state.history, "train", {k[6:]: v for k, v in train.items()})
+        state = state.replace(epoch=state.epoch + 1, history=history)
+        state = cbs("on_train_epoch_end", state, train)
+        if valid is not None:
+            state = cbs("on_validation_epoch_start", state)
+            for i in range(batches):
+                state = cbs("on_validation_batch_start", state, batch, i)
+                state = cbs("on_validation_batch_end", state, {"loss": torch.tensor(0.5)}, batch, i)
+            history = append_history(state.history, "valid", {k[6:]: v for k, v in valid.items()})
+            state = state.replace(history=history)
+            state = cbs("on_validation_epoch_end", state, valid)
+    return cbs("on_fit_end", state)
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Makes ``import name`` (and its submodules) fail as if the package were missing."""
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setitem(sys.modules, name, None)
+
+
+FIRST_FIT: list[Epoch] = [
+    ({"train/loss": 0.5}, {"valid/loss": 0.75}),
+    ({"train/loss": 0.25}, None),  # an epoch without validation still gets its row
+]
+SECOND_FIT: list[Epoch] = [({"train/loss": 0.125}, {"valid/loss": 0.5})]
+
+
+# --------------------------------------------------------------------------- CSV / JSONL
+
+
+def test_csv_one_row_per_epoch_and_appends_across_fits(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "metrics.csv"
+    cb = CSVLogger(path)
+    state = drive([cb], new_state(), FIRST_FIT)
+    assert path.read_text() == (
+        "epoch,step,train/loss,train/lr,valid/loss\n1,2,0.5,0.1,0.75\n2,4,0.25,0.1,\n"
+    )
+    drive([CSVLogger(path)], state, SECOND_FIT)  # a new fit (or a resumed process)
+    assert path.read_text() == (
+        "epoch,step,train/loss,train/lr,valid/loss\n"
+        "1,2,0.5,0.1,0.75\n2,4,0.25,0.1,\n3,6,0.125,0.1,0.5\n"
+    )
+
+
+def test_csv_row_is_written_when_the_epoch_ends(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    cb, state = CSVLogger(path), new_state()
+    cb.on_fit_start(state)
+    cb.on_train_epoch_start(state)
+    cb.on_train_epoch_end(state.replace(epoch=1, step=2), {"train/loss": 0.5})
+    assert not path.exists()  # validation may still join the row
+    cb.on_validation_epoch_end(state.replace(epoch=1, step=2), {"valid/loss": 0.75})
+    assert path.read_text() == "epoch,step,train/loss,train/lr,valid/loss\n1,2,0.5,0.1,0.75\n"
+    cb.on_train_epoch_start(state.replace(epoch=1, step=2))
+    cb.on_train_epoch_end(state.replace(epoch=2, step=4), {"train/loss": 0.25})
+    cb.on_train_epoch_start(state.replace(epoch=2, step=4))  # no validation: flushed here
+    assert path.read_text().endswith("\n2,4,0.25,0.1,\n")
+
+
+def test_csv_widens_the_header_when_a_metric_appears(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    cb = CSVLogger(path)
+    state = drive([cb], new_state(), FIRST_FIT[:1])
+    drive([cb], state, [({"train/loss": 0.25}, {"valid/loss": 0.5, "valid/acc": 0.875})])
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [
+        ["epoch", "step", "train/loss", "train/lr", "valid/loss", "valid/acc"],
+        ["1", "2", "0.5", "0.1", "0.75", ""],
+        ["2", "4", "0.25", "0.1", "0.5", "0.875"],
+    ]
+
+
+def test_csv_resume_drops_rows_beyond_the_checkpoint_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    drive([CSVLogger(path)], new_state(), [*FIRST_FIT, *SECOND_FIT])
+    with open(path, "a") as f:
+        f.write("4,8,0.06")  # a crash in the middle of a write
+    resumed = new_state().replace(epoch=2, step=4)  # the checkpoint was taken after epoch 2
+    drive([CSVLogger(path)], resumed, [({"train/loss": 0.2}, None)])
+    assert path.read_text() == (
+        "epoch,step,train/loss,train/lr,valid/loss\n1,2,0.5,0.1,0.75\n2,4,0.25,0.1,\n3,6,0.2,0.1,\n"
+    )
+
+
+def test_learning_rates_from_the_metrics_are_not_logged_twice(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    drive([CSVLogger(path)], new_state(), [({"train/loss": 0.5, "train/lr": 0.05}, None)])
+    assert path.read_text() == "epoch,step,train/loss,train/lr\n1,2,0.5,0.05\n"
+
+
+def test_stacked_learning_rates_are_logged_per_model() -> None:
+    states = [
+        fl.TrainState.create(torch.nn.Linear(3, 1), tx=fl.optim.sgd(lr), device="cpu")
+        for lr in (0.5, 0.25)
+    ]
+    stacked = fl.stack_states(states)
+    assert _learning_rate_metrics(stacked.opt_state) == {"train/lr/0": 0.5, "train/lr/1": 0.25}
+
+
+def test_jsonl_one_object_per_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    state = drive([JSONLinesLogger(path)], new_state(), FIRST_FIT)
+    drive([JSONLinesLogger(path)], state, SECOND_FIT)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1, "valid/loss": 0.75},
+        {"epoch": 2, "step": 4, "train/loss": 0.25, "train/lr": 0.1},
+        {"epoch": 3, "step": 6, "train/loss": 0.125, "train/lr": 0.1, "valid/loss": 0.5},
+    ]
+    drive([JSONLinesLogger(path)], new_state().replace(epoch=1, step=2), SECOND_FIT)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_tensor_and_unknown_metric_values() -> None:
+    rows: list[dict[str, float]] = []
+
+    class Rows(EpochLogger):
+        def write_row(self, row: Any) -> None:
+            rows.append(dict(row))
+
+    drive([Rows()], new_state(), [({"train/loss": torch.tensor(0.5), "train/lr": 0.1}, None)])
+    assert rows == [{"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1}]
+    cb = Rows()
+    cb.on_fit_start(new_state())
+    with pytest.raises(TypeError, match="'train/name' is a str"):
+        cb.on_train_epoch_end(new_state(), {"train/name": "x"})  # type: ignore[dict-item]
+
+
+def test_only_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    drive([CSVLogger(tmp_path / "m.csv"), Profiler(tmp_path / "prof")], new_state(), FIRST_FIT)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_writes_readable_scalars(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = TensorBoard(tmp_path / "tb", log_every_n_steps=2)
+    state = drive([cb], new_state(), FIRST_FIT)
+    assert cb.writer is None  # closed at on_fit_end
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, pytest.approx(e.value)) for e in acc.Scalars(tag)]
+
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "valid/loss", "train_step/loss"}
+    assert scalars("train/loss") == [(1, 0.5), (2, 0.25)]
+    assert scalars("valid/loss") == [(1, 0.75)]
+    assert scalars("train/lr") == [(1, 0.1), (2, 0.1)]
+    assert scalars("train_step/loss") == [(2, 0.5), (4, 0.25)]  # steps 2 and 4; 0-d only
+    assert state.epoch == 2
+
+
+def test_tensorboard_logs_a_step_once_across_micro_batches(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    cb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    state = new_state().replace(step=3)
+    cb.on_fit_start(state)
+    calls: list[tuple[str, int]] = []
+    cb.writer.add_scalar = lambda tag, value, global_step: calls.append((tag, global_step))
+    for i in range(3):  # accumulation: three micro-batches, one optimizer step
+        cb.on_train_batch_end(state, {"loss": torch.tensor(1.0), "n": 4}, None, i)
+    cb.writer.close()
+    assert calls == [("train_step/loss", 3), ("train_step/n", 3)]
+
+
+def test_tensorboard_rejects_a_bad_interval() -> None:
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        TensorBoard("runs", log_every_n_steps=0)
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+class _FakeRun:
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = kwargs
+        self.logged: list[tuple[dict[str, float], int, bool]] = []
+        self.finished = False
+
+    def log(self, data: dict[str, float], step: int, commit: bool) -> None:
+        self.logged.append((data, step, commit))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_wandb_logs_one_merged_dict_per_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[_FakeRun] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(_FakeRun(kw)) or runs[-1]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cb = WandB(project="demo", id="run-1", resume="allow", config={"lr": 0.1})
+    drive([cb], new_state(), FIRST_FIT)
+    (run,) = runs
+    assert run.kwargs == {
+        "project": "demo",
+        "id": "run-1",
+        "resume": "allow",
+        "config": {"lr": 0.1},
+    }
+    assert run.logged == [
+        ({"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1, "valid/loss": 0.75}, 1, True),
+        ({"epoch": 2, "step": 4, "train/loss": 0.25, "train/lr": 0.1}, 2, True),
+    ]
+    assert run.finished and cb.run is None
+
+
+def test_wandb_offline_run_writes_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    for var, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+    }.items():
+        monkeypatch.setenv(var, value)
+    cb = WandB(project="fnloop-test", config={"lr": 0.1})
+    summaries: list[dict[str, Any]] = []
+
+    class Peek(fl.callbacks.Callback):  # runs after WandB flushed epoch 1's row
+        def on_train_epoch_start(self, state: fl.TrainState) -> None:
+            if state.epoch == 1:
+                summaries.append(dict(cb.run.summary))
+
+    drive([cb, Peek()], new_state(), FIRST_FIT)
+    assert summaries[0]["train/loss"] == pytest.approx(0.5)
+    assert summaries[0]["valid/loss"] == pytest.approx(0.75)
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    assert list(run_dirs[0].glob("run-*.wandb"))
+    assert cb.run is None
+
+
+# --------------------------------------------------------------------------- profiler
+
+
+def _matmuls() -> None:
+    a = torch.randn(16, 16)
+    for _ in range(3):
+        a = a @ a
+        a = a / a.norm()
+
+
+def test_profiler_writes_a_chrome_trace_once(tmp_path: Path) -> None:
+    cb = Profiler(tmp_path / "prof", num_batches=3)
+    state = drive([cb], new_state(), FIRST_FIT, work=_matmuls)  # 4 batches: stops after 3
+    trace = json.loads(cb.trace_path.read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names
+    assert {"train_batch#0", "train_batch#1", "train_batch#2"} <= names
+    assert "train_batch#3" not in names
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["trace.json"]
+    cb.trace_path.unlink()
+    drive([cb], state, SECOND_FIT, work=_matmuls)  # never profiles again
+    assert not cb.trace_path.exists()
+
+
+def test_profiler_stops_at_fit_end_when_fewer_batches_ran(tmp_path: Path) -> None:
+    cb = Profiler(tmp_path / "prof", num_batches=10)
+    drive([cb], new_state(), FIRST_FIT[:1], work=_matmuls)
+    assert "traceEvents" in json.loads((tmp_path / "prof" / "trace.json").read_text())
+
+
+def test_profiler_rejects_a_bad_batch_count() -> None:
+    with pytest.raises(ValueError, match="num_batches"):
+        Profiler("prof", num_batches=0)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def test_plot_history_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    history = {
+        "train": {"loss": (1.0, 0.5, 0.25), "acc": (0.5, 0.75, 0.875)},
+        "valid": {"loss": (0.9, 0.6)},
+    }
+    out = plot_history(history, tmp_path / "plots" / "history.png")
+    assert out == tmp_path / "plots" / "history.png"
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["history.png"]  # no temp file left
+    with pytest.raises(ValueError, match="no values"):
+        plot_history({"train": {}}, tmp_path / "empty.png")
+
+
+def test_plot_callback_draws_the_state_history_at_fit_end(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "history.png"
+    drive([PlotHistory(path)], new_state(), [])  # no epoch ran: nothing to draw
+    assert not path.exists()
+    drive([PlotHistory(path)], new_state(), FIRST_FIT)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+# --------------------------------------------------------------------------- missing packages
+
+
+@pytest.mark.parametrize(
+    ("package", "start"),
+    [
+        ("tensorboard", lambda tmp: TensorBoard(tmp / "tb").on_fit_start(new_state())),
+        ("wandb", lambda tmp: WandB(project="p").on_fit_start(new_state())),
+        ("matplotlib", lambda tmp: PlotHistory(tmp / "h.png").on_fit_start(new_state())),
+        ("matplotlib", lambda tmp: plot_history({"train": {"loss": (1.0,)}}, tmp / "h.png")),
+    ],
+)
+def test_missing_packages_name_the_extra_to_install(
+    package: str,
+    start: Callable[[Path], Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hide_package(monkeypatch, package)
+    extra = {"matplotlib": "plot"}.get(package, package)
+    with pytest.raises(ImportError, match=rf"pip install 'fnloop\[{extra}\]'"):
+        start(tmp_path)
