@@ -24,25 +24,47 @@ def _batched(xs: Sequence[torch.Tensor]) -> bool:
     return bool(xs) and _functorch.is_batchedtensor(xs[0])
 
 
+def _batched_any(xs: Sequence[torch.Tensor], ys: TensorList | Scalar) -> bool:
+    """:func:`_batched` for a list and a second operand that is a list or a scalar.
+
+    A 0-d tensor scalar can be batched while the list is not (one learning rate per
+    model, the same gradients for all), and foreach ops reject it then too.
+    """
+    if isinstance(ys, list):
+        return _batched(xs) or _batched(ys)
+    return _batched(xs) or (isinstance(ys, torch.Tensor) and _functorch.is_batchedtensor(ys))
+
+
+def _keep_dtypes(xs: TensorList, out: TensorList, ys: TensorList | Scalar) -> TensorList:
+    """Casts results back to their input's dtype after an op with a 0-d tensor scalar.
+
+    A 0-d float32 tensor times a 0-d float64 scalar (a learning rate) is float64 by type
+    promotion; torch.optim computes such updates in the parameter's dtype.
+    """
+    if not isinstance(ys, torch.Tensor):
+        return out
+    return [o if o.dtype == x.dtype else o.to(x.dtype) for x, o in zip(xs, out, strict=True)]
+
+
 def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
     """``x + alpha * y`` for each pair (or ``x + y`` for a scalar ``y``)."""
     if isinstance(ys, list):
         if _batched(xs) or _batched(ys):
-            return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+            return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         return list(torch._foreach_add(xs, ys, alpha=alpha))
-    if _batched(xs):
-        return [x + ys for x in xs]
-    return list(torch._foreach_add(xs, ys))
+    if _batched_any(xs, ys):
+        return _keep_dtypes(xs, [x + ys for x in xs], ys)
+    return _keep_dtypes(xs, list(torch._foreach_add(xs, ys)), ys)
 
 
 def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
     """In-place :func:`add` into ``xs``."""
     if isinstance(ys, list):
         if _batched(xs) or _batched(ys):
-            return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys)]
+            return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
-    if _batched(xs):
+    if _batched_any(xs, ys):
         return [x.add_(ys) for x in xs]
     torch._foreach_add_(xs, ys)
     return xs
@@ -50,18 +72,18 @@ def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorL
 
 def mul(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
     """``x * y`` for each pair, or each ``x`` times a scalar."""
-    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+    if _batched_any(xs, ys):
         if isinstance(ys, list):
-            return [x * y for x, y in zip(xs, ys)]
-        return [x * ys for x in xs]
-    return list(torch._foreach_mul(xs, ys))
+            return [x * y for x, y in zip(xs, ys, strict=True)]
+        return _keep_dtypes(xs, [x * ys for x in xs], ys)
+    return _keep_dtypes(xs, list(torch._foreach_mul(xs, ys)), ys)
 
 
 def mul_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
     """In-place :func:`mul` into ``xs``."""
-    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+    if _batched_any(xs, ys):
         if isinstance(ys, list):
-            return [x.mul_(y) for x, y in zip(xs, ys)]
+            return [x.mul_(y) for x, y in zip(xs, ys, strict=True)]
         return [x.mul_(ys) for x in xs]
     torch._foreach_mul_(xs, ys)
     return xs
@@ -69,18 +91,18 @@ def mul_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
 
 def div(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
     """``x / y`` for each pair, or each ``x`` divided by a scalar."""
-    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+    if _batched_any(xs, ys):
         if isinstance(ys, list):
-            return [x / y for x, y in zip(xs, ys)]
-        return [x / ys for x in xs]
-    return list(torch._foreach_div(xs, ys))
+            return [x / y for x, y in zip(xs, ys, strict=True)]
+        return _keep_dtypes(xs, [x / ys for x in xs], ys)
+    return _keep_dtypes(xs, list(torch._foreach_div(xs, ys)), ys)
 
 
 def div_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
     """In-place :func:`div` into ``xs``."""
-    if _batched(xs) or (isinstance(ys, list) and _batched(ys)):
+    if _batched_any(xs, ys):
         if isinstance(ys, list):
-            return [x.div_(y) for x, y in zip(xs, ys)]
+            return [x.div_(y) for x, y in zip(xs, ys, strict=True)]
         return [x.div_(ys) for x in xs]
     torch._foreach_div_(xs, ys)
     return xs
@@ -89,14 +111,18 @@ def div_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
 def addcmul(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """``x + value * t1 * t2``."""
     if _batched(xs) or _batched(t1):
-        return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+        return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     return list(torch._foreach_addcmul(xs, t1, t2, value=value))
 
 
 def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
-    """In-place :func:`addcmul` into ``xs``."""
+    """In-place :func:`addcmul` into ``xs``; use the returned list.
+
+    Under ``vmap`` the result is a new list (``addcmul_`` has no batching rule and its
+    fallback loops over the batch), so callers must not rely on ``xs`` being written.
+    """
     if _batched(xs) or _batched(t1):
-        return [x.addcmul_(a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+        return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     torch._foreach_addcmul_(xs, t1, t2, value=value)
     return xs
 
@@ -104,14 +130,14 @@ def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
 def addcdiv(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """``x + value * t1 / t2``."""
     if _batched(xs) or _batched(t1):
-        return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2)]
+        return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
 
 
 def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
     """``x + weight * (y - x)``."""
     if _batched(xs) or _batched(ys):
-        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_lerp(xs, ys, weight))
 
 
@@ -125,7 +151,7 @@ def sqrt(xs: TensorList) -> TensorList:
 def maximum(xs: TensorList, ys: TensorList) -> TensorList:
     """Element-wise maximum of each pair."""
     if _batched(xs) or _batched(ys):
-        return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+        return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_maximum(xs, ys))
 
 
@@ -161,7 +187,7 @@ def full_like(xs: TensorList, value: float) -> TensorList:
 def copy_(dst: TensorList, src: TensorList) -> TensorList:
     """Copies ``src`` into ``dst`` (used only when a caller donated ``dst``)."""
     if _batched(dst) or _batched(src):
-        return [d.copy_(s) for d, s in zip(dst, src)]
+        return [d.copy_(s) for d, s in zip(dst, src, strict=True)]
     torch._foreach_copy_(dst, src)
     return dst
 
@@ -171,4 +197,4 @@ def where(cond: torch.Tensor, xs: TensorList, ys: TensorList) -> TensorList:
 
     There is no foreach ``where``; under ``torch.compile`` these fuse into one kernel.
     """
-    return [torch.where(cond, x, y) for x, y in zip(xs, ys)]
+    return [torch.where(cond, x, y) for x, y in zip(xs, ys, strict=True)]

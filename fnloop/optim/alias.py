@@ -52,8 +52,8 @@ def sgd(
       >>> params["w"]
       tensor([0.7100])
     """
-    check_non_negative("momentum value", momentum)
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("momentum", momentum)
+    check_non_negative("weight_decay", weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"Nesterov momentum requires a momentum and zero dampening; got "
@@ -100,7 +100,7 @@ def adam(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.9000])
     """
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("weight_decay", weight_decay)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
@@ -140,7 +140,7 @@ def adamw(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.8500])
     """
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("weight_decay", weight_decay)
     return chain(
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         add_decayed_weights(weight_decay),
@@ -180,8 +180,8 @@ def rmsprop(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.9000])
     """
-    check_non_negative("momentum value", momentum)
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("momentum", momentum)
+    check_non_negative("weight_decay", weight_decay)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_rms(alpha, eps, centered=centered),
@@ -219,7 +219,7 @@ def adagrad(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.5000])
     """
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("weight_decay", weight_decay)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_adagrad(

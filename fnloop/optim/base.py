@@ -1,4 +1,5 @@
-"""The optimizer protocol: ``GradientTransformation(init, update)``, ``chain``, ``apply_updates``."""
+"""The optimizer protocol: ``GradientTransformation(init, update)``, ``chain``,
+``apply_updates``."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"entries; was the state made by this optimizer's init?"
             )
         new_states = []
-        for t, s in zip(transforms, state):
+        for t, s in zip(transforms, state, strict=True):
             updates, s = t.update(updates, s, params)
             new_states.append(s)
         return updates, tuple(new_states)
@@ -156,7 +157,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     u_leaves, u_def = _tree.tree_flatten(updates)
     if u_def != treedef:
         check_same_structure(updates, params)
-    u_leaves = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    u_leaves = [
+        u if u.dtype == p.dtype else u.to(p.dtype)
+        for p, u in zip(p_leaves, u_leaves, strict=True)
+    ]
     return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
 
 
@@ -166,7 +170,10 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     u_leaves, u_def = _tree.tree_flatten(updates)
     if u_def != treedef:
         check_same_structure(updates, params)
-    u_leaves = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    u_leaves = [
+        u if u.dtype == p.dtype else u.to(p.dtype)
+        for p, u in zip(p_leaves, u_leaves, strict=True)
+    ]
     return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
 
 

@@ -35,7 +35,9 @@ class ReduceOnPlateau:
         f64 = torch.float32 if device.type == "mps" else torch.float64
         return ReduceOnPlateauState(
             lr=torch.tensor(self.learning_rate, dtype=f64, device=device),
-            best=torch.tensor(math.inf if self.mode == "min" else -math.inf, dtype=f64, device=device),
+            best=torch.tensor(
+                math.inf if self.mode == "min" else -math.inf, dtype=f64, device=device
+            ),
             num_bad_epochs=torch.zeros((), dtype=torch.int64, device=device),
             cooldown_counter=torch.zeros((), dtype=torch.int64, device=device),
             config=self,

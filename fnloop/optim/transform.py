@@ -124,7 +124,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     Placed before an optimizer's scaling this is torch's L2 ``weight_decay``; placed
     after it (as in ``adamw``) it is decoupled weight decay.
     """
-    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> OptState:
         del params
@@ -194,7 +194,7 @@ def scale_by_learning_rate(
 
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None:
-        check_non_negative("learning rate", learning_rate)  # type: ignore[arg-type]
+        check_non_negative("learning_rate", learning_rate)  # type: ignore[arg-type]
     sign = -1.0 if flip_sign else 1.0
 
     def lr_at(count: torch.Tensor) -> torch.Tensor:
@@ -245,13 +245,15 @@ class TraceState(NamedTuple):
     momentum_buffer: Updates
 
 
-def trace(momentum: float, *, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(
+    momentum: float, *, dampening: float = 0.0, nesterov: bool = False
+) -> GradientTransformation:
     """Momentum as in ``torch.optim.SGD``.
 
     ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on the first step), then
     ``g + momentum * buf`` with ``nesterov`` or ``buf`` without.
     """
-    check_non_negative("momentum value", momentum)
+    check_non_negative("momentum", momentum)
 
     def init_fn(params: Params) -> TraceState:
         return TraceState(
@@ -284,7 +286,11 @@ def trace(momentum: float, *, dampening: float = 0.0, nesterov: bool = False) ->
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: count, first and second moments (and their max)."""
+    """State of :func:`scale_by_adam`: count, first and second moments (and their max).
+
+    Without ``amsgrad``, ``nu_max`` is ``()``: an empty subtree, which (unlike ``None``)
+    ``torch.utils._pytree`` and so ``torch.func.vmap`` do not treat as a leaf.
+    """
 
     count: torch.Tensor
     mu: Updates
@@ -300,9 +306,9 @@ def scale_by_adam(
     ``m / (1 - b1^t) / (sqrt(v) / sqrt(1 - b2^t) + eps)``, with ``v`` replaced by its
     running maximum when ``amsgrad``.
     """
-    check_unit_interval("beta parameter at index 0", b1)
-    check_unit_interval("beta parameter at index 1", b2)
-    check_non_negative("epsilon value", eps)
+    check_unit_interval("b1", b1)
+    check_unit_interval("b2", b2)
+    check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByAdamState:
         zeros = _tree.tree_map(torch.zeros_like, params)
@@ -310,7 +316,7 @@ def scale_by_adam(
             count=_count(_first_leaf(params)),
             mu=zeros,
             nu=_tree.tree_map(torch.zeros_like, params),
-            nu_max=_tree.tree_map(torch.zeros_like, params) if amsgrad else None,
+            nu_max=_tree.tree_map(torch.zeros_like, params) if amsgrad else (),
         )
 
     def update_fn(
@@ -341,7 +347,7 @@ def scale_by_adam(
             count=count,
             mu=unflat(mu),
             nu=unflat(nu),
-            nu_max=unflat(nu_max) if amsgrad else None,
+            nu_max=unflat(nu_max) if amsgrad else (),
         )
 
     return GradientTransformation(init_fn, update_fn)
@@ -351,7 +357,10 @@ def scale_by_adam(
 
 
 class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: squared-gradient average (and gradient average)."""
+    """State of :func:`scale_by_rms`: squared-gradient average (and gradient average).
+
+    Without ``centered``, ``grad_avg`` is ``()`` (an empty subtree, not a ``None`` leaf).
+    """
 
     square_avg: Updates
     grad_avg: Updates
@@ -361,13 +370,13 @@ def scale_by_rms(
     alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False
 ) -> GradientTransformation:
     """RMSprop's scaling ``g / (sqrt(E[g^2] - centered * E[g]^2) + eps)`` as in torch."""
-    check_non_negative("alpha value", alpha)
-    check_non_negative("epsilon value", eps)
+    check_non_negative("alpha", alpha)
+    check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByRmsState:
         return ScaleByRmsState(
             square_avg=_tree.tree_map(torch.zeros_like, params),
-            grad_avg=_tree.tree_map(torch.zeros_like, params) if centered else None,
+            grad_avg=_tree.tree_map(torch.zeros_like, params) if centered else (),
         )
 
     def update_fn(
@@ -388,7 +397,7 @@ def scale_by_rms(
         out = _foreach.div(grads, avg)
         unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out), ScaleByRmsState(
-            square_avg=unflat(sq), grad_avg=unflat(gavg) if centered else None
+            square_avg=unflat(sq), grad_avg=unflat(gavg) if centered else ()
         )
 
     return GradientTransformation(init_fn, update_fn)
@@ -408,7 +417,7 @@ def scale_by_adagrad(
     eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0
 ) -> GradientTransformation:
     """Adagrad's scaling ``g / (sqrt(sum g^2) + eps) / (1 + (t - 1) * lr_decay)`` as in torch."""
-    check_non_negative("epsilon value", eps)
+    check_non_negative("eps", eps)
     check_non_negative("initial_accumulator_value", initial_accumulator_value)
     check_non_negative("lr_decay", lr_decay)
 
@@ -453,7 +462,9 @@ def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
     def is_lr(node: Any) -> bool:
         return isinstance(node, ScaleByLearningRateState | ReduceOnPlateauState)
 
-    nodes = optree.tree_leaves(opt_state, is_leaf=is_lr, namespace=_tree.NAMESPACE)
+    # optree sorts dict keys; a partition's groups are listed in the order it was given.
+    with optree.dict_insertion_ordered(True, namespace=_tree.NAMESPACE):
+        nodes = optree.tree_leaves(opt_state, is_leaf=is_lr, namespace=_tree.NAMESPACE)
     return [n.lr for n in nodes if is_lr(n)]
 
 
@@ -465,8 +476,8 @@ __all__ = [
     "TraceState",
     "add_decayed_weights",
     "clip",
-    "learning_rates",
     "clip_by_global_norm",
+    "learning_rates",
     "scale",
     "scale_by_adagrad",
     "scale_by_adam",

@@ -1,0 +1,524 @@
+"""Every optimizer alias against its ``torch.optim`` twin, driven by one table.
+
+The table ``CASES`` pairs an ``fnloop.optim`` configuration with the ``torch.optim`` class
+and keyword arguments that mean the same thing. Every property below (step-for-step
+agreement, purity, ``vmap``, bad input) runs over the whole table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import optree
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fnloop import optim
+
+F64 = torch.float64
+STEPS = 50
+RTOL, ATOL = 1e-9, 1e-12
+# Several shapes, including a 0-d and a 1-d tensor.
+SHAPES = {"conv.weight": (3, 2, 2, 2), "fc.weight": (5, 4), "fc.bias": (4,), "scale": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One optimizer configuration and its ``torch.optim`` twin."""
+
+    id: str
+    make: Callable[[Any], optim.GradientTransformation]  # learning rate -> optimizer
+    torch_cls: type[torch.optim.Optimizer]
+    torch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float = 1e-2
+
+
+SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
+
+CASES = [
+    Case("sgd", lambda lr: optim.sgd(lr), SGD, lr=0.1),
+    Case("sgd-momentum", lambda lr: optim.sgd(lr, momentum=0.9), SGD, {"momentum": 0.9}),
+    Case(
+        "sgd-dampening",
+        lambda lr: optim.sgd(lr, momentum=0.9, dampening=0.3),
+        SGD,
+        {"momentum": 0.9, "dampening": 0.3},
+    ),
+    Case(
+        "sgd-nesterov",
+        lambda lr: optim.sgd(lr, momentum=0.8, nesterov=True),
+        SGD,
+        {"momentum": 0.8, "nesterov": True},
+    ),
+    Case("sgd-wd", lambda lr: optim.sgd(lr, weight_decay=0.1), SGD, {"weight_decay": 0.1}),
+    Case(
+        "sgd-momentum-wd",
+        lambda lr: optim.sgd(lr, momentum=0.9, weight_decay=0.05),
+        SGD,
+        {"momentum": 0.9, "weight_decay": 0.05},
+    ),
+    Case("adam", lambda lr: optim.adam(lr), Adam),
+    Case(
+        "adam-betas-eps",
+        lambda lr: optim.adam(lr, b1=0.8, b2=0.99, eps=1e-6),
+        Adam,
+        {"betas": (0.8, 0.99), "eps": 1e-6},
+    ),
+    Case("adam-wd", lambda lr: optim.adam(lr, weight_decay=0.1), Adam, {"weight_decay": 0.1}),
+    Case("adam-amsgrad", lambda lr: optim.adam(lr, amsgrad=True), Adam, {"amsgrad": True}),
+    Case("adamw", lambda lr: optim.adamw(lr), AdamW),  # both default to weight_decay=1e-2
+    Case(
+        "adamw-amsgrad",
+        lambda lr: optim.adamw(lr, weight_decay=0.1, amsgrad=True),
+        AdamW,
+        {"weight_decay": 0.1, "amsgrad": True},
+    ),
+    Case("rmsprop", lambda lr: optim.rmsprop(lr), RMSprop),
+    Case("rmsprop-alpha", lambda lr: optim.rmsprop(lr, alpha=0.9), RMSprop, {"alpha": 0.9}),
+    Case(
+        "rmsprop-momentum",
+        lambda lr: optim.rmsprop(lr, momentum=0.9),
+        RMSprop,
+        {"momentum": 0.9},
+    ),
+    Case(
+        "rmsprop-centered",
+        lambda lr: optim.rmsprop(lr, centered=True),
+        RMSprop,
+        {"centered": True},
+    ),
+    Case(
+        "rmsprop-centered-momentum",
+        lambda lr: optim.rmsprop(lr, momentum=0.5, centered=True),
+        RMSprop,
+        {"momentum": 0.5, "centered": True},
+    ),
+    Case(
+        "rmsprop-wd",
+        lambda lr: optim.rmsprop(lr, weight_decay=0.1),
+        RMSprop,
+        {"weight_decay": 0.1},
+    ),
+    Case("adagrad", lambda lr: optim.adagrad(lr), Adagrad, lr=0.1),
+    Case(
+        "adagrad-lr-decay",
+        lambda lr: optim.adagrad(lr, lr_decay=0.05),
+        Adagrad,
+        {"lr_decay": 0.05},
+        lr=0.1,
+    ),
+    Case(
+        "adagrad-initial-acc",
+        lambda lr: optim.adagrad(lr, initial_accumulator_value=0.3),
+        Adagrad,
+        {"initial_accumulator_value": 0.3},
+        lr=0.1,
+    ),
+    Case(
+        "adagrad-wd",
+        lambda lr: optim.adagrad(lr, weight_decay=0.1),
+        Adagrad,
+        {"weight_decay": 0.1},
+        lr=0.1,
+    ),
+    Case("adagrad-eps", lambda lr: optim.adagrad(lr, eps=1e-3), Adagrad, {"eps": 1e-3}, lr=0.1),
+]
+CASE_IDS = [c.id for c in CASES]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = F64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g, dtype=dtype) for name, shape in SHAPES.items()}
+
+
+def make_grads(
+    steps: int = STEPS, seed: int = 1, dtype: torch.dtype = F64
+) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {name: torch.randn(shape, generator=g, dtype=dtype) for name, shape in SHAPES.items()}
+        for _ in range(steps)
+    ]
+
+
+def fnloop_trajectory(
+    tx: optim.GradientTransformation,
+    params: dict[str, torch.Tensor],
+    grads_seq: list[dict[str, torch.Tensor]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The params after each update."""
+    state = tx.init(params)
+    for grads in grads_seq:
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        yield params
+
+
+def torch_trajectory(
+    make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    params: dict[str, torch.Tensor],
+    grads_seq: list[dict[str, torch.Tensor]],
+    make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The params after each ``torch.optim`` step (the scheduler, if any, stepped after)."""
+    ps = {name: torch.nn.Parameter(p.clone()) for name, p in params.items()}
+    opt = make_opt(list(ps.values()))
+    scheduler = make_scheduler(opt) if make_scheduler is not None else None
+    for grads in grads_seq:
+        for name, p in ps.items():
+            p.grad = grads[name].clone()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        yield {name: p.detach().clone() for name, p in ps.items()}
+
+
+def assert_same_trajectory(
+    ours: Iterator[dict[str, torch.Tensor]], theirs: Iterator[dict[str, torch.Tensor]]
+) -> None:
+    n = 0
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert list(a) == list(b)
+        for name in a:
+            where = f"step {step}, {name}"
+            assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=lambda m, w=where: f"{w}: {m}")
+        n += 1
+    assert n == STEPS
+
+
+def torch_twin(case: Case, foreach: bool) -> Callable[[list], torch.optim.Optimizer]:
+    return lambda ps: case.torch_cls(ps, lr=case.lr, foreach=foreach, **case.torch_kwargs)
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_torch_step_for_step(case: Case, foreach: bool) -> None:
+    params, grads_seq = make_params(), make_grads()
+    assert_same_trajectory(
+        fnloop_trajectory(case.make(case.lr), params, grads_seq),
+        torch_trajectory(torch_twin(case, foreach), params, grads_seq),
+    )
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_tensor_learning_rate_matches_torch(case: Case, foreach: bool) -> None:
+    # torch.optim.Adam(W) rejects a tensor lr with foreach=True: its twin takes the float.
+    params, grads_seq = make_params(), make_grads()
+    lr = torch.tensor(case.lr, dtype=F64)
+    tx = case.make(lr)
+    assert_same_trajectory(
+        fnloop_trajectory(tx, params, grads_seq),
+        torch_trajectory(torch_twin(case, foreach), params, grads_seq),
+    )
+    assert lr.item() == case.lr  # the caller's tensor is untouched
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float32_keeps_dtypes_and_stays_close_to_torch(case: Case) -> None:
+    """Updates and moments keep each param's dtype (the 0-d one included)."""
+    f32 = torch.float32
+    params, grads_seq = make_params(dtype=f32), make_grads(steps=20, dtype=f32)
+    tx = case.make(case.lr)
+    state = tx.init(params)
+    state_dtypes = [x.dtype for x in optree.tree_leaves(state, namespace="fnloop")]
+    ours = params
+    for grads in grads_seq:
+        updates, state = tx.update(grads, state, ours)
+        assert {n: u.dtype for n, u in updates.items()} == dict.fromkeys(params, f32)
+        assert [x.dtype for x in optree.tree_leaves(state, namespace="fnloop")] == state_dtypes
+        ours = optim.apply_updates(ours, updates)
+    *_, theirs = torch_trajectory(torch_twin(case, True), params, grads_seq)
+    for name in params:
+        assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+
+
+SCHEDULE_CASES = [
+    pytest.param(
+        lambda lr: optim.sgd(lr, momentum=0.9),
+        lambda ps, fe: SGD(ps, lr=0.01, momentum=0.9, foreach=fe),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.99**e),
+        id="sgd-momentum-LambdaLR",
+    ),
+    pytest.param(
+        lambda lr: optim.adam(lr),
+        lambda ps, fe: Adam(ps, lr=0.01, foreach=fe),
+        lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99),
+        id="adam-ExponentialLR",
+    ),
+    pytest.param(
+        lambda lr: optim.adamw(lr, weight_decay=0.1),
+        lambda ps, fe: AdamW(ps, lr=0.01, weight_decay=0.1, foreach=fe),
+        lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99),
+        id="adamw-ExponentialLR",
+    ),
+    pytest.param(
+        lambda lr: optim.rmsprop(lr, momentum=0.5),
+        lambda ps, fe: RMSprop(ps, lr=0.01, momentum=0.5, foreach=fe),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.99**e),
+        id="rmsprop-LambdaLR",
+    ),
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize(("make", "make_torch", "make_scheduler"), SCHEDULE_CASES)
+def test_schedule_matches_torch_scheduler(make, make_torch, make_scheduler, foreach) -> None:
+    params, grads_seq = make_params(), make_grads()
+    tx = make(lambda t: 0.01 * 0.99**t)
+    assert_same_trajectory(
+        fnloop_trajectory(tx, params, grads_seq),
+        torch_trajectory(lambda ps: make_torch(ps, foreach), params, grads_seq, make_scheduler),
+    )
+
+
+def test_learning_rates_follow_the_schedule() -> None:
+    params = make_params()
+    tx = optim.adam(lambda t: 0.01 * 0.5**t)
+    state = tx.init(params)
+    for step, grads in enumerate(make_grads(steps=4)):
+        (lr,) = optim.learning_rates(state)
+        assert lr.item() == pytest.approx(0.01 * 0.5**step, rel=1e-12)
+        _, state = tx.update(grads, state, params)
+
+
+# ----------------------------------------------------------------------------- purity
+
+
+def snapshot(tree: Any) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """(leaf, clone, version counter, data pointer) for every tensor leaf."""
+    return [
+        (x, x.clone(), x._version, x.data_ptr())
+        for x in optree.tree_leaves(tree, namespace="fnloop")
+        if isinstance(x, torch.Tensor)
+    ]
+
+
+def assert_untouched(snap: list[tuple[torch.Tensor, torch.Tensor, int, int]], what: str) -> None:
+    for i, (x, before, version, ptr) in enumerate(snap):
+        assert x._version == version, f"{what} leaf {i} was written in place"
+        assert x.data_ptr() == ptr, f"{what} leaf {i} had its storage swapped"
+        assert torch.equal(x, before), f"{what} leaf {i} changed"
+
+
+def storages(tree: Any) -> set[int]:
+    return {
+        x.untyped_storage().data_ptr()
+        for x in optree.tree_leaves(tree, namespace="fnloop")
+        if isinstance(x, torch.Tensor) and x.numel()
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_init_update_apply_do_not_change_inputs(case: Case) -> None:
+    tx = case.make(case.lr)
+    params = make_params()
+    params_snap = snapshot(params)
+    state = tx.init(params)
+    assert_untouched(params_snap, "params (init)")
+    for grads in make_grads(steps=3):
+        grads_snap, state_snap, params_snap = snapshot(grads), snapshot(state), snapshot(params)
+        updates, new_state = tx.update(grads, state, params)
+        updates_snap = snapshot(updates)
+        new_params = optim.apply_updates(params, updates)
+        assert_untouched(grads_snap, "grads")
+        assert_untouched(state_snap, "opt_state")
+        assert_untouched(params_snap, "params")
+        assert_untouched(updates_snap, "updates (apply_updates)")
+        # apply_updates returns new tensors: nothing shares memory with the old params.
+        assert not storages(new_params) & storages(params)
+        # The new moments are new tensors too, so a later in-place use of one state
+        # cannot corrupt the other.
+        changed = [
+            (old, new)
+            for old, new in zip(
+                optree.tree_leaves(state, namespace="fnloop"),
+                optree.tree_leaves(new_state, namespace="fnloop"),
+                strict=True,
+            )
+            if not torch.equal(old, new)
+        ]
+        for old, new in changed:
+            assert old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
+        params, state = new_params, new_state
+
+
+# ----------------------------------------------------------------------------- vmap
+
+
+def stack(trees: list[Any]) -> Any:
+    return optree.tree_map(lambda *xs: torch.stack(xs), *trees, namespace="fnloop")
+
+
+def unstack(tree: Any, i: int) -> Any:
+    return optree.tree_map(lambda x: x[i], tree, namespace="fnloop")
+
+
+def vmap_step(tx: optim.GradientTransformation) -> Callable[..., Any]:
+    def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
+
+    return step
+
+
+VMAP_STEPS = 5
+N_MODELS = 3
+
+
+def check_vmap_matches_separate(case: Case, lrs: list[float], dtype: torch.dtype) -> None:
+    rtol, atol = (RTOL, ATOL) if dtype == F64 else (1e-6, 1e-7)
+    params = [make_params(seed=10 + i, dtype=dtype) for i in range(N_MODELS)]
+    grads = [make_grads(VMAP_STEPS, seed=20 + i, dtype=dtype) for i in range(N_MODELS)]
+    txs = [case.make(lr) for lr in lrs]
+    states = [tx.init(p) for tx, p in zip(txs, params, strict=True)]
+
+    # One transformation for all models: each model's lr lives in its own state.
+    step = torch.func.vmap(vmap_step(txs[0]))
+    s_params, s_states = stack(params), stack(states)
+    separate = [
+        list(fnloop_trajectory(tx, p, g)) for tx, p, g in zip(txs, params, grads, strict=True)
+    ]
+    for t in range(VMAP_STEPS):
+        s_params, s_states = step(stack([g[t] for g in grads]), s_states, s_params)
+        for i in range(N_MODELS):
+            for name, value in unstack(s_params, i).items():
+                assert_close(value, separate[i][t][name], rtol=rtol, atol=atol)
+    for i in range(N_MODELS):
+        assert [lr.item() for lr in optim.learning_rates(unstack(s_states, i))] == [lrs[i]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_vmap_matches_separate_runs(case: Case) -> None:
+    check_vmap_matches_separate(case, [case.lr] * N_MODELS, F64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_vmap_per_model_learning_rates(case: Case) -> None:
+    check_vmap_matches_separate(case, [case.lr, 2 * case.lr, 0.5 * case.lr], F64)
+
+
+@pytest.mark.parametrize("case", CASES[::4], ids=CASE_IDS[::4])
+def test_vmap_float32(case: Case) -> None:
+    check_vmap_matches_separate(case, [case.lr, 2 * case.lr, 0.5 * case.lr], torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_vmap_learning_rate_sweep_with_shared_grads(case: Case) -> None:
+    """Only the states are batched: one step of the same params for several lrs."""
+    lrs = [case.lr, 2 * case.lr, 0.5 * case.lr]
+    params, (grads,) = make_params(), make_grads(1)
+    states = stack([case.make(lr).init(params) for lr in lrs])
+    new_params, _ = torch.func.vmap(vmap_step(case.make(lrs[0])), in_dims=(None, 0, None))(
+        grads, states, params
+    )
+    for i, lr in enumerate(lrs):
+        (expected,) = fnloop_trajectory(case.make(lr), params, [grads])
+        for name, value in unstack(new_params, i).items():
+            assert_close(value, expected[name], rtol=RTOL, atol=ATOL)
+
+
+def test_vmap_schedule() -> None:
+    tx = optim.adam(lambda t: 0.01 * 0.9**t)
+    params = [make_params(seed=i) for i in range(N_MODELS)]
+    grads = [make_grads(VMAP_STEPS, seed=30 + i) for i in range(N_MODELS)]
+    s_params, s_states = stack(params), stack([tx.init(p) for p in params])
+    step = torch.func.vmap(vmap_step(tx))
+    for t in range(VMAP_STEPS):
+        s_params, s_states = step(stack([g[t] for g in grads]), s_states, s_params)
+    for i in range(N_MODELS):
+        *_, expected = fnloop_trajectory(tx, params[i], grads[i])
+        for name, value in unstack(s_params, i).items():
+            assert_close(value, expected[name], rtol=RTOL, atol=ATOL)
+        (lr,) = optim.learning_rates(unstack(s_states, i))
+        assert lr.item() == pytest.approx(0.01 * 0.9**VMAP_STEPS, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_HYPERPARAMETERS = [
+    (lambda: optim.sgd(-0.1), "learning_rate", -0.1),
+    (lambda: optim.sgd(0.1, momentum=-0.5), "momentum", -0.5),
+    (lambda: optim.sgd(0.1, weight_decay=-1e-3), "weight_decay", -1e-3),
+    (lambda: optim.adam(-1e-3), "learning_rate", -1e-3),
+    (lambda: optim.adam(1e-3, b1=1.0), "b1", 1.0),
+    (lambda: optim.adam(1e-3, b1=-0.1), "b1", -0.1),
+    (lambda: optim.adam(1e-3, b2=1.5), "b2", 1.5),
+    (lambda: optim.adam(1e-3, eps=-1e-8), "eps", -1e-8),
+    (lambda: optim.adam(1e-3, weight_decay=-0.1), "weight_decay", -0.1),
+    (lambda: optim.adamw(1e-3, b2=1.0), "b2", 1.0),
+    (lambda: optim.adamw(1e-3, weight_decay=-0.01), "weight_decay", -0.01),
+    (lambda: optim.adamw(1e-3, eps=-1.0), "eps", -1.0),
+    (lambda: optim.rmsprop(-0.01), "learning_rate", -0.01),
+    (lambda: optim.rmsprop(0.01, alpha=-0.9), "alpha", -0.9),
+    (lambda: optim.rmsprop(0.01, eps=-1e-8), "eps", -1e-8),
+    (lambda: optim.rmsprop(0.01, momentum=-0.9), "momentum", -0.9),
+    (lambda: optim.rmsprop(0.01, weight_decay=-0.1), "weight_decay", -0.1),
+    (lambda: optim.adagrad(-0.01), "learning_rate", -0.01),
+    (lambda: optim.adagrad(0.01, lr_decay=-0.1), "lr_decay", -0.1),
+    (lambda: optim.adagrad(0.01, weight_decay=-0.1), "weight_decay", -0.1),
+    (
+        lambda: optim.adagrad(0.01, initial_accumulator_value=-1.0),
+        "initial_accumulator_value",
+        -1.0,
+    ),
+    (lambda: optim.adagrad(0.01, eps=-1e-10), "eps", -1e-10),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "name", "value"),
+    BAD_HYPERPARAMETERS,
+    ids=[f"{i}-{name}" for i, (_, name, _) in enumerate(BAD_HYPERPARAMETERS)],
+)
+def test_bad_hyperparameter_raises_naming_it(build, name, value) -> None:
+    with pytest.raises(ValueError) as info:
+        build()
+    message = str(info.value)
+    assert name in message
+    assert str(value) in message
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_nesterov_needs_momentum_and_no_dampening(momentum: float) -> None:
+    with pytest.raises(ValueError, match=r"(?i)nesterov") as info:
+        optim.sgd(0.1, momentum=momentum, nesterov=True, dampening=0.0 if momentum == 0 else 0.5)
+    assert f"momentum={momentum}" in str(info.value)
+
+
+def run_one_step(tx: optim.GradientTransformation, grads: Any, params: Any) -> None:
+    updates, _ = tx.update(grads, tx.init(params), params)
+    optim.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_grads_missing_a_key_raise_naming_it(case: Case) -> None:
+    params, (grads,) = make_params(), make_grads(1)
+    del grads["fc.bias"]
+    with pytest.raises(ValueError, match=r"fc\.bias"):
+        run_one_step(case.make(case.lr), grads, params)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_grads_with_an_extra_key_raise_naming_it(case: Case) -> None:
+    params, (grads,) = make_params(), make_grads(1)
+    grads["head.weight"] = torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match=r"head\.weight"):
+        run_one_step(case.make(case.lr), grads, params)
+
+
+def test_state_from_another_optimizer_is_rejected() -> None:
+    params, (grads,) = make_params(), make_grads(1)
+    with pytest.raises(ValueError, match="chain of 3 transforms got a state with 4"):
+        optim.adam(1e-3).update(grads, optim.rmsprop(1e-3).init(params), params)

@@ -1,0 +1,258 @@
+"""Building blocks: clipping against ``torch.nn.utils``, ``partition`` against torch param
+groups, ``chain`` and ``apply_updates``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fnloop import optim
+
+F64 = torch.float64
+SHAPES = {"conv.weight": (3, 2, 2, 2), "fc.weight": (5, 4), "fc.bias": (4,), "scale": ()}
+
+
+def make_tree(seed: int, dtype: torch.dtype = F64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g, dtype=dtype) for name, shape in SHAPES.items()}
+
+
+def global_norm(tree: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([t.norm() for t in tree.values()])).item()
+
+
+def torch_clipped(grads: dict[str, torch.Tensor], clip_fn: Any) -> dict[str, torch.Tensor]:
+    """``grads`` after ``clip_fn(list_of_parameters)`` clipped them in place."""
+    ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads.values()]
+    for p, g in zip(ps, grads.values(), strict=True):
+        p.grad = g.clone()
+    clip_fn(ps)
+    return {name: p.grad for name, p in zip(grads, ps, strict=True)}
+
+
+# ----------------------------------------------------------------------------- clipping
+
+# The global norm as a multiple of max_norm: below, at and above the limit.
+NORM_RATIOS = [0.0, 0.1, 0.5, 0.999, 1.0, 1.001, 2.0, 10.0, 1e4]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("ratio", NORM_RATIOS)
+def test_clip_by_global_norm_matches_clip_grad_norm_(ratio, dtype, foreach) -> None:
+    max_norm = 1.5
+    raw = make_tree(0, dtype)
+    grads = {n: g * (ratio * max_norm / global_norm(raw)) for n, g in raw.items()}
+    tx = optim.clip_by_global_norm(max_norm)
+    ours, _ = tx.update(grads, tx.init(grads))
+    theirs = torch_clipped(
+        grads, lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=foreach)
+    )
+    rtol, atol = (1e-12, 1e-15) if dtype == F64 else (1e-6, 1e-8)
+    for name in grads:
+        assert ours[name].dtype == dtype
+        assert_close(ours[name], theirs[name], rtol=rtol, atol=atol)
+    assert global_norm(ours) <= max_norm * (1 + 1e-6)
+    if ratio < 1:
+        for name in grads:  # below the limit the factor is 1 (clamped), up to the 1e-6 guard
+            assert_close(ours[name], grads[name], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("max_value", [0.0, 0.05, 0.5, 1.0, 10.0])
+def test_clip_matches_clip_grad_value_(max_value, foreach) -> None:
+    grads = {n: 2 * g for n, g in make_tree(1).items()}
+    ours, _ = optim.clip(max_value).update(grads, ())
+    theirs = torch_clipped(
+        grads, lambda ps: torch.nn.utils.clip_grad_value_(ps, max_value, foreach=foreach)
+    )
+    for name in grads:
+        assert torch.equal(ours[name], theirs[name])
+        assert ours[name].abs().max() <= max_value
+
+
+@pytest.mark.parametrize("tx", [optim.clip_by_global_norm(1.0), optim.clip(0.5)])
+def test_clipping_does_not_change_its_input(tx) -> None:
+    grads = {n: 5 * g for n, g in make_tree(2).items()}
+    before = {n: g.clone() for n, g in grads.items()}
+    versions = {n: g._version for n, g in grads.items()}
+    tx.update(grads, tx.init(grads))
+    for name, g in grads.items():
+        assert torch.equal(g, before[name])
+        assert g._version == versions[name]
+
+
+def test_negative_clipping_limits_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"max_norm: -1\.0"):
+        optim.clip_by_global_norm(-1.0)
+    with pytest.raises(ValueError, match=r"max_value: -0\.5"):
+        optim.clip(-0.5)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+def test_clip_then_adam_matches_torch_for_50_steps(foreach) -> None:
+    max_norm = 1.0
+    tx = optim.chain(optim.clip_by_global_norm(max_norm), optim.adam(1e-2))
+    params = make_tree(3)
+    state = tx.init(params)
+    ps = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
+    opt = torch.optim.Adam(list(ps.values()), lr=1e-2, foreach=foreach)
+    g = torch.Generator().manual_seed(4)
+    for step in range(50):
+        scale = 0.2 if step % 2 else 5.0  # alternately below and above the limit
+        grads = {n: scale * torch.randn(s, generator=g, dtype=F64) for n, s in SHAPES.items()}
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        for n, p in ps.items():
+            p.grad = grads[n].clone()
+        torch.nn.utils.clip_grad_norm_(list(ps.values()), max_norm, foreach=foreach)
+        opt.step()
+        for n in params:
+            assert_close(params[n], ps[n].detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_clip_by_global_norm_under_vmap_is_per_model() -> None:
+    """Each model's gradients are clipped by their own norm, not the batch's."""
+    tx = optim.clip_by_global_norm(1.0)
+    trees = [{n: s * g for n, g in make_tree(i).items()} for i, s in enumerate([0.01, 1.0, 100.0])]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *trees, namespace="fnloop")
+    batched, _ = torch.func.vmap(lambda u: tx.update(u, ()))(stacked)
+    for i, tree in enumerate(trees):
+        expected, _ = tx.update(tree, ())
+        for name in tree:
+            assert_close(batched[name][i], expected[name], rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+def label(name: str) -> str:
+    return "decay" if name.endswith("weight") else "no_decay"
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize(
+    ("make_fn", "make_torch"),
+    [
+        pytest.param(
+            lambda lr, wd: optim.sgd(lr, momentum=0.9, weight_decay=wd),
+            lambda groups, fe: torch.optim.SGD(groups, lr=0.5, momentum=0.9, foreach=fe),
+            id="sgd",
+        ),
+        pytest.param(
+            lambda lr, wd: optim.adamw(lr, weight_decay=wd),
+            lambda groups, fe: torch.optim.AdamW(groups, lr=0.5, foreach=fe),
+            id="adamw",
+        ),
+    ],
+)
+def test_partition_matches_torch_param_groups(make_fn, make_torch, foreach) -> None:
+    lrs = {"decay": 0.1, "no_decay": 0.01}
+    wds = {"decay": 0.05, "no_decay": 0.0}
+    tx = optim.partition({k: make_fn(lrs[k], wds[k]) for k in lrs}, label)
+    params = make_tree(5)
+    state = tx.init(params)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [0.1, 0.01]
+
+    ps = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
+    groups = [
+        {
+            "params": [p for n, p in ps.items() if label(n) == k],
+            "lr": lrs[k],
+            "weight_decay": wds[k],
+        }
+        for k in lrs
+    ]
+    opt = make_torch(groups, foreach)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(50):
+        grads = {n: torch.randn(s, generator=g, dtype=F64) for n, s in SHAPES.items()}
+        updates, state = tx.update(grads, state, params)
+        assert list(updates) == list(params)  # the params' order, not grouped by label
+        params = optim.apply_updates(params, updates)
+        for n, p in ps.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n in params:
+            assert_close(params[n], ps[n].detach(), rtol=1e-9, atol=1e-12)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [
+        group["lr"] for group in opt.param_groups
+    ]
+
+
+def test_learning_rates_lists_groups_in_the_order_partition_was_given() -> None:
+    tx = optim.partition(
+        {"head": optim.sgd(0.1), "body": optim.adam(0.01), "bias": optim.sgd(0.5)},
+        lambda name: name.split(".")[0],
+    )
+    params = {"body.w": torch.zeros(2), "bias.b": torch.zeros(1), "head.w": torch.zeros(3)}
+    state = tx.init(params)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [0.1, 0.01, 0.5]
+    # Everywhere else optree still sorts dict keys (the ordering is not left switched on).
+    assert optree.tree_leaves({"z": 1, "a": 2}, namespace="fnloop") == [2, 1]
+
+
+def test_partition_with_an_unknown_label_names_it() -> None:
+    tx = optim.partition({"a": optim.sgd(0.1)}, lambda name: "b")
+    with pytest.raises(ValueError, match=r"labels\('conv\.weight'\) returned 'b'.*\['a'\]"):
+        tx.init(make_tree(0))
+
+
+def test_partition_under_vmap_with_per_model_learning_rates() -> None:
+    def make(scale: float) -> optim.GradientTransformation:
+        return optim.partition(
+            {"decay": optim.adam(0.1 * scale), "no_decay": optim.sgd(0.01 * scale)}, label
+        )
+
+    scales = [1.0, 2.0, 0.5]
+    params = [make_tree(10 + i) for i in range(3)]
+    grads = [make_tree(20 + i) for i in range(3)]
+    states = [make(s).init(p) for s, p in zip(scales, params, strict=True)]
+
+    def stack(trees: list[Any]) -> Any:
+        return optree.tree_map(lambda *xs: torch.stack(xs), *trees, namespace="fnloop")
+
+    def step(g: Any, s: Any, p: Any) -> Any:
+        u, s = make(1.0).update(g, s, p)
+        return optim.apply_updates(p, u), s
+
+    new_params, new_states = torch.func.vmap(step)(stack(grads), stack(states), stack(params))
+    for i, scale in enumerate(scales):
+        u, _ = make(scale).update(grads[i], states[i], params[i])
+        expected = optim.apply_updates(params[i], u)
+        for name in params[i]:
+            assert_close(new_params[name][i], expected[name], rtol=1e-9, atol=1e-12)
+        lrs = optim.learning_rates(optree.tree_map(lambda x: x[i], new_states, namespace="fnloop"))  # noqa: B023
+        assert [lr.item() for lr in lrs] == [0.1 * scale, 0.01 * scale]
+
+
+# ----------------------------------------------------------------------------- chain & apply
+
+
+def test_chain_rejects_non_transforms_by_position() -> None:
+    with pytest.raises(TypeError, match=r"argument 1 is a SGD"):
+        optim.chain(optim.clip(1.0), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+def test_apply_updates_keeps_each_params_dtype_and_returns_new_tensors() -> None:
+    params = {"a": torch.ones(3, dtype=torch.float32), "b": torch.ones(2, dtype=F64)}
+    updates = {"a": torch.full((3,), 0.5, dtype=F64), "b": torch.full((2,), 0.25, dtype=F64)}
+    out = optim.apply_updates(params, updates)
+    assert out["a"].dtype == torch.float32 and out["b"].dtype == F64
+    assert torch.equal(out["a"], torch.full((3,), 1.5)) and torch.equal(params["a"], torch.ones(3))
+    assert out["a"].data_ptr() != params["a"].data_ptr()
+
+
+def test_scale_by_learning_rate_without_sign_flip_and_learning_rates_order() -> None:
+    params = {"w": torch.ones(2, dtype=F64)}
+    tx = optim.chain(
+        optim.scale_by_learning_rate(0.5, flip_sign=False), optim.scale_by_learning_rate(0.1)
+    )
+    state = tx.init(params)
+    updates, state = tx.update({"w": torch.ones(2, dtype=F64)}, state, params)
+    assert_close(updates["w"], torch.full((2,), -0.05, dtype=F64), rtol=1e-15, atol=0)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [0.5, 0.1]

@@ -1,0 +1,296 @@
+"""``TrainState``: frozen, a pytree for optree and torch, built from a module by ``create``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import optree
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+from torch import nn
+
+import fnloop as fl
+from fnloop import optim
+from fnloop.state import append_history, freeze_history
+
+STATIC_FIELDS = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
+
+
+class Net(nn.Module):
+    """Parameters, BatchNorm buffers, a non-persistent buffer and a parameter-free layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(4, 2)
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.bn(self.fc1(x)))) * self.scratch
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is shared with the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+
+@pytest.fixture
+def module() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def state(module: Net) -> fl.TrainState:
+    return fl.TrainState.create(module, tx=optim.adamw(1e-3), device="cpu")
+
+
+def non_trivial(state: fl.TrainState) -> fl.TrainState:
+    """A state with counters and history that must all stay static."""
+    history = freeze_history({"train": {"loss": [1.0, 0.5]}, "valid": {"acc": [0.25, 0.75]}})
+    return state.replace(step=7, epoch=2, micro_step=1, history=history)
+
+
+# ----------------------------------------------------------------------------- immutability
+
+
+@pytest.mark.parametrize("field", ["params", "step", "epoch", "history", "opt_state", "ema"])
+def test_assigning_a_field_raises(state: fl.TrainState, field: str) -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(state, field, getattr(state, field))
+
+
+def test_replace_returns_a_new_state_and_leaves_the_old_one(state: fl.TrainState) -> None:
+    new_params = {n: p + 1 for n, p in state.params.items()}
+    new = state.replace(step=3, epoch=1, params=new_params)
+    assert new is not state and isinstance(new, fl.TrainState)
+    assert (state.step, state.epoch) == (0, 0)
+    assert (new.step, new.epoch) == (3, 1)
+    assert new.params is new_params and state.params is not new_params
+    for name, p in state.params.items():
+        assert torch.equal(new.params[name], p + 1)
+    assert new.opt_state is state.opt_state and new.module is state.module and new.tx is state.tx
+
+
+def test_replace_rejects_unknown_fields(state: fl.TrainState) -> None:
+    with pytest.raises(TypeError):
+        state.replace(global_step=1)
+
+
+def test_history_is_immutable(state: fl.TrainState) -> None:
+    history = append_history(
+        append_history(state.history, "train", {"loss": 1.0}), "train", {"loss": 0.5}
+    )
+    assert history["train"]["loss"] == (1.0, 0.5)
+    assert state.history == {}
+    with pytest.raises(TypeError):
+        history["train"]["loss"] = (0.0,)  # type: ignore[index]
+    with pytest.raises(TypeError):
+        history["valid"] = {}  # type: ignore[index]
+
+
+# ----------------------------------------------------------------------------- pytree
+
+
+def test_optree_round_trip_keeps_static_fields_in_the_context(state: fl.TrainState) -> None:
+    state = non_trivial(state)
+    leaves, treedef = optree.tree_flatten(state, namespace="fnloop")
+    assert leaves and all(isinstance(x, torch.Tensor) for x in leaves)
+    expected = (
+        len(state.params)
+        + len(state.buffers)
+        + len(optree.tree_leaves(state.opt_state, namespace="fnloop"))
+        + 1  # skipped_steps
+    )
+    assert len(leaves) == expected
+    back = optree.tree_unflatten(treedef, leaves)
+    assert isinstance(back, fl.TrainState)
+    for name in STATIC_FIELDS:
+        assert getattr(back, name) == getattr(state, name), name
+    assert back.params.keys() == state.params.keys()
+    for a, b in zip(optree.tree_leaves(back, namespace="fnloop"), leaves, strict=True):
+        assert a is b
+    # Counters are part of the structure: a different step is a different treedef.
+    assert optree.tree_structure(state.replace(step=8), namespace="fnloop") != treedef
+
+
+def test_optree_without_the_namespace_sees_one_leaf(state: fl.TrainState) -> None:
+    """Why every fnloop tree op passes namespace="fnloop"."""
+    assert optree.tree_leaves(state) == [state]
+
+
+def test_tree_map_keeps_counters_and_history(state: fl.TrainState) -> None:
+    state = non_trivial(state)
+    doubled = optree.tree_map(lambda x: x * 2, state, namespace="fnloop")
+    assert (doubled.step, doubled.epoch, doubled.micro_step) == (7, 2, 1)
+    assert doubled.history == state.history
+    for name, p in state.params.items():
+        assert torch.equal(doubled.params[name], p * 2)
+
+
+def test_torch_pytree_round_trip_keeps_static_fields_in_the_context(state: fl.TrainState) -> None:
+    state = non_trivial(state)
+    leaves, spec = torch_pytree.tree_flatten(state)
+    for leaf in leaves:
+        assert isinstance(leaf, torch.Tensor), f"non-tensor leaf {leaf!r} would break vmap"
+    assert len(leaves) == len(optree.tree_leaves(state, namespace="fnloop"))
+    back = torch_pytree.tree_unflatten(leaves, spec)
+    assert isinstance(back, fl.TrainState)
+    for name in STATIC_FIELDS:
+        assert getattr(back, name) == getattr(state, name), name
+    assert back.ema is None and back.loss_scale is None and back.grad_accum is None
+    for a, b in zip(torch_pytree.tree_leaves(back), leaves, strict=True):
+        assert a is b
+
+
+def test_torch_pytree_round_trip_with_ema(module: Net) -> None:
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
+    leaves, spec = torch_pytree.tree_flatten(state)
+    assert all(isinstance(x, torch.Tensor) for x in leaves)
+    back = torch_pytree.tree_unflatten(leaves, spec)
+    assert back.ema.keys() == state.params.keys()
+    assert back.ema_decay == 0.9
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optim.adam(1e-3),  # nu_max absent
+        optim.adam(1e-3, amsgrad=True),
+        optim.rmsprop(1e-3),  # grad_avg absent
+        optim.rmsprop(1e-3, centered=True, momentum=0.9),
+        optim.sgd(optim.reduce_on_plateau(0.1)),
+    ],
+    ids=["adam", "amsgrad", "rmsprop", "rmsprop-centered", "plateau"],
+)
+def test_vmap_accepts_a_stacked_state(module: Net, tx: optim.GradientTransformation) -> None:
+    """No ``None`` or ``int`` leaf anywhere: ``vmap(in_dims=0)`` takes the whole state."""
+    state = fl.TrainState.create(module, tx=tx, device="cpu")
+    leaves, treedef = optree.tree_flatten(state, namespace="fnloop")
+    stacked = optree.tree_unflatten(treedef, [torch.stack([x, x, x]) for x in leaves])
+    out = torch.func.vmap(lambda s: (s.params["fc1.weight"].sum(), s))(stacked)
+    assert out[0].shape == (3,)
+    assert isinstance(out[1], fl.TrainState) and out[1].step == state.step
+
+
+# ----------------------------------------------------------------------------- create
+
+
+def test_keys_match_named_parameters_and_buffers(module: Net, state: fl.TrainState) -> None:
+    assert list(state.params) == [n for n, _ in module.named_parameters()]
+    assert list(state.buffers) == [n for n, _ in module.named_buffers()]
+    for name, p in module.named_parameters():
+        assert torch.equal(state.params[name], p.detach())
+        assert not state.params[name].requires_grad
+    assert (state.step, state.epoch, state.micro_step) == (0, 0, 0)
+    assert state.history == {} and state.ema is None
+    assert state.skipped_steps.item() == 0
+
+
+def test_module_template_holds_no_weights(module: Net, state: fl.TrainState) -> None:
+    assert state.module is not module
+    tensors = [*state.module.parameters(), *state.module.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    # The template keeps the architecture; the user's module is untouched.
+    assert [n for n, _ in state.module.named_parameters()] == list(state.params)
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    assert all(p.device.type == "cpu" for p in module.buffers())
+
+
+def test_template_keeps_tied_weights_tied() -> None:
+    state = fl.TrainState.create(Tied(), tx=optim.sgd(0.1), device="cpu")
+    assert list(state.params) == ["emb.weight"]
+    assert state.module.out.weight is state.module.emb.weight
+
+
+def test_opt_state_is_made_by_tx_init(state: fl.TrainState) -> None:
+    expected = state.tx.init(state.params)
+    assert optree.tree_structure(state.opt_state, namespace="fnloop") == optree.tree_structure(
+        expected, namespace="fnloop"
+    )
+    assert [lr.item() for lr in optim.learning_rates(state.opt_state)] == [1e-3]
+
+
+def test_ema_starts_as_a_copy_of_the_params(module: Net) -> None:
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.99, device="cpu")
+    assert state.ema_decay == 0.99
+    for name, p in state.params.items():
+        assert torch.equal(state.ema[name], p)
+        assert state.ema[name].data_ptr() != p.data_ptr()
+
+
+@pytest.mark.parametrize("not_a_module", [{"w": torch.zeros(1)}, nn.Linear, "resnet"])
+def test_create_rejects_a_non_module(not_a_module: object) -> None:
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        fl.TrainState.create(not_a_module, tx=optim.sgd(0.1))  # type: ignore[arg-type]
+
+
+def test_create_rejects_a_torch_optimizer(module: Net) -> None:
+    torch_opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match=r"AdamW.*torch\.optim"):
+        fl.TrainState.create(module, tx=torch_opt)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_create_rejects_ema_decay_out_of_range(module: Net, decay: float) -> None:
+    with pytest.raises(ValueError, match=rf"ema_decay.*{decay}"):
+        fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=decay)
+
+
+def test_create_rejects_a_module_without_parameters() -> None:
+    with pytest.raises(ValueError, match="no parameters"):
+        fl.TrainState.create(nn.ReLU(), tx=optim.sgd(0.1), device="cpu")
+
+
+# ----------------------------------------------------------------------------- state_dict
+
+
+def assert_loaded(fresh: nn.Module, expected: Mapping[str, torch.Tensor]) -> None:
+    loaded = fresh.state_dict()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_state_dict_loads_strictly_into_a_fresh_module(state: fl.TrainState) -> None:
+    trained = state.replace(
+        params={n: p + 1 for n, p in state.params.items()},
+        buffers={n: b + 2 for n, b in state.buffers.items()},
+    )
+    sd = trained.state_dict()
+    assert "scratch" not in sd  # non-persistent buffers are not part of a state_dict
+    torch.manual_seed(1)
+    fresh = Net()
+    fresh.load_state_dict(sd, strict=True)
+    assert_loaded(
+        fresh, {**trained.params, **{n: b for n, b in trained.buffers.items() if n != "scratch"}}
+    )
+
+
+def test_state_dict_with_ema(module: Net) -> None:
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.5, device="cpu")
+    state = state.replace(ema={n: p * 0 for n, p in state.params.items()})
+    fresh = Net()
+    fresh.load_state_dict(state.state_dict(use_ema=True), strict=True)
+    assert_loaded(fresh, state.ema)
+    fresh.load_state_dict(state.state_dict(), strict=True)
+    assert_loaded(fresh, state.params)
+
+
+def test_state_dict_of_tied_weights_loads_strictly() -> None:
+    torch.manual_seed(0)
+    state = fl.TrainState.create(Tied(), tx=optim.sgd(0.1), device="cpu")
+    sd = state.state_dict()
+    assert set(sd) == {"emb.weight", "out.weight"}
+    fresh = Tied()
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh.emb.weight, state.params["emb.weight"])
+    assert fresh.out.weight is fresh.emb.weight
