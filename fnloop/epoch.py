@@ -176,13 +176,15 @@ def train_epoch(
     batch_end = callbacks.handles("on_train_batch_end")
     bar = _Bar(loader, desc, progress, start_batch)
     seen = 0
+    pending_skip = after_skip if start_batch > 0 else None
     try:
         for batch_idx, batch in enumerate(loader):
             seen += 1
             if batch_idx < start_batch:
                 continue
-            if batch_idx == start_batch and after_skip is not None and start_batch > 0:
-                after_skip()
+            if pending_skip is not None:
+                pending_skip()
+                pending_skip = None
             if batch_start:
                 state = callbacks("on_train_batch_start", state, batch, batch_idx)
             n = find_batch_size(batch, batch_size)
@@ -195,6 +197,8 @@ def train_epoch(
         bar.close()
     if seen == 0:
         raise ValueError(EMPTY_LOADER_MSG.format(split="train"))
+    if pending_skip is not None:  # the checkpoint was taken after the epoch's last batch
+        pending_skip()
     return state, means.means()
 
 

@@ -50,14 +50,18 @@ def test_clean_stop_then_continue_is_bit_exact(tmp_path, reference):
     assert_same_run(final(tmp_path), reference)
 
 
-def test_crash_mid_epoch_then_rerun_is_bit_exact(tmp_path, reference):
-    """An exception at batch 7 of epoch 2 (after a mid-epoch checkpoint), then a rerun."""
+@pytest.mark.parametrize(("crash_batch", "resumed_at"), [(7, 6), (11, 12)])
+def test_crash_mid_epoch_then_rerun_is_bit_exact(tmp_path, reference, crash_batch, resumed_at):
+    """An exception in epoch 2 after a mid-epoch checkpoint, then a rerun.
+
+    Batch 11 is the epoch's last: its checkpoint holds a position past the last batch.
+    """
     code = f"""
 import sys, runpy
 import fnloop as fl
 class Crash(fl.callbacks.Callback):
     def on_train_batch_end(self, state, outputs, batch, batch_idx):
-        if state.epoch == 1 and batch_idx == 7:
+        if state.epoch == 1 and batch_idx == {crash_batch}:
             raise SystemExit(3)
 orig = fl.fit
 def fit(*a, **k):
@@ -73,7 +77,7 @@ runpy.run_path({str(JOB)!r}, run_name="__main__")
     assert names, "a mid-epoch checkpoint should exist"
     run_job(tmp_path, 4)
     log = (tmp_path / "run_training.log").read_text()
-    assert "batch 6 of epoch 2" in log
+    assert f"batch {resumed_at} of epoch 2" in log
     assert_same_run(final(tmp_path), reference)
 
 
