@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from fnloop import _tree
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList
 from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
@@ -53,19 +54,19 @@ def _format_time(seconds: float) -> str:
 
 
 def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
-    """The seed's epoch summary: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``.
+    """The seed's epoch summary: ``[15/50] loss:0.0230 | (val) loss:0.0190 (2m 15s)``.
 
     >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.981, "valid/loss": 0.019}, 135)
-    '[15/50] loss:0.023 acc:0.981 | (val) loss:0.019 (2m 15s)'
+    '[15/50] loss:0.0230 acc:0.9810 | (val) loss:0.0190 (2m 15s)'
     """
     width = len(str(max_epochs))
     parts = [f"[{epoch:>{width}}/{max_epochs}]"]
     train = [
-        f"{k[6:]}:{v:.4g}"
+        f"{k[6:]}:{v:.4f}"
         for k, v in metrics.items()
         if k.startswith("train/") and not k.startswith("train/lr")
     ]
-    valid = [f"{k[6:]}:{v:.4g}" for k, v in metrics.items() if k.startswith("valid/")]
+    valid = [f"{k[6:]}:{v:.4f}" for k, v in metrics.items() if k.startswith("valid/")]
     parts.append(" ".join(train))
     if valid:
         parts.append("| (val) " + " ".join(valid))
@@ -202,7 +203,7 @@ def fit(
     run_name: str = "run",
     resume: bool = True,
     monitor: str | None = None,
-    mode: Literal["min", "max"] = "min",
+    mode: Literal["min", "max"] | None = None,
     progress: bool | Literal["auto"] = "auto",
     batch_size: BatchSize = None,
     checkpoint_every_n_steps: int | None = None,
@@ -236,8 +237,10 @@ def fit(
       run_name: names the logger and the log file.
       resume: continue from the newest good checkpoint in ``out_dir``.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
-        defaults to ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
-      mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise.
+        defaults to the monitor of a single ``early_stopping`` rule, else
+        ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
+      mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise; defaults to
+        the early-stopping rule's mode when ``monitor`` comes from it, else ``"min"``.
       progress: tqdm bars; ``"auto"`` shows them when stderr is a terminal.
       batch_size: a fixed size or ``batch -> size`` when the first tensor of a batch is
         not batch-major (used for weighted means).
@@ -267,11 +270,17 @@ def fit(
     if valid_loader is not None:
         _check_not_empty(valid_loader, "valid")
     step_fn, train_step = _as_train_step(training_step)
+    if step_fn is train_step and not train_step.donate:
+        # fit owns the states it makes: each step may reuse the previous one's memory.
+        step_fn = train_step = dataclasses.replace(train_step, donate=True)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
     stoppers = (
         [early_stopping] if isinstance(early_stopping, EarlyStopping) else list(early_stopping)
     )
+    if monitor is None and len(stoppers) == 1:
+        monitor, mode = stoppers[0].monitor, mode or stoppers[0].mode
     monitor = monitor or ("valid/loss" if valid_loader is not None else "train/loss")
+    mode = mode or "min"
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}.")
     for what, name in [("fit", monitor)] + [("EarlyStopping", s.monitor) for s in stoppers]:
@@ -419,7 +428,15 @@ class _Run:
         """Resumes from the newest good checkpoint; returns the batch position and RNG."""
         if self.ckpt_dir is None:
             return None, None
-        found, skipped = ckpt.latest_good_checkpoint(self.ckpt_dir, self.state, pattern="ckpt-*.pt")
+        try:
+            found, skipped = ckpt.latest_good_checkpoint(
+                self.ckpt_dir, self.state, pattern="ckpt-*.pt"
+            )
+        except ckpt.CheckpointMismatchError as e:
+            raise ckpt.CheckpointMismatchError(
+                f"{e}\n{self.ckpt_dir} holds checkpoints of another model or optimizer. "
+                f"Pass resume=False to start over there, or use another out_dir."
+            ) from e
         for item in skipped:
             self.logger.warning(f"Skipping damaged checkpoint {item.path}: {item.reason}")
         if found is None:
@@ -448,9 +465,13 @@ class _Run:
 
     # ------------------------------------------------------------------ the loop
     def run(self, *, resume: bool) -> TrainState:
+        given = self.state
         position, rng = self.restore() if resume else (None, None)
         if rng is not None and position is None:
             ckpt.set_rng_state(rng)
+        if self.state is given and self.train_step.donate:
+            # One private copy: the steps then write into it, never into the caller's state.
+            self.state = _tree.tree_map(torch.clone, given)
         state = self.callbacks("on_fit_start", self.state)
         if self.stop_reason:
             self.logger.info(f"Training had stopped early: {self.stop_reason}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from torch._C import _functorch
 from fnloop import _tree
 from fnloop.batch import to_device
 from fnloop.optim import _foreach
-from fnloop.optim.base import apply_updates
+from fnloop.optim.base import apply_updates, apply_updates_
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
 from fnloop.state import TrainState
 from fnloop.typing import Batch, Metrics, Params
@@ -42,6 +43,11 @@ LOSS_GRAD_MSG = (
 METRIC_MSG = (
     "metric {key!r} returned by {name} must be a tensor or a number; got {kind}. "
     "Return values such as acc.float().mean() or 1.0."
+)
+DONATED_MSG = (
+    "this TrainState was donated to an earlier call of a train step made with donate=True: "
+    "its tensors now hold a later state. Pass the state that call returned (or make the "
+    "step without donate=True to keep every state intact)."
 )
 NONFINITE_MSG = (
     "non-finite loss at step {step}. Lower the learning rate, add gradient clipping "
@@ -76,6 +82,30 @@ def _in_transform(params: Params) -> bool:
         return True
     first = next(iter(params.values()))
     return bool(_functorch.is_batchedtensor(first))
+
+
+class _DonationGuard:
+    """Remembers which state a donating step returned last, to reject stale ones loudly.
+
+    A donating step writes the next state into the previous state's storage, so old and
+    new states share tensors. The state it returns holds a fresh tensor object for its
+    first parameter; a state holding any other object over that storage is stale.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def check(self, params: Params) -> None:
+        first = next(iter(params.values()))
+        ref = self.latest.get(first.data_ptr())
+        if ref is not None and ref() is not first:
+            raise RuntimeError(DONATED_MSG)
+
+    def mark(self, params: Params) -> Params:
+        name, first = next(iter(params.items()))
+        fresh = first.detach()
+        self.latest = {fresh.data_ptr(): weakref.ref(fresh)}
+        return {**params, name: fresh}
 
 
 class _Templates:
@@ -139,8 +169,12 @@ class TrainStep:
     precision: Precision = None
     loss_scale: DynamicLossScale | None = None
     on_nonfinite: NonFinitePolicy = None
+    donate: bool = False
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(True), repr=False, compare=False
+    )
+    _guard: _DonationGuard = dataclasses.field(
+        default_factory=_DonationGuard, repr=False, compare=False
     )
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -152,6 +186,9 @@ class TrainStep:
             )
         name = _fn_name(self.training_step)
         device = state.device
+        donate = self.donate and not _in_transform(state.params)
+        if donate:
+            self._guard.check(state.params)
         batch = to_device(batch, device)
         module = self._templates.get(state.module)
         loss_scale = state.loss_scale
@@ -177,7 +214,10 @@ class TrainStep:
                 )
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
-        return self._update(state, grads, loss, buffers, loss_scale), metrics
+        new_state = self._update(state, grads, loss, buffers, loss_scale, donate)
+        if donate:
+            new_state = new_state.replace(params=self._guard.mark(new_state.params))
+        return new_state, metrics
 
     def _gradients(
         self,
@@ -221,8 +261,13 @@ class TrainStep:
         loss: torch.Tensor,
         buffers: Params,
         loss_scale: LossScaleState | None,
+        donate: bool,
     ) -> TrainState:
-        """Applies the optimizer (skipping non-finite updates as configured) and the EMA."""
+        """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
+
+        With ``donate`` (and no skipping), the optimizer state, the parameters and the EMA
+        are updated in the input state's storage.
+        """
         ok: torch.Tensor | None = None
         if loss_scale is not None and self.loss_scale is not None:
             names = list(grads)
@@ -236,8 +281,13 @@ class TrainStep:
             loss_ok = torch.isfinite(loss)
             ok = loss_ok if ok is None else ok & loss_ok
 
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates)
+        inplace = donate and ok is None and state.tx.update_ is not None
+        if inplace:
+            updates, opt_state = state.tx.update_(grads, state.opt_state, state.params)  # type: ignore[misc]
+            params = apply_updates_(state.params, updates)
+        else:
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            params = apply_updates(state.params, updates)
         skipped = state.skipped_steps
         if ok is not None:
             params = _select(ok, params, state.params)
@@ -246,20 +296,15 @@ class TrainStep:
 
         ema = state.ema
         if ema is not None and state.ema_decay is not None:
-            if state.step == 0:
-                new_ema = {n: p.clone() for n, p in params.items()}
+            names = list(ema)
+            old, new = [ema[n] for n in names], [params[n] for n in names]
+            if state.step == 0:  # like AveragedModel: the first average is the weights
+                averaged = _foreach.copy_(old, new) if inplace else [p.clone() for p in new]
+            elif inplace:
+                averaged = _foreach.lerp_(old, new, 1.0 - state.ema_decay)
             else:
-                names = list(ema)
-                new_ema = dict(
-                    zip(
-                        names,
-                        _foreach.lerp(
-                            [ema[n] for n in names],
-                            [params[n] for n in names],
-                            1.0 - state.ema_decay,
-                        ),
-                    )
-                )
+                averaged = _foreach.lerp(old, new, 1.0 - state.ema_decay)
+            new_ema = dict(zip(names, averaged))
             ema = _select(ok, new_ema, ema) if ok is not None else new_ema
 
         return state.replace(
@@ -289,6 +334,7 @@ def make_train_step(
     precision: Precision = None,
     loss_scale: DynamicLossScale | None = None,
     on_nonfinite: NonFinitePolicy = None,
+    donate: bool = False,
 ) -> TrainStep:
     """Turns ``training_step(model, batch) -> {"loss": ...}`` into a pure training step.
 
@@ -316,6 +362,13 @@ def make_train_step(
         as computed; ``"skip"`` leaves params and optimizer state unchanged and counts
         the step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
         ``FloatingPointError`` (reads the loss on the host every step).
+      donate: the caller gives up the input state: the step writes the new parameters,
+        optimizer state and EMA into its storage instead of allocating new tensors (as a
+        hand-written loop does), which saves memory and allocation time. A state fresh
+        from ``TrainState.create`` shares the module's tensors, so those change too.
+        Passing a donated state again raises ``RuntimeError``. Eager mode only: under
+        ``torch.compile`` and ``vmap``, and for updates that ``"skip"`` or fp16 may
+        skip, the step computes out of place. ``fit`` donates the states it makes itself.
 
     Returns:
       A :class:`TrainStep`.
@@ -355,6 +408,7 @@ def make_train_step(
         precision=precision,
         loss_scale=loss_scale,
         on_nonfinite=on_nonfinite,
+        donate=donate,
     )
 
 

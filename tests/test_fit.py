@@ -312,8 +312,39 @@ def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
 def test_fit_accepts_a_compiled_step_ci_subset():
     step = fl.make_train_step(classify, on_nonfinite="skip")
     eager = fl.fit(make_state(), step, loaders(shuffle=False), max_epochs=2, log_to_console=False)
-    compiled = fl.fit(make_state(), torch.compile(step), loaders(shuffle=False), max_epochs=2,
-                      log_to_console=False)
+    compiled = fl.fit(
+        make_state(),
+        torch.compile(step),
+        loaders(shuffle=False),
+        max_epochs=2,
+        log_to_console=False,
+    )
     assert compiled.step == eager.step == 12
     for name in eager.params:
         torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
+
+
+def test_best_model_follows_a_single_early_stopping_rule(tmp_path):
+    stopper = fl.EarlyStopping("valid/acc", mode="max", patience=100)
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=4,
+        early_stopping=stopper,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    accs = state.history["valid"]["acc"]
+    best_epoch = max(range(4), key=lambda e: (accs[e], -e)) + 1
+    assert (
+        f"Best model (valid/acc {accs[best_epoch - 1]:.4g} at epoch {best_epoch})"
+        in (tmp_path / "run_training.log").read_text()
+    )
+
+
+def test_resuming_into_a_folder_of_another_model_says_how_to_fix_it(tmp_path):
+    fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False)
+    other = fl.TrainState.create(nn.Linear(6, 2), tx=optim.adam(1e-2), device="cpu")
+    with pytest.raises(fl.CheckpointMismatchError, match="resume=False"):
+        fl.fit(other, classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False)

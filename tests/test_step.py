@@ -361,3 +361,40 @@ def test_metrics_stay_on_device_and_detached():
     )
     assert set(metrics) == {"loss", "acc", "const"}
     assert all(not m.requires_grad and m.dim() == 0 for m in metrics.values())
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+@pytest.mark.parametrize(
+    "tx_fn",
+    [
+        lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2)),
+        lambda: optim.sgd(0.1, momentum=0.9, nesterov=True),
+        lambda: optim.rmsprop(1e-2, centered=True, momentum=0.5),
+    ],
+)
+def test_donating_step_matches_pure_step_and_reuses_memory(tx_fn, ema):
+    data = batches(6)
+    pure_state = fl.TrainState.create(mlp(bn=True), tx=tx_fn(), ema_decay=ema, device="cpu")
+    donated = fl._tree.tree_map(torch.clone, pure_state)
+    pure, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
+    ptrs = {n: p.data_ptr() for n, p in donated.params.items()}
+    for b in data:
+        pure_state, m1 = pure(pure_state, b)
+        donated, m2 = donating(donated, b)
+        torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-12, atol=1e-14)
+    assert {n: p.data_ptr() for n, p in donated.params.items()} == ptrs
+    for a, b in zip(fl._tree.tree_leaves(pure_state), fl._tree.tree_leaves(donated)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_reusing_a_donated_state_fails_loudly():
+    step = fl.make_train_step(classify, donate=True)
+    state = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu")
+    b = batches(1)[0]
+    new_state, _ = step(state, b)
+    newer, _ = step(new_state.replace(epoch=1), b)  # a replaced copy of the latest is fine
+    with pytest.raises(RuntimeError, match="donated to an earlier call"):
+        step(new_state, b)
+    with pytest.raises(RuntimeError, match="donated to an earlier call"):
+        step(state, b)
+    step(newer, b)

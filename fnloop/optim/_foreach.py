@@ -141,6 +141,14 @@ def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
     return list(torch._foreach_lerp(xs, ys, weight))
 
 
+def lerp_(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
+    """In-place :func:`lerp` into ``xs``; use the returned list."""
+    if _batched(xs) or _batched(ys):
+        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys, strict=True)]
+    torch._foreach_lerp_(xs, ys, weight)
+    return xs
+
+
 def sqrt(xs: TensorList) -> TensorList:
     """Element-wise square root."""
     if _batched(xs):
@@ -153,6 +161,23 @@ def maximum(xs: TensorList, ys: TensorList) -> TensorList:
     if _batched(xs) or _batched(ys):
         return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_maximum(xs, ys))
+
+
+def maximum_(xs: TensorList, ys: TensorList) -> TensorList:
+    """In-place :func:`maximum` into ``xs``; use the returned list."""
+    if _batched(xs) or _batched(ys):
+        return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
+    torch._foreach_maximum_(xs, ys)
+    return xs
+
+
+def clamp_(xs: TensorList, low: float, high: float) -> TensorList:
+    """In-place :func:`clamp` into ``xs``; use the returned list."""
+    if _batched(xs):
+        return [torch.clamp(x, low, high) for x in xs]
+    torch._foreach_clamp_min_(xs, low)
+    torch._foreach_clamp_max_(xs, high)
+    return xs
 
 
 def clamp(xs: TensorList, low: float, high: float) -> TensorList:

@@ -33,6 +33,11 @@ class GradientTransformation(NamedTuple):
     ``init(params)`` builds the state; ``update(updates, state, params)`` returns the
     transformed updates and the new state. Neither changes its inputs.
 
+    ``update_`` is the same computation done in place: it writes into ``updates`` and into
+    the tensors of ``state``, which the caller gives up (a donating training step uses it
+    to reuse memory). It is ``None`` for transformations that have no in-place form; all
+    of fnloop's own have one, and ``chain`` has one when every member does.
+
     Example:
       >>> import torch
       >>> from fnloop import optim
@@ -46,6 +51,7 @@ class GradientTransformation(NamedTuple):
 
     init: InitFn
     update: UpdateFn
+    update_: UpdateFn | None = None
 
 
 class EmptyState(NamedTuple):
@@ -70,7 +76,7 @@ def identity() -> GradientTransformation:
         del params
         return updates, state
 
-    return GradientTransformation(init_fn, update_fn)
+    return GradientTransformation(init_fn, update_fn, update_fn)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -94,8 +100,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init_fn(params: Params) -> tuple[OptState, ...]:
         return tuple(t.init(params) for t in transforms)
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def run(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         if len(state) != len(transforms):
             raise ValueError(
@@ -104,11 +110,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             )
         new_states = []
         for t, s in zip(transforms, state, strict=True):
-            updates, s = t.update(updates, s, params)
+            fn = t.update_ if inplace else t.update
+            updates, s = fn(updates, s, params)  # type: ignore[misc]
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return GradientTransformation(init_fn, update_fn)
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return run(updates, state, params, inplace=False)
+
+    def update_inplace(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return run(updates, state, params, inplace=True)
+
+    has_inplace = all(t.update_ is not None for t in transforms)
+    return GradientTransformation(init_fn, update_fn, update_inplace if has_inplace else None)
 
 
 def check_same_structure(updates: Any, params: Any, what: str = "updates") -> None:
@@ -219,8 +237,8 @@ def partition(
         groups = split(params)
         return {label: t.init(groups[label]) for label, t in transforms.items() if groups[label]}
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def run(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         u_groups = split(updates)
         p_groups = split(params) if params is not None else None
@@ -228,8 +246,21 @@ def partition(
         new_state = {}
         for label, s in state.items():
             p = p_groups[label] if p_groups is not None else None
-            u, new_state[label] = transforms[label].update(u_groups[label], s, p)
+            t = transforms[label]
+            fn = t.update_ if inplace else t.update
+            u, new_state[label] = fn(u_groups[label], s, p)  # type: ignore[misc]
             new_updates.update(u)
         return {name: new_updates[name] for name in updates}, new_state
 
-    return GradientTransformation(init_fn, update_fn)
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return run(updates, state, params, inplace=False)
+
+    def update_inplace(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return run(updates, state, params, inplace=True)
+
+    has_inplace = all(t.update_ is not None for t in transforms.values())
+    return GradientTransformation(init_fn, update_fn, update_inplace if has_inplace else None)

@@ -18,6 +18,31 @@ from fnloop.optim.base import GradientTransformation, flatten_like, map_flat
 from fnloop.optim.plateau import ReduceOnPlateau, ReduceOnPlateauState
 from fnloop.typing import OptState, Params, Updates
 
+InplaceUpdate = Callable[[Updates, OptState, "Params | None", bool], "tuple[Updates, OptState]"]
+
+
+def _transformation(
+    init_fn: Callable[[Params], OptState], update: InplaceUpdate
+) -> GradientTransformation:
+    """A transformation from ``update(updates, state, params, inplace)``.
+
+    With ``inplace=False`` the function must leave its inputs alone; with ``True`` it may
+    write into ``updates`` and into ``state``'s tensors, and must return updates that
+    share no storage with the state (later transforms scale them in place).
+    """
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return update(updates, state, params, False)
+
+    def update_inplace(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return update(updates, state, params, True)
+
+    return GradientTransformation(init_fn, update_fn, update_inplace)
+
 
 def _first_leaf(tree: Any) -> torch.Tensor:
     leaves = _tree.tree_leaves(tree)
@@ -75,19 +100,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         del params
         return ()
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        mul = _foreach.mul_ if inplace else _foreach.mul
 
         def clip_leaves(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
             norm = _foreach.global_norm(leaves)
             factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            return _foreach.mul(leaves, factor)
+            return mul(leaves, factor)
 
         return map_flat(clip_leaves, updates), state
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 def clip(max_value: float) -> GradientTransformation:
@@ -106,13 +132,14 @@ def clip(max_value: float) -> GradientTransformation:
         del params
         return ()
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
-        return map_flat(lambda xs: _foreach.clamp(xs, -max_value, max_value), updates), state
+        clamp = _foreach.clamp_ if inplace else _foreach.clamp
+        return map_flat(lambda xs: clamp(xs, -max_value, max_value), updates), state
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 # --------------------------------------------------------------------------- generic
@@ -130,18 +157,17 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         del params
         return ()
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         if weight_decay == 0:
             return updates, state
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        return map_flat(
-            lambda us, ps: _foreach.add(us, ps, alpha=weight_decay), updates, params
-        ), state
+        add = _foreach.add_ if inplace else _foreach.add
+        return map_flat(lambda us, ps: add(us, ps, alpha=weight_decay), updates, params), state
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -184,13 +210,14 @@ def scale_by_learning_rate(
             return plateau.init(_first_leaf(params).device)
 
         def plateau_update(
-            updates: Updates, state: OptState, params: Params | None = None
+            updates: Updates, state: OptState, params: Params | None, inplace: bool
         ) -> tuple[Updates, OptState]:
             del params
+            mul = _foreach.mul_ if inplace else _foreach.mul
             factor = state.lr * sign
-            return map_flat(lambda us: _foreach.mul(us, factor), updates), state
+            return map_flat(lambda us: mul(us, factor), updates), state
 
-        return GradientTransformation(plateau_init, plateau_update)
+        return _transformation(plateau_init, plateau_update)
 
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None:
@@ -205,18 +232,19 @@ def scale_by_learning_rate(
         count = _count(_first_leaf(params))
         return ScaleByLearningRateState(count=count, lr=lr_at(count))
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        mul = _foreach.mul_ if inplace else _foreach.mul
         factor = state.lr * sign
-        updates = map_flat(lambda us: _foreach.mul(us, factor), updates)
+        updates = map_flat(lambda us: mul(us, factor), updates)
         if schedule is None:
             return updates, ScaleByLearningRateState(count=state.count + 1, lr=state.lr)
         count = state.count + 1
         return updates, ScaleByLearningRateState(count=count, lr=lr_at(count))
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -226,13 +254,14 @@ def scale(factor: float) -> GradientTransformation:
         del params
         return ()
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
-        return map_flat(lambda us: _foreach.mul(us, factor), updates), state
+        mul = _foreach.mul_ if inplace else _foreach.mul
+        return map_flat(lambda us: mul(us, factor), updates), state
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 # --------------------------------------------------------------------------- SGD momentum
@@ -261,25 +290,35 @@ def trace(
             momentum_buffer=_tree.tree_map(torch.zeros_like, params),
         )
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
         grads, treedef, (bufs,) = flatten_like(updates, state.momentum_buffer)
-        if dampening == 0.0:
-            new_bufs = _foreach.add(_foreach.mul(bufs, momentum), grads)
-        else:
+        if dampening != 0.0:
             # torch copies the gradient into the buffer on the first step (no dampening).
             first = state.count == 0
             one = torch.ones((), dtype=scalar_dtype(first.device), device=first.device)
             coef = torch.where(first, one, one * (1.0 - dampening))
-            new_bufs = _foreach.add_(_foreach.mul(bufs, momentum), _foreach.mul(grads, coef))
-        out = _foreach.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
+            scaled = _foreach.mul_(grads, coef) if inplace else _foreach.mul(grads, coef)
+            bufs = _foreach.mul_(bufs, momentum) if inplace else _foreach.mul(bufs, momentum)
+            new_bufs = _foreach.add_(bufs, scaled)
+        elif inplace:
+            new_bufs = _foreach.add_(_foreach.mul_(bufs, momentum), grads)
+        else:
+            new_bufs = _foreach.add(grads, bufs, alpha=momentum)  # one pass: g + m * buf
+        if nesterov:
+            add = _foreach.add_ if inplace else _foreach.add
+            out = add(grads, new_bufs, alpha=momentum)
+        else:
+            # In place, later transforms scale the updates in place: they must not be the
+            # momentum buffer itself.
+            out = _foreach.copy_(grads, new_bufs) if inplace else new_bufs
         return _tree.tree_unflatten(treedef, out), TraceState(
             count=state.count + 1, momentum_buffer=_tree.tree_unflatten(treedef, new_bufs)
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 # --------------------------------------------------------------------------- Adam
@@ -319,8 +358,8 @@ def scale_by_adam(
             nu_max=_tree.tree_map(torch.zeros_like, params) if amsgrad else (),
         )
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
         if amsgrad:
@@ -333,16 +372,28 @@ def scale_by_adam(
         t = _as_float(count)
         bc1 = 1.0 - torch.pow(b1, t)
         bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
-        mu = _foreach.lerp(mu, grads, 1.0 - b1)
-        nu = _foreach.addcmul_(_foreach.mul(nu, b2), grads, grads, value=1.0 - b2)
-        if amsgrad:
-            nu_max = _foreach.maximum(nu_max, nu)
-            denom = _foreach.sqrt(nu_max)
+        # m / bc1 / (sqrt(v) / bc2_sqrt + eps) == (bc2_sqrt / bc1) * m / (sqrt(v) + eps * bc2_sqrt):
+        # both corrections folded into 0-d scalars, saving a pass over the tensors.
+        if inplace:
+            mu = _foreach.lerp_(mu, grads, 1.0 - b1)
+            nu = _foreach.addcmul_(_foreach.mul_(nu, b2), grads, grads, value=1.0 - b2)
+            if amsgrad:
+                nu_max = _foreach.maximum_(nu_max, nu)
         else:
-            denom = _foreach.sqrt(nu)
-        _foreach.add_(_foreach.div_(denom, bc2_sqrt), eps)
-        out = _foreach.div_(_foreach.div(mu, denom), bc1)
-        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+            mu = _foreach.lerp(mu, grads, 1.0 - b1)
+            nu = _foreach.addcmul_(_foreach.mul(nu, b2), grads, grads, value=1.0 - b2)
+            if amsgrad:
+                nu_max = _foreach.maximum(nu_max, nu)
+        denom = _foreach.add_(_foreach.sqrt(nu_max if amsgrad else nu), eps * bc2_sqrt)
+        if inplace:
+            out = _foreach.div_(_foreach.copy_(grads, mu), denom)
+        else:
+            out = _foreach.div(mu, denom)
+        out = _foreach.mul_(out, bc2_sqrt / bc1)
+
+        def unflat(xs: list[torch.Tensor]) -> Updates:
+            return _tree.tree_unflatten(treedef, xs)
+
         return unflat(out), ScaleByAdamState(
             count=count,
             mu=unflat(mu),
@@ -350,7 +401,7 @@ def scale_by_adam(
             nu_max=unflat(nu_max) if amsgrad else (),
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 # --------------------------------------------------------------------------- RMSprop
@@ -379,28 +430,33 @@ def scale_by_rms(
             grad_avg=_tree.tree_map(torch.zeros_like, params) if centered else (),
         )
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
         if centered:
             grads, treedef, (sq, gavg) = flatten_like(updates, state.square_avg, state.grad_avg)
         else:
             grads, treedef, (sq,) = flatten_like(updates, state.square_avg)
-        sq = _foreach.addcmul_(_foreach.mul(sq, alpha), grads, grads, value=1.0 - alpha)
+        sq = _foreach.mul_(sq, alpha) if inplace else _foreach.mul(sq, alpha)
+        sq = _foreach.addcmul_(sq, grads, grads, value=1.0 - alpha)
         if centered:
-            gavg = _foreach.lerp(gavg, grads, 1.0 - alpha)
+            lerp = _foreach.lerp_ if inplace else _foreach.lerp
+            gavg = lerp(gavg, grads, 1.0 - alpha)
             avg = _foreach.sqrt(_foreach.addcmul(sq, gavg, gavg, value=-1.0))
         else:
             avg = _foreach.sqrt(sq)
         _foreach.add_(avg, eps)
-        out = _foreach.div(grads, avg)
-        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+        out = _foreach.div_(grads, avg) if inplace else _foreach.div(grads, avg)
+
+        def unflat(xs: list[torch.Tensor]) -> Updates:
+            return _tree.tree_unflatten(treedef, xs)
+
         return unflat(out), ScaleByRmsState(
             square_avg=unflat(sq), grad_avg=unflat(gavg) if centered else ()
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 # --------------------------------------------------------------------------- Adagrad
@@ -429,21 +485,24 @@ def scale_by_adagrad(
             ),
         )
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
+    def update(
+        updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
         grads, treedef, (acc,) = flatten_like(updates, state.sum_of_squares)
-        acc = _foreach.addcmul(acc, grads, grads)
+        acc = (_foreach.addcmul_ if inplace else _foreach.addcmul)(acc, grads, grads)
         std = _foreach.add_(_foreach.sqrt(acc), eps)
-        out = _foreach.div(grads, std)
+        out = _foreach.div_(grads, std) if inplace else _foreach.div(grads, std)
         if lr_decay != 0.0:
             decay = 1.0 + _as_float(state.count) * lr_decay
             out = _foreach.div_(out, decay)
-        unflat = lambda xs: _tree.tree_unflatten(treedef, xs)  # noqa: E731
+
+        def unflat(xs: list[torch.Tensor]) -> Updates:
+            return _tree.tree_unflatten(treedef, xs)
+
         return unflat(out), ScaleByAdagradState(count=state.count + 1, sum_of_squares=unflat(acc))
 
-    return GradientTransformation(init_fn, update_fn)
+    return _transformation(init_fn, update)
 
 
 def learning_rates(opt_state: OptState) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fnloop import _tree as fl_tree
 from fnloop import optim
 
 F64 = torch.float64
@@ -522,3 +523,43 @@ def test_state_from_another_optimizer_is_rejected() -> None:
     params, (grads,) = make_params(), make_grads(1)
     with pytest.raises(ValueError, match="chain of 3 transforms got a state with 4"):
         optim.adam(1e-3).update(grads, optim.rmsprop(1e-3).init(params), params)
+
+
+# ----------------------------------------------------------------------------- in place
+
+
+def tensor_storages(tree: Any) -> set[int]:
+    return {t.data_ptr() for t in fl_tree.tree_leaves(tree) if t.dim() > 0}
+
+
+def inplace_trajectory(
+    tx: optim.GradientTransformation,
+    params: dict[str, torch.Tensor],
+    grads_seq: list[dict[str, torch.Tensor]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Like fnloop_trajectory, with ``update_`` and ``apply_updates_`` (memory reused)."""
+    from fnloop.optim.base import apply_updates_
+
+    params = {name: p.clone() for name, p in params.items()}
+    state = tx.init(params)
+    for grads in grads_seq:
+        grads = {name: g.clone() for name, g in grads.items()}
+        state_ptrs = tensor_storages(state)
+        param_ptrs = storages(params)
+        updates, state = tx.update_(grads, state, params)
+        assert storages(updates).isdisjoint(storages(state)), "updates alias the state"
+        params = apply_updates_(params, updates)
+        assert storages(params) == param_ptrs, "params were not updated in place"
+        # Moments and buffers are written in place (0-d counters may be new tensors).
+        assert tensor_storages(state) == state_ptrs, "state tensors were reallocated"
+        yield {name: p.clone() for name, p in params.items()}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_inplace_update_matches_torch_and_reuses_memory(case: Case, foreach: bool) -> None:
+    tx = case.make(case.lr)
+    assert tx.update_ is not None
+    params, grads = make_params(), make_grads()
+    ours = inplace_trajectory(tx, params, grads)
+    assert_same_trajectory(ours, torch_trajectory(torch_twin(case, foreach), params, grads))
