@@ -202,40 +202,68 @@ def check_amp() -> None:
 # ----------------------------------------------------------------------------- 3. no syncs
 
 
+def _sync_site(err: BaseException) -> str:
+    """The innermost fnloop (or benchmark) frame of a sync error: where the sync came from."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "fnloop" in f.filename]
+    if not frames:
+        return str(err).splitlines()[0][:100]
+    f = frames[-1]
+    return f"sync at {Path(f.filename).name}:{f.lineno} `{(f.line or '').strip()[:70]}`"
+
+
 def check_no_sync() -> None:
-    torch.manual_seed(0)
-    module = cnn().to(DEV)
-    tx = optim.chain(
-        optim.clip_by_global_norm(1.0),
-        optim.adamw(
-            optim.join_schedules(
-                [optim.linear_schedule(1e-3, 0.1, 1.0, 10), optim.cosine_schedule(1e-3, 100)], [10]
-            )
-        ),
+    sched = optim.join_schedules(
+        [optim.linear_schedule(1e-3, 0.1, 1.0, 10), optim.cosine_schedule(1e-3, 100)], [10]
     )
-    state = fl.TrainState.create(module, tx=tx, ema_decay=0.99, device=DEV)
-    for precision in (None, "fp16"):
-        step = fl.make_train_step(classify, precision=precision, on_nonfinite="skip")
+    configs = [
+        ("adamw", dict(tx=optim.adamw(1e-3)), {}),
+        (
+            "adamw + clip",
+            dict(tx=optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))),
+            {},
+        ),
+        ("adamw(schedule)", dict(tx=optim.adamw(sched)), {}),
+        ("sgd momentum + EMA", dict(tx=optim.sgd(0.1, momentum=0.9), ema_decay=0.99), {}),
+        ("adamw, skip", dict(tx=optim.adamw(1e-3)), dict(on_nonfinite="skip")),
+        ("adamw, fp16", dict(tx=optim.adamw(1e-3)), dict(precision="fp16")),
+        ("adamw, bf16, donate", dict(tx=optim.adamw(1e-3)), dict(precision="bf16", donate=True)),
+        (
+            "all: clip, schedule, EMA, fp16, skip",
+            dict(
+                tx=optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(sched)), ema_decay=0.99
+            ),
+            dict(precision="fp16", on_nonfinite="skip"),
+        ),
+    ]
+    batches = [make_batch((1, 8, 8), 64, seed=i) for i in range(8)]
+    for name, create_kw, step_kw in configs:
+        torch.manual_seed(0)
+        state = fl.TrainState.create(cnn().to(DEV), device=DEV, **create_kw)
+        state = fl._tree.tree_map(torch.clone, state)
+        step = fl.make_train_step(classify, **step_kw)
         eval_step = fl.make_eval_step(classify)
         means = fl.MetricMeans()
-        batches = [make_batch((1, 8, 8), 64, seed=i) for i in range(8)]
         for b in batches[:3]:
             state, m = step(state, b)
         torch.cuda.synchronize()
-        try:
-            torch.cuda.set_sync_debug_mode("error")
-            for b in batches[3:]:
-                state, m = step(state, b)
-                means.add(m, 64)
-                means.add(eval_step(state, b), 64)
-            ok, msg = True, "no sync"
-        except RuntimeError as e:
-            ok, msg = False, str(e).splitlines()[0][:120]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        report(
-            f"| no host sync in steady-state steps (precision={precision}, clip, EMA, schedule, skip) | {msg} | {'ok' if ok else 'FAIL'} |"
-        )
+        ok, msg = True, "no sync"
+        for phase in ("train step", "eval step"):
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                for b in batches[3:]:
+                    if phase == "train step":
+                        state, m = step(state, b)
+                        means.add(m, 64)
+                    else:
+                        means.add(eval_step(state, b), 64)
+            except RuntimeError as e:
+                ok, msg = False, f"{phase}: {_sync_site(e)}"
+                break
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        report(f"| no host sync: {name} (train + eval steps) | {msg} | {'ok' if ok else 'FAIL'} |")
 
 
 # ----------------------------------------------------------------------------- 4. speed

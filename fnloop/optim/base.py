@@ -144,18 +144,17 @@ def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], An
     """Leaves of ``updates`` and of each tree in ``others``, checking they match."""
     leaves, treedef = _tree.tree_flatten(updates)
     other_leaves = []
+    check = not torch.compiler.is_compiling()  # treedefs are not traceable everywhere
     for other in others:
         o_leaves, o_def = _tree.tree_flatten(other)
-        if o_def != treedef:
+        if check and o_def != treedef:
             check_same_structure(updates, other)
             raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
         other_leaves.append(o_leaves)
     return leaves, treedef, other_leaves
 
 
-def map_flat(
-    fn: Callable[..., list[torch.Tensor]], updates: Updates, *others: Any
-) -> Updates:
+def map_flat(fn: Callable[..., list[torch.Tensor]], updates: Updates, *others: Any) -> Updates:
     """Applies ``fn(leaves, *other_leaves) -> new_leaves`` and rebuilds the tree."""
     leaves, treedef, other_leaves = flatten_like(updates, *others)
     return _tree.tree_unflatten(treedef, fn(leaves, *other_leaves))
@@ -173,11 +172,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """
     p_leaves, treedef = _tree.tree_flatten(params)
     u_leaves, u_def = _tree.tree_flatten(updates)
-    if u_def != treedef:
+    if not torch.compiler.is_compiling() and u_def != treedef:
         check_same_structure(updates, params)
     u_leaves = [
-        u if u.dtype == p.dtype else u.to(p.dtype)
-        for p, u in zip(p_leaves, u_leaves, strict=True)
+        u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)
     ]
     return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
 
@@ -186,11 +184,10 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     """Like :func:`apply_updates` but writes into ``params``, which the caller gives up."""
     p_leaves, treedef = _tree.tree_flatten(params)
     u_leaves, u_def = _tree.tree_flatten(updates)
-    if u_def != treedef:
+    if not torch.compiler.is_compiling() and u_def != treedef:
         check_same_structure(updates, params)
     u_leaves = [
-        u if u.dtype == p.dtype else u.to(p.dtype)
-        for p, u in zip(p_leaves, u_leaves, strict=True)
+        u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)
     ]
     return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
 
