@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import optree
+import torch
 import torch.utils._pytree as torch_pytree
 
 NAMESPACE = "fnloop"
@@ -77,23 +78,35 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     return cls
 
 
+# While torch.compile traces, the helpers below use torch.utils._pytree, which every
+# supported torch version traces natively (its optree support varies by version).
+
+
 def tree_map(fn: Callable[..., Any], tree: Any, *rests: Any) -> Any:
     """``optree.tree_map`` in fnloop's namespace (``None`` is an empty subtree)."""
+    if torch.compiler.is_compiling():
+        return torch_pytree.tree_map(fn, tree, *rests)
     return optree.tree_map(fn, tree, *rests, namespace=NAMESPACE)
 
 
 def tree_leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree`` in fnloop's namespace."""
+    if torch.compiler.is_compiling():
+        return torch_pytree.tree_leaves(tree)
     return optree.tree_leaves(tree, namespace=NAMESPACE)
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
     """Leaves and treedef of ``tree`` in fnloop's namespace."""
+    if torch.compiler.is_compiling():
+        return torch_pytree.tree_flatten(tree)
     return optree.tree_flatten(tree, namespace=NAMESPACE)
 
 
 def tree_unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
-    """Inverse of :func:`tree_flatten`."""
+    """Inverse of :func:`tree_flatten` (either kind of treedef)."""
+    if isinstance(treedef, torch_pytree.TreeSpec):
+        return torch_pytree.tree_unflatten(list(leaves), treedef)
     return optree.tree_unflatten(treedef, leaves)
 
 

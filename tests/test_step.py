@@ -398,3 +398,24 @@ def test_reusing_a_donated_state_fails_loudly():
     with pytest.raises(RuntimeError, match="donated to an earlier call"):
         step(state, b)
     step(newer, b)
+
+
+@pytest.mark.slow
+def test_compiled_step_has_no_graph_breaks_and_matches_eager_ci_subset():
+    torch._dynamo.reset()
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_schedule(1e-2, 50)))
+    state = fl.TrainState.create(
+        mlp(bn=True, dtype=torch.float32), tx=tx, ema_decay=0.9, device="cpu"
+    )
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+    data = batches(4, dtype=torch.float32)
+    explanation = torch._dynamo.explain(step)(state, data[0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, fullgraph=True)
+    eager_state = compiled_state = state
+    for b in data:
+        eager_state, m1 = step(eager_state, b)
+        compiled_state, m2 = compiled(compiled_state, b)
+        torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fl._tree.tree_leaves(eager_state), fl._tree.tree_leaves(compiled_state)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

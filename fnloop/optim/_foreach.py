@@ -20,7 +20,14 @@ TensorList = list[torch.Tensor]
 
 
 def _batched(xs: Sequence[torch.Tensor]) -> bool:
-    """True inside ``torch.func.vmap``, where foreach ops cannot run."""
+    """True where foreach ops cannot run: inside ``torch.func.vmap``.
+
+    Also true while ``torch.compile`` traces: per-tensor ops trace on every torch version
+    (the vmap check itself breaks the graph on some), work inside a compiled ``vmap``,
+    and the compiler fuses them anyway.
+    """
+    if torch.compiler.is_compiling():
+        return True
     return bool(xs) and _functorch.is_batchedtensor(xs[0])
 
 
@@ -52,9 +59,10 @@ def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorLi
         if _batched(xs) or _batched(ys):
             return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         return list(torch._foreach_add(xs, ys, alpha=alpha))
-    if _batched_any(xs, ys):
+    if _batched_any(xs, ys) or isinstance(ys, torch.Tensor):
+        # CUDA's foreach add with a 0-d tensor reads it on the host: a sync.
         return _keep_dtypes(xs, [x + ys for x in xs], ys)
-    return _keep_dtypes(xs, list(torch._foreach_add(xs, ys)), ys)
+    return list(torch._foreach_add(xs, ys))
 
 
 def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
@@ -64,7 +72,8 @@ def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorL
             return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
-    if _batched_any(xs, ys):
+    if _batched_any(xs, ys) or isinstance(ys, torch.Tensor):
+        # CUDA's foreach add with a 0-d tensor reads it on the host: a sync.
         return [x.add_(ys) for x in xs]
     torch._foreach_add_(xs, ys)
     return xs

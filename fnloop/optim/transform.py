@@ -372,8 +372,6 @@ def scale_by_adam(
         t = _as_float(count)
         bc1 = 1.0 - torch.pow(b1, t)
         bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
-        # m / bc1 / (sqrt(v) / bc2_sqrt + eps) == (bc2_sqrt / bc1) * m / (sqrt(v) + eps * bc2_sqrt):
-        # both corrections folded into 0-d scalars, saving a pass over the tensors.
         if inplace:
             mu = _foreach.lerp_(mu, grads, 1.0 - b1)
             nu = _foreach.addcmul_(_foreach.mul_(nu, b2), grads, grads, value=1.0 - b2)
@@ -384,12 +382,16 @@ def scale_by_adam(
             nu = _foreach.addcmul_(_foreach.mul(nu, b2), grads, grads, value=1.0 - b2)
             if amsgrad:
                 nu_max = _foreach.maximum(nu_max, nu)
-        denom = _foreach.add_(_foreach.sqrt(nu_max if amsgrad else nu), eps * bc2_sqrt)
+        # torch's order: m / bc1 / (sqrt(v) / sqrt(bc2) + eps). eps stays a Python number:
+        # a foreach add of a 0-d tensor would read it on the host.
+        denom = _foreach.add_(
+            _foreach.div_(_foreach.sqrt(nu_max if amsgrad else nu), bc2_sqrt), eps
+        )
         if inplace:
             out = _foreach.div_(_foreach.copy_(grads, mu), denom)
         else:
             out = _foreach.div(mu, denom)
-        out = _foreach.mul_(out, bc2_sqrt / bc1)
+        out = _foreach.mul_(out, 1.0 / bc1)
 
         def unflat(xs: list[torch.Tensor]) -> Updates:
             return _tree.tree_unflatten(treedef, xs)
@@ -544,4 +546,3 @@ __all__ = [
     "scale_by_rms",
     "trace",
 ]
-
