@@ -58,6 +58,38 @@ class EmptyState(NamedTuple):
     """The state of a transformation that keeps none."""
 
 
+def with_inplace(
+    init_fn: InitFn,
+    update: Callable[[Updates, OptState, Params | None, bool], tuple[Updates, OptState]],
+    *,
+    has_inplace: bool = True,
+) -> GradientTransformation:
+    """A transformation from one ``update(updates, state, params, inplace)`` function.
+
+    With ``inplace=False`` the function must leave its inputs alone; with ``True`` it may
+    write into ``updates`` and into ``state``'s tensors, and must return updates that
+    share no storage with the state (later transforms scale them in place).
+    """
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return update(updates, state, params, False)
+
+    def update_inplace(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return update(updates, state, params, True)
+
+    return GradientTransformation(init_fn, update_fn, update_inplace if has_inplace else None)
+
+
+def no_state(params: Params) -> EmptyState:
+    """``init`` of a transformation that keeps no state."""
+    del params
+    return EmptyState()
+
+
 def identity() -> GradientTransformation:
     """A transformation that returns the updates unchanged.
 
@@ -115,18 +147,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return run(updates, state, params, inplace=False)
-
-    def update_inplace(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return run(updates, state, params, inplace=True)
-
-    has_inplace = all(t.update_ is not None for t in transforms)
-    return GradientTransformation(init_fn, update_fn, update_inplace if has_inplace else None)
+    return with_inplace(init_fn, run, has_inplace=all(t.update_ is not None for t in transforms))
 
 
 def check_same_structure(updates: Any, params: Any, what: str = "updates") -> None:
@@ -249,15 +270,5 @@ def partition(
             new_updates.update(u)
         return {name: new_updates[name] for name in updates}, new_state
 
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return run(updates, state, params, inplace=False)
-
-    def update_inplace(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return run(updates, state, params, inplace=True)
-
     has_inplace = all(t.update_ is not None for t in transforms.values())
-    return GradientTransformation(init_fn, update_fn, update_inplace if has_inplace else None)
+    return with_inplace(init_fn, run, has_inplace=has_inplace)

@@ -14,34 +14,15 @@ import torch
 
 from fnloop import _tree
 from fnloop.optim import _foreach
-from fnloop.optim.base import GradientTransformation, flatten_like, map_flat
+from fnloop.optim.base import (
+    GradientTransformation,
+    flatten_like,
+    map_flat,
+    no_state,
+    with_inplace,
+)
 from fnloop.optim.plateau import ReduceOnPlateau, ReduceOnPlateauState
 from fnloop.typing import OptState, Params, Updates
-
-InplaceUpdate = Callable[[Updates, OptState, "Params | None", bool], "tuple[Updates, OptState]"]
-
-
-def _transformation(
-    init_fn: Callable[[Params], OptState], update: InplaceUpdate
-) -> GradientTransformation:
-    """A transformation from ``update(updates, state, params, inplace)``.
-
-    With ``inplace=False`` the function must leave its inputs alone; with ``True`` it may
-    write into ``updates`` and into ``state``'s tensors, and must return updates that
-    share no storage with the state (later transforms scale them in place).
-    """
-
-    def update_fn(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return update(updates, state, params, False)
-
-    def update_inplace(
-        updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]:
-        return update(updates, state, params, True)
-
-    return GradientTransformation(init_fn, update_fn, update_inplace)
 
 
 def _first_leaf(tree: Any) -> torch.Tensor:
@@ -96,10 +77,6 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     check_non_negative("max_norm", max_norm)
 
-    def init_fn(params: Params) -> OptState:
-        del params
-        return ()
-
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
@@ -113,7 +90,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
         return map_flat(clip_leaves, updates), state
 
-    return _transformation(init_fn, update)
+    return with_inplace(no_state, update)
 
 
 def clip(max_value: float) -> GradientTransformation:
@@ -128,10 +105,6 @@ def clip(max_value: float) -> GradientTransformation:
     """
     check_non_negative("max_value", max_value)
 
-    def init_fn(params: Params) -> OptState:
-        del params
-        return ()
-
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
@@ -139,7 +112,7 @@ def clip(max_value: float) -> GradientTransformation:
         clamp = _foreach.clamp_ if inplace else _foreach.clamp
         return map_flat(lambda xs: clamp(xs, -max_value, max_value), updates), state
 
-    return _transformation(init_fn, update)
+    return with_inplace(no_state, update)
 
 
 # --------------------------------------------------------------------------- generic
@@ -153,10 +126,6 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """
     check_non_negative("weight_decay", weight_decay)
 
-    def init_fn(params: Params) -> OptState:
-        del params
-        return ()
-
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
@@ -167,7 +136,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         add = _foreach.add_ if inplace else _foreach.add
         return map_flat(lambda us, ps: add(us, ps, alpha=weight_decay), updates, params), state
 
-    return _transformation(init_fn, update)
+    return with_inplace(no_state, update)
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -217,7 +186,7 @@ def scale_by_learning_rate(
             factor = state.lr * sign
             return map_flat(lambda us: mul(us, factor), updates), state
 
-        return _transformation(plateau_init, plateau_update)
+        return with_inplace(plateau_init, plateau_update)
 
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None:
@@ -244,15 +213,11 @@ def scale_by_learning_rate(
         count = state.count + 1
         return updates, ScaleByLearningRateState(count=count, lr=lr_at(count))
 
-    return _transformation(init_fn, update)
+    return with_inplace(init_fn, update)
 
 
 def scale(factor: float) -> GradientTransformation:
     """Multiplies the updates by a constant ``factor``."""
-
-    def init_fn(params: Params) -> OptState:
-        del params
-        return ()
 
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
@@ -261,7 +226,7 @@ def scale(factor: float) -> GradientTransformation:
         mul = _foreach.mul_ if inplace else _foreach.mul
         return map_flat(lambda us: mul(us, factor), updates), state
 
-    return _transformation(init_fn, update)
+    return with_inplace(no_state, update)
 
 
 # --------------------------------------------------------------------------- SGD momentum
@@ -318,7 +283,7 @@ def trace(
             count=state.count + 1, momentum_buffer=_tree.tree_unflatten(treedef, new_bufs)
         )
 
-    return _transformation(init_fn, update)
+    return with_inplace(init_fn, update)
 
 
 # --------------------------------------------------------------------------- Adam
@@ -403,7 +368,7 @@ def scale_by_adam(
             nu_max=unflat(nu_max) if amsgrad else (),
         )
 
-    return _transformation(init_fn, update)
+    return with_inplace(init_fn, update)
 
 
 # --------------------------------------------------------------------------- RMSprop
@@ -458,7 +423,7 @@ def scale_by_rms(
             square_avg=unflat(sq), grad_avg=unflat(gavg) if centered else ()
         )
 
-    return _transformation(init_fn, update)
+    return with_inplace(init_fn, update)
 
 
 # --------------------------------------------------------------------------- Adagrad
@@ -504,7 +469,7 @@ def scale_by_adagrad(
 
         return unflat(out), ScaleByAdagradState(count=state.count + 1, sum_of_squares=unflat(acc))
 
-    return _transformation(init_fn, update)
+    return with_inplace(init_fn, update)
 
 
 def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
