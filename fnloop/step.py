@@ -63,16 +63,26 @@ class BoundModel:
     use.
     """
 
-    __slots__ = ("buffers", "module", "params")
+    __slots__ = ("buffers", "module", "params", "tied")
 
-    def __init__(self, module: nn.Module, params: Params, buffers: Params) -> None:
+    def __init__(
+        self, module: nn.Module, params: Params, buffers: Params, *, tied: bool = True
+    ) -> None:
         self.module = module
         self.params = params
         self.buffers = buffers
+        self.tied = tied
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Untying costs a walk over the module per call; only modules that share a
+        # tensor under two names (tied embeddings) need it.
         return torch.func.functional_call(
-            self.module, (self.params, self.buffers), args, kwargs, strict=False
+            self.module,
+            (self.params, self.buffers),
+            args,
+            kwargs,
+            tie_weights=self.tied,
+            strict=False,
         )
 
 
@@ -115,6 +125,7 @@ class _Templates:
         self.training = training
         self.source: nn.Module | None = None
         self.template: nn.Module | None = None
+        self.tied = True
 
     def get(self, module: nn.Module) -> nn.Module:
         if module is self.source and self.template is not None:
@@ -124,7 +135,15 @@ class _Templates:
         else:
             template = copy.deepcopy(module).train(self.training)
         self.source, self.template = module, template
+        self.tied = _has_tied_tensors(template)
         return template
+
+
+def _has_tied_tensors(module: nn.Module) -> bool:
+    """Whether one tensor appears under two names (e.g. tied input/output embeddings)."""
+    named = [*module.named_parameters(remove_duplicate=False)]
+    named += [*module.named_buffers(remove_duplicate=False)]
+    return len({id(t) for _, t in named}) != len(named)
 
 
 def _check_output(out: Any, name: str) -> torch.Tensor:
@@ -233,7 +252,9 @@ class TrainStep:
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
             buffers = {n: b.clone() for n, b in state.buffers.items()}
             with autocast(self.precision, device):
-                out = self.training_step(BoundModel(module, params, buffers), batch)
+                out = self.training_step(
+                    BoundModel(module, params, buffers, tied=self._templates.tied), batch
+                )
             loss = _check_output(out, name)
             metrics = _metrics(out, name, device)
             metrics["loss"] = loss.detach().float()
@@ -435,7 +456,8 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module = self._templates.get(state.module)
         with torch.no_grad(), autocast(self.precision, device):
-            out = self.validation_step(BoundModel(module, params, state.buffers), batch)
+            model = BoundModel(module, params, state.buffers, tied=self._templates.tied)
+            out = self.validation_step(model, batch)
         if not isinstance(out, Mapping):
             raise ValueError(
                 f"{name} must return a mapping of metrics such as {{'loss': loss}}; got "

@@ -419,3 +419,31 @@ def test_compiled_step_has_no_graph_breaks_and_matches_eager_ci_subset():
         torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6)
     for a, b in zip(fl._tree.tree_leaves(eager_state), fl._tree.tree_leaves(compiled_state)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+def test_tied_weights_get_the_gradient_of_both_uses():
+    torch.manual_seed(0)
+    module = TiedLM()
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), 0.1)
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    assert list(state.params) == ["emb.weight"]
+    step = fl.make_train_step(lambda model, b: {"loss": F.cross_entropy(model(b), b)})
+    for i in range(3):
+        tokens = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i))
+        state, _ = step(state, tokens)
+        opt.zero_grad()
+        F.cross_entropy(ref(tokens), tokens).backward()
+        opt.step()
+    torch.testing.assert_close(state.params["emb.weight"], ref.emb.weight.detach())
