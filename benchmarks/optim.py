@@ -67,13 +67,18 @@ def minflt() -> int:
 class Contender:
     """A named update step with its own copy of params, grads and optimizer state."""
 
-    def __init__(self, name: str, step: Callable[[], None]) -> None:
+    def __init__(
+        self, name: str, step: Callable[[], None], prepare: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.step = step
+        self.prepare = prepare  # untimed set-up before each step
         self.times: list[float] = []
         self.faults: list[int] = []
 
     def run(self, record: bool) -> None:
+        if self.prepare is not None:
+            self.prepare()
         f0, t0 = minflt(), time.perf_counter()
         self.step()
         t1, f1 = time.perf_counter(), minflt()
@@ -95,6 +100,32 @@ def fnloop_contender(
     c = Contender(name, step)
     c.box = box  # type: ignore[attr-defined]
     return c
+
+
+def fnloop_inplace_contender(
+    name: str, tx: optim.GradientTransformation, params: dict, grads: dict
+) -> Contender:
+    """``tx.update_`` + ``apply_updates_``: what a ``donate=True`` step (and ``fit``) runs.
+
+    The in-place update consumes the gradients, as a step consumes those autograd just
+    made; refilling the gradient buffers happens outside the timed region.
+    """
+    from fnloop.optim.base import apply_updates_
+
+    box: dict[str, Any] = {"params": {n: p.clone() for n, p in params.items()}}
+    box["state"] = tx.init(box["params"])
+    buffers = {n: g.clone() for n, g in grads.items()}
+
+    def prepare() -> None:
+        for n, g in grads.items():
+            buffers[n].copy_(g)
+
+    def step() -> None:
+        assert tx.update_ is not None
+        updates, box["state"] = tx.update_(buffers, box["state"], box["params"])
+        box["params"] = apply_updates_(box["params"], updates)
+
+    return Contender(name, step, prepare)
 
 
 def torch_contender(
@@ -228,6 +259,12 @@ def main() -> None:
         "AdamW(lr=1e-3, weight_decay=1e-2), one update",
         [
             fnloop_contender("fnloop adamw", optim.adamw(1e-3, weight_decay=1e-2), params, grads),
+            fnloop_inplace_contender(
+                "fnloop adamw, in place (donate)",
+                optim.adamw(1e-3, weight_decay=1e-2),
+                params,
+                grads,
+            ),
             fused_contender("(reference: one fused pure transform)", params, grads),
             torch_contender(
                 "torch.optim.AdamW(foreach=True)",
@@ -243,6 +280,12 @@ def main() -> None:
         "SGD(lr=1e-2, momentum=0.9), one update",
         [
             fnloop_contender("fnloop sgd momentum", optim.sgd(1e-2, momentum=0.9), params, grads),
+            fnloop_inplace_contender(
+                "fnloop sgd momentum, in place (donate)",
+                optim.sgd(1e-2, momentum=0.9),
+                params,
+                grads,
+            ),
             torch_contender(
                 "torch.optim.SGD(foreach=True)",
                 lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
