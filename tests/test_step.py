@@ -447,3 +447,37 @@ def test_tied_weights_get_the_gradient_of_both_uses():
         F.cross_entropy(ref(tokens), tokens).backward()
         opt.step()
     torch.testing.assert_close(state.params["emb.weight"], ref.emb.weight.detach())
+
+
+def test_train_step_reads_nothing_back_to_the_host(monkeypatch):
+    """B3: after its first call a step with clipping, EMA, a schedule and the skip policy
+    calls no .item(), bool(), float(), int(), .tolist() or .cpu() on any tensor."""
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_schedule(1e-2, 20)))
+    state = fl.TrainState.create(mlp(bn=True), tx=tx, ema_decay=0.9, device="cpu")
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+    eval_step = fl.make_eval_step(classify)
+    donating = fl.make_train_step(classify, on_nonfinite="skip", donate=True)
+    data = batches(4)
+    state, _ = step(state, data[0])
+    donated = fl._tree.tree_map(torch.clone, state)
+    donated, _ = donating(donated, data[0])
+    calls = []
+
+    def spy(name):
+        def record(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host read: Tensor.{name}")
+
+        return record
+
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    means = fl.MetricMeans()
+    for b in data[1:]:
+        state, metrics = step(state, b)
+        donated, _ = donating(donated, b)
+        means.add(metrics, 8)
+        means.add(eval_step(state, b), 8)
+    monkeypatch.undo()
+    assert calls == []
+    assert state.step == 4
