@@ -63,27 +63,42 @@ class BoundModel:
     use.
     """
 
-    __slots__ = ("buffers", "module", "params", "tied")
+    __slots__ = ("buffers", "module", "params", "slots")
 
     def __init__(
-        self, module: nn.Module, params: Params, buffers: Params, *, tied: bool = True
+        self,
+        module: nn.Module,
+        params: Params,
+        buffers: Params,
+        *,
+        slots: list[tuple[dict[str, Any], str, str]] | None = None,
     ) -> None:
         self.module = module
         self.params = params
         self.buffers = buffers
-        self.tied = tied
+        self.slots = slots
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Untying costs a walk over the module per call; only modules that share a
-        # tensor under two names (tied embeddings) need it.
-        return torch.func.functional_call(
-            self.module,
-            (self.params, self.buffers),
-            args,
-            kwargs,
-            tie_weights=self.tied,
-            strict=False,
-        )
+        if self.slots is None:  # under torch.compile / vmap: the traceable way
+            return torch.func.functional_call(
+                self.module, (self.params, self.buffers), args, kwargs, strict=False
+            )
+        # Eager: put the state's tensors straight into the template's slots for the call
+        # (what functional_call does, without its per-call walks over the module).
+        saved = []
+        try:
+            for table, key, name in self.slots:
+                value = self.params.get(name)
+                if value is None:
+                    value = self.buffers.get(name)
+                    if value is None:
+                        continue
+                saved.append((table, key, table[key]))
+                table[key] = value
+            return self.module(*args, **kwargs)
+        finally:
+            for table, key, old in reversed(saved):
+                table[key] = old
 
 
 def _in_transform(params: Params) -> bool:
@@ -125,7 +140,7 @@ class _Templates:
         self.training = training
         self.source: nn.Module | None = None
         self.template: nn.Module | None = None
-        self.tied = True
+        self.slots: list[tuple[dict[str, Any], str, str]] = []
 
     def get(self, module: nn.Module) -> nn.Module:
         if module is self.source and self.template is not None:
@@ -135,15 +150,28 @@ class _Templates:
         else:
             template = copy.deepcopy(module).train(self.training)
         self.source, self.template = module, template
-        self.tied = _has_tied_tensors(template)
+        self.slots = _tensor_slots(template)
         return template
 
 
-def _has_tied_tensors(module: nn.Module) -> bool:
-    """Whether one tensor appears under two names (e.g. tied input/output embeddings)."""
-    named = [*module.named_parameters(remove_duplicate=False)]
-    named += [*module.named_buffers(remove_duplicate=False)]
-    return len({id(t) for _, t in named}) != len(named)
+def _tensor_slots(module: nn.Module) -> list[tuple[dict[str, Any], str, str]]:
+    """``(owner's _parameters or _buffers dict, key, state name)`` for every tensor slot.
+
+    A tensor tied under several names (shared embeddings) fills each of its slots from
+    the one name the state keeps it under: the first, as ``named_parameters()`` lists it.
+    """
+    first: dict[int, str] = {}
+    slots = []
+    for table_name, named in (
+        ("_parameters", module.named_parameters(remove_duplicate=False)),
+        ("_buffers", module.named_buffers(remove_duplicate=False)),
+    ):
+        for name, tensor in named:
+            state_name = first.setdefault(id(tensor), name)
+            prefix, _, key = name.rpartition(".")
+            owner = module.get_submodule(prefix) if prefix else module
+            slots.append((getattr(owner, table_name), key, state_name))
+    return slots
 
 
 def _check_output(out: Any, name: str) -> torch.Tensor:
@@ -249,19 +277,20 @@ class TrainStep:
     ) -> tuple[Params, torch.Tensor, Metrics, Params]:
         """Gradients of the (scaled) loss, the loss, metrics and the new buffers."""
 
+        transformed = _in_transform(state.params)
+        slots = None if transformed else self._templates.slots
+
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
             buffers = {n: b.clone() for n, b in state.buffers.items()}
             with autocast(self.precision, device):
-                out = self.training_step(
-                    BoundModel(module, params, buffers, tied=self._templates.tied), batch
-                )
+                out = self.training_step(BoundModel(module, params, buffers, slots=slots), batch)
             loss = _check_output(out, name)
             metrics = _metrics(out, name, device)
             metrics["loss"] = loss.detach().float()
             scaled = loss.float() * scale if scale is not None else loss
             return scaled, (loss.detach(), metrics, {n: b.detach() for n, b in buffers.items()})
 
-        if _in_transform(state.params):
+        if transformed:
             grads, (loss, metrics, buffers) = torch.func.grad(loss_fn, has_aux=True)(state.params)
             return grads, loss, metrics, buffers
 
@@ -456,7 +485,8 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module = self._templates.get(state.module)
         with torch.no_grad(), autocast(self.precision, device):
-            model = BoundModel(module, params, state.buffers, tied=self._templates.tied)
+            slots = None if _in_transform(params) else self._templates.slots
+            model = BoundModel(module, params, state.buffers, slots=slots)
             out = self.validation_step(model, batch)
         if not isinstance(out, Mapping):
             raise ValueError(
