@@ -191,18 +191,18 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     >>> optim.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
     {'w': tensor([1.5000, 0.0000])}
     """
-    p_leaves, treedef = _tree.tree_flatten(params)
-    u_leaves, u_def = _tree.tree_flatten(updates)
-    if not torch.compiler.is_compiling() and u_def != treedef:
-        check_same_structure(updates, params)
-    u_leaves = [
-        u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)
-    ]
+    p_leaves, u_leaves, treedef = _aligned_leaves(params, updates)
     return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
 
 
 def apply_updates_(params: Params, updates: Updates) -> Params:
     """Like :func:`apply_updates` but writes into ``params``, which the caller gives up."""
+    p_leaves, u_leaves, treedef = _aligned_leaves(params, updates)
+    return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
+
+
+def _aligned_leaves(params: Params, updates: Updates) -> tuple[list[Any], list[Any], Any]:
+    """Leaves of ``params`` and ``updates`` (cast to the params' dtypes) and the treedef."""
     p_leaves, treedef = _tree.tree_flatten(params)
     u_leaves, u_def = _tree.tree_flatten(updates)
     if not torch.compiler.is_compiling() and u_def != treedef:
@@ -210,7 +210,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     u_leaves = [
         u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)
     ]
-    return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
+    return p_leaves, u_leaves, treedef
 
 
 def partition(
