@@ -261,10 +261,7 @@ class TrainStep:
                 )
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
-        new_state = self._update(state, grads, loss, buffers, loss_scale, donate)
-        if donate:
-            new_state = new_state.replace(params=self._guard.mark(new_state.params))
-        return new_state, metrics
+        return self._update(state, grads, loss, buffers, loss_scale, donate), metrics
 
     def _gradients(
         self,
@@ -357,6 +354,8 @@ class TrainStep:
             new_ema = dict(zip(names, averaged))
             ema = _select(ok, new_ema, ema) if ok is not None else new_ema
 
+        if donate:
+            params = self._guard.mark(params)
         return state.replace(
             params=params,
             opt_state=opt_state,
