@@ -69,6 +69,12 @@ CASES = [
         Adam,
         {"betas": (0.8, 0.99), "eps": 1e-6},
     ),
+    Case(  # beta1 = 0: no first moment; bias correction 1 stays 1
+        "adam-b1-zero",
+        lambda lr: optim.adam(lr, b1=0.0),
+        Adam,
+        {"betas": (0.0, 0.999)},
+    ),
     Case("adam-wd", lambda lr: optim.adam(lr, weight_decay=0.1), Adam, {"weight_decay": 0.1}),
     Case("adam-amsgrad", lambda lr: optim.adam(lr, amsgrad=True), Adam, {"amsgrad": True}),
     Case("adamw", lambda lr: optim.adamw(lr), AdamW),  # both default to weight_decay=1e-2
