@@ -20,7 +20,7 @@ from torch._C import _functorch
 from fnloop import _tree
 from fnloop.batch import to_device
 from fnloop.optim import _foreach
-from fnloop.optim.base import apply_updates, apply_updates_
+from fnloop.optim.base import apply_updates
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
 from fnloop.state import TrainState
 from fnloop.typing import Batch, Metrics, Params
@@ -328,10 +328,9 @@ class TrainStep:
             loss_ok = torch.isfinite(loss)
             ok = loss_ok if ok is None else ok & loss_ok
 
-        inplace = donate and ok is None and state.tx.update_ is not None
+        inplace = donate and ok is None and state.tx.apply_ is not None
         if inplace:
-            updates, opt_state = state.tx.update_(grads, state.opt_state, state.params)  # type: ignore[misc]
-            params = apply_updates_(state.params, updates)
+            params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
         else:
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates)

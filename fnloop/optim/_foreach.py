@@ -143,6 +143,14 @@ def addcdiv(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) 
     return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
 
 
+def addcdiv_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
+    """In-place :func:`addcdiv` into ``xs``; use the returned list (see :func:`addcmul_`)."""
+    if _batched(xs) or _batched(t1):
+        return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
+    torch._foreach_addcdiv_(xs, t1, t2, value=value)
+    return xs
+
+
 def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
     """``x + weight * (y - x)``."""
     if _batched(xs) or _batched(ys):

@@ -1,11 +1,15 @@
-"""Optimizers with ``torch.optim``'s update rules, each only a composition of transforms."""
+"""Optimizers with ``torch.optim``'s update rules: compositions of transforms, plus a fused
+in-place step for the donating training step."""
 
 from __future__ import annotations
 
-from fnloop.optim.base import GradientTransformation, chain, identity
+from fnloop.optim.base import ApplyFn, GradientTransformation, chain, identity
 from fnloop.optim.plateau import ReduceOnPlateau
 from fnloop.optim.transform import (
+    HostCount,
     Schedule,
+    _learning_rate,
+    adam_apply_,
     add_decayed_weights,
     check_non_negative,
     scale_by_adagrad,
@@ -14,6 +18,7 @@ from fnloop.optim.transform import (
     scale_by_rms,
     trace,
 )
+from fnloop.typing import OptState, Params, Updates
 
 LearningRate = float | Schedule | ReduceOnPlateau
 
@@ -101,10 +106,13 @@ def adam(
       tensor([0.9000])
     """
     check_non_negative("weight_decay", weight_decay)
-    return chain(
+    tx = chain(
         add_decayed_weights(weight_decay),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         scale_by_learning_rate(learning_rate),
+    )
+    return tx._replace(
+        apply_=_fused_adam(learning_rate, b1, b2, eps, weight_decay, amsgrad, decoupled=False)
     )
 
 
@@ -141,11 +149,59 @@ def adamw(
       tensor([0.8500])
     """
     check_non_negative("weight_decay", weight_decay)
-    return chain(
+    tx = chain(
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(learning_rate),
     )
+    return tx._replace(
+        apply_=_fused_adam(learning_rate, b1, b2, eps, weight_decay, amsgrad, decoupled=True)
+    )
+
+
+def _fused_adam(
+    learning_rate: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    *,
+    decoupled: bool,
+) -> ApplyFn:
+    """``apply_`` of ``adam`` / ``adamw``: one fused step on the chain's state tuple.
+
+    With a constant (number) learning rate the step's scalars are Python numbers, from
+    the update count kept on the host (see :class:`HostCount`).
+    """
+    _, advance = _learning_rate(learning_rate)
+    at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
+    host_lr = float(learning_rate) if isinstance(learning_rate, int | float) else None
+    host_count = HostCount()
+
+    def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
+        adam_state, lr_state = state[at], state[2]
+        count = host_count.value(adam_state.count) if host_lr is not None else None
+        params, adam_state = adam_apply_(
+            grads,
+            adam_state,
+            params,
+            lr_state.lr if count is None else host_lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            amsgrad=amsgrad,
+            count=count,
+        )
+        if count is not None:
+            host_count.remember(adam_state.count, count + 1)
+        new_state = list(state)
+        new_state[at], new_state[2] = adam_state, advance(lr_state)
+        return params, tuple(new_state)
+
+    return apply_
 
 
 def rmsprop(

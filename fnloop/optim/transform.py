@@ -7,11 +7,13 @@ Each transformation is a state ``NamedTuple`` plus a factory returning a
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
 import torch
+from torch._C import _functorch
 
 from fnloop import _tree
 from fnloop.optim import _foreach
@@ -167,6 +169,42 @@ class ScaleByLearningRateState(NamedTuple):
 Schedule = Callable[[Any], Any]
 
 
+def _learning_rate(
+    learning_rate: float | torch.Tensor | Schedule | ReduceOnPlateau,
+) -> tuple[Callable[[Params], Any], Callable[[Any], Any]]:
+    """``init(params)`` and ``advance(state)`` (the state after one update) of a learning rate.
+
+    The state holds the rate the next update will use in its ``lr`` field.
+    """
+    if isinstance(learning_rate, ReduceOnPlateau):
+        plateau = learning_rate
+
+        def plateau_init(params: Params) -> ReduceOnPlateauState:
+            return plateau.init(_first_leaf(params).device)
+
+        return plateau_init, lambda state: state  # only fit's metric observations change it
+
+    schedule = learning_rate if callable(learning_rate) else None
+    if schedule is None:
+        check_non_negative("learning_rate", learning_rate)  # type: ignore[arg-type]
+
+    def lr_at(count: torch.Tensor) -> torch.Tensor:
+        value = schedule(_as_float(count)) if schedule is not None else learning_rate
+        return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
+
+    def init_fn(params: Params) -> ScaleByLearningRateState:
+        count = _count(_first_leaf(params))
+        return ScaleByLearningRateState(count=count, lr=lr_at(count))
+
+    def advance(state: ScaleByLearningRateState) -> ScaleByLearningRateState:
+        count = state.count + 1
+        return ScaleByLearningRateState(
+            count=count, lr=state.lr if schedule is None else lr_at(count)
+        )
+
+    return init_fn, advance
+
+
 def scale_by_learning_rate(
     learning_rate: float | torch.Tensor | Schedule | ReduceOnPlateau,
     *,
@@ -183,35 +221,8 @@ def scale_by_learning_rate(
     The learning rate the next update will use is kept in the state's ``lr`` field;
     :func:`fnloop.optim.learning_rates` reads it.
     """
-    if isinstance(learning_rate, ReduceOnPlateau):
-        plateau = learning_rate
-        sign = -1.0 if flip_sign else 1.0
-
-        def plateau_init(params: Params) -> ReduceOnPlateauState:
-            return plateau.init(_first_leaf(params).device)
-
-        def plateau_update(
-            updates: Updates, state: OptState, params: Params | None, inplace: bool
-        ) -> tuple[Updates, OptState]:
-            del params
-            mul = _foreach.mul_ if inplace else _foreach.mul
-            factor = state.lr * sign
-            return map_flat(lambda us: mul(us, factor), updates), state
-
-        return with_inplace(plateau_init, plateau_update)
-
-    schedule = learning_rate if callable(learning_rate) else None
-    if schedule is None:
-        check_non_negative("learning_rate", learning_rate)  # type: ignore[arg-type]
+    init_fn, advance = _learning_rate(learning_rate)
     sign = -1.0 if flip_sign else 1.0
-
-    def lr_at(count: torch.Tensor) -> torch.Tensor:
-        value = schedule(_as_float(count)) if schedule is not None else learning_rate
-        return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
-
-    def init_fn(params: Params) -> ScaleByLearningRateState:
-        count = _count(_first_leaf(params))
-        return ScaleByLearningRateState(count=count, lr=lr_at(count))
 
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
@@ -219,11 +230,7 @@ def scale_by_learning_rate(
         del params
         mul = _foreach.mul_ if inplace else _foreach.mul
         factor = state.lr * sign
-        updates = map_flat(lambda us: mul(us, factor), updates)
-        if schedule is None:
-            return updates, ScaleByLearningRateState(count=state.count + 1, lr=state.lr)
-        count = state.count + 1
-        return updates, ScaleByLearningRateState(count=count, lr=lr_at(count))
+        return map_flat(lambda us: mul(us, factor), updates), advance(state)
 
     return with_inplace(init_fn, update)
 
@@ -381,6 +388,89 @@ def scale_by_adam(
         )
 
     return with_inplace(init_fn, update)
+
+
+class HostCount:
+    """The value of the update count an in-place ``apply_`` returned last, kept on the host.
+
+    With it a fused step computes its per-step scalars (bias corrections, step size) as
+    Python numbers and passes them to foreach kernels, as ``torch.optim`` does, instead of
+    running a dozen 0-d tensor ops. It never reads the device in steady state: the value
+    is read once (``int(count)``) when ``apply_`` meets a count it did not return itself
+    (the first step, or a state loaded from a checkpoint), then counted on the host.
+    """
+
+    def __init__(self) -> None:
+        self._count: weakref.ref[torch.Tensor] | None = None
+        self._value = 0
+
+    def value(self, count: torch.Tensor) -> int | None:
+        """The count's value, or ``None`` where it must stay a tensor (compile, vmap)."""
+        if torch.compiler.is_compiling() or _functorch.is_batchedtensor(count):
+            return None
+        if self._count is None or self._count() is not count:
+            self._value = int(count)
+        return self._value
+
+    def remember(self, count: torch.Tensor, value: int) -> None:
+        """Records that ``count`` (a tensor the caller just made) holds ``value``."""
+        self._count, self._value = weakref.ref(count), value
+
+
+def adam_apply_(
+    grads: Updates,
+    state: ScaleByAdamState,
+    params: Params,
+    lr: torch.Tensor | float,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    count: int | None = None,
+) -> tuple[Params, ScaleByAdamState]:
+    """One Adam (or, with ``decoupled``, AdamW) step written into ``params`` and ``state``.
+
+    The fused form of ``scale_by_adam`` + weight decay + ``scale_by_learning_rate`` +
+    ``apply_updates_``; ``grads`` are consumed (written into). With ``count`` (the state's
+    update count on the host) and a float ``lr`` it runs ``torch.optim``'s foreach
+    operation order with Python scalars, bit for bit; otherwise its sync-free order with
+    0-d tensor scalars (one more pass over memory).
+    """
+    trees = (params, state.mu, state.nu, *((state.nu_max,) if amsgrad else ()))
+    g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
+    if weight_decay != 0:
+        if decoupled:
+            p = _foreach.mul_(p, 1.0 - lr * weight_decay)
+        else:
+            g = _foreach.add_(g, p, alpha=weight_decay)
+    mu = _foreach.lerp_(mu, g, 1.0 - b1)
+    nu = _foreach.addcmul_(_foreach.mul_(nu, b2), g, g, value=1.0 - b2)
+    if amsgrad:
+        nu_max = [_foreach.maximum_(nu_max[0], nu)]
+    denom = _foreach.sqrt(nu_max[0] if amsgrad else nu)
+    if count is not None and not isinstance(lr, torch.Tensor):
+        t = count + 1
+        denom = _foreach.add_(_foreach.div_(denom, (1.0 - b2**t) ** 0.5), eps)
+        p = _foreach.addcdiv_(p, mu, denom, value=-lr / (1.0 - b1**t))
+    else:
+        t = _as_float(state.count + 1)
+        denom = _foreach.add_(_foreach.div_(denom, torch.sqrt(1.0 - _power(b2, t))), eps)
+        # p - lr / bc1 * m / denom, with the step size folded into denom (no host read).
+        denom = _foreach.div_(denom, lr / (_power(b1, t) - 1.0))
+        p = _foreach.addcdiv_(p, mu, denom)
+
+    def unflat(xs: list[torch.Tensor]) -> Updates:
+        return _tree.tree_unflatten(treedef, xs)
+
+    return unflat(p), ScaleByAdamState(
+        count=state.count + 1,
+        mu=unflat(mu),
+        nu=unflat(nu),
+        nu_max=unflat(nu_max[0]) if amsgrad else (),
+    )
 
 
 # --------------------------------------------------------------------------- RMSprop

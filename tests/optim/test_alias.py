@@ -569,3 +569,112 @@ def test_inplace_update_matches_torch_and_reuses_memory(case: Case, foreach: boo
     params, grads = make_params(), make_grads()
     ours = inplace_trajectory(tx, params, grads)
     assert_same_trajectory(ours, torch_trajectory(torch_twin(case, foreach), params, grads))
+
+
+def apply_trajectory(
+    tx: optim.GradientTransformation,
+    params: dict[str, torch.Tensor],
+    grads_seq: list[dict[str, torch.Tensor]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Like fnloop_trajectory, with the fused in-place ``apply_`` (memory reused)."""
+    assert tx.apply_ is not None
+    params = {name: p.clone() for name, p in params.items()}
+    state = tx.init(params)
+    param_ptrs = storages(params)
+    state_ptrs = tensor_storages(state)
+    for grads in grads_seq:
+        grads = {name: g.clone() for name, g in grads.items()}
+        params, state = tx.apply_(grads, state, params)
+        assert storages(params) == param_ptrs, "params were not updated in place"
+        assert tensor_storages(state) == state_ptrs, "state tensors were reallocated"
+        yield {name: p.clone() for name, p in params.items()}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "for-loop"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_apply_matches_torch_and_reuses_memory(case: Case, foreach: bool) -> None:
+    params, grads = make_params(), make_grads()
+    ours = apply_trajectory(case.make(case.lr), params, grads)
+    assert_same_trajectory(ours, torch_trajectory(torch_twin(case, foreach), params, grads))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_apply_with_tensor_learning_rate_and_chained_clip_matches_torch(case: Case) -> None:
+    params, grads = make_params(), make_grads()
+    tx = optim.chain(optim.clip_by_global_norm(0.5), case.make(torch.tensor(case.lr, dtype=F64)))
+
+    def reference() -> Iterator[dict[str, torch.Tensor]]:
+        ps = {name: torch.nn.Parameter(p.clone()) for name, p in params.items()}
+        opt = torch_twin(case, True)(list(ps.values()))
+        for g in grads:
+            for name, p in ps.items():
+                p.grad = g[name].clone()
+            torch.nn.utils.clip_grad_norm_(ps.values(), 0.5)
+            opt.step()
+            yield {name: p.detach().clone() for name, p in ps.items()}
+
+    assert_same_trajectory(apply_trajectory(tx, params, grads), reference())
+
+
+@pytest.mark.parametrize(("make", "make_torch", "make_scheduler"), SCHEDULE_CASES)
+def test_apply_follows_the_schedule_as_torch_does(make, make_torch, make_scheduler) -> None:
+    params, grads_seq = make_params(), make_grads()
+    tx = make(lambda t: 0.01 * 0.99**t)
+    assert_same_trajectory(
+        apply_trajectory(tx, params, grads_seq),
+        torch_trajectory(lambda ps: make_torch(ps, True), params, grads_seq, make_scheduler),
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_apply_and_update_keep_interchangeable_states(case: Case) -> None:
+    """A state advanced by ``apply_`` continues under ``update`` and vice versa."""
+    params, grads = make_params(), make_grads(steps=4)
+    tx = case.make(case.lr)
+    mixed = {name: p.clone() for name, p in params.items()}
+    state = tx.init(mixed)
+    for i, g in enumerate(grads):
+        g = {name: x.clone() for name, x in g.items()}
+        if i % 2:
+            updates, state = tx.update(g, state, mixed)
+            mixed = optim.apply_updates(mixed, updates)
+        else:
+            mixed, state = tx.apply_(g, state, mixed)
+    *_, pure = fnloop_trajectory(tx, params, grads)
+    for name in params:
+        assert_close(mixed[name], pure[name], rtol=RTOL, atol=ATOL)
+
+
+def test_partition_apply_runs_each_group_fused() -> None:
+    params, grads = make_params(), make_grads()
+    labels = {name: ("a" if i % 2 else "b") for i, name in enumerate(SHAPES)}
+    tx = optim.partition(
+        {"a": optim.adamw(1e-2, weight_decay=0.1), "b": optim.sgd(1e-2, momentum=0.9)},
+        labels.__getitem__,
+    )
+    *_, ours = apply_trajectory(tx, params, grads)
+    *_, pure = fnloop_trajectory(tx, params, grads)
+    for name in params:
+        assert_close(ours[name], pure[name], rtol=RTOL, atol=ATOL)
+
+
+ADAM_CASES = [c for c in CASES if c.torch_cls in (Adam, AdamW)]
+
+
+@pytest.mark.parametrize("case", ADAM_CASES, ids=[c.id for c in ADAM_CASES])
+def test_fused_adam_apply_is_bit_identical_to_torch_foreach(case: Case) -> None:
+    """With a number learning rate, adam/adamw ``apply_`` runs torch's foreach order with
+    Python scalars: float32 results equal torch's exactly, also after a resume (a count
+    the step did not make itself is read once)."""
+    f32 = torch.float32
+    params, grads = make_params(dtype=f32), make_grads(steps=30, dtype=f32)
+    theirs = list(torch_trajectory(torch_twin(case, True), params, grads))
+    tx = case.make(case.lr)
+    ours = {name: p.clone() for name, p in params.items()}
+    state = tx.init(ours)
+    for step, g in enumerate(grads):
+        if step == 10:  # a "resumed" state: same values, tensors apply_ has not seen
+            state = fl_tree.tree_map(torch.clone, state)
+        ours, state = tx.apply_({n: x.clone() for n, x in g.items()}, state, ours)
+        for name in params:
+            assert torch.equal(ours[name], theirs[step][name]), f"step {step}, {name}"

@@ -178,7 +178,8 @@ def test_tensor_metrics_are_accepted(metric_type) -> None:
         ),
     ],
 )
-def test_updates_use_the_reduced_learning_rate(make_fn, make_torch) -> None:
+@pytest.mark.parametrize("inplace", [False, True], ids=["update", "apply_"])
+def test_updates_use_the_reduced_learning_rate(make_fn, make_torch, inplace) -> None:
     config = {"lr": 0.1, "patience": 1, "factor": 0.5, "cooldown": 1}
     tx = make_fn(fnloop_plateau(config))
     g = torch.Generator().manual_seed(0)
@@ -195,10 +196,13 @@ def test_updates_use_the_reduced_learning_rate(make_fn, make_torch) -> None:
     for metric in metrics:  # an "epoch" of 5 steps, then the metric
         for _ in range(5):
             grads = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in params.items()}
-            updates, state = tx.update(grads, state, params)
-            params = optim.apply_updates(params, updates)
             for n, p in ps.items():
                 p.grad = grads[n].clone()
+            if inplace:  # consumes grads
+                params, state = tx.apply_(grads, state, params)
+            else:
+                updates, state = tx.update(grads, state, params)
+                params = optim.apply_updates(params, updates)
             opt.step()
             for n in params:
                 assert_close(params[n], ps[n].detach(), rtol=1e-9, atol=1e-12)
