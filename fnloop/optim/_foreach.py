@@ -19,7 +19,7 @@ Scalar = float | torch.Tensor
 TensorList = list[torch.Tensor]
 
 
-def _batched(xs: Sequence[torch.Tensor]) -> bool:
+def batched(xs: Sequence[torch.Tensor]) -> bool:
     """True where foreach ops cannot run: inside ``torch.func.vmap``.
 
     Also true while ``torch.compile`` traces: per-tensor ops trace on every torch version
@@ -32,14 +32,14 @@ def _batched(xs: Sequence[torch.Tensor]) -> bool:
 
 
 def _batched_any(xs: Sequence[torch.Tensor], ys: TensorList | Scalar) -> bool:
-    """:func:`_batched` for a list and a second operand that is a list or a scalar.
+    """:func:`batched` for a list and a second operand that is a list or a scalar.
 
     A 0-d tensor scalar can be batched while the list is not (one learning rate per
     model, the same gradients for all), and foreach ops reject it then too.
     """
     if isinstance(ys, list):
-        return _batched(xs) or _batched(ys)
-    return _batched(xs) or (isinstance(ys, torch.Tensor) and _functorch.is_batchedtensor(ys))
+        return batched(xs) or batched(ys)
+    return batched(xs) or (isinstance(ys, torch.Tensor) and _functorch.is_batchedtensor(ys))
 
 
 def _keep_dtypes(xs: TensorList, out: TensorList, ys: TensorList | Scalar) -> TensorList:
@@ -56,7 +56,7 @@ def _keep_dtypes(xs: TensorList, out: TensorList, ys: TensorList | Scalar) -> Te
 def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
     """``x + alpha * y`` for each pair (or ``x + y`` for a scalar ``y``)."""
     if isinstance(ys, list):
-        if _batched(xs) or _batched(ys):
+        if batched(xs) or batched(ys):
             return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         return list(torch._foreach_add(xs, ys, alpha=alpha))
     if _batched_any(xs, ys) or isinstance(ys, torch.Tensor):
@@ -68,7 +68,7 @@ def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorLi
 def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
     """In-place :func:`add` into ``xs``."""
     if isinstance(ys, list):
-        if _batched(xs) or _batched(ys):
+        if batched(xs) or batched(ys):
             return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
@@ -119,7 +119,7 @@ def div_(xs: TensorList, ys: TensorList | Scalar) -> TensorList:
 
 def addcmul(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """``x + value * t1 * t2``."""
-    if _batched(xs) or _batched(t1):
+    if batched(xs) or batched(t1):
         return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     return list(torch._foreach_addcmul(xs, t1, t2, value=value))
 
@@ -130,7 +130,7 @@ def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
     Under ``vmap`` the result is a new list (``addcmul_`` has no batching rule and its
     fallback loops over the batch), so callers must not rely on ``xs`` being written.
     """
-    if _batched(xs) or _batched(t1):
+    if batched(xs) or batched(t1):
         return [torch.addcmul(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     torch._foreach_addcmul_(xs, t1, t2, value=value)
     return xs
@@ -138,14 +138,14 @@ def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
 
 def addcdiv(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """``x + value * t1 / t2``."""
-    if _batched(xs) or _batched(t1):
+    if batched(xs) or batched(t1):
         return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
 
 
 def addcdiv_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """In-place :func:`addcdiv` into ``xs``; use the returned list (see :func:`addcmul_`)."""
-    if _batched(xs) or _batched(t1):
+    if batched(xs) or batched(t1):
         return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
     torch._foreach_addcdiv_(xs, t1, t2, value=value)
     return xs
@@ -153,14 +153,14 @@ def addcdiv_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
 
 def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
     """``x + weight * (y - x)``."""
-    if _batched(xs) or _batched(ys):
+    if batched(xs) or batched(ys):
         return [torch.lerp(x, y, weight) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_lerp(xs, ys, weight))
 
 
 def lerp_(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
     """In-place :func:`lerp` into ``xs``; use the returned list."""
-    if _batched(xs) or _batched(ys):
+    if batched(xs) or batched(ys):
         return [torch.lerp(x, y, weight) for x, y in zip(xs, ys, strict=True)]
     torch._foreach_lerp_(xs, ys, weight)
     return xs
@@ -168,21 +168,21 @@ def lerp_(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
 
 def sqrt(xs: TensorList) -> TensorList:
     """Element-wise square root."""
-    if _batched(xs):
+    if batched(xs):
         return [torch.sqrt(x) for x in xs]
     return list(torch._foreach_sqrt(xs))
 
 
 def maximum(xs: TensorList, ys: TensorList) -> TensorList:
     """Element-wise maximum of each pair."""
-    if _batched(xs) or _batched(ys):
+    if batched(xs) or batched(ys):
         return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_maximum(xs, ys))
 
 
 def maximum_(xs: TensorList, ys: TensorList) -> TensorList:
     """In-place :func:`maximum` into ``xs``; use the returned list."""
-    if _batched(xs) or _batched(ys):
+    if batched(xs) or batched(ys):
         return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
     torch._foreach_maximum_(xs, ys)
     return xs
@@ -190,7 +190,7 @@ def maximum_(xs: TensorList, ys: TensorList) -> TensorList:
 
 def clamp_(xs: TensorList, low: float, high: float) -> TensorList:
     """In-place :func:`clamp` into ``xs``; use the returned list."""
-    if _batched(xs):
+    if batched(xs):
         return [torch.clamp(x, low, high) for x in xs]
     torch._foreach_clamp_min_(xs, low)
     torch._foreach_clamp_max_(xs, high)
@@ -199,14 +199,14 @@ def clamp_(xs: TensorList, low: float, high: float) -> TensorList:
 
 def clamp(xs: TensorList, low: float, high: float) -> TensorList:
     """Element-wise clamp to ``[low, high]``."""
-    if _batched(xs):
+    if batched(xs):
         return [torch.clamp(x, low, high) for x in xs]
     return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, low), high))
 
 
 def norms(xs: TensorList) -> TensorList:
     """The 2-norm of each tensor (0-d tensors)."""
-    if _batched(xs):
+    if batched(xs):
         return [torch.linalg.vector_norm(x) for x in xs]
     return list(torch._foreach_norm(xs))
 
@@ -228,7 +228,7 @@ def full_like(xs: TensorList, value: float) -> TensorList:
 
 def copy_(dst: TensorList, src: TensorList) -> TensorList:
     """Copies ``src`` into ``dst`` (used only when a caller donated ``dst``)."""
-    if _batched(dst) or _batched(src):
+    if batched(dst) or batched(src):
         return [d.copy_(s) for d, s in zip(dst, src, strict=True)]
     torch._foreach_copy_(dst, src)
     return dst
@@ -240,3 +240,40 @@ def where(cond: torch.Tensor, xs: TensorList, ys: TensorList) -> TensorList:
     There is no foreach ``where``; under ``torch.compile`` these fuse into one kernel.
     """
     return [torch.where(cond, x, y) for x, y in zip(xs, ys, strict=True)]
+
+
+def adam_(
+    params: TensorList,
+    grads: TensorList,
+    mu: TensorList,
+    nu: TensorList,
+    nu_max: TensorList | None,
+    *,
+    step: int,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    """One Adam / AdamW step with Python scalars, in place, in ``torch.optim``'s foreach order.
+
+    ``step`` counts this update (1 for the first). Writes ``params``, ``mu``, ``nu`` and
+    ``nu_max`` (amsgrad); ``grads`` are consumed. Eager and unbatched only (callers
+    check): the checks of the per-op helpers above would cost more than the math here.
+    """
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        else:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(mu, grads, 1.0 - b1)
+    torch._foreach_mul_(nu, b2)
+    torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
+    if nu_max is not None:
+        torch._foreach_maximum_(nu_max, nu)
+    denom = torch._foreach_sqrt(nu_max if nu_max is not None else nu)
+    torch._foreach_div_(denom, (1.0 - b2**step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))

@@ -441,22 +441,33 @@ def adam_apply_(
     """
     trees = (params, state.mu, state.nu, *((state.nu_max,) if amsgrad else ()))
     g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
-    if weight_decay != 0:
-        if decoupled:
-            p = _foreach.mul_(p, 1.0 - lr * weight_decay)
-        else:
-            g = _foreach.add_(g, p, alpha=weight_decay)
-    mu = _foreach.lerp_(mu, g, 1.0 - b1)
-    nu = _foreach.addcmul_(_foreach.mul_(nu, b2), g, g, value=1.0 - b2)
-    if amsgrad:
-        nu_max = [_foreach.maximum_(nu_max[0], nu)]
-    denom = _foreach.sqrt(nu_max[0] if amsgrad else nu)
-    if count is not None and not isinstance(lr, torch.Tensor):
-        t = count + 1
-        denom = _foreach.add_(_foreach.div_(denom, (1.0 - b2**t) ** 0.5), eps)
-        p = _foreach.addcdiv_(p, mu, denom, value=-lr / (1.0 - b1**t))
+    if count is not None and not isinstance(lr, torch.Tensor) and not _foreach.batched(p):
+        _foreach.adam_(
+            p,
+            g,
+            mu,
+            nu,
+            nu_max[0] if amsgrad else None,
+            step=count + 1,
+            lr=lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+        )
     else:
+        if weight_decay != 0:
+            if decoupled:
+                p = _foreach.mul_(p, 1.0 - lr * weight_decay)
+            else:
+                g = _foreach.add_(g, p, alpha=weight_decay)
+        mu = _foreach.lerp_(mu, g, 1.0 - b1)
+        nu = _foreach.addcmul_(_foreach.mul_(nu, b2), g, g, value=1.0 - b2)
+        if amsgrad:
+            nu_max = [_foreach.maximum_(nu_max[0], nu)]
         t = _as_float(state.count + 1)
+        denom = _foreach.sqrt(nu_max[0] if amsgrad else nu)
         denom = _foreach.add_(_foreach.div_(denom, torch.sqrt(1.0 - _power(b2, t))), eps)
         # p - lr / bc1 * m / denom, with the step size folded into denom (no host read).
         denom = _foreach.div_(denom, lr / (_power(b1, t) - 1.0))
