@@ -233,8 +233,12 @@ class TrainStep:
             )
         name = _fn_name(self.training_step)
         device = state.device
-        donate = self.donate and not _in_transform(state.params)
-        if donate:
+        # Donation works in eager mode and under torch.compile (where inductor then writes
+        # into the donated buffers), not under vmap. Compiled code cannot read storage
+        # addresses, so only eager calls check for stale states.
+        compiling = torch.compiler.is_compiling()
+        donate = self.donate and (compiling or not _in_transform(state.params))
+        if donate and not compiling:
             self._guard.check(state.params)
         batch = to_device(batch, device)
         module = self._templates.get(state.module)
@@ -328,7 +332,11 @@ class TrainStep:
             loss_ok = torch.isfinite(loss)
             ok = loss_ok if ok is None else ok & loss_ok
 
-        inplace = donate and ok is None and state.tx.apply_ is not None
+        # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
+        # update, written back into the donated tensors at the end (inductor turns those
+        # copies into in-place stores, so no new buffers are allocated per step).
+        write_back = donate and ok is None and torch.compiler.is_compiling()
+        inplace = donate and ok is None and not write_back and state.tx.apply_ is not None
         if inplace:
             params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
         else:
@@ -353,7 +361,11 @@ class TrainStep:
             new_ema = dict(zip(names, averaged))
             ema = _select(ok, new_ema, ema) if ok is not None else new_ema
 
-        if donate:
+        if write_back:
+            params = _write_into(state.params, params)
+            opt_state = _write_into(state.opt_state, opt_state)
+            ema = _write_into(state.ema, ema) if ema is not None else None
+        elif donate:
             params = self._guard.mark(params)
         return state.replace(
             params=params,
@@ -366,6 +378,13 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
+
+
+def _write_into(old: Any, new: Any) -> Any:
+    """Copies each leaf of ``new`` into the matching (donated) leaf of ``old``."""
+    new_leaves, treedef = _tree.tree_flatten(new)
+    old_leaves = _tree.tree_leaves(old)
+    return _tree.tree_unflatten(treedef, [o.copy_(n) for o, n in zip(old_leaves, new_leaves)])
 
 
 def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
@@ -414,9 +433,10 @@ def make_train_step(
         optimizer state and EMA into its storage instead of allocating new tensors (as a
         hand-written loop does), which saves memory and allocation time. A state fresh
         from ``TrainState.create`` shares the module's tensors, so those change too.
-        Passing a donated state again raises ``RuntimeError``. Eager mode only: under
-        ``torch.compile`` and ``vmap``, and for updates that ``"skip"`` or fp16 may
-        skip, the step computes out of place. ``fit`` donates the states it makes itself.
+        Passing a donated state again raises ``RuntimeError`` (in eager mode; compiled
+        code cannot check this). Works in eager mode and under ``torch.compile``; under
+        ``vmap``, and for updates that ``"skip"`` or fp16 may skip, the step computes
+        out of place. ``fit`` donates the states it makes itself.
 
     Returns:
       A :class:`TrainStep`.
