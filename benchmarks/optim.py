@@ -1,4 +1,4 @@
-"""One optimizer update: fnloop (``tx.update`` + ``optim.apply_updates``) vs ``torch.optim``.
+"""One optimizer update: fnloop (``tx.update`` + ``apply_updates``, or ``tx.apply_``) vs torch.
 
 Run: ``python benchmarks/optim.py`` (about 100 float32 tensors, ~10M values) or
 ``python benchmarks/optim.py --quick``. Contenders are interleaved in one process (the order
@@ -105,13 +105,11 @@ def fnloop_contender(
 def fnloop_inplace_contender(
     name: str, tx: optim.GradientTransformation, params: dict, grads: dict
 ) -> Contender:
-    """``tx.update_`` + ``apply_updates_``: what a ``donate=True`` step (and ``fit``) runs.
+    """``tx.apply_``: the fused in-place step a ``donate=True`` train step (and ``fit``) runs.
 
-    The in-place update consumes the gradients, as a step consumes those autograd just
-    made; refilling the gradient buffers happens outside the timed region.
+    It consumes the gradients, as a step consumes those autograd just made; refilling
+    the gradient buffers happens outside the timed region.
     """
-    from fnloop.optim.base import apply_updates_
-
     box: dict[str, Any] = {"params": {n: p.clone() for n, p in params.items()}}
     box["state"] = tx.init(box["params"])
     buffers = {n: g.clone() for n, g in grads.items()}
@@ -121,9 +119,8 @@ def fnloop_inplace_contender(
             buffers[n].copy_(g)
 
     def step() -> None:
-        assert tx.update_ is not None
-        updates, box["state"] = tx.update_(buffers, box["state"], box["params"])
-        box["params"] = apply_updates_(box["params"], updates)
+        assert tx.apply_ is not None
+        box["params"], box["state"] = tx.apply_(buffers, box["state"], box["params"])
 
     return Contender(name, step, prepare)
 

@@ -277,3 +277,37 @@ def adam_(
     torch._foreach_div_(denom, (1.0 - b2**step) ** 0.5)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
+
+
+def sgd_(
+    params: TensorList,
+    grads: TensorList,
+    bufs: TensorList | None,
+    *,
+    first: bool,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> None:
+    """One SGD step with Python scalars, in place, in ``torch.optim``'s foreach order.
+
+    ``bufs`` are the momentum buffers (``None`` without momentum); ``first`` marks the
+    first update, which copies the gradient into them. ``grads`` are consumed. Eager and
+    unbatched only, like :func:`adam_`.
+    """
+    if weight_decay != 0:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
+    step = grads
+    if bufs is not None:
+        if first:
+            torch._foreach_copy_(bufs, grads)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads, alpha=1.0 - dampening)
+        if nesterov:
+            torch._foreach_add_(grads, bufs, alpha=momentum)
+        else:
+            step = bufs
+    torch._foreach_add_(params, step, alpha=-lr)

@@ -3,11 +3,14 @@ in-place step for the donating training step."""
 
 from __future__ import annotations
 
-from fnloop.optim.base import ApplyFn, GradientTransformation, chain, identity
+from fnloop import _tree
+from fnloop.optim import _foreach
+from fnloop.optim.base import ApplyFn, GradientTransformation, chain, flatten_like, identity
 from fnloop.optim.plateau import ReduceOnPlateau
 from fnloop.optim.transform import (
     HostCount,
     Schedule,
+    TraceState,
     _learning_rate,
     adam_apply_,
     add_decayed_weights,
@@ -64,11 +67,47 @@ def sgd(
             f"Nesterov momentum requires a momentum and zero dampening; got "
             f"momentum={momentum}, dampening={dampening}."
         )
-    return chain(
+    tx = chain(
         add_decayed_weights(weight_decay),
         trace(momentum, dampening=dampening, nesterov=nesterov) if momentum > 0 else identity(),
         scale_by_learning_rate(learning_rate),
     )
+    if not isinstance(learning_rate, int | float):
+        return tx  # the chain's in-place step (the learning rate stays a tensor)
+    _, advance = _learning_rate(learning_rate)
+    host_count = HostCount()
+    chained = tx.apply_
+    assert chained is not None
+
+    def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
+        trace_state, lr_state = state[1], state[2]
+        bufs = (trace_state.momentum_buffer,) if momentum > 0 else ()
+        g, treedef, (p, *b) = flatten_like(grads, params, *bufs)
+        if _foreach.batched(p):  # compiling or under vmap: tensors only
+            return chained(grads, state, params)
+        count = host_count.value(trace_state.count) if momentum > 0 else 0
+        assert count is not None
+        _foreach.sgd_(
+            p,
+            g,
+            b[0] if momentum > 0 else None,
+            first=count == 0,
+            lr=float(learning_rate),
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+        )
+        if momentum > 0:
+            trace_state = TraceState(
+                count=trace_state.count + 1,
+                momentum_buffer=_tree.tree_unflatten(treedef, b[0]),
+            )
+            host_count.remember(trace_state.count, count + 1)
+        new_params = _tree.tree_unflatten(treedef, p)
+        return new_params, (state[0], trace_state, advance(lr_state))
+
+    return tx._replace(apply_=apply_)
 
 
 def adam(

@@ -658,12 +658,12 @@ def test_partition_apply_runs_each_group_fused() -> None:
         assert_close(ours[name], pure[name], rtol=RTOL, atol=ATOL)
 
 
-ADAM_CASES = [c for c in CASES if c.torch_cls in (Adam, AdamW)]
+FUSED_CASES = [c for c in CASES if c.torch_cls in (Adam, AdamW, SGD)]
 
 
-@pytest.mark.parametrize("case", ADAM_CASES, ids=[c.id for c in ADAM_CASES])
-def test_fused_adam_apply_is_bit_identical_to_torch_foreach(case: Case) -> None:
-    """With a number learning rate, adam/adamw ``apply_`` runs torch's foreach order with
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c.id for c in FUSED_CASES])
+def test_fused_apply_is_bit_identical_to_torch_foreach(case: Case) -> None:
+    """With a number learning rate, sgd/adam/adamw ``apply_`` runs torch's foreach order with
     Python scalars: float32 results equal torch's exactly, also after a resume (a count
     the step did not make itself is read once)."""
     f32 = torch.float32
