@@ -82,8 +82,10 @@ def test_replace_returns_a_new_state_and_leaves_the_old_one(state: fl.TrainState
 
 
 def test_replace_rejects_unknown_fields(state: fl.TrainState) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="global_step"):
         state.replace(global_step=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.replace(step=1).step = 2  # type: ignore[misc]
 
 
 def test_history_is_immutable(state: fl.TrainState) -> None:
