@@ -14,8 +14,9 @@ batches, cycled):
 * ``fnloop``: ``state, metrics = step(state, batch)`` with
   ``step = fl.make_train_step(training_step)`` on
   ``fl.TrainState.create(module, tx=fl.optim.adamw(1e-3), device="cpu")``.
-* ``fnloop donate``: the same with ``fl.make_train_step(training_step, donate=True)``
-  (each step writes the new state into the previous one's storage, as ``fit`` does).
+* ``fnloop donate``: the same with ``fl.make_train_step(training_step, donate=True)`` on
+  ``state.clone()`` (each step writes the new state into the previous one's storage, as
+  ``fit`` does after making the same copy).
 
 Compiled contenders (``torch.compile`` with default options, inductor):
 
@@ -140,6 +141,8 @@ def fnloop_runner(module: nn.Module, batches: list, compiled: bool = False, dona
     import fnloop as fl
 
     state = fl.TrainState.create(module, tx=fl.optim.adamw(1e-3), device="cpu")
+    if donate:  # as fit does: a private copy, laid out for the fused optimizer step
+        state = state.clone()
     step = (
         fl.make_train_step(training_step, donate=True)
         if donate

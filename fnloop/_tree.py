@@ -82,11 +82,16 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
 # supported torch version traces natively (its optree support varies by version).
 
 
-def tree_map(fn: Callable[..., Any], tree: Any, *rests: Any) -> Any:
+def tree_map(
+    fn: Callable[..., Any],
+    tree: Any,
+    *rests: Any,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Any:
     """``optree.tree_map`` in fnloop's namespace (``None`` is an empty subtree)."""
     if torch.compiler.is_compiling():
-        return torch_pytree.tree_map(fn, tree, *rests)
-    return optree.tree_map(fn, tree, *rests, namespace=NAMESPACE)
+        return torch_pytree.tree_map(fn, tree, *rests, is_leaf=is_leaf)
+    return optree.tree_map(fn, tree, *rests, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
 def tree_leaves(tree: Any) -> list[Any]:

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from fnloop import _tree
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList
 from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
@@ -471,7 +470,7 @@ class _Run:
             ckpt.set_rng_state(rng)
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
-            self.state = _tree.tree_map(torch.clone, given)
+            self.state = given.clone()
         state = self.callbacks("on_fit_start", self.state)
         if self.stop_reason:
             self.logger.info(f"Training had stopped early: {self.stop_reason}")

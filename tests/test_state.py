@@ -296,3 +296,26 @@ def test_state_dict_of_tied_weights_loads_strictly() -> None:
     fresh.load_state_dict(sd, strict=True)
     assert torch.equal(fresh.emb.weight, state.params["emb.weight"])
     assert fresh.out.weight is fresh.emb.weight
+
+
+def test_clone_copies_every_tensor_and_lays_out_each_group_in_one_buffer() -> None:
+    from fnloop.optim import _foreach
+
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    state = fl.TrainState.create(module, tx=optim.adamw(1e-3), ema_decay=0.9, device="cpu")
+    copy = state.clone()
+    assert isinstance(copy, fl.TrainState)
+    assert optree.tree_structure(copy, namespace="fnloop") == optree.tree_structure(
+        state, namespace="fnloop"
+    )
+    ours = optree.tree_leaves(copy, namespace="fnloop")
+    theirs = optree.tree_leaves(state, namespace="fnloop")
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape
+    storages = {t.untyped_storage().data_ptr() for t in theirs}
+    assert not any(t.untyped_storage().data_ptr() in storages for t in ours)
+    adam = copy.opt_state[0]
+    for group in (copy.params, copy.ema, adam.mu, adam.nu):
+        assert _foreach.flat(list(group.values())) is not None
+    # BatchNorm's buffers mix float and int64 tensors: copied one by one.
+    assert _foreach.flat(list(copy.buffers.values())) is None

@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from fnloop import _tree as fl_tree
 from fnloop import optim
+from fnloop.optim import _foreach
 
 F64 = torch.float64
 STEPS = 50
@@ -661,8 +662,18 @@ def test_partition_apply_runs_each_group_fused() -> None:
 FUSED_CASES = [c for c in CASES if c.torch_cls in (Adam, AdamW, SGD)]
 
 
+def flat_copy(tree: Any) -> Any:
+    """Each dict of tensors copied into one buffer, as ``TrainState.clone`` lays it out."""
+    from fnloop.state import _clone_group, _is_group
+
+    return fl_tree.tree_map(_clone_group, tree, is_leaf=_is_group)
+
+
+@pytest.mark.parametrize("layout", ["separate", "flat"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=[c.id for c in FUSED_CASES])
-def test_fused_apply_is_bit_identical_to_torch_foreach(case: Case) -> None:
+def test_fused_apply_is_bit_identical_to_torch_foreach(
+    case: Case, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a number learning rate, sgd/adam/adamw ``apply_`` runs torch's foreach order with
     Python scalars: float32 results equal torch's exactly, also after a resume (a count
     the step did not make itself is read once)."""
@@ -672,9 +683,23 @@ def test_fused_apply_is_bit_identical_to_torch_foreach(case: Case) -> None:
     tx = case.make(case.lr)
     ours = {name: p.clone() for name, p in params.items()}
     state = tx.init(ours)
+    joined = []
+    flat_lists = _foreach._flat_lists
+
+    def spy(*lists: Any) -> Any:
+        out = flat_lists(*lists)
+        joined.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_foreach, "_flat_lists", spy)
+    if layout == "flat":
+        ours, state = flat_copy(ours), flat_copy(state)
     for step, g in enumerate(grads):
         if step == 10:  # a "resumed" state: same values, tensors apply_ has not seen
-            state = fl_tree.tree_map(torch.clone, state)
+            state = (
+                fl_tree.tree_map(torch.clone, state) if layout == "separate" else flat_copy(state)
+            )
         ours, state = tx.apply_({n: x.clone() for n, x in g.items()}, state, ours)
         for name in params:
             assert torch.equal(ours[name], theirs[step][name]), f"step {step}, {name}"
+    assert joined == [layout == "flat"] * len(grads)  # one tensor per group, or foreach
