@@ -241,7 +241,7 @@ def check_no_sync() -> None:
     for name, create_kw, step_kw in configs:
         torch.manual_seed(0)
         state = fl.TrainState.create(cnn().to(DEV), device=DEV, **create_kw)
-        state = fl._tree.tree_map(torch.clone, state)
+        state = state.clone()
         step = fl.make_train_step(classify, **step_kw)
         eval_step = fl.make_eval_step(classify)
         means = fl.MetricMeans()
@@ -288,9 +288,9 @@ def time_blocks(fns: dict[str, Callable[[], None]], blocks: int, steps: int) -> 
 def bench_steps(blocks: int, compile_too: bool) -> None:
     report("")
     report(
-        "| model | hand loop µs/step | fnloop eager µs/step | ratio | fnloop eager donate=True µs/step | ratio | fnloop compiled µs/step | ratio |"
+        "| model | hand loop µs/step | fnloop eager µs/step | ratio | fnloop eager donate=True µs/step | ratio | fnloop compiled µs/step | ratio | fnloop compiled donate=True µs/step | ratio |"
     )
-    report("|---|---|---|---|---|---|---|---|")
+    report("|---|---|---|---|---|---|---|---|---|---|")
     for name, (mk, shape, b) in MODELS.items():
         torch.manual_seed(0)
         module = mk().to(DEV)
@@ -307,9 +307,7 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
         dstep = fl.make_train_step(classify, donate=True)
         holder = {
             "s": fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV),
-            "d": fl._tree.tree_map(
-                torch.clone, fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV)
-            ),
+            "d": fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV).clone(),
         }
 
         def fn_step() -> None:
@@ -319,22 +317,32 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
             holder["d"], _ = dstep(holder["d"], batch)
 
         fns = {"hand": hand_step, "fnloop": fn_step, "donate": d_step}
-        compiled_cell = "-"
+        compiled_cells = "- | - | - | -"
         if compile_too:
             cstep = torch.compile(step)
+            cdstep = torch.compile(dstep)
             holder["c"] = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV)
+            holder["cd"] = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV).clone()
 
             def c_step() -> None:
                 holder["c"], _ = cstep(holder["c"], batch)
 
+            def cd_step() -> None:
+                holder["cd"], _ = cdstep(holder["cd"], batch)
+
             for _ in range(3):
                 c_step()
+                cd_step()
             fns["compiled"] = c_step
+            fns["compiled donate"] = cd_step
         med = time_blocks(fns, blocks, 50)
         if compile_too:
-            compiled_cell = f"{med['compiled']:.0f} | {med['compiled'] / med['hand']:.2f}"
+            compiled_cells = " | ".join(
+                f"{med[k]:.0f} | {med[k] / med['hand']:.2f}"
+                for k in ("compiled", "compiled donate")
+            )
         report(
-            f"| {name} | {med['hand']:.0f} | {med['fnloop']:.0f} | {med['fnloop'] / med['hand']:.2f} | {med['donate']:.0f} | {med['donate'] / med['hand']:.2f} | {compiled_cell} |"
+            f"| {name} | {med['hand']:.0f} | {med['fnloop']:.0f} | {med['fnloop'] / med['hand']:.2f} | {med['donate']:.0f} | {med['donate'] / med['hand']:.2f} | {compiled_cells} |"
         )
 
 
