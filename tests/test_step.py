@@ -516,3 +516,27 @@ def test_train_step_reads_nothing_back_to_the_host(monkeypatch):
     monkeypatch.undo()
     assert calls == []
     assert state.step == 4
+
+
+def test_donating_steps_of_two_states_sharing_one_optimizer_read_nothing(monkeypatch):
+    """The fused step keeps each state's update count on the host: after the first call
+    per state, alternating two states that share one ``tx`` reads nothing back."""
+    tx = optim.adamw(1e-2)
+    states = [
+        fl.TrainState.create(mlp(), tx=tx, device="cpu").clone(),
+        fl.TrainState.create(mlp(), tx=tx, device="cpu").clone(),
+    ]
+    step = fl.make_train_step(classify, donate=True)
+    data = batches(4)
+    states = [step(s, data[0])[0] for s in states]
+
+    def spy(self, *args, **kwargs):
+        raise AssertionError("host read")
+
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for b in data[1:]:
+        states = [step(s, b)[0] for s in states]
+    monkeypatch.undo()
+    for s in states:
+        assert s.step == 4 and int(s.opt_state[0].count) == 4

@@ -391,30 +391,41 @@ def scale_by_adam(
 
 
 class HostCount:
-    """The value of the update count an in-place ``apply_`` returned last, kept on the host.
+    """The values of the update counts an in-place ``apply_`` returned, kept on the host.
 
-    With it a fused step computes its per-step scalars (bias corrections, step size) as
+    With them a fused step computes its per-step scalars (bias corrections, step size) as
     Python numbers and passes them to foreach kernels, as ``torch.optim`` does, instead of
-    running a dozen 0-d tensor ops. It never reads the device in steady state: the value
-    is read once (``int(count)``) when ``apply_`` meets a count it did not return itself
-    (the first step, or a state loaded from a checkpoint), then counted on the host.
+    running a dozen 0-d tensor ops. It never reads the device in steady state: a count
+    is read once (``int(count)``) when ``apply_`` meets one it did not return itself (the
+    first step, or a state loaded from a checkpoint), then counted on the host. Several
+    states may share one optimizer (two models, or one transform in two parameter
+    groups): each live count tensor has its own entry, dropped when the tensor is freed.
     """
 
     def __init__(self) -> None:
-        self._count: weakref.ref[torch.Tensor] | None = None
-        self._value = 0
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def value(self, count: torch.Tensor) -> int | None:
         """The count's value, or ``None`` where it must stay a tensor (compile, vmap)."""
         if torch.compiler.is_compiling() or _functorch.is_batchedtensor(count):
             return None
-        if self._count is None or self._count() is not count:
-            self._value = int(count)
-        return self._value
+        entry = self._known.get(id(count))
+        if entry is not None and entry[0]() is count:
+            return entry[1]
+        value = int(count)
+        self.remember(count, value)
+        return value
 
     def remember(self, count: torch.Tensor, value: int) -> None:
         """Records that ``count`` (a tensor the caller just made) holds ``value``."""
-        self._count, self._value = weakref.ref(count), value
+        key = id(count)
+        known = self._known
+
+        def forget(ref: weakref.ref[torch.Tensor]) -> None:
+            if known.get(key, (None,))[0] is ref:
+                del known[key]
+
+        known[key] = (weakref.ref(count, forget), value)
 
 
 def adam_apply_(
