@@ -286,7 +286,7 @@ def adam_(
     nu_max: TensorList | None,
     *,
     step: int,
-    lr: float,
+    lr: float | torch.Tensor,
     b1: float,
     b2: float,
     eps: float,
@@ -295,7 +295,8 @@ def adam_(
 ) -> None:
     """One Adam / AdamW step with Python scalars, in place, in ``torch.optim``'s foreach order.
 
-    ``step`` counts this update (1 for the first). Writes ``params``, ``mu``, ``nu`` and
+    ``step`` counts this update (1 for the first); ``lr`` may be a 0-d tensor (a
+    schedule's), which then stays on the device. Writes ``params``, ``mu``, ``nu`` and
     ``nu_max`` (amsgrad); ``grads`` are consumed. Eager and unbatched only (callers
     check): the checks of the per-op helpers above would cost more than the math here.
     Groups laid out back to back (see :func:`flat`) are updated as single tensors.
@@ -316,7 +317,11 @@ def adam_(
     denom = torch._foreach_sqrt(nu_max if nu_max is not None else nu)
     torch._foreach_div_(denom, (1.0 - b2**step) ** 0.5)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
+    if isinstance(lr, torch.Tensor):  # fold -lr / bc1 into denom: no host read of lr
+        torch._foreach_div_(denom, lr * (-1.0 / (1.0 - b1**step)))
+        torch._foreach_addcdiv_(params, mu, denom)
+    else:
+        torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
 
 
 def sgd_(

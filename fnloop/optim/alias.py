@@ -210,8 +210,8 @@ def _fused_adam(
 ) -> ApplyFn:
     """``apply_`` of ``adam`` / ``adamw``: one fused step on the chain's state tuple.
 
-    With a constant (number) learning rate the step's scalars are Python numbers, from
-    the update count kept on the host (see :class:`HostCount`).
+    The bias corrections are Python numbers, from the update count kept on the host (see
+    :class:`HostCount`); so is the learning rate when it is a number.
     """
     _, advance = _learning_rate(learning_rate)
     at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
@@ -220,12 +220,12 @@ def _fused_adam(
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         adam_state, lr_state = state[at], state[2]
-        count = host_count.value(adam_state.count) if host_lr is not None else None
+        count = host_count.value(adam_state.count)
         params, adam_state = adam_apply_(
             grads,
             adam_state,
             params,
-            lr_state.lr if count is None else host_lr,
+            lr_state.lr if host_lr is None else host_lr,
             b1=b1,
             b2=b2,
             eps=eps,

@@ -446,13 +446,13 @@ def adam_apply_(
 
     The fused form of ``scale_by_adam`` + weight decay + ``scale_by_learning_rate`` +
     ``apply_updates_``; ``grads`` are consumed (written into). With ``count`` (the state's
-    update count on the host) and a float ``lr`` it runs ``torch.optim``'s foreach
-    operation order with Python scalars, bit for bit; otherwise its sync-free order with
-    0-d tensor scalars (one more pass over memory).
+    update count on the host) it runs ``torch.optim``'s foreach operation order with
+    Python scalars (bit for bit with a float ``lr``; a 0-d tensor ``lr`` stays on the
+    device); otherwise its sync-free order with 0-d tensor scalars.
     """
     trees = (params, state.mu, state.nu, *((state.nu_max,) if amsgrad else ()))
     g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
-    if count is not None and not isinstance(lr, torch.Tensor) and not _foreach.batched(p):
+    if count is not None and not _foreach.batched(p):
         _foreach.adam_(
             p,
             g,
