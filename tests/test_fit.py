@@ -319,9 +319,17 @@ def test_fit_accepts_a_compiled_step_ci_subset():
         max_epochs=2,
         log_to_console=False,
     )
-    assert compiled.step == eager.step == 12
+    donating = fl.fit(
+        make_state(),
+        torch.compile(fl.make_train_step(classify, donate=True)),  # writes back in place
+        loaders(shuffle=False),
+        max_epochs=2,
+        log_to_console=False,
+    )
+    assert compiled.step == eager.step == donating.step == 12
     for name in eager.params:
         torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(donating.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
 
 
 def test_best_model_follows_a_single_early_stopping_rule(tmp_path):
