@@ -74,10 +74,27 @@ def sgd(
     )
     if not isinstance(learning_rate, int | float):
         return tx  # the chain's in-place step (the learning rate stays a tensor)
+    assert tx.apply_ is not None
+    return tx._replace(
+        apply_=_fused_sgd(
+            float(learning_rate), momentum, dampening, nesterov, weight_decay, chained=tx.apply_
+        )
+    )
+
+
+def _fused_sgd(
+    learning_rate: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    *,
+    chained: ApplyFn,
+) -> ApplyFn:
+    """``apply_`` of ``sgd`` with a number learning rate: one fused step on the chain's
+    state tuple, the chain's own ``chained`` one while compiling or under ``vmap``."""
     _, advance = _learning_rate(learning_rate)
     host_count = HostCount()
-    chained = tx.apply_
-    assert chained is not None
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         trace_state, lr_state = state[1], state[2]
@@ -92,7 +109,7 @@ def sgd(
             g,
             b[0] if momentum > 0 else None,
             first=count == 0,
-            lr=float(learning_rate),
+            lr=learning_rate,
             weight_decay=weight_decay,
             momentum=momentum,
             dampening=dampening,
@@ -107,7 +124,7 @@ def sgd(
         new_params = _tree.tree_unflatten(treedef, p)
         return new_params, (state[0], trace_state, advance(lr_state))
 
-    return tx._replace(apply_=apply_)
+    return apply_
 
 
 def adam(
