@@ -540,3 +540,22 @@ def test_donating_steps_of_two_states_sharing_one_optimizer_read_nothing(monkeyp
     monkeypatch.undo()
     for s in states:
         assert s.step == 4 and int(s.opt_state[0].count) == 4
+
+
+@pytest.mark.parametrize("make_tx", [optim.adamw, optim.sgd], ids=["adamw", "sgd"])
+def test_donating_step_uses_each_states_own_learning_rate(make_tx):
+    """Unstacked states keep states[0]'s ``tx`` but their own learning rates: the fused
+    step must follow the state, as the pure one does."""
+    states = [
+        fl.TrainState.create(mlp(seed=0), tx=make_tx(lr), device="cpu") for lr in (0.1, 0.01)
+    ]
+    _, second = fl.unstack_states(fl.stack_states(states))
+    assert second.tx is states[0].tx
+    data = batches(3)
+    pure, donated = second, second.clone()
+    step, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
+    for b in data:
+        pure, _ = step(pure, b)
+        donated, _ = donating(donated, b)
+    for name in pure.params:
+        torch.testing.assert_close(donated.params[name], pure.params[name], rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ from fnloop.optim import _foreach
 from fnloop.optim.base import ApplyFn, GradientTransformation, chain, flatten_like, identity
 from fnloop.optim.plateau import ReduceOnPlateau
 from fnloop.optim.transform import (
-    HostCount,
+    HostValues,
     Schedule,
     TraceState,
     _learning_rate,
@@ -94,7 +94,7 @@ def _fused_sgd(
     """``apply_`` of ``sgd`` with a number learning rate: one fused step on the chain's
     state tuple, the chain's own ``chained`` one while compiling or under ``vmap``."""
     _, advance = _learning_rate(learning_rate)
-    host_count = HostCount()
+    counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         trace_state, lr_state = state[1], state[2]
@@ -102,14 +102,16 @@ def _fused_sgd(
         g, treedef, (p, *b) = flatten_like(grads, params, *bufs)
         if _foreach.batched(p):  # compiling or under vmap: tensors only
             return chained(grads, state, params)
-        count = host_count.value(trace_state.count) if momentum > 0 else 0
-        assert count is not None
+        count = counts.value(trace_state.count) if momentum > 0 else 0
+        lr = rates.value(lr_state.lr)  # the state's own rate: unstacked states have theirs
+        if count is None or lr is None:
+            return chained(grads, state, params)
         _foreach.sgd_(
             p,
             g,
             b[0] if momentum > 0 else None,
             first=count == 0,
-            lr=learning_rate,
+            lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
             dampening=dampening,
@@ -120,7 +122,7 @@ def _fused_sgd(
                 count=trace_state.count + 1,
                 momentum_buffer=_tree.tree_unflatten(treedef, b[0]),
             )
-            host_count.remember(trace_state.count, count + 1)
+            counts.remember(trace_state.count, count + 1)
         new_params = _tree.tree_unflatten(treedef, p)
         return new_params, (state[0], trace_state, advance(lr_state))
 
@@ -228,21 +230,24 @@ def _fused_adam(
     """``apply_`` of ``adam`` / ``adamw``: one fused step on the chain's state tuple.
 
     The bias corrections are Python numbers, from the update count kept on the host (see
-    :class:`HostCount`); so is the learning rate when it is a number.
+    :class:`HostValues`); so is the learning rate when it is constant.
     """
     _, advance = _learning_rate(learning_rate)
     at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
-    host_lr = float(learning_rate) if isinstance(learning_rate, int | float) else None
-    host_count = HostCount()
+    constant_lr = isinstance(learning_rate, int | float)
+    counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         adam_state, lr_state = state[at], state[2]
-        count = host_count.value(adam_state.count)
+        count = counts.value(adam_state.count)
+        # The state's own rate (unstacked states have their own), on the host when it is
+        # constant (the same tensor every step); a schedule's stays on the device.
+        lr = rates.value(lr_state.lr) if constant_lr else None
         params, adam_state = adam_apply_(
             grads,
             adam_state,
             params,
-            lr_state.lr if host_lr is None else host_lr,
+            lr_state.lr if lr is None else lr,
             b1=b1,
             b2=b2,
             eps=eps,
@@ -252,7 +257,7 @@ def _fused_adam(
             count=count,
         )
         if count is not None:
-            host_count.remember(adam_state.count, count + 1)
+            counts.remember(adam_state.count, count + 1)
         new_state = list(state)
         new_state[at], new_state[2] = adam_state, advance(lr_state)
         return params, tuple(new_state)

@@ -390,42 +390,46 @@ def scale_by_adam(
     return with_inplace(init_fn, update)
 
 
-class HostCount:
-    """The values of the update counts an in-place ``apply_`` returned, kept on the host.
+class HostValues:
+    """Host-side copies of 0-d tensors of optimizer states (update counts, learning rates).
 
     With them a fused step computes its per-step scalars (bias corrections, step size) as
     Python numbers and passes them to foreach kernels, as ``torch.optim`` does, instead of
-    running a dozen 0-d tensor ops. It never reads the device in steady state: a count
-    is read once (``int(count)``) when ``apply_`` meets one it did not return itself (the
-    first step, or a state loaded from a checkpoint), then counted on the host. Several
-    states may share one optimizer (two models, or one transform in two parameter
-    groups): each live count tensor has its own entry, dropped when the tensor is freed.
+    running a dozen 0-d tensor ops. It never reads the device in steady state: a tensor
+    is read once (``int(t)`` or ``float(t)``) when it is met for the first time (the
+    first step, a state loaded from a checkpoint, a learning rate that ``fit`` reduced on
+    a plateau); a count the step makes is recorded with :meth:`remember` instead, and a
+    constant learning rate is the same tensor from step to step. Several states may share
+    one optimizer (two models, one transform in two parameter groups, unstacked states
+    with their own learning rates): each live tensor has its own entry, dropped when the
+    tensor is freed.
     """
 
-    def __init__(self) -> None:
-        self._known: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self._kind = kind
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
 
-    def value(self, count: torch.Tensor) -> int | None:
-        """The count's value, or ``None`` where it must stay a tensor (compile, vmap)."""
-        if torch.compiler.is_compiling() or _functorch.is_batchedtensor(count):
+    def value(self, t: torch.Tensor) -> Any:
+        """The value of ``t``, or ``None`` where it must stay a tensor (compile, vmap)."""
+        if torch.compiler.is_compiling() or _functorch.is_batchedtensor(t):
             return None
-        entry = self._known.get(id(count))
-        if entry is not None and entry[0]() is count:
+        entry = self._known.get(id(t))
+        if entry is not None and entry[0]() is t:
             return entry[1]
-        value = int(count)
-        self.remember(count, value)
+        value = self._kind(t)
+        self.remember(t, value)
         return value
 
-    def remember(self, count: torch.Tensor, value: int) -> None:
-        """Records that ``count`` (a tensor the caller just made) holds ``value``."""
-        key = id(count)
+    def remember(self, t: torch.Tensor, value: Any) -> None:
+        """Records that ``t`` (a tensor the caller just made) holds ``value``."""
+        key = id(t)
         known = self._known
 
         def forget(ref: weakref.ref[torch.Tensor]) -> None:
             if known.get(key, (None,))[0] is ref:
                 del known[key]
 
-        known[key] = (weakref.ref(count, forget), value)
+        known[key] = (weakref.ref(t, forget), value)
 
 
 def adam_apply_(
