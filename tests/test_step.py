@@ -546,9 +546,7 @@ def test_donating_steps_of_two_states_sharing_one_optimizer_read_nothing(monkeyp
 def test_donating_step_uses_each_states_own_learning_rate(make_tx):
     """Unstacked states keep states[0]'s ``tx`` but their own learning rates: the fused
     step must follow the state, as the pure one does."""
-    states = [
-        fl.TrainState.create(mlp(seed=0), tx=make_tx(lr), device="cpu") for lr in (0.1, 0.01)
-    ]
+    states = [fl.TrainState.create(mlp(seed=0), tx=make_tx(lr), device="cpu") for lr in (0.1, 0.01)]
     _, second = fl.unstack_states(fl.stack_states(states))
     assert second.tx is states[0].tx
     data = batches(3)
