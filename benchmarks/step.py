@@ -162,11 +162,17 @@ def fnloop_runner(module: nn.Module, batches: list, compiled: bool = False, dona
     return run, box
 
 
-def hand_runner(module: nn.Module, batches: list, compile_mode: str | None = None):
-    """``run(n)`` doing ``n`` hand-written steps; ``compile_mode`` None, "fwd" or "all"."""
+def hand_runner(
+    module: nn.Module, batches: list, compile_mode: str | None = None, fused: bool = False
+):
+    """``run(n)`` doing ``n`` hand-written steps; ``compile_mode`` None, "fwd" or "all".
+
+    ``fused=True`` uses ``torch.optim.AdamW(fused=True)`` instead of ``foreach=True``.
+    """
     model = module
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    kernel = {"fused": True} if fused else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **kernel)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)

@@ -229,8 +229,8 @@ def _fused_adam(
 ) -> ApplyFn:
     """``apply_`` of ``adam`` / ``adamw``: one fused step on the chain's state tuple.
 
-    The bias corrections are Python numbers, from the update count kept on the host (see
-    :class:`HostValues`); so is the learning rate when it is constant.
+    A constant learning rate is a Python number, read once from the state (see
+    :class:`HostValues`); so are the update counts where the step needs them on the host.
     """
     _, advance = _learning_rate(learning_rate)
     at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
@@ -239,7 +239,6 @@ def _fused_adam(
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         adam_state, lr_state = state[at], state[2]
-        count = counts.value(adam_state.count)
         # The state's own rate (unstacked states have their own), on the host when it is
         # constant (the same tensor every step); a schedule's stays on the device.
         lr = rates.value(lr_state.lr) if constant_lr else None
@@ -254,10 +253,8 @@ def _fused_adam(
             weight_decay=weight_decay,
             decoupled=decoupled,
             amsgrad=amsgrad,
-            count=count,
+            counts=counts,
         )
-        if count is not None:
-            counts.remember(adam_state.count, count + 1)
         new_state = list(state)
         new_state[at], new_state[2] = adam_state, advance(lr_state)
         return params, tuple(new_state)

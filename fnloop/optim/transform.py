@@ -444,26 +444,45 @@ def adam_apply_(
     weight_decay: float,
     decoupled: bool,
     amsgrad: bool,
-    count: int | None = None,
+    counts: HostValues | None = None,
 ) -> tuple[Params, ScaleByAdamState]:
     """One Adam (or, with ``decoupled``, AdamW) step written into ``params`` and ``state``.
 
     The fused form of ``scale_by_adam`` + weight decay + ``scale_by_learning_rate`` +
-    ``apply_updates_``; ``grads`` are consumed (written into). With ``count`` (the state's
-    update count on the host) it runs ``torch.optim``'s foreach operation order with
-    Python scalars (bit for bit with a float ``lr``; a 0-d tensor ``lr`` stays on the
-    device); otherwise its sync-free order with 0-d tensor scalars.
+    ``apply_updates_``; ``grads`` are consumed (written into). Eager CPU tensors take
+    torch's fused kernel (bit for bit ``torch.optim``'s ``fused=True``). Elsewhere, with
+    ``counts`` (the update counts on the host), it runs ``torch.optim``'s foreach
+    operation order with Python scalars (bit for bit ``foreach=True`` with a float
+    ``lr``); under ``torch.compile`` and ``vmap``, its sync-free order with 0-d tensors.
     """
     trees = (params, state.mu, state.nu, *((state.nu_max,) if amsgrad else ()))
     g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
-    if count is not None and not _foreach.batched(p):
+    count = state.count + 1
+    fused = _foreach.fused_adam_(
+        p,
+        g,
+        mu,
+        nu,
+        nu_max[0] if amsgrad else None,
+        step=count,
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+    )
+    host = None if fused or counts is None else counts.value(state.count)
+    if fused:
+        pass
+    elif host is not None:
         _foreach.adam_(
             p,
             g,
             mu,
             nu,
             nu_max[0] if amsgrad else None,
-            step=count + 1,
+            step=host + 1,
             lr=lr,
             b1=b1,
             b2=b2,
@@ -471,6 +490,7 @@ def adam_apply_(
             weight_decay=weight_decay,
             decoupled=decoupled,
         )
+        counts.remember(count, host + 1)  # type: ignore[union-attr]
     else:
         if weight_decay != 0:
             if decoupled:
@@ -481,7 +501,7 @@ def adam_apply_(
         nu = _foreach.addcmul_(_foreach.mul_(nu, b2), g, g, value=1.0 - b2)
         if amsgrad:
             nu_max = [_foreach.maximum_(nu_max[0], nu)]
-        t = _as_float(state.count + 1)
+        t = _as_float(count)
         denom = _foreach.sqrt(nu_max[0] if amsgrad else nu)
         denom = _foreach.add_(_foreach.div_(denom, torch.sqrt(1.0 - _power(b2, t))), eps)
         # p - lr / bc1 * m / denom, with the step size folded into denom (no host read).
@@ -492,7 +512,7 @@ def adam_apply_(
         return _tree.tree_unflatten(treedef, xs)
 
     return unflat(p), ScaleByAdamState(
-        count=state.count + 1,
+        count=count,
         mu=unflat(mu),
         nu=unflat(nu),
         nu_max=unflat(nu_max[0]) if amsgrad else (),

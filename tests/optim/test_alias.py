@@ -669,17 +669,32 @@ def flat_copy(tree: Any) -> Any:
     return fl_tree.tree_map(_clone_group, tree, is_leaf=_is_group)
 
 
+FUSED_KERNEL_CASES = [
+    (case, kernel)
+    for case in FUSED_CASES
+    for kernel in (("fused", "foreach") if case.torch_cls in (Adam, AdamW) else ("foreach",))
+]
+
+
 @pytest.mark.parametrize("layout", ["separate", "flat"])
-@pytest.mark.parametrize("case", FUSED_CASES, ids=[c.id for c in FUSED_CASES])
-def test_fused_apply_is_bit_identical_to_torch_foreach(
-    case: Case, layout: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("case", "kernel"), FUSED_KERNEL_CASES, ids=[f"{c.id}-{k}" for c, k in FUSED_KERNEL_CASES]
+)
+def test_fused_apply_is_bit_identical_to_torch(
+    case: Case, kernel: str, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a number learning rate, sgd/adam/adamw ``apply_`` runs torch's foreach order with
-    Python scalars: float32 results equal torch's exactly, also after a resume (a count
-    the step did not make itself is read once)."""
+    """With a number learning rate, ``apply_`` gives float32 results equal to torch's:
+    adam/adamw on the CPU run torch's fused kernel (equal to ``fused=True``); elsewhere
+    (forced here) they and sgd run torch's foreach order with Python scalars (equal to
+    ``foreach=True``), also after a resume (a count the step did not make is read once)."""
     f32 = torch.float32
     params, grads = make_params(dtype=f32), make_grads(steps=30, dtype=f32)
-    theirs = list(torch_trajectory(torch_twin(case, True), params, grads))
+    twin = torch_twin(case, True)
+    if kernel == "fused":
+        twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
+    else:
+        monkeypatch.setattr(_foreach, "fused_adam_", lambda *args, **kwargs: False)
+    theirs = list(torch_trajectory(twin, params, grads))
     tx = case.make(case.lr)
     ours = {name: p.clone() for name, p in params.items()}
     state = tx.init(ours)
@@ -702,4 +717,7 @@ def test_fused_apply_is_bit_identical_to_torch_foreach(
         ours, state = tx.apply_({n: x.clone() for n, x in g.items()}, state, ours)
         for name in params:
             assert torch.equal(ours[name], theirs[step][name]), f"step {step}, {name}"
-    assert joined == [layout == "flat"] * len(grads)  # one tensor per group, or foreach
+    if kernel == "foreach":  # one tensor per group, or foreach over the tensors
+        assert joined == [layout == "flat"] * len(grads)
+    else:
+        assert joined == []
