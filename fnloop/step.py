@@ -433,8 +433,7 @@ def make_train_step(
         optimizer state and EMA into its storage instead of allocating new tensors (as a
         hand-written loop does), which saves memory and allocation time. A state fresh
         from ``TrainState.create`` shares the module's tensors, so those would change
-        too: start from ``state.clone()``, which also lays the state out for the fused
-        optimizer step.
+        too: start from ``state.clone()`` (see :meth:`TrainState.clone`).
         Passing a donated state again raises ``RuntimeError`` (in eager mode; compiled
         code cannot check this). Works in eager mode and under ``torch.compile``; under
         ``vmap``, and for updates that ``"skip"`` or fp16 may skip, the step computes

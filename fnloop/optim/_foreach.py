@@ -1,4 +1,5 @@
-"""The one place that calls ``torch._foreach_*``.
+"""The one place that calls torch's multi-tensor kernels (``torch._foreach_*`` and the
+fused Adam / AdamW kernels).
 
 Every function takes lists of tensors and returns a new list; inputs are never changed.
 Functions whose names end in ``_`` write into their first argument and are only used on

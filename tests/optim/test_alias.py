@@ -721,3 +721,18 @@ def test_fused_apply_is_bit_identical_to_torch(
         assert joined == [layout == "flat"] * len(grads)
     else:
         assert joined == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.torch_cls in (Adam, AdamW)], ids=lambda c: c.id
+)
+def test_fused_apply_matches_torch_fused_in_other_dtypes(case: Case, dtype: torch.dtype) -> None:
+    """On the CPU, adam/adamw ``apply_`` is torch's fused kernel in every floating dtype."""
+    params, grads = make_params(dtype=dtype), make_grads(steps=10, dtype=dtype)
+    twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
+    ours = apply_trajectory(case.make(case.lr), params, grads)
+    for step, (a, b) in enumerate(zip(ours, torch_trajectory(twin, params, grads), strict=True)):
+        for name in params:
+            assert a[name].dtype == dtype
+            assert torch.equal(a[name], b[name]), f"step {step}, {name}"
