@@ -381,10 +381,15 @@ class TrainStep:
 
 
 def _write_into(old: Any, new: Any) -> Any:
-    """Copies each leaf of ``new`` into the matching (donated) leaf of ``old``."""
-    new_leaves, treedef = _tree.tree_flatten(new)
-    old_leaves = _tree.tree_leaves(old)
-    return _tree.tree_unflatten(treedef, [o.copy_(n) for o, n in zip(old_leaves, new_leaves)])
+    """Copies each leaf of ``new`` into the matching (donated) leaf of ``old``; returns ``old``.
+
+    ``old`` itself becomes the new value: the compiled code then hands back the donated
+    containers instead of rebuilding them after the graph.
+    """
+    for o, n in zip(_tree.tree_leaves(old), _tree.tree_leaves(new), strict=True):
+        if o is not n:
+            o.copy_(n)
+    return old
 
 
 def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
