@@ -3,8 +3,9 @@
 Run: ``python benchmarks/optim.py`` (about 100 float32 tensors, ~10M values) or
 ``python benchmarks/optim.py --quick``. Contenders are interleaved in one process (the order
 alternates every repetition) after a warm-up; the script prints the median time per update,
-the ratio fnloop / torch, minor page faults per update (``ru_minflt``) and how many
-``torch._foreach_*`` kernels one update launches.
+the ratio to the last contender (``torch.optim``'s ``foreach=True`` step), minor page
+faults per update (``ru_minflt``) and how many ``torch._foreach_*`` kernels one update
+launches.
 
 ``--pin-malloc`` pins glibc's mmap and trim thresholds (``mallopt``) so that freed blocks
 stay in the heap; compare with and without it to see the cost of allocation churn.
@@ -263,6 +264,12 @@ def main() -> None:
                 grads,
             ),
             fused_contender("(reference: one fused pure transform)", params, grads),
+            torch_contender(
+                "(reference: torch AdamW(fused=True))",
+                lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
+                params,
+                grads,
+            ),
             torch_contender(
                 "torch.optim.AdamW(foreach=True)",
                 lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),

@@ -1,5 +1,5 @@
 """The one place that calls torch's multi-tensor kernels (``torch._foreach_*`` and the
-fused Adam / AdamW kernels).
+fused SGD / Adam / AdamW kernels).
 
 Every function takes lists of tensors and returns a new list; inputs are never changed.
 Functions whose names end in ``_`` write into their first argument and are only used on
@@ -279,6 +279,17 @@ def _flat_lists(grads: TensorList, *groups: TensorList | None) -> list[TensorLis
     return [[joined], *([f] if f is not None else None for f in flats)]
 
 
+def _fusable(params: TensorList) -> bool:
+    """True where torch's fused optimizer kernels run here: eager CPU tensors of one
+    floating dtype (elsewhere the foreach ops below do the work)."""
+    if not params or batched(params):
+        return False
+    dtype = params[0].dtype
+    return dtype.is_floating_point and all(
+        p.device.type == "cpu" and p.dtype == dtype for p in params
+    )
+
+
 def fused_adam_(
     params: TensorList,
     grads: TensorList,
@@ -301,12 +312,7 @@ def fused_adam_(
     only on eager CPU tensors of one floating dtype, and returns whether it ran; the
     results then equal ``torch.optim`` with ``fused=True`` bit for bit.
     """
-    if batched(params) or not params:
-        return False
-    dtype = params[0].dtype
-    if not dtype.is_floating_point or any(
-        p.device.type != "cpu" or p.dtype != dtype for p in params
-    ):
+    if not _fusable(params):
         return False
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     kernel(
@@ -371,6 +377,41 @@ def adam_(
         torch._foreach_addcdiv_(params, mu, denom)
     else:
         torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
+
+
+def fused_sgd_(
+    params: TensorList,
+    grads: TensorList,
+    bufs: TensorList | None,
+    *,
+    first: bool,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> bool:
+    """One SGD step by torch's fused kernel (``torch.optim.SGD(fused=True)``'s), in place.
+
+    Arguments as for :func:`sgd_`. Runs only on eager CPU tensors of one floating dtype,
+    and returns whether it ran; the results then equal ``torch.optim`` with
+    ``fused=True`` bit for bit.
+    """
+    if not _fusable(params):
+        return False
+    torch._fused_sgd_(
+        params,
+        grads,
+        bufs if bufs is not None else [],
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=False,
+        is_first_step=first,
+    )
+    return True
 
 
 def sgd_(

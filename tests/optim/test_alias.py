@@ -669,11 +669,7 @@ def flat_copy(tree: Any) -> Any:
     return fl_tree.tree_map(_clone_group, tree, is_leaf=_is_group)
 
 
-FUSED_KERNEL_CASES = [
-    (case, kernel)
-    for case in FUSED_CASES
-    for kernel in (("fused", "foreach") if case.torch_cls in (Adam, AdamW) else ("foreach",))
-]
+FUSED_KERNEL_CASES = [(case, kernel) for case in FUSED_CASES for kernel in ("fused", "foreach")]
 
 
 @pytest.mark.parametrize("layout", ["separate", "flat"])
@@ -683,10 +679,10 @@ FUSED_KERNEL_CASES = [
 def test_fused_apply_is_bit_identical_to_torch(
     case: Case, kernel: str, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a number learning rate, ``apply_`` gives float32 results equal to torch's:
-    adam/adamw on the CPU run torch's fused kernel (equal to ``fused=True``); elsewhere
-    (forced here) they and sgd run torch's foreach order with Python scalars (equal to
-    ``foreach=True``), also after a resume (a count the step did not make is read once)."""
+    """With a number learning rate, ``apply_`` gives float32 results equal to torch's: on
+    the CPU, torch's fused kernels (equal to ``fused=True``); elsewhere (forced here),
+    torch's foreach order with Python scalars (equal to ``foreach=True``), also after a
+    resume (a count the step did not make is read once)."""
     f32 = torch.float32
     params, grads = make_params(dtype=f32), make_grads(steps=30, dtype=f32)
     twin = torch_twin(case, True)
@@ -694,6 +690,7 @@ def test_fused_apply_is_bit_identical_to_torch(
         twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
     else:
         monkeypatch.setattr(_foreach, "fused_adam_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(_foreach, "fused_sgd_", lambda *args, **kwargs: False)
     theirs = list(torch_trajectory(twin, params, grads))
     tx = case.make(case.lr)
     ours = {name: p.clone() for name, p in params.items()}
@@ -724,11 +721,9 @@ def test_fused_apply_is_bit_identical_to_torch(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.torch_cls in (Adam, AdamW)], ids=lambda c: c.id
-)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
 def test_fused_apply_matches_torch_fused_in_other_dtypes(case: Case, dtype: torch.dtype) -> None:
-    """On the CPU, adam/adamw ``apply_`` is torch's fused kernel in every floating dtype."""
+    """On the CPU, sgd/adam/adamw ``apply_`` is torch's fused kernel in every float dtype."""
     params, grads = make_params(dtype=dtype), make_grads(steps=10, dtype=dtype)
     twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
     ours = apply_trajectory(case.make(case.lr), params, grads)
