@@ -49,6 +49,13 @@ DONATED_MSG = (
     "its tensors now hold a later state. Pass the state that call returned (or make the "
     "step without donate=True to keep every state intact)."
 )
+INPLACE_MSG = (
+    "the optimizer wrote in place into an optimizer-state tensor that is not keyed by "
+    "parameter names (such as an update count or a learning rate), which would change "
+    "the input state of a pure train step. A transform's update_ may write only into the "
+    "updates and into state tensors keyed like the parameters; return new tensors for "
+    "the others (count = state.count + 1, not state.count.add_(1))."
+)
 NONFINITE_MSG = (
     "non-finite loss at step {step}. Lower the learning rate, add gradient clipping "
     "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
@@ -223,6 +230,7 @@ class TrainStep:
     _guard: _DonationGuard = dataclasses.field(
         default_factory=_DonationGuard, repr=False, compare=False
     )
+    _checked: set[int] = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
@@ -305,6 +313,36 @@ class TrainStep:
         )
         return dict(zip(names, grad_list)), loss, metrics, buffers
 
+    def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
+        """``state.tx.apply_`` on fresh copies of the params and of the buffers it writes.
+
+        ``update_`` / ``apply_`` may write only into the updates, the params and state
+        tensors keyed by parameter names. The first call with an optimizer checks that
+        on copies of every tensor, so a transform that breaks the rule fails with a clear
+        error and leaves the input state intact.
+        """
+        tx = state.tx
+        params = _copy_group(state.params)
+        opt_state = _copy_groups(state.opt_state, state.params.keys())
+        if id(tx) in self._checked:
+            return tx.apply_(grads, opt_state, params)  # type: ignore[misc]
+        leaves, treedef = _tree.tree_flatten(opt_state)
+        originals = {}  # copy's id -> (copy, its version, the input state's tensor)
+        for i, (leaf, old) in enumerate(zip(leaves, _tree.tree_leaves(state.opt_state))):
+            if leaf is old and isinstance(leaf, torch.Tensor):
+                leaves[i] = leaf.clone()
+                originals[id(leaves[i])] = (leaves[i], leaves[i]._version, old)
+        params, opt_state = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), params)  # type: ignore[misc]
+        if any(copy._version != version for copy, version, _ in originals.values()):
+            raise RuntimeError(INPLACE_MSG)
+
+        def original(leaf: Any) -> Any:  # an untouched copy: hand back the input's tensor
+            entry = originals.get(id(leaf))
+            return entry[2] if entry is not None and entry[0] is leaf else leaf
+
+        self._checked.add(id(tx))
+        return params, _tree.tree_map(original, opt_state)
+
     def _update(
         self,
         state: TrainState,
@@ -337,8 +375,19 @@ class TrainStep:
         # copies into in-place stores, so no new buffers are allocated per step).
         write_back = donate and ok is None and torch.compiler.is_compiling()
         inplace = donate and ok is None and not write_back and state.tx.apply_ is not None
+        # Pure, eager: the same fused step, on fresh copies of the parameters and of the
+        # optimizer buffers keyed like them (the tensors it writes into): a copy and one
+        # fused pass cost less than the pure update's many out-of-place passes.
+        fresh = (
+            not donate
+            and ok is None
+            and state.tx.apply_ is not None
+            and not _in_transform(state.params)
+        )
         if inplace:
             params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
+        elif fresh:
+            params, opt_state = self._apply_to_copies(state, grads)
         else:
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates)
@@ -378,6 +427,34 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
+
+
+def _copy_group(group: Params) -> Params:
+    """Fresh copies of a dict of tensors."""
+    src = list(group.values())
+    dst = [torch.empty_like(t) for t in src]
+    return dict(zip(group, _foreach.copy_(dst, src)))
+
+
+def _copy_groups(tree: Any, names: Any) -> Any:
+    """``tree`` with fresh copies of every dict of tensors keyed by parameter names.
+
+    Those are the optimizer buffers that ``apply_`` writes into (moments, momentum; a
+    ``partition`` group's are keyed by a subset of the names); other leaves, such as
+    update counts and learning rates, it replaces.
+    """
+
+    def is_group(node: Any) -> bool:
+        return (
+            type(node) is dict
+            and bool(node)
+            and node.keys() <= names
+            and all(isinstance(t, torch.Tensor) for t in node.values())
+        )
+
+    return _tree.tree_map(
+        lambda node: _copy_group(node) if is_group(node) else node, tree, is_leaf=is_group
+    )
 
 
 def _write_into(old: Any, new: Any) -> Any:

@@ -102,7 +102,6 @@ def test_train_step_matches_hand_loop(bn, tx_fn, opt_fn, clip):
 
 def test_train_step_is_pure_including_batchnorm():
     state = fl.TrainState.create(mlp(bn=True), tx=optim.adam(1e-2), device="cpu")
-    before = {k: v.clone() for k, v in fl._tree.tree_flatten_with_path(state)[0] and []}
     leaves = [leaf.clone() for leaf in fl._tree.tree_leaves(state)]
     new_state, _ = fl.make_train_step(classify)(state, batches(1)[0])
     for old, now in zip(leaves, fl._tree.tree_leaves(state)):
@@ -110,7 +109,62 @@ def test_train_step_is_pure_including_batchnorm():
     assert not torch.equal(new_state.buffers["1.running_mean"], state.buffers["1.running_mean"])
     assert new_state.buffers["1.num_batches_tracked"] == 1
     assert state.buffers["1.num_batches_tracked"] == 0
-    assert before == {}
+
+
+PURE_TXS = [
+    lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2)),
+    lambda: optim.adam(optim.cosine_schedule(1e-2, 10), amsgrad=True),
+    lambda: optim.sgd(0.1, momentum=0.9, nesterov=True),
+    lambda: optim.rmsprop(1e-2, centered=True, momentum=0.5),
+    lambda: optim.partition(
+        {"decay": optim.adamw(1e-2), "none": optim.sgd(0.1, momentum=0.9)},
+        lambda name: "none" if name.endswith("bias") else "decay",
+    ),
+]
+
+
+@pytest.mark.parametrize("tx_fn", PURE_TXS)
+def test_pure_step_runs_the_fused_update_on_copies_and_keeps_every_state(tx_fn):
+    """Eager pure steps run ``tx.apply_`` on fresh copies: every earlier state stays as it
+    was, no tensor it writes is shared, and the numbers are the donating step's."""
+    data = batches(4)
+    state = fl.TrainState.create(mlp(bn=True), tx=tx_fn(), ema_decay=0.9, device="cpu")
+    calls = []
+    apply_ = state.tx.apply_
+    state = state.replace(tx=state.tx._replace(apply_=lambda *a: calls.append(1) or apply_(*a)))
+    pure = fl.make_train_step(classify)
+    donating = fl.make_train_step(classify, donate=True)
+    donated = state.clone()
+    history = [(state, [leaf.clone() for leaf in fl._tree.tree_leaves(state)])]
+    for b in data:
+        state, _ = pure(state, b)
+        donated, _ = donating(donated, b)
+        history.append((state, [leaf.clone() for leaf in fl._tree.tree_leaves(state)]))
+    assert len(calls) == 2 * len(data)  # both steps took the fused update
+    for old, snapshot in history:
+        for leaf, saved in zip(fl._tree.tree_leaves(old), snapshot):
+            assert torch.equal(leaf, saved)
+    first, last = history[0][0], history[-1][0]
+    written = [last.params, last.ema, *fl._tree.tree_leaves(last.opt_state)]
+    old_ptrs = {t.data_ptr() for t in fl._tree.tree_leaves(first) if t.numel() > 1}
+    assert not old_ptrs & {t.data_ptr() for t in fl._tree.tree_leaves(written) if t.numel() > 1}
+    for a, b in zip(fl._tree.tree_leaves(state), fl._tree.tree_leaves(donated)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_transform_writing_its_count_in_place_is_caught_and_the_state_kept():
+    """``update_`` may write only tensors keyed like the parameters (the documented rule)."""
+
+    counting = optim.GradientTransformation(
+        init=lambda params: torch.zeros((), dtype=torch.int64),
+        update=lambda updates, count, params=None: (updates, count + 1),
+        update_=lambda updates, count, params=None: (updates, count.add_(1)),
+    )
+    tx = optim.chain(counting, optim.sgd(0.1))
+    state = fl.TrainState.create(mlp(), tx=tx, device="cpu")
+    with pytest.raises(RuntimeError, match="keyed by parameter names"):
+        fl.make_train_step(classify)(state, batches(1)[0])
+    assert state.opt_state[0] == 0
 
 
 def test_eager_and_torch_func_gradients_agree(monkeypatch):

@@ -42,13 +42,15 @@ class GradientTransformation(NamedTuple):
     transformed updates and the new state. Neither changes its inputs.
 
     ``update_`` is the same computation done in place: it writes into ``updates`` and into
-    the tensors of ``state``, which the caller gives up. ``apply_`` goes one step further
-    and also applies the result: it writes the new parameters into ``params`` and returns
-    ``(params, state)``. A donating training step calls ``apply_``; fnloop's optimizers
-    give it torch's fused operation order (fewer passes over memory than ``update_``
-    followed by :func:`apply_updates_`). Both are ``None`` for transformations without an
-    in-place form; all of fnloop's own have them, and ``chain`` and ``partition`` have
-    them when every member does.
+    the tensors of ``state`` keyed by parameter names (moments, momentum buffers), which
+    the caller gives up; other state tensors (update counts, learning rates) it replaces
+    with new ones. ``apply_`` goes one step further and also applies the result: it
+    writes the new parameters into ``params`` and returns ``(params, state)``. Training
+    steps call ``apply_`` (a pure step on fresh copies of what it writes); fnloop's
+    optimizers give it torch's fused kernels or operation order (fewer passes over memory
+    than ``update_`` followed by :func:`apply_updates_`). Both are ``None`` for
+    transformations without an in-place form; all of fnloop's own have them, and
+    ``chain`` and ``partition`` have them when every member does.
 
     Example:
       >>> import torch
@@ -80,8 +82,9 @@ def with_inplace(
     """A transformation from one ``update(updates, state, params, inplace)`` function.
 
     With ``inplace=False`` the function must leave its inputs alone; with ``True`` it may
-    write into ``updates`` and into ``state``'s tensors, and must return updates that
-    share no storage with the state (later transforms scale them in place).
+    write into ``updates`` and into ``state``'s tensors keyed by parameter names (not into
+    counts or rates: return ``count + 1``), and must return updates that share no
+    storage with the state (later transforms scale them in place).
     """
 
     def update_fn(
