@@ -326,22 +326,19 @@ class TrainStep:
         opt_state = _copy_groups(state.opt_state, state.params.keys())
         if id(tx) in self._checked:
             return tx.apply_(grads, opt_state, params)  # type: ignore[misc]
+        # First call with this optimizer: copy every other tensor too, and check that
+        # those copies were not written.
         leaves, treedef = _tree.tree_flatten(opt_state)
-        originals = {}  # copy's id -> (copy, its version, the input state's tensor)
+        versions = []
         for i, (leaf, old) in enumerate(zip(leaves, _tree.tree_leaves(state.opt_state))):
             if leaf is old and isinstance(leaf, torch.Tensor):
                 leaves[i] = leaf.clone()
-                originals[id(leaves[i])] = (leaves[i], leaves[i]._version, old)
-        params, opt_state = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), params)  # type: ignore[misc]
-        if any(copy._version != version for copy, version, _ in originals.values()):
+                versions.append((leaves[i], leaves[i]._version))
+        out = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), params)  # type: ignore[misc]
+        if any(copy._version != version for copy, version in versions):
             raise RuntimeError(INPLACE_MSG)
-
-        def original(leaf: Any) -> Any:  # an untouched copy: hand back the input's tensor
-            entry = originals.get(id(leaf))
-            return entry[2] if entry is not None and entry[0] is leaf else leaf
-
         self._checked.add(id(tx))
-        return params, _tree.tree_map(original, opt_state)
+        return out
 
     def _update(
         self,

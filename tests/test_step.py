@@ -572,6 +572,46 @@ def test_train_step_reads_nothing_back_to_the_host(monkeypatch):
     assert state.step == 4
 
 
+@pytest.mark.parametrize("kernel", ["fused", "foreach"])
+@pytest.mark.parametrize(
+    "tx_fn",
+    [
+        lambda: optim.adamw(1e-2),
+        lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-2, amsgrad=True)),
+        lambda: optim.sgd(0.1, momentum=0.9),
+    ],
+)
+def test_pure_and_donating_steps_with_a_constant_rate_read_nothing(tx_fn, kernel, monkeypatch):
+    """B3 for the fused update with host-side scalars: after the first call, pure and
+    donating steps read nothing back, with torch's fused CPU kernels and with the
+    foreach order other devices run (forced here)."""
+    from fnloop.optim import _foreach
+
+    if kernel == "foreach":
+        monkeypatch.setattr(_foreach, "fused_adam_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(_foreach, "fused_sgd_", lambda *args, **kwargs: False)
+    state = fl.TrainState.create(mlp(), tx=tx_fn(), ema_decay=0.9, device="cpu")
+    pure, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
+    data = batches(4)
+    donated, _ = donating(state.clone(), data[0])
+    state, _ = pure(state, data[0])
+    with monkeypatch.context() as spies:
+        for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
+            spies.setattr(torch.Tensor, name, _no_host_read(name))
+        for b in data[1:]:
+            state, _ = pure(state, b)
+            donated, _ = donating(donated, b)
+    for a, b in zip(fl._tree.tree_leaves(state), fl._tree.tree_leaves(donated)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _no_host_read(name):
+    def record(self, *args, **kwargs):
+        raise AssertionError(f"host read: Tensor.{name}")
+
+    return record
+
+
 def test_donating_steps_of_two_states_sharing_one_optimizer_read_nothing(monkeypatch):
     """The fused step keeps each state's update count on the host: after the first call
     per state, alternating two states that share one ``tx`` reads nothing back."""
