@@ -588,8 +588,7 @@ def test_pure_and_donating_steps_with_a_constant_rate_read_nothing(tx_fn, kernel
     from fnloop.optim import _foreach
 
     if kernel == "foreach":
-        monkeypatch.setattr(_foreach, "fused_adam_", lambda *args, **kwargs: False)
-        monkeypatch.setattr(_foreach, "fused_sgd_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(_foreach, "_fusable", lambda params: False)
     state = fl.TrainState.create(mlp(), tx=tx_fn(), ema_decay=0.9, device="cpu")
     pure, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
     data = batches(4)

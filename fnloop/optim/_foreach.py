@@ -379,41 +379,6 @@ def adam_(
         torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
 
 
-def fused_sgd_(
-    params: TensorList,
-    grads: TensorList,
-    bufs: TensorList | None,
-    *,
-    first: bool,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-) -> bool:
-    """One SGD step by torch's fused kernel (``torch.optim.SGD(fused=True)``'s), in place.
-
-    Arguments as for :func:`sgd_`. Runs only on eager CPU tensors of one floating dtype,
-    and returns whether it ran; the results then equal ``torch.optim`` with
-    ``fused=True`` bit for bit.
-    """
-    if not _fusable(params):
-        return False
-    torch._fused_sgd_(
-        params,
-        grads,
-        bufs if bufs is not None else [],
-        weight_decay=weight_decay,
-        momentum=momentum,
-        lr=lr,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=False,
-        is_first_step=first,
-    )
-    return True
-
-
 def sgd_(
     params: TensorList,
     grads: TensorList,
@@ -426,12 +391,28 @@ def sgd_(
     dampening: float,
     nesterov: bool,
 ) -> None:
-    """One SGD step with Python scalars, in place, in ``torch.optim``'s foreach order.
+    """One SGD step with Python scalars, in place, as ``torch.optim`` takes it.
 
     ``bufs`` are the momentum buffers (``None`` without momentum); ``first`` marks the
     first update, which copies the gradient into them. ``grads`` are consumed. Eager and
-    unbatched only, like :func:`adam_`.
+    unbatched only, like :func:`adam_`. On the CPU this is torch's fused kernel (bit for
+    bit ``torch.optim.SGD(fused=True)``); elsewhere torch's foreach order (bit for bit
+    ``foreach=True``).
     """
+    if _fusable(params):
+        torch._fused_sgd_(
+            params,
+            grads,
+            bufs if bufs is not None else [],
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr=lr,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=False,
+            is_first_step=first,
+        )
+        return
     lists = _flat_lists(grads, params, bufs)
     if lists is not None:
         grads, params, bufs = lists  # type: ignore[assignment]

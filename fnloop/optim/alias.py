@@ -106,8 +106,10 @@ def _fused_sgd(
         lr = rates.value(lr_state.lr)  # the state's own rate: unstacked states have theirs
         if count is None or lr is None:
             return chained(grads, state, params)
-        lists = (p, g, b[0] if momentum > 0 else None)
-        scalars = dict(
+        _foreach.sgd_(
+            p,
+            g,
+            b[0] if momentum > 0 else None,
             first=count == 0,
             lr=lr,
             weight_decay=weight_decay,
@@ -115,8 +117,6 @@ def _fused_sgd(
             dampening=dampening,
             nesterov=nesterov,
         )
-        if not _foreach.fused_sgd_(*lists, **scalars):  # CPU: torch's fused kernel
-            _foreach.sgd_(*lists, **scalars)
         if momentum > 0:
             trace_state = TraceState(
                 count=trace_state.count + 1,

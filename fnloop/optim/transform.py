@@ -458,40 +458,16 @@ def adam_apply_(
     trees = (params, state.mu, state.nu, *((state.nu_max,) if amsgrad else ()))
     g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
     count = state.count + 1
-    fused = _foreach.fused_adam_(
-        p,
-        g,
-        mu,
-        nu,
-        nu_max[0] if amsgrad else None,
-        step=count,
-        lr=lr,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-    )
-    host = None if fused or counts is None else counts.value(state.count)
-    if fused:
-        pass
-    elif host is not None:
-        _foreach.adam_(
-            p,
-            g,
-            mu,
-            nu,
-            nu_max[0] if amsgrad else None,
-            step=host + 1,
-            lr=lr,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled=decoupled,
-        )
-        counts.remember(count, host + 1)  # type: ignore[union-attr]
-    else:
+    lists = (p, g, mu, nu, nu_max[0] if amsgrad else None)
+    scalars = dict(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
+    done = _foreach.fused_adam_(*lists, step=count, **scalars)
+    if not done and counts is not None:
+        host = counts.value(state.count)
+        if host is not None:
+            _foreach.adam_(*lists, step=host + 1, **scalars)
+            counts.remember(count, host + 1)
+            done = True
+    if not done:
         if weight_decay != 0:
             if decoupled:
                 p = _foreach.mul_(p, 1.0 - lr * weight_decay)
