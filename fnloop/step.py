@@ -230,7 +230,9 @@ class TrainStep:
     _guard: _DonationGuard = dataclasses.field(
         default_factory=_DonationGuard, repr=False, compare=False
     )
-    _checked: set[int] = dataclasses.field(default_factory=set, repr=False, compare=False)
+    _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
+        default_factory=weakref.WeakSet, repr=False, compare=False
+    )
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
@@ -324,7 +326,7 @@ class TrainStep:
         tx = state.tx
         params = _copy_group(state.params)
         opt_state = _copy_groups(state.opt_state, state.params.keys())
-        if id(tx) in self._checked:
+        if tx.apply_ in self._checked:
             return tx.apply_(grads, opt_state, params)  # type: ignore[misc]
         # First call with this optimizer: copy every other tensor too, and check that
         # those copies were not written.
@@ -337,7 +339,7 @@ class TrainStep:
         out = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), params)  # type: ignore[misc]
         if any(copy._version != version for copy, version in versions):
             raise RuntimeError(INPLACE_MSG)
-        self._checked.add(id(tx))
+        self._checked.add(tx.apply_)  # type: ignore[arg-type]
         return out
 
     def _update(
