@@ -59,9 +59,17 @@ def _power(base: float, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(t * log_base)
 
 
-def check_non_negative(name: str, value: float) -> None:
-    """Raises ``ValueError`` as torch does when a hyper-parameter is negative."""
+def check_non_negative(name: str, value: float | torch.Tensor) -> None:
+    """Raises ``ValueError`` as torch does when a hyper-parameter is negative (or NaN).
+
+    A tensor is read once, here, when the optimizer is made; inside ``vmap`` or while
+    compiling it is not checked.
+    """
     if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling() or _functorch.is_batchedtensor(value):
+            return
+        if not bool((value >= 0).all()):
+            raise ValueError(f"Invalid {name}: {value} ({name} must be >= 0)")
         return
     if not value >= 0.0:
         raise ValueError(f"Invalid {name}: {value} ({name} must be >= 0)")

@@ -498,6 +498,13 @@ def test_bad_hyperparameter_raises_naming_it(build, name, value) -> None:
     assert str(value) in message
 
 
+@pytest.mark.parametrize("make", [optim.sgd, optim.adam, optim.adamw, optim.rmsprop])
+@pytest.mark.parametrize("value", [-1e-3, float("nan")])
+def test_bad_tensor_learning_rate_raises_when_the_optimizer_is_made(make, value) -> None:
+    with pytest.raises(ValueError, match="learning_rate must be >= 0"):
+        make(torch.tensor(value))
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_nesterov_needs_momentum_and_no_dampening(momentum: float) -> None:
     with pytest.raises(ValueError, match=r"(?i)nesterov") as info:
