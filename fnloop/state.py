@@ -263,9 +263,22 @@ def _clone_group(node: Any) -> Any:
     )
     out, offset = {}, 0
     for name, t in node.items():
-        out[name] = buffer[offset : offset + t.numel()].view(t.shape).copy_(t)
+        part = buffer[offset : offset + t.numel()]
+        strides = _channels_last_strides(t)
+        view = part.view(t.shape) if strides is None else part.as_strided(t.shape, strides)
+        out[name] = view.copy_(t)
         offset += t.numel()
     return out
+
+
+def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """``t``'s strides if it is laid out channels-last (kept by the copy), else ``None``."""
+    if t.is_contiguous():
+        return None
+    for dim, memory_format in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and t.is_contiguous(memory_format=memory_format):
+            return t.stride()
+    return None
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TrainState))

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import optree
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as torch_pytree
 from torch import nn
 
@@ -319,3 +320,34 @@ def test_clone_copies_every_tensor_and_lays_out_each_group_in_one_buffer() -> No
         assert _foreach.flat(list(group.values())) is not None
     # BatchNorm's buffers mix float and int64 tensors: copied one by one.
     assert _foreach.flat(list(copy.buffers.values())) is None
+
+
+def test_clone_keeps_channels_last_layouts_and_a_donating_step_trains_them() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 3)).double()
+    module[0].to(memory_format=torch.channels_last)
+    state = fl.TrainState.create(module, tx=optim.adamw(1e-2), ema_decay=0.9, device="cpu")
+    assert state.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    copy = state.clone()
+    for group in (copy.params, copy.ema, copy.opt_state[0].mu, copy.opt_state[0].nu):
+        weight = group["0.weight"]
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        assert not weight.is_contiguous()
+    assert torch.equal(copy.params["0.weight"], state.params["0.weight"])
+
+    def step_fn(model, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(model(x), y)}
+
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,)))
+        for _ in range(3)
+    ]
+    pure, donating = fl.make_train_step(step_fn), fl.make_train_step(step_fn, donate=True)
+    for batch in data:
+        state, _ = pure(state, batch)
+        copy, _ = donating(copy, batch)
+    for a, b in zip(fl._tree.tree_leaves(state), fl._tree.tree_leaves(copy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert copy.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
