@@ -285,9 +285,7 @@ def _fusable(params: TensorList) -> bool:
     if not params or batched(params):
         return False
     dtype = params[0].dtype
-    return dtype.is_floating_point and all(
-        p.device.type == "cpu" and p.dtype == dtype for p in params
-    )
+    return dtype.is_floating_point and all(p.is_cpu and p.dtype == dtype for p in params)
 
 
 def fused_adam_(
