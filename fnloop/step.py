@@ -40,6 +40,16 @@ LOSS_GRAD_MSG = (
     "the 'loss' returned by {name} does not depend on any parameter (requires_grad is "
     "False). Compute it from model(...) and do not detach it or wrap it in torch.no_grad()."
 )
+SWAPPED_MSG = (
+    "a BoundModel (the `model` argument of a step function) cannot be unpacked or "
+    "indexed. Step functions are called as fn(model, batch), in that order: check the "
+    "order of your function's arguments, and call model(x) to run the module."
+)
+NOT_BOUND_MSG = (
+    "the loss returned by {name} does not depend on the state's parameters: every "
+    "gradient is missing. Compute it from the `model` argument (model(x)), which runs "
+    "the module with the state's weights, not from your own module object."
+)
 METRIC_MSG = (
     "metric {key!r} returned by {name} must be a tensor or a number; got {kind}. "
     "Return values such as acc.float().mean() or 1.0."
@@ -84,6 +94,33 @@ class BoundModel:
         self.params = params
         self.buffers = buffers
         self.slots = slots
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not attributes of the BoundModel itself.
+        module = object.__getattribute__(self, "module")
+        value = getattr(module, name, None)
+        what = (
+            "a submodule"
+            if isinstance(value, nn.Module)
+            else "a method"
+            if callable(getattr(type(module), name, None))
+            else "an attribute"
+        )
+        raise AttributeError(
+            f"{type(module).__name__}.{name} is {what} of your module, which a training "
+            f"step cannot reach through `model`: model(...) runs the module's forward with "
+            f"the state's weights, and model.params / model.buffers hold them. Make forward "
+            f"return what you need (for example a tuple or a dict)."
+            if hasattr(module, name)
+            else f"'BoundModel' object has no attribute {name!r}: model(...) runs the "
+            f"forward pass; model.params, model.buffers and model.module are available."
+        )
+
+    def __iter__(self) -> Any:
+        raise TypeError(SWAPPED_MSG)
+
+    def __getitem__(self, key: Any) -> Any:
+        raise TypeError(SWAPPED_MSG)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.slots is None:  # under torch.compile / vmap: the traceable way
@@ -310,10 +347,13 @@ class TrainStep:
         if not scaled.requires_grad:
             raise ValueError(LOSS_GRAD_MSG.format(name=name))
         names = list(params)
-        grad_list = torch.autograd.grad(
-            scaled, [params[n] for n in names], allow_unused=True, materialize_grads=True
-        )
-        return dict(zip(names, grad_list)), loss, metrics, buffers
+        grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
+        if all(g is None for g in grad_list):
+            raise ValueError(NOT_BOUND_MSG.format(name=name))
+        grads = {
+            n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grad_list)
+        }
+        return grads, loss, metrics, buffers
 
     def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
         """``state.tx.apply_`` on fresh copies of the params and of the buffers it writes.

@@ -361,12 +361,46 @@ def test_any_batch_structure(wrap, unwrap):
         (lambda m, b: {"loss": m(b[0]).mean().detach()}, ValueError, "does not depend"),
         (lambda m, b: {"loss": m(b[0]).mean(), "name": "x"}, TypeError, "metric 'name'"),
         (lambda m, b: {"loss": 1.0}, TypeError, "must be a tensor"),
+        (lambda b, m: {"loss": m(b[0]).mean()}, TypeError, "fn\\(model, batch\\)"),
+        (lambda m, b: {"loss": m[0](b[0]).mean()}, TypeError, "cannot be unpacked or indexed"),
+        (
+            lambda m, b: {"loss": m.forward(b[0]).mean()},
+            AttributeError,
+            "Sequential.forward is a method",
+        ),
+        (lambda m, b: {"loss": m.nope(b[0]).mean()}, AttributeError, "no attribute 'nope'"),
     ],
 )
 def test_bad_training_step_output(fn, error, match):
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(error, match=match):
         fl.make_train_step(fn)(state, batches(1)[0])
+
+
+def test_loss_from_the_users_own_module_is_an_error():
+    # Calling the module object instead of `model` gives a loss with a graph but no
+    # gradient for any of the state's parameters: silently training nothing is worse
+    # than an error.
+    net = mlp()
+    state = fl.TrainState.create(net, tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda model, b: {"loss": F.cross_entropy(net(b[0]), b[1])})
+    with pytest.raises(ValueError, match="does not depend on the state's parameters"):
+        step(state, batches(1)[0])
+
+
+def test_parameters_without_gradient_get_zero_updates():
+    # A parameter the loss does not use gets a zero gradient (as torch.optim treats a
+    # parameter whose .grad is zeros), not an error.
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+
+    def first_layer_only(model, batch):
+        return {"loss": model.params["0.weight"].square().sum() + 0 * batch[0].sum()}
+
+    new, _ = fl.make_train_step(first_layer_only)(state, batches(1)[0])
+    assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
+    for name in state.params:
+        if name != "0.weight":
+            assert torch.equal(new.params[name], state.params[name]), name
 
 
 def test_bad_options():
