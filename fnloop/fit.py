@@ -37,8 +37,19 @@ MONITOR_WITHOUT_VALID_MSG = (
     "loaders={{'train': ..., 'valid': ...}} or monitor a 'train/...' metric."
 )
 UNKNOWN_FIT_MONITOR_MSG = (
-    "fit(monitor={monitor!r}) names a metric the epoch did not produce; known: {known}. "
-    "Pass monitor='valid/<metric>' or 'train/<metric>' for a metric your step returns."
+    "the monitored metric {monitor!r} is not among the epoch's metrics {known}. Name one "
+    "of them in fit(monitor=...) or EarlyStopping(monitor=...): 'valid/<metric>' or "
+    "'train/<metric>' for a metric your step returns."
+)
+STACKED_STATE_MSG = (
+    "fit trains one model, but this state holds {n} stacked models (parameter {name!r} "
+    "has shape {shape}, the module's is {expected}). Train a stacked state with your own "
+    "loop over torch.func.vmap(train_step, in_dims=(0, None), randomness='different'), "
+    "or fit each model of fl.unstack_states(state)."
+)
+LOADER_LIST_MSG = (
+    "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
+    "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
 )
 
 
@@ -172,7 +183,28 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
         if train is None:
             raise ValueError("loaders['train'] is None; pass a loader to train on.")
         return train, loaders.get("valid")
+    if (
+        isinstance(loaders, list | tuple)
+        and loaders
+        and all(isinstance(x, torch.utils.data.DataLoader) for x in loaders)
+    ):
+        raise ValueError(LOADER_LIST_MSG.format(kind=type(loaders).__name__, n=len(loaders)))
     return loaders, None
+
+
+def _check_one_model(state: TrainState) -> None:
+    """Rejects a stacked state (``stack_states``): its tensors have an extra leading dim."""
+    for name, tensor in list(state.params.items())[:1]:
+        expected = state.module.get_parameter(name).shape
+        if tensor.dim() == len(expected) + 1 and tensor.shape[1:] == expected:
+            raise ValueError(
+                STACKED_STATE_MSG.format(
+                    n=tensor.shape[0],
+                    name=name,
+                    shape=tuple(tensor.shape),
+                    expected=tuple(expected),
+                )
+            )
 
 
 def _check_not_empty(loader: Iterable[Any], split: str) -> None:
@@ -264,6 +296,7 @@ def fit(
             f"max_epochs={max_epochs} is below state.epoch={state.epoch}: fit trains until "
             f"state.epoch == max_epochs. To train more, pass max_epochs=state.epoch + n."
         )
+    _check_one_model(state)
     train_loader, valid_loader = _split_loaders(loaders)
     _check_not_empty(train_loader, "train")
     if valid_loader is not None:

@@ -230,7 +230,18 @@ def test_bad_setup_is_reported_before_training():
         )
     with pytest.raises(ValueError, match="'train' and optional 'valid'"):
         fl.fit(make_state(), counting, {"training": loaders()["train"]}, max_epochs=1)
+    with pytest.raises(ValueError, match=r"list of 2 DataLoaders.*'train': train_loader"):
+        fl.fit(make_state(), counting, list(loaders().values()), max_epochs=1)
+    stacked = fl.stack_states([make_state(seed=0), make_state(seed=1)])
+    with pytest.raises(ValueError, match=r"holds 2 stacked models.*unstack_states"):
+        fl.fit(stacked, counting, loaders(), max_epochs=1)
     assert calls == []
+
+
+def test_a_list_of_batches_is_a_train_loader():
+    x, y = data(32)
+    state = fl.fit(make_state(), classify, [(x[:16], y[:16]), (x[16:], y[16:])], max_epochs=1)
+    assert state.step == 2
 
 
 def test_run_folder_log_file_csv_and_best_model(tmp_path):

@@ -59,6 +59,16 @@ def _power(base: float, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(t * log_base)
 
 
+LEARNING_RATE_TYPE_MSG = (
+    "learning_rate must be a number, a 0-d tensor, a schedule (a function of the update "
+    "count, such as fnloop.optim.step_schedule(...) or cosine_schedule(...)) or "
+    "fnloop.optim.reduce_on_plateau(...); got {kind}. torch.optim.lr_scheduler objects "
+    "drive a torch optimizer; use the matching fnloop.optim schedule (StepLR -> "
+    "step_schedule, CosineAnnealingLR -> cosine_schedule, ReduceLROnPlateau -> "
+    "reduce_on_plateau, ...)."
+)
+
+
 def check_non_negative(name: str, value: float | torch.Tensor) -> None:
     """Raises ``ValueError`` as torch does when a hyper-parameter is negative (or NaN).
 
@@ -194,7 +204,9 @@ def _learning_rate(
 
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None:
-        check_non_negative("learning_rate", learning_rate)  # type: ignore[arg-type]
+        if not isinstance(learning_rate, int | float | torch.Tensor):
+            raise TypeError(LEARNING_RATE_TYPE_MSG.format(kind=type(learning_rate).__name__))
+        check_non_negative("learning_rate", learning_rate)
 
     def lr_at(count: torch.Tensor) -> torch.Tensor:
         value = schedule(_as_float(count)) if schedule is not None else learning_rate

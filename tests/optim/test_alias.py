@@ -737,3 +737,13 @@ def test_fused_apply_matches_torch_fused_in_other_dtypes(case: Case, dtype: torc
         for name in params:
             assert a[name].dtype == dtype
             assert torch.equal(a[name], b[name]), f"step {step}, {name}"
+
+
+@pytest.mark.parametrize("make", [optim.sgd, optim.adam, optim.adamw, optim.rmsprop])
+def test_a_torch_lr_scheduler_as_learning_rate_is_a_clear_error(make) -> None:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    with pytest.raises(TypeError, match=r"got StepLR.*StepLR -> step_schedule"):
+        make(sched)
+    with pytest.raises(TypeError, match="got str"):
+        make("1e-3")
