@@ -64,7 +64,7 @@ def _format_time(seconds: float) -> str:
 
 
 def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
-    """The seed's epoch summary: ``[15/50] loss:0.0230 | (val) loss:0.0190 (2m 15s)``.
+    """The epoch summary line: ``[15/50] loss:0.0230 | (val) loss:0.0190 (2m 15s)``.
 
     >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.981, "valid/loss": 0.019}, 135)
     '[15/50] loss:0.0230 acc:0.9810 | (val) loss:0.0190 (2m 15s)'
@@ -247,7 +247,7 @@ def fit(
     records the batch-size-weighted means in ``state.history`` (``"train"`` and
     ``"valid"``, plus the learning rate under ``"train"``), feeds the monitored metric to
     a ``reduce_on_plateau`` learning rate, keeps the best weights, checks early
-    stopping, logs the seed's epoch line and, with ``out_dir``, writes a checkpoint.
+    stopping, logs one line per epoch and, with ``out_dir``, writes a checkpoint.
 
     With ``out_dir`` the run folder holds ``<run_name>_training.log``, ``metrics.csv``,
     ``checkpoints/`` (resumed from automatically), ``best_model.pt`` (a state dict for

@@ -81,8 +81,8 @@ class TrainState:
       loss_scale: dynamic loss-scale state for fp16 training, or ``None``.
       grad_accum: gradients summed over the micro-batches of an accumulation window.
       skipped_steps: number of updates skipped for non-finite gradients (a 0-d tensor).
-      step: optimizer updates so far (the seed's ``global_step``).
-      epoch: completed epochs (the seed's ``global_epoch``).
+      step: optimizer updates so far (``global_step`` in an object-oriented trainer).
+      epoch: completed epochs (``global_epoch``).
       micro_step: micro-batches seen in the current accumulation window.
       history: ``{"train": {"loss": (one value per epoch, ...)}, "valid": {...}}``.
       module: the module template (weights on the ``meta`` device).

@@ -1,4 +1,4 @@
-"""The callback protocol: the seed's ten hooks as events of ``fit``."""
+"""The callback protocol: ten hooks of an object-oriented trainer as events of ``fit``."""
 
 from __future__ import annotations
 
