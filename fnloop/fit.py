@@ -453,6 +453,8 @@ class _Run:
         kind = "b" if position is not None else "e"
         path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
         ckpt.save_checkpoint(path, state, fit=self.record(position))
+        if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
+            path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
         for old in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")[self.keep :]:
             old.unlink(missing_ok=True)
 

@@ -113,7 +113,8 @@ class EarlyStopping:
             return dataclasses.replace(
                 state,
                 stop_reason=(
-                    f"{self.monitor} did not improve for {state.bad_epochs} epochs "
+                    f"{self.monitor} did not improve for {state.bad_epochs} "
+                    f"{'epoch' if state.bad_epochs == 1 else 'epochs'} "
                     f"(best {state.best:.6g} at epoch {state.best_epoch})"
                 ),
             )

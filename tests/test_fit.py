@@ -367,3 +367,24 @@ def test_resuming_into_a_folder_of_another_model_says_how_to_fix_it(tmp_path):
     other = fl.TrainState.create(nn.Linear(6, 2), tx=optim.adam(1e-2), device="cpu")
     with pytest.raises(fl.CheckpointMismatchError, match="resume=False"):
         fl.fit(other, classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False)
+
+
+def test_epoch_end_checkpoint_replaces_a_mid_epoch_one_at_the_same_step(tmp_path):
+    # 6 batches per epoch, a mid-epoch checkpoint every 3 steps: steps 6 and 12 end epochs.
+    fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=2,
+        out_dir=tmp_path,
+        checkpoint_every_n_steps=3,
+        keep_checkpoints=10,
+        log_to_console=False,
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert names == [
+        "ckpt-0000000003-b.pt",
+        "ckpt-0000000006-e.pt",
+        "ckpt-0000000009-b.pt",
+        "ckpt-0000000012-e.pt",
+    ]
