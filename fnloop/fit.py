@@ -510,9 +510,13 @@ class _Run:
         if self.stop_reason:
             self.logger.info(f"Training had stopped early: {self.stop_reason}")
         start = time.monotonic()
-        while state.epoch < self.max_epochs and not self.stop_reason:
-            state = self.one_epoch(state, position, rng)
-            position, rng = None, None
+        try:
+            while state.epoch < self.max_epochs and not self.stop_reason:
+                state = self.one_epoch(state, position, rng)
+                position, rng = None, None
+        except KeyboardInterrupt:
+            self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
+            raise
         state = self.callbacks("on_fit_end", state)
         self.export_best(state)
         self.logger.info(
@@ -520,6 +524,12 @@ class _Run:
             f"({_format_time(time.monotonic() - start)})"
         )
         return state
+
+    def resume_hint(self) -> str:
+        found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt") if self.ckpt_dir else []
+        if not found:
+            return "No checkpoint was written (fit checkpoints only with out_dir)."
+        return f"Run the same fit again to resume from {found[0]}."
 
     def one_epoch(
         self, state: TrainState, position: int | None, rng: dict[str, Any] | None

@@ -388,3 +388,28 @@ def test_epoch_end_checkpoint_replaces_a_mid_epoch_one_at_the_same_step(tmp_path
         "ckpt-0000000009-b.pt",
         "ckpt-0000000012-e.pt",
     ]
+
+
+def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
+    class CtrlC(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            if state.epoch == 1 and batch_idx == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=3,
+            out_dir=tmp_path,
+            callbacks=[CtrlC()],
+            log_to_console=False,
+        )
+    log = (tmp_path / "run_training.log").read_text()
+    assert re.search(
+        r"Interrupted in epoch 2\. Run the same fit again to resume from .*ckpt-0000000006-e\.pt",
+        log,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
