@@ -224,6 +224,29 @@ class TrainState:
         """The device of the parameters."""
         return next(iter(self.params.values())).device
 
+    def __repr__(self) -> str:
+        """A one-line summary; the tensors themselves are in ``params``, ``opt_state``, ...
+
+        >>> from fnloop import optim
+        >>> TrainState.create(torch.nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
+        TrainState(Linear, step=0, epoch=0, params: 2 tensors, 8 values, torch.float32 on cpu)
+        """
+        values = sum(t.numel() for t in self.params.values())
+        first = next(iter(self.params.values()), None)
+        where = f", {first.dtype} on {first.device}" if first is not None else ""
+        extras = [
+            f"buffers: {len(self.buffers)}" if self.buffers else "",
+            f"ema_decay={self.ema_decay}" if self.ema is not None else "",
+            "fp16 loss scale" if self.loss_scale is not None else "",
+            f"micro_step={self.micro_step}" if self.micro_step else "",
+            f"history: {', '.join(self.history)}" if self.history else "",
+        ]
+        tail = "".join(f", {e}" for e in extras if e)
+        return (
+            f"TrainState({type(self.module).__name__}, step={self.step}, epoch={self.epoch}, "
+            f"params: {len(self.params)} tensors, {values:,} values{where}{tail})"
+        )
+
     def state_dict(self, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Parameters and buffers as a ``state_dict`` for ``module.load_state_dict``.
 
