@@ -413,3 +413,30 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
     )
     with pytest.raises(KeyboardInterrupt):
         fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"precision": "fp16"}, {"accumulation_steps": 4}],
+    ids=["fp16-loss-scale", "accumulation-window-open-at-epoch-end"],
+)
+def test_resume_restores_fields_made_while_training(tmp_path, options):
+    # The loss scale (fp16) and an open accumulation window (6 batches per epoch, k=4)
+    # exist in the checkpoint but not in the freshly made state of the re-run.
+    def run(out_dir, max_epochs):
+        torch.manual_seed(0)
+        return fl.fit(
+            make_state(),
+            fl.make_train_step(classify, **options),
+            loaders(),
+            max_epochs=max_epochs,
+            out_dir=out_dir,
+            log_to_console=False,
+        )
+
+    straight = run(tmp_path / "straight", 2)
+    run(tmp_path / "resumed", 1)
+    resumed = run(tmp_path / "resumed", 2)
+    assert resumed.step == straight.step
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.params[name], p), name
