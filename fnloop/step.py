@@ -350,10 +350,7 @@ class TrainStep:
         grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
         if all(g is None for g in grad_list):
             raise ValueError(NOT_BOUND_MSG.format(name=name))
-        grads = {
-            n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grad_list)
-        }
-        return grads, loss, metrics, buffers
+        return _writable_grads(params, names, grad_list), loss, metrics, buffers
 
     def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
         """``state.tx.apply_`` on fresh copies of the params and of the buffers it writes.
@@ -466,6 +463,28 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
+
+
+def _writable_grads(
+    params: Params, names: list[str], grad_list: tuple[torch.Tensor | None, ...]
+) -> Params:
+    """Gradients the optimizer may update in place, one tensor each, laid out as the params.
+
+    ``autograd.grad`` may return one tensor for several parameters (``(p + q) * x``) or an
+    expanded stride-0 view (``p.sum()``); those get their own copy, and a parameter the
+    loss does not use gets zeros.
+    """
+    grads: Params = {}
+    seen: set[int] = set()
+    for name, g in zip(names, grad_list):
+        p = params[name]
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.data_ptr() in seen or g.stride() != p.stride():
+            g = torch.empty_like(p).copy_(g)
+        seen.add(g.data_ptr())
+        grads[name] = g
+    return grads
 
 
 def _copy_group(group: Params) -> Params:

@@ -684,3 +684,38 @@ def test_donating_step_uses_each_states_own_learning_rate(make_tx):
         donated, _ = donating(donated, b)
     for name in pure.params:
         torch.testing.assert_close(donated.params[name], pure.params[name], rtol=1e-6, atol=1e-7)
+
+
+class SharedGrad(nn.Module):
+    """``autograd.grad`` returns one tensor for p and q, and a stride-0 view for ``scale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+        self.q = nn.Parameter(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return ((self.p + self.q) * x).sum() + self.scale.sum()
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_shared_and_expanded_gradients_match_a_hand_loop(donate):
+    x = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)
+    ref = SharedGrad()
+    opt = torch.optim.RMSprop(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    state = fl.TrainState.create(
+        SharedGrad(),
+        tx=optim.chain(optim.clip_by_global_norm(1.0), optim.rmsprop(0.1, momentum=0.9)),
+        device="cpu",
+    )
+    state = state.clone() if donate else state
+    step = fl.make_train_step(lambda model, b: {"loss": model(b)}, donate=donate)
+    for _ in range(3):
+        opt.zero_grad()
+        ref(x).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        state, _ = step(state, x)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-12, atol=1e-12)
