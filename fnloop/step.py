@@ -398,13 +398,14 @@ class TrainStep:
             names = list(grads)
             inv = torch.reciprocal(loss_scale.scale.double()).float()
             unscaled = _foreach.mul([grads[n] for n in names], inv)
-            finite = torch.stack([torch.isfinite(g).all() for g in unscaled]).all()
+            finite = _all_finite(unscaled)
             grads = dict(zip(names, unscaled))
             loss_scale = self.loss_scale.update(loss_scale, ~finite)
             ok = finite
         if self.on_nonfinite == "skip":
-            loss_ok = torch.isfinite(loss)
-            ok = loss_ok if ok is None else ok & loss_ok
+            # The gradients too: a finite loss can have non-finite gradients, and with
+            # accumulation an earlier micro-batch's NaN is in the sum, not in this loss.
+            ok = torch.isfinite(loss) & (ok if ok is not None else _all_finite(grads.values()))
 
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
@@ -463,6 +464,11 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
+
+
+def _all_finite(tensors: Any) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every tensor is finite (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def _writable_grads(

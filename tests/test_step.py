@@ -257,6 +257,29 @@ def test_skip_nonfinite_leaves_state_unchanged_and_counts():
     assert not torch.equal(good_state.params["0.weight"], state.params["0.weight"])
 
 
+@pytest.mark.parametrize("case", ["nan-in-an-earlier-micro-batch", "finite-loss-nan-gradient"])
+def test_skip_checks_the_gradients_too(case):
+    state = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu")
+    x, y = batches(1)[0]
+    if case == "nan-in-an-earlier-micro-batch":
+        step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="skip")
+        mid, _ = step(state, (torch.full_like(x, float("nan")), y))
+        new, metrics = step(mid, (x, y))
+        assert torch.isfinite(metrics["loss"])  # the last micro-batch's loss is fine
+    else:
+        # sqrt has an infinite derivative at 0: loss 0, gradient NaN (inf * 0).
+        step = fl.make_train_step(
+            lambda model, b: {"loss": torch.sqrt((model(b[0]) * 0).sum())}, on_nonfinite="skip"
+        )
+        new, metrics = step(state, (x, y))
+        assert float(metrics["loss"]) == 0.0
+    assert int(new.skipped_steps) == 1
+    for name in state.params:
+        assert torch.equal(new.params[name], state.params[name]), name
+    for a, b in zip(fl._tree.tree_leaves(state.opt_state), fl._tree.tree_leaves(new.opt_state)):
+        assert torch.equal(a, b)
+
+
 def test_raise_on_nonfinite():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     x, y = batches(1)[0]
