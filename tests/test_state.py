@@ -351,3 +351,17 @@ def test_clone_keeps_channels_last_layouts_and_a_donating_step_trains_them() -> 
     for a, b in zip(fl._tree.tree_leaves(state), fl._tree.tree_leaves(copy), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert copy.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tensors_of_separate_storages_are_never_joined():
+    # Back-to-back addresses in two storages (here two numpy-backed tensors; on CUDA the
+    # caching allocator can place blocks so) must not be viewed as one tensor.
+    from fnloop.optim import _foreach
+
+    np = pytest.importorskip("numpy")
+    array = np.zeros(8, dtype=np.float32)
+    a, b = torch.from_numpy(array[:4]), torch.from_numpy(array[4:])
+    assert b.data_ptr() == a.data_ptr() + 16
+    assert _foreach.flat([a, b]) is None
+    whole = torch.zeros(8)
+    assert _foreach.flat([whole[:4], whole[4:]]).shape == (8,)

@@ -256,10 +256,20 @@ def flat(xs: TensorList) -> torch.Tensor | None:
         return None
     first = xs[0]
     dtype, size, ptr, total = first.dtype, first.element_size(), first.data_ptr(), 0
+    storage = first.untyped_storage()
     for x in xs:
-        if x.dtype != dtype or x.data_ptr() != ptr + total * size or not x.is_contiguous():
+        # Adjacent addresses are not enough: separate allocations can sit back to back
+        # (CUDA's caching allocator does that), and one view may not span two storages.
+        if (
+            x.dtype != dtype
+            or x.data_ptr() != ptr + total * size
+            or not x.is_contiguous()
+            or x.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
             return None
         total += x.numel()
+    if ptr + total * size > storage.data_ptr() + storage.nbytes():
+        return None
     return first.as_strided((total,), (1,))
 
 
