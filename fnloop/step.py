@@ -154,27 +154,27 @@ def _in_transform(params: Params) -> bool:
 
 
 class _DonationGuard:
-    """Remembers which state a donating step returned last, to reject stale ones loudly.
+    """Remembers the states a donating step consumed, to reject them loudly.
 
     A donating step writes the next state into the previous state's storage, so old and
     new states share tensors. The state it returns holds a fresh tensor object for its
-    first parameter; a state holding any other object over that storage is stale.
+    first parameter; the consumed state's first tensor object is remembered (weakly, so a
+    state that is gone is forgotten) and passing it again is an error.
     """
 
     def __init__(self) -> None:
-        self.latest: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.donated: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
     def check(self, params: Params) -> None:
         first = next(iter(params.values()))
-        ref = self.latest.get(first.data_ptr())
-        if ref is not None and ref() is not first:
+        if self.donated.get(id(first)) is first:
             raise RuntimeError(DONATED_MSG)
 
-    def mark(self, params: Params) -> Params:
+    def mark(self, donated: Params, params: Params) -> Params:
+        consumed = next(iter(donated.values()))
+        self.donated[id(consumed)] = consumed
         name, first = next(iter(params.items()))
-        fresh = first.detach()
-        self.latest = {fresh.data_ptr(): weakref.ref(fresh)}
-        return {**params, name: fresh}
+        return {**params, name: first.detach()}
 
 
 class _Templates:
@@ -452,7 +452,7 @@ class TrainStep:
             opt_state = _write_into(state.opt_state, opt_state)
             ema = _write_into(state.ema, ema) if ema is not None else None
         elif donate:
-            params = self._guard.mark(params)
+            params = self._guard.mark(state.params, params)
         return state.replace(
             params=params,
             opt_state=opt_state,

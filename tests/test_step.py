@@ -511,6 +511,25 @@ def test_reusing_a_donated_state_fails_loudly():
     step(newer, b)
 
 
+def test_donation_guard_tracks_several_states_and_forgets_dead_ones():
+    step = fl.make_train_step(classify, donate=True)
+    b = batches(1)[0]
+    a0 = fl.TrainState.create(mlp(seed=0), tx=optim.adam(1e-2), device="cpu").clone()
+    b0 = fl.TrainState.create(mlp(seed=1), tx=optim.adam(1e-2), device="cpu").clone()
+    a1, _ = step(a0, b)
+    b1, _ = step(b0, b)
+    with pytest.raises(RuntimeError, match="donated to an earlier call"):
+        step(a0, b)  # not the last state the step saw, still consumed
+    step(a1, b)
+    step(b1, b)
+    # States dropped after donation free their memory; fresh states made there later are
+    # not mistaken for them.
+    template = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu")
+    for _ in range(20):
+        new, _ = step(template.clone(), b)
+        del new
+
+
 @pytest.mark.slow
 def test_compiled_step_has_no_graph_breaks_and_matches_eager_ci_subset():
     torch._dynamo.reset()
