@@ -75,7 +75,8 @@ class TrainState:
 
     Attributes:
       params: trainable tensors, keyed like ``module.named_parameters()``.
-      buffers: buffers (e.g. BatchNorm statistics), keyed like ``module.named_buffers()``.
+      buffers: buffers (e.g. BatchNorm statistics), keyed like ``module.named_buffers()``,
+        and frozen parameters (``requires_grad=False``), which are never updated.
       opt_state: the optimizer state made by ``tx.init(params)``.
       ema: exponential moving average of ``params``, or ``None`` without ``ema_decay``.
       loss_scale: dynamic loss-scale state for fp16 training, or ``None``.
@@ -160,12 +161,21 @@ class TrainState:
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
         dev = torch.device(device) if device is not None else default_device()
-        params = {n: p.detach().to(dev) for n, p in module.named_parameters()}
-        buffers = {n: b.detach().to(dev) for n, b in module.named_buffers()}
+        named = dict(module.named_parameters())
+        params = {n: p.detach().to(dev) for n, p in named.items() if p.requires_grad}
+        # Frozen parameters (requires_grad=False) are held like buffers: used by the
+        # forward pass, never differentiated or updated, and no optimizer state.
+        buffers = {n: p.detach().to(dev) for n, p in named.items() if not p.requires_grad}
+        buffers.update({n: b.detach().to(dev) for n, b in module.named_buffers()})
         if not params:
             raise ValueError(
-                f"{type(module).__name__} has no parameters to train; check that its "
-                f"layers are registered as submodules (nn.ModuleList, not a Python list)."
+                f"{type(module).__name__} has no parameters to train"
+                + (
+                    f": all {len(named)} have requires_grad=False. Unfreeze the ones to train."
+                    if named
+                    else "; check that its layers are registered as submodules "
+                    "(nn.ModuleList, not a Python list)."
+                )
             )
         ema = {n: p.clone() for n, p in params.items()} if ema_decay is not None else None
         return cls(

@@ -185,6 +185,7 @@ class _Templates:
         self.source: nn.Module | None = None
         self.template: nn.Module | None = None
         self.slots: list[tuple[dict[str, Any], str, str]] = []
+        self.frozen: frozenset[str] = frozenset()
 
     def get(self, module: nn.Module) -> nn.Module:
         if module is self.source and self.template is not None:
@@ -195,6 +196,7 @@ class _Templates:
             template = copy.deepcopy(module).train(self.training)
         self.source, self.template = module, template
         self.slots = _tensor_slots(template)
+        self.frozen = frozenset(n for n, p in template.named_parameters() if not p.requires_grad)
         return template
 
 
@@ -329,7 +331,10 @@ class TrainStep:
         slots = None if transformed else self._templates.slots
 
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
-            buffers = {n: b.clone() for n, b in state.buffers.items()}
+            # Clone what the forward pass may update in place (BatchNorm statistics), not
+            # the frozen parameters kept among the buffers.
+            frozen = self._templates.frozen
+            buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
             with autocast(self.precision, device):
                 out = self.training_step(BoundModel(module, params, buffers, slots=slots), batch)
             loss = _check_output(out, name)

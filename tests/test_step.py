@@ -761,3 +761,35 @@ def test_shared_and_expanded_gradients_match_a_hand_loop(donate):
         state, _ = step(state, x)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_frozen_parameters_are_not_trained_like_a_hand_loop(donate):
+    # A frozen first layer (fine-tuning): torch.optim gets only the trainable params.
+    def frozen_mlp():
+        module = mlp(bn=True)
+        module[0].requires_grad_(False)
+        return module
+
+    ref = frozen_mlp()
+    opt = torch.optim.AdamW(
+        [p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1, foreach=True
+    )
+    state = fl.TrainState.create(frozen_mlp(), tx=optim.adamw(1e-2, weight_decay=0.1), device="cpu")
+    assert "0.weight" not in state.params and "0.weight" in state.buffers
+    state = state.clone() if donate else state
+    step = fl.make_train_step(classify, donate=donate)
+    for b in batches(3):
+        opt.zero_grad()
+        classify(ref, b)["loss"].backward()
+        opt.step()
+        state, _ = step(state, b)
+    weights = state.state_dict()
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(weights[name], t, rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.equal(weights["0.weight"], frozen_mlp()[0].weight.detach())
+
+
+def test_a_module_with_every_parameter_frozen_is_an_error():
+    with pytest.raises(ValueError, match="all 4 have requires_grad=False"):
+        fl.TrainState.create(mlp().requires_grad_(False), tx=optim.sgd(0.1), device="cpu")
