@@ -14,14 +14,15 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     """Stacks states of identically shaped models into one batched state.
 
     Every tensor leaf gets a new leading dimension of size ``len(states)``. The static
-    parts (module template, optimizer, counters, history) come from ``states[0]``; the
+    parts (module template, optimizer, counters, history) come from ``states[0]``: the
     optimizer's hyper-parameters that live in the state, such as each model's learning
-    rate, stay per model. Train the stack with
+    rate, stay per model, while those fixed in ``tx`` (weight decay, betas, momentum) are
+    ``states[0]``'s for every model. Train the stack with
     ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
 
     Args:
       states: states with the same parameter names, shapes and optimizer structure, and
-        the same ``step``, ``epoch`` and ``micro_step``.
+        the same ``step``, ``epoch``, ``micro_step`` and ``ema_decay``.
 
     Returns:
       The stacked state.
@@ -48,7 +49,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     for i, state in enumerate(states[1:], start=1):
         if not isinstance(state, TrainState):
             raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
-        for attr in ("step", "epoch", "micro_step"):
+        for attr in ("step", "epoch", "micro_step", "ema_decay"):
             if getattr(state, attr) != getattr(first, attr):
                 raise ValueError(
                     f"states[{i}].{attr} is {getattr(state, attr)} but states[0].{attr} is "

@@ -793,3 +793,12 @@ def test_frozen_parameters_are_not_trained_like_a_hand_loop(donate):
 def test_a_module_with_every_parameter_frozen_is_an_error():
     with pytest.raises(ValueError, match="all 4 have requires_grad=False"):
         fl.TrainState.create(mlp().requires_grad_(False), tx=optim.sgd(0.1), device="cpu")
+
+
+def test_stack_states_rejects_states_at_different_points_or_ema_decays():
+    a = fl.TrainState.create(mlp(seed=0), tx=optim.adam(1e-2), ema_decay=0.9, device="cpu")
+    b = fl.TrainState.create(mlp(seed=1), tx=optim.adam(1e-3), ema_decay=0.99, device="cpu")
+    with pytest.raises(ValueError, match=r"states\[1\]\.ema_decay is 0\.99"):
+        fl.stack_states([a, b])
+    with pytest.raises(ValueError, match=r"states\[1\]\.step is 3"):
+        fl.stack_states([a, a.replace(step=3)])
