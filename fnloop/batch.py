@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,7 +15,8 @@ from fnloop.typing import Batch
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Moves every tensor in ``batch`` to ``device`` (asynchronously where possible).
 
-    Any nesting of tensors, tuples, lists, dicts, namedtuples and dataclasses is kept;
+    Any nesting of tensors, tuples, lists, dicts (``defaultdict``, ``OrderedDict``, ...),
+    namedtuples and dataclasses is kept;
     other values pass through. Tensors already on ``device`` are not copied.
 
     >>> import torch
@@ -22,12 +24,20 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     {'x': tensor([1., 1.]), 'ids': [tensor([0.])], 'name': 'a'}
     """
     device = torch.device(device)
+    # Asynchronous copies only towards an accelerator: a copy to the CPU must be complete
+    # before the CPU reads it.
+    non_blocking = device.type != "cpu"
 
     def move(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            return obj.to(device, non_blocking=True) if obj.device != device else obj
+            return obj.to(device, non_blocking=non_blocking) if obj.device != device else obj
         if isinstance(obj, Mapping):
-            return type(obj)({k: move(v) for k, v in obj.items()})  # type: ignore[call-arg]
+            moved = {k: move(v) for k, v in obj.items()}
+            if type(obj) is dict:
+                return moved
+            if isinstance(obj, defaultdict):
+                return type(obj)(obj.default_factory, moved)
+            return type(obj)(moved)  # type: ignore[call-arg]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*(move(v) for v in obj))
         if isinstance(obj, tuple | list):

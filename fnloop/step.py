@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -242,7 +243,7 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
             # predictions, are passed to the batch-end callbacks and not averaged.
             value = value.detach()
             metrics[key] = value.reshape(()) if value.numel() == 1 else value
-        elif isinstance(value, bool | int | float):
+        elif isinstance(value, numbers.Real):  # Python and NumPy numbers
             metrics[key] = torch.full((), float(value), device=device)  # no host copy
         else:
             raise TypeError(METRIC_MSG.format(key=key, name=name, kind=type(value).__name__))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 from typing import NamedTuple
@@ -363,6 +364,8 @@ class Example:
         (lambda x, y: {"x": x, "y": y}, lambda b: (b["x"], b["y"])),
         (lambda x, y: Pair(x, y), lambda b: (b.x, b.y)),
         (lambda x, y: Example(x, y), lambda b: (b.x, b.y)),
+        (lambda x, y: collections.defaultdict(list, x=x, y=y), lambda b: (b["x"], b["y"])),
+        (lambda x, y: collections.OrderedDict(x=x, y=y), lambda b: (b["x"], b["y"])),
     ],
 )
 def test_any_batch_structure(wrap, unwrap):
@@ -424,6 +427,17 @@ def test_parameters_without_gradient_get_zero_updates():
     for name in state.params:
         if name != "0.weight":
             assert torch.equal(new.params[name], state.params[name]), name
+
+
+def test_numpy_numbers_are_metrics():
+    np = pytest.importorskip("numpy")
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+
+    def step_fn(model, batch):
+        return {**classify(model, batch), "lr_hint": np.float32(0.5), "n": np.int64(3)}
+
+    _, metrics = fl.make_train_step(step_fn)(state, batches(1)[0])
+    assert float(metrics["lr_hint"]) == 0.5 and float(metrics["n"]) == 3.0
 
 
 def test_bad_options():
