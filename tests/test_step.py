@@ -415,8 +415,9 @@ def test_loss_from_the_users_own_module_is_an_error():
 
 
 def test_parameters_without_gradient_get_zero_updates():
-    # A parameter the loss does not use gets a zero gradient (as torch.optim treats a
-    # parameter whose .grad is zeros), not an error.
+    # A parameter the loss does not use gets a zero gradient, not an error. (With plain
+    # SGD it then stays put; weight decay or momentum would still move it, where
+    # torch.optim skips a parameter whose .grad is None: documented in the guide.)
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
 
     def first_layer_only(model, batch):

@@ -292,8 +292,8 @@ def _flat_lists(grads: TensorList, *groups: TensorList | None) -> list[TensorLis
 def _fusable(params: TensorList) -> bool:
     """True where torch's fused optimizer kernels run here: eager CPU tensors of one
     floating dtype (elsewhere the foreach ops below do the work)."""
-    if not params or batched(params):
-        return False
+    if not params or batched(params) or not hasattr(torch, "_fused_adamw_"):
+        return False  # (torch's private kernels: if a release drops them, foreach it is)
     dtype = params[0].dtype
     return dtype.is_floating_point and all(p.is_cpu and p.dtype == dtype for p in params)
 
