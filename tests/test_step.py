@@ -292,7 +292,8 @@ def test_fp16_loss_scale_follows_grad_scaler():
     """Scale, skip and growth sequence of torch.amp.GradScaler with injected infs."""
     torch.manual_seed(0)
     module = nn.Linear(4, 1)
-    inject = [False, True, False, False, True, True, False, False, False]
+    # One finite step before an inf: the growth counter must restart at 0 after it.
+    inject = [False, True, False, False, True, True, False, False, False, True, False, False]
     scale_cfg = fl.DynamicLossScale(init_scale=1024.0, growth_interval=2)
 
     ref = copy.deepcopy(module)
@@ -306,7 +307,7 @@ def test_fp16_loss_scale_follows_grad_scaler():
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        ref_scales.append(scaler.get_scale())
+        ref_scales.append((scaler.get_scale(), int(scaler._growth_tracker)))
 
     def step_fn(model, batch):
         x, bad = batch
@@ -320,7 +321,7 @@ def test_fp16_loss_scale_follows_grad_scaler():
     scales = []
     for bad in inject:
         state, _ = step(state, (x, torch.tensor(bad)))
-        scales.append(float(state.loss_scale.scale))
+        scales.append((float(state.loss_scale.scale), int(state.loss_scale.growth_tracker)))
     assert scales == ref_scales
     assert int(state.skipped_steps) == sum(inject)
     for name, p in ref.named_parameters():
