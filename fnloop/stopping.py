@@ -109,7 +109,7 @@ class EarlyStopping:
             return dataclasses.replace(
                 state, stop_reason=f"{self.monitor} reached the target {self.target} ({value:.6g})"
             )
-        if state.bad_epochs >= self.patience and self.patience >= 0 and state.bad_epochs > 0:
+        if state.bad_epochs >= self.patience and state.bad_epochs > 0:
             return dataclasses.replace(
                 state,
                 stop_reason=(

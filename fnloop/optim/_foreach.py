@@ -137,13 +137,6 @@ def addcmul_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
     return xs
 
 
-def addcdiv(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
-    """``x + value * t1 / t2``."""
-    if batched(xs) or batched(t1):
-        return [torch.addcdiv(x, a, b, value=value) for x, a, b in zip(xs, t1, t2, strict=True)]
-    return list(torch._foreach_addcdiv(xs, t1, t2, value=value))
-
-
 def addcdiv_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> TensorList:
     """In-place :func:`addcdiv` into ``xs``; use the returned list (see :func:`addcmul_`)."""
     if batched(xs) or batched(t1):
@@ -215,16 +208,6 @@ def norms(xs: TensorList) -> TensorList:
 def global_norm(xs: TensorList) -> torch.Tensor:
     """The 2-norm of all tensors together, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
     return torch.linalg.vector_norm(torch.stack(norms(xs)))
-
-
-def zeros_like(xs: TensorList) -> TensorList:
-    """New zero tensors shaped like ``xs``."""
-    return [torch.zeros_like(x) for x in xs]
-
-
-def full_like(xs: TensorList, value: float) -> TensorList:
-    """New tensors shaped like ``xs`` filled with ``value``."""
-    return [torch.full_like(x, value) for x in xs]
 
 
 def copy_(dst: TensorList, src: TensorList) -> TensorList:

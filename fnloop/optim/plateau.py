@@ -162,8 +162,7 @@ def observe_metric(opt_state: Any, metric: Any) -> Any:
 
     States without a plateau come back unchanged (the same object).
     """
-    found = [n for n in _plateau_nodes(opt_state)]
-    if not found:
+    if not has_plateau(opt_state):
         return opt_state
     return optree.tree_map(
         lambda node: node.config.observe(node, metric) if _is_plateau(node) else node,
