@@ -341,6 +341,8 @@ class TrainStep:
             loss = _check_output(out, name)
             metrics = _metrics(out, name, device)
             metrics["loss"] = loss.detach().float()
+            if not loss.requires_grad:  # metadata only: also checked under vmap and compile
+                raise ValueError(LOSS_GRAD_MSG.format(name=name))
             scaled = loss.float() * scale if scale is not None else loss
             return scaled, (loss.detach(), metrics, {n: b.detach() for n, b in buffers.items()})
 
@@ -350,8 +352,6 @@ class TrainStep:
 
         params = {n: p.detach().requires_grad_() for n, p in state.params.items()}
         scaled, (loss, metrics, buffers) = loss_fn(params)
-        if not scaled.requires_grad:
-            raise ValueError(LOSS_GRAD_MSG.format(name=name))
         names = list(params)
         grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
         if all(g is None for g in grad_list):

@@ -818,3 +818,12 @@ def test_stack_states_rejects_states_at_different_points_or_ema_decays():
         fl.stack_states([a, b])
     with pytest.raises(ValueError, match=r"states\[1\]\.step is 3"):
         fl.stack_states([a, a.replace(step=3)])
+
+
+def test_a_detached_loss_is_an_error_under_vmap_too():
+    bad = fl.make_train_step(lambda model, b: {"loss": model(b[0]).mean().detach()})
+    states = fl.stack_states(
+        [fl.TrainState.create(mlp(seed=i), tx=optim.sgd(0.1), device="cpu") for i in range(2)]
+    )
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        torch.func.vmap(bad, in_dims=(0, None), randomness="different")(states, batches(1)[0])
