@@ -3,9 +3,9 @@
     python examples/anomaly.py             # 10-20 s on 2 CPU cores, AUC ~0.9
     python examples/anomaly.py --fresh     # start over instead of resuming runs/anomaly
 
-The ``AnomalyTrainer`` example of the object-oriented ``BaseTrainer``, as fnloop code. The autoencoder is trained to reconstruct
-the digits 0-8 of scikit-learn's digits set (nothing is downloaded); it has never seen a
-9. Afterwards each image of a held-out set (unseen normal digits and all the 9s) gets an
+The ``AnomalyTrainer`` example of the object-oriented ``BaseTrainer``, as fnloop code.
+The autoencoder is trained to reconstruct the digits 0-8 of scikit-learn's digits set
+(nothing is downloaded); it has never seen a 9. Afterwards each image of a held-out set (unseen normal digits and all the 9s) gets an
 anomaly score, its reconstruction error, and the ROC AUC says how well the score tells
 the two apart (0.5 is chance, 1.0 perfect).
 
