@@ -5,9 +5,10 @@
 
 The ``AnomalyTrainer`` example of the object-oriented ``BaseTrainer``, as fnloop code.
 The autoencoder is trained to reconstruct the digits 0-8 of scikit-learn's digits set
-(nothing is downloaded); it has never seen a 9. Afterwards each image of a held-out set (unseen normal digits and all the 9s) gets an
-anomaly score, its reconstruction error, and the ROC AUC says how well the score tells
-the two apart (0.5 is chance, 1.0 perfect).
+(nothing is downloaded); it has never seen a 9. Afterwards each image of a held-out set
+(unseen normal digits and all the 9s) gets an anomaly score, its reconstruction error,
+and the ROC AUC says how well the score tells the two apart (0.5 is chance, 1.0
+perfect).
 
 Batches are dicts, ``{"image": ...}``, as in that example: fnloop accepts any batch structure.
 """
