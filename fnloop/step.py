@@ -480,7 +480,7 @@ def _all_finite(tensors: Any) -> torch.Tensor:
 def _writable_grads(
     params: Params, names: list[str], grad_list: tuple[torch.Tensor | None, ...]
 ) -> Params:
-    """Gradients the optimizer may update in place, one tensor each, laid out as the params.
+    """Gradients the optimizer may update in place: one tensor each, none overlapping itself.
 
     ``autograd.grad`` may return one tensor for several parameters (``(p + q) * x``) or an
     expanded stride-0 view (``p.sum()``); those get their own copy, and a parameter the
@@ -492,7 +492,9 @@ def _writable_grads(
         p = params[name]
         if g is None:
             g = torch.zeros_like(p)
-        elif g.data_ptr() in seen or g.stride() != p.stride():
+        elif g.data_ptr() in seen or any(
+            st == 0 and n > 1 for st, n in zip(g.stride(), g.shape, strict=True)
+        ):
             g = torch.empty_like(p).copy_(g)
         seen.add(g.data_ptr())
         grads[name] = g
