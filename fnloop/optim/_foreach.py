@@ -273,12 +273,14 @@ def _flat_lists(grads: TensorList, *groups: TensorList | None) -> list[TensorLis
 
 
 def _fusable(params: TensorList) -> bool:
-    """True where torch's fused optimizer kernels run here: eager CPU tensors of one
-    floating dtype (elsewhere the foreach ops below do the work)."""
+    """True where torch's fused optimizer kernels run: eager tensors of one floating dtype
+    on one CPU or CUDA device (elsewhere the foreach ops below do the work)."""
     if not params or batched(params) or not hasattr(torch, "_fused_adamw_"):
         return False  # (torch's private kernels: if a release drops them, foreach it is)
-    dtype = params[0].dtype
-    return dtype.is_floating_point and all(p.is_cpu and p.dtype == dtype for p in params)
+    dtype, device = params[0].dtype, params[0].device
+    if not dtype.is_floating_point or device.type not in ("cpu", "cuda"):
+        return False
+    return all(p.device == device and p.dtype == dtype for p in params)
 
 
 def fused_adam_(
@@ -300,11 +302,18 @@ def fused_adam_(
 
     One pass over each tensor instead of eight foreach passes, and no host scalars: the
     kernel reads ``step`` (this update's number, a 0-d tensor) and ``lr`` itself. Runs
-    only on eager CPU tensors of one floating dtype, and returns whether it ran; the
-    results then equal ``torch.optim`` with ``fused=True`` bit for bit.
+    only on eager tensors of one floating dtype on one CPU or CUDA device, and returns
+    whether it ran; the results then equal ``torch.optim`` with ``fused=True`` bit for
+    bit.
     """
     if not _fusable(params):
         return False
+    if params[0].is_cuda:
+        # The CUDA kernel reads the step count and a tensor learning rate as float32 on
+        # the device (torch.optim keeps them so for fused=True): a device-side cast.
+        step = step.to(torch.float32)
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=params[0].device, dtype=torch.float32)
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     kernel(
         params,
@@ -386,9 +395,9 @@ def sgd_(
 
     ``bufs`` are the momentum buffers (``None`` without momentum); ``first`` marks the
     first update, which copies the gradient into them. ``grads`` are consumed. Eager and
-    unbatched only, like :func:`adam_`. On the CPU this is torch's fused kernel (bit for
-    bit ``torch.optim.SGD(fused=True)``); elsewhere torch's foreach order (bit for bit
-    ``foreach=True``).
+    unbatched only, like :func:`adam_`. On a CPU or CUDA device this is torch's fused
+    kernel (bit for bit ``torch.optim.SGD(fused=True)``); elsewhere torch's foreach order
+    (bit for bit ``foreach=True``).
     """
     if _fusable(params):
         torch._fused_sgd_(
@@ -401,7 +410,7 @@ def sgd_(
             dampening=dampening,
             nesterov=nesterov,
             maximize=False,
-            is_first_step=first,
+            is_first_step=first and bufs is not None,  # (CUDA warns otherwise)
         )
         return
     lists = _flat_lists(grads, params, bufs)

@@ -469,8 +469,8 @@ def adam_apply_(
     """One Adam (or, with ``decoupled``, AdamW) step written into ``params`` and ``state``.
 
     The fused form of ``scale_by_adam`` + weight decay + ``scale_by_learning_rate`` +
-    ``apply_updates_``; ``grads`` are consumed (written into). Eager CPU tensors take
-    torch's fused kernel (bit for bit ``torch.optim``'s ``fused=True``). Elsewhere, with
+    ``apply_updates_``; ``grads`` are consumed (written into). Eager CPU and CUDA tensors
+    take torch's fused kernel (bit for bit ``torch.optim``'s ``fused=True``). Elsewhere, with
     ``counts`` (the update counts on the host), it runs ``torch.optim``'s foreach
     operation order with Python scalars (bit for bit ``foreach=True`` with a float
     ``lr``); under ``torch.compile`` and ``vmap``, its sync-free order with 0-d tensors.

@@ -747,3 +747,29 @@ def test_a_torch_lr_scheduler_as_learning_rate_is_a_clear_error(make) -> None:
         make(sched)
     with pytest.raises(TypeError, match="got str"):
         make("1e-3")
+
+
+def test_fused_kernels_run_on_one_cpu_or_cuda_device_and_dtype() -> None:
+    """torch's fused kernels take one device's tensors of one floating dtype; anything else
+    (mixed dtypes or devices, integer tensors, other devices) runs the foreach order."""
+    cpu = [torch.zeros(3), torch.zeros(2, 2)]
+    assert _foreach._fusable(cpu)
+    assert not _foreach._fusable([])
+    assert not _foreach._fusable([torch.zeros(3), torch.zeros(2, dtype=torch.float64)])
+    assert not _foreach._fusable([torch.zeros(3, dtype=torch.int64)])
+    assert not _foreach._fusable([torch.zeros(3, device="meta")])
+    assert not _foreach._fusable([torch.zeros(3), torch.zeros(3, device="meta")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_fused_apply_on_cuda_matches_torch_fused(case: Case) -> None:
+    """On CUDA too (float32 step counts for the kernel): bit for bit ``fused=True``."""
+    cuda = lambda tree: {n: x.cuda() for n, x in tree.items()}  # noqa: E731
+    params = cuda(make_params(dtype=torch.float32))
+    grads = [cuda(g) for g in make_grads(steps=10, dtype=torch.float32)]
+    twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
+    ours = apply_trajectory(case.make(case.lr), params, grads)
+    for step, (a, b) in enumerate(zip(ours, torch_trajectory(twin, params, grads), strict=True)):
+        for name in params:
+            assert torch.equal(a[name], b[name]), f"step {step}, {name}"
