@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from fnloop import _tree
+from fnloop.distributed import is_main_process
 from fnloop.precision import LossScaleState
 from fnloop.state import TrainState, freeze_history
 
@@ -158,7 +159,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
     _check_state(state, "save_checkpoint")
     for key, value in extra.items():
         _check_plain(value, f"extra[{key!r}]")
-    if not _is_main_process():
+    if not is_main_process():
         return path
     keys, leaves, _ = _flatten_with_keys(state)
     payload = {
@@ -219,7 +220,7 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
     """
     path = Path(path)
     _check_state(state, "save_model")
-    if not _is_main_process():
+    if not is_main_process():
         return path
     tensors = {name: _compact(t.detach()) for name, t in state.state_dict(use_ema=use_ema).items()}
     if _is_safetensors(path):
@@ -760,19 +761,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rank() -> int:
-    """This process's rank in the default ``torch.distributed`` group (0 when not run so)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return 0
-
-
-def _is_main_process() -> bool:
-    """Whether this process writes files: rank 0, or any process outside distributed runs."""
-    return _rank() == 0
 
 
 def _check_state(state: Any, fn: str) -> None:

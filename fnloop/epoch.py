@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from fnloop.batch import batch_size as find_batch_size
 from fnloop.callbacks.base import CallbackList
+from fnloop.distributed import world_size
 from fnloop.state import TrainState
 from fnloop.step import EvalStep, TrainStep
 from fnloop.typing import Batch, Metrics
@@ -68,14 +69,24 @@ class MetricMeans:
             self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
         self._pending.clear()
 
-    def means(self) -> dict[str, float]:
-        """The weighted mean of every metric so far (reads the device once)."""
+    def means(self, *, all_processes: bool = False) -> dict[str, float]:
+        """The weighted mean of every metric so far (reads the device once).
+
+        With ``all_processes`` and an initialized ``torch.distributed`` group of several
+        processes, the means are over every process's examples: a collective call, which
+        every process must make with the same metric names.
+        """
         self._fold()
         if not self._sums:
             return {}
         keys = list(self._sums)
-        values = torch.stack([self._sums[k] for k in keys]).tolist()
-        return {k: v / self._counts[k] for k, v in zip(keys, values)}
+        sums = torch.stack([self._sums[k] for k in keys])
+        counts = [float(self._counts[k]) for k in keys]
+        if all_processes and world_size() > 1:
+            both = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=sums.device)])
+            torch.distributed.all_reduce(both)
+            sums, counts = both[: len(keys)], both[len(keys) :].tolist()
+        return {k: v / n for k, v, n in zip(keys, sums.tolist(), counts)}
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
@@ -158,7 +169,8 @@ def train_epoch(
       means: the accumulator to add to (``fit`` passes one restored from a checkpoint).
 
     Returns:
-      The state after the epoch and the epoch's batch-size-weighted metric means.
+      The state after the epoch and the epoch's batch-size-weighted metric means (over
+      every process's batches in a ``torch.distributed`` run).
 
     Example:
       >>> import torch
@@ -199,7 +211,7 @@ def train_epoch(
         raise ValueError(EMPTY_LOADER_MSG.format(split="train"))
     if pending_skip is not None:  # the checkpoint was taken after the epoch's last batch
         pending_skip()
-    return state, means.means()
+    return state, means.means(all_processes=True)
 
 
 def validate_epoch(
@@ -215,7 +227,8 @@ def validate_epoch(
     """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
 
     Returns:
-      The state (as callbacks left it) and the batch-size-weighted metric means.
+      The state (as callbacks left it) and the batch-size-weighted metric means (over
+      every process's batches in a ``torch.distributed`` run).
 
     Example:
       >>> import torch
@@ -247,4 +260,4 @@ def validate_epoch(
         bar.close()
     if seen == 0:
         raise ValueError(EMPTY_LOADER_MSG.format(split="valid"))
-    return state, means.means()
+    return state, means.means(all_processes=True)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList
+from fnloop.distributed import is_main_process
 from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric
 from fnloop.optim.transform import learning_rates
@@ -94,16 +95,11 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _open_logger(run_name: str, out_dir: Path | None, console: bool) -> logging.Logger:
     logger = logging.getLogger(f"fnloop.run.{run_name}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not _is_main_process():
+    if not is_main_process():
         logger.addHandler(logging.NullHandler())
         return logger
     if console:
@@ -253,6 +249,12 @@ def fit(
     ``checkpoints/`` (resumed from automatically), ``best_model.pt`` (a state dict for
     ``module.load_state_dict``) and ``history.png`` when matplotlib is installed.
 
+    Launched by ``torchrun`` (an initialized ``torch.distributed`` group), every process
+    runs ``fit`` on its share of the data (give the loaders a ``DistributedSampler``; its
+    ``set_epoch`` is called every epoch): steps average gradients over the processes,
+    epoch metrics are means over every process's examples, and rank 0 alone logs, shows
+    bars and writes the run folder.
+
     Args:
       state: the state to train; a second ``fit`` continues its step, epoch and history.
       training_step: ``(model, batch) -> {"loss": ..., ...}``, or a step made by
@@ -322,8 +324,8 @@ def fit(
         raise ValueError(f"checkpoint_every_n_steps must be >= 1; got {checkpoint_every_n_steps}.")
     if keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be >= 1; got {keep_checkpoints}.")
-    show_bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
-    main = _is_main_process()
+    main = is_main_process()  # in a torch.distributed run, rank 0 alone shows and writes
+    show_bars = main and (sys.stderr.isatty() if progress == "auto" else bool(progress))
 
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None

@@ -20,6 +20,7 @@ from torch._C import _functorch
 
 from fnloop import _tree
 from fnloop.batch import to_device
+from fnloop.distributed import VMAP_MSG, mean_over_processes, world_size
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
@@ -315,7 +316,28 @@ class TrainStep:
                 )
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
+        if world_size() > 1:
+            grads, loss, buffers = self._mean_over_processes(state, grads, loss, buffers)
         return self._update(state, grads, loss, buffers, loss_scale, donate), metrics
+
+    def _mean_over_processes(
+        self, state: TrainState, grads: Params, loss: torch.Tensor, buffers: Params
+    ) -> tuple[Params, torch.Tensor, Params]:
+        """Data parallelism: gradients, floating-point buffers and the loss (for the
+        non-finite check, so every process skips alike) averaged over the processes."""
+        if not torch.compiler.is_compiling() and _in_transform(state.params):
+            raise ValueError(VMAP_MSG.format(world=world_size()))
+        floats = [n for n, b in buffers.items() if b.is_floating_point()]
+        mean = mean_over_processes(
+            {
+                **{f"grad/{n}": g for n, g in grads.items()},
+                **{f"buffer/{n}": buffers[n] for n in floats},
+                "loss": loss.detach().float(),
+            }
+        )
+        grads = {n: mean[f"grad/{n}"] for n in grads}
+        buffers = {**buffers, **{n: mean[f"buffer/{n}"] for n in floats}}
+        return grads, mean["loss"].to(loss.dtype), buffers
 
     def _gradients(
         self,

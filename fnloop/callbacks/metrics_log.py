@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fnloop.callbacks.base import Callback
+from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
 
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ _NOT_A_NUMBER_MSG = (
     "{owner} can only log numbers; metric {key!r} is a {kind}. Epoch-end metrics must be "
     "floats (or tensors / sequences of numbers, logged element-wise as '{key}/0', ...)."
 )
-
-
-def _is_main_process() -> bool:
-    """Whether this process should write logs: rank 0 under ``torch.distributed``, else yes."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _scalar_items(key: str, value: Any, owner: str = "EpochLogger") -> dict[str, float]:
@@ -130,7 +125,7 @@ class EpochLogger(Callback):
 
     def on_fit_start(self, state: TrainState) -> None:
         self._pending, self._counters = {}, None
-        self._active = _is_main_process()
+        self._active = is_main_process()
         if self._active:
             self.start(state)
 

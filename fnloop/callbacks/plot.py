@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fnloop.callbacks.base import Callback
-from fnloop.callbacks.metrics_log import _is_main_process
+from fnloop.distributed import is_main_process
 
 if TYPE_CHECKING:
     from fnloop.state import TrainState
@@ -129,7 +129,7 @@ class PlotHistory(Callback):
             raise ImportError(MATPLOTLIB_MISSING_MSG)
 
     def on_fit_end(self, state: TrainState) -> None:
-        if _is_main_process() and _metric_names(state.history):
+        if is_main_process() and _metric_names(state.history):
             plot_history(state.history, self.path)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from fnloop.callbacks.base import Callback
-from fnloop.callbacks.metrics_log import _is_main_process
+from fnloop.distributed import is_main_process
 from fnloop.typing import Batch
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class Profiler(Callback):
         if self._done:
             return
         if self._prof is None:
-            if not _is_main_process():
+            if not is_main_process():
                 self._done = True
                 return
             self.out_dir.mkdir(parents=True, exist_ok=True)

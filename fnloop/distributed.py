@@ -1,0 +1,75 @@
+"""Data-parallel training with ``torch.distributed`` (launched by ``torchrun``).
+
+fnloop wraps nothing: when the default process group is initialized with more than one
+process, every train step averages its gradients (and floating-point buffers, such as
+BatchNorm statistics) over the processes before clipping and the optimizer, so every
+process holds the same state; ``fit`` averages the epoch metrics over the processes and
+only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fnloop.typing import Params
+
+VMAP_MSG = (
+    "torch.distributed is initialized with {world} processes, and a train step averages "
+    "its gradients over them, which it cannot do under torch.func.vmap. Train stacked "
+    "states in a single process, or one model per process without vmap."
+)
+
+
+def world_size() -> int:
+    """The number of processes in the default ``torch.distributed`` group (1 outside one).
+
+    >>> world_size()
+    1
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
+def rank() -> int:
+    """This process's rank in the default ``torch.distributed`` group (0 outside one).
+
+    >>> rank()
+    0
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and logs: rank 0, or any single process."""
+    return rank() == 0
+
+
+def mean_over_processes(tensors: Params) -> Params:
+    """Each tensor averaged over the processes of the default group: one all-reduce per dtype.
+
+    The inputs are not changed. Contiguous results are views of one reduced buffer per
+    dtype; others (channels-last, say) keep their memory format.
+    """
+    world = world_size()
+    if world == 1 or not tensors:
+        return dict(tensors)
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(t.dtype, []).append(name)
+    out: Params = {}
+    for names in groups.values():
+        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        torch.distributed.all_reduce(flat)
+        flat = flat.div_(world)
+        for name, chunk in zip(names, flat.split([tensors[n].numel() for n in names])):
+            like = tensors[name]
+            if like.is_contiguous():
+                out[name] = chunk.view(like.shape)
+            else:
+                out[name] = torch.empty_like(like).copy_(chunk.view(like.shape))
+    return out

@@ -1,0 +1,119 @@
+"""One process of a data-parallel run, launched by ``torchrun`` from test_distributed.py.
+
+Usage: torchrun --standalone --nproc_per_node=2 ddp_job.py OUT_DIR
+
+Each rank trains on its half of every global batch and saves what it ended with to
+``OUT_DIR/rank{r}.pt``; the test compares those with single-process runs on the whole
+global batches (``reference`` below, also used by the test).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+import fnloop as fl
+from fnloop import optim
+
+GLOBAL_BATCH = 16
+STEPS = 6
+
+
+def classify(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+    x, y = batch
+    logits = model(x)
+    return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).double().mean()}
+
+
+def data(n: int = STEPS * GLOBAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def with_bn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def tx() -> optim.GradientTransformation:
+    return optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2))
+
+
+def steps(part: slice, nan_at: int | None = None) -> fl.TrainState:
+    """Clipping, AdamW, accumulation over 2 micro-batches, the skip policy; ``part`` picks
+    this process's rows of every global micro-batch; a NaN is put in the rows of step
+    ``nan_at`` (in one process only, for the distributed run)."""
+    x, y = data()
+    state = fl.TrainState.create(mlp(), tx=tx())
+    step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="skip")
+    for i in range(STEPS):
+        rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        xb, yb = x[rows][part].clone(), y[rows][part]
+        if i == nan_at:
+            xb[0, 0] = float("nan")
+        state, _ = step(state, (xb, yb))
+    return state
+
+
+def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.TrainState:
+    """Three epochs of ``fit`` with a shuffling DistributedSampler (``world=1``: the same
+    global batches in one process)."""
+    x, y = data()
+
+    def loader(rows: slice) -> DataLoader:
+        ds = TensorDataset(x[rows], y[rows])
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+
+    return fl.fit(
+        fl.TrainState.create(module, tx=tx()),
+        classify,
+        {"train": loader(slice(0, 64)), "valid": loader(slice(64, 96))},
+        max_epochs=3,
+        out_dir=out_dir,
+        log_to_console=False,
+        progress=False,
+    )
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    assert world == 2, world
+    # Rows r, r + 2, ...: what DistributedSampler(shuffle=False) would hand this process.
+    every_other = slice(rank, None, world)
+    result = {
+        "steps": steps(every_other).params,
+        "steps_nan": steps(every_other, nan_at=4 if rank == 1 else None),
+        "fit": fit(out / "run", world, rank, mlp()),
+        "fit_bn": fit(None, world, rank, with_bn()),
+    }
+    result = {
+        "steps": result["steps"],
+        "steps_nan": result["steps_nan"].state_dict(),
+        "skipped": int(result["steps_nan"].skipped_steps),
+        "fit": result["fit"].state_dict(),
+        "history": {k: dict(v) for k, v in result["fit"].history.items()},
+        "fit_bn": result["fit_bn"].state_dict(),
+    }
+    torch.save(result, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Data parallelism (I5): two processes launched by torchrun (gloo, CPU) against one process
+on the same global batches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+sys.path.insert(0, str(Path(__file__).parent / "jobs"))
+import ddp_job
+
+import fnloop as fl
+from fnloop.distributed import mean_over_processes, world_size
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("ddp")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(ddp_job.__file__)),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert_close(a[name], b[name], rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_steps_average_gradients_over_processes(ranks) -> None:
+    """Each process's half of every batch, gradients averaged (with clipping, AdamW and
+    accumulation) = one process on the whole batches."""
+    _, results = ranks
+    single = ddp_job.steps(slice(None)).params
+    for r in results:
+        assert_same(r["steps"], single)
+
+
+def test_a_nan_in_one_process_skips_the_update_in_all(ranks) -> None:
+    _, results = ranks
+    single = ddp_job.steps(slice(None), nan_at=4)
+    assert int(single.skipped_steps) == 1
+    for r in results:
+        assert r["skipped"] == 1
+        assert_same(r["steps_nan"], single.state_dict())
+
+
+def test_fit_matches_one_process_and_only_rank_0_writes(ranks) -> None:
+    out, results = ranks
+    single = ddp_job.fit(None, 1, 0, ddp_job.mlp())
+    for r in results:
+        assert_same(r["fit"], single.state_dict())
+        # Epoch metrics are means over both processes' examples: the single run's.
+        for split, metrics in single.history.items():
+            for key, values in metrics.items():
+                assert_close(torch.tensor(r["history"][split][key]), torch.tensor(values))
+    run = out / "run"
+    log = (run / "run_training.log").read_text()
+    assert log.count("[1/3]") == 1, log  # one writer
+    assert len(list((run / "checkpoints").glob("*.pt"))) >= 1
+    resumed = fl.load_checkpoint(
+        sorted((run / "checkpoints").glob("*.pt"))[-1],
+        like=fl.TrainState.create(ddp_job.mlp(), tx=ddp_job.tx()),
+    )
+    assert_same(resumed.state_dict(), single.state_dict())  # loadable without DDP
+
+
+def test_batchnorm_statistics_are_averaged_so_processes_agree(ranks) -> None:
+    _, (r0, r1) = ranks
+    assert_same(r0["fit_bn"], r1["fit_bn"])
+    assert any("running_mean" in k for k in r0["fit_bn"])
+
+
+def test_a_single_process_is_left_alone() -> None:
+    assert world_size() == 1
+    t = {"a": torch.ones(2)}
+    assert mean_over_processes(t)["a"] is t["a"]
+
+
+def test_vmap_in_a_distributed_run_is_a_clear_error(monkeypatch) -> None:
+    import fnloop.step
+
+    monkeypatch.setattr(fnloop.step, "world_size", lambda: 2)
+    states = [fl.TrainState.create(ddp_job.mlp(), tx=ddp_job.tx()) for _ in range(2)]
+    step = torch.func.vmap(
+        fl.make_train_step(ddp_job.classify), in_dims=(0, None), randomness="different"
+    )
+    x, y = ddp_job.data(8)
+    with pytest.raises(ValueError, match=r"cannot do under torch\.func\.vmap"):
+        step(fl.stack_states(states), (x, y))
