@@ -9,6 +9,8 @@ only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fnloop.typing import Params
@@ -73,3 +75,23 @@ def mean_over_processes(tensors: Params) -> Params:
             else:
                 out[name] = torch.empty_like(like).copy_(chunk.view(like.shape))
     return out
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable, tensors on the CPU), in rank order; a
+    collective call. Outside a distributed run, ``[obj]``.
+
+    >>> gather({"a": 1})
+    [{'a': 1}]
+    """
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Waits for every process of the default group (nothing outside a distributed run)."""
+    if world_size() > 1:
+        torch.distributed.barrier()

@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList
-from fnloop.distributed import is_main_process
+from fnloop.distributed import (
+    barrier,
+    gather,
+    is_main_process,
+    mean_over_processes,
+    rank,
+    world_size,
+)
 from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric
 from fnloop.optim.transform import learning_rates
@@ -430,8 +437,12 @@ class _Run:
         self.stopper_states = [s.init() for s in self.stoppers]
 
     # ------------------------------------------------------------------ checkpoints
-    def record(self, position: int | None) -> dict[str, Any]:
-        """The driver's part of a checkpoint: everything needed to continue bit-exactly."""
+    def record(self, position: int | None, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The driver's part of a checkpoint: everything needed to continue bit-exactly.
+
+        ``ranks`` holds each process's own part (see :meth:`local_record`); the top-level
+        copy of rank 0's is what a run with another number of processes falls back to.
+        """
         best = None
         if self.best is not None:
             best = {
@@ -444,21 +455,40 @@ class _Run:
             "best": best,
             "stop_reason": self.stop_reason,
             "position": position,
+            **ranks[0],
+            "ranks": ranks if len(ranks) > 1 else None,
+        }
+
+    def local_record(self, position: int | None) -> dict[str, Any]:
+        """This process's generators and partial epoch means (CPU tensors)."""
+        means = None
+        if position is not None and self.means:
+            means = self.means.state_dict()
+            means["sums"] = {k: v.cpu() for k, v in means["sums"].items()}
+        return {
             "epoch_rng": self.epoch_rng if position is not None else None,
-            "means": self.means.state_dict() if position is not None and self.means else None,
+            "means": means,
             "rng": ckpt.rng_state(),
         }
 
     def save(self, state: TrainState, position: int | None) -> None:
-        if self.ckpt_dir is None or not self.main:
+        if self.ckpt_dir is None:
             return
-        kind = "b" if position is not None else "e"
-        path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
-        ckpt.save_checkpoint(path, state, fit=self.record(position))
-        if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
-            path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
-        for old in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")[self.keep :]:
-            old.unlink(missing_ok=True)
+        # Every process takes part (collectives): its own record goes into rank 0's file,
+        # and an open accumulation window is saved as the mean over the processes, which
+        # continues exactly (the update averages each process's sum anyway).
+        ranks = gather(self.local_record(position))
+        if state.grad_accum is not None and world_size() > 1:
+            state = state.replace(grad_accum=mean_over_processes(state.grad_accum))
+        if self.main:
+            kind = "b" if position is not None else "e"
+            path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
+            ckpt.save_checkpoint(path, state, fit=self.record(position, ranks))
+            if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
+                path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
+            for old in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")[self.keep :]:
+                old.unlink(missing_ok=True)
+        barrier()  # no process reads the folder (a restart after a crash) while rank 0 writes
 
     def restore(self) -> tuple[int | None, dict[str, Any] | None]:
         """Resumes from the newest good checkpoint; returns the batch position and RNG."""
@@ -479,6 +509,15 @@ class _Run:
             return None, None
         self.state = found.state
         rec = found.extra.get("fit", {})
+        ranks = rec.get("ranks")
+        if ranks is not None and len(ranks) == world_size():
+            rec = {**rec, **ranks[rank()]}  # this process's generators and partial means
+        elif ranks is not None:
+            self.logger.warning(
+                f"{found.path} was written by {len(ranks)} processes and this run has "
+                f"{world_size()}: every process continues with rank 0's random generators "
+                f"and partial epoch means, so the run will not repeat an uninterrupted one."
+            )
         self.stopper_states = [
             EarlyStoppingState(**s) for s in rec.get("stoppers", [])
         ] or self.stopper_states

@@ -90,6 +90,43 @@ def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.Tr
     )
 
 
+class Crash(Exception):
+    pass
+
+
+class CrashAt(fl.callbacks.Callback):
+    """Raises after batch ``batch_idx`` of epoch ``epoch`` (1-based), in every process."""
+
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        self.at = (epoch, batch_idx)
+
+    def on_train_batch_end(self, state: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (state.epoch + 1, batch_idx) == self.at:
+            raise Crash
+
+
+def resumable(out_dir: Path, world: int, rank: int, crash_at: tuple[int, int] | None = None):
+    """Dropout drawn from each process's own generator (seeded by rank), accumulation over
+    3 micro-batches (a window is open at every epoch end), a checkpoint after every update."""
+    x, y = data()
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    torch.manual_seed(100 + rank)
+    ds = TensorDataset(x[:64], y[:64])
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
+    return fl.fit(
+        fl.TrainState.create(module.double(), tx=tx()),
+        fl.make_train_step(classify, accumulation_steps=3),
+        DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler),
+        max_epochs=3,
+        out_dir=out_dir,
+        checkpoint_every_n_steps=1,
+        callbacks=[CrashAt(*crash_at)] if crash_at else [],
+        log_to_console=False,
+        progress=False,
+    )
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -111,6 +148,21 @@ def main() -> None:
         "history": {k: dict(v) for k, v in result["fit"].history.items()},
         "fit_bn": result["fit_bn"].state_dict(),
     }
+    straight = resumable(out / "straight", world, rank)
+    result["straight"] = straight.state_dict()
+    result["straight_history"] = {k: dict(v) for k, v in straight.history.items()}
+    for epoch, batch_idx in [(2, 0), (2, 2)]:
+        folder = out / f"crash-{epoch}-{batch_idx}"
+        try:
+            resumable(folder, world, rank, crash_at=(epoch, batch_idx))
+            raise AssertionError("no crash")
+        except Crash:
+            pass
+        resumed = resumable(folder, world, rank)
+        result[f"resumed-{epoch}-{batch_idx}"] = resumed.state_dict()
+        result[f"resumed-{epoch}-{batch_idx}_history"] = {
+            k: dict(v) for k, v in resumed.history.items()
+        }
     torch.save(result, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
