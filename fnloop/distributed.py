@@ -9,10 +9,13 @@ only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fnloop import _tree
+from fnloop.state import TrainState
 from fnloop.typing import Params
 
 VMAP_MSG = (
@@ -51,6 +54,22 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def broadcast_state(state: TrainState) -> TrainState:
+    """Rank 0's state in every process (one broadcast per dtype); a collective call.
+
+    Data parallelism needs the same starting state everywhere, as
+    ``DistributedDataParallel`` makes it when it wraps a module: ``fit`` calls this on
+    start; call it in your own loop before the first step. Outside a distributed run it
+    returns ``state``.
+    """
+    if world_size() == 1:
+        return state
+    leaves, treedef = _tree.tree_flatten(state)
+    named = {str(i): leaf for i, leaf in enumerate(leaves)}
+    out = _reduce(named, lambda flat: torch.distributed.broadcast(flat, src=0))
+    return _tree.tree_unflatten(treedef, [out[str(i)] for i in range(len(leaves))])
+
+
 def mean_over_processes(tensors: Params) -> Params:
     """Each tensor averaged over the processes of the default group: one all-reduce per dtype.
 
@@ -60,14 +79,24 @@ def mean_over_processes(tensors: Params) -> Params:
     world = world_size()
     if world == 1 or not tensors:
         return dict(tensors)
-    groups: dict[torch.dtype, list[str]] = {}
+
+    def mean(flat: torch.Tensor) -> None:
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+
+    return _reduce(tensors, mean)
+
+
+def _reduce(tensors: Params, op: Callable[[torch.Tensor], None]) -> Params:
+    """``op`` (a collective, in place) on one buffer per dtype and device holding
+    ``tensors``; the results have the inputs' shapes (and memory formats)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for name, t in tensors.items():
-        groups.setdefault(t.dtype, []).append(name)
+        groups.setdefault((t.dtype, t.device), []).append(name)
     out: Params = {}
     for names in groups.values():
         flat = torch.cat([tensors[n].reshape(-1) for n in names])
-        torch.distributed.all_reduce(flat)
-        flat = flat.div_(world)
+        op(flat)
         for name, chunk in zip(names, flat.split([tensors[n].numel() for n in names])):
             like = tensors[name]
             if like.is_contiguous():

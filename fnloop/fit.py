@@ -22,6 +22,7 @@ from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList
 from fnloop.distributed import (
     barrier,
+    broadcast_state,
     gather,
     is_main_process,
     mean_over_processes,
@@ -544,6 +545,8 @@ class _Run:
         position, rng = self.restore() if resume else (None, None)
         if rng is not None and position is None:
             ckpt.set_rng_state(rng)
+        # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
+        self.state = broadcast_state(self.state)
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()

@@ -133,3 +133,12 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(ranks, crash) -> Non
                     got = r[f"resumed-{crash}_history"][split][key]
                     assert_close(torch.tensor(got), torch.tensor(values), rtol=1e-12, atol=0)
     assert not torch.equal(results[0]["straight"]["0.weight"], ddp_job.mlp()[0].weight)
+
+
+def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:
+    """Processes that built different weights (seeded by rank) train rank 0's, as
+    DistributedDataParallel does."""
+    _, results = ranks
+    single = ddp_job.fit(None, 1, 0, ddp_job.mlp(seed=0)).state_dict()
+    for r in results:
+        assert_same(r["fit_seeded"], single)

@@ -39,8 +39,8 @@ def data(n: int = STEPS * GLOBAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
@@ -139,6 +139,7 @@ def main() -> None:
         "steps_nan": steps(every_other, nan_at=4 if rank == 1 else None),
         "fit": fit(out / "run", world, rank, mlp()),
         "fit_bn": fit(None, world, rank, with_bn()),
+        "fit_seeded": fit(None, world, rank, mlp(seed=rank)),  # rank 0's weights win
     }
     result = {
         "steps": result["steps"],
@@ -147,6 +148,7 @@ def main() -> None:
         "fit": result["fit"].state_dict(),
         "history": {k: dict(v) for k, v in result["fit"].history.items()},
         "fit_bn": result["fit_bn"].state_dict(),
+        "fit_seeded": result["fit_seeded"].state_dict(),
     }
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
