@@ -3,6 +3,7 @@
     python examples/digits.py              # ~10 s on 2 CPU cores, ~98.6% accuracy
     python examples/digits.py --fresh      # start over instead of resuming runs/digits
     python examples/digits.py --extras     # also: test a step alone, compile it, vmap it
+    torchrun --nproc_per_node=2 examples/digits.py   # data parallel, 2 processes
 
 The data is scikit-learn's digits set (1,797 8x8 grey images, 10 classes; it ships with
 scikit-learn, nothing is downloaded). Everything fnloop needs from you is the
@@ -16,6 +17,7 @@ re-run resumes from, ``best_model.pt`` (a plain ``state_dict``), ``metrics.csv``
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 import fnloop as fl
 from fnloop import optim
@@ -55,8 +58,11 @@ def make_model(width: int = 32) -> nn.Module:
     )
 
 
-def make_loaders(batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """A stratified 80/20 train/validation split of the digits, as (N, 1, 8, 8) floats."""
+def make_loaders(batch_size: int, seed: int, processes: int = 1) -> tuple[DataLoader, DataLoader]:
+    """A stratified 80/20 train/validation split of the digits, as (N, 1, 8, 8) floats.
+
+    Under ``torchrun`` each of the ``processes`` gets its share of every batch.
+    """
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -65,9 +71,16 @@ def make_loaders(batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
     )
     train = TensorDataset(images[train_idx], labels[train_idx])
     valid = TensorDataset(images[valid_idx], labels[valid_idx])
+    if processes == 1:
+        return (
+            DataLoader(train, batch_size=batch_size, shuffle=True),
+            DataLoader(valid, batch_size=256),
+        )
     return (
-        DataLoader(train, batch_size=batch_size, shuffle=True),
-        DataLoader(valid, batch_size=256),
+        DataLoader(
+            train, batch_size=batch_size // processes, sampler=DistributedSampler(train, seed=seed)
+        ),
+        DataLoader(valid, batch_size=256, sampler=DistributedSampler(valid, shuffle=False)),
     )
 
 
@@ -104,8 +117,11 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
     # A model this small runs fastest on one CPU thread: more threads only add
     # synchronisation, and slow to a crawl when other programs use the cores too.
     torch.set_num_threads(1)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if processes > 1:
+        torch.distributed.init_process_group("gloo")  # CPU processes
 
-    train_loader, valid_loader = make_loaders(args.batch_size, args.seed)
+    train_loader, valid_loader = make_loaders(args.batch_size, args.seed, processes)
     model = make_model(width=8 if args.fast else 32)
 
     # Warm up linearly for one epoch, then follow a cosine down to zero at the last epoch.
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
         resume=not args.fresh,
     )
     seconds = time.perf_counter() - start
+    if processes > 1:
+        torch.distributed.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return state  # the other processes trained the same state; rank 0 reports
 
     print(f"\nRun folder {out_dir}/ ({seconds:.1f}s):")
     for path in sorted(out_dir.rglob("*")):

@@ -77,6 +77,33 @@ def test_digits_fast(tmp_path: Path) -> None:
     assert number_after(r"plain nn.Module: validation accuracy ([\d.]+)", out) > 0.5
 
 
+def test_digits_data_parallel_under_torchrun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "digits"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(EXAMPLES / "digits.py"),
+            "--fast",
+            "--out-dir",
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    check_run_folder(run_dir, "digits")
+    assert result.stdout.count("Validation accuracy: best") == 1  # rank 0 reports
+    log = (run_dir / "digits_training.log").read_text(encoding="utf-8")
+    assert log.count("[1/3]") == 1  # one writer
+    assert number_after(r"plain nn.Module: validation accuracy ([\d.]+)", result.stdout) > 0.5
+
+
 def test_digits_rerun_continues_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "digits"
     run_example("digits.py", "--fast", "--epochs", "1", "--out-dir", str(run_dir), cwd=tmp_path)
