@@ -22,9 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("ddp")
+def torchrun(out: Path, *args: str) -> None:
     done = subprocess.run(
         [
             sys.executable,
@@ -34,12 +32,19 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
             "--nproc_per_node=2",
             str(Path(ddp_job.__file__)),
             str(out),
+            *args,
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(out)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -142,3 +147,15 @@ def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:
     single = ddp_job.fit(None, 1, 0, ddp_job.mlp(seed=0)).state_dict()
     for r in results:
         assert_same(r["fit_seeded"], single)
+
+
+@pytest.mark.slow
+def test_compiled_steps_average_gradients_in_one_graph_ci_subset(tmp_path: Path) -> None:
+    torchrun(tmp_path, "--compile")
+    for r in range(2):
+        result = torch.load(tmp_path / f"rank{r}-compile.pt", weights_only=True)
+        assert result["graph_breaks"] == 0
+        assert_same(result["compiled"], result["eager"])
+    r0 = torch.load(tmp_path / "rank0-compile.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1-compile.pt", weights_only=True)
+    assert_same(r0["compiled"], r1["compiled"])

@@ -1,6 +1,6 @@
 """One process of a data-parallel run, launched by ``torchrun`` from test_distributed.py.
 
-Usage: torchrun --standalone --nproc_per_node=2 ddp_job.py OUT_DIR
+Usage: torchrun --standalone --nproc_per_node=2 ddp_job.py OUT_DIR [--compile]
 
 Each rank trains on its half of every global batch and saves what it ended with to
 ``OUT_DIR/rank{r}.pt``; the test compares those with single-process runs on the whole
@@ -127,11 +127,36 @@ def resumable(out_dir: Path, world: int, rank: int, crash_at: tuple[int, int] | 
     )
 
 
+def compiled(out: Path, rank: int) -> None:
+    """The step under torch.compile averages gradients too, in one graph."""
+    x, y = data()
+
+    def run(step: Any) -> fl.TrainState:
+        state = fl.TrainState.create(mlp(), tx=tx())
+        for i in range(4):
+            rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+            state, _ = step(state, (x[rows][rank::2], y[rows][rank::2]))
+        return state
+
+    step = fl.make_train_step(classify)
+    explained = torch._dynamo.explain(step)(fl.TrainState.create(mlp(), tx=tx()), (x[:8], y[:8]))
+    result = {
+        "eager": run(step).params,
+        "compiled": run(torch.compile(fl.make_train_step(classify))).params,
+        "graph_breaks": explained.graph_break_count,
+    }
+    torch.save(result, out / f"rank{rank}-compile.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     assert world == 2, world
+    if sys.argv[2:] == ["--compile"]:
+        compiled(out, rank)
+        torch.distributed.destroy_process_group()
+        return
     # Rows r, r + 2, ...: what DistributedSampler(shuffle=False) would hand this process.
     every_other = slice(rank, None, world)
     result = {
