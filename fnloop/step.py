@@ -148,11 +148,12 @@ class BoundModel:
 
 
 def _in_transform(params: Params) -> bool:
-    """True under ``torch.compile`` or ``torch.func.vmap``, where ``torch.func`` takes gradients."""
+    """True under ``torch.compile`` or a ``torch.func`` transform (``vmap`` of the states,
+    of the batches only, or both), where ``torch.func`` takes gradients."""
     if torch.compiler.is_compiling():
         return True
     first = next(iter(params.values()))
-    return bool(_functorch.is_batchedtensor(first))
+    return bool(_functorch.is_batchedtensor(first)) or _functorch.maybe_current_level() is not None
 
 
 class _DonationGuard:

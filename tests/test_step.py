@@ -481,6 +481,29 @@ def test_vmap_over_stacked_states_matches_separate_training():
         assert got.step == want.step == 4
 
 
+def test_vmap_over_batches_only_trains_one_model_per_batch():
+    """``in_dims=(None, 0)``: one state, several batches (a bootstrap ensemble from one
+    start) gives the states of one step on each batch, stacked. (With BatchNorm, stack
+    copies of the state instead: torch.func cannot update unbatched running statistics.)"""
+    state = fl.TrainState.create(
+        mlp(dtype=torch.float32), tx=optim.adam(0.1), ema_decay=0.9, device="cpu"
+    )
+    data = batches(3, dtype=torch.float32)
+    step, eval_step = fl.make_train_step(classify), fl.make_eval_step(classify)
+    separate = [step(state, b)[0] for b in data]
+    xs, ys = torch.stack([x for x, _ in data]), torch.stack([y for _, y in data])
+    stacked, metrics = torch.func.vmap(step, in_dims=(None, 0), randomness="different")(
+        state, (xs, ys)
+    )
+    assert metrics["loss"].shape == (3,)
+    for got, want in zip(fl.unstack_states(stacked), separate):
+        for a, b in zip(fl._tree.tree_leaves(got), fl._tree.tree_leaves(want)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    evaluated = torch.func.vmap(eval_step, in_dims=(None, 0))(state, (xs, ys))
+    want = torch.stack([eval_step(state, b)["loss"] for b in data])
+    torch.testing.assert_close(evaluated["loss"], want)
+
+
 def test_metrics_stay_on_device_and_detached():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     _, metrics = fl.make_train_step(lambda m, b: {**classify(m, b), "const": 2})(
