@@ -267,13 +267,13 @@ class TrainStep:
     on_nonfinite: NonFinitePolicy = None
     donate: bool = False
     _templates: _Templates = dataclasses.field(
-        default_factory=lambda: _Templates(True), repr=False, compare=False
+        default_factory=lambda: _Templates(True), init=False, repr=False, compare=False
     )
     _guard: _DonationGuard = dataclasses.field(
-        default_factory=_DonationGuard, repr=False, compare=False
+        default_factory=_DonationGuard, init=False, repr=False, compare=False
     )
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
-        default_factory=weakref.WeakSet, repr=False, compare=False
+        default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -667,7 +667,7 @@ class EvalStep:
     use_ema: bool = True
     precision: Precision = None
     _templates: _Templates = dataclasses.field(
-        default_factory=lambda: _Templates(False), repr=False, compare=False
+        default_factory=lambda: _Templates(False), init=False, repr=False, compare=False
     )
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
