@@ -289,7 +289,8 @@ class TrainStep:
         # into the donated buffers), not under vmap. Compiled code cannot read storage
         # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
-        donate = self.donate and (compiling or not _in_transform(state.params))
+        transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
+        donate = self.donate and (compiling or not transformed)
         if donate and not compiling:
             self._guard.check(state.params)
         batch = to_device(batch, device)
@@ -299,7 +300,9 @@ class TrainStep:
             loss_scale = self.loss_scale.init(device)
         scale = loss_scale.scale if loss_scale is not None else None
 
-        grads, loss, metrics, buffers = self._gradients(state, module, batch, scale, name, device)
+        grads, loss, metrics, buffers = self._gradients(
+            state, module, batch, scale, name, device, transformed
+        )
 
         if self.on_nonfinite == "raise" and not bool(torch.isfinite(loss)):
             raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
@@ -318,27 +321,10 @@ class TrainStep:
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
         if world_size() > 1:
-            grads, loss, buffers = self._mean_over_processes(state, grads, loss, buffers)
-        return self._update(state, grads, loss, buffers, loss_scale, donate), metrics
-
-    def _mean_over_processes(
-        self, state: TrainState, grads: Params, loss: torch.Tensor, buffers: Params
-    ) -> tuple[Params, torch.Tensor, Params]:
-        """Data parallelism: gradients, floating-point buffers and the loss (for the
-        non-finite check, so every process skips alike) averaged over the processes."""
-        if not torch.compiler.is_compiling() and _in_transform(state.params):
-            raise ValueError(VMAP_MSG.format(world=world_size()))
-        floats = [n for n, b in buffers.items() if b.is_floating_point()]
-        mean = mean_over_processes(
-            {
-                **{f"grad/{n}": g for n, g in grads.items()},
-                **{f"buffer/{n}": buffers[n] for n in floats},
-                "loss": loss.detach().float(),
-            }
-        )
-        grads = {n: mean[f"grad/{n}"] for n in grads}
-        buffers = {**buffers, **{n: mean[f"buffer/{n}"] for n in floats}}
-        return grads, mean["loss"].to(loss.dtype), buffers
+            if transformed and not compiling:
+                raise ValueError(VMAP_MSG.format(world=world_size()))
+            grads, loss, buffers = _mean_over_processes(grads, loss, buffers)
+        return self._update(state, grads, loss, buffers, loss_scale, donate, transformed), metrics
 
     def _gradients(
         self,
@@ -348,10 +334,9 @@ class TrainStep:
         scale: torch.Tensor | None,
         name: str,
         device: torch.device,
+        transformed: bool,
     ) -> tuple[Params, torch.Tensor, Metrics, Params]:
         """Gradients of the (scaled) loss, the loss, metrics and the new buffers."""
-
-        transformed = _in_transform(state.params)
         slots = None if transformed else self._templates.slots
 
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
@@ -416,6 +401,7 @@ class TrainStep:
         buffers: Params,
         loss_scale: LossScaleState | None,
         donate: bool,
+        transformed: bool,
     ) -> TrainState:
         """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
 
@@ -444,12 +430,7 @@ class TrainStep:
         # Pure, eager: the same fused step, on fresh copies of the parameters and of the
         # optimizer buffers keyed like them (the tensors it writes into): a copy and one
         # fused pass cost less than the pure update's many out-of-place passes.
-        fresh = (
-            not donate
-            and ok is None
-            and state.tx.apply_ is not None
-            and not _in_transform(state.params)
-        )
+        fresh = not donate and ok is None and state.tx.apply_ is not None and not transformed
         if inplace:
             params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
         elif fresh:
@@ -493,6 +474,24 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
+
+
+def _mean_over_processes(
+    grads: Params, loss: torch.Tensor, buffers: Params
+) -> tuple[Params, torch.Tensor, Params]:
+    """Data parallelism: gradients, floating-point buffers and the loss (for the non-finite
+    check, so every process skips alike) averaged over the processes."""
+    floats = [n for n, b in buffers.items() if b.is_floating_point()]
+    mean = mean_over_processes(
+        {
+            **{f"grad/{n}": g for n, g in grads.items()},
+            **{f"buffer/{n}": buffers[n] for n in floats},
+            "loss": loss.detach().float(),
+        }
+    )
+    grads = {n: mean[f"grad/{n}"] for n in grads}
+    buffers = {**buffers, **{n: mean[f"buffer/{n}"] for n in floats}}
+    return grads, mean["loss"].to(loss.dtype), buffers
 
 
 def _all_finite(tensors: Any) -> torch.Tensor:
