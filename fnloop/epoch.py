@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fnloop.batch import batch_size as find_batch_size
 from fnloop.callbacks.base import CallbackList
 from fnloop.distributed import world_size
+from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
 from fnloop.step import EvalStep, TrainStep
 from fnloop.typing import Batch, Metrics
@@ -62,7 +63,7 @@ class MetricMeans:
         for key in keys:
             values = [(m[key], n) for m, n in self._pending if key in m and m[key].dim() == 0]
             stacked = torch.stack([v for v, _ in values])
-            acc_dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
+            acc_dtype = scalar_dtype(stacked.device)
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
             total = (stacked.to(acc_dtype) * weights).sum()
             self._sums[key] = self._sums[key] + total if key in self._sums else total

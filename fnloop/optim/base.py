@@ -13,6 +13,12 @@ from fnloop.optim import _foreach
 from fnloop.typing import OptState, Params, Updates
 
 
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """The dtype fnloop keeps scalars in (learning rates, plateau and metric sums):
+    float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class InitFn(Protocol):
     """``init(params) -> state``."""
 

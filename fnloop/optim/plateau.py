@@ -14,6 +14,7 @@ import optree
 import torch
 
 from fnloop import _tree
+from fnloop.optim.base import scalar_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ReduceOnPlateau:
 
     def init(self, device: torch.device) -> ReduceOnPlateauState:
         """The state before any metric was seen."""
-        f64 = torch.float32 if device.type == "mps" else torch.float64
+        f64 = scalar_dtype(device)
         return ReduceOnPlateauState(
             lr=torch.tensor(self.learning_rate, dtype=f64, device=device),
             best=torch.tensor(

@@ -38,7 +38,8 @@ from typing import Literal
 
 import torch
 
-from fnloop.optim.transform import Schedule, scalar_dtype
+from fnloop.optim.base import scalar_dtype
+from fnloop.optim.transform import Schedule
 
 _JOIN_LENGTHS = (
     "join_schedules needs one boundary between each pair of consecutive schedules, so "

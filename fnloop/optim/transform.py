@@ -22,6 +22,7 @@ from fnloop.optim.base import (
     flatten_like,
     map_flat,
     no_state,
+    scalar_dtype,
     with_inplace,
 )
 from fnloop.optim.plateau import ReduceOnPlateau, ReduceOnPlateauState
@@ -33,11 +34,6 @@ def _first_leaf(tree: Any) -> torch.Tensor:
     if not leaves:
         raise ValueError("cannot build an optimizer state for an empty parameter tree")
     return leaves[0]
-
-
-def scalar_dtype(device: torch.device) -> torch.dtype:
-    """The dtype fnloop keeps optimizer scalars in: float64, or float32 where unsupported."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _count(like: torch.Tensor) -> torch.Tensor:
