@@ -118,8 +118,12 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
     # synchronisation, and slow to a crawl when other programs use the cores too.
     torch.set_num_threads(1)
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    device = None  # TrainState.create's default: CUDA when available, else the CPU
     if processes > 1:
-        torch.distributed.init_process_group("gloo")  # CPU processes
+        if torch.cuda.is_available():  # one GPU per process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
     train_loader, valid_loader = make_loaders(args.batch_size, args.seed, processes)
     model = make_model(width=8 if args.fast else 32)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
     )
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=1e-2))
     # Validation (and best_model.pt) use an exponential moving average of the weights.
-    state = fl.TrainState.create(model, tx=tx, ema_decay=0.95)
+    state = fl.TrainState.create(model, tx=tx, ema_decay=0.95, device=device)
 
     start = time.perf_counter()
     state = fl.fit(

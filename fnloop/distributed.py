@@ -81,8 +81,8 @@ def mean_over_processes(tensors: Params) -> Params:
         return dict(tensors)
 
     def mean(flat: torch.Tensor) -> None:
+        flat.div_(world)  # first, as DistributedDataParallel does: a sum cannot overflow
         torch.distributed.all_reduce(flat)
-        flat.div_(world)
 
     return _reduce(tensors, mean)
 
@@ -95,8 +95,10 @@ def _reduce(tensors: Params, op: Callable[[torch.Tensor], None]) -> Params:
         groups.setdefault((t.dtype, t.device), []).append(name)
     out: Params = {}
     for names in groups.values():
-        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        first = tensors[names[0]]
+        flat = torch.cat([tensors[n].reshape(-1) for n in names]).to(collective_device(first))
         op(flat)
+        flat = flat.to(first.device)
         for name, chunk in zip(names, flat.split([tensors[n].numel() for n in names])):
             like = tensors[name]
             if like.is_contiguous():
@@ -104,6 +106,14 @@ def _reduce(tensors: Params, op: Callable[[torch.Tensor], None]) -> Params:
             else:
                 out[name] = torch.empty_like(like).copy_(chunk.view(like.shape))
     return out
+
+
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where the default group can reduce ``t``: its own device, except CPU tensors under
+    a NCCL-only group, which go to this process's CUDA device."""
+    if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
 
 
 def gather(obj: Any) -> list[Any]:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fnloop.batch import batch_size as find_batch_size
 from fnloop.callbacks.base import CallbackList
-from fnloop.distributed import world_size
+from fnloop.distributed import gather, mean_over_processes, world_size
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
 from fnloop.step import EvalStep, TrainStep
@@ -78,16 +78,31 @@ class MetricMeans:
         every process must make with the same metric names.
         """
         self._fold()
+        if all_processes and world_size() > 1:
+            return self._means_over_processes()
         if not self._sums:
             return {}
         keys = list(self._sums)
-        sums = torch.stack([self._sums[k] for k in keys])
-        counts = [float(self._counts[k]) for k in keys]
-        if all_processes and world_size() > 1:
-            both = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=sums.device)])
-            torch.distributed.all_reduce(both)
-            sums, counts = both[: len(keys)], both[len(keys) :].tolist()
-        return {k: v / n for k, v, n in zip(keys, sums.tolist(), counts)}
+        values = torch.stack([self._sums[k] for k in keys]).tolist()
+        return {k: v / self._counts[k] for k, v in zip(keys, values)}
+
+    def _means_over_processes(self) -> dict[str, float]:
+        """Means over every process's examples, matched by name (a metric some processes
+        did not report counts as zero examples there)."""
+        # The same order everywhere: rank 0's names first, as its steps returned them.
+        names = list(dict.fromkeys(k for keys in gather(list(self._sums)) for k in keys))
+        if not names:
+            return {}
+        like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))
+        dtype = scalar_dtype(like.device)
+        zero = torch.zeros((), dtype=dtype, device=like.device)
+        sums = torch.stack([self._sums.get(k, zero).to(like.device, dtype) for k in names])
+        counts = torch.tensor(
+            [float(self._counts.get(k, 0)) for k in names], dtype=dtype, device=like.device
+        )
+        both = mean_over_processes({"both": torch.cat([sums, counts])})["both"].tolist()
+        sums_all, counts_all = both[: len(names)], both[len(names) :]
+        return {k: v / n for k, v, n in zip(names, sums_all, counts_all) if n > 0}
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""

@@ -384,6 +384,26 @@ def _default_callbacks(run_dir: Path) -> list[Callback]:
     return defaults
 
 
+def _window_mean(state: TrainState) -> TrainState:
+    """The state to save while an accumulation window is open in several processes: the
+    gradient sums and the running statistics (the float buffers that are not frozen
+    parameters) averaged over them. Both enter the next update linearly, so every process
+    continues from the mean exactly (up to rounding)."""
+    frozen = {n for n, p in state.module.named_parameters() if not p.requires_grad}
+    floats = [n for n, b in state.buffers.items() if b.is_floating_point() and n not in frozen]
+    assert state.grad_accum is not None
+    mean = mean_over_processes(
+        {
+            **{f"grad/{n}": g for n, g in state.grad_accum.items()},
+            **{f"buffer/{n}": state.buffers[n] for n in floats},
+        }
+    )
+    return state.replace(
+        grad_accum={n: mean[f"grad/{n}"] for n in state.grad_accum},
+        buffers={**state.buffers, **{n: mean[f"buffer/{n}"] for n in floats}},
+    )
+
+
 class _MidEpochCheckpoints(Callback):
     """Internal: writes a checkpoint every N optimizer steps inside an epoch."""
 
@@ -475,12 +495,10 @@ class _Run:
     def save(self, state: TrainState, position: int | None) -> None:
         if self.ckpt_dir is None:
             return
-        # Every process takes part (collectives): its own record goes into rank 0's file,
-        # and an open accumulation window is saved as the mean over the processes, which
-        # continues exactly (the update averages each process's sum anyway).
+        # Every process takes part (collectives): its own record goes into rank 0's file.
         ranks = gather(self.local_record(position))
         if state.grad_accum is not None and world_size() > 1:
-            state = state.replace(grad_accum=mean_over_processes(state.grad_accum))
+            state = _window_mean(state)
         if self.main:
             kind = "b" if position is not None else "e"
             path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import numbers
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal
 
 import torch
@@ -304,7 +304,9 @@ class TrainStep:
             state, module, batch, scale, name, device, transformed
         )
 
-        if self.on_nonfinite == "raise" and not bool(torch.isfinite(loss)):
+        distributed = world_size() > 1
+        # Several processes decide together, on the averaged loss and gradients, below.
+        if self.on_nonfinite == "raise" and not distributed and not bool(torch.isfinite(loss)):
             raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
 
         k = self.accumulation_steps
@@ -320,10 +322,16 @@ class TrainStep:
                 )
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
-        if world_size() > 1:
+        if distributed:
             if transformed and not compiling:
                 raise ValueError(VMAP_MSG.format(world=world_size()))
-            grads, loss, buffers = _mean_over_processes(grads, loss, buffers)
+            grads, loss, buffers = _mean_over_processes(
+                grads, loss, buffers, frozen=self._templates.frozen
+            )
+            if self.on_nonfinite == "raise" and not bool(
+                torch.isfinite(loss) & _all_finite(grads.values())
+            ):
+                raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
         return self._update(state, grads, loss, buffers, loss_scale, donate, transformed), metrics
 
     def _gradients(
@@ -477,11 +485,12 @@ class TrainStep:
 
 
 def _mean_over_processes(
-    grads: Params, loss: torch.Tensor, buffers: Params
+    grads: Params, loss: torch.Tensor, buffers: Params, frozen: Collection[str]
 ) -> tuple[Params, torch.Tensor, Params]:
-    """Data parallelism: gradients, floating-point buffers and the loss (for the non-finite
-    check, so every process skips alike) averaged over the processes."""
-    floats = [n for n, b in buffers.items() if b.is_floating_point()]
+    """Data parallelism: gradients, floating-point buffers (running statistics; not frozen
+    parameters, which are the same everywhere) and the loss (for the non-finite checks, so
+    every process decides alike) averaged over the processes."""
+    floats = [n for n, b in buffers.items() if b.is_floating_point() and n not in frozen]
     mean = mean_over_processes(
         {
             **{f"grad/{n}": g for n, g in grads.items()},

@@ -159,3 +159,38 @@ def test_compiled_steps_average_gradients_in_one_graph_ci_subset(tmp_path: Path)
     r0 = torch.load(tmp_path / "rank0-compile.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1-compile.pt", weights_only=True)
     assert_same(r0["compiled"], r1["compiled"])
+
+
+def test_raise_on_a_nan_in_one_process_raises_in_all_at_the_same_step(ranks) -> None:
+    _, results = ranks
+    assert [r["raised_at"] for r in results] == [5, 5]  # the update that averages it
+
+
+def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
+    _, results = ranks
+    for r in results:
+        assert r["metric_names"]["only0"] == [1.0]
+        assert r["metric_names"]["only1"] == [2.0]
+        assert len(r["metric_names"]["loss"]) == 1
+
+
+def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
+    """They are the same in every process; averaging them would cost bandwidth and, with
+    3 processes, change them by rounding."""
+    import fnloop.step
+
+    reduced: list[str] = []
+
+    def spy(tensors):
+        reduced.extend(tensors)
+        return dict(tensors)
+
+    monkeypatch.setattr(fnloop.step, "world_size", lambda: 2)
+    monkeypatch.setattr(fnloop.step, "mean_over_processes", spy)
+    module = ddp_job.with_bn()
+    module[0].requires_grad_(False)
+    state = fl.TrainState.create(module, tx=ddp_job.tx())
+    x, y = ddp_job.data(8)
+    fl.make_train_step(ddp_job.classify)(state, (x, y))
+    assert "buffer/0.weight" not in reduced and "grad/0.weight" not in reduced
+    assert {"grad/3.weight", "buffer/1.running_mean", "loss"} <= set(reduced)

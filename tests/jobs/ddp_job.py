@@ -110,7 +110,14 @@ def resumable(out_dir: Path, world: int, rank: int, crash_at: tuple[int, int] | 
     3 micro-batches (a window is open at every epoch end), a checkpoint after every update."""
     x, y = data()
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    module = nn.Sequential(
+        # No bias before BatchNorm: its true gradient is 0 and Adam magnifies rounding.
+        nn.Linear(6, 16, bias=False),
+        nn.BatchNorm1d(16),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 3),
+    )
     torch.manual_seed(100 + rank)
     ds = TensorDataset(x[:64], y[:64])
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
@@ -148,6 +155,45 @@ def compiled(out: Path, rank: int) -> None:
     torch.save(result, out / f"rank{rank}-compile.pt")
 
 
+def raise_on_nan(rank: int) -> int | None:
+    """on_nonfinite="raise" with a NaN in one process's micro-batch 4 of 6 (k=2): the
+    number of the call that raised, the same in every process."""
+    x, y = data()
+    state = fl.TrainState.create(mlp(), tx=tx())
+    step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="raise")
+    for i in range(STEPS):
+        rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        xb = x[rows][rank::2].clone()
+        if i == 4 and rank == 1:
+            xb[0, 0] = float("nan")
+        try:
+            state, _ = step(state, (xb, y[rows][rank::2]))
+        except FloatingPointError:
+            return i
+    return None
+
+
+def metric_names(rank: int) -> dict[str, Any]:
+    """Processes that report different metrics: each is averaged over the processes that
+    reported it."""
+
+    def step(model: Any, batch: Any) -> dict[str, Any]:
+        return {**classify(model, batch), f"only{rank}": float(rank + 1)}
+
+    x, y = data()
+    ds = TensorDataset(x[:64], y[:64])
+    sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)
+    state = fl.fit(
+        fl.TrainState.create(mlp(), tx=tx()),
+        step,
+        DataLoader(ds, batch_size=8, sampler=sampler),
+        max_epochs=1,
+        log_to_console=False,
+        progress=False,
+    )
+    return {k: list(v) for k, v in state.history["train"].items()}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -175,6 +221,8 @@ def main() -> None:
         "fit_bn": result["fit_bn"].state_dict(),
         "fit_seeded": result["fit_seeded"].state_dict(),
     }
+    result["raised_at"] = raise_on_nan(rank)
+    result["metric_names"] = metric_names(rank)
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
     result["straight_history"] = {k: dict(v) for k, v in straight.history.items()}
