@@ -437,6 +437,22 @@ def time_blocks(fns: dict[str, Callable[[], None]], blocks: int, steps: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def hand_steps(module: nn.Module, batch: tuple) -> dict[str, Callable[[], None]]:
+    """The hand loop's step on a copy of ``module``, with AdamW's foreach and fused kernels."""
+    fns: dict[str, Callable[[], None]] = {}
+    for kernel in ("foreach", "fused"):
+        hand = copy.deepcopy(module)
+        opt = torch.optim.AdamW(hand.parameters(), 1e-3, **{kernel: True})
+
+        def hand_step(hand: nn.Module = hand, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad()
+            F.cross_entropy(hand(batch[0]), batch[1]).backward()
+            opt.step()
+
+        fns[kernel] = hand_step
+    return fns
+
+
 def bench_steps(blocks: int, compile_too: bool) -> None:
     report("")
     report(
@@ -453,18 +469,7 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
         torch.manual_seed(0)
         module = mk().to(DEV)
         batch = make_batch(shape, b)
-        fns: dict[str, Callable[[], None]] = {}
-        for kernel in ("foreach", "fused"):
-            hand = copy.deepcopy(module)
-            opt = torch.optim.AdamW(hand.parameters(), 1e-3, **{kernel: True})
-
-            def hand_step(hand: nn.Module = hand, opt: torch.optim.Optimizer = opt) -> None:
-                opt.zero_grad()
-                F.cross_entropy(hand(batch[0]), batch[1]).backward()
-                opt.step()
-
-            fns[f"hand {kernel}"] = hand_step
-
+        fns = {f"hand {k}": fn for k, fn in hand_steps(module, batch).items()}
         holder: dict[str, fl.TrainState] = {}
 
         def add(key: str, donate: bool, compiled: bool) -> None:
@@ -502,17 +507,7 @@ def count_kernels() -> None:
     torch.manual_seed(0)
     module = tiny_mlp().to(DEV)
     batch = make_batch((32,), 32)
-    fns: dict[str, Callable[[], None]] = {}
-    for kernel in ("foreach", "fused"):
-        hand = copy.deepcopy(module)
-        opt = torch.optim.AdamW(hand.parameters(), 1e-3, **{kernel: True})
-
-        def hand_step(hand: nn.Module = hand, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad()
-            F.cross_entropy(hand(batch[0]), batch[1]).backward()
-            opt.step()
-
-        fns[f"hand loop, AdamW({kernel}=True)"] = hand_step
+    fns = {f"hand loop, AdamW({k}=True)": fn for k, fn in hand_steps(module, batch).items()}
     for donate in (False, True):
         step = fl.make_train_step(training_step, donate=donate)
         box = {"s": fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV).clone()}
