@@ -689,6 +689,9 @@ class _Run:
         )
         if not better or not math.isfinite(value):
             return
+        if self.run_dir is None or not self.main:  # no best_model.pt to write: no copy
+            self.best = _Best(value, epoch)
+            return
         weights = state.state_dict(use_ema=state.ema is not None)
         self.best = _Best(value, epoch, {k: v.detach().clone() for k, v in weights.items()})
 
