@@ -250,7 +250,7 @@ def check_fused_update() -> None:
         opt = torch.optim.AdamW(ref.parameters(), lrs[0], **{kernel: True})
         saved = _foreach._fusable
         if kernel == "foreach":  # fnloop's foreach order with host scalars
-            _foreach._fusable = lambda params: False
+            _foreach._fusable = lambda *lists: False
         try:
             state = fl.TrainState.create(module, tx=optim.adamw(sched), device=DEV).clone()
             step = fl.make_train_step(training_step, donate=True)

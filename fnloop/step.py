@@ -511,11 +511,13 @@ def _all_finite(tensors: Any) -> torch.Tensor:
 def _writable_grads(
     params: Params, names: list[str], grad_list: tuple[torch.Tensor | None, ...]
 ) -> Params:
-    """Gradients the optimizer may update in place: one tensor each, none overlapping itself.
+    """Gradients the optimizer may update in place, each laid out like its parameter.
 
-    ``autograd.grad`` may return one tensor for several parameters (``(p + q) * x``) or an
-    expanded stride-0 view (``p.sum()``); those get their own copy, and a parameter the
-    loss does not use gets zeros.
+    ``autograd.grad`` may return one tensor for several parameters (``(p + q) * x``), an
+    expanded stride-0 view (``p.sum()``) or another layout than the parameter's (a
+    channels-last weight times a contiguous tensor); those get their own copy in the
+    parameter's layout, as ``.grad`` does (torch's fused kernels pair elements by memory
+    position), and a parameter the loss does not use gets zeros.
     """
     grads: Params = {}
     seen: set[int] = set()
@@ -523,9 +525,7 @@ def _writable_grads(
         p = params[name]
         if g is None:
             g = torch.zeros_like(p)
-        elif g.data_ptr() in seen or any(
-            st == 0 and n > 1 for st, n in zip(g.stride(), g.shape, strict=True)
-        ):
+        elif g.data_ptr() in seen or not _foreach.same_layout(g, p):
             g = torch.empty_like(p).copy_(g)
         seen.add(g.data_ptr())
         grads[name] = g

@@ -703,7 +703,7 @@ def test_pure_and_donating_steps_with_a_constant_rate_read_nothing(tx_fn, kernel
     from fnloop.optim import _foreach
 
     if kernel == "foreach":
-        monkeypatch.setattr(_foreach, "_fusable", lambda params: False)
+        monkeypatch.setattr(_foreach, "_fusable", lambda *lists: False)
     state = fl.TrainState.create(mlp(), tx=tx_fn(), ema_decay=0.9, device="cpu")
     pure, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
     data = batches(4)
@@ -850,3 +850,52 @@ def test_a_detached_loss_is_an_error_under_vmap_too():
     )
     with pytest.raises(ValueError, match="does not depend on any parameter"):
         torch.func.vmap(bad, in_dims=(0, None), randomness="different")(states, batches(1)[0])
+
+
+class _Scale(nn.Module):
+    """``x * w`` with a channels-last ``w``: autograd returns a contiguous gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        self.w = nn.Parameter(w.contiguous(memory_format=torch.channels_last))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w  # the output (and the gradient) take x's layout
+
+
+@pytest.mark.parametrize("kernel", ["fused", "foreach"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
+@pytest.mark.parametrize(
+    ("tx_fn", "torch_fn"),
+    [
+        (lambda: optim.adam(1e-2), lambda ps, **k: torch.optim.Adam(ps, 1e-2, **k)),
+        (
+            lambda: optim.sgd(1e-2, momentum=0.9),
+            lambda ps, **k: torch.optim.SGD(ps, 1e-2, momentum=0.9, **k),
+        ),
+    ],
+    ids=["adam", "sgd-momentum"],
+)
+def test_a_gradient_in_another_layout_than_its_parameter(tx_fn, torch_fn, donate, kernel):
+    """torch's fused kernels pair elements by memory position: a contiguous gradient of a
+    channels-last weight is laid out like the weight first, as ``.grad`` is."""
+    torch.manual_seed(0)
+    module = _Scale()
+    assert module.w.is_contiguous(memory_format=torch.channels_last)
+    xs = [torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in range(3)]
+
+    def step_fn(model, x):
+        return {"loss": (model(x) ** 2).sum()}
+
+    hand = copy.deepcopy(module)
+    opt = torch_fn(hand.parameters(), **{kernel: True})
+    state = fl.TrainState.create(module, tx=tx_fn(), device="cpu")
+    state = state.clone() if donate else state
+    step = fl.make_train_step(step_fn, donate=donate)
+    for x in xs:
+        opt.zero_grad()
+        step_fn(hand, x)["loss"].backward()
+        opt.step()
+        state, _ = step(state, x)
+    torch.testing.assert_close(state.params["w"], hand.w.detach(), rtol=1e-12, atol=1e-12)

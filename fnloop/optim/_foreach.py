@@ -272,15 +272,29 @@ def _flat_lists(grads: TensorList, *groups: TensorList | None) -> list[TensorLis
     return [[joined], *([f] if f is not None else None for f in flats)]
 
 
-def _fusable(params: TensorList) -> bool:
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) place each element at the same offset."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape, strict=True) if n > 1)
+
+
+def _fusable(params: TensorList, *others: TensorList | None) -> bool:
     """True where torch's fused optimizer kernels run: eager tensors of one floating dtype
-    on one CPU or CUDA device (elsewhere the foreach ops below do the work)."""
+    on one CPU or CUDA device, and ``others`` (gradients, optimizer buffers) laid out like
+    ``params`` (the kernels pair elements by memory position). Elsewhere the foreach ops
+    below do the work."""
     if not params or batched(params) or not hasattr(torch, "_fused_adamw_"):
         return False  # (torch's private kernels: if a release drops them, foreach it is)
     dtype, device = params[0].dtype, params[0].device
     if not dtype.is_floating_point or device.type not in ("cpu", "cuda"):
         return False
-    return all(p.device == device and p.dtype == dtype for p in params)
+    if not all(p.device == device and p.dtype == dtype for p in params):
+        return False
+    return all(
+        same_layout(t, p)
+        for ts in others
+        if ts is not None
+        for t, p in zip(ts, params, strict=True)
+    )
 
 
 def fused_adam_(
@@ -306,12 +320,12 @@ def fused_adam_(
     whether it ran; the results then equal ``torch.optim`` with ``fused=True`` bit for
     bit.
     """
-    if not _fusable(params):
+    if not _fusable(params, grads, mu, nu, nu_max):
         return False
     if params[0].is_cuda:
         # The CUDA kernel reads the step count and a tensor learning rate as float32 on
         # the device (torch.optim keeps them so for fused=True): a device-side cast.
-        step = step.to(torch.float32)
+        step = step.to(params[0].device, torch.float32)
         if isinstance(lr, torch.Tensor):
             lr = lr.to(device=params[0].device, dtype=torch.float32)
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -399,7 +413,7 @@ def sgd_(
     kernel (bit for bit ``torch.optim.SGD(fused=True)``); elsewhere torch's foreach order
     (bit for bit ``foreach=True``).
     """
-    if _fusable(params):
+    if _fusable(params, grads, bufs):
         torch._fused_sgd_(
             params,
             grads,

@@ -696,7 +696,7 @@ def test_fused_apply_is_bit_identical_to_torch(
     if kernel == "fused":
         twin = lambda ps: case.torch_cls(ps, lr=case.lr, fused=True, **case.torch_kwargs)  # noqa: E731
     else:
-        monkeypatch.setattr(_foreach, "_fusable", lambda params: False)
+        monkeypatch.setattr(_foreach, "_fusable", lambda *lists: False)
     theirs = list(torch_trajectory(twin, params, grads))
     tx = case.make(case.lr)
     ours = {name: p.clone() for name, p in params.items()}
@@ -759,6 +759,10 @@ def test_fused_kernels_run_on_one_cpu_or_cuda_device_and_dtype() -> None:
     assert not _foreach._fusable([torch.zeros(3, dtype=torch.int64)])
     assert not _foreach._fusable([torch.zeros(3, device="meta")])
     assert not _foreach._fusable([torch.zeros(3), torch.zeros(3, device="meta")])
+    # The kernels pair elements by memory position: other lists must share the layout.
+    cl = torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert _foreach._fusable([cl], [torch.empty_like(cl)], None)
+    assert not _foreach._fusable([cl], [torch.zeros(2, 3, 4, 5)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
