@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch._C import _functorch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
 from fnloop import _tree
 from fnloop.batch import to_device
@@ -51,6 +53,11 @@ NOT_BOUND_MSG = (
     "the loss returned by {name} does not depend on the state's parameters: every "
     "gradient is missing. Compute it from the `model` argument (model(x)), which runs "
     "the module with the state's weights, not from your own module object."
+)
+TRANSFORM_MSG = (
+    "a train step cannot be differentiated (torch.func.grad, jacrev or jvp of a step): "
+    "its optimizer updates write in place, so the derivative would be wrong. Of the "
+    "torch.func transforms, train steps support vmap (many models or batches at once)."
 )
 METRIC_MSG = (
     "metric {key!r} returned by {name} must be a tensor or a number; got {kind}. "
@@ -147,13 +154,24 @@ class BoundModel:
                 table[key] = old
 
 
-def _in_transform(params: Params) -> bool:
+def _in_transform(params: Params, *, train: bool = True) -> bool:
     """True under ``torch.compile`` or a ``torch.func`` transform (``vmap`` of the states,
-    of the batches only, or both), where ``torch.func`` takes gradients."""
+    of the batches only, or both), where steps run on ``torch.func``.
+
+    Raises:
+      ValueError: for a train step (``train``) under a transform other than ``vmap``
+        (``torch.func.grad`` of a step).
+    """
     if torch.compiler.is_compiling():
         return True
     first = next(iter(params.values()))
-    return bool(_functorch.is_batchedtensor(first)) or _functorch.maybe_current_level() is not None
+    if _functorch.is_batchedtensor(first):
+        return True
+    if _functorch.maybe_current_level() is None:
+        return False
+    if train and retrieve_current_functorch_interpreter().key() != TransformType.Vmap:
+        raise ValueError(TRANSFORM_MSG)
+    return True
 
 
 class _DonationGuard:
@@ -690,7 +708,7 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module = self._templates.get(state.module)
         with torch.no_grad(), autocast(self.precision, device):
-            slots = None if _in_transform(params) else self._templates.slots
+            slots = None if _in_transform(params, train=False) else self._templates.slots
             model = BoundModel(module, params, state.buffers, slots=slots)
             out = self.validation_step(model, batch)
         if not isinstance(out, Mapping):

@@ -899,3 +899,16 @@ def test_a_gradient_in_another_layout_than_its_parameter(tx_fn, torch_fn, donate
         opt.step()
         state, _ = step(state, x)
     torch.testing.assert_close(state.params["w"], hand.w.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_differentiating_a_train_step_is_a_clear_error():
+    state = fl.TrainState.create(mlp(), tx=optim.adam(0.1), device="cpu")
+    step = fl.make_train_step(classify)
+    batch = batches(1)[0]
+
+    def final_weight_sum(w):
+        new, _ = step(state.replace(params={**state.params, "0.weight": w}), batch)
+        return new.params["0.weight"].sum()
+
+    with pytest.raises(ValueError, match="cannot be differentiated"):
+        torch.func.grad(final_weight_sum)(state.params["0.weight"])
