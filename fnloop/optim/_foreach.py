@@ -274,7 +274,8 @@ def _flat_lists(grads: TensorList, *groups: TensorList | None) -> list[TensorLis
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` (of one shape) place each element at the same offset."""
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape, strict=True) if n > 1)
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape, strict=True) if n > 1)
 
 
 def _fusable(params: TensorList, *others: TensorList | None) -> bool:
@@ -287,13 +288,17 @@ def _fusable(params: TensorList, *others: TensorList | None) -> bool:
     dtype, device = params[0].dtype, params[0].device
     if not dtype.is_floating_point or device.type not in ("cpu", "cuda"):
         return False
-    if not all(p.device == device and p.dtype == dtype for p in params):
-        return False
+    strides = []
+    for p in params:
+        if p.device != device or p.dtype != dtype:
+            return False
+        strides.append(p.stride())
+    # Strides may differ only along dimensions of size 1.
     return all(
-        same_layout(t, p)
+        ts is None
+        or [t.stride() for t in ts] == strides
+        or all(same_layout(t, p) for t, p in zip(ts, params, strict=True))
         for ts in others
-        if ts is not None
-        for t, p in zip(ts, params, strict=True)
     )
 
 
