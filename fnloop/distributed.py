@@ -25,16 +25,17 @@ VMAP_MSG = (
 )
 
 
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def world_size() -> int:
     """The number of processes in the default ``torch.distributed`` group (1 outside one).
 
     >>> world_size()
     1
     """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return 1
+    return int(torch.distributed.get_world_size()) if _initialized() else 1
 
 
 def rank() -> int:
@@ -43,10 +44,7 @@ def rank() -> int:
     >>> rank()
     0
     """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return 0
+    return int(torch.distributed.get_rank()) if _initialized() else 0
 
 
 def is_main_process() -> bool:
