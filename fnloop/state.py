@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -15,7 +15,40 @@ from fnloop import _tree
 from fnloop.optim.base import GradientTransformation
 from fnloop.typing import History, OptState, Params
 
-_EMPTY_HISTORY: History = MappingProxyType({})
+
+class _FrozenHistory(Mapping[str, Mapping[str, tuple[float, ...]]]):
+    """A read-only ``{split: {metric: (one value per epoch, ...)}}``.
+
+    Not a dict or ``mappingproxy``: torch.compile guards on the keys and lengths of those
+    when a compiled step passes the state through, and would recompile the step each
+    time ``fit`` adds an epoch. An object of a plain class is passed through unread.
+    """
+
+    __slots__ = ("_splits",)
+
+    def __init__(self, splits: dict[str, Mapping[str, tuple[float, ...]]]) -> None:
+        object.__setattr__(self, "_splits", splits)
+
+    def __getitem__(self, split: str) -> Mapping[str, tuple[float, ...]]:
+        return self._splits[split]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._splits)
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a history is read-only; make a new one with append_history")
+
+    def __repr__(self) -> str:
+        return repr({split: dict(metrics) for split, metrics in self._splits.items()})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._splits,))
+
+
+_EMPTY_HISTORY: History = _FrozenHistory({})
 
 
 def freeze_history(history: Mapping[str, Mapping[str, Any]]) -> History:
@@ -24,8 +57,10 @@ def freeze_history(history: Mapping[str, Mapping[str, Any]]) -> History:
     >>> h = freeze_history({"train": {"loss": [0.5, 0.25]}})
     >>> h["train"]["loss"]
     (0.5, 0.25)
+    >>> h
+    {'train': {'loss': (0.5, 0.25)}}
     """
-    return MappingProxyType(
+    return _FrozenHistory(
         {
             split: MappingProxyType({k: tuple(float(v) for v in vs) for k, vs in metrics.items()})
             for split, metrics in history.items()
@@ -57,7 +92,34 @@ def _meta_template(module: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(module, memo)
+    template = copy.deepcopy(module, memo)
+    # Made now, outside any torch.compile'd step: a step traced on a template without its
+    # copy would have to copy the module inside the trace (a graph break).
+    in_mode(template, training=True)
+    in_mode(template, training=False)
+    return template
+
+
+_MODE_COPIES = "_fnloop_mode_copies"
+
+
+def in_mode(module: nn.Module, *, training: bool) -> nn.Module:
+    """``module`` when it and all its submodules are in ``training`` mode, else a copy.
+
+    The copy (every submodule set to ``training``) is made on the first call and kept in
+    ``module.__dict__``, not as a submodule, so later calls return the same object; on a
+    state's template, whose weights live on the ``meta`` device, it copies no weights.
+    Train steps use the ``training=True`` module, evaluation steps the other.
+    """
+    if all(m.training == training for m in module.modules()):
+        return module
+    copies: dict[bool, nn.Module] = module.__dict__.get(_MODE_COPIES, {})
+    if training not in copies:
+        # The memo gives the copy an empty cache of its own (not a copy of this one).
+        twin = copy.deepcopy(module, {id(copies): {}}).train(training)
+        module.__dict__[_MODE_COPIES] = {**copies, training: twin}
+        return twin
+    return copies[training]
 
 
 def default_device() -> torch.device:
@@ -192,14 +254,22 @@ class TrainState:
     def replace(self, **changes: Any) -> TrainState:
         """A new state with ``changes`` applied; this one is untouched."""
         if torch.compiler.is_compiling():
-            return dataclasses.replace(self, **changes)
+            # Field by field: torch 2.11's dynamo cannot trace __dict__.update, and
+            # dataclasses.replace would also run the default-factory checks. (The history
+            # is passed through unread: see _FrozenHistory.)
+            new = object.__new__(type(self))
+            for name in _FIELD_NAMES:
+                if name in changes:
+                    object.__setattr__(new, name, changes[name])
+                else:
+                    object.__setattr__(new, name, getattr(self, name))
+            return new
         unknown = changes.keys() - _FIELDS
         if unknown:
             raise TypeError(
                 f"TrainState has no fields {sorted(unknown)}; fields: {sorted(_FIELDS)}"
             )
-        # dataclasses.replace re-runs __init__ through object.__setattr__ field by field:
-        # 3x slower, and a training step calls this once per step.
+        # A training step calls this once per step: 3x faster than dataclasses.replace.
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__, **changes)
         return new
@@ -316,7 +386,8 @@ def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainState))
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainState))
+_FIELDS = frozenset(_FIELD_NAMES)
 
 _tree.register_dataclass(
     TrainState,

@@ -7,7 +7,6 @@ loss scale, and never change their inputs.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import numbers
 import weakref
@@ -26,7 +25,7 @@ from fnloop.distributed import VMAP_MSG, mean_over_processes, world_size
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
-from fnloop.state import TrainState
+from fnloop.state import TrainState, in_mode
 from fnloop.typing import Batch, Metrics, Params
 
 StepFn = Callable[["BoundModel", Batch], Mapping[str, Any]]
@@ -199,7 +198,7 @@ class _DonationGuard:
 
 
 class _Templates:
-    """The state's module template in train or eval mode (copied once, not per step)."""
+    """The state's module template in train or eval mode, and what eager calls need of it."""
 
     def __init__(self, training: bool) -> None:
         self.training = training
@@ -208,17 +207,25 @@ class _Templates:
         self.slots: list[tuple[dict[str, Any], str, str]] = []
         self.frozen: frozenset[str] = frozenset()
 
-    def get(self, module: nn.Module) -> nn.Module:
-        if module is self.source and self.template is not None:
-            return self.template
-        if all(m.training == self.training for m in module.modules()):
-            template = module
-        else:
-            template = copy.deepcopy(module).train(self.training)
-        self.source, self.template = module, template
-        self.slots = _tensor_slots(template)
-        self.frozen = frozenset(n for n, p in template.named_parameters() if not p.requires_grad)
-        return template
+    def get(
+        self, module: nn.Module
+    ) -> tuple[nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str]]:
+        """``(template, its tensor slots or None when traced, names of frozen params)``."""
+        if torch.compiler.is_compiling():
+            # Nothing cached: dynamo guards on what the trace reads, so a cache that the
+            # first call fills would make the second call recompile the step.
+            template = in_mode(module, training=self.training)
+            return template, None, _frozen(template)
+        if module is not self.source:
+            template = in_mode(module, training=self.training)
+            self.source, self.template = module, template
+            self.slots = _tensor_slots(template)
+            self.frozen = _frozen(template)
+        return self.template, self.slots, self.frozen  # type: ignore[return-value]
+
+
+def _frozen(module: nn.Module) -> frozenset[str]:
+    return frozenset(n for n, p in module.named_parameters() if not p.requires_grad)
 
 
 def _tensor_slots(module: nn.Module) -> list[tuple[dict[str, Any], str, str]]:
@@ -312,14 +319,14 @@ class TrainStep:
         if donate and not compiling:
             self._guard.check(state.params)
         batch = to_device(batch, device)
-        module = self._templates.get(state.module)
+        module, slots, frozen = self._templates.get(state.module)
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:
             loss_scale = self.loss_scale.init(device)
         scale = loss_scale.scale if loss_scale is not None else None
 
         grads, loss, metrics, buffers = self._gradients(
-            state, module, batch, scale, name, device, transformed
+            state, module, slots, frozen, batch, scale, name, device, transformed
         )
 
         distributed = world_size() > 1
@@ -343,9 +350,7 @@ class TrainStep:
         if distributed:
             if transformed and not compiling:
                 raise ValueError(VMAP_MSG.format(world=world_size()))
-            grads, loss, buffers = _mean_over_processes(
-                grads, loss, buffers, frozen=self._templates.frozen
-            )
+            grads, loss, buffers = _mean_over_processes(grads, loss, buffers, frozen=frozen)
             if self.on_nonfinite == "raise" and not bool(
                 torch.isfinite(loss) & _all_finite(grads.values())
             ):
@@ -356,6 +361,8 @@ class TrainStep:
         self,
         state: TrainState,
         module: nn.Module,
+        slots: list[tuple[dict[str, Any], str, str]] | None,
+        frozen: frozenset[str],
         batch: Batch,
         scale: torch.Tensor | None,
         name: str,
@@ -363,12 +370,12 @@ class TrainStep:
         transformed: bool,
     ) -> tuple[Params, torch.Tensor, Metrics, Params]:
         """Gradients of the (scaled) loss, the loss, metrics and the new buffers."""
-        slots = None if transformed else self._templates.slots
+        if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
+            slots = None
 
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
             # Clone what the forward pass may update in place (BatchNorm statistics), not
             # the frozen parameters kept among the buffers.
-            frozen = self._templates.frozen
             buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
             with autocast(self.precision, device):
                 out = self.training_step(BoundModel(module, params, buffers, slots=slots), batch)
@@ -706,9 +713,10 @@ class EvalStep:
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params
-        module = self._templates.get(state.module)
+        module, slots, _ = self._templates.get(state.module)
         with torch.no_grad(), autocast(self.precision, device):
-            slots = None if _in_transform(params, train=False) else self._templates.slots
+            if _in_transform(params, train=False):
+                slots = None
             model = BoundModel(module, params, state.buffers, slots=slots)
             out = self.validation_step(model, batch)
         if not isinstance(out, Mapping):

@@ -321,6 +321,11 @@ def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_fit_accepts_a_compiled_step_ci_subset():
+    # Dynamo remembers input shapes per code object, and every torch.compile(step) wraps
+    # one shared function: a step compiled by an earlier test with other batch sizes
+    # would make this one trace dynamic shapes (which dropout under torch.func.grad
+    # cannot run on torch 2.13).
+    torch._dynamo.reset()
     step = fl.make_train_step(classify, on_nonfinite="skip")
     eager = fl.fit(make_state(), step, loaders(shuffle=False), max_epochs=2, log_to_console=False)
     compiled = fl.fit(
@@ -341,6 +346,38 @@ def test_fit_accepts_a_compiled_step_ci_subset():
     for name in eager.params:
         torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(donating.params[name], eager.params[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_step_is_not_recompiled_by_later_epochs():
+    """The step passes the history through unread, so dynamo does not guard on it: the
+    epochs that fill it (and an eval step compiled with another batch size in between)
+    leave the train step's two graphs (step 0, later steps) in use."""
+    from torch._dynamo.testing import CompileCounter
+
+    # torch < 2.13's dynamo also specializes the int epoch the step passes through: one
+    # more graph at epoch 1, compiled after the eval step, so that one must see the
+    # train batch size (another would make it trace dynamic shapes, and dropout cannot).
+    old_dynamo = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+    torch._dynamo.reset()
+    train_counter, eval_counter = CompileCounter(), CompileCounter()
+    step = torch.compile(fl.make_train_step(classify, donate=True), backend=train_counter)
+    evaluate = torch.compile(fl.make_eval_step(classify), backend=eval_counter)
+    x, y = data()
+    xv, yv = data(48, seed=1)
+    state = fl.fit(
+        make_state(),
+        step,
+        {
+            "train": DataLoader(TensorDataset(x, y), batch_size=16),
+            "valid": DataLoader(TensorDataset(xv, yv), batch_size=16 if old_dynamo else 48),
+        },
+        validation_step=evaluate,
+        max_epochs=3,
+        log_to_console=False,
+    )
+    assert state.epoch == 3 and len(state.history["valid"]["loss"]) == 3
+    assert train_counter.frame_count == (3 if old_dynamo else 2)
+    assert eval_counter.frame_count == 1
 
 
 def test_best_model_follows_a_single_early_stopping_rule(tmp_path):

@@ -625,6 +625,42 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_steps_do_not_recompile_as_they_warm_up():
+    """The steps keep nothing that their first traced call fills in (dynamo would guard
+    on it and recompile), and the eval step's eval-mode module is made with the state,
+    not copied inside the trace (a graph break, an error under fullgraph=True)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    state = fl.TrainState.create(mlp(bn=True), tx=optim.adamw(1e-2), device="cpu")
+    assert state.module.training  # the eval step needs its eval-mode copy
+    train_counter, eval_counter = CompileCounter(), CompileCounter()
+    train = torch.compile(fl.make_train_step(classify), backend=train_counter, fullgraph=True)
+    evaluate = torch.compile(fl.make_eval_step(classify), backend=eval_counter, fullgraph=True)
+    eager_eval = fl.make_eval_step(classify)
+    for b in batches(5):
+        state, _ = train(state, b)
+        torch.testing.assert_close(evaluate(state, b), eager_eval(state, b))
+    # Two train graphs: step 0 (the EMA's first average, the counter's 0 specialized)
+    # and every later step; one eval graph.
+    assert train_counter.frame_count == 2
+    assert eval_counter.frame_count == 1
+
+
+def test_in_mode_copies_a_module_once_and_leaves_it_alone():
+    module = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    assert fl.state.in_mode(module, training=True) is module
+    evaluating = fl.state.in_mode(module, training=False)
+    assert evaluating is not module and not any(m.training for m in evaluating.modules())
+    assert all(m.training for m in module.modules())
+    assert fl.state.in_mode(module, training=False) is evaluating
+    assert len(list(module.modules())) == 3  # the copy is not registered as a submodule
+    mixed = copy.deepcopy(module)
+    mixed[1].eval()
+    training = fl.state.in_mode(mixed, training=True)
+    assert all(m.training for m in training.modules()) and not mixed[1].training
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()
