@@ -383,10 +383,10 @@ def scale_by_adam(
             if amsgrad:
                 nu_max = _foreach.maximum(nu_max, nu)
         # torch's order: m / bc1 / (sqrt(v) / sqrt(bc2) + eps). eps stays a Python number:
-        # a foreach add of a 0-d tensor would read it on the host.
-        denom = _foreach.add_(
-            _foreach.div_(_foreach.sqrt(nu_max if amsgrad else nu), bc2_sqrt), eps
-        )
+        # a foreach add of a 0-d tensor would read it on the host. Pure, sqrt's result is
+        # not overwritten: its backward reads it (autograd, torch.func through updates).
+        div = _foreach.div_ if inplace else _foreach.div
+        denom = _foreach.add_(div(_foreach.sqrt(nu_max if amsgrad else nu), bc2_sqrt), eps)
         if inplace:
             out = _foreach.div_(_foreach.copy_(grads, mu), denom)
         else:
@@ -553,7 +553,7 @@ def scale_by_rms(
             avg = _foreach.sqrt(_foreach.addcmul(sq, gavg, gavg, value=-1.0))
         else:
             avg = _foreach.sqrt(sq)
-        _foreach.add_(avg, eps)
+        avg = (_foreach.add_ if inplace else _foreach.add)(avg, eps)  # sqrt's backward reads it
         out = _foreach.div_(grads, avg) if inplace else _foreach.div(grads, avg)
 
         def unflat(xs: list[torch.Tensor]) -> Updates:
@@ -598,7 +598,7 @@ def scale_by_adagrad(
         del params
         grads, treedef, (acc,) = flatten_like(updates, state.sum_of_squares)
         acc = (_foreach.addcmul_ if inplace else _foreach.addcmul)(acc, grads, grads)
-        std = _foreach.add_(_foreach.sqrt(acc), eps)
+        std = (_foreach.add_ if inplace else _foreach.add)(_foreach.sqrt(acc), eps)
         out = _foreach.div_(grads, std) if inplace else _foreach.div(grads, std)
         if lr_decay != 0.0:
             decay = 1.0 + _as_float(state.count) * lr_decay
