@@ -349,8 +349,16 @@ def f64(t: float) -> torch.Tensor:
 # --------------------------------------------------------------------------- against torch
 
 
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
+
+
 @pytest.mark.parametrize("name", IDS)
 def test_matches_torch_scheduler(name: str) -> None:
+    if name == "join-at-zero" and TORCH_VERSION < (2, 13):
+        pytest.skip(
+            "SequentialLR before pytorch/pytorch#185986 (in torch 2.13) skips the first step "
+            "of a scheduler that starts at milestone 0"
+        )
     case = CASES[name]
     schedule = case.schedule()
     expected = torch_lrs(case)
