@@ -45,7 +45,8 @@ class _FrozenHistory(Mapping[str, Mapping[str, tuple[float, ...]]]):
         return repr({split: dict(metrics) for split, metrics in self._splits.items()})
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self._splits,))
+        plain = {split: dict(metrics) for split, metrics in self._splits.items()}
+        return (freeze_history, (plain,))
 
 
 _EMPTY_HISTORY: History = _FrozenHistory({})
@@ -103,18 +104,21 @@ def _meta_template(module: nn.Module) -> nn.Module:
 _MODE_COPIES = "_fnloop_mode_copies"
 
 
-def in_mode(module: nn.Module, *, training: bool) -> nn.Module:
+def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.Module:
     """``module`` when it and all its submodules are in ``training`` mode, else a copy.
 
-    The copy (every submodule set to ``training``) is made on the first call and kept in
-    ``module.__dict__``, not as a submodule, so later calls return the same object; on a
-    state's template, whose weights live on the ``meta`` device, it copies no weights.
-    Train steps use the ``training=True`` module, evaluation steps the other.
+    The copy (every submodule set to ``training``) is kept in ``module.__dict__``, not as
+    a submodule, so later calls return the same object; on a state's template, whose
+    weights live on the ``meta`` device, it copies no weights. ``refresh=True`` copies
+    the module again (eager steps do on their first call, so hooks or attributes set on
+    the template since it was made are in the copy; compiled steps use the kept copy,
+    since a copy inside a trace is a graph break). Train steps use the ``training=True``
+    module, evaluation steps the other.
     """
     if all(m.training == training for m in module.modules()):
         return module
     copies: dict[bool, nn.Module] = module.__dict__.get(_MODE_COPIES, {})
-    if training not in copies:
+    if refresh or training not in copies:
         # The memo gives the copy an empty cache of its own (not a copy of this one).
         twin = copy.deepcopy(module, {id(copies): {}}).train(training)
         module.__dict__[_MODE_COPIES] = {**copies, training: twin}
@@ -257,8 +261,16 @@ class TrainState:
             # Field by field: torch 2.11's dynamo cannot trace __dict__.update, and
             # dataclasses.replace would also run the default-factory checks. (The history
             # is passed through unread: see _FrozenHistory.)
+            names = (
+                _FIELD_NAMES
+                if type(self) is TrainState
+                else tuple(f.name for f in dataclasses.fields(self))
+            )
+            for name in changes:
+                if name not in names:
+                    raise TypeError(f"TrainState has no field {name!r}; fields: {names}")
             new = object.__new__(type(self))
-            for name in _FIELD_NAMES:
+            for name in names:
                 if name in changes:
                     object.__setattr__(new, name, changes[name])
                 else:

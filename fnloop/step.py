@@ -217,7 +217,7 @@ class _Templates:
             template = in_mode(module, training=self.training)
             return template, None, _frozen(template)
         if module is not self.source:
-            template = in_mode(module, training=self.training)
+            template = in_mode(module, training=self.training, refresh=True)
             self.source, self.template = module, template
             self.slots = _tensor_slots(template)
             self.frozen = _frozen(template)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 from collections.abc import Mapping
 
 import optree
@@ -87,6 +89,24 @@ def test_replace_rejects_unknown_fields(state: fl.TrainState) -> None:
         state.replace(global_step=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         state.replace(step=1).step = 2  # type: ignore[misc]
+
+
+def test_replace_rejects_unknown_fields_while_compiling(state: fl.TrainState) -> None:
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="global_step"):
+        torch.compile(lambda s: s.replace(global_step=1), backend="eager")(state)
+    torch._dynamo.reset()
+    new = torch.compile(lambda s: s.replace(step=s.step + 1), backend="eager")(state)
+    assert new.step == state.step + 1 and new.history is state.history
+
+
+def test_history_pickles_and_copies(state: fl.TrainState) -> None:
+    history = append_history(state.history, "train", {"loss": 1.0, "acc": 0.5})
+    assert (
+        pickle.loads(pickle.dumps(history)) == history == {"train": {"loss": (1.0,), "acc": (0.5,)}}
+    )
+    copied = copy.deepcopy(state.replace(history=history))
+    assert copied.history == history and repr(copied.history) == repr(history)
 
 
 def test_history_is_immutable(state: fl.TrainState) -> None:

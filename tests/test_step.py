@@ -647,6 +647,34 @@ def test_compiled_steps_do_not_recompile_as_they_warm_up():
     assert eval_counter.frame_count == 1
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.1)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.drop(self.lin(x)) * self.scale
+
+
+def test_eager_steps_see_what_was_set_on_the_template_after_create():
+    """The eval-mode copy an eager eval step uses (and the train-mode copy for a module
+    made in eval mode) is copied from the template on the step's first call."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for module in (Scaled(), Scaled().eval()):
+        state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+        state.module.scale = 0.0  # zero logits: the loss is log(3)
+        calls: list[bool] = []
+        state.module.lin.register_forward_hook(lambda m, i, o, c=calls: c.append(m.training))
+        expected = torch.tensor(3.0).log()
+        _, metrics = fl.make_train_step(classify)(state, (x, y))
+        torch.testing.assert_close(metrics["loss"], expected)
+        torch.testing.assert_close(fl.make_eval_step(classify)(state, (x, y))["loss"], expected)
+        assert calls == [True, False]
+
+
 def test_in_mode_copies_a_module_once_and_leaves_it_alone():
     module = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
     assert fl.state.in_mode(module, training=True) is module
