@@ -36,11 +36,16 @@ def _batched_any(xs: Sequence[torch.Tensor], ys: TensorList | Scalar) -> bool:
     """:func:`batched` for a list and a second operand that is a list or a scalar.
 
     A 0-d tensor scalar can be batched while the list is not (one learning rate per
-    model, the same gradients for all), and foreach ops reject it then too.
+    model, the same gradients for all), and foreach ops reject it then too. Also true
+    for a scalar tensor that requires grad (a clipping factor or a learning rate being
+    differentiated through): the backward of torch's foreach op with a tensor scalar
+    fails for lists of more than one tensor ("inconsistent range for TensorList output").
     """
     if isinstance(ys, list):
         return batched(xs) or batched(ys)
-    return batched(xs) or (isinstance(ys, torch.Tensor) and _functorch.is_batchedtensor(ys))
+    return batched(xs) or (
+        isinstance(ys, torch.Tensor) and (ys.requires_grad or _functorch.is_batchedtensor(ys))
+    )
 
 
 def _keep_dtypes(xs: TensorList, out: TensorList, ys: TensorList | Scalar) -> TensorList:

@@ -33,17 +33,28 @@ OPTIMIZERS = {
 
 
 def three_updates(tx: optim.GradientTransformation):
-    """``f(g)``: a weighted sum of three updates made from gradients that depend on ``g``."""
+    """``f(g)``: a weighted sum of three updates made from gradients that depend on ``g``.
+
+    Two parameters of different shapes: torch's foreach ops (one call for the list)
+    differentiate differently from one tensor.
+    """
     gen = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(3, 4, dtype=torch.float64, generator=gen)}
-    weights = [torch.randn(3, 4, dtype=torch.float64, generator=gen) for _ in range(3)]
+    params = {
+        "w": torch.randn(3, 4, dtype=torch.float64, generator=gen),
+        "b": torch.randn(4, dtype=torch.float64, generator=gen),
+    }
+    weights = [
+        {n: torch.randn(p.shape, dtype=torch.float64, generator=gen) for n, p in params.items()}
+        for _ in range(3)
+    ]
 
     def f(g: torch.Tensor) -> torch.Tensor:
         state = tx.init(params)
         total = torch.zeros((), dtype=torch.float64)
         for k, w in enumerate(weights):
-            updates, state = tx.update({"w": g * (k + 1)}, state, params)
-            total = total + (updates["w"] * w).sum()
+            grads = {"w": g * (k + 1), "b": g.sum(0) - k}
+            updates, state = tx.update(grads, state, params)
+            total = total + sum((updates[n] * w[n]).sum() for n in params)
         return total
 
     return f
@@ -58,3 +69,20 @@ def test_gradients_through_the_update_are_right(name: str) -> None:
     (expected,) = torch.autograd.grad(f(g), g)
     got = torch.func.grad(f)(g.detach())
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_with_respect_to_the_learning_rate() -> None:
+    """A learned learning rate: the gradient of a loss after one SGD-momentum step."""
+    params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def after_two_steps(lr: torch.Tensor) -> torch.Tensor:
+        tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr, momentum=0.9))
+        state, p = tx.init(params), params
+        for _ in range(2):
+            updates, state = tx.update(grads, state, p)
+            p = optim.apply_updates(p, updates)
+        return sum((v**2).sum() for v in p.values())
+
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(after_two_steps, (lr,))
