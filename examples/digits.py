@@ -120,10 +120,14 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     device = None  # TrainState.create's default: CUDA when available, else the CPU
     if processes > 1:
-        if torch.cuda.is_available():  # one GPU per process
+        # One GPU per process (NCCL) when this machine has a GPU for each of its
+        # processes; otherwise every process runs on the CPU (gloo).
+        if torch.cuda.device_count() >= int(os.environ["LOCAL_WORLD_SIZE"]):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        else:
+            device = torch.device("cpu")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     train_loader, valid_loader = make_loaders(args.batch_size, args.seed, processes)
     model = make_model(width=8 if args.fast else 32)

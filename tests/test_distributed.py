@@ -137,7 +137,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(ranks, crash) -> Non
                 for key, values in metrics.items():
                     got = r[f"resumed-{crash}_history"][split][key]
                     assert_close(torch.tensor(got), torch.tensor(values), rtol=1e-12, atol=0)
-    assert not torch.equal(results[0]["straight"]["0.weight"], ddp_job.mlp()[0].weight)
+    assert not torch.equal(results[0]["straight"]["0.weight"].cpu(), ddp_job.mlp()[0].weight)
 
 
 def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:
