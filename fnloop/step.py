@@ -36,8 +36,8 @@ NO_LOSS_MSG = (
     "Return {{'loss': loss, ...}} (other entries are logged as metrics)."
 )
 LOSS_SHAPE_MSG = (
-    "the 'loss' returned by {name} must be a scalar (0-d) tensor; got shape {shape}. "
-    "Reduce it, e.g. loss.mean()."
+    "the 'loss' returned by {name} must be a scalar (a tensor with one element); got "
+    "shape {shape}. Reduce it, e.g. loss.mean()."
 )
 LOSS_GRAD_MSG = (
     "the 'loss' returned by {name} does not depend on any parameter (requires_grad is "
@@ -257,9 +257,9 @@ def _check_output(out: Any, name: str) -> torch.Tensor:
         raise TypeError(
             f"the 'loss' returned by {name} must be a tensor; got {type(loss).__name__}."
         )
-    if loss.dim() != 0:
+    if loss.numel() != 1:  # one element, of any shape, as loss.backward() accepts
         raise ValueError(LOSS_SHAPE_MSG.format(name=name, shape=tuple(loss.shape)))
-    return loss
+    return loss.reshape(())
 
 
 def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics:

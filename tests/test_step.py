@@ -404,6 +404,23 @@ def test_bad_training_step_output(fn, error, match):
         fl.make_train_step(fn)(state, batches(1)[0])
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_a_loss_with_one_element_is_a_scalar(shape):
+    """As ``loss.backward()`` accepts it: the same update as the 0-d loss, eager and
+    under vmap, and a 0-d ``"loss"`` metric."""
+    state = fl.TrainState.create(mlp(), tx=optim.adam(0.1), device="cpu")
+    batch = batches(1)[0]
+    ref, ref_metrics = fl.make_train_step(classify)(state, batch)
+    step = fl.make_train_step(lambda m, b: {"loss": classify(m, b)["loss"].reshape(shape)})
+    got, metrics = step(state, batch)
+    assert metrics["loss"].shape == () and torch.equal(metrics["loss"], ref_metrics["loss"])
+    assert all(torch.equal(got.params[n], ref.params[n]) for n in ref.params)
+    stacked = fl.stack_states([state, state])
+    vmapped, _ = torch.func.vmap(step, in_dims=(0, None), randomness="different")(stacked, batch)
+    for n in ref.params:
+        torch.testing.assert_close(vmapped.params[n][1], ref.params[n])
+
+
 def test_loss_from_the_users_own_module_is_an_error():
     # Calling the module object instead of `model` gives a loss with a graph but no
     # gradient for any of the state's parameters: silently training nothing is worse
