@@ -25,7 +25,9 @@ from fnloop.precision import LossScaleState as LossScaleState
 from fnloop.state import TrainState as TrainState
 from fnloop.step import BoundModel as BoundModel
 from fnloop.step import EvalStep as EvalStep
+from fnloop.step import EvalStepFn as EvalStepFn
 from fnloop.step import TrainStep as TrainStep
+from fnloop.step import TrainStepFn as TrainStepFn
 from fnloop.step import make_eval_step as make_eval_step
 from fnloop.step import make_train_step as make_train_step
 from fnloop.stopping import EarlyStopping as EarlyStopping

@@ -19,7 +19,7 @@ from fnloop.callbacks.base import CallbackList
 from fnloop.distributed import gather, mean_over_processes, world_size
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
-from fnloop.step import EvalStep, TrainStep
+from fnloop.step import EvalStepFn, TrainStepFn
 from fnloop.typing import Batch, Metrics
 
 BatchSize = int | Callable[[Batch], int] | None
@@ -156,7 +156,7 @@ class _Bar:
 
 def train_epoch(
     state: TrainState,
-    train_step: TrainStep | Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    train_step: TrainStepFn,
     loader: Iterable[Batch],
     *,
     callbacks: CallbackList | None = None,
@@ -232,7 +232,7 @@ def train_epoch(
 
 def validate_epoch(
     state: TrainState,
-    eval_step: EvalStep | Callable[[TrainState, Batch], Metrics],
+    eval_step: EvalStepFn,
     loader: Iterable[Batch],
     *,
     callbacks: CallbackList | None = None,

@@ -33,7 +33,15 @@ from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric
 from fnloop.optim.transform import learning_rates
 from fnloop.state import TrainState, append_history
-from fnloop.step import EvalStep, StepFn, TrainStep, make_eval_step, make_train_step
+from fnloop.step import (
+    EvalStep,
+    EvalStepFn,
+    StepFn,
+    TrainStep,
+    TrainStepFn,
+    make_eval_step,
+    make_train_step,
+)
 from fnloop.stopping import EarlyStopping, EarlyStoppingState
 
 Loaders = Iterable[Any] | Mapping[str, Iterable[Any] | None]
@@ -151,23 +159,23 @@ class _Best:
 
 
 def _made_step(fn: Any, kind: type) -> Any:
-    """``fn`` itself, or the step inside ``torch.compile(step)``, when it is a ``kind``."""
-    if isinstance(fn, kind):
-        return fn
+    """The ``kind`` that describes ``fn``, a made step (compiled or not), or None."""
     inner = inspect.unwrap(getattr(fn, "_torchdynamo_orig_callable", fn))
     return inner if isinstance(inner, kind) else None
 
 
-def _as_train_step(fn: StepFn | TrainStep) -> tuple[Callable[..., Any], TrainStep]:
-    """The callable to run and the ``TrainStep`` that describes it (compiled or not)."""
+def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainStep]:
+    """The callable to run and the ``TrainStep`` that describes it: the ``TrainStep``
+    itself unless ``fn`` is compiled."""
     made = _made_step(fn, TrainStep)
     if made is None:
-        made = make_train_step(fn)
+        made = inspect.unwrap(make_train_step(fn))
+    if not hasattr(fn, "_torchdynamo_orig_callable"):
         return made, made
     return fn, made
 
 
-def _as_eval_step(fn: StepFn | EvalStep | None, train_step: TrainStep) -> Callable[..., Any]:
+def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Callable[..., Any]:
     if fn is None:
         return make_eval_step(train_step.training_step, precision=train_step.precision)
     if _made_step(fn, EvalStep) is not None:
@@ -227,11 +235,11 @@ def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
 
 def fit(
     state: TrainState,
-    training_step: StepFn | TrainStep,
+    training_step: StepFn | TrainStepFn,
     loaders: Loaders,
     *,
     max_epochs: int,
-    validation_step: StepFn | EvalStep | None = None,
+    validation_step: StepFn | EvalStepFn | None = None,
     early_stopping: EarlyStopping | Sequence[EarlyStopping] = (),
     callbacks: Sequence[Callback] = (),
     out_dir: str | Path | None = None,

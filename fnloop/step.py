@@ -11,7 +11,7 @@ import dataclasses
 import numbers
 import weakref
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -605,6 +605,35 @@ def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
     return _tree.tree_unflatten(treedef, _foreach.where(ok, new_leaves, old_leaves))
 
 
+TrainStepFn: TypeAlias = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+"""What :func:`make_train_step` returns: ``new_state, metrics = train_step(state, batch)``."""
+EvalStepFn: TypeAlias = Callable[[TrainState, Batch], Metrics]
+"""What :func:`make_eval_step` returns: ``metrics = eval_step(state, batch)``."""
+
+
+def _as_function(step: Any, name: str) -> Any:
+    """``step`` as a plain function with a code object of its own.
+
+    ``torch.compile`` wraps a callable object in one function shared by all of them, so
+    every compiled step of a process would share one cache of compiled graphs (8 by
+    default, after which dynamo silently runs eagerly) and one record of the shapes it
+    has seen (a validation batch size would make the train step trace dynamic shapes,
+    which dropout under ``torch.func`` cannot). A function compiles as itself; its code
+    object, named after this step, is its own, so each made step has its own cache and
+    shape record, as a hand-written function has.
+    """
+
+    def call(state: TrainState, batch: Batch) -> Any:
+        return step(state, batch)
+
+    # co_name keys dynamo's shape record (with the file and line); co_extra its cache.
+    call.__code__ = call.__code__.replace(co_name=f"{name}_{id(step):x}")
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{step!r}, as a function."
+    call.__wrapped__ = step  # type: ignore[attr-defined]  # inspect.unwrap(step) finds it
+    return call
+
+
 def make_train_step(
     training_step: StepFn,
     *,
@@ -613,7 +642,7 @@ def make_train_step(
     loss_scale: DynamicLossScale | None = None,
     on_nonfinite: NonFinitePolicy = None,
     donate: bool = False,
-) -> TrainStep:
+) -> TrainStepFn:
     """Turns ``training_step(model, batch) -> {"loss": ...}`` into a pure training step.
 
     The result is called as ``new_state, metrics = train_step(state, batch)``. ``state``
@@ -651,7 +680,9 @@ def make_train_step(
         out of place. ``fit`` donates the states it makes itself.
 
     Returns:
-      A :class:`TrainStep`.
+      The step, a function. ``torch.compile`` it as it is; each step made compiles on
+      its own (its own graphs and recompile limit). ``inspect.unwrap(train_step)`` is the
+      :class:`TrainStep` that describes it.
 
     Example:
       >>> import torch
@@ -682,7 +713,7 @@ def make_train_step(
         loss_scale = DynamicLossScale()
     if not callable(training_step):
         raise TypeError(f"training_step must be callable; got {type(training_step).__name__}.")
-    return TrainStep(
+    spec = TrainStep(
         training_step=training_step,
         accumulation_steps=int(accumulation_steps),
         precision=precision,
@@ -690,6 +721,7 @@ def make_train_step(
         on_nonfinite=on_nonfinite,
         donate=donate,
     )
+    return _as_function(spec, "train_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,7 +764,7 @@ class EvalStep:
 
 def make_eval_step(
     validation_step: StepFn, *, use_ema: bool = True, precision: Precision = None
-) -> EvalStep:
+) -> EvalStepFn:
     """Turns ``validation_step(model, batch) -> {...}`` into a pure evaluation step.
 
     The step runs the module in eval mode under ``torch.no_grad`` and returns the
@@ -743,6 +775,10 @@ def make_eval_step(
         step itself).
       use_ema: evaluate the EMA weights when the state keeps them.
       precision: ``None``, ``"bf16"`` or ``"fp16"`` autocast.
+
+    Returns:
+      The step, a function (compiled on its own like a train step); ``inspect.unwrap``
+      of it is the :class:`EvalStep` that describes it.
 
     Example:
       >>> import torch
@@ -757,4 +793,5 @@ def make_eval_step(
         raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
     if not callable(validation_step):
         raise TypeError(f"validation_step must be callable; got {type(validation_step).__name__}.")
-    return EvalStep(validation_step=validation_step, use_ema=use_ema, precision=precision)
+    spec = EvalStep(validation_step=validation_step, use_ema=use_ema, precision=precision)
+    return _as_function(spec, "eval_step")

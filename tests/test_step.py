@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import inspect
 from typing import NamedTuple
 
 import pytest
@@ -317,7 +318,7 @@ def test_fp16_loss_scale_follows_grad_scaler():
     # is under test, so the forward runs in float32 with the fp16 loss-scale machinery.
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
     step = fl.make_train_step(step_fn, precision="fp16", loss_scale=scale_cfg)
-    step = dataclasses.replace(step, precision=None)
+    step = dataclasses.replace(inspect.unwrap(step), precision=None)
     scales = []
     for bad in inject:
         state, _ = step(state, (x, torch.tensor(bad)))
@@ -662,6 +663,31 @@ def test_compiled_steps_do_not_recompile_as_they_warm_up():
     # and every later step; one eval graph.
     assert train_counter.frame_count == 2
     assert eval_counter.frame_count == 1
+
+
+def test_each_made_step_compiles_on_its_own():
+    """torch.compile wraps a callable object in one function shared by all, whose graph
+    cache (8 graphs) and record of seen shapes would then be shared by every step of the
+    process. A made step is a function with a code object of its own: steps for models of
+    six widths all compile (no recompile limit), and a step for another batch size traces
+    static shapes again, which dropout under torch.func needs."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for width in range(6):
+        torch.manual_seed(width)
+        module = nn.Sequential(nn.Linear(5, 8 + width), nn.Dropout(0.1), nn.Linear(8 + width, 3))
+        state = fl.TrainState.create(module.double(), tx=optim.adamw(1e-2), device="cpu")
+        train = torch.compile(fl.make_train_step(classify), backend=counter, fullgraph=True)
+        evaluate = torch.compile(fl.make_eval_step(classify), backend=counter, fullgraph=True)
+        for b in batches(3, size=8 + width):  # another batch size for each model
+            state, _ = train(state, b)
+        evaluate(state, batches(1, size=40)[0])
+        assert counter.frame_count == 3 * (width + 1)  # train: step 0, later steps; eval
+    made = fl.make_train_step(classify)
+    assert made.__name__ == "train_step" and isinstance(inspect.unwrap(made), fl.TrainStep)
+    assert isinstance(inspect.unwrap(fl.make_eval_step(classify)), fl.EvalStep)
 
 
 class Scaled(nn.Module):
