@@ -120,11 +120,20 @@ def _format(means: Mapping[str, float]) -> str:
     return " ".join(f"{k}:{v:.4g}" for k, v in means.items())
 
 
+def loader_length(loader: Iterable[Any]) -> int | None:
+    """``len(loader)``, or None where it has none (a DataLoader over an IterableDataset
+    without ``__len__`` has the method, and it raises ``TypeError``)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 class _Bar:
     """A tqdm bar whose postfix (running means) is refreshed only when it redraws."""
 
     def __init__(self, loader: Iterable[Any], desc: str, enabled: bool, initial: int) -> None:
-        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        total = loader_length(loader)
         self.bar = (
             tqdm(
                 total=total,

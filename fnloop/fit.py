@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
-from fnloop.callbacks.base import Callback, CallbackList
+from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
 from fnloop.distributed import (
     barrier,
     broadcast_state,
@@ -29,8 +29,8 @@ from fnloop.distributed import (
     rank,
     world_size,
 )
-from fnloop.epoch import BatchSize, MetricMeans, train_epoch, validate_epoch
-from fnloop.optim.plateau import has_plateau, observe_metric
+from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
+from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
 from fnloop.optim.transform import learning_rates
 from fnloop.state import TrainState, append_history
 from fnloop.step import (
@@ -219,8 +219,22 @@ def _check_one_model(state: TrainState) -> None:
             )
 
 
-def _check_not_empty(loader: Iterable[Any], split: str) -> None:
-    if hasattr(loader, "__len__") and len(loader) == 0:  # type: ignore[arg-type]
+def _check_loader(loader: Iterable[Any], split: str) -> None:
+    """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
+    data = torch.utils.data
+    if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
+        raise TypeError(
+            f"the {split} loader is a dataset ({type(loader).__name__}), which yields single "
+            f"samples, not batches. Wrap it: DataLoader(dataset, batch_size=..., "
+            f"shuffle={split == 'train'})."
+        )
+    if isinstance(loader, Iterator):
+        raise TypeError(
+            f"the {split} loader is an iterator ({type(loader).__name__}), which the first "
+            f"epoch would use up. Pass something fit can iterate once per epoch: a "
+            f"DataLoader, or a list of batches."
+        )
+    if loader_length(loader) == 0:
         raise ValueError(
             f"the {split} loader is empty (len 0). Check the dataset length, batch_size and "
             f"drop_last."
@@ -241,7 +255,7 @@ def fit(
     max_epochs: int,
     validation_step: StepFn | EvalStepFn | None = None,
     early_stopping: EarlyStopping | Sequence[EarlyStopping] = (),
-    callbacks: Sequence[Callback] = (),
+    callbacks: Callback | Sequence[Callback] = (),
     out_dir: str | Path | None = None,
     run_name: str = "run",
     resume: bool = True,
@@ -281,7 +295,7 @@ def fit(
       validation_step: the validation function, or a step made by ``make_eval_step``;
         defaults to ``training_step``'s function.
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
-      callbacks: :class:`fnloop.callbacks.Callback` objects.
+      callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
       out_dir: the run folder; ``None`` writes nothing.
       run_name: names the logger and the log file.
       resume: continue from the newest good checkpoint in ``out_dir``.
@@ -289,7 +303,8 @@ def fit(
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
       mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise; defaults to
-        the early-stopping rule's mode when ``monitor`` comes from it, else ``"min"``.
+        the mode of an early-stopping rule on ``monitor``, else ``"min"``. A
+        ``reduce_on_plateau`` learning rate must have the same mode.
       progress: tqdm bars; ``"auto"`` shows them when stderr is a terminal.
       batch_size: a fixed size or ``batch -> size`` when the first tensor of a batch is
         not batch-major (used for weighted means).
@@ -316,23 +331,42 @@ def fit(
         )
     _check_one_model(state)
     train_loader, valid_loader = _split_loaders(loaders)
-    _check_not_empty(train_loader, "train")
+    _check_loader(train_loader, "train")
     if valid_loader is not None:
-        _check_not_empty(valid_loader, "valid")
+        _check_loader(valid_loader, "valid")
     step_fn, train_step = _as_train_step(training_step)
     if step_fn is train_step and not train_step.donate:
         # fit owns the states it makes: each step may reuse the previous one's memory.
         step_fn = train_step = dataclasses.replace(train_step, donate=True)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
-    stoppers = (
-        [early_stopping] if isinstance(early_stopping, EarlyStopping) else list(early_stopping)
-    )
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    user_callbacks = list(callbacks)
+    check_callbacks(user_callbacks)
+    if isinstance(early_stopping, EarlyStopping | str):
+        early_stopping = [early_stopping]  # a string: the error below names it whole
+    stoppers = list(early_stopping)
+    for rule in stoppers:
+        if not isinstance(rule, EarlyStopping):
+            raise TypeError(
+                f"early_stopping takes fl.EarlyStopping rules; got {rule!r}. Pass e.g. "
+                f"fl.EarlyStopping('valid/loss', patience=5) (mode='max' for accuracies)."
+            )
     if monitor is None and len(stoppers) == 1:
-        monitor, mode = stoppers[0].monitor, mode or stoppers[0].mode
+        monitor = stoppers[0].monitor
     monitor = monitor or ("valid/loss" if valid_loader is not None else "train/loss")
-    mode = mode or "min"
+    # A rule on the monitored metric knows whether higher is better.
+    mode = mode or next((s.mode for s in stoppers if s.monitor == monitor), "min")
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}.")
+    for plateau in plateau_nodes(state.opt_state):
+        if plateau.config.mode != mode:
+            raise ValueError(
+                f"reduce_on_plateau(mode={plateau.config.mode!r}) would be fed {monitor!r}, "
+                f"which fit counts as better when {'lower' if mode == 'min' else 'higher'} "
+                f"(mode={mode!r}). Pass reduce_on_plateau(..., mode={mode!r}), or the "
+                f"monitor and mode it should follow: fit(..., monitor=..., mode=...)."
+            )
     for what, name in [("fit", monitor)] + [("EarlyStopping", s.monitor) for s in stoppers]:
         if name.startswith("valid/") and valid_loader is None:
             raise ValueError(MONITOR_WITHOUT_VALID_MSG.format(what=what, monitor=name))
@@ -347,7 +381,6 @@ def fit(
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
     if run_dir is not None and main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-    user_callbacks = list(callbacks)
     if run_dir is not None and main:
         user_callbacks = _default_callbacks(run_dir) + user_callbacks
     logger = _open_logger(run_name, run_dir if main else None, log_to_console)

@@ -478,3 +478,77 @@ def test_resume_restores_fields_made_while_training(tmp_path, options):
     assert resumed.step == straight.step
     for name, p in straight.params.items():
         assert torch.equal(resumed.params[name], p), name
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches from a stream: no ``__len__``."""
+
+    def __iter__(self):
+        x, y = data()
+        return iter(zip(x.split(16), y.split(16), strict=True))
+
+
+def test_a_loader_without_length_trains(tmp_path):
+    """DataLoader has ``__len__`` even over an IterableDataset without one (it raises)."""
+    loader = DataLoader(_Stream(), batch_size=None)
+    with pytest.raises(TypeError):
+        len(loader)
+    state = fl.fit(
+        make_state(), classify, loader, max_epochs=2, progress=True, log_to_console=False
+    )
+    ref = fl.fit(
+        make_state(),
+        classify,
+        loaders(shuffle=False, valid=False),
+        max_epochs=2,
+        log_to_console=False,
+    )
+    assert state.step == 12 and torch.equal(state.params["0.weight"], ref.params["0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"loaders": TensorDataset(*data())}, TypeError, r"yields single samples.*DataLoader"),
+        ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
+        ({"callbacks": [fl.callbacks.CSVLogger]}, TypeError, r"pass an instance: CSVLogger"),
+        ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
+        (
+            {"monitor": "valid/acc", "mode": "max"},
+            ValueError,
+            r"reduce_on_plateau\(mode='min'\) would be fed 'valid/acc'",
+        ),
+    ],
+)
+def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, error, match):
+    args = {"loaders": loaders(), **kwargs}
+    state = make_state(tx=optim.adam(optim.reduce_on_plateau(1e-2)))
+    with pytest.raises(error, match=match):
+        fl.fit(
+            state, classify, max_epochs=1, out_dir=tmp_path / "run", log_to_console=False, **args
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_monitor_takes_the_mode_of_an_early_stopping_rule_on_it(tmp_path):
+    """An explicit monitor that an early-stopping rule watches keeps the rule's mode: the
+    best model is the epoch with the highest accuracy, not the lowest."""
+
+    class Record(fl.callbacks.Callback):
+        def on_train_epoch_start(self, state):
+            return None
+
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=4,
+        monitor="valid/acc",
+        early_stopping=fl.EarlyStopping("valid/acc", mode="max", patience=10),
+        callbacks=Record(),  # one callback need not be in a list
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    accs = state.history["valid"]["acc"]
+    best = max(range(4), key=lambda e: (accs[e], -e)) + 1
+    assert f"at epoch {best})" in (tmp_path / "run_training.log").read_text()

@@ -109,16 +109,25 @@ def _overrides(callback: Any, event: str) -> bool:
     return method is not None and method is not getattr(Callback, event)
 
 
+def check_callbacks(callbacks: Sequence[Any]) -> None:
+    """Raises ``TypeError`` for anything in ``callbacks`` that is not a callback object."""
+    for cb in callbacks:
+        if isinstance(cb, type):
+            raise TypeError(
+                f"callbacks holds the class {cb.__name__}; pass an instance: {cb.__name__}(...)."
+            )
+        if not any(hasattr(cb, e) for e in EVENTS):
+            raise TypeError(
+                f"{type(cb).__name__} is not a callback: it has none of the events "
+                f"{', '.join(EVENTS)}. Subclass fnloop.callbacks.Callback."
+            )
+
+
 class CallbackList:
     """Dispatches events to the callbacks that handle them; the driver's only view of them."""
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
-        for cb in callbacks:
-            if not any(hasattr(cb, e) for e in EVENTS):
-                raise TypeError(
-                    f"{type(cb).__name__} is not a callback: it has none of the events "
-                    f"{', '.join(EVENTS)}. Subclass fnloop.callbacks.Callback."
-                )
+        check_callbacks(callbacks)
         self.callbacks = list(callbacks)
         self._handlers = {
             e: [getattr(cb, e) for cb in callbacks if _overrides(cb, e)] for e in EVENTS

@@ -173,7 +173,8 @@ def observe_metric(opt_state: Any, metric: Any) -> Any:
     )
 
 
-def _plateau_nodes(opt_state: Any) -> list[ReduceOnPlateauState]:
+def plateau_nodes(opt_state: Any) -> list[ReduceOnPlateauState]:
+    """The states of the ``reduce_on_plateau`` learning rates in ``opt_state``."""
     return [
         n
         for n in optree.tree_leaves(opt_state, is_leaf=_is_plateau, namespace=_tree.NAMESPACE)
@@ -183,4 +184,4 @@ def _plateau_nodes(opt_state: Any) -> list[ReduceOnPlateauState]:
 
 def has_plateau(opt_state: Any) -> bool:
     """Whether ``opt_state`` contains a ``reduce_on_plateau`` learning rate."""
-    return bool(_plateau_nodes(opt_state))
+    return bool(plateau_nodes(opt_state))
