@@ -587,15 +587,25 @@ def _copy_groups(tree: Any, names: Any) -> Any:
 
 
 def _write_into(old: Any, new: Any) -> Any:
-    """Copies each leaf of ``new`` into the matching (donated) leaf of ``old``; returns ``old``.
+    """Copies each leaf of ``new`` into the matching (donated) leaf of ``old``.
 
-    ``old`` itself becomes the new value: the compiled code then hands back the donated
-    containers instead of rebuilding them after the graph.
+    Returns ``old`` itself where every leaf has at least one dimension (the compiled code
+    then hands back the donated containers instead of rebuilding them after the graph),
+    else a tree of ``old``'s leaves and ``new``'s 0-d ones.
     """
-    for o, n in zip(_tree.tree_leaves(old), _tree.tree_leaves(new), strict=True):
-        if o is not n:
-            o.copy_(n)
-    return old
+    old_leaves, treedef = _tree.tree_flatten(old)
+    leaves = []
+    for o, n in zip(old_leaves, _tree.tree_leaves(new), strict=True):
+        if o.dim() == 0:
+            # A 0-d leaf (a count, a learning rate) comes back new: dynamo silently drops
+            # writes into 0-d float64 CPU inputs (torch 2.11-2.13: a schedule's rate
+            # stayed put), and donating a scalar saves nothing.
+            leaves.append(n)
+        else:
+            leaves.append(o.copy_(n) if o is not n else o)
+    if all(a is b for a, b in zip(leaves, old_leaves)):
+        return old
+    return _tree.tree_unflatten(treedef, leaves)
 
 
 def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:

@@ -613,7 +613,7 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
     """torch.compile(make_train_step(..., donate=True)): no graph breaks, the same numbers
     as the pure eager step, and params, moments and EMA stay in the donated buffers."""
     torch._dynamo.reset()
-    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2))
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_schedule(1e-2, 8)))
     state = fl.TrainState.create(
         mlp(bn=True, dtype=torch.float32), tx=tx, ema_decay=0.9, device="cpu"
     )
@@ -641,6 +641,36 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
     assert buffers_of(donated) == before
     for a, b in zip(fl._tree.tree_leaves(eager_state), fl._tree.tree_leaves(donated)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class WithScalar(nn.Module):
+    """A float64 model with a 0-d parameter (a learned temperature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.lin(x) / self.temperature
+
+
+def test_compiled_donating_step_advances_scalars():
+    """0-d leaves (the schedule's rate, the counts, a 0-d parameter) are returned new, not
+    written into the donated ones: dynamo drops writes into 0-d float64 CPU inputs, and the
+    learning rate stayed at its first value."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    tx = optim.sgd(optim.exponential_schedule(0.1, 0.5), momentum=0.9)
+    state = fl.TrainState.create(WithScalar().double(), tx=tx, device="cpu").clone()
+    compiled = torch.compile(fl.make_train_step(classify, donate=True), backend="aot_eager")
+    eager_step, eager_state, donated = fl.make_train_step(classify), state, state.clone()
+    for b in batches(4):
+        eager_state, _ = eager_step(eager_state, b)
+        donated, _ = compiled(donated, b)
+    assert optim.learning_rates(donated.opt_state)[0].item() == 0.1 * 0.5**4
+    for a, b in zip(fl._tree.tree_leaves(eager_state), fl._tree.tree_leaves(donated)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_compiled_steps_do_not_recompile_as_they_warm_up():
