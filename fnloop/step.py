@@ -339,6 +339,8 @@ class TrainStep:
             if state.grad_accum is not None:
                 grads = _tree.tree_map(torch.add, state.grad_accum, grads)
             if state.micro_step + 1 < k:
+                if self.on_nonfinite == "skip":
+                    buffers = _select(torch.isfinite(loss), buffers, state.buffers)
                 new_state = state.replace(
                     grad_accum=grads,
                     buffers=buffers,
@@ -454,6 +456,10 @@ class TrainStep:
             # The gradients too: a finite loss can have non-finite gradients, and with
             # accumulation an earlier micro-batch's NaN is in the sum, not in this loss.
             ok = torch.isfinite(loss) & (ok if ok is not None else _all_finite(grads.values()))
+            # A non-finite forward pass (a NaN in the batch) would also leave non-finite
+            # running statistics: keep the previous ones. (Only gradients that overflow the
+            # fp16 loss scale keep the batch's statistics, as with torch.amp.GradScaler.)
+            buffers = _select(torch.isfinite(loss), buffers, state.buffers)
 
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
@@ -676,8 +682,9 @@ def make_train_step(
       loss_scale: the dynamic loss-scale rules; defaults to ``DynamicLossScale()`` with
         ``"fp16"``. Steps whose gradients are not finite are skipped without a host sync.
       on_nonfinite: what to do when the loss is inf or NaN: ``None`` applies the update
-        as computed; ``"skip"`` leaves params and optimizer state unchanged and counts
-        the step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
+        as computed; ``"skip"`` leaves params, EMA and optimizer state unchanged (and,
+        for a non-finite loss, the buffers such as BatchNorm statistics) and counts the
+        step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
         ``FloatingPointError`` (reads the loss on the host every step).
       donate: the caller gives up the input state: the step writes the new parameters,
         optimizer state and EMA into its storage instead of allocating new tensors (as a

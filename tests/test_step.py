@@ -643,6 +643,29 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_skip_keeps_the_batchnorm_statistics_of_a_nan_batch_out(accumulation_steps):
+    """A NaN in the batch makes the loss and the batch's running statistics NaN: "skip"
+    leaves the whole state as without that batch (BatchNorm statistics included), apart
+    from the counters."""
+    step = fl.make_train_step(classify, on_nonfinite="skip", accumulation_steps=accumulation_steps)
+    state = fl.TrainState.create(mlp(bn=True), tx=optim.adam(1e-2), ema_decay=0.9, device="cpu")
+    good = batches(2 * accumulation_steps)
+    bad = (good[0][0].clone(), good[0][1])
+    bad[0][0, 0] = float("nan")
+    skipped, ref = state, state
+    for b in good[:accumulation_steps] + [bad] * accumulation_steps + good[accumulation_steps:]:
+        skipped, _ = step(skipped, b)
+    for b in good:
+        ref, _ = step(ref, b)
+    assert int(skipped.skipped_steps) == 1 and int(ref.skipped_steps) == 0
+    for tree in ("params", "buffers", "ema", "opt_state"):
+        for a, b in zip(
+            fl._tree.tree_leaves(getattr(skipped, tree)), fl._tree.tree_leaves(getattr(ref, tree))
+        ):
+            assert torch.equal(a, b), tree
+
+
 class WithScalar(nn.Module):
     """A float64 model with a 0-d parameter (a learned temperature)."""
 
