@@ -16,7 +16,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     Every tensor leaf gets a new leading dimension of size ``len(states)``. The static
     parts (module template, optimizer, counters, history) come from ``states[0]``: the
     optimizer's hyper-parameters that live in the state, such as each model's learning
-    rate, stay per model, while those fixed in ``tx`` (weight decay, betas, momentum) are
+    rate, stay per model, while those fixed in ``tx`` (weight decay, betas, momentum, and a
+    learning-rate schedule, which sets every model's rate from the step count) are
     ``states[0]``'s for every model. Train the stack with
     ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
 
