@@ -23,7 +23,7 @@ from fnloop import _tree
 from fnloop.batch import to_device
 from fnloop.distributed import VMAP_MSG, mean_over_processes, world_size
 from fnloop.optim import _foreach
-from fnloop.optim.base import apply_updates
+from fnloop.optim.base import apply_updates, scalar_dtype
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
 from fnloop.state import TrainState, in_mode
 from fnloop.typing import Batch, Metrics, Params
@@ -271,10 +271,16 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
             value = value.detach()
             metrics[key] = value.reshape(()) if value.numel() == 1 else value
         elif isinstance(value, numbers.Real):  # Python and NumPy numbers
-            metrics[key] = torch.full((), float(value), device=device)  # no host copy
+            # No host copy; float64 (on the CPU and CUDA) keeps the number as given.
+            metrics[key] = torch.full((), float(value), dtype=scalar_dtype(device), device=device)
         else:
             raise TypeError(METRIC_MSG.format(key=key, name=name, kind=type(value).__name__))
     return metrics
+
+
+def _metric_dtype(loss: torch.Tensor) -> torch.Tensor:
+    """A loss as a metric: float32 at least (a bf16/fp16 loss is upcast), float64 kept."""
+    return loss if loss.dtype == torch.float64 else loss.float()
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:
@@ -383,7 +389,7 @@ class TrainStep:
                 out = self.training_step(BoundModel(module, params, buffers, slots=slots), batch)
             loss = _check_output(out, name)
             metrics = _metrics(out, name, device)
-            metrics["loss"] = loss.detach().float()
+            metrics["loss"] = _metric_dtype(loss.detach())
             if not loss.requires_grad:  # metadata only: also checked under vmap and compile
                 raise ValueError(LOSS_GRAD_MSG.format(name=name))
             scaled = loss.float() * scale if scale is not None else loss
@@ -775,7 +781,7 @@ class EvalStep:
             )
         metrics = _metrics(out, name, device)
         if "loss" in metrics:
-            metrics["loss"] = metrics["loss"].float()
+            metrics["loss"] = _metric_dtype(metrics["loss"])
         return metrics
 
 

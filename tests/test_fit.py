@@ -552,3 +552,24 @@ def test_monitor_takes_the_mode_of_an_early_stopping_rule_on_it(tmp_path):
     accs = state.history["valid"]["acc"]
     best = max(range(4), key=lambda e: (accs[e], -e)) + 1
     assert f"at epoch {best})" in (tmp_path / "run_training.log").read_text()
+
+
+def test_metrics_of_a_float64_model_keep_float64():
+    """The loss of a float64 model and a Python number are logged as given, not rounded
+    to float32."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    x, y = data()
+    batch = (x.double(), y)
+    _, metrics = fl.make_train_step(lambda m, b: {**classify(m, b), "const": 0.4})(state, batch)
+    assert metrics["loss"].dtype == torch.float64
+    assert metrics["loss"].item() == F.cross_entropy(module(x.double()), y).item()
+    final = fl.fit(
+        state,
+        lambda m, b: {**classify(m, b), "const": 0.4},
+        DataLoader(TensorDataset(x.double(), y), batch_size=16),
+        max_epochs=1,
+        log_to_console=False,
+    )
+    assert final.history["train"]["const"][0] == pytest.approx(0.4, rel=1e-14)

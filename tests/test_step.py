@@ -97,7 +97,7 @@ def test_train_step_matches_hand_loop(bn, tx_fn, opt_fn, clip):
     step = fl.make_train_step(classify)
     for (x, y), ref_loss in zip(data, ref_losses):
         state, metrics = step(state, (x, y))
-        torch.testing.assert_close(metrics["loss"], ref_loss.float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(metrics["loss"], ref_loss, rtol=1e-12, atol=1e-14)
     assert state.step == 20
     assert_state_matches(state, ref)
 
@@ -219,10 +219,10 @@ def test_ema_matches_averaged_model_and_eval_uses_it():
     ema.eval()
     expected = F.cross_entropy(ema(x), y)
     got = fl.make_eval_step(classify)(state, (x, y))["loss"]
-    torch.testing.assert_close(got, expected.float())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     raw = fl.make_eval_step(classify, use_ema=False)(state, (x, y))["loss"]
     ref.eval()
-    torch.testing.assert_close(raw, F.cross_entropy(ref(x), y).float())
+    torch.testing.assert_close(raw, F.cross_entropy(ref(x), y), rtol=1e-12, atol=1e-14)
 
 
 def test_eval_step_uses_eval_mode_and_no_grad():
