@@ -355,6 +355,12 @@ def fit(
     if monitor is None and len(stoppers) == 1:
         monitor = stoppers[0].monitor
     monitor = monitor or ("valid/loss" if valid_loader is not None else "train/loss")
+    if not monitor.startswith(("train/", "valid/")):
+        name = monitor.split("/", 1)[-1]
+        raise ValueError(
+            f"fit monitors {monitor!r}, but fit names metrics 'train/<name>' and "
+            f"'valid/<name>': pass monitor='valid/{name}' or 'train/{name}'."
+        )
     # A rule on the monitored metric knows whether higher is better.
     mode = mode or next((s.mode for s in stoppers if s.monitor == monitor), "min")
     if mode not in ("min", "max"):
@@ -367,6 +373,8 @@ def fit(
                 f"(mode={mode!r}). Pass reduce_on_plateau(..., mode={mode!r}), or the "
                 f"monitor and mode it should follow: fit(..., monitor=..., mode=...)."
             )
+    if checkpoint_every_n_steps is not None and out_dir is None:
+        raise ValueError("checkpoint_every_n_steps needs out_dir: fit writes checkpoints there.")
     for what, name in [("fit", monitor)] + [("EarlyStopping", s.monitor) for s in stoppers]:
         if name.startswith("valid/") and valid_loader is None:
             raise ValueError(MONITOR_WITHOUT_VALID_MSG.format(what=what, monitor=name))

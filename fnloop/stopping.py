@@ -70,10 +70,11 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping patience must be >= 0; got {self.patience}.")
         if self.min_delta < 0:
             raise ValueError(f"EarlyStopping min_delta must be >= 0; got {self.min_delta}.")
-        if "/" not in self.monitor:
+        if not self.monitor.startswith(("train/", "valid/")):
+            name = self.monitor.split("/", 1)[-1]
             raise ValueError(
-                f"EarlyStopping monitor {self.monitor!r} needs a split prefix: "
-                f"'train/{self.monitor}' or 'valid/{self.monitor}'."
+                f"EarlyStopping monitor {self.monitor!r} needs the split prefix fit gives "
+                f"metrics: 'train/{name}' or 'valid/{name}'."
             )
 
     def init(self) -> EarlyStoppingState:

@@ -513,6 +513,8 @@ def test_a_loader_without_length_trains(tmp_path):
         ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
         ({"callbacks": [fl.callbacks.CSVLogger]}, TypeError, r"pass an instance: CSVLogger"),
         ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
+        ({"monitor": "val/acc", "mode": "max"}, ValueError, r"pass monitor='valid/acc'"),
+        ({"checkpoint_every_n_steps": 5, "out_dir": None}, ValueError, "needs out_dir"),
         (
             {"monitor": "valid/acc", "mode": "max"},
             ValueError,
@@ -521,12 +523,10 @@ def test_a_loader_without_length_trains(tmp_path):
     ],
 )
 def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, error, match):
-    args = {"loaders": loaders(), **kwargs}
+    args = {"loaders": loaders(), "out_dir": tmp_path / "run", **kwargs}
     state = make_state(tx=optim.adam(optim.reduce_on_plateau(1e-2)))
     with pytest.raises(error, match=match):
-        fl.fit(
-            state, classify, max_epochs=1, out_dir=tmp_path / "run", log_to_console=False, **args
-        )
+        fl.fit(state, classify, max_epochs=1, log_to_console=False, **args)
     assert not (tmp_path / "run").exists()
 
 
