@@ -73,6 +73,14 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 
 def unstack_states(stacked: TrainState) -> list[TrainState]:
     """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states."""
+    name, param = next(iter(stacked.params.items()))
+    shape = stacked.module.get_parameter(name).shape
+    if param.dim() != len(shape) + 1 or param.shape[1:] != shape:
+        raise ValueError(
+            f"unstack_states takes a stacked state (from stack_states or a vmapped step); "
+            f"this one holds one model (parameter {name!r} has the module's shape "
+            f"{tuple(param.shape)})."
+        )
+    n = param.shape[0]
     leaves, treedef = _tree.tree_flatten(stacked)
-    n = leaves[0].shape[0]
     return [_tree.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]

@@ -1072,3 +1072,10 @@ def test_differentiating_a_train_step_is_a_clear_error():
 
     with pytest.raises(ValueError, match="cannot be differentiated"):
         torch.func.grad(final_weight_sum)(state.params["0.weight"])
+
+
+def test_unstacking_one_model_is_a_clear_error():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    with pytest.raises(ValueError, match="takes a stacked state"):
+        fl.unstack_states(state)
+    assert len(fl.unstack_states(fl.stack_states([state, state]))) == 2
