@@ -259,7 +259,7 @@ def _check_output(out: Any, name: str) -> torch.Tensor:
         )
     if loss.numel() != 1:  # one element, of any shape, as loss.backward() accepts
         raise ValueError(LOSS_SHAPE_MSG.format(name=name, shape=tuple(loss.shape)))
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics:
