@@ -166,13 +166,14 @@ def _made_step(fn: Any, kind: type) -> Any:
 
 def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainStep]:
     """The callable to run and the ``TrainStep`` that describes it: the ``TrainStep``
-    itself unless ``fn`` is compiled."""
+    itself when ``fn`` is a made step as made (``fit`` may then donate)."""
     made = _made_step(fn, TrainStep)
-    if made is None:
+    if made is None:  # the user's training_step(model, batch)
         made = inspect.unwrap(make_train_step(fn))
-    if not hasattr(fn, "_torchdynamo_orig_callable"):
         return made, made
-    return fn, made
+    if fn is made or getattr(fn, "__wrapped__", None) is made:  # the made step itself
+        return made, made
+    return fn, made  # compiled, or in a wrapper of the user's: run as given
 
 
 def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Callable[..., Any]:
@@ -222,13 +223,18 @@ def _check_one_model(state: TrainState) -> None:
 def _check_loader(loader: Iterable[Any], split: str) -> None:
     """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
     data = torch.utils.data
-    if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
+    base = loader.dataset if isinstance(loader, data.Subset) else loader
+    if isinstance(base, data.TensorDataset):
         raise TypeError(
             f"the {split} loader is a dataset ({type(loader).__name__}), which yields single "
             f"samples, not batches. Wrap it: DataLoader(dataset, batch_size=..., "
             f"shuffle={split == 'train'})."
         )
-    if isinstance(loader, Iterator):
+    # A generator, or iter() of a list: used up by the first epoch. (A class of its own
+    # whose __iter__ starts over, as data-loading libraries' iterators do, is fine.)
+    if inspect.isgenerator(loader) or (
+        isinstance(loader, Iterator) and type(loader).__module__ in ("builtins", "itertools")
+    ):
         raise TypeError(
             f"the {split} loader is an iterator ({type(loader).__name__}), which the first "
             f"epoch would use up. Pass something fit can iterate once per epoch: a "
@@ -254,7 +260,7 @@ def fit(
     *,
     max_epochs: int,
     validation_step: StepFn | EvalStepFn | None = None,
-    early_stopping: EarlyStopping | Sequence[EarlyStopping] = (),
+    early_stopping: EarlyStopping | Sequence[EarlyStopping] | None = (),
     callbacks: Callback | Sequence[Callback] = (),
     out_dir: str | Path | None = None,
     run_name: str = "run",
@@ -317,8 +323,13 @@ def fit(
       The final state.
 
     Raises:
+      TypeError: a wrong kind of argument, before anything runs or is written: a state
+        that is not a ``TrainState``, a dataset or a one-shot iterator as loader, a
+        callback class or non-callback, an early-stopping rule that is not one.
       ValueError: bad set-up, reported before any training: an empty loader,
-        ``max_epochs < state.epoch``, a ``valid/`` monitor without a validation loader.
+        ``max_epochs < state.epoch``, a monitor without the ``train/``/``valid/`` prefix,
+        a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` whose
+        mode is not fit's, ``checkpoint_every_n_steps`` without ``out_dir``.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
     """
     # ------------------------------------------------------------ set-up checks (fail fast)
@@ -339,12 +350,16 @@ def fit(
         # fit owns the states it makes: each step may reuse the previous one's memory.
         step_fn = train_step = dataclasses.replace(train_step, donate=True)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
-    if isinstance(callbacks, Callback):
-        callbacks = [callbacks]
+    if isinstance(callbacks, Callback | type) or not isinstance(callbacks, Iterable):
+        callbacks = [callbacks]  # one callback; a class or a non-callback fails just below
     user_callbacks = list(callbacks)
     check_callbacks(user_callbacks)
-    if isinstance(early_stopping, EarlyStopping | str):
-        early_stopping = [early_stopping]  # a string: the error below names it whole
+    if early_stopping is None:
+        early_stopping = ()
+    if isinstance(early_stopping, EarlyStopping | str | type) or not isinstance(
+        early_stopping, Iterable
+    ):
+        early_stopping = [early_stopping]  # one rule; anything else is named whole below
     stoppers = list(early_stopping)
     for rule in stoppers:
         if not isinstance(rule, EarlyStopping):

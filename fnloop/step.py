@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import uuid
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, TypeAlias
@@ -648,11 +649,15 @@ def _as_function(step: Any, name: str) -> Any:
     def call(state: TrainState, batch: Batch) -> Any:
         return step(state, batch)
 
-    # co_name keys dynamo's shape record (with the file and line); co_extra its cache.
-    call.__code__ = call.__code__.replace(co_name=f"{name}_{id(step):x}")
+    # co_name keys dynamo's shape record (with the file and line), which outlives the step:
+    # a random name, not id(step), which a later step may reuse. co_extra keys its cache.
+    call.__code__ = call.__code__.replace(co_name=f"{name}_{uuid.uuid4().hex[:16]}")
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"{step!r}, as a function."
     call.__wrapped__ = step  # type: ignore[attr-defined]  # inspect.unwrap(step) finds it
+    for field in dataclasses.fields(step):  # the options, readable as before: step.donate
+        if not field.name.startswith("_"):
+            setattr(call, field.name, getattr(step, field.name))
     return call
 
 

@@ -573,3 +573,73 @@ def test_metrics_of_a_float64_model_keep_float64():
         log_to_console=False,
     )
     assert final.history["train"]["const"][0] == pytest.approx(0.4, rel=1e-14)
+
+
+def test_fit_runs_a_users_wrapper_of_a_made_step():
+    """A wrapper (functools.wraps of a made step) is run as given, not unwrapped."""
+    import functools
+
+    step, calls = fl.make_train_step(classify), []
+
+    @functools.wraps(step)
+    def with_noise(state, batch):
+        calls.append(1)
+        x, y = batch
+        return step(state, (x + 0.01, y))
+
+    fl.fit(make_state(), with_noise, loaders(valid=False), max_epochs=2, log_to_console=False)
+    assert len(calls) == 12
+    assert step.donate is False and fl.make_train_step(classify, donate=True).donate is True
+
+
+class _Restarting:
+    """An iterator whose __iter__ starts over (as data-loading libraries' iterators do)."""
+
+    def __init__(self):
+        self.batches = list(loaders(shuffle=False, valid=False)["train"])
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.i = 0
+        return self
+
+    def __next__(self):
+        if self.i == len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items are whole batches."""
+
+    def __init__(self):
+        self.batches = list(loaders(shuffle=False, valid=False)["train"])
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+@pytest.mark.parametrize("loader", [_Restarting, _BatchDataset])
+def test_loaders_that_give_batches_every_epoch_train(loader):
+    """As a list of the same batches does (a DataLoader would also draw a seed from the
+    global generator each epoch, which moves the dropout masks)."""
+    batches = list(loaders(shuffle=False, valid=False)["train"])
+    ref = fl.fit(make_state(), classify, batches, max_epochs=2, log_to_console=False)
+    given = loader()  # before make_state seeds the generator: building it draws seeds
+    state = fl.fit(
+        make_state(), classify, given, max_epochs=2, log_to_console=False, early_stopping=None
+    )
+    assert state.step == 12 and torch.equal(state.params["0.weight"], ref.params["0.weight"])
+
+
+def test_one_callback_class_or_rule_class_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"pass an instance: CSVLogger"):
+        fl.fit(make_state(), classify, loaders(), max_epochs=1, callbacks=fl.callbacks.CSVLogger)
+    with pytest.raises(TypeError, match=r"fl\.EarlyStopping rules"):
+        fl.fit(make_state(), classify, loaders(), max_epochs=1, early_stopping=fl.EarlyStopping)

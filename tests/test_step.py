@@ -1079,3 +1079,10 @@ def test_unstacking_one_model_is_a_clear_error():
     with pytest.raises(ValueError, match="takes a stacked state"):
         fl.unstack_states(state)
     assert len(fl.unstack_states(fl.stack_states([state, state]))) == 2
+
+
+def test_made_steps_get_code_names_of_their_own():
+    """Dynamo keeps a step's record of shapes under its code's name after the step is gone:
+    a name from id() would pass a dead step's record to a new step at the same address."""
+    names = {fl.make_train_step(classify).__code__.co_name for _ in range(50)}
+    assert len(names) == 50
