@@ -184,6 +184,16 @@ def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Call
     return make_eval_step(fn, precision=train_step.precision)
 
 
+def _as_list(items: Any, kind: type) -> list[Any]:
+    """One item of ``kind``, several, or None, as a list; anything else as a one-item list,
+    for the caller's type check to name (a class, a string, another object)."""
+    if items is None:
+        return []
+    if isinstance(items, kind | str | type) or not isinstance(items, Iterable):
+        return [items]
+    return list(items)
+
+
 def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | None]:
     if isinstance(loaders, Mapping):
         unknown = sorted(set(loaders) - {"train", "valid"})
@@ -350,17 +360,9 @@ def fit(
         # fit owns the states it makes: each step may reuse the previous one's memory.
         step_fn = train_step = dataclasses.replace(train_step, donate=True)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
-    if isinstance(callbacks, Callback | type) or not isinstance(callbacks, Iterable):
-        callbacks = [callbacks]  # one callback; a class or a non-callback fails just below
-    user_callbacks = list(callbacks)
+    user_callbacks = _as_list(callbacks, Callback)
     check_callbacks(user_callbacks)
-    if early_stopping is None:
-        early_stopping = ()
-    if isinstance(early_stopping, EarlyStopping | str | type) or not isinstance(
-        early_stopping, Iterable
-    ):
-        early_stopping = [early_stopping]  # one rule; anything else is named whole below
-    stoppers = list(early_stopping)
+    stoppers = _as_list(early_stopping, EarlyStopping)
     for rule in stoppers:
         if not isinstance(rule, EarlyStopping):
             raise TypeError(
