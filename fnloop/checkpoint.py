@@ -62,6 +62,7 @@ from torch import nn
 
 from fnloop import _tree
 from fnloop.distributed import is_main_process
+from fnloop.ensemble import stacked_models
 from fnloop.precision import LossScaleState
 from fnloop.state import TrainState, freeze_history
 
@@ -220,16 +221,38 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
     """
     path = Path(path)
     _check_state(state, "save_model")
+    n = stacked_models(state)
+    if n is not None:
+        raise ValueError(
+            f"save_model exports one model's state_dict, but this state holds {n} stacked "
+            f"models. Save each one: for i, s in enumerate(fl.unstack_states(state)): "
+            f"save_model(f'model_{{i}}.pt', s); or keep the stacked state with "
+            f"save_checkpoint."
+        )
     if not is_main_process():
         return path
     tensors = {name: _compact(t.detach()) for name, t in state.state_dict(use_ema=use_ema).items()}
     if _is_safetensors(path):
         st = _import_safetensors_torch(path)
-        data = st.save({n: t.contiguous() for n, t in tensors.items()}, metadata={"format": "pt"})
+        data = st.save(_unshared(tensors), metadata={"format": "pt"})
         _atomic_write(path, lambda f: f.write(data))
     else:
         _atomic_write(path, lambda f: torch.save(tensors, f))
     return path
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no memory, as safetensors requires: a weight tied
+    under several names (``state_dict`` lists it under each) is written once per name,
+    and ``load_state_dict`` ties them again on loading."""
+    seen: set[tuple[torch.device, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        key = (t.device, t.untyped_storage().data_ptr())
+        out[name] = t.clone() if key in seen and t.numel() else t
+        seen.add(key)
+    return out
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

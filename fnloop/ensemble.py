@@ -71,16 +71,25 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
 
 
+def stacked_models(state: TrainState) -> int | None:
+    """How many models ``state`` holds stacked, or ``None`` for a state of one model.
+
+    A stacked state's parameters have one more leading dimension than the module's.
+    """
+    for name, param in list(state.params.items())[:1]:
+        shape = state.module.get_parameter(name).shape
+        if param.dim() == len(shape) + 1 and param.shape[1:] == shape:
+            return int(param.shape[0])
+    return None
+
+
 def unstack_states(stacked: TrainState) -> list[TrainState]:
     """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states."""
-    name, param = next(iter(stacked.params.items()))
-    shape = stacked.module.get_parameter(name).shape
-    if param.dim() != len(shape) + 1 or param.shape[1:] != shape:
+    n = stacked_models(stacked)
+    if n is None:
         raise ValueError(
-            f"unstack_states takes a stacked state (from stack_states or a vmapped step); "
-            f"this one holds one model (parameter {name!r} has the module's shape "
-            f"{tuple(param.shape)})."
+            "unstack_states takes a stacked state (from stack_states or a vmapped step); "
+            "this one holds one model (its parameters have the module's shapes)."
         )
-    n = param.shape[0]
     leaves, treedef = _tree.tree_flatten(stacked)
     return [_tree.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]

@@ -674,3 +674,28 @@ def test_leaves_follow_the_device_of_like(tmp_path: Path) -> None:
     assert_same_state(_tree.tree_map(lambda t: t.cpu(), loaded.state), cpu_state)
     path2 = save_checkpoint(tmp_path / "c2.pt", loaded.state)
     assert_same_state(load_checkpoint(path2, fresh_state()), cpu_state)
+
+
+def test_safetensors_export_of_tied_weights(tmp_path: Path) -> None:
+    """state_dict lists a tied weight under each name; safetensors refuses shared memory."""
+    pytest.importorskip("safetensors")
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+            self.out = nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    state = fnloop.TrainState.create(Tied(), tx=optim.sgd(0.1), device="cpu")
+    module = load_model(save_model(tmp_path / "tied.safetensors", state), Tied())
+    assert module.out.weight is module.emb.weight
+    assert torch.equal(module.emb.weight, state.params["emb.weight"])
+
+
+def test_save_model_refuses_a_stacked_state(tmp_path: Path) -> None:
+    stacked = fnloop.stack_states([fresh_state(), fresh_state()])
+    with pytest.raises(ValueError, match=r"holds 2 stacked models.*unstack_states"):
+        save_model(tmp_path / "model.pt", stacked)
+    assert not (tmp_path / "model.pt").exists()
