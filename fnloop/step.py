@@ -76,7 +76,7 @@ INPLACE_MSG = (
     "the others (count = state.count + 1, not state.count.add_(1))."
 )
 NONFINITE_MSG = (
-    "non-finite loss at step {step}. Lower the learning rate, add gradient clipping "
+    "non-finite {what} at step {step}. Lower the learning rate, add gradient clipping "
     "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
 )
 
@@ -338,8 +338,8 @@ class TrainStep:
 
         distributed = world_size() > 1
         # Several processes decide together, on the averaged loss and gradients, below.
-        if self.on_nonfinite == "raise" and not distributed and not bool(torch.isfinite(loss)):
-            raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
+        if self.on_nonfinite == "raise" and not distributed:
+            self._raise_if_nonfinite(state, loss, grads, loss_scale)
 
         k = self.accumulation_steps
         if k > 1:
@@ -360,11 +360,20 @@ class TrainStep:
             if transformed and not compiling:
                 raise ValueError(VMAP_MSG.format(world=world_size()))
             grads, loss, buffers = _mean_over_processes(grads, loss, buffers, frozen=frozen)
-            if self.on_nonfinite == "raise" and not bool(
-                torch.isfinite(loss) & _all_finite(grads.values())
-            ):
-                raise FloatingPointError(NONFINITE_MSG.format(step=state.step))
+            if self.on_nonfinite == "raise":
+                self._raise_if_nonfinite(state, loss, grads, loss_scale)
         return self._update(state, grads, loss, buffers, loss_scale, donate, transformed), metrics
+
+    @staticmethod
+    def _raise_if_nonfinite(
+        state: TrainState, loss: torch.Tensor, grads: Params, loss_scale: LossScaleState | None
+    ) -> None:
+        """``on_nonfinite="raise"``: a non-finite loss or gradient raises (reads the host).
+        With an fp16 loss scale, overflowing gradients are the scale's to skip."""
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(NONFINITE_MSG.format(what="loss", step=state.step))
+        if loss_scale is None and not bool(_all_finite(grads.values())):
+            raise FloatingPointError(NONFINITE_MSG.format(what="gradient", step=state.step))
 
     def _gradients(
         self,
@@ -692,11 +701,12 @@ def make_train_step(
         ``"fp16"`` also scales the loss dynamically (see ``loss_scale``).
       loss_scale: the dynamic loss-scale rules; defaults to ``DynamicLossScale()`` with
         ``"fp16"``. Steps whose gradients are not finite are skipped without a host sync.
-      on_nonfinite: what to do when the loss is inf or NaN: ``None`` applies the update
-        as computed; ``"skip"`` leaves params, EMA and optimizer state unchanged (and,
-        for a non-finite loss, the buffers such as BatchNorm statistics) and counts the
-        step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
-        ``FloatingPointError`` (reads the loss on the host every step).
+      on_nonfinite: what to do when the loss or a gradient is inf or NaN: ``None``
+        applies the update as computed; ``"skip"`` leaves params, EMA and optimizer state
+        unchanged (and, for a non-finite loss, the buffers such as BatchNorm statistics)
+        and counts the step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
+        ``FloatingPointError`` (reads the loss and a gradient check on the host every
+        step; with fp16, gradients that overflow the loss scale are skipped by it).
       donate: the caller gives up the input state: the step writes the new parameters,
         optimizer state and EMA into its storage instead of allocating new tensors (as a
         hand-written loop does), which saves memory and allocation time. A state fresh

@@ -289,6 +289,34 @@ def test_raise_on_nonfinite():
         fl.make_train_step(classify, on_nonfinite="raise")(state, (x * float("inf"), y))
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_raise_on_a_nonfinite_gradient_of_a_finite_loss():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    x, y = batches(1)[0]
+
+    def blows_up(model, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(_InfGrad.apply(model(x)), y)}
+
+    with pytest.raises(FloatingPointError, match="non-finite gradient at step 0"):
+        fl.make_train_step(blows_up, on_nonfinite="raise")(state, (x, y))
+    # With fp16, overflowing gradients are the loss scale's to skip, not an error.
+    step = fl.make_train_step(blows_up, on_nonfinite="raise", precision="fp16")
+    new, _ = step(state, (x, y))
+    assert float(new.loss_scale.scale) < float(step.loss_scale.init_scale)
+
+
 def test_fp16_loss_scale_follows_grad_scaler():
     """Scale, skip and growth sequence of torch.amp.GradScaler with injected infs."""
     torch.manual_seed(0)
