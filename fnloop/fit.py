@@ -29,6 +29,7 @@ from fnloop.distributed import (
     rank,
     world_size,
 )
+from fnloop.ensemble import stacked_models
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
 from fnloop.optim.transform import learning_rates
@@ -68,6 +69,10 @@ LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
 )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _format_time(seconds: float) -> str:
@@ -200,7 +205,7 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
         if unknown or "train" not in loaders:
             raise ValueError(
                 f"loaders must be one train loader or a mapping with 'train' and optional "
-                f"'valid'; got keys {sorted(loaders)}."
+                f"'valid' (the validation loader); got keys {sorted(loaders)}."
             )
         train = loaders["train"]
         if train is None:
@@ -217,17 +222,17 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
 
 def _check_one_model(state: TrainState) -> None:
     """Rejects a stacked state (``stack_states``): its tensors have an extra leading dim."""
-    for name, tensor in list(state.params.items())[:1]:
-        expected = state.module.get_parameter(name).shape
-        if tensor.dim() == len(expected) + 1 and tensor.shape[1:] == expected:
-            raise ValueError(
-                STACKED_STATE_MSG.format(
-                    n=tensor.shape[0],
-                    name=name,
-                    shape=tuple(tensor.shape),
-                    expected=tuple(expected),
-                )
+    n = stacked_models(state)
+    if n is not None:
+        name, tensor = next(iter(state.params.items()))
+        raise ValueError(
+            STACKED_STATE_MSG.format(
+                n=n,
+                name=name,
+                shape=tuple(tensor.shape),
+                expected=tuple(state.module.get_parameter(name).shape),
             )
+        )
 
 
 def _check_loader(loader: Iterable[Any], split: str) -> None:
@@ -255,6 +260,20 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
             f"the {split} loader is empty (len 0). Check the dataset length, batch_size and "
             f"drop_last."
         )
+
+
+def _loader_generators(*loaders: Iterable[Any] | None) -> list[torch.Generator]:
+    """The generators the loaders own (``DataLoader(generator=...)``, a sampler's), which
+    draw their shuffle order and worker seeds: fit checkpoints them with the global ones."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for obj in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator) and not any(g is h for h in found):
+                found.append(g)
+    return found
 
 
 def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
@@ -313,8 +332,13 @@ def fit(
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
       callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
       out_dir: the run folder; ``None`` writes nothing.
-      run_name: names the logger and the log file.
-      resume: continue from the newest good checkpoint in ``out_dir``.
+      run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
+        there to reach the console and the log file) and the log file.
+      resume: continue from the newest good checkpoint in ``out_dir``: the state, the
+        best model, early-stopping progress (of the rules given now that are unchanged;
+        a run that stopped early stays stopped unless they changed), and the random
+        generators (global ones and the loaders' own). ``False`` starts over and moves
+        the earlier checkpoints to ``checkpoints/previous-<time>/``.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
@@ -337,7 +361,8 @@ def fit(
         that is not a ``TrainState``, a dataset or a one-shot iterator as loader, a
         callback class or non-callback, an early-stopping rule that is not one.
       ValueError: bad set-up, reported before any training: an empty loader,
-        ``max_epochs < state.epoch``, a monitor without the ``train/``/``valid/`` prefix,
+        ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
+        a monitor without the ``train/``/``valid/`` prefix,
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` whose
         mode is not fit's, ``checkpoint_every_n_steps`` without ``out_dir``.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
@@ -345,6 +370,18 @@ def fit(
     # ------------------------------------------------------------ set-up checks (fail fast)
     if not isinstance(state, TrainState):
         raise TypeError(f"fit needs a TrainState first; got {type(state).__name__}.")
+    for arg, value in [
+        ("max_epochs", max_epochs),
+        ("keep_checkpoints", keep_checkpoints),
+        ("checkpoint_every_n_steps", checkpoint_every_n_steps),
+    ]:
+        if (value is not None or arg == "max_epochs") and not _is_int(value):
+            raise TypeError(f"fit's {arg} takes an int; got {value!r}.")
+    if not (batch_size is None or callable(batch_size) or (_is_int(batch_size) and batch_size > 0)):
+        raise ValueError(
+            f"batch_size must be None (the first tensor's length), a positive int, or a "
+            f"function batch -> size; got {batch_size!r}."
+        )
     if max_epochs < state.epoch:
         raise ValueError(
             f"max_epochs={max_epochs} is below state.epoch={state.epoch}: fit trains until "
@@ -477,13 +514,28 @@ class _MidEpochCheckpoints(Callback):
         self.run = run
         self.every = every
         self.last_step = -1
+        self.warned = False
 
     def on_train_batch_end(
         self, state: TrainState, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if state.step % self.every == 0 and state.step != self.last_step and state.micro_step == 0:
-            self.last_step = state.step
-            self.run.save(state, position=batch_idx + 1)
+        if state.step % self.every != 0 or state.step == self.last_step or state.micro_step:
+            return
+        self.last_step = state.step
+        run = self.run
+        if run.train_step.on_nonfinite != "skip" and run.means is not None:
+            # A diverged epoch ends the run at its end: its checkpoints would replace the
+            # good ones (and a re-run would resume from them).
+            loss = run.means.means(all_processes=True).get("loss", 0.0)
+            if not math.isfinite(loss):
+                if not self.warned:
+                    self.warned = True
+                    run.logger.warning(
+                        f"Not checkpointing at step {state.step}: the epoch's training loss "
+                        f"is {loss}. The last good checkpoint is kept."
+                    )
+                return
+        run.save(state, position=batch_idx + 1)
 
 
 @dataclasses.dataclass
@@ -515,15 +567,37 @@ class _Run:
     epoch_rng: dict[str, Any] | None = None
     means: MetricMeans | None = None
     callbacks: CallbackList = dataclasses.field(default_factory=lambda: CallbackList([]))
+    generators: list[torch.Generator] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         extra: list[Callback] = []
         if self.every_n_steps is not None and self.ckpt_dir is not None:
             extra.append(_MidEpochCheckpoints(self, self.every_n_steps))
-        self.callbacks = CallbackList([*extra, *self.user_callbacks])
+        # Last: a mid-epoch checkpoint holds the state the user's callbacks returned.
+        self.callbacks = CallbackList([*self.user_callbacks, *extra])
         self.stopper_states = [s.init() for s in self.stoppers]
+        self.generators = _loader_generators(self.train_loader, self.valid_loader)
 
     # ------------------------------------------------------------------ checkpoints
+    def rng_state(self) -> dict[str, Any]:
+        """The global generators' states and those of the loaders' own generators."""
+        return {**ckpt.rng_state(), "loaders": [g.get_state() for g in self.generators]}
+
+    def set_rng_state(self, saved: Mapping[str, Any]) -> None:
+        ckpt.set_rng_state(saved)
+        states = saved.get("loaders")
+        if states is None:
+            return
+        if len(states) != len(self.generators):
+            self.logger.warning(
+                f"The checkpoint holds the states of {len(states)} loader generators and "
+                f"the loaders now have {len(self.generators)}: they keep their own seeds, so "
+                f"the shuffle order will not repeat the interrupted run's."
+            )
+            return
+        for g, st in zip(self.generators, states):
+            g.set_state(torch.as_tensor(st).cpu().to(torch.uint8))
+
     def record(self, position: int | None, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         """The driver's part of a checkpoint: everything needed to continue bit-exactly.
 
@@ -539,6 +613,7 @@ class _Run:
             }
         return {
             "stoppers": [dataclasses.asdict(s) for s in self.stopper_states],
+            "stopper_rules": [dataclasses.asdict(r) for r in self.stoppers],
             "best": best,
             "stop_reason": self.stop_reason,
             "position": position,
@@ -555,7 +630,7 @@ class _Run:
         return {
             "epoch_rng": self.epoch_rng if position is not None else None,
             "means": means,
-            "rng": ckpt.rng_state(),
+            "rng": self.rng_state(),
         }
 
     def save(self, state: TrainState, position: int | None) -> None:
@@ -603,19 +678,23 @@ class _Run:
                 f"{world_size()}: every process continues with rank 0's random generators "
                 f"and partial epoch means, so the run will not repeat an uninterrupted one."
             )
-        self.stopper_states = [
-            EarlyStoppingState(**s) for s in rec.get("stoppers", [])
-        ] or self.stopper_states
-        if len(self.stopper_states) != len(self.stoppers):
-            self.stopper_states = [s.init() for s in self.stoppers]
-        best = rec.get("best")
-        if best is not None:
-            self.best = _Best(best["value"], best["epoch"], best["state_dict"])
-        self.stop_reason = rec.get("stop_reason", "")
         position = rec.get("position")
         where = f"epoch {self.state.epoch}, step {self.state.step}"
         if position is not None:
             where += f", batch {position} of epoch {self.state.epoch + 1}"
+        if self.state.epoch > self.max_epochs or (
+            self.state.epoch == self.max_epochs and position is not None
+        ):
+            raise ValueError(
+                f"max_epochs={self.max_epochs}, but {found.path} is at {where}: fit trains "
+                f"until state.epoch == max_epochs. Pass max_epochs >= "
+                f"{self.state.epoch + (position is not None)} to continue that run, or "
+                f"resume=False (or another out_dir) to start over."
+            )
+        self.restore_stoppers(rec)
+        best = rec.get("best")
+        if best is not None:
+            self.best = _Best(best["value"], best["epoch"], best["state_dict"])
             self.epoch_rng = rec.get("epoch_rng")
             self.means = MetricMeans()
             if rec.get("means") is not None:
@@ -623,20 +702,49 @@ class _Run:
         self.logger.info(f"Resumed from {found.path} ({where})")
         return position, rec.get("rng")
 
+    def restore_stoppers(self, rec: Mapping[str, Any]) -> None:
+        """The checkpoint's early-stopping progress for the rules given now: a rule that is
+        new or changed (another patience, say) starts counting afresh, and the run stops
+        at once only if one of the rules given now had asked to stop."""
+        saved = [EarlyStoppingState(**s) for s in rec.get("stoppers", [])]
+        rules = rec.get("stopper_rules")
+        if rules is None:  # a checkpoint of fnloop 0.1.0: rules matched by position
+            rules = [dataclasses.asdict(r) for r in self.stoppers]
+            if len(saved) != len(rules):
+                saved, rules = [], []
+        unused = list(zip(rules, saved))
+        states = []
+        for rule in self.stoppers:
+            config = dataclasses.asdict(rule)
+            match = next((i for i, (r, _) in enumerate(unused) if r == config), None)
+            if match is None:
+                states.append(rule.init())
+                if saved:
+                    self.logger.info(f"{rule} is new or changed: it starts counting now.")
+            else:
+                states.append(unused.pop(match)[1])
+        self.stopper_states = states
+        self.stop_reason = "; ".join(st.stop_reason for st in states if st.should_stop)
+
     # ------------------------------------------------------------------ the loop
     def run(self, *, resume: bool) -> TrainState:
         given = self.state
+        if not resume:
+            self.set_aside_checkpoints()
         position, rng = self.restore() if resume else (None, None)
-        if rng is not None and position is None:
-            ckpt.set_rng_state(rng)
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
         self.state = broadcast_state(self.state)
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
         state = self.callbacks("on_fit_start", self.state)
+        if rng is not None and position is None:  # after on_fit_start, which may draw
+            self.set_rng_state(rng)
         if self.stop_reason:
-            self.logger.info(f"Training had stopped early: {self.stop_reason}")
+            self.logger.info(
+                f"Training had stopped early: {self.stop_reason}. To train on, pass the "
+                f"early_stopping rules changed (or none)."
+            )
         start = time.monotonic()
         try:
             while state.epoch < self.max_epochs and not self.stop_reason:
@@ -653,6 +761,19 @@ class _Run:
         )
         return state
 
+    def set_aside_checkpoints(self) -> None:
+        """Starting over: an earlier run's checkpoints go to a subfolder (kept, but neither
+        pruned with this run's nor resumed from)."""
+        if self.ckpt_dir is None or not self.main:
+            return
+        old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
+        if old:
+            aside = self.ckpt_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+            aside.mkdir(exist_ok=True)
+            for path in old:
+                path.rename(aside / path.name)
+            self.logger.info(f"resume=False: moved the {len(old)} earlier checkpoints to {aside}")
+
     def resume_hint(self) -> str:
         found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt") if self.ckpt_dir else []
         if not found:
@@ -666,10 +787,10 @@ class _Run:
         epoch = state.epoch + 1
         _set_epoch(self.train_loader, state.epoch)
         if position is None:
-            self.epoch_rng = ckpt.rng_state()
+            self.epoch_rng = self.rng_state()
             self.means = MetricMeans()
         elif self.epoch_rng is not None:
-            ckpt.set_rng_state(self.epoch_rng)
+            self.set_rng_state(self.epoch_rng)
         lrs_before = list(_lr_metrics(state.opt_state).values())
         skipped_before = int(state.skipped_steps)
 
@@ -683,7 +804,7 @@ class _Run:
             progress=self.show_bars,
             desc=f"epoch {epoch}/{self.max_epochs}",
             start_batch=position or 0,
-            after_skip=(lambda: ckpt.set_rng_state(rng)) if rng is not None and position else None,
+            after_skip=(lambda: self.set_rng_state(rng)) if rng is not None and position else None,
             means=self.means,
         )
         train_metrics = {f"train/{k}": v for k, v in train_means.items()}

@@ -515,6 +515,12 @@ def test_a_loader_without_length_trains(tmp_path):
         ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
         ({"monitor": "val/acc", "mode": "max"}, ValueError, r"pass monitor='valid/acc'"),
         ({"checkpoint_every_n_steps": 5, "out_dir": None}, ValueError, "needs out_dir"),
+        ({"max_epochs": 1.5}, TypeError, r"max_epochs takes an int; got 1.5"),
+        ({"max_epochs": None}, TypeError, r"max_epochs takes an int; got None"),
+        ({"keep_checkpoints": 1.5}, TypeError, r"keep_checkpoints takes an int"),
+        ({"checkpoint_every_n_steps": 1.5}, TypeError, r"checkpoint_every_n_steps takes an int"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be .* a positive int"),
+        ({"loaders": {"train": [], "val": []}}, ValueError, r"'valid' \(the validation loader\)"),
         (
             {"monitor": "valid/acc", "mode": "max"},
             ValueError,
@@ -525,8 +531,9 @@ def test_a_loader_without_length_trains(tmp_path):
 def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, error, match):
     args = {"loaders": loaders(), "out_dir": tmp_path / "run", **kwargs}
     state = make_state(tx=optim.adam(optim.reduce_on_plateau(1e-2)))
+    args = {"max_epochs": 1, **args}
     with pytest.raises(error, match=match):
-        fl.fit(state, classify, max_epochs=1, log_to_console=False, **args)
+        fl.fit(state, classify, log_to_console=False, **args)
     assert not (tmp_path / "run").exists()
 
 

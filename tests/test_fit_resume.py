@@ -1,0 +1,196 @@
+"""Resuming a run in the same process: what fit saves and restores beyond the state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fnloop as fl
+from fnloop import optim
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(fl.callbacks.Callback):
+    """Raises after the given batch of the given epoch (1-based), or at an epoch's start."""
+
+    def __init__(self, epoch, batch=None):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_epoch_start(self, state):
+        if self.batch is None and state.epoch + 1 == self.epoch:
+            raise Crash
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        if state.epoch + 1 == self.epoch and batch_idx == self.batch:
+            raise Crash
+
+
+def make_state():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="cpu")
+
+
+def classify(model, batch):
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+def seeded_loader():
+    """A shuffling loader with a generator of its own, made afresh as a new process would."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    return DataLoader(
+        TensorDataset(x, y), batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+
+
+def run(out_dir, max_epochs=3, callbacks=(), **kw):
+    return fl.fit(
+        make_state(),
+        classify,
+        seeded_loader(),
+        max_epochs=max_epochs,
+        out_dir=out_dir,
+        callbacks=list(callbacks),
+        log_to_console=False,
+        **kw,
+    )
+
+
+def assert_same(a, b):
+    assert (a.step, a.epoch) == (b.step, b.epoch)
+    for name, p in a.params.items():
+        assert torch.equal(p, b.params[name]), name
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize(
+    ("epoch", "batch"), [(2, None), (2, 3), (3, 1)], ids=["epoch-start", "mid-epoch", "late"]
+)
+def test_a_loader_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, epoch, batch):
+    """The loader's generator (its shuffle order) is checkpointed with the global ones:
+    the re-run's new loader, seeded like the first, continues the first run's order."""
+    ref = run(tmp_path / "ref", checkpoint_every_n_steps=2)
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], checkpoint_every_n_steps=2)
+    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
+    assert_same(run(tmp_path / "cut", checkpoint_every_n_steps=2), ref)
+
+
+class Shrink(fl.callbacks.Callback):
+    """Changes the state after every batch, as a callback may."""
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        return state.replace(params={n: p * 0.9 for n, p in state.params.items()})
+
+
+def test_mid_epoch_checkpoints_hold_what_the_callbacks_returned(tmp_path):
+    ref = run(tmp_path / "ref", callbacks=[Shrink()], checkpoint_every_n_steps=2)
+    with pytest.raises(Crash):
+        run(
+            tmp_path / "cut",
+            callbacks=[Shrink(), CrashAt(2, 4)],  # after the step-10 checkpoint (batch 3)
+            checkpoint_every_n_steps=2,
+        )
+    assert (tmp_path / "cut" / "checkpoints" / "ckpt-0000000010-b.pt").exists()
+    assert_same(run(tmp_path / "cut", callbacks=[Shrink()], checkpoint_every_n_steps=2), ref)
+
+
+class DrawAtStart(fl.callbacks.Callback):
+    def on_fit_start(self, state):
+        torch.randperm(10)
+
+
+def test_the_generators_are_restored_after_on_fit_start_draws(tmp_path):
+    ref = run(tmp_path / "ref", callbacks=[DrawAtStart()])
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[DrawAtStart(), CrashAt(3)])
+    assert_same(run(tmp_path / "cut", callbacks=[DrawAtStart()]), ref)
+
+
+def test_a_diverging_epoch_writes_no_mid_epoch_checkpoints(tmp_path):
+    def diverging(model, batch):
+        out = classify(model, batch)
+        return {"loss": out["loss"] * (torch.nan if batch[0][0, 0] > 1.0 else 1.0)}
+
+    out = tmp_path / "run"
+    fl.fit(make_state(), classify, seeded_loader(), max_epochs=1, out_dir=out, log_to_console=False)
+    state = fl.fit(
+        make_state(),
+        diverging,
+        seeded_loader(),
+        max_epochs=3,
+        out_dir=out,
+        checkpoint_every_n_steps=1,
+        log_to_console=False,
+    )
+    assert state.epoch == 2 and not torch.isfinite(state.params["0.weight"]).all()
+    assert "Not checkpointing at step" in (out / "run_training.log").read_text()
+    for path in (out / "checkpoints").glob("ckpt-*.pt"):
+        saved = fl.load_checkpoint(path, like=make_state())
+        assert all(torch.isfinite(p).all() for p in saved.params.values()), path.name
+    # A re-run resumes from a good checkpoint and stops at the same place.
+    again = fl.fit(
+        make_state(), diverging, seeded_loader(), max_epochs=3, out_dir=out, log_to_console=False
+    )
+    assert again.epoch == 2
+
+
+def test_a_checkpoint_beyond_max_epochs_is_an_error(tmp_path):
+    run(tmp_path / "a", max_epochs=3)
+    with pytest.raises(ValueError, match=r"max_epochs=2, but .*ckpt-0000000018-e.pt is at epoch 3"):
+        run(tmp_path / "a", max_epochs=2)
+    with pytest.raises(Crash):
+        run(tmp_path / "b", callbacks=[CrashAt(3, 3)], checkpoint_every_n_steps=3)
+    with pytest.raises(ValueError, match=r"batch 3 of epoch 3.*max_epochs >= 3"):
+        run(tmp_path / "b", max_epochs=2)
+
+
+def test_an_early_stopped_run_goes_on_when_its_rules_change(tmp_path):
+    stop_at_once = fl.EarlyStopping("train/loss", target=100.0)
+    first = run(tmp_path, max_epochs=4, early_stopping=stop_at_once)
+    assert first.epoch == 1
+    # The same rule: still stopped.
+    assert run(tmp_path, max_epochs=4, early_stopping=stop_at_once).epoch == 1
+    assert (
+        "To train on, pass the early_stopping rules changed"
+        in (tmp_path / "run_training.log").read_text()
+    )
+    # Another rule, or none: training goes on.
+    patient = fl.EarlyStopping("train/loss", patience=50)
+    assert run(tmp_path, max_epochs=2, early_stopping=patient).epoch == 2
+    assert run(tmp_path, max_epochs=3, early_stopping=None).epoch == 3
+
+
+def test_a_rule_keeps_its_progress_only_while_unchanged(tmp_path):
+    """A rule's best value and bad epochs come back for the same rule, not another one."""
+
+    def never_improves(patience):  # after its first epoch
+        return fl.EarlyStopping("train/loss", mode="max", patience=patience, min_delta=1e9)
+
+    run(tmp_path / "same", max_epochs=2, early_stopping=never_improves(2))
+    assert run(tmp_path / "same", max_epochs=9, early_stopping=never_improves(2)).epoch == 3
+    run(tmp_path / "changed", max_epochs=2, early_stopping=never_improves(2))
+    assert run(tmp_path / "changed", max_epochs=9, early_stopping=never_improves(3)).epoch == 6
+    log = (tmp_path / "changed" / "run_training.log").read_text()
+    assert "patience=3" in log and "is new or changed: it starts counting now" in log
+
+
+def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    run(tmp_path, max_epochs=3)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    state = run(tmp_path, max_epochs=1, resume=False)
+    assert state.epoch == 1
+    assert [p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")] == [
+        "ckpt-0000000006-e.pt"
+    ]
+    (aside,) = (tmp_path / "checkpoints").glob("previous-*")
+    assert sorted(p.name for p in aside.iterdir()) == before
