@@ -695,6 +695,7 @@ class _Run:
         best = rec.get("best")
         if best is not None:
             self.best = _Best(best["value"], best["epoch"], best["state_dict"])
+        if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.means = MetricMeans()
             if rec.get("means") is not None:

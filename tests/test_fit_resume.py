@@ -73,7 +73,9 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize(
-    ("epoch", "batch"), [(2, None), (2, 3), (3, 1)], ids=["epoch-start", "mid-epoch", "late"]
+    ("epoch", "batch"),
+    [(1, 4), (2, None), (2, 3), (3, 1)],
+    ids=["first-epoch", "epoch-start", "mid-epoch", "late"],
 )
 def test_a_loader_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, epoch, batch):
     """The loader's generator (its shuffle order) is checkpointed with the global ones:

@@ -50,11 +50,12 @@ def test_clean_stop_then_continue_is_bit_exact(tmp_path, reference):
     assert_same_run(final(tmp_path), reference)
 
 
-@pytest.mark.parametrize(("crash_batch", "resumed_at"), [(7, 6), (11, 12)])
+@pytest.mark.parametrize(("crash_batch", "resumed_at"), [(7, 6), (None, 12)])
 def test_crash_mid_epoch_then_rerun_is_bit_exact(tmp_path, reference, crash_batch, resumed_at):
     """An exception in epoch 2 after a mid-epoch checkpoint, then a rerun.
 
-    Batch 11 is the epoch's last: its checkpoint holds a position past the last batch.
+    ``None`` crashes at the end of the epoch's training, after the checkpoint of its last
+    batch: a position past the last batch.
     """
     code = f"""
 import sys, runpy
@@ -62,6 +63,9 @@ import fnloop as fl
 class Crash(fl.callbacks.Callback):
     def on_train_batch_end(self, state, outputs, batch, batch_idx):
         if state.epoch == 1 and batch_idx == {crash_batch}:
+            raise SystemExit(3)
+    def on_train_epoch_end(self, state, metrics):
+        if state.epoch == 2 and {crash_batch} is None:
             raise SystemExit(3)
 orig = fl.fit
 def fit(*a, **k):
