@@ -101,22 +101,26 @@ def _meta_template(module: nn.Module) -> nn.Module:
     return template
 
 
+def _post_hooks(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "_post_accumulate_grad_hooks", None))
+
+
 _MODE_COPIES = "_fnloop_mode_copies"
 
 
 def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.Module:
-    """``module`` when it and all its submodules are in ``training`` mode, else a copy.
+    """A copy of ``module`` after its ``train(training)``.
 
-    The copy (every submodule set to ``training``) is kept in ``module.__dict__``, not as
-    a submodule, so later calls return the same object; on a state's template, whose
-    weights live on the ``meta`` device, it copies no weights. ``refresh=True`` copies
+    The module's own ``train`` runs, so an override that keeps a part in eval mode (a
+    frozen backbone's BatchNorm) is honoured, as in a loop that calls ``model.train()``.
+    The copy is kept in ``module.__dict__``, not as a submodule, so later calls return
+    the same object; on a state's template, whose weights live on the ``meta`` device,
+    it copies no weights. ``refresh=True`` copies
     the module again (eager steps do on their first call, so hooks or attributes set on
     the template since it was made are in the copy; compiled steps use the kept copy,
     since a copy inside a trace is a graph break). Train steps use the ``training=True``
     module, evaluation steps the other.
     """
-    if all(m.training == training for m in module.modules()):
-        return module
     copies: dict[bool, nn.Module] = module.__dict__.get(_MODE_COPIES, {})
     if refresh or training not in copies:
         # The memo gives the copy an empty cache of its own (not a copy of this one).
@@ -211,7 +215,8 @@ class TrainState:
         Raises:
           TypeError: ``module`` is not an ``nn.Module`` or ``tx`` is not a
             ``GradientTransformation``.
-          ValueError: ``ema_decay`` is outside ``[0, 1)``.
+          ValueError: ``ema_decay`` is outside ``[0, 1)``, or a parameter has a gradient
+            hook (which steps cannot run).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -228,6 +233,15 @@ class TrainState:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
         dev = torch.device(device) if device is not None else default_device()
         named = dict(module.named_parameters())
+        hooked = [n for n, p in named.items() if p._backward_hooks or _post_hooks(p)]
+        if hooked:
+            raise ValueError(
+                f"parameter {hooked[0]!r} has a gradient hook (register_hook), which fnloop "
+                f"cannot run: steps differentiate the state's tensors, not the module's "
+                f"parameters. Shape the gradient in training_step (e.g. scale or mask the "
+                f"loss's inputs) or with an optimizer transform (optim.partition, "
+                f"optim.clip)."
+            )
         params = {n: p.detach().to(dev) for n, p in named.items() if p.requires_grad}
         # Frozen parameters (requires_grad=False) are held like buffers: used by the
         # forward pass, never differentiated or updated, and no optimizer state.

@@ -7,11 +7,12 @@ loss scale, and never change their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch._C import _functorch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch.nn.utils.stateless import _reparametrize_module
 
 from fnloop import _tree
 from fnloop.batch import to_device
@@ -74,6 +76,11 @@ INPLACE_MSG = (
     "the input state of a pure train step. A transform's update_ may write only into the "
     "updates and into state tensors keyed like the parameters; return new tensors for "
     "the others (count = state.count + 1, not state.count.add_(1))."
+)
+SPARSE_MSG = (
+    "the gradient of {name!r} is {layout} (nn.Embedding(sparse=True) or "
+    "EmbeddingBag(sparse=True)); fnloop's optimizers take dense gradients. Build the "
+    "module with sparse=False."
 )
 NONFINITE_MSG = (
     "non-finite {what} at step {step}. Lower the learning rate, add gradient clipping "
@@ -132,26 +139,48 @@ class BoundModel:
         raise TypeError(SWAPPED_MSG)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.slots is None:  # under torch.compile / vmap: the traceable way
-            return torch.func.functional_call(
-                self.module, (self.params, self.buffers), args, kwargs, strict=False
-            )
-        # Eager: put the state's tensors straight into the template's slots for the call
-        # (what functional_call does, without its per-call walks over the module).
-        saved = []
-        try:
-            for table, key, name in self.slots:
-                value = self.params.get(name)
-                if value is None:
-                    value = self.buffers.get(name)
-                    if value is None:
-                        continue
-                saved.append((table, key, table[key]))
-                table[key] = value
+        if self.slots is not None:  # eager: the step has put the tensors in the slots
             return self.module(*args, **kwargs)
-        finally:
-            for table, key, old in reversed(saved):
-                table[key] = old
+        # Under torch.compile / vmap: the traceable way, reading back the buffers that
+        # forward replaced (``self.n = self.n + 1``) as well as those it updated in place.
+        tensors = {**self.params, **self.buffers}
+        with _reparametrize_module(self.module, tensors, strict=False):
+            out = self.module(*args, **kwargs)
+            for name, old in list(self.buffers.items()):
+                new = self.module.get_buffer(name)
+                if new is not old:
+                    self.buffers[name] = new
+        return out
+
+
+@contextlib.contextmanager
+def _bound(
+    slots: list[tuple[dict[str, Any], str, str]] | None, params: Params, buffers: Params
+) -> Iterator[None]:
+    """Eager: the state's tensors in the template's slots (what ``functional_call`` does,
+    without its per-call walks over the module) for the whole step: the backward pass too,
+    where activation checkpointing runs parts of forward again. Buffers that forward
+    replaced (``self.n = self.n + 1``) are read back into ``buffers``."""
+    if slots is None:
+        yield
+        return
+    saved = []
+    try:
+        for table, key, name in slots:
+            value = params.get(name)
+            if value is None:
+                value = buffers.get(name)
+                if value is None:
+                    continue
+            saved.append((table, key, name, table[key], value))
+            table[key] = value
+        yield
+        for table, key, name, _, value in saved:
+            if name in buffers and table[key] is not value:
+                buffers[name] = table[key]
+    finally:
+        for table, key, _, old, _ in reversed(saved):
+            table[key] = old
 
 
 def _in_transform(params: Params, *, train: bool = True) -> bool:
@@ -332,9 +361,12 @@ class TrainStep:
             loss_scale = self.loss_scale.init(device)
         scale = loss_scale.scale if loss_scale is not None else None
 
-        grads, loss, metrics, buffers = self._gradients(
-            state, module, slots, frozen, batch, scale, name, device, transformed
+        grads, loss, metrics, buffers, params = self._gradients(
+            state, module, slots, frozen, batch, scale, name, device, transformed, donate
         )
+        own_params = params is not state.params  # a pure step's copies (forward may write)
+        if own_params:
+            state = state.replace(params=params)
 
         distributed = world_size() > 1
         # Several processes decide together, on the averaged loss and gradients, below.
@@ -362,7 +394,10 @@ class TrainStep:
             grads, loss, buffers = _mean_over_processes(grads, loss, buffers, frozen=frozen)
             if self.on_nonfinite == "raise":
                 self._raise_if_nonfinite(state, loss, grads, loss_scale)
-        return self._update(state, grads, loss, buffers, loss_scale, donate, transformed), metrics
+        new_state = self._update(
+            state, grads, loss, buffers, loss_scale, donate, transformed, own_params
+        )
+        return new_state, metrics
 
     @staticmethod
     def _raise_if_nonfinite(
@@ -386,39 +421,59 @@ class TrainStep:
         name: str,
         device: torch.device,
         transformed: bool,
-    ) -> tuple[Params, torch.Tensor, Metrics, Params]:
-        """Gradients of the (scaled) loss, the loss, metrics and the new buffers."""
+        donate: bool,
+    ) -> tuple[Params, torch.Tensor, Metrics, Params, Params]:
+        """Gradients of the (scaled) loss, the loss, metrics, the new buffers and the
+        parameters forward ran on (the state's, or a pure eager step's copies of them)."""
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
 
+        def fresh_buffers() -> Params:
+            # Copies of what the forward pass may update in place (BatchNorm statistics),
+            # not of the frozen parameters kept among the buffers.
+            return {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
+
+        eager_buffers = None if transformed else fresh_buffers()
+
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
-            # Clone what the forward pass may update in place (BatchNorm statistics), not
-            # the frozen parameters kept among the buffers.
-            buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
+            # Made inside torch.func.grad when traced (it forbids writes into tensors from
+            # outside). ``buffers`` gets the tensors forward put in place of the state's:
+            # read back by BoundModel when traced, by _bound when it ends in eager mode.
+            buffers = fresh_buffers() if eager_buffers is None else eager_buffers
             with autocast(self.precision, device):
-                out = self.training_step(BoundModel(module, params, buffers, slots=slots), batch)
+                model = BoundModel(module, params, buffers, slots=slots)
+                out = self.training_step(model, batch)
             loss = _check_output(out, name)
             metrics = _metrics(out, name, device)
             metrics["loss"] = _metric_dtype(loss.detach())
             if not loss.requires_grad:  # metadata only: also checked under vmap and compile
                 raise ValueError(LOSS_GRAD_MSG.format(name=name))
             scaled = loss.float() * scale if scale is not None else loss
-            return scaled, (loss.detach(), metrics, {n: b.detach() for n, b in buffers.items()})
+            return scaled, (loss.detach(), metrics, buffers)
 
-        if transformed:
-            grads, (loss, metrics, buffers) = torch.func.grad(loss_fn, has_aux=True)(state.params)
-            return grads, loss, metrics, buffers
+        if eager_buffers is None:
+            grads, (loss, metrics, new) = torch.func.grad(loss_fn, has_aux=True)(state.params)
+            return grads, loss, metrics, {n: b.detach() for n, b in new.items()}, state.params
 
-        params = {n: p.detach().requires_grad_() for n, p in state.params.items()}
-        scaled, (loss, metrics, buffers) = loss_fn(params)
-        names = list(params)
-        grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
+        # The forward pass may write into the weights it is given (nn.Embedding(max_norm)
+        # renormalizes rows in place): a pure step gives it copies, which the optimizer
+        # then updates (see _update), so the input state stays as it was.
+        source = state.params if donate else _copy_group(state.params)
+        params = {n: p.detach().requires_grad_() for n, p in source.items()}
+        with _bound(slots, params, eager_buffers):
+            scaled, (loss, metrics, _) = loss_fn(params)
+            names = list(params)
+            grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
         if all(g is None for g in grad_list):
             raise ValueError(NOT_BOUND_MSG.format(name=name))
-        return _writable_grads(params, names, grad_list), loss, metrics, buffers
+        grads = _writable_grads(params, names, grad_list)
+        return grads, loss, metrics, {n: b.detach() for n, b in eager_buffers.items()}, source
 
-    def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
-        """``state.tx.apply_`` on fresh copies of the params and of the buffers it writes.
+    def _apply_to_copies(
+        self, state: TrainState, grads: Params, own_params: bool
+    ) -> tuple[Params, Any]:
+        """``state.tx.apply_`` on fresh copies of the params (unless ``own_params``: they
+        are the step's own already) and of the buffers it writes.
 
         ``update_`` / ``apply_`` may write only into the updates, the params and state
         tensors keyed by parameter names. The first call with an optimizer checks that
@@ -426,7 +481,7 @@ class TrainStep:
         error and leaves the input state intact.
         """
         tx = state.tx
-        params = _copy_group(state.params)
+        params = state.params if own_params else _copy_group(state.params)
         opt_state = _copy_groups(state.opt_state, state.params.keys())
         if tx.apply_ in self._checked:
             return tx.apply_(grads, opt_state, params)  # type: ignore[misc]
@@ -453,6 +508,7 @@ class TrainStep:
         loss_scale: LossScaleState | None,
         donate: bool,
         transformed: bool,
+        own_params: bool = False,
     ) -> TrainState:
         """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
 
@@ -489,7 +545,7 @@ class TrainStep:
         if inplace:
             params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
         elif fresh:
-            params, opt_state = self._apply_to_copies(state, grads)
+            params, opt_state = self._apply_to_copies(state, grads, own_params)
         else:
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates)
@@ -572,6 +628,8 @@ def _writable_grads(
         p = params[name]
         if g is None:
             g = torch.zeros_like(p)
+        elif g.layout != torch.strided:
+            raise ValueError(SPARSE_MSG.format(name=name, layout=g.layout))
         elif g.data_ptr() in seen or not _foreach.same_layout(g, p):
             g = torch.empty_like(p).copy_(g)
         seen.add(g.data_ptr())
@@ -783,12 +841,15 @@ class EvalStep:
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params
-        module, slots, _ = self._templates.get(state.module)
+        module, slots, frozen = self._templates.get(state.module)
+        # Copies of what forward may write in eval mode too (counters, observers), so the
+        # input state stays as it was; not of the frozen parameters among the buffers.
+        buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
         with torch.no_grad(), autocast(self.precision, device):
             if _in_transform(params, train=False):
                 slots = None
-            model = BoundModel(module, params, state.buffers, slots=slots)
-            out = self.validation_step(model, batch)
+            with _bound(slots, params, buffers):
+                out = self.validation_step(BoundModel(module, params, buffers, slots=slots), batch)
         if not isinstance(out, Mapping):
             raise ValueError(
                 f"{name} must return a mapping of metrics such as {{'loss': loss}}; got "

@@ -801,7 +801,8 @@ def test_eager_steps_see_what_was_set_on_the_template_after_create():
 
 def test_in_mode_copies_a_module_once_and_leaves_it_alone():
     module = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
-    assert fl.state.in_mode(module, training=True) is module
+    training = fl.state.in_mode(module, training=True)
+    assert training is not module and fl.state.in_mode(module, training=True) is training
     evaluating = fl.state.in_mode(module, training=False)
     assert evaluating is not module and not any(m.training for m in evaluating.modules())
     assert all(m.training for m in module.modules())
@@ -1114,3 +1115,140 @@ def test_made_steps_get_code_names_of_their_own():
     a name from id() would pass a dead step's record to a new step at the same address."""
     names = {fl.make_train_step(classify).__code__.co_name for _ in range(50)}
     assert len(names) == 50
+
+
+# --------------------------------------------------------------------------- what forward does
+
+
+class _NormEval(nn.Module):
+    """Keeps its backbone's BatchNorm in eval mode through train(), as fine-tuning code
+    does (``norm_eval``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.head = nn.Linear(4, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone[1].eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_a_modules_train_override_is_honoured():
+    torch.manual_seed(0)
+    module = _NormEval().double()  # built in training mode: its train() has not run yet
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    ref = copy.deepcopy(module).train()
+    expected = F.cross_entropy(ref(x), y)
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    new, metrics = fl.make_train_step(classify)(state, (x, y))
+    assert torch.equal(metrics["loss"], expected.detach())
+    assert int(new.buffers["backbone.1.num_batches_tracked"]) == 0
+
+
+class _Counting(nn.Module):
+    """Replaces one buffer in forward and writes another in place, in both modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("avg", torch.zeros(3))
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training:
+            self.avg = 0.9 * self.avg + 0.1 * x.mean(0)
+        return self.lin(x - self.avg)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_buffers_that_forward_replaces_advance_as_in_torch(donate):
+    torch.manual_seed(0)
+    module = _Counting().double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    state = state.clone() if donate else state
+    step = fl.make_train_step(classify, donate=donate)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+        state, _ = step(state, (x, y))
+    for name, b in ref.state_dict().items():
+        got = state.params.get(name, state.buffers.get(name))
+        assert torch.equal(got, b), name
+    assert int(module.calls) == 0 and not module.avg.any()  # the module is left alone
+
+
+def test_an_eval_step_leaves_the_input_state_alone():
+    torch.manual_seed(0)
+    module = _Counting()
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for _ in range(2):
+        fl.make_eval_step(classify)(state, (x, y))
+    assert int(state.buffers["calls"]) == 0 and int(module.calls) == 0
+
+
+def test_a_pure_step_leaves_weights_that_forward_writes_alone():
+    """nn.Embedding(max_norm) renormalizes the rows it looks up, in place."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Embedding(6, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 2))
+    module[0].weight.data *= 4
+    x, y = torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    opt.step()
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    before = state.params["0.weight"].clone()
+    new, _ = fl.make_train_step(classify)(state, (x, y))
+    assert torch.equal(state.params["0.weight"], before)
+    assert torch.equal(module[0].weight.detach(), before)
+    torch.testing.assert_close(new.params["0.weight"], ref[0].weight.detach())
+
+
+def test_activation_checkpointing_runs_in_eager_steps():
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=False)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    module = Net().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 2, (6,))
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    opt.step()
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    new, _ = fl.make_train_step(classify)(state, (x, y))
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(new.params[name], p.detach(), rtol=0, atol=1e-15)
+
+
+def test_sparse_gradients_and_gradient_hooks_are_clear_errors():
+    module = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2))
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    batch = (torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"'0.weight' is torch.sparse_coo.*sparse=False"):
+        fl.make_train_step(classify)(state, batch)
+    hooked = nn.Linear(2, 2)
+    hooked.weight.register_hook(lambda g: g * 0)
+    with pytest.raises(ValueError, match=r"'weight' has a gradient hook"):
+        fl.TrainState.create(hooked, tx=optim.sgd(0.1), device="cpu")
