@@ -1252,3 +1252,15 @@ def test_sparse_gradients_and_gradient_hooks_are_clear_errors():
     hooked.weight.register_hook(lambda g: g * 0)
     with pytest.raises(ValueError, match=r"'weight' has a gradient hook"):
         fl.TrainState.create(hooked, tx=optim.sgd(0.1), device="cpu")
+
+
+@pytest.mark.parametrize("make", [optim.sgd, optim.adam])
+def test_a_learning_rate_written_in_place_is_used_by_the_next_step(make):
+    state = fl.TrainState.create(mlp(), tx=make(0.1), device="cpu")
+    step = fl.make_train_step(classify)
+    batch = batches(1)[0]
+    state, _ = step(state, batch)
+    optim.learning_rates(state.opt_state)[0].fill_(0.0)
+    new, _ = step(state, batch)
+    for name, p in state.params.items():
+        assert torch.equal(new.params[name], p), name

@@ -3,6 +3,8 @@ in-place step for the donating training step."""
 
 from __future__ import annotations
 
+import numbers
+
 from fnloop import _tree
 from fnloop.optim import _foreach
 from fnloop.optim.base import ApplyFn, GradientTransformation, chain, flatten_like, identity
@@ -72,7 +74,7 @@ def sgd(
         trace(momentum, dampening=dampening, nesterov=nesterov) if momentum > 0 else identity(),
         scale_by_learning_rate(learning_rate),
     )
-    if not isinstance(learning_rate, int | float):
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
         return tx  # the chain's in-place step (the learning rate stays a tensor)
     assert tx.apply_ is not None
     return tx._replace(
@@ -234,7 +236,7 @@ def _fused_adam(
     """
     _, advance = _learning_rate(learning_rate)
     at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
-    constant_lr = isinstance(learning_rate, int | float)
+    constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:

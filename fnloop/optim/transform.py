@@ -7,6 +7,7 @@ Each transformation is a state ``NamedTuple`` plus a factory returning a
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -63,6 +64,17 @@ LEARNING_RATE_TYPE_MSG = (
     "step_schedule, CosineAnnealingLR -> cosine_schedule, ReduceLROnPlateau -> "
     "reduce_on_plateau, ...)."
 )
+
+
+def check_real(params: Params, optimizer: str) -> None:
+    """Raises ``ValueError`` for complex parameters, which ``optimizer``'s second moments
+    would square as complex numbers (torch takes ``view_as_real``)."""
+    if any(isinstance(p, torch.Tensor) and p.is_complex() for p in _tree.tree_leaves(params)):
+        raise ValueError(
+            f"{optimizer} does not take complex parameters. Keep them real: register "
+            f"torch.view_as_real(p) as the parameter and torch.view_as_complex it in forward, "
+            f"or use sgd."
+        )
 
 
 def check_non_negative(name: str, value: float | torch.Tensor) -> None:
@@ -200,8 +212,19 @@ def _learning_rate(
 
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None:
-        if not isinstance(learning_rate, int | float | torch.Tensor):
+        if isinstance(learning_rate, bool) or not isinstance(
+            learning_rate, numbers.Real | torch.Tensor
+        ):
             raise TypeError(LEARNING_RATE_TYPE_MSG.format(kind=type(learning_rate).__name__))
+        if isinstance(learning_rate, torch.Tensor):
+            if learning_rate.numel() != 1:
+                raise ValueError(
+                    f"a tensor learning rate holds one number; got shape "
+                    f"{tuple(learning_rate.shape)}."
+                )
+            learning_rate = learning_rate.reshape(())
+        else:
+            learning_rate = float(learning_rate)
         check_non_negative("learning_rate", learning_rate)
 
     def lr_at(count: torch.Tensor) -> torch.Tensor:
@@ -283,6 +306,8 @@ def trace(
     ``g + momentum * buf`` with ``nesterov`` or ``buf`` without.
     """
     check_non_negative("momentum", momentum)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def init_fn(params: Params) -> TraceState:
         return TraceState(
@@ -350,6 +375,7 @@ def scale_by_adam(
     check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByAdamState:
+        check_real(params, "Adam")
         zeros = _tree.tree_map(torch.zeros_like, params)
         return ScaleByAdamState(
             count=_count(_first_leaf(params)),
@@ -423,15 +449,16 @@ class HostValues:
 
     def __init__(self, kind: type[int] | type[float]) -> None:
         self._kind = kind
-        self._known: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], int, Any]] = {}
 
     def value(self, t: torch.Tensor) -> Any:
         """The value of ``t``, or ``None`` where it must stay a tensor (compile, vmap)."""
         if torch.compiler.is_compiling() or _functorch.is_batchedtensor(t):
             return None
         entry = self._known.get(id(t))
-        if entry is not None and entry[0]() is t:
-            return entry[1]
+        # The version counter tells a value written in place (lr.fill_(...)) from the old.
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return entry[2]
         value = self._kind(t)
         self.remember(t, value)
         return value
@@ -445,7 +472,7 @@ class HostValues:
             if known.get(key, (None,))[0] is ref:
                 del known[key]
 
-        known[key] = (weakref.ref(t, forget), value)
+        known[key] = (weakref.ref(t, forget), t._version, value)
 
 
 def adam_apply_(
@@ -532,6 +559,7 @@ def scale_by_rms(
     check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByRmsState:
+        check_real(params, "RMSprop")
         return ScaleByRmsState(
             square_avg=_tree.tree_map(torch.zeros_like, params),
             grad_avg=_tree.tree_map(torch.zeros_like, params) if centered else (),
@@ -585,6 +613,7 @@ def scale_by_adagrad(
     check_non_negative("lr_decay", lr_decay)
 
     def init_fn(params: Params) -> ScaleByAdagradState:
+        check_real(params, "Adagrad")
         return ScaleByAdagradState(
             count=_count(_first_leaf(params)),
             sum_of_squares=_tree.tree_map(

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -777,3 +778,45 @@ def test_fused_apply_on_cuda_matches_torch_fused(case: Case) -> None:
     for step, (a, b) in enumerate(zip(ours, torch_trajectory(twin, params, grads), strict=True)):
         for name in params:
             assert torch.equal(a[name], b[name]), f"step {step}, {name}"
+
+
+@pytest.mark.parametrize("make", [optim.adam, optim.adamw, optim.rmsprop, optim.adagrad])
+def test_complex_parameters_are_refused_where_moments_would_square_them(make) -> None:
+    params = {"w": torch.ones(3, dtype=torch.complex128)}
+    with pytest.raises(ValueError, match=r"does not take complex parameters.*view_as_real"):
+        make(1e-2).init(params)
+
+
+def test_sgd_on_complex_parameters_matches_torch() -> None:
+    p = torch.tensor([1.0 + 2.0j, -0.5j], dtype=torch.complex128)
+    g = torch.tensor([0.3 - 0.1j, 0.2 + 0.4j], dtype=torch.complex128)
+    ref = p.clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    tx = optim.sgd(0.1, momentum=0.9)
+    params, state = {"w": p}, tx.init({"w": p})
+    for _ in range(3):
+        ref.grad = g.clone()
+        opt.step()
+        updates, state = tx.update({"w": g}, state, params)
+        params = optim.apply_updates(params, updates)
+    assert_close(params["w"], ref.detach(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), torch.tensor([0.25])])
+def test_numpy_scalars_and_one_element_tensors_are_learning_rates(lr) -> None:
+    params, grads = make_params(), make_params(seed=1)
+    expected, _ = optim.adam(0.25).update(grads, optim.adam(0.25).init(params), params)
+    tx = optim.adam(lr)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for name in params:
+        assert_close(updates[name], expected[name], rtol=1e-7, atol=0)
+
+
+def test_a_learning_rate_tensor_of_several_numbers_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"holds one number; got shape \(2,\)"):
+        optim.adam(torch.tensor([0.1, 0.2]))
+
+
+def test_trace_refuses_nesterov_with_dampening() -> None:
+    with pytest.raises(ValueError, match=r"(?i)nesterov"):
+        optim.trace(0.9, dampening=0.5, nesterov=True)
