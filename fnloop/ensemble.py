@@ -84,7 +84,26 @@ def stacked_models(state: TrainState) -> int | None:
 
 
 def unstack_states(stacked: TrainState) -> list[TrainState]:
-    """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states."""
+    """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states.
+
+    Args:
+      stacked: a state whose tensors have a leading dimension of one entry per model.
+
+    Returns:
+      One state per model, each a view of the stacked tensors (``state.clone()`` for a
+      copy of its own).
+
+    Raises:
+      ValueError: ``stacked`` holds one model.
+
+    Example:
+      >>> import torch
+      >>> import fnloop as fl
+      >>> states = [fl.TrainState.create(torch.nn.Linear(2, 1), tx=fl.optim.sgd(lr),
+      ...                                device="cpu") for lr in (0.1, 0.2)]
+      >>> [s.params["weight"].shape for s in fl.unstack_states(fl.stack_states(states))]
+      [torch.Size([1, 2]), torch.Size([1, 2])]
+    """
     n = stacked_models(stacked)
     if n is None:
         raise ValueError(

@@ -93,7 +93,16 @@ def _meta_template(module: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    template = copy.deepcopy(module, memo)
+    try:
+        template = copy.deepcopy(module, memo)
+    except Exception as e:
+        raise TypeError(
+            f"fnloop keeps a copy of {type(module).__name__} (with weights on the meta "
+            f"device), and copy.deepcopy of it failed: {e}. Modules that compute a weight "
+            f"outside their parameters cannot be copied: make pruning permanent "
+            f"(torch.nn.utils.prune.remove) and use torch.nn.utils.parametrizations."
+            f"weight_norm instead of torch.nn.utils.weight_norm."
+        ) from e
     # Made now, outside any torch.compile'd step: a step traced on a template without its
     # copy would have to copy the module inside the trace (a graph break).
     in_mode(template, training=True)
@@ -233,6 +242,12 @@ class TrainState:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
         dev = torch.device(device) if device is not None else default_device()
         named = dict(module.named_parameters())
+        lazy = [n for n, p in named.items() if nn.parameter.is_lazy(p)]
+        if lazy:
+            raise ValueError(
+                f"parameter {lazy[0]!r} is not initialized yet (a Lazy module): run one "
+                f"forward pass on a batch, module(x), before TrainState.create."
+            )
         hooked = [n for n, p in named.items() if p._backward_hooks or _post_hooks(p)]
         if hooked:
             raise ValueError(

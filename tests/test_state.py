@@ -385,3 +385,14 @@ def test_tensors_of_separate_storages_are_never_joined():
     assert _foreach.flat([a, b]) is None
     whole = torch.zeros(8)
     assert _foreach.flat([whole[:4], whole[4:]]).shape == (8,)
+
+
+def test_lazy_and_uncopyable_modules_are_clear_errors():
+    import torch.nn.utils.prune as prune
+
+    with pytest.raises(ValueError, match=r"'weight' is not initialized yet.*forward pass"):
+        fl.TrainState.create(nn.LazyLinear(3), tx=optim.sgd(0.1), device="cpu")
+    pruned = nn.Linear(3, 3)
+    prune.l1_unstructured(pruned, "weight", 0.5)
+    with pytest.raises(TypeError, match=r"deepcopy of it failed.*prune.remove"):
+        fl.TrainState.create(pruned, tx=optim.sgd(0.1), device="cpu")

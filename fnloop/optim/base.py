@@ -280,8 +280,18 @@ def partition(
     """Parameter groups: a different transformation for each label.
 
     ``labels(name)`` gives the label of each parameter name (params are the flat
-    ``{name: tensor}`` dicts of a ``TrainState``). Each group's learning rate is listed
+    ``{name: tensor}`` dicts of a ``TrainState``, keyed like ``named_parameters()``;
+    frozen parameters are not among them). Each group's learning rate is listed
     separately by ``optim.learning_rates`` and logged per group by ``fit``.
+
+    Args:
+      transforms: the transformation of each label, e.g. a smaller learning rate for a
+        pretrained backbone: ``{"backbone": optim.adamw(1e-4), "head": optim.adamw(1e-3)}``.
+      labels: ``name -> label``, e.g. ``lambda n: "backbone" if n.startswith("backbone.")
+        else "head"``.
+
+    Returns:
+      The transformation; its state is a dict of the groups' states.
 
     >>> import torch
     >>> from fnloop import optim
