@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,6 +42,7 @@ from fnloop.step import (
     StepFn,
     TrainStep,
     TrainStepFn,
+    _all_finite,
     make_eval_step,
     make_train_step,
 )
@@ -72,7 +75,7 @@ LOADER_LIST_MSG = (
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _format_time(seconds: float) -> str:
@@ -338,7 +341,7 @@ def fit(
         best model, early-stopping progress (of the rules given now that are unchanged;
         a run that stopped early stays stopped unless they changed), and the random
         generators (global ones and the loaders' own). ``False`` starts over and moves
-        the earlier checkpoints to ``checkpoints/previous-<time>/``.
+        the earlier checkpoints and best model to ``checkpoints/previous-<time>/``.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
@@ -527,12 +530,14 @@ class _MidEpochCheckpoints(Callback):
             # A diverged epoch ends the run at its end: its checkpoints would replace the
             # good ones (and a re-run would resume from them).
             loss = run.means.means(all_processes=True).get("loss", 0.0)
-            if not math.isfinite(loss):
+            finite = math.isfinite(loss) and bool(_all_finite(state.params.values()))
+            if not finite:
                 if not self.warned:
                     self.warned = True
                     run.logger.warning(
                         f"Not checkpointing at step {state.step}: the epoch's training loss "
-                        f"is {loss}. The last good checkpoint is kept."
+                        f"is {loss}, or the weights are not finite. The last good checkpoint "
+                        f"is kept."
                     )
                 return
         run.save(state, position=batch_idx + 1)
@@ -768,12 +773,21 @@ class _Run:
         if self.ckpt_dir is None or not self.main:
             return
         old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
+        best = self.run_dir / BEST_MODEL if self.run_dir is not None else None
+        if best is not None and best.exists():
+            old.append(best)
         if old:
-            aside = self.ckpt_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-            aside.mkdir(exist_ok=True)
+            stamp = time.strftime("previous-%Y%m%d-%H%M%S")
+            aside = self.ckpt_dir / stamp
+            for i in itertools.count(1):
+                try:
+                    aside.mkdir()
+                    break
+                except FileExistsError:
+                    aside = self.ckpt_dir / f"{stamp}-{i}"
             for path in old:
                 path.rename(aside / path.name)
-            self.logger.info(f"resume=False: moved the {len(old)} earlier checkpoints to {aside}")
+            self.logger.info(f"resume=False: moved the earlier run's files to {aside}")
 
     def resume_hint(self) -> str:
         found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt") if self.ckpt_dir else []
@@ -805,7 +819,9 @@ class _Run:
             progress=self.show_bars,
             desc=f"epoch {epoch}/{self.max_epochs}",
             start_batch=position or 0,
-            after_skip=(lambda: self.set_rng_state(rng)) if rng is not None and position else None,
+            # The loaders' generators are where replaying the skipped batches from the
+            # epoch's start left them (a loader with workers draws ahead of its batches).
+            after_skip=(lambda: ckpt.set_rng_state(rng)) if rng is not None and position else None,
             means=self.means,
         )
         train_metrics = {f"train/{k}": v for k, v in train_means.items()}

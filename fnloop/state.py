@@ -133,7 +133,8 @@ def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.M
     copies: dict[bool, nn.Module] = module.__dict__.get(_MODE_COPIES, {})
     if refresh or training not in copies:
         # The memo gives the copy an empty cache of its own (not a copy of this one).
-        twin = copy.deepcopy(module, {id(copies): {}}).train(training)
+        twin = copy.deepcopy(module, {id(copies): {}})
+        twin.train(training)  # overrides need not return self
         module.__dict__[_MODE_COPIES] = {**copies, training: twin}
         return twin
     return copies[training]

@@ -537,6 +537,19 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     assert not (tmp_path / "run").exists()
 
 
+def test_numpy_integers_are_ints_for_fit():
+    np = pytest.importorskip("numpy")
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=np.int64(1),
+        batch_size=np.int64(16),
+        log_to_console=False,
+    )
+    assert state.epoch == 1
+
+
 def test_monitor_takes_the_mode_of_an_early_stopping_rule_on_it(tmp_path):
     """An explicit monitor that an early-stopping rule watches keeps the rule's mode: the
     best model is the epoch with the highest accuracy, not the lowest."""

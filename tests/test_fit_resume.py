@@ -195,4 +195,74 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
         "ckpt-0000000006-e.pt"
     ]
     (aside,) = (tmp_path / "checkpoints").glob("previous-*")
-    assert sorted(p.name for p in aside.iterdir()) == before
+    assert sorted(p.name for p in aside.iterdir()) == ["best_model.pt", *before]
+    # A second restart within the same second gets a folder of its own.
+    run(tmp_path, max_epochs=1, resume=False)
+    assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 2
+
+
+def test_a_loader_with_workers_resumes_mid_epoch_bit_exactly(tmp_path):
+    """Workers make the sampler draw ahead of the batches: the loader's generator is
+    where replaying the epoch's skipped batches leaves it, not where it was at saving."""
+
+    def loader():
+        base = seeded_loader()
+        return DataLoader(
+            base.dataset,
+            batch_size=10,
+            shuffle=True,
+            num_workers=2,
+            generator=torch.Generator().manual_seed(7),
+        )
+
+    def go(out, callbacks=()):
+        return fl.fit(
+            make_state(),
+            classify,
+            loader(),
+            max_epochs=3,
+            out_dir=out,
+            callbacks=list(callbacks),
+            checkpoint_every_n_steps=2,
+            log_to_console=False,
+        )
+
+    ref = go(tmp_path / "ref")
+    with pytest.raises(Crash):
+        go(tmp_path / "cut", [CrashAt(2, 3)])  # resumes at batch 2, the sampler drawn ahead
+    assert_same(go(tmp_path / "cut"), ref)
+
+
+def test_a_step_with_a_nonfinite_gradient_writes_no_checkpoint_of_its_weights(tmp_path):
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * torch.nan
+
+    calls = []
+
+    def training_step(model, batch):
+        x, y = batch
+        out = model(x)
+        calls.append(1)
+        if len(calls) == 8:  # epoch 2, batch 2: a finite loss, NaN gradients
+            out = NanGrad.apply(out)
+        return {"loss": F.cross_entropy(out, y)}
+
+    out = tmp_path / "run"
+    fl.fit(
+        make_state(),
+        training_step,
+        seeded_loader(),
+        max_epochs=3,
+        out_dir=out,
+        checkpoint_every_n_steps=1,
+        log_to_console=False,
+    )
+    for path in (out / "checkpoints").glob("ckpt-*.pt"):
+        saved = fl.load_checkpoint(path, like=make_state())
+        assert all(torch.isfinite(p).all() for p in saved.params.values()), path.name

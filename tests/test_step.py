@@ -1264,3 +1264,111 @@ def test_a_learning_rate_written_in_place_is_used_by_the_next_step(make):
     new, _ = step(state, batch)
     for name, p in state.params.items():
         assert torch.equal(new.params[name], p), name
+
+
+class _TiedFrozen(nn.Module):
+    """A tied embedding and head, a frozen layer, and a buffer forward replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.mid.weight.requires_grad_(False)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("n", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.n = self.n + 1
+        return self.head(torch.relu(self.mid(self.emb(x)))).mean(1)
+
+
+def _tied_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 7, (6, 3), generator=g), torch.randint(0, 7, (6,), generator=g)
+
+
+def test_vmap_of_steps_with_tied_and_frozen_weights_matches_single_steps():
+    torch.manual_seed(0)
+    state = fl.TrainState.create(_TiedFrozen().double(), tx=optim.adamw(1e-2), device="cpu")
+    batch = _tied_batch()
+    single, metrics = fl.make_train_step(classify)(state, batch)
+    many = torch.func.vmap(fl.make_train_step(classify), in_dims=(0, None), randomness="same")
+    stacked, stacked_metrics = many(fl.stack_states([state, state]), batch)
+    for got in fl.unstack_states(stacked):
+        for name, p in single.params.items():
+            torch.testing.assert_close(got.params[name], p, rtol=0, atol=1e-12)
+        assert int(got.buffers["n"]) == 1
+    torch.testing.assert_close(stacked_metrics["loss"], metrics["loss"].expand(2))
+    evaluate = torch.func.vmap(fl.make_eval_step(classify), in_dims=(0, None))
+    torch.testing.assert_close(
+        evaluate(stacked, batch)["loss"][0], fl.make_eval_step(classify)(single, batch)["loss"]
+    )
+
+
+@pytest.mark.slow
+def test_compiled_step_with_tied_and_frozen_weights_matches_eager_ci_subset():
+    torch.manual_seed(0)
+    state = fl.TrainState.create(_TiedFrozen().double(), tx=optim.adamw(1e-2), device="cpu")
+    batch = _tied_batch()
+    eager, _ = fl.make_train_step(classify)(state, batch)
+    compiled, _ = torch.compile(fl.make_train_step(classify))(state, batch)
+    for name, p in eager.params.items():
+        torch.testing.assert_close(compiled.params[name], p, rtol=0, atol=1e-12)
+    assert int(compiled.buffers["n"]) == 1
+
+
+class _NormEvalReturnsNone(_NormEval):
+    def train(self, mode=True):  # as mmcv-style overrides do: no return value
+        super().train(mode)
+
+
+def test_a_train_override_without_return_value_is_honoured():
+    torch.manual_seed(0)
+    state = fl.TrainState.create(_NormEvalReturnsNone(), tx=optim.sgd(0.1), device="cpu")
+    new, _ = fl.make_train_step(classify)(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    assert int(new.buffers["backbone.1.num_batches_tracked"]) == 0
+
+
+def test_embedding_max_norm_leaves_eval_inputs_and_frozen_weights_alone():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Embedding(6, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 2))
+    module[0].weight.data *= 4
+    module[0].weight.requires_grad_(False)  # a frozen embedding: kept among the buffers
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.5, device="cpu")
+    before = {k: v.clone() for k, v in state.buffers.items()}
+    batch = (torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1]))
+    new, _ = fl.make_train_step(classify)(state, batch)
+    ema_before = {k: v.clone() for k, v in new.ema.items()}
+    for _ in range(2):
+        fl.make_eval_step(classify)(new, batch)
+        fl.make_eval_step(classify, use_ema=False)(new, batch)
+    assert all(torch.equal(state.buffers[k], v) for k, v in before.items())
+    assert all(torch.equal(new.ema[k], v) for k, v in ema_before.items())
+
+
+def test_a_pure_step_copies_weights_only_while_forward_may_write_them():
+    """After the first call has seen forward leave the weights alone, micro-steps and
+    skipping steps (which apply no fused update on copies) use the state's tensors."""
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    batch = batches(1)[0]
+    step = fl.make_train_step(classify, accumulation_steps=2)
+    first, _ = step(state, batch)  # a micro-step: the first call looks, on copies
+    assert all(first.params[n] is not p for n, p in state.params.items())
+    second, _ = step(first, batch)  # the update
+    third, _ = step(second, batch)  # a micro-step, forward known to leave weights alone
+    assert all(third.params[n] is p for n, p in second.params.items())
+
+
+def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    x, y = batches(1)[0]
+    state, _ = fl.make_train_step(classify, precision="fp16")(state, (x, y))
+
+    def blows_up(model, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(_InfGrad.apply(model(x)), y)}
+
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        fl.make_train_step(blows_up, on_nonfinite="raise")(state, (x, y))
