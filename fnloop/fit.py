@@ -573,6 +573,7 @@ class _Run:
     means: MetricMeans | None = None
     callbacks: CallbackList = dataclasses.field(default_factory=lambda: CallbackList([]))
     generators: list[torch.Generator] = dataclasses.field(default_factory=list)
+    epochs_run: int = 0
 
     def __post_init__(self) -> None:
         extra: list[Callback] = []
@@ -748,13 +749,14 @@ class _Run:
             self.set_rng_state(rng)
         if self.stop_reason:
             self.logger.info(
-                f"Training had stopped early: {self.stop_reason}. To train on, pass the "
-                f"early_stopping rules changed (or none)."
+                f"Training had stopped early: {self.stop_reason}. To train on, change the "
+                f"early-stopping rules (or pass early_stopping=None)."
             )
         start = time.monotonic()
         try:
             while state.epoch < self.max_epochs and not self.stop_reason:
                 state = self.one_epoch(state, position, rng)
+                self.epochs_run += 1
                 position, rng = None, None
         except KeyboardInterrupt:
             self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
@@ -903,6 +905,8 @@ class _Run:
         if self.run_dir is None or not self.main or self.best is None:
             return
         path = self.run_dir / BEST_MODEL
+        if not self.epochs_run and path.exists():  # a re-run of a finished job: as it was
+            return
         weights = self.best.state_dict or {}
         best_state = state.replace(
             params={k: weights[k] for k in state.params},

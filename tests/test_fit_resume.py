@@ -163,7 +163,7 @@ def test_an_early_stopped_run_goes_on_when_its_rules_change(tmp_path):
     # The same rule: still stopped.
     assert run(tmp_path, max_epochs=4, early_stopping=stop_at_once).epoch == 1
     assert (
-        "To train on, pass the early_stopping rules changed"
+        "To train on, change the early-stopping rules (or pass early_stopping=None)"
         in (tmp_path / "run_training.log").read_text()
     )
     # Another rule, or none: training goes on.
