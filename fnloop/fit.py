@@ -873,9 +873,13 @@ class _Run:
             self.logger.warning(f"Skipped {skipped} updates with non-finite loss or gradients")
 
         loss = metrics.get("train/loss", 0.0)
-        if not math.isfinite(loss) and self.train_step.on_nonfinite != "skip":
+        diverged = self.train_step.on_nonfinite != "skip" and not (
+            math.isfinite(loss) and bool(_all_finite(state.params.values()))
+        )
+        if diverged:
             self.stop_reason = (
-                f"the training loss is {loss} in epoch {epoch}: training diverged. Lower the "
+                f"the training loss is {loss} in epoch {epoch} (or the weights are not "
+                f"finite): training diverged. Lower the "
                 f"learning rate, clip gradients, or pass make_train_step(..., "
                 f"on_nonfinite='skip'). The last checkpoint is kept as it was."
             )

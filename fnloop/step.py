@@ -238,9 +238,6 @@ class _Templates:
         self.template: nn.Module | None = None
         self.slots: list[tuple[dict[str, Any], str, str]] = []
         self.frozen: frozenset[str] = frozenset()
-        # Whether forward writes into the weights it is given (nn.Embedding(max_norm)):
-        # None until a pure eager call ran it on copies and looked.
-        self.writes_weights: bool | None = None
 
     def get(
         self, module: nn.Module
@@ -256,7 +253,6 @@ class _Templates:
             self.source, self.template = module, template
             self.slots = _tensor_slots(template)
             self.frozen = _frozen(template)
-            self.writes_weights = None
         return self.template, self.slots, self.frozen  # type: ignore[return-value]
 
 
@@ -367,18 +363,8 @@ class TrainStep:
             loss_scale = self.loss_scale.init(device)
         scale = loss_scale.scale if loss_scale is not None else None
 
-        k = self.accumulation_steps
-        # This call ends in the fused optimizer update on copies (see _update).
-        fused = (
-            not donate
-            and not transformed
-            and state.tx.apply_ is not None
-            and self.loss_scale is None
-            and self.on_nonfinite != "skip"
-            and state.micro_step + 1 >= k
-        )
         grads, loss, metrics, buffers, params = self._gradients(
-            state, module, slots, frozen, batch, scale, name, device, transformed, donate, fused
+            state, module, slots, frozen, batch, scale, name, device, transformed, donate
         )
         own_params = params is not state.params  # a pure step's copies (forward may write)
         if own_params:
@@ -390,6 +376,7 @@ class TrainStep:
         if self.on_nonfinite == "raise" and not distributed:
             self._raise_if_nonfinite(state, loss, grads, scaled_grads)
 
+        k = self.accumulation_steps
         if k > 1:
             if state.grad_accum is not None:
                 grads = _tree.tree_map(torch.add, state.grad_accum, grads)
@@ -438,25 +425,16 @@ class TrainStep:
         device: torch.device,
         transformed: bool,
         donate: bool,
-        fused: bool,
     ) -> tuple[Params, torch.Tensor, Metrics, Params, Params]:
         """Gradients of the (scaled) loss, the loss, metrics, the new buffers and the
         parameters forward ran on (the state's, or a pure eager step's copies of them)."""
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
 
-        # A pure eager step gives forward copies of the weights until it has seen that
-        # forward leaves them alone (nn.Embedding(max_norm) renormalizes rows in place);
-        # the fused optimizer update writes into copies of the parameters anyway.
-        writes = self._templates.writes_weights
-        copy_weights = not donate and not transformed and (writes is not False or fused)
-
         def fresh_buffers() -> Params:
-            # Copies of what the forward pass may update in place (BatchNorm statistics);
-            # of the frozen parameters kept among the buffers only while forward may
-            # write into weights.
-            keep = frozen if donate or writes is False else frozenset()
-            return {n: b if n in keep else b.clone() for n, b in state.buffers.items()}
+            # Copies of what the forward pass may update in place (BatchNorm statistics),
+            # not of the frozen parameters kept among the buffers.
+            return {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
 
         eager_buffers = None if transformed else fresh_buffers()
 
@@ -480,16 +458,15 @@ class TrainStep:
             grads, (loss, metrics, new) = torch.func.grad(loss_fn, has_aux=True)(state.params)
             return grads, loss, metrics, {n: b.detach() for n, b in new.items()}, state.params
 
-        source = _copy_group(state.params) if copy_weights else state.params
+        # The forward pass may write into the weights it is given (nn.Embedding(max_norm)
+        # renormalizes rows in place): a pure step gives it copies, which the optimizer
+        # then updates (see _update), so the input state stays as it was.
+        source = state.params if donate else _copy_group(state.params)
         params = {n: p.detach().requires_grad_() for n, p in source.items()}
-        watched = [*params.values(), *(eager_buffers[n] for n in frozen if n in eager_buffers)]
-        versions = [t._version for t in watched] if copy_weights and writes is None else None
         with _bound(slots, params, eager_buffers):
             scaled, (loss, metrics, _) = loss_fn(params)
             names = list(params)
             grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)
-        if versions is not None:
-            self._templates.writes_weights = any(t._version != v for t, v in zip(watched, versions))
         if all(g is None for g in grad_list):
             raise ValueError(NOT_BOUND_MSG.format(name=name))
         grads = _writable_grads(params, names, grad_list)
@@ -869,23 +846,14 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module, slots, frozen = self._templates.get(state.module)
         transformed = _in_transform(params, train=False)
-        # Copies of what forward may write in eval mode too (counters, observers), so the
-        # input state stays as it was; of the weights only until forward was seen to leave
-        # them alone (nn.Embedding(max_norm) writes into them in eval mode too).
-        writes = None if transformed else self._templates.writes_weights
-        keep = frozen if transformed or writes is False else frozenset()
-        buffers = {n: b if n in keep else b.clone() for n, b in state.buffers.items()}
-        if writes is not False and not transformed:
-            params = _copy_group(params)
-        watched = [*params.values(), *(buffers[n] for n in frozen if n in buffers)]
-        versions = [t._version for t in watched] if writes is None and not transformed else None
+        # Copies of the buffers forward may write in eval mode too (counters, observers),
+        # so the input state stays as it was; not of the weights (see make_eval_step).
+        buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
         with torch.no_grad(), autocast(self.precision, device):
             if transformed:
                 slots = None
             with _bound(slots, params, buffers):
                 out = self.validation_step(BoundModel(module, params, buffers, slots=slots), batch)
-        if versions is not None:
-            self._templates.writes_weights = any(t._version != v for t, v in zip(watched, versions))
         if not isinstance(out, Mapping):
             raise ValueError(
                 f"{name} must return a mapping of metrics such as {{'loss': loss}}; got "
@@ -903,7 +871,10 @@ def make_eval_step(
     """Turns ``validation_step(model, batch) -> {...}`` into a pure evaluation step.
 
     The step runs the module in eval mode under ``torch.no_grad`` and returns the
-    metrics as detached 0-d tensors. The state is not changed.
+    metrics as detached 0-d tensors. The state is not changed (buffers that forward
+    writes are copies), unless forward writes into the weights themselves, as
+    ``nn.Embedding(max_norm=...)`` does in eval mode too: the evaluated weights then
+    change, as the module's would in a hand-written loop.
 
     Args:
       validation_step: ``(model, batch) -> Mapping`` of metrics (usually the training
