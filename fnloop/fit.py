@@ -378,7 +378,7 @@ def fit(
         ("keep_checkpoints", keep_checkpoints),
         ("checkpoint_every_n_steps", checkpoint_every_n_steps),
     ]:
-        if (value is not None or arg == "max_epochs") and not _is_int(value):
+        if (value is not None or arg != "checkpoint_every_n_steps") and not _is_int(value):
             raise TypeError(f"fit's {arg} takes an int; got {value!r}.")
     if not (batch_size is None or callable(batch_size) or (_is_int(batch_size) and batch_size > 0)):
         raise ValueError(
@@ -859,12 +859,17 @@ class _Run:
                 UNKNOWN_FIT_MONITOR_MSG.format(monitor=self.monitor, known=sorted(metrics))
             )
         value = metrics[self.monitor]
-        if has_plateau(state.opt_state):
-            state = state.replace(opt_state=observe_metric(state.opt_state, value))
-        self.update_best(state, value, epoch)
-        self.stopper_states = [
-            s.update(st, metrics, epoch) for s, st in zip(self.stoppers, self.stopper_states)
-        ]
+        loss = metrics.get("train/loss", 0.0)
+        diverged = self.train_step.on_nonfinite != "skip" and not (
+            math.isfinite(loss) and bool(_all_finite(state.params.values()))
+        )
+        if not diverged:  # a diverged epoch is neither the best nor fed to any rule
+            if has_plateau(state.opt_state):
+                state = state.replace(opt_state=observe_metric(state.opt_state, value))
+            self.update_best(state, value, epoch)
+            self.stopper_states = [
+                s.update(st, metrics, epoch) for s, st in zip(self.stoppers, self.stopper_states)
+            ]
 
         self.logger.info(epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0))
         _log_lr_changes(self.logger, lrs_before, list(_lr_metrics(state.opt_state).values()))
@@ -872,10 +877,6 @@ class _Run:
         if skipped:
             self.logger.warning(f"Skipped {skipped} updates with non-finite loss or gradients")
 
-        loss = metrics.get("train/loss", 0.0)
-        diverged = self.train_step.on_nonfinite != "skip" and not (
-            math.isfinite(loss) and bool(_all_finite(state.params.values()))
-        )
         if diverged:
             self.stop_reason = (
                 f"the training loss is {loss} in epoch {epoch} (or the weights are not "

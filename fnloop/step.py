@@ -230,14 +230,17 @@ class _DonationGuard:
 
 
 class _Templates:
-    """The state's module template in train or eval mode, and what eager calls need of it."""
+    """The state's module template in train or eval mode, and what eager calls need of it.
+
+    Kept per module template (weakly), so one step used on several states in turn (an
+    ensemble in a Python loop) copies each template once, on its first call.
+    """
 
     def __init__(self, training: bool) -> None:
         self.training = training
-        self.source: nn.Module | None = None
-        self.template: nn.Module | None = None
-        self.slots: list[tuple[dict[str, Any], str, str]] = []
-        self.frozen: frozenset[str] = frozenset()
+        self.known: weakref.WeakKeyDictionary[
+            nn.Module, tuple[nn.Module, list[tuple[dict[str, Any], str, str]], frozenset[str]]
+        ] = weakref.WeakKeyDictionary()
 
     def get(
         self, module: nn.Module
@@ -248,12 +251,12 @@ class _Templates:
             # first call fills would make the second call recompile the step.
             template = in_mode(module, training=self.training)
             return template, None, _frozen(template)
-        if module is not self.source:
+        entry = self.known.get(module)
+        if entry is None:
             template = in_mode(module, training=self.training, refresh=True)
-            self.source, self.template = module, template
-            self.slots = _tensor_slots(template)
-            self.frozen = _frozen(template)
-        return self.template, self.slots, self.frozen  # type: ignore[return-value]
+            entry = (template, _tensor_slots(template), _frozen(template))
+            self.known[module] = entry
+        return entry
 
 
 def _frozen(module: nn.Module) -> frozenset[str]:
@@ -744,9 +747,11 @@ def make_train_step(
 
     The result is called as ``new_state, metrics = train_step(state, batch)``. ``state``
     is left unchanged (BatchNorm statistics included: the new ones are in
-    ``new_state.buffers``). ``metrics`` holds ``"loss"`` and every other entry that
-    ``training_step`` returned, as detached 0-d tensors on the state's device: nothing is
-    read back to the host.
+    ``new_state.buffers``; a forward pass that writes into the weights themselves, as
+    ``nn.Embedding(max_norm=...)`` does, is given copies in eager mode, but reaches frozen
+    parameters, and all weights under ``torch.compile`` or ``vmap``). ``metrics`` holds
+    ``"loss"`` and every other entry that ``training_step`` returned, as detached 0-d
+    tensors on the state's device: nothing is read back to the host.
 
     Gradients come from ``torch.autograd.grad`` in eager mode, and from
     ``torch.func.grad`` under ``torch.compile`` and ``torch.func.vmap`` (chosen

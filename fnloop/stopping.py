@@ -64,6 +64,11 @@ class EarlyStopping:
     target: float | None = None
 
     def __post_init__(self) -> None:
+        # Plain Python numbers (NumPy ones from a sweep, too): checkpoints record the rule.
+        object.__setattr__(self, "patience", int(self.patience))
+        object.__setattr__(self, "min_delta", float(self.min_delta))
+        if self.target is not None:
+            object.__setattr__(self, "target", float(self.target))
         if self.mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max'; got {self.mode!r}.")
         if self.patience < 0:

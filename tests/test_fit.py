@@ -537,17 +537,20 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     assert not (tmp_path / "run").exists()
 
 
-def test_numpy_integers_are_ints_for_fit():
+def test_numpy_numbers_are_numbers_for_fit(tmp_path):
     np = pytest.importorskip("numpy")
+    rule = fl.EarlyStopping("valid/loss", patience=np.int64(3), min_delta=np.float32(0.0))
     state = fl.fit(
         make_state(),
         classify,
         loaders(),
         max_epochs=np.int64(1),
         batch_size=np.int64(16),
+        early_stopping=rule,
+        out_dir=tmp_path,  # the rule is recorded in the checkpoint as plain numbers
         log_to_console=False,
     )
-    assert state.epoch == 1
+    assert state.epoch == 1 and type(rule.patience) is int
 
 
 def test_monitor_takes_the_mode_of_an_early_stopping_rule_on_it(tmp_path):

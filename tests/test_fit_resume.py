@@ -267,3 +267,7 @@ def test_a_step_with_a_nonfinite_gradient_writes_no_checkpoint_of_its_weights(tm
     for path in (out / "checkpoints").glob("ckpt-*.pt"):
         saved = fl.load_checkpoint(path, like=make_state())
         assert all(torch.isfinite(p).all() for p in saved.params.values()), path.name
+    best = out / "best_model.pt"
+    if best.exists():  # a diverged epoch is never the best one
+        weights = torch.load(best, weights_only=True)
+        assert all(torch.isfinite(w).all() for w in weights.values())

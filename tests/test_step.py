@@ -1356,3 +1356,20 @@ def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
 
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         fl.make_train_step(blows_up, on_nonfinite="raise")(state, (x, y))
+
+
+def test_one_step_on_several_states_copies_each_template_once(monkeypatch):
+    calls = []
+    real = fl.step.in_mode
+
+    def counting(module, **kw):
+        calls.append(module)
+        return real(module, **kw)
+
+    monkeypatch.setattr(fl.step, "in_mode", counting)
+    step = fl.make_train_step(classify)
+    states = [fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu") for _ in range(2)]
+    batch = batches(1)[0]
+    for _ in range(3):
+        states = [step(s, batch)[0] for s in states]
+    assert len(calls) == 2
