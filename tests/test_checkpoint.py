@@ -679,13 +679,7 @@ def test_leaves_follow_the_device_of_like(tmp_path: Path) -> None:
 def test_safetensors_export_of_tied_weights(tmp_path: Path) -> None:
     """state_dict lists a tied weight under each name; safetensors refuses shared memory."""
     pytest.importorskip("safetensors")
-
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(5, 3)
-            self.out = nn.Linear(3, 5, bias=False)
-            self.out.weight = self.emb.weight
+    from test_state import Tied
 
     torch.manual_seed(0)
     state = fnloop.TrainState.create(Tied(), tx=optim.sgd(0.1), device="cpu")

@@ -1197,17 +1197,23 @@ def test_an_eval_step_leaves_the_input_state_alone():
     assert int(state.buffers["calls"]) == 0 and int(module.calls) == 0
 
 
+def _one_torch_sgd_step(module, batch, lr=0.1):
+    """A copy of ``module`` after one hand-written SGD step on ``classify``'s loss."""
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt.zero_grad()
+    F.cross_entropy(ref(batch[0]), batch[1]).backward()
+    opt.step()
+    return ref
+
+
 def test_a_pure_step_leaves_weights_that_forward_writes_alone():
     """nn.Embedding(max_norm) renormalizes the rows it looks up, in place."""
     torch.manual_seed(0)
     module = nn.Sequential(nn.Embedding(6, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 2))
     module[0].weight.data *= 4
     x, y = torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
-    ref = copy.deepcopy(module)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    opt.zero_grad()
-    F.cross_entropy(ref(x), y).backward()
-    opt.step()
+    ref = _one_torch_sgd_step(module, (x, y))
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
     before = state.params["0.weight"].clone()
     new, _ = fl.make_train_step(classify)(state, (x, y))
@@ -1231,11 +1237,7 @@ def test_activation_checkpointing_runs_in_eager_steps():
     torch.manual_seed(0)
     module = Net().double()
     x, y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 2, (6,))
-    ref = copy.deepcopy(module)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    opt.zero_grad()
-    F.cross_entropy(ref(x), y).backward()
-    opt.step()
+    ref = _one_torch_sgd_step(module, (x, y))
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
     new, _ = fl.make_train_step(classify)(state, (x, y))
     for name, p in ref.named_parameters():
