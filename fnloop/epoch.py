@@ -30,6 +30,15 @@ EMPTY_LOADER_MSG = (
 )
 
 
+def _callback_list(callbacks: Any) -> CallbackList:
+    """``CallbackList`` of one callback, several, or None."""
+    if isinstance(callbacks, CallbackList):
+        return callbacks
+    if callbacks is None:
+        return CallbackList([])
+    return CallbackList(list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks])
+
+
 class MetricMeans:
     """Batch-size-weighted running means of step metrics, summed on the device.
 
@@ -51,8 +60,9 @@ class MetricMeans:
         self._counts: dict[str, int] = {}
 
     def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
-        """Records one step's metrics for a batch of ``n`` examples."""
-        self._pending.append((metrics, n))  # type: ignore[arg-type]
+        """Records one step's metrics for a batch of ``n`` examples (the 0-d ones: larger
+        outputs, such as predictions for a callback, are not kept until the epoch ends)."""
+        self._pending.append(({k: v for k, v in metrics.items() if v.dim() == 0}, n))
 
     def _fold(self) -> None:
         if not self._pending:
@@ -168,7 +178,7 @@ def train_epoch(
     train_step: TrainStepFn,
     loader: Iterable[Batch],
     *,
-    callbacks: CallbackList | None = None,
+    callbacks: Any = None,
     batch_size: BatchSize = None,
     progress: bool = False,
     desc: str = "train",
@@ -182,7 +192,7 @@ def train_epoch(
       state: the state to start from (not changed).
       train_step: a step made by :func:`fnloop.make_train_step`.
       loader: any iterable of batches.
-      callbacks: batch events to fire (``fit`` passes its callbacks here).
+      callbacks: a callback or several (or a ``CallbackList``) whose batch events fire.
       batch_size: fixed size or ``batch -> size`` when the first tensor is not
         batch-major.
       progress: show a tqdm bar with running means.
@@ -207,7 +217,7 @@ def train_epoch(
       >>> state.step, sorted(metrics)
       (2, ['loss'])
     """
-    callbacks = callbacks if callbacks is not None else CallbackList([])
+    callbacks = _callback_list(callbacks)
     means = means if means is not None else MetricMeans()
     batch_start = callbacks.handles("on_train_batch_start")
     batch_end = callbacks.handles("on_train_batch_end")
@@ -244,7 +254,7 @@ def validate_epoch(
     eval_step: EvalStepFn,
     loader: Iterable[Batch],
     *,
-    callbacks: CallbackList | None = None,
+    callbacks: Any = None,
     batch_size: BatchSize = None,
     progress: bool = False,
     desc: str = "valid",
@@ -264,7 +274,7 @@ def validate_epoch(
       >>> fl.validate_epoch(state, step, [torch.ones(4, 2)])[1]
       {'loss': 0.0}
     """
-    callbacks = callbacks if callbacks is not None else CallbackList([])
+    callbacks = _callback_list(callbacks)
     means = MetricMeans()
     batch_start = callbacks.handles("on_validation_batch_start")
     batch_end = callbacks.handles("on_validation_batch_end")

@@ -451,7 +451,7 @@ def fit(
     logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
-        return _Run(
+        run = _Run(
             state=state,
             step_fn=step_fn,
             train_step=train_step,
@@ -471,7 +471,12 @@ def fit(
             keep=keep_checkpoints,
             logger=logger,
             main=main,
-        ).run(resume=resume)
+        )
+        try:
+            return run.run(resume=resume)
+        except BaseException:
+            run.callbacks.teardown()  # writers, runs and profilers that on_fit_end would close
+            raise
     finally:
         _close_logger(logger)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,11 @@ class Callback:
       ...     def on_train_epoch_end(self, state, metrics):
       ...         print(f"epoch {state.epoch}: {metrics['train/loss']:.3f}")
     """
+
+    def teardown(self) -> None:
+        """Releases what the callback holds (files, writers, a profiler) when ``fit`` ends
+        by an exception, where ``on_fit_end`` does not run. Not an event: it gets no
+        state and returns nothing."""
 
     def on_fit_start(self, state: TrainState) -> TrainState | None:
         """Before the first epoch of this ``fit`` call (after any resume)."""
@@ -105,8 +111,10 @@ class Callback:
 
 
 def _overrides(callback: Any, event: str) -> bool:
-    method = getattr(type(callback), event, None)
-    return method is not None and method is not getattr(Callback, event)
+    """Whether ``callback`` handles ``event``: a method of its own (on its class, or set
+    on the instance), not ``Callback``'s no-op."""
+    method = getattr(callback, event, None)
+    return callable(method) and getattr(method, "__func__", None) is not getattr(Callback, event)
 
 
 def check_callbacks(callbacks: Sequence[Any]) -> None:
@@ -132,6 +140,15 @@ class CallbackList:
         self._handlers = {
             e: [getattr(cb, e) for cb in callbacks if _overrides(cb, e)] for e in EVENTS
         }
+
+    def teardown(self) -> None:
+        """Lets every callback release what it holds when ``fit`` ends by an exception
+        (``on_fit_end`` does it otherwise); an error there does not hide the first one."""
+        for cb in self.callbacks:
+            teardown = getattr(cb, "teardown", None)
+            if callable(teardown):
+                with contextlib.suppress(Exception):
+                    teardown()
 
     def handles(self, event: str) -> bool:
         """Whether any callback handles ``event`` (lets the driver skip work)."""

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -120,8 +121,9 @@ class EpochLogger(Callback):
         """Writes one epoch row: ``epoch`` and ``step`` first, then the metrics."""
         raise NotImplementedError(f"{type(self).__name__} must implement write_row(row)")
 
-    def finish(self, state: TrainState) -> None:
-        """Closes what :meth:`start` opened (at ``on_fit_end``, after the last row)."""
+    def finish(self, state: TrainState | None) -> None:
+        """Closes what :meth:`start` opened (at ``on_fit_end``, after the last row;
+        ``state`` is ``None`` when ``fit`` ended by an exception)."""
 
     def on_fit_start(self, state: TrainState) -> None:
         self._pending, self._counters = {}, None
@@ -150,6 +152,11 @@ class EpochLogger(Callback):
         self._flush()
         self._active = False
         self.finish(state)
+
+    def teardown(self) -> None:
+        if self._active:
+            self._active = False
+            self.finish(None)
 
     def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> dict[str, float]:
         if any(k in self._pending for k in metrics):  # the same split twice: a new epoch
@@ -278,6 +285,8 @@ class JSONLinesLogger(EpochLogger):
 
     Appends across ``fit`` calls like :class:`CSVLogger`, dropping lines of epochs
     beyond the state's epoch at ``on_fit_start``. Each line is flushed as it is written.
+    A value that is not finite (a diverged epoch's loss) is written as ``null``, so every
+    line is standard JSON.
 
     Args:
       path: the ``.jsonl`` file; its parent directories are created.
@@ -309,7 +318,7 @@ class JSONLinesLogger(EpochLogger):
 
     def write_row(self, row: Mapping[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(row)) + "\n")
+            f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in row.items()}) + "\n")
             f.flush()
 
 

@@ -76,11 +76,16 @@ def plot_history(
     fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    # A metric that began later (validation added by a second fit) has fewer values: it
+    # holds the last epochs.
+    epochs = max(len(v) for metrics in history.values() for v in metrics.values())
     for ax, name in zip(axes, names):
         for split in splits:
             values = history[split].get(name)
             if values:
-                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=split)
+                first = epochs - len(values) + 1
+                x = range(first, epochs + 1)
+                ax.plot(x, values, marker="o", markersize=3, label=split)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -108,6 +108,10 @@ class Profiler(Callback):
         if self._prof is not None:
             self._stop()
 
+    def teardown(self) -> None:
+        if self._prof is not None:  # fit raised: the batches profiled so far
+            self._stop()
+
     def _close_batch_range(self) -> None:
         if self._batch_range is not None:
             self._batch_range.__exit__(None, None, None)

@@ -90,12 +90,11 @@ class TensorBoard(EpochLogger):
         self.log_dir = Path(log_dir)
         self.log_every_n_steps = log_every_n_steps
         self.writer: Any = None
-        self._last_logged_step: int | None = None
 
     def start(self, state: TrainState) -> None:
         writer_class = _summary_writer_class()
+        self.finish(None)  # a writer left open by an earlier fit
         self.writer = writer_class(log_dir=str(self.log_dir))
-        self._last_logged_step = None
 
     def write_row(self, row: Mapping[str, float]) -> None:
         epoch = int(row["epoch"])
@@ -104,7 +103,7 @@ class TensorBoard(EpochLogger):
                 self.writer.add_scalar(key, value, global_step=epoch)
         self.writer.flush()
 
-    def finish(self, state: TrainState) -> None:
+    def finish(self, state: TrainState | None) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -117,11 +116,9 @@ class TensorBoard(EpochLogger):
         batch_idx: int,
     ) -> None:
         n = self.log_every_n_steps
-        if self.writer is None or n is None or state.step % n != 0:
+        # Right after an optimizer update only (not after the micro-batches between).
+        if self.writer is None or n is None or state.step % n != 0 or state.micro_step:
             return
-        if state.step == self._last_logged_step:  # several micro-batches per step
-            return
-        self._last_logged_step = state.step
         for key, value in _host_scalars(outputs).items():
             self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)
 

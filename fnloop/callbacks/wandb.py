@@ -64,14 +64,15 @@ class WandB(EpochLogger):
 
     def start(self, state: TrainState) -> None:
         wandb = _import_wandb()
+        self.finish(None)  # a run left open by an earlier fit that raised
         self.run = wandb.init(project=self.project, **self.init_kwargs)
 
     def write_row(self, row: Mapping[str, float]) -> None:
         self.run.log(dict(row), step=int(row["epoch"]), commit=True)
 
-    def finish(self, state: TrainState) -> None:
+    def finish(self, state: TrainState | None) -> None:
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=0 if state is not None else 1)  # None: fit raised
             self.run = None
 
 

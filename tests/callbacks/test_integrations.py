@@ -231,10 +231,12 @@ def test_tensorboard_logs_a_step_once_across_micro_batches(tmp_path: Path) -> No
     cb.on_fit_start(state)
     calls: list[tuple[str, int]] = []
     cb.writer.add_scalar = lambda tag, value, global_step: calls.append((tag, global_step))
-    for i in range(3):  # accumulation: three micro-batches, one optimizer step
-        cb.on_train_batch_end(state, {"loss": torch.tensor(1.0), "n": 4}, None, i)
+    # Accumulation over 3: two micro-batches after update 3, then update 4.
+    for i, (step, micro) in enumerate([(3, 1), (3, 2), (4, 0)]):
+        s = state.replace(step=step, micro_step=micro)
+        cb.on_train_batch_end(s, {"loss": torch.tensor(1.0), "n": 4}, None, i)
     cb.writer.close()
-    assert calls == [("train_step/loss", 3), ("train_step/n", 3)]
+    assert calls == [("train_step/loss", 4), ("train_step/n", 4)]
 
 
 def test_tensorboard_rejects_a_bad_interval() -> None:
@@ -254,7 +256,7 @@ class _FakeRun:
     def log(self, data: dict[str, float], step: int, commit: bool) -> None:
         self.logged.append((data, step, commit))
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int | None = None) -> None:
         self.finished = True
 
 

@@ -1,0 +1,111 @@
+"""What callbacks hold is released when fit raises; outputs are not kept; hooks on instances."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnloop as fl
+from fnloop.callbacks import JSONLinesLogger, Profiler, TensorBoard
+from fnloop.epoch import MetricMeans
+
+
+def state() -> fl.TrainState:
+    torch.manual_seed(0)
+    return fl.TrainState.create(nn.Linear(3, 2), tx=fl.optim.sgd(0.1), device="cpu")
+
+
+def batches(n: int = 4) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)
+    ]
+
+
+def classify(model, batch):
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+class Boom(Exception):
+    pass
+
+
+class RaiseAt(fl.callbacks.Callback):
+    def on_train_batch_end(self, state, outputs, batch, idx):
+        if state.step == 6:
+            raise Boom
+
+
+def test_writers_and_profilers_are_released_when_fit_raises(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    tb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    prof = Profiler(tmp_path / "prof", num_batches=100)
+    with pytest.raises(Boom):
+        fl.fit(
+            state(),
+            classify,
+            batches(),
+            max_epochs=3,
+            callbacks=[tb, prof, RaiseAt()],
+            log_to_console=False,
+        )
+    assert tb.writer is None
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert (tmp_path / "prof" / "trace.json").exists()  # the batches profiled before
+    # The same objects work in the next fit.
+    fl.fit(state(), classify, batches(), max_epochs=1, callbacks=[tb, prof], log_to_console=False)
+    assert tb.writer is None
+
+
+def test_epoch_means_keep_only_the_scalars_of_each_step() -> None:
+    means = MetricMeans()
+    big = torch.ones(1000)
+    ref = weakref.ref(big)
+    means.add({"loss": torch.tensor(2.0), "features": big}, 4)
+    del big
+    gc.collect()
+    assert ref() is None
+    assert means.means() == {"loss": 2.0}
+
+
+def test_a_hook_set_on_an_instance_is_called() -> None:
+    seen = []
+    cb = fl.callbacks.Callback()
+    cb.on_train_epoch_end = lambda s, metrics: seen.append(s.epoch)
+    fl.fit(state(), classify, batches(), max_epochs=2, callbacks=cb, log_to_console=False)
+    assert seen == [1, 2]
+
+
+def test_jsonl_writes_nonfinite_values_as_null(tmp_path: Path) -> None:
+    def diverging(model, batch):
+        return {"loss": classify(model, batch)["loss"] * torch.nan}
+
+    log = JSONLinesLogger(tmp_path / "m.jsonl")
+    fl.fit(state(), diverging, batches(), max_epochs=2, callbacks=[log], log_to_console=False)
+
+    def strict(constant: str) -> None:  # NaN / Infinity are not JSON
+        raise ValueError(constant)
+
+    row = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0], parse_constant=strict)
+    assert row["train/loss"] is None
+
+
+def test_epoch_loops_take_callbacks_as_a_list() -> None:
+    seen = []
+
+    class Count(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, idx):
+            seen.append(idx)
+
+    step = fl.make_train_step(classify)
+    fl.train_epoch(state(), step, batches(3), callbacks=[Count()])
+    fl.train_epoch(state(), step, batches(3), callbacks=Count())
+    assert seen == [0, 1, 2, 0, 1, 2]
