@@ -481,6 +481,20 @@ def fit(
         _close_logger(logger)
 
 
+def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """One ``MetricMeans`` state dict holding the sums and counts of several."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for part in parts:
+        for k, v in part["sums"].items():
+            sums[k] = sums[k] + v if k in sums else v
+            counts[k] = counts.get(k, 0) + int(part["counts"][k])
+    return {"sums": sums, "counts": counts}
+
+
 def _default_callbacks(run_dir: Path) -> list[Callback]:
     from fnloop.callbacks.metrics_log import CSVLogger
 
@@ -681,14 +695,18 @@ class _Run:
         self.state = found.state
         rec = found.extra.get("fit", {})
         ranks = rec.get("ranks")
-        if ranks is not None and len(ranks) == world_size():
+        saved_world = len(ranks) if ranks is not None else 1
+        if ranks is not None and saved_world == world_size():
             rec = {**rec, **ranks[rank()]}  # this process's generators and partial means
-        elif ranks is not None:
+        elif saved_world != world_size():
             self.logger.warning(
-                f"{found.path} was written by {len(ranks)} processes and this run has "
-                f"{world_size()}: every process continues with rank 0's random generators "
-                f"and partial epoch means, so the run will not repeat an uninterrupted one."
+                f"{found.path} was written by {saved_world} processes and this run has "
+                f"{world_size()}: every process continues with rank 0's random generators, "
+                f"so the run will not repeat an uninterrupted one."
             )
+            # The partial epoch means of every saved process, counted once: on rank 0.
+            parts = [r.get("means") for r in ranks] if ranks is not None else [rec.get("means")]
+            rec = {**rec, "means": _summed_means(parts) if rank() == 0 else None}
         position = rec.get("position")
         where = f"epoch {self.state.epoch}, step {self.state.step}"
         if position is not None:
@@ -745,6 +763,9 @@ class _Run:
             self.set_aside_checkpoints()
         position, rng = self.restore() if resume else (None, None)
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
+        # An open accumulation window holds each process's own sums: their mean goes on.
+        if self.state.grad_accum is not None and world_size() > 1:
+            self.state = _window_mean(self.state)
         self.state = broadcast_state(self.state)
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.

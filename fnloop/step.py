@@ -397,7 +397,14 @@ class TrainStep:
         if distributed:
             if transformed and not compiling:
                 raise ValueError(VMAP_MSG.format(world=world_size()))
-            grads, loss, buffers = _mean_over_processes(grads, loss, buffers, frozen=frozen)
+            # A skipped update keeps the buffers from before this micro-batch: with a window
+            # of several, those are each process's own, so they are averaged too.
+            fallback = state.buffers if k > 1 and self.on_nonfinite == "skip" else None
+            grads, loss, buffers, fallback = _mean_over_processes(
+                grads, loss, buffers, frozen, kept=fallback
+            )
+            if fallback is not None:
+                state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
                 self._raise_if_nonfinite(state, loss, grads, scaled_grads)
         new_state = self._update(
@@ -594,22 +601,32 @@ class TrainStep:
 
 
 def _mean_over_processes(
-    grads: Params, loss: torch.Tensor, buffers: Params, frozen: Collection[str]
-) -> tuple[Params, torch.Tensor, Params]:
+    grads: Params,
+    loss: torch.Tensor,
+    buffers: Params,
+    frozen: Collection[str],
+    kept: Params | None = None,
+) -> tuple[Params, torch.Tensor, Params, Params | None]:
     """Data parallelism: gradients, floating-point buffers (running statistics; not frozen
     parameters, which are the same everywhere) and the loss (for the non-finite checks, so
-    every process decides alike) averaged over the processes."""
+    every process decides alike) averaged over the processes, in one collective; also the
+    buffers ``kept`` if a skipped update falls back to them (each process's own after the
+    micro-batches of an accumulation window)."""
     floats = [n for n, b in buffers.items() if b.is_floating_point() and n not in frozen]
     mean = mean_over_processes(
         {
             **{f"grad/{n}": g for n, g in grads.items()},
             **{f"buffer/{n}": buffers[n] for n in floats},
+            **({f"kept/{n}": kept[n] for n in floats} if kept is not None else {}),
             "loss": loss.detach().float(),
         }
     )
     grads = {n: mean[f"grad/{n}"] for n in grads}
-    buffers = {**buffers, **{n: mean[f"buffer/{n}"] for n in floats}}
-    return grads, mean["loss"].to(loss.dtype), buffers
+    # Copies: views would keep the whole reduced buffer (the gradients too) alive.
+    buffers = {**buffers, **{n: mean[f"buffer/{n}"].clone() for n in floats}}
+    if kept is not None:
+        kept = {**kept, **{n: mean[f"kept/{n}"].clone() for n in floats}}
+    return grads, mean["loss"].to(loss.dtype), buffers, kept
 
 
 def _all_finite(tensors: Any) -> torch.Tensor:

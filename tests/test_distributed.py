@@ -92,6 +92,23 @@ def test_fit_matches_one_process_and_only_rank_0_writes(ranks) -> None:
     assert_same(resumed.state_dict(), single.state_dict())  # loadable without DDP
 
 
+def test_a_skipped_update_keeps_averaged_statistics_with_accumulation(ranks) -> None:
+    """The micro-batches before a skipped update changed each process's own statistics:
+    the kept ones are their mean, so the processes still agree."""
+    _, (r0, r1) = ranks
+    assert r0["skip_bn_skipped"] == r1["skip_bn_skipped"] == 1
+    assert_same(r0["skip_bn"], r1["skip_bn"])
+    assert r0["buffers_own_memory"] and r1["buffers_own_memory"]
+
+
+def test_a_second_fit_continues_an_open_accumulation_window(ranks) -> None:
+    """Each process's partial gradient sums go into the second fit (as their mean), not
+    rank 0's alone: the same as one fit of all the epochs."""
+    _, results = ranks
+    for r in results:
+        assert_same(r["refit_two"], r["refit_one"])
+
+
 def test_batchnorm_statistics_are_averaged_so_processes_agree(ranks) -> None:
     _, (r0, r1) = ranks
     assert_same(r0["fit_bn"], r1["fit_bn"])

@@ -69,6 +69,41 @@ def steps(part: slice, nan_at: int | None = None) -> fl.TrainState:
     return state
 
 
+def skip_with_bn(rank: int, world: int) -> tuple[fl.TrainState, fl.TrainState]:
+    """BatchNorm, accumulation over 2, the skip policy, a NaN in rank 1's half of the
+    micro-batch that closes the second window: the states after the first window (an
+    update) and after the second (skipped)."""
+    x, y = data()
+    state = fl.TrainState.create(with_bn(), tx=tx())
+    step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="skip")
+    states = []
+    for i in range(4):
+        rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        xb, yb = x[rows][rank::world].clone(), y[rows][rank::world]
+        if i == 3 and rank == 1:
+            xb[0, 0] = float("nan")
+        state, _ = step(state, (xb, yb))
+        states.append(state)
+    return states[1], states[3]
+
+
+def refit(world: int, rank: int) -> tuple[dict, dict]:
+    """One fit of 2 epochs, and fit(max_epochs=1) then fit(max_epochs=2): accumulation
+    over 3 with 4 batches per epoch leaves a window open between the two calls."""
+    x, y = data()
+    ds = TensorDataset(x[:64], y[:64])
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+    loader = DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+    step = fl.make_train_step(classify, accumulation_steps=3)
+
+    def go(state: fl.TrainState, epochs: int) -> fl.TrainState:
+        return fl.fit(state, step, loader, max_epochs=epochs, log_to_console=False, progress=False)
+
+    one = go(fl.TrainState.create(mlp(), tx=tx()), 2)
+    two = go(go(fl.TrainState.create(mlp(), tx=tx()), 1), 2)
+    return one.state_dict(), two.state_dict()
+
+
 def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.TrainState:
     """Three epochs of ``fit`` with a shuffling DistributedSampler (``world=1``: the same
     global batches in one process)."""
@@ -222,6 +257,15 @@ def main() -> None:
         "fit_seeded": result["fit_seeded"].state_dict(),
     }
     result["raised_at"] = raise_on_nan(rank)
+    updated, skipped = skip_with_bn(rank, world)
+    result["skip_bn"] = skipped.state_dict()
+    result["skip_bn_skipped"] = int(skipped.skipped_steps)
+    # The new buffers own their memory (not a view of the reduced gradients).
+    result["buffers_own_memory"] = all(
+        b.untyped_storage().nbytes() == b.numel() * b.element_size()
+        for b in updated.buffers.values()
+    )
+    result["refit_one"], result["refit_two"] = refit(world, rank)
     result["metric_names"] = metric_names(rank)
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
