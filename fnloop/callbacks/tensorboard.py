@@ -46,6 +46,44 @@ def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
     return {k: values[k] for k in outputs if k in values}
 
 
+def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
+    """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
+
+    ``"train_step/..."`` scalars are indexed by optimizer step, the others by epoch. A file
+    is replaced atomically and only when something is dropped; a torn last record (a
+    crash in the middle of a write) is dropped with it.
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def beyond(event: Any) -> bool:
+        return any(
+            event.step > (step if value.tag.startswith("train_step/") else epoch)
+            for value in event.summary.value
+        )
+
+    for path in sorted(log_dir.glob("*tfevents*")):
+        if not path.is_file():
+            continue
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not beyond(event_pb2.Event.FromString(r))]
+        if len(kept) == len(records) and sum(len(r) + 16 for r in records) == path.stat().st_size:
+            continue
+        tmp = log_dir / ".fnloop-events.tmp"  # no "tfevents" in the name: TensorBoard skips it
+        try:
+            with open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
 class TensorBoard(EpochLogger):
     """Logs the epoch metrics (and, optionally, step outputs) to TensorBoard.
 
@@ -58,6 +96,12 @@ class TensorBoard(EpochLogger):
     values to the host, which waits for the device to finish the step (one sync per
     logged step), so keep ``N`` large on a GPU. The writer is created at
     ``on_fit_start`` and closed at ``on_fit_end``; only rank 0 writes.
+
+    Like :class:`~fnloop.callbacks.CSVLogger`, a resumed run continues the curves: at
+    ``on_fit_start`` the scalars already in ``log_dir`` that lie beyond the state (epoch
+    scalars after ``state.epoch``, ``"train_step/..."`` scalars after ``state.step``:
+    written after the checkpoint the run resumes from, or by an earlier run in the same
+    place) are removed from its event files, so no point appears twice.
 
     Args:
       log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
@@ -94,6 +138,8 @@ class TensorBoard(EpochLogger):
     def start(self, state: TrainState) -> None:
         writer_class = _summary_writer_class()
         self.finish(None)  # a writer left open by an earlier fit
+        if self.log_dir.is_dir():
+            _drop_scalars_after(self.log_dir, epoch=state.epoch, step=state.step)
         self.writer = writer_class(log_dir=str(self.log_dir))
 
     def write_row(self, row: Mapping[str, float]) -> None:

@@ -239,6 +239,36 @@ def test_tensorboard_logs_a_step_once_across_micro_batches(tmp_path: Path) -> No
     assert calls == [("train_step/loss", 4), ("train_step/n", 4)]
 
 
+def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb"
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), [*FIRST_FIT, *SECOND_FIT])
+    first_files = sorted(log_dir.iterdir())
+    with open(first_files[0], "ab") as f:
+        f.write(b"\x10\x00")  # a crash in the middle of a write
+    resumed = new_state().replace(epoch=1, step=2)  # the checkpoint was taken after epoch 1
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], resumed, [({"train/loss": 0.2}, None)])
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, pytest.approx(e.value)) for e in acc.Scalars(tag)]
+
+    assert scalars("train/loss") == [(1, 0.5), (2, 0.2)]
+    assert scalars("valid/loss") == [(1, 0.75)]
+    assert scalars("train_step/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    assert not list(log_dir.glob(".*"))  # no temporary file left behind
+
+    # A fresh run in the same place starts new curves.
+    drive([TensorBoard(log_dir)], new_state(), [({"train/loss": 0.9}, None)])
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    assert scalars("train/loss") == [(1, 0.9)]
+    assert acc.Tags()["scalars"] == ["train/loss", "train/lr"]
+
+
 def test_tensorboard_rejects_a_bad_interval() -> None:
     with pytest.raises(ValueError, match="log_every_n_steps"):
         TensorBoard("runs", log_every_n_steps=0)
