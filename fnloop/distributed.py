@@ -9,7 +9,7 @@ only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -83,6 +83,39 @@ def mean_over_processes(tensors: Params) -> Params:
         torch.distributed.all_reduce(flat)
 
     return _reduce(tensors, mean)
+
+
+def mean_grads_and_buffers(
+    grads: Params,
+    buffers: Params,
+    frozen: Collection[str],
+    *,
+    kept: Params | None = None,
+    extra: Params | None = None,
+) -> tuple[Params, Params, Params | None, Params]:
+    """Data parallelism: gradients and floating-point buffers (running statistics; not the
+    ``frozen`` parameters among them, which are the same everywhere) averaged over the
+    processes, in one collective; also the buffers ``kept`` if a skipped update falls back
+    to them (each process's own after the micro-batches of an accumulation window), and
+    the tensors ``extra`` (a train step's loss, so every process decides alike).
+
+    Returns ``(grads, buffers, kept, extra)``; the averaged buffers own their memory.
+    """
+    floats = [n for n, b in buffers.items() if b.is_floating_point() and n not in frozen]
+    mean = mean_over_processes(
+        {
+            **{f"grad/{n}": g for n, g in grads.items()},
+            **{f"buffer/{n}": buffers[n] for n in floats},
+            **({f"kept/{n}": kept[n] for n in floats} if kept is not None else {}),
+            **{f"extra/{n}": t for n, t in (extra or {}).items()},
+        }
+    )
+    grads = {n: mean[f"grad/{n}"] for n in grads}
+    # Copies: views would keep the whole reduced buffer (the gradients too) alive.
+    buffers = {**buffers, **{n: mean[f"buffer/{n}"].clone() for n in floats}}
+    if kept is not None:
+        kept = {**kept, **{n: mean[f"kept/{n}"].clone() for n in floats}}
+    return grads, buffers, kept, {n: mean[f"extra/{n}"] for n in extra or {}}
 
 
 def _reduce(tensors: Params, op: Callable[[torch.Tensor], None]) -> Params:

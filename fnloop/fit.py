@@ -27,7 +27,7 @@ from fnloop.distributed import (
     broadcast_state,
     gather,
     is_main_process,
-    mean_over_processes,
+    mean_grads_and_buffers,
     rank,
     world_size,
 )
@@ -511,22 +511,12 @@ def _default_callbacks(run_dir: Path) -> list[Callback]:
 
 def _window_mean(state: TrainState) -> TrainState:
     """The state to save while an accumulation window is open in several processes: the
-    gradient sums and the running statistics (the float buffers that are not frozen
-    parameters) averaged over them. Both enter the next update linearly, so every process
-    continues from the mean exactly (up to rounding)."""
-    frozen = {n for n, p in state.module.named_parameters() if not p.requires_grad}
-    floats = [n for n, b in state.buffers.items() if b.is_floating_point() and n not in frozen]
+    gradient sums and the running statistics averaged over them. Both enter the next
+    update linearly, so every process continues from the mean exactly (up to rounding)."""
     assert state.grad_accum is not None
-    mean = mean_over_processes(
-        {
-            **{f"grad/{n}": g for n, g in state.grad_accum.items()},
-            **{f"buffer/{n}": state.buffers[n] for n in floats},
-        }
-    )
-    return state.replace(
-        grad_accum={n: mean[f"grad/{n}"] for n in state.grad_accum},
-        buffers={**state.buffers, **{n: mean[f"buffer/{n}"] for n in floats}},
-    )
+    frozen = {n for n, p in state.module.named_parameters() if not p.requires_grad}
+    grads, buffers, _, _ = mean_grads_and_buffers(state.grad_accum, state.buffers, frozen)
+    return state.replace(grad_accum=grads, buffers=buffers)
 
 
 class _MidEpochCheckpoints(Callback):

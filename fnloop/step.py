@@ -12,7 +12,7 @@ import dataclasses
 import numbers
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -24,7 +24,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from fnloop import _tree
 from fnloop.batch import to_device
-from fnloop.distributed import VMAP_MSG, mean_over_processes, world_size
+from fnloop.distributed import VMAP_MSG, mean_grads_and_buffers, world_size
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates, scalar_dtype
 from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
@@ -400,9 +400,10 @@ class TrainStep:
             # A skipped update keeps the buffers from before this micro-batch: with a window
             # of several, those are each process's own, so they are averaged too.
             fallback = state.buffers if k > 1 and self.on_nonfinite == "skip" else None
-            grads, loss, buffers, fallback = _mean_over_processes(
-                grads, loss, buffers, frozen, kept=fallback
+            grads, buffers, fallback, mean = mean_grads_and_buffers(
+                grads, buffers, frozen, kept=fallback, extra={"loss": loss.detach().float()}
             )
+            loss = mean["loss"].to(loss.dtype)
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
@@ -598,35 +599,6 @@ class TrainStep:
             step=state.step + 1,
             micro_step=0,
         )
-
-
-def _mean_over_processes(
-    grads: Params,
-    loss: torch.Tensor,
-    buffers: Params,
-    frozen: Collection[str],
-    kept: Params | None = None,
-) -> tuple[Params, torch.Tensor, Params, Params | None]:
-    """Data parallelism: gradients, floating-point buffers (running statistics; not frozen
-    parameters, which are the same everywhere) and the loss (for the non-finite checks, so
-    every process decides alike) averaged over the processes, in one collective; also the
-    buffers ``kept`` if a skipped update falls back to them (each process's own after the
-    micro-batches of an accumulation window)."""
-    floats = [n for n, b in buffers.items() if b.is_floating_point() and n not in frozen]
-    mean = mean_over_processes(
-        {
-            **{f"grad/{n}": g for n, g in grads.items()},
-            **{f"buffer/{n}": buffers[n] for n in floats},
-            **({f"kept/{n}": kept[n] for n in floats} if kept is not None else {}),
-            "loss": loss.detach().float(),
-        }
-    )
-    grads = {n: mean[f"grad/{n}"] for n in grads}
-    # Copies: views would keep the whole reduced buffer (the gradients too) alive.
-    buffers = {**buffers, **{n: mean[f"buffer/{n}"].clone() for n in floats}}
-    if kept is not None:
-        kept = {**kept, **{n: mean[f"kept/{n}"].clone() for n in floats}}
-    return grads, mean["loss"].to(loss.dtype), buffers, kept
 
 
 def _all_finite(tensors: Any) -> torch.Tensor:

@@ -99,6 +99,7 @@ def test_a_skipped_update_keeps_averaged_statistics_with_accumulation(ranks) -> 
     assert r0["skip_bn_skipped"] == r1["skip_bn_skipped"] == 1
     assert_same(r0["skip_bn"], r1["skip_bn"])
     assert r0["buffers_own_memory"] and r1["buffers_own_memory"]
+    assert r0["window_buffers_own_memory"] and r1["window_buffers_own_memory"]
 
 
 def test_a_second_fit_continues_an_open_accumulation_window(ranks) -> None:
@@ -194,6 +195,7 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
 def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
     """They are the same in every process; averaging them would cost bandwidth and, with
     3 processes, change them by rounding."""
+    import fnloop.distributed
     import fnloop.step
 
     reduced: list[str] = []
@@ -203,11 +205,11 @@ def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
         return dict(tensors)
 
     monkeypatch.setattr(fnloop.step, "world_size", lambda: 2)
-    monkeypatch.setattr(fnloop.step, "mean_over_processes", spy)
+    monkeypatch.setattr(fnloop.distributed, "mean_over_processes", spy)
     module = ddp_job.with_bn()
     module[0].requires_grad_(False)
     state = fl.TrainState.create(module, tx=ddp_job.tx())
     x, y = ddp_job.data(8)
     fl.make_train_step(ddp_job.classify)(state, (x, y))
     assert "buffer/0.weight" not in reduced and "grad/0.weight" not in reduced
-    assert {"grad/3.weight", "buffer/1.running_mean", "loss"} <= set(reduced)
+    assert {"grad/3.weight", "buffer/1.running_mean", "extra/loss"} <= set(reduced)

@@ -21,6 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import fnloop as fl
 from fnloop import optim
+from fnloop.fit import _window_mean
 
 GLOBAL_BATCH = 16
 STEPS = 6
@@ -67,6 +68,12 @@ def steps(part: slice, nan_at: int | None = None) -> fl.TrainState:
             xb[0, 0] = float("nan")
         state, _ = step(state, (xb, yb))
     return state
+
+
+def own_memory(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(
+        t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors.values()
+    )
 
 
 def skip_with_bn(rank: int, world: int) -> tuple[fl.TrainState, fl.TrainState]:
@@ -260,11 +267,15 @@ def main() -> None:
     updated, skipped = skip_with_bn(rank, world)
     result["skip_bn"] = skipped.state_dict()
     result["skip_bn_skipped"] = int(skipped.skipped_steps)
-    # The new buffers own their memory (not a view of the reduced gradients).
-    result["buffers_own_memory"] = all(
-        b.untyped_storage().nbytes() == b.numel() * b.element_size()
-        for b in updated.buffers.values()
+    # The new buffers own their memory (not a view of the reduced gradients), also in
+    # the state fit saves while an accumulation window is open.
+    result["buffers_own_memory"] = own_memory(updated.buffers)
+    x, y = data()
+    first = (x[:GLOBAL_BATCH][rank::world], y[:GLOBAL_BATCH][rank::world])
+    opened, _ = fl.make_train_step(classify, accumulation_steps=2)(
+        fl.TrainState.create(with_bn(), tx=tx()), first
     )
+    result["window_buffers_own_memory"] = own_memory(_window_mean(opened).buffers)
     result["refit_one"], result["refit_two"] = refit(world, rank)
     result["metric_names"] = metric_names(rank)
     straight = resumable(out / "straight", world, rank)
