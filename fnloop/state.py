@@ -161,7 +161,8 @@ class TrainState:
       ema: exponential moving average of ``params``, or ``None`` without ``ema_decay``.
       loss_scale: dynamic loss-scale state for fp16 training, or ``None``.
       grad_accum: gradients summed over the micro-batches of an accumulation window.
-      skipped_steps: number of updates skipped for non-finite gradients (a 0-d tensor).
+      skipped_steps: number of updates skipped (a non-finite loss or gradient under
+        ``on_nonfinite="skip"``, an fp16 loss-scale overflow), a 0-d tensor.
       step: optimizer updates so far (``global_step`` in an object-oriented trainer).
       epoch: completed epochs (``global_epoch``).
       micro_step: micro-batches seen in the current accumulation window.

@@ -364,7 +364,11 @@ class TrainStep:
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:
             loss_scale = self.loss_scale.init(device)
-        scale = loss_scale.scale if loss_scale is not None else None
+        # Only a step with a loss scale of its own scales the loss (and unscales the
+        # gradients in _update); a state from an fp16 run keeps its scale untouched.
+        scale = None
+        if loss_scale is not None and self.loss_scale is not None:
+            scale = loss_scale.scale
 
         grads, loss, metrics, buffers, params = self._gradients(
             state, module, slots, frozen, batch, scale, name, device, transformed, donate
@@ -575,6 +579,16 @@ class TrainStep:
             old, new = [ema[n] for n in names], [params[n] for n in names]
             if state.step == 0:  # like AveragedModel: the first average is the weights
                 averaged = _foreach.copy_(old, new) if inplace else [p.clone() for p in new]
+            elif ok is not None:
+                # A skipped update is not an update: while all so far were skipped, the
+                # first one applied still starts the average at the weights (weight 1).
+                device = state.skipped_steps.device
+                weight = torch.where(
+                    state.skipped_steps == state.step,
+                    torch.ones((), dtype=torch.float64, device=device),
+                    torch.full((), 1.0 - state.ema_decay, dtype=torch.float64, device=device),
+                )
+                averaged = _foreach.lerp(old, new, weight)
             elif inplace:
                 averaged = _foreach.lerp_(old, new, 1.0 - state.ema_decay)
             else:

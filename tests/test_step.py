@@ -1360,6 +1360,48 @@ def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
         fl.make_train_step(blows_up, on_nonfinite="raise")(state, (x, y))
 
 
+def test_a_step_without_fp16_leaves_the_states_loss_scale_alone():
+    """A state from an fp16 run (a resumed checkpoint, say) stepped in full precision: plain
+    gradients, as a torch SGD step gives, and the scale kept as it was."""
+    data = batches(2)
+    state, _ = fl.make_train_step(classify, precision="fp16")(
+        fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu"), data[0]
+    )
+    assert state.loss_scale is not None and state.loss_scale.scale > 1
+    module = mlp()
+    module.load_state_dict(state.state_dict())
+    ref, _, _ = hand_loop(module, data[1:], lambda p: torch.optim.SGD(p, 0.1))
+    for precision in (None, "bf16"):
+        new, _ = fl.make_train_step(classify, precision=precision)(state, data[1])
+        assert_state_matches(new, ref, rtol=1e-12, atol=1e-14)
+        assert torch.equal(new.loss_scale.scale, state.loss_scale.scale)
+
+
+@pytest.mark.parametrize("how", ["pure", "donate", "vmap"])
+def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how):
+    """Skipped updates are not updates: like AveragedModel updated after each applied
+    optimizer step, the first applied one sets the average to the weights."""
+    data = batches(5)
+    bad = (torch.full_like(data[0][0], float("nan")), data[0][1])
+    applied = data[2:]
+    ref, ema, _ = hand_loop(mlp(), applied, lambda p: torch.optim.SGD(p, 0.1), ema_decay=0.9)
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
+    step = fl.make_train_step(classify, on_nonfinite="skip", donate=how == "donate")
+    if how == "donate":
+        state = state.clone()
+    if how == "vmap":
+        state = fl.stack_states([state, state])
+        step = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    for b in [bad, bad, *applied]:
+        state, _ = step(state, b)
+    if how == "vmap":
+        state = fl.unstack_states(state)[1]
+    assert int(state.skipped_steps) == 2 and state.step == 5
+    assert_state_matches(state, ref, rtol=1e-12, atol=1e-14)
+    for name, p in ema.module.named_parameters():
+        torch.testing.assert_close(state.ema[name], p.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_one_step_on_several_states_copies_each_template_once(monkeypatch):
     calls = []
     real = fl.step.in_mode
