@@ -51,16 +51,16 @@ import pickle
 import random
 import re
 import sys
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
 from torch import nn
 
 from fnloop import _tree
+from fnloop._io import atomic_write_file
 from fnloop.distributed import is_main_process
 from fnloop.ensemble import stacked_models
 from fnloop.precision import LossScaleState
@@ -184,7 +184,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
         "sha256": hashlib.sha256(view).hexdigest(),
         "payload": torch.frombuffer(view, dtype=torch.uint8),
     }
-    _atomic_write(path, lambda f: torch.save(wrapper, f))
+    atomic_write_file(path, lambda f: torch.save(wrapper, f))
     return path
 
 
@@ -235,9 +235,9 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
     if _is_safetensors(path):
         st = _import_safetensors_torch(path)
         data = st.save(_unshared(tensors), metadata={"format": "pt"})
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write_file(path, lambda f: f.write(data))
     else:
-        _atomic_write(path, lambda f: torch.save(tensors, f))
+        atomic_write_file(path, lambda f: torch.save(tensors, f))
     return path
 
 
@@ -253,44 +253,6 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = t.clone() if key in seen and t.numel() else t
         seen.add(key)
     return out
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Calls ``write`` on a temporary file beside ``path``, then renames it onto ``path``.
-
-    The data is flushed and fsynced before ``os.replace``, and the folder is fsynced
-    after it where the platform allows. On any error (or interrupt) the temporary file
-    is removed and whatever was at ``path`` is left as it was.
-    """
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, like a plain open(path, "wb")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- reading

@@ -7,7 +7,6 @@ base (:mod:`fnloop.callbacks.tensorboard`, :mod:`fnloop.callbacks.wandb`).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fnloop._io import atomic_write_file
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
@@ -189,17 +189,8 @@ def _read_complete_lines(path: Path) -> tuple[list[str], bool]:
     return lines, False
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _after(epoch: Any, state_epoch: int) -> bool:
@@ -257,14 +248,14 @@ class CSVLogger(EpochLogger):
         if not lines:
             self._fieldnames = []
             if torn:
-                _write_atomically(self.path, "")
+                _write_text(self.path, "")
             return
         reader = csv.DictReader(lines)
         self._fieldnames = list(reader.fieldnames or [])
         rows = list(reader)
         kept = [r for r in rows if not _after(r.get("epoch"), state.epoch)]
         if torn or len(kept) != len(rows):
-            _write_atomically(self.path, _csv_text(self._fieldnames, kept, header=True))
+            _write_text(self.path, _csv_text(self._fieldnames, kept, header=True))
 
     def write_row(self, row: Mapping[str, float]) -> None:
         new = [k for k in row if k not in self._fieldnames]
@@ -274,7 +265,7 @@ class CSVLogger(EpochLogger):
                 with open(self.path, encoding="utf-8", newline="") as f:
                     old_rows = list(csv.DictReader(f))
             self._fieldnames = [*self._fieldnames, *new]
-            _write_atomically(self.path, _csv_text(self._fieldnames, old_rows, header=True))
+            _write_text(self.path, _csv_text(self._fieldnames, old_rows, header=True))
         with open(self.path, "a", encoding="utf-8", newline="") as f:
             f.write(_csv_text(self._fieldnames, [row], header=False))
             f.flush()
@@ -314,7 +305,7 @@ class JSONLinesLogger(EpochLogger):
             if not (isinstance(record, dict) and _after(record.get("epoch"), state.epoch)):
                 kept.append(line)
         if torn or len(kept) != len(lines):
-            _write_atomically(self.path, "".join(kept))
+            _write_text(self.path, "".join(kept))
 
     def write_row(self, row: Mapping[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -10,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fnloop._io import atomic_write_file
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 
@@ -95,14 +95,7 @@ def plot_history(
         fig.delaxes(ax)
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, format=out.suffix[1:].lower() or "png")
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    atomic_write_file(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png"))
     return out
 
 

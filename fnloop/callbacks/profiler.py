@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.profiler import ProfilerActivity
 
+from fnloop._io import atomic_write
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 from fnloop.typing import Batch
@@ -121,13 +121,7 @@ class Profiler(Callback):
         self._close_batch_range()
         prof, self._prof, self._done = self._prof, None, True
         prof.stop()
-        tmp = self.trace_path.with_name(f".{self.trace_path.name}.tmp")
-        try:
-            prof.export_chrome_trace(str(tmp))
-            os.replace(tmp, self.trace_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        atomic_write(self.trace_path, lambda tmp: prof.export_chrome_trace(str(tmp)))
 
 
 __all__ = ["Profiler"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
+from fnloop._io import atomic_write_file
 from fnloop.callbacks.metrics_log import EpochLogger
 from fnloop.typing import Batch
 
@@ -46,6 +48,14 @@ def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
     return {k: values[k] for k in outputs if k in values}
 
 
+def _write_records(f: IO[bytes], records: list[bytes]) -> None:
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    writer = RecordWriter(f)
+    for record in records:
+        writer.write(record)
+
+
 def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
     """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
 
@@ -55,7 +65,6 @@ def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
     def beyond(event: Any) -> bool:
         return any(
@@ -70,18 +79,7 @@ def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
         kept = [r for r in records if not beyond(event_pb2.Event.FromString(r))]
         if len(kept) == len(records) and sum(len(r) + 16 for r in records) == path.stat().st_size:
             continue
-        tmp = log_dir / ".fnloop-events.tmp"  # no "tfevents" in the name: TensorBoard skips it
-        try:
-            with open(tmp, "wb") as f:
-                writer = RecordWriter(f)
-                for record in kept:
-                    writer.write(record)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_file(path, functools.partial(_write_records, records=kept))
 
 
 class TensorBoard(EpochLogger):

@@ -1,0 +1,58 @@
+"""Writing files so that a crash never leaves a half-written one in their place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Calls ``write(tmp)`` to write a temporary file beside ``path``, then renames it
+    onto ``path``.
+
+    The temporary file is fsynced before ``os.replace`` and the folder after it, where
+    the platform allows. On any error (or interrupt) the temporary file is removed and
+    whatever was at ``path`` is left as it was. The temporary name is unique (two
+    writers of one path never share it) and hidden, and it holds no part of ``path``'s
+    name, so tools that watch a folder by file name (TensorBoard) skip it.
+    """
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".fnloop-{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """:func:`atomic_write` for a ``write`` that takes a binary file object."""
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "xb") as f:
+            write(f)
+
+    atomic_write(path, to_file)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
