@@ -13,12 +13,16 @@ Precision = Literal["bf16", "fp16"] | None
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: object) -> None:
+    """Raises ``ValueError`` unless ``precision`` is ``None``, ``"bf16"`` or ``"fp16"``."""
+    if precision is not None and precision not in _DTYPES:
+        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
+
+
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[None]:
     """``torch.autocast`` for ``precision`` on ``device``'s type, or a no-op for ``None``."""
     if precision is None:
         return contextlib.nullcontext()
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 

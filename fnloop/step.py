@@ -27,7 +27,13 @@ from fnloop.batch import to_device
 from fnloop.distributed import VMAP_MSG, mean_grads_and_buffers, world_size
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates, scalar_dtype
-from fnloop.precision import DynamicLossScale, LossScaleState, Precision, autocast
+from fnloop.precision import (
+    DynamicLossScale,
+    LossScaleState,
+    Precision,
+    autocast,
+    check_precision,
+)
 from fnloop.state import TrainState, in_mode
 from fnloop.typing import Batch, Metrics, Params
 
@@ -341,6 +347,27 @@ class TrainStep:
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        if not callable(self.training_step):
+            raise TypeError(
+                f"training_step must be callable; got {type(self.training_step).__name__}."
+            )
+        k = self.accumulation_steps
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"accumulation_steps must be an integer >= 1; got {k!r}.")
+        object.__setattr__(self, "accumulation_steps", int(k))
+        check_precision(self.precision)
+        if self.on_nonfinite not in (None, "skip", "raise"):
+            raise ValueError(
+                f"on_nonfinite must be None, 'skip' or 'raise'; got {self.on_nonfinite!r}."
+            )
+        if self.loss_scale is not None and self.precision != "fp16":
+            raise ValueError(
+                f"loss_scale is only used with precision='fp16'; got precision={self.precision!r}."
+            )
+        if self.precision == "fp16" and self.loss_scale is None:
+            object.__setattr__(self, "loss_scale", DynamicLossScale())
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
@@ -806,23 +833,9 @@ def make_train_step(
       >>> new_state.step, state.step, sorted(metrics)
       (1, 0, ['loss'])
     """
-    if accumulation_steps < 1 or int(accumulation_steps) != accumulation_steps:
-        raise ValueError(f"accumulation_steps must be an integer >= 1; got {accumulation_steps}.")
-    if precision not in (None, "bf16", "fp16"):
-        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
-    if on_nonfinite not in (None, "skip", "raise"):
-        raise ValueError(f"on_nonfinite must be None, 'skip' or 'raise'; got {on_nonfinite!r}.")
-    if loss_scale is not None and precision != "fp16":
-        raise ValueError(
-            f"loss_scale is only used with precision='fp16'; got precision={precision!r}."
-        )
-    if precision == "fp16" and loss_scale is None:
-        loss_scale = DynamicLossScale()
-    if not callable(training_step):
-        raise TypeError(f"training_step must be callable; got {type(training_step).__name__}.")
     spec = TrainStep(
         training_step=training_step,
-        accumulation_steps=int(accumulation_steps),
+        accumulation_steps=accumulation_steps,
         precision=precision,
         loss_scale=loss_scale,
         on_nonfinite=on_nonfinite,
@@ -841,6 +854,13 @@ class EvalStep:
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(False), init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        if not callable(self.validation_step):
+            raise TypeError(
+                f"validation_step must be callable; got {type(self.validation_step).__name__}."
+            )
+        check_precision(self.precision)
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
         """Runs the step in eval mode without gradients; returns its metrics."""
@@ -903,9 +923,5 @@ def make_eval_step(
       >>> sorted(eval_step(state, torch.randn(4, 3)))
       ['mean']
     """
-    if precision not in (None, "bf16", "fp16"):
-        raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
-    if not callable(validation_step):
-        raise TypeError(f"validation_step must be callable; got {type(validation_step).__name__}.")
     spec = EvalStep(validation_step=validation_step, use_ema=use_ema, precision=precision)
     return _as_function(spec, "eval_step")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -317,7 +318,7 @@ def test_raise_on_a_nonfinite_gradient_of_a_finite_loss():
     assert float(new.loss_scale.scale) < float(step.loss_scale.init_scale)
 
 
-def test_fp16_loss_scale_follows_grad_scaler():
+def test_fp16_loss_scale_follows_grad_scaler(monkeypatch):
     """Scale, skip and growth sequence of torch.amp.GradScaler with injected infs."""
     torch.manual_seed(0)
     module = nn.Linear(4, 1)
@@ -344,9 +345,9 @@ def test_fp16_loss_scale_follows_grad_scaler():
 
     # Autocast fp16 on CPU would change the forward's numbers; here only the scale logic
     # is under test, so the forward runs in float32 with the fp16 loss-scale machinery.
+    monkeypatch.setattr(fl.step, "autocast", lambda precision, device: contextlib.nullcontext())
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
     step = fl.make_train_step(step_fn, precision="fp16", loss_scale=scale_cfg)
-    step = dataclasses.replace(inspect.unwrap(step), precision=None)
     scales = []
     for bad in inject:
         state, _ = step(state, (x, torch.tensor(bad)))
@@ -495,6 +496,18 @@ def test_bad_options():
         fl.make_train_step(classify, precision="fp8")
     with pytest.raises(ValueError, match="on_nonfinite"):
         fl.make_train_step(classify, on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="loss_scale is only used with precision='fp16'"):
+        fl.make_train_step(classify, loss_scale=fl.DynamicLossScale())
+    with pytest.raises(TypeError, match="training_step must be callable"):
+        fl.make_train_step("classify")
+    with pytest.raises(ValueError, match="precision"):
+        fl.make_eval_step(classify, precision="fp32")
+    # The classes check the same, and a TrainStep made directly gets the default loss scale.
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        fl.TrainStep(classify, accumulation_steps=2.5)
+    with pytest.raises(ValueError, match="precision"):
+        fl.EvalStep(classify, precision="fp8")
+    assert fl.TrainStep(classify, precision="fp16").loss_scale == fl.DynamicLossScale()
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(TypeError, match="swap the arguments"):
         fl.make_train_step(classify)(batches(1)[0], state)
