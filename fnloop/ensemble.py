@@ -43,19 +43,27 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
       [0.1, 0.01]
     """
     if not states:
-        raise ValueError("stack_states needs at least one state")
+        raise ValueError("stack_states needs a list of one or more TrainStates; got none.")
+    for i, state in enumerate(states):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
     first = states[0]
     paths0, leaves0, treedef0 = _tree.tree_flatten_with_path(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
     for i, state in enumerate(states[1:], start=1):
-        if not isinstance(state, TrainState):
-            raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
         for attr in ("step", "epoch", "micro_step", "ema_decay"):
             if getattr(state, attr) != getattr(first, attr):
                 raise ValueError(
                     f"states[{i}].{attr} is {getattr(state, attr)} but states[0].{attr} is "
                     f"{getattr(first, attr)}; stack states that are at the same point."
                 )
+        diff = _module_difference(first.module, state.module)
+        if diff is not None:
+            raise ValueError(
+                f"states[{i}] was made from another module than states[0] ({diff}); a "
+                f"stacked state runs states[0]'s module for every model. Stack states of "
+                f"one architecture, or train the others apart."
+            )
         paths, leaves, _ = _tree.tree_flatten_with_path(state)
         if paths != paths0:
             diff = _tree.first_difference(first, state)
@@ -71,16 +79,60 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
+    """Where two module templates differ (a submodule's type or a plain attribute such
+    as ``Dropout.p``), or ``None``."""
+    if a is b:
+        return None
+    subs_a, subs_b = dict(a.named_modules()), dict(b.named_modules())
+    if list(subs_a) != list(subs_b):
+        return f"submodules {list(subs_a)} and {list(subs_b)}"
+    for name, ma in subs_a.items():
+        mb = subs_b[name]
+        where = name or "the root module"
+        if type(ma) is not type(mb):
+            return f"{where} is a {type(ma).__name__} in one and a {type(mb).__name__} in the other"
+        for key, va in vars(ma).items():
+            vb = vars(mb).get(key)
+            if isinstance(va, _PLAIN) and va != vb and key != "training":
+                return f"{where}.{key} is {va!r} in one and {vb!r} in the other"
+    return None
+
+
 def stacked_models(state: TrainState) -> int | None:
     """How many models ``state`` holds stacked, or ``None`` for a state of one model.
 
     A stacked state's parameters have one more leading dimension than the module's.
     """
-    for name, param in list(state.params.items())[:1]:
-        shape = state.module.get_parameter(name).shape
-        if param.dim() == len(shape) + 1 and param.shape[1:] == shape:
-            return int(param.shape[0])
+    name, param = next(iter(state.params.items()), (None, None))
+    if param is None:
+        return None
+    shape = state.module.get_parameter(name).shape
+    if param.dim() == len(shape) + 1 and param.shape[1:] == shape:
+        return int(param.shape[0])
     return None
+
+
+STACKED_LOOP_FIX = (
+    "Train a stacked state with your own loop over torch.func.vmap(train_step, "
+    "in_dims=(0, None), randomness='different') (docs/guide.md, section 6), or train each "
+    "model of fl.unstack_states(state)."
+)
+
+
+def check_one_model(state: TrainState, what: str, fix: str) -> None:
+    """Raises ``ValueError`` naming ``what`` and ``fix`` if ``state`` holds stacked models."""
+    n = stacked_models(state)
+    if n is not None:
+        name, tensor = next(iter(state.params.items()))
+        expected = tuple(state.module.get_parameter(name).shape)
+        raise ValueError(
+            f"{what} runs one model, but this state holds {n} stacked models (parameter "
+            f"{name!r} has shape {tuple(tensor.shape)}; the module's is {expected}). {fix}"
+        )
 
 
 def unstack_states(stacked: TrainState) -> list[TrainState]:

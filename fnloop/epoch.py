@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fnloop.batch import batch_size as find_batch_size
 from fnloop.callbacks.base import CallbackList
 from fnloop.distributed import gather, mean_over_processes, world_size
+from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
 from fnloop.step import EvalStepFn, TrainStepFn
@@ -217,6 +218,7 @@ def train_epoch(
       >>> state.step, sorted(metrics)
       (2, ['loss'])
     """
+    check_one_model(state, "train_epoch", STACKED_LOOP_FIX)
     callbacks = _callback_list(callbacks)
     means = means if means is not None else MetricMeans()
     batch_start = callbacks.handles("on_train_batch_start")
@@ -274,6 +276,7 @@ def validate_epoch(
       >>> fl.validate_epoch(state, step, [torch.ones(4, 2)])[1]
       {'loss': 0.0}
     """
+    check_one_model(state, "validate_epoch", STACKED_LOOP_FIX)
     callbacks = _callback_list(callbacks)
     means = MetricMeans()
     batch_start = callbacks.handles("on_validation_batch_start")

@@ -31,7 +31,7 @@ from fnloop.distributed import (
     rank,
     world_size,
 )
-from fnloop.ensemble import stacked_models
+from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
 from fnloop.optim.transform import learning_rates
@@ -61,12 +61,6 @@ UNKNOWN_FIT_MONITOR_MSG = (
     "the monitored metric {monitor!r} is not among the epoch's metrics {known}. Name one "
     "of them in fit(monitor=...) or EarlyStopping(monitor=...): 'valid/<metric>' or "
     "'train/<metric>' for a metric your step returns."
-)
-STACKED_STATE_MSG = (
-    "fit trains one model, but this state holds {n} stacked models (parameter {name!r} "
-    "has shape {shape}, the module's is {expected}). Train a stacked state with your own "
-    "loop over torch.func.vmap(train_step, in_dims=(0, None), randomness='different'), "
-    "or fit each model of fl.unstack_states(state)."
 )
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
@@ -223,21 +217,6 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
     return loaders, None
 
 
-def _check_one_model(state: TrainState) -> None:
-    """Rejects a stacked state (``stack_states``): its tensors have an extra leading dim."""
-    n = stacked_models(state)
-    if n is not None:
-        name, tensor = next(iter(state.params.items()))
-        raise ValueError(
-            STACKED_STATE_MSG.format(
-                n=n,
-                name=name,
-                shape=tuple(tensor.shape),
-                expected=tuple(state.module.get_parameter(name).shape),
-            )
-        )
-
-
 def _check_loader(loader: Iterable[Any], split: str) -> None:
     """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
     data = torch.utils.data
@@ -390,7 +369,7 @@ def fit(
             f"max_epochs={max_epochs} is below state.epoch={state.epoch}: fit trains until "
             f"state.epoch == max_epochs. To train more, pass max_epochs=state.epoch + n."
         )
-    _check_one_model(state)
+    check_one_model(state, "fit", STACKED_LOOP_FIX)
     train_loader, valid_loader = _split_loaders(loaders)
     _check_loader(train_loader, "train")
     if valid_loader is not None:

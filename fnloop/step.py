@@ -25,6 +25,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from fnloop import _tree
 from fnloop.batch import to_device
 from fnloop.distributed import VMAP_MSG, mean_grads_and_buffers, world_size
+from fnloop.ensemble import check_one_model
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates, scalar_dtype
 from fnloop.precision import (
@@ -88,6 +89,17 @@ SPARSE_MSG = (
     "EmbeddingBag(sparse=True)); fnloop's optimizers take dense gradients. Build the "
     "module with sparse=False."
 )
+RAISE_VMAP_MSG = (
+    "on_nonfinite='raise' reads the loss on the host, which torch.func.vmap cannot do. "
+    "Make the step with on_nonfinite='skip' (per model, no host sync) to train stacked "
+    "states."
+)
+STACKED_STEP_FIX = (
+    "Run it under torch.func.vmap({step}, in_dims=(0, None){rand}), or pass one of "
+    "fl.unstack_states(state)."
+)
+
+
 NONFINITE_MSG = (
     "non-finite {what} at step {step}. Lower the learning rate, add gradient clipping "
     "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
@@ -383,6 +395,14 @@ class TrainStep:
         # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
+        if not transformed:
+            check_one_model(
+                state,
+                "train_step",
+                STACKED_STEP_FIX.format(step="train_step", rand=', randomness="different"'),
+            )
+        elif self.on_nonfinite == "raise" and not compiling:
+            raise ValueError(RAISE_VMAP_MSG)
         donate = self.donate and (compiling or not transformed)
         if donate and not compiling:
             self._guard.check(state.params)
@@ -809,9 +829,10 @@ def make_train_step(
         from ``TrainState.create`` shares the module's tensors, so those would change
         too: start from ``state.clone()`` (see :meth:`TrainState.clone`).
         Passing a donated state again raises ``RuntimeError`` (in eager mode; compiled
-        code cannot check this). Works in eager mode and under ``torch.compile``; under
-        ``vmap``, and for updates that ``"skip"`` or fp16 may skip, the step computes
-        out of place. ``fit`` donates the states it makes itself.
+        code cannot check this). Works in eager mode and under ``torch.compile`` (a
+        compiled ``vmap`` of the step too); under eager ``vmap``, and for updates that
+        ``"skip"`` or fp16 may skip, the step computes out of place. ``fit`` donates the
+        states it makes itself.
 
     Returns:
       The step, a function. ``torch.compile`` it as it is; each step made compiles on
@@ -874,6 +895,8 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module, slots, frozen = self._templates.get(state.module)
         transformed = _in_transform(params, train=False)
+        if not transformed:
+            check_one_model(state, "eval_step", STACKED_STEP_FIX.format(step="eval_step", rand=""))
         # Copies of the buffers forward may write in eval mode too (counters, observers),
         # so the input state stays as it was; not of the weights (see make_eval_step).
         buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}

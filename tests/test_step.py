@@ -513,6 +513,75 @@ def test_bad_options():
         fl.make_train_step(classify)(batches(1)[0], state)
 
 
+class _UnusedFirst(nn.Module):
+    """A head registered first and unused by forward: its gradient is zeros for any batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.aux = nn.Linear(5, 3).double()
+        self.body = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_vmap_over_batches_with_a_parameter_the_loss_does_not_use():
+    """in_dims=(None, 0): one state, several batches. The unused parameter's gradient
+    is not batched while the others are; the optimizer must still run per tensor."""
+    state = fl.TrainState.create(
+        _UnusedFirst(),
+        tx=optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9)),
+        device="cpu",
+    )
+    step = fl.make_train_step(classify)
+    data = batches(3)
+    xs, ys = torch.stack([x for x, _ in data]), torch.stack([y for _, y in data])
+    many, metrics = torch.func.vmap(step, in_dims=(None, 0), randomness="different")(
+        state, (xs, ys)
+    )
+    for i, (one, b) in enumerate(zip(fl.unstack_states(many), data)):
+        alone, m = step(state, b)
+        torch.testing.assert_close(metrics["loss"][i], m["loss"], rtol=1e-12, atol=1e-14)
+        for name in alone.params:
+            torch.testing.assert_close(one.params[name], alone.params[name], rtol=1e-9, atol=1e-12)
+
+
+def test_stacking_refuses_states_of_different_modules():
+    a = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    other = mlp()
+    other[1] = nn.ReLU()  # same parameters, another activation
+    b = fl.TrainState.create(other, tx=optim.sgd(0.1), device="cpu")
+    with pytest.raises(ValueError, match=r"states\[1\] was made from another module.*Tanh"):
+        fl.stack_states([a, b])
+    dropped = fl.TrainState.create(
+        nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), tx=optim.sgd(0.1)
+    )
+    kept = fl.TrainState.create(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), tx=optim.sgd(0.1))
+    with pytest.raises(ValueError, match=r"1\.p is 0\.1 in one and 0\.5 in the other"):
+        fl.stack_states([dropped, kept])
+    with pytest.raises(TypeError, match=r"states\[0\] is a int"):
+        fl.stack_states([1, a])
+    fl.stack_states([a, fl.TrainState.create(mlp(seed=3), tx=optim.sgd(0.2), device="cpu")])
+
+
+def test_a_stacked_state_outside_vmap_is_a_clear_error():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    stacked = fl.stack_states([state, state])
+    b = batches(1)[0]
+    for call, name in [
+        (lambda: fl.make_train_step(classify)(stacked, b), "train_step"),
+        (lambda: fl.make_eval_step(classify)(stacked, b), "eval_step"),
+        (lambda: fl.train_epoch(stacked, fl.make_train_step(classify), [b]), "train_epoch"),
+        (lambda: fl.validate_epoch(stacked, fl.make_eval_step(classify), [b]), "validate_epoch"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{name} runs one model.*2 stacked models.*vmap"):
+            call()
+    raising = fl.make_train_step(classify, on_nonfinite="raise")
+    with pytest.raises(ValueError, match=r"on_nonfinite='raise'.*'skip'"):
+        torch.func.vmap(raising, in_dims=(0, None), randomness="different")(stacked, b)
+
+
 def test_vmap_over_stacked_states_matches_separate_training():
     data = batches(4, dtype=torch.float32)
     lrs = [0.1, 0.03, 0.01]

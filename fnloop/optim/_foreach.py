@@ -29,7 +29,15 @@ def batched(xs: Sequence[torch.Tensor]) -> bool:
     """
     if torch.compiler.is_compiling():
         return True
-    return bool(xs) and _functorch.is_batchedtensor(xs[0])
+    if not xs:
+        return False
+    if _functorch.is_batchedtensor(xs[0]):
+        return True
+    # vmap over the batches only (in_dims=(None, 0)): a gradient that does not depend on
+    # the batch (an unused parameter's zeros) is not batched, while the others are.
+    return _functorch.maybe_current_level() is not None and any(
+        _functorch.is_batchedtensor(x) for x in xs
+    )
 
 
 def _batched_any(xs: Sequence[torch.Tensor], ys: TensorList | Scalar) -> bool:
