@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
+from fnloop.callbacks.metrics_log import learning_rate_metrics
 from fnloop.distributed import (
     barrier,
     broadcast_state,
@@ -34,7 +35,6 @@ from fnloop.distributed import (
 from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
-from fnloop.optim.transform import learning_rates
 from fnloop.state import TrainState, append_history
 from fnloop.step import (
     EvalStep,
@@ -42,7 +42,7 @@ from fnloop.step import (
     StepFn,
     TrainStep,
     TrainStepFn,
-    _all_finite,
+    all_finite,
     make_eval_step,
     make_train_step,
 )
@@ -135,13 +135,6 @@ def _close_logger(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-
-
-def _lr_metrics(opt_state: Any) -> dict[str, float]:
-    lrs = [float(lr) for lr in learning_rates(opt_state)]
-    if len(lrs) == 1:
-        return {"lr": lrs[0]}
-    return {f"lr_{i}": lr for i, lr in enumerate(lrs)}
 
 
 def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
@@ -514,12 +507,11 @@ class _MidEpochCheckpoints(Callback):
             return
         self.last_step = state.step
         run = self.run
-        if run.train_step.on_nonfinite != "skip" and run.means is not None:
+        if run.means is not None:
             # A diverged epoch ends the run at its end: its checkpoints would replace the
             # good ones (and a re-run would resume from them).
             loss = run.means.means(all_processes=True).get("loss", 0.0)
-            finite = math.isfinite(loss) and bool(_all_finite(state.params.values()))
-            if not finite:
+            if run.diverged(state, loss):
                 if not self.warned:
                     self.warned = True
                     run.logger.warning(
@@ -803,7 +795,7 @@ class _Run:
             self.means = MetricMeans()
         elif self.epoch_rng is not None:
             self.set_rng_state(self.epoch_rng)
-        lrs_before = list(_lr_metrics(state.opt_state).values())
+        lrs_before = list(learning_rate_metrics(state.opt_state).values())
         skipped_before = int(state.skipped_steps)
 
         state = self.callbacks("on_train_epoch_start", state)
@@ -822,8 +814,7 @@ class _Run:
             means=self.means,
         )
         train_metrics = {f"train/{k}": v for k, v in train_means.items()}
-        lr_now = _lr_metrics(state.opt_state)
-        train_metrics.update({f"train/{k}": v for k, v in lr_now.items()})
+        train_metrics.update(learning_rate_metrics(state.opt_state))
         state = state.replace(
             epoch=epoch,
             history=append_history(
@@ -855,9 +846,7 @@ class _Run:
             )
         value = metrics[self.monitor]
         loss = metrics.get("train/loss", 0.0)
-        diverged = self.train_step.on_nonfinite != "skip" and not (
-            math.isfinite(loss) and bool(_all_finite(state.params.values()))
-        )
+        diverged = self.diverged(state, loss)
         if not diverged:  # a diverged epoch is neither the best nor fed to any rule
             if has_plateau(state.opt_state):
                 state = state.replace(opt_state=observe_metric(state.opt_state, value))
@@ -867,7 +856,9 @@ class _Run:
             ]
 
         self.logger.info(epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0))
-        _log_lr_changes(self.logger, lrs_before, list(_lr_metrics(state.opt_state).values()))
+        _log_lr_changes(
+            self.logger, lrs_before, list(learning_rate_metrics(state.opt_state).values())
+        )
         skipped = int(state.skipped_steps) - skipped_before
         if skipped:
             self.logger.warning(f"Skipped {skipped} updates with non-finite loss or gradients")
@@ -888,6 +879,13 @@ class _Run:
         self.means = None
         self.save(state, position=None)
         return state
+
+    def diverged(self, state: TrainState, loss: float) -> bool:
+        """Whether training diverged: a non-finite epoch loss or non-finite weights (one
+        host read), unless the step skips such updates itself."""
+        if self.train_step.on_nonfinite == "skip":
+            return False
+        return not (math.isfinite(loss) and bool(all_finite(state.params.values())))
 
     def update_best(self, state: TrainState, value: float, epoch: int) -> None:
         better = self.best is None or (

@@ -472,7 +472,7 @@ class TrainStep:
         With an fp16 loss scale, overflowing gradients are the scale's to skip."""
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(NONFINITE_MSG.format(what="loss", step=state.step))
-        if loss_scale is None and not bool(_all_finite(grads.values())):
+        if loss_scale is None and not bool(all_finite(grads.values())):
             raise FloatingPointError(NONFINITE_MSG.format(what="gradient", step=state.step))
 
     def _gradients(
@@ -585,14 +585,14 @@ class TrainStep:
             names = list(grads)
             inv = torch.reciprocal(loss_scale.scale.double()).float()
             unscaled = _foreach.mul([grads[n] for n in names], inv)
-            finite = _all_finite(unscaled)
+            finite = all_finite(unscaled)
             grads = dict(zip(names, unscaled))
             loss_scale = self.loss_scale.update(loss_scale, ~finite)
             ok = finite
         if self.on_nonfinite == "skip":
             # The gradients too: a finite loss can have non-finite gradients, and with
             # accumulation an earlier micro-batch's NaN is in the sum, not in this loss.
-            ok = torch.isfinite(loss) & (ok if ok is not None else _all_finite(grads.values()))
+            ok = torch.isfinite(loss) & (ok if ok is not None else all_finite(grads.values()))
             # A non-finite forward pass (a NaN in the batch) would also leave non-finite
             # running statistics: keep the previous ones. (Only gradients that overflow the
             # fp16 loss scale keep the batch's statistics, as with torch.amp.GradScaler.)
@@ -662,7 +662,7 @@ class TrainStep:
         )
 
 
-def _all_finite(tensors: Any) -> torch.Tensor:
+def all_finite(tensors: Any) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite (no host sync)."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 

@@ -55,14 +55,14 @@ def _scalar_items(key: str, value: Any, owner: str = "EpochLogger") -> dict[str,
     return {f"{key}/{i}": float(v) for i, v in enumerate(values)}
 
 
-def _learning_rate_metrics(opt_state: Any) -> dict[str, float]:
+def learning_rate_metrics(opt_state: Any) -> dict[str, float]:
     """The learning rates of ``opt_state`` keyed as ``fit`` logs them.
 
     ``"train/lr"`` for one learning rate, ``"train/lr_0"``, ``"train/lr_1"``, ... for
     several parameter groups; per-model rates of a stacked state get a ``/j`` suffix.
 
     >>> from fnloop import optim
-    >>> _learning_rate_metrics(optim.sgd(0.1).init({"w": torch.zeros(1)}))
+    >>> learning_rate_metrics(optim.sgd(0.1).init({"w": torch.zeros(1)}))
     {'train/lr': 0.1}
     """
     lrs = learning_rates(opt_state)
@@ -139,7 +139,7 @@ class EpochLogger(Callback):
             return
         row = self._collect(state, metrics)
         if not any(k.startswith("train/lr") for k in metrics):
-            row.update(_learning_rate_metrics(state.opt_state))
+            row.update(learning_rate_metrics(state.opt_state))
 
     def on_validation_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self._active:
@@ -311,10 +311,3 @@ class JSONLinesLogger(EpochLogger):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in row.items()}) + "\n")
             f.flush()
-
-
-__all__ = [
-    "CSVLogger",
-    "EpochLogger",
-    "JSONLinesLogger",
-]

@@ -129,6 +129,3 @@ class PlotHistory(Callback):
     def on_fit_end(self, state: TrainState) -> None:
         if is_main_process() and _metric_names(state.history):
             plot_history(state.history, self.path)
-
-
-__all__ = ["MATPLOTLIB_MISSING_MSG", "PlotHistory", "plot_history"]

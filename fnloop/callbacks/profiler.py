@@ -122,6 +122,3 @@ class Profiler(Callback):
         prof, self._prof, self._done = self._prof, None, True
         prof.stop()
         atomic_write(self.trace_path, lambda tmp: prof.export_chrome_trace(str(tmp)))
-
-
-__all__ = ["Profiler"]

@@ -165,6 +165,3 @@ class TensorBoard(EpochLogger):
             return
         for key, value in _host_scalars(outputs).items():
             self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)
-
-
-__all__ = ["TENSORBOARD_MISSING_MSG", "TensorBoard"]

@@ -74,6 +74,3 @@ class WandB(EpochLogger):
         if self.run is not None:
             self.run.finish(exit_code=0 if state is not None else 1)  # None: fit raised
             self.run = None
-
-
-__all__ = ["WANDB_MISSING_MSG", "WandB"]

@@ -528,16 +528,3 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         return schedules[i](step - boundaries[i - 1]) if i else first(step)
 
     return joined
-
-
-__all__ = [
-    "constant_schedule",
-    "cosine_schedule",
-    "exponential_schedule",
-    "join_schedules",
-    "linear_schedule",
-    "multistep_schedule",
-    "onecycle_schedule",
-    "polynomial_schedule",
-    "step_schedule",
-]

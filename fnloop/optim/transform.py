@@ -661,22 +661,3 @@ def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
     with optree.dict_insertion_ordered(True, namespace=_tree.NAMESPACE):
         nodes = optree.tree_leaves(opt_state, is_leaf=is_lr, namespace=_tree.NAMESPACE)
     return [n.lr for n in nodes if is_lr(n)]
-
-
-__all__ = [
-    "ScaleByAdagradState",
-    "ScaleByAdamState",
-    "ScaleByLearningRateState",
-    "ScaleByRmsState",
-    "TraceState",
-    "add_decayed_weights",
-    "clip",
-    "clip_by_global_norm",
-    "learning_rates",
-    "scale",
-    "scale_by_adagrad",
-    "scale_by_adam",
-    "scale_by_learning_rate",
-    "scale_by_rms",
-    "trace",
-]

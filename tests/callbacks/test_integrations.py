@@ -30,7 +30,7 @@ from fnloop.callbacks import (
     WandB,
     plot_history,
 )
-from fnloop.callbacks.metrics_log import _learning_rate_metrics
+from fnloop.callbacks.metrics_log import learning_rate_metrics
 from fnloop.state import append_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,7 +160,7 @@ def test_stacked_learning_rates_are_logged_per_model() -> None:
         for lr in (0.5, 0.25)
     ]
     stacked = fl.stack_states(states)
-    assert _learning_rate_metrics(stacked.opt_state) == {"train/lr/0": 0.5, "train/lr/1": 0.25}
+    assert learning_rate_metrics(stacked.opt_state) == {"train/lr/0": 0.5, "train/lr/1": 0.25}
 
 
 def test_jsonl_one_object_per_epoch(tmp_path: Path) -> None:
