@@ -72,7 +72,8 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 NO_TENSOR_MSG = (
     "cannot find the batch size of a {kind} batch: it holds no tensor with a leading "
-    "dimension. Pass batch_size=<int or callable(batch) -> int>."
+    "dimension. Pass batch_size=<int or callable(batch) -> int> to fit, train_epoch or "
+    "validate_epoch (override=... to fl.batch_size)."
 )
 
 

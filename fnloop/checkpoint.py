@@ -73,7 +73,6 @@ VERSION = 1
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
-_PLAIN_CONTAINERS = (dict, list, tuple)
 
 _SAFETENSORS_MISSING = (
     "Saving or loading '{path}' needs the optional 'safetensors' package. Install it with "

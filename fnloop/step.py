@@ -308,7 +308,9 @@ def _check_output(out: Any, name: str) -> torch.Tensor:
     loss = out["loss"]
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
-            f"the 'loss' returned by {name} must be a tensor; got {type(loss).__name__}."
+            f"the 'loss' returned by {name} must be a tensor; got {type(loss).__name__}. "
+            "Return the loss tensor itself (not loss.item() or float(loss)), so that its "
+            "gradient can be taken."
         )
     if loss.numel() != 1:  # one element, of any shape, as loss.backward() accepts
         raise ValueError(LOSS_SHAPE_MSG.format(name=name, shape=tuple(loss.shape)))

@@ -9,8 +9,6 @@ import torch
 
 Params: TypeAlias = dict[str, torch.Tensor]
 """Named tensors, keyed like ``module.named_parameters()``."""
-Grads: TypeAlias = dict[str, torch.Tensor]
-"""Gradients with the same keys as the parameters."""
 Updates: TypeAlias = Any
 """A pytree of tensors shaped like the parameters, added to them by ``apply_updates``."""
 OptState: TypeAlias = Any
@@ -19,7 +17,7 @@ Batch: TypeAlias = Any
 """Any nesting of tensors: a tensor, tuple, list, dict, namedtuple or dataclass."""
 Metrics: TypeAlias = dict[str, torch.Tensor]
 """Named 0-d tensors returned by a step."""
-ScalarOrSchedule: TypeAlias = "float | torch.Tensor | Callable[[Any], Any]"
-"""A learning rate: a number, a 0-d tensor, or a schedule ``step -> lr``."""
+Schedule: TypeAlias = Callable[[Any], Any]
+"""A schedule: ``step -> value`` (a number or a 0-d tensor), such as ``optim.cosine_schedule``."""
 History: TypeAlias = Mapping[str, Mapping[str, tuple[float, ...]]]
 """``{"train": {"loss": (per-epoch values, ...)}, "valid": {...}}``, immutable."""

@@ -8,10 +8,9 @@ import numbers
 from fnloop import _tree
 from fnloop.optim import _foreach
 from fnloop.optim.base import ApplyFn, GradientTransformation, chain, flatten_like, identity
-from fnloop.optim.plateau import ReduceOnPlateau
 from fnloop.optim.transform import (
     HostValues,
-    Schedule,
+    LearningRate,
     TraceState,
     _learning_rate,
     adam_apply_,
@@ -24,8 +23,6 @@ from fnloop.optim.transform import (
     trace,
 )
 from fnloop.typing import OptState, Params, Updates
-
-LearningRate = float | Schedule | ReduceOnPlateau
 
 
 def sgd(

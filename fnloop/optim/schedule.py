@@ -1,6 +1,6 @@
 """Learning-rate schedules: pure functions ``step -> lr`` matching ``torch.optim.lr_scheduler``.
 
-Each factory returns a :data:`~fnloop.optim.transform.Schedule`. ``schedule(t)`` is the
+Each factory returns a :data:`~fnloop.typing.Schedule`. ``schedule(t)`` is the
 learning rate of the ``t``-th update (counting from 0): the value the torch scheduler
 named on the factory reports through ``get_last_lr()`` after ``t`` calls to
 ``scheduler.step()``. Torch computes most of them recursively from the previous value;
@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from fnloop.optim.base import scalar_dtype
-from fnloop.optim.transform import Schedule
+from fnloop.typing import Schedule
 
 _JOIN_LENGTHS = (
     "join_schedules needs one boundary between each pair of consecutive schedules, so "

@@ -10,7 +10,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import optree
 import torch
@@ -27,7 +27,7 @@ from fnloop.optim.base import (
     with_inplace,
 )
 from fnloop.optim.plateau import ReduceOnPlateau, ReduceOnPlateauState
-from fnloop.typing import OptState, Params, Updates
+from fnloop.typing import OptState, Params, Schedule, Updates
 
 
 def _first_leaf(tree: Any) -> torch.Tensor:
@@ -192,11 +192,12 @@ class ScaleByLearningRateState(NamedTuple):
     lr: torch.Tensor
 
 
-Schedule = Callable[[Any], Any]
+LearningRate: TypeAlias = float | torch.Tensor | Schedule | ReduceOnPlateau
+"""A learning rate: a number, a 0-d tensor, a schedule ``step -> lr`` or ``reduce_on_plateau``."""
 
 
 def _learning_rate(
-    learning_rate: float | torch.Tensor | Schedule | ReduceOnPlateau,
+    learning_rate: LearningRate,
 ) -> tuple[Callable[[Params], Any], Callable[[Any], Any]]:
     """``init(params)`` and ``advance(state)`` (the state after one update) of a learning rate.
 
@@ -245,7 +246,7 @@ def _learning_rate(
 
 
 def scale_by_learning_rate(
-    learning_rate: float | torch.Tensor | Schedule | ReduceOnPlateau,
+    learning_rate: LearningRate,
     *,
     flip_sign: bool = True,
 ) -> GradientTransformation:
