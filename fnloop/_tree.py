@@ -148,28 +148,33 @@ def tree_unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
     return optree.tree_unflatten(treedef, leaves)
 
 
-def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], Any]:
-    """Paths, leaves and treedef of ``tree`` in fnloop's namespace."""
-    return optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+def tree_flatten_with_keys(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Readable leaf keys (``opt_state.1.mu.0.weight``: field, dict key and tuple index
+    names joined by dots), leaves and treedef of ``tree`` in fnloop's namespace."""
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+    keys = [".".join(_entry_name(e) for e in accessor) or "<root>" for accessor in accessors]
+    return keys, leaves, treedef
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    """A readable key for a leaf path: ``opt_state.0.mu.fc.weight``."""
-    return ".".join(str(p) for p in path) if path else "<root>"
+def _entry_name(entry: Any) -> str:
+    for attr in ("field", "key", "name", "index"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry.entry)
 
 
 def first_difference(a: Any, b: Any) -> str | None:
     """Describes the first structural difference between two trees, or ``None``."""
-    paths_a, _, _ = tree_flatten_with_path(a)
-    paths_b, _, _ = tree_flatten_with_path(b)
-    set_b = set(paths_b)
-    for p in paths_a:
-        if p not in set_b:
-            return f"'{path_str(p)}' is present in the first tree but not in the second"
-    set_a = set(paths_a)
-    for p in paths_b:
-        if p not in set_a:
-            return f"'{path_str(p)}' is present in the second tree but not in the first"
+    keys_a, _, _ = tree_flatten_with_keys(a)
+    keys_b, _, _ = tree_flatten_with_keys(b)
+    set_b = set(keys_b)
+    for k in keys_a:
+        if k not in set_b:
+            return f"'{k}' is present in the first tree but not in the second"
+    set_a = set(keys_a)
+    for k in keys_b:
+        if k not in set_a:
+            return f"'{k}' is present in the second tree but not in the first"
     if optree.tree_structure(a, namespace=NAMESPACE) != optree.tree_structure(
         b, namespace=NAMESPACE
     ):

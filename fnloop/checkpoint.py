@@ -55,7 +55,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import nn
 
@@ -504,8 +503,7 @@ def _check_payload(path: Path, payload: Any) -> None:
 
 def _flatten_with_keys(state: TrainState) -> tuple[list[str], list[Any], Any]:
     """Leaf keys (``opt_state.0.mu.0.weight``), leaves and treedef of ``state``."""
-    accessors, leaves, treedef = optree.tree_flatten_with_accessor(state, namespace=_tree.NAMESPACE)
-    keys = [".".join(_entry_name(e) for e in accessor) or "<root>" for accessor in accessors]
+    keys, leaves, treedef = _tree.tree_flatten_with_keys(state)
     seen: set[str] = set()
     for key in keys:
         if key in seen:
@@ -515,13 +513,6 @@ def _flatten_with_keys(state: TrainState) -> tuple[list[str], list[Any], Any]:
             )
         seen.add(key)
     return keys, leaves, treedef
-
-
-def _entry_name(entry: Any) -> str:
-    for attr in ("field", "key", "name", "index"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry.entry)
 
 
 def _check_structure(

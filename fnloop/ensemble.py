@@ -48,7 +48,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if not isinstance(state, TrainState):
             raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
     first = states[0]
-    paths0, leaves0, treedef0 = _tree.tree_flatten_with_path(first)
+    paths0, leaves0, treedef0 = _tree.tree_flatten_with_keys(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
     for i, state in enumerate(states[1:], start=1):
         for attr in ("step", "epoch", "micro_step", "ema_decay"):
@@ -64,7 +64,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 f"stacked state runs states[0]'s module for every model. Stack states of "
                 f"one architecture, or train the others apart."
             )
-        paths, leaves, _ = _tree.tree_flatten_with_path(state)
+        paths, leaves, _ = _tree.tree_flatten_with_keys(state)
         if paths != paths0:
             diff = _tree.first_difference(first, state)
             raise ValueError(f"states[{i}] differs in structure from states[0]: {diff}")
@@ -72,7 +72,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
             ref = leaves0[j]
             if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
                 raise ValueError(
-                    f"states[{i}] leaf '{_tree.path_str(path)}' has shape {tuple(leaf.shape)} "
+                    f"states[{i}] leaf '{path}' has shape {tuple(leaf.shape)} "
                     f"and dtype {leaf.dtype}; states[0] has {tuple(ref.shape)} and {ref.dtype}."
                 )
             columns[j].append(leaf)
