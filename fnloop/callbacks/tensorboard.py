@@ -59,18 +59,21 @@ def _write_records(f: IO[bytes], records: list[bytes]) -> None:
 def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
     """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
 
-    ``"train_step/..."`` scalars are indexed by optimizer step, the others by epoch. A file
-    is replaced atomically and only when something is dropped; a torn last record (a
-    crash in the middle of a write) is dropped with it.
+    ``"train_step/..."`` scalars are indexed by optimizer step, ``"train/..."`` and
+    ``"valid/..."`` ones by epoch; other events (what else was written to the folder) are
+    kept. A file is replaced atomically and only when something is dropped; a torn last
+    record (a crash in the middle of a write) is dropped with it.
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
 
-    def beyond(event: Any) -> bool:
-        return any(
-            event.step > (step if value.tag.startswith("train_step/") else epoch)
-            for value in event.summary.value
-        )
+    def beyond(event: Any) -> bool:  # only the tags this callback writes
+        for value in event.summary.value:
+            if value.tag.startswith("train_step/") and event.step > step:
+                return True
+            if value.tag.startswith(("train/", "valid/")) and event.step > epoch:
+                return True
+        return False
 
     for path in sorted(log_dir.glob("*tfevents*")):
         if not path.is_file():

@@ -244,6 +244,10 @@ def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_dir = tmp_path / "tb"
+    cb = TensorBoard(log_dir, log_every_n_steps=1)
+    cb.on_fit_start(new_state())
+    cb.writer.add_scalar("samples/seen", 10.0, global_step=1000)  # the user's own: kept
+    cb.writer.close()
     drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), [*FIRST_FIT, *SECOND_FIT])
     first_files = sorted(log_dir.iterdir())
     with open(first_files[0], "ab") as f:
@@ -260,13 +264,14 @@ def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) 
     assert scalars("valid/loss") == [(1, 0.75)]
     assert scalars("train_step/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert not list(log_dir.glob(".*"))  # no temporary file left behind
+    assert scalars("samples/seen") == [(1000, 10.0)]
 
     # A fresh run in the same place starts new curves.
     drive([TensorBoard(log_dir)], new_state(), [({"train/loss": 0.9}, None)])
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     assert scalars("train/loss") == [(1, 0.9)]
-    assert acc.Tags()["scalars"] == ["train/loss", "train/lr"]
+    assert sorted(acc.Tags()["scalars"]) == ["samples/seen", "train/loss", "train/lr"]
 
 
 def test_tensorboard_rejects_a_bad_interval() -> None:
