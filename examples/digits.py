@@ -202,7 +202,8 @@ def show_extras(state: fl.TrainState, train_loader: DataLoader, valid_loader: Da
     )
 
     # 2. The whole step (forward, backward, clipping, AdamW, EMA) as one compiled graph.
-    #    drop_last=True keeps the batch shape fixed: one compilation, no dynamic shapes.
+    #    drop_last=True keeps the batch shape fixed: no dynamic shapes (two compilations:
+    #    dynamo specializes the first state.step it sees, then makes it dynamic).
     compiled = torch.compile(fl.make_train_step(training_step))
     fixed_shape_loader = DataLoader(
         train_loader.dataset, batch_size=train_loader.batch_size, shuffle=True, drop_last=True

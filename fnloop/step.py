@@ -603,7 +603,7 @@ class TrainStep:
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
         # copies into in-place stores, so no new buffers are allocated per step).
-        write_back = donate and ok is None and torch.compiler.is_compiling()
+        write_back = donate and torch.compiler.is_compiling()
         inplace = donate and ok is None and not write_back and state.tx.apply_ is not None
         # Pure, eager: the same fused step, on fresh copies of the parameters and of the
         # optimizer buffers keyed like them (the tensors it writes into): a copy and one
@@ -832,9 +832,9 @@ def make_train_step(
         too: start from ``state.clone()`` (see :meth:`TrainState.clone`).
         Passing a donated state again raises ``RuntimeError`` (in eager mode; compiled
         code cannot check this). Works in eager mode and under ``torch.compile`` (a
-        compiled ``vmap`` of the step too); under eager ``vmap``, and for updates that
-        ``"skip"`` or fp16 may skip, the step computes out of place. ``fit`` donates the
-        states it makes itself.
+        compiled ``vmap`` of the step too, and with ``"skip"`` or fp16); in eager mode,
+        under ``vmap`` and for updates that ``"skip"`` or fp16 may skip, the step computes
+        out of place. ``fit`` donates the states it makes itself.
 
     Returns:
       The step, a function. ``torch.compile`` it as it is; each step made compiles on

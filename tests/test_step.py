@@ -719,9 +719,11 @@ def test_compiled_step_has_no_graph_breaks_and_matches_eager_ci_subset():
 
 
 @pytest.mark.slow
-def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
+@pytest.mark.parametrize("policy", [None, "skip"])
+def test_compiled_donating_step_writes_into_the_donated_state_ci_subset(policy):
     """torch.compile(make_train_step(..., donate=True)): no graph breaks, the same numbers
-    as the pure eager step, and params, moments and EMA stay in the donated buffers."""
+    as the pure eager step, and params, moments and EMA stay in the donated buffers; also
+    when an update may be skipped (the selected state is written back)."""
     torch._dynamo.reset()
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_schedule(1e-2, 8)))
     state = fl.TrainState.create(
@@ -729,12 +731,14 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
     )
     state = fl._tree.tree_map(torch.clone, state)  # not the module's own tensors
     data = batches(4, dtype=torch.float32)
-    step = fl.make_train_step(classify, donate=True)
+    if policy == "skip":
+        data[2] = (torch.full_like(data[2][0], float("nan")), data[2][1])
+    step = fl.make_train_step(classify, donate=True, on_nonfinite=policy)
     scratch = fl._tree.tree_map(torch.clone, state)
     explanation = torch._dynamo.explain(step)(scratch, data[0])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(step, fullgraph=True)
-    eager_step = fl.make_train_step(classify)
+    eager_step = fl.make_train_step(classify, on_nonfinite=policy)
     donated = fl._tree.tree_map(torch.clone, state)
 
     def buffers_of(s):  # params, EMA, Adam's moments
@@ -747,8 +751,9 @@ def test_compiled_donating_step_writes_into_the_donated_state_ci_subset():
     for b in data:
         eager_state, m1 = eager_step(eager_state, b)
         donated, m2 = compiled(donated, b)
-        torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6, equal_nan=True)
     assert buffers_of(donated) == before
+    assert int(donated.skipped_steps) == (1 if policy == "skip" else 0)
     for a, b in zip(fl._tree.tree_leaves(eager_state), fl._tree.tree_leaves(donated)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
