@@ -20,13 +20,17 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     writers of one path never share it) and hidden, and it holds no part of ``path``'s
     name, so tools that watch a folder by file name (TensorBoard) skip it.
     """
+    _replace_with(path, write, synced=False)
+
+
+def _replace_with(path: Path, write: Callable[[Path], Any], *, synced: bool) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".fnloop-{uuid.uuid4().hex[:12]}.tmp"
     try:
         write(tmp)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
+        if not synced:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -41,8 +45,21 @@ def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     def to_file(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
 
-    atomic_write(path, to_file)
+    _replace_with(path, to_file, synced=True)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flushes a written file to disk, through a read-only descriptor (a umask may have
+    made the file read-only for its writer); a no-op where that is not allowed."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:

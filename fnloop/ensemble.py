@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 from fnloop import _tree
 from fnloop.state import TrainState
@@ -82,6 +83,15 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _kind(module: torch.nn.Module) -> tuple[str, str]:
+    """The module's class by name: the same for classes made per instance (a class defined
+    in a factory function; ``parametrize``, which subclasses each module it changes)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls.__module__, cls.__qualname__
+
+
 def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     """Where two module templates differ (a submodule's type or a plain attribute such
     as ``Dropout.p``), or ``None``."""
@@ -93,8 +103,8 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     for name, ma in subs_a.items():
         mb = subs_b[name]
         where = name or "the root module"
-        if type(ma) is not type(mb):
-            return f"{where} is a {type(ma).__name__} in one and a {type(mb).__name__} in the other"
+        if _kind(ma) != _kind(mb):
+            return f"{where} is a {_kind(ma)[1]} in one and a {_kind(mb)[1]} in the other"
         for key, va in vars(ma).items():
             vb = vars(mb).get(key)
             if isinstance(va, _PLAIN) and va != vb and key != "training":

@@ -507,7 +507,7 @@ class _MidEpochCheckpoints(Callback):
             return
         self.last_step = state.step
         run = self.run
-        if run.means is not None:
+        if run.means is not None and run.train_step.on_nonfinite != "skip":
             # A diverged epoch ends the run at its end: its checkpoints would replace the
             # good ones (and a re-run would resume from them).
             loss = run.means.means(all_processes=True).get("loss", 0.0)

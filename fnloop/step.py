@@ -368,7 +368,7 @@ class TrainStep:
                 f"training_step must be callable; got {type(self.training_step).__name__}."
             )
         k = self.accumulation_steps
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or k < 1 or int(k) != k:
             raise ValueError(f"accumulation_steps must be an integer >= 1; got {k!r}.")
         object.__setattr__(self, "accumulation_steps", int(k))
         check_precision(self.precision)
@@ -630,14 +630,12 @@ class TrainStep:
                 averaged = _foreach.copy_(old, new) if inplace else [p.clone() for p in new]
             elif ok is not None:
                 # A skipped update is not an update: while all so far were skipped, the
-                # first one applied still starts the average at the weights (weight 1).
-                device = state.skipped_steps.device
-                weight = torch.where(
+                # first one applied still starts the average at the weights.
+                averaged = _foreach.where(
                     state.skipped_steps == state.step,
-                    torch.ones((), dtype=torch.float64, device=device),
-                    torch.full((), 1.0 - state.ema_decay, dtype=torch.float64, device=device),
+                    new,
+                    _foreach.lerp(old, new, 1.0 - state.ema_decay),
                 )
-                averaged = _foreach.lerp(old, new, weight)
             elif inplace:
                 averaged = _foreach.lerp_(old, new, 1.0 - state.ema_decay)
             else:

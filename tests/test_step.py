@@ -563,6 +563,14 @@ def test_stacking_refuses_states_of_different_modules():
     with pytest.raises(TypeError, match=r"states\[0\] is a int"):
         fl.stack_states([1, a])
     fl.stack_states([a, fl.TrainState.create(mlp(seed=3), tx=optim.sgd(0.2), device="cpu")])
+    # parametrize makes a class per module: two weight-normed models are still alike.
+    normed = [
+        fl.TrainState.create(
+            nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)), tx=optim.sgd(0.1)
+        )
+        for _ in range(2)
+    ]
+    assert fl.stack_states(normed).params["parametrizations.weight.original0"].shape[0] == 2
 
 
 def test_a_stacked_state_outside_vmap_is_a_clear_error():
@@ -1464,29 +1472,38 @@ def test_a_step_without_fp16_leaves_the_states_loss_scale_alone():
         assert torch.equal(new.loss_scale.scale, state.loss_scale.scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("how", ["pure", "donate", "vmap"])
-def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how):
+def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how, dtype):
     """Skipped updates are not updates: like AveragedModel updated after each applied
-    optimizer step, the first applied one sets the average to the weights."""
-    data = batches(5)
+    optimizer step, the first applied one sets the average to the weights; then the same
+    lerp, bit for bit, in every dtype."""
+    data = batches(5, dtype=dtype)
     bad = (torch.full_like(data[0][0], float("nan")), data[0][1])
-    applied = data[2:]
-    ref, ema, _ = hand_loop(mlp(), applied, lambda p: torch.optim.SGD(p, 0.1), ema_decay=0.9)
-    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
+    state = fl.TrainState.create(mlp(dtype=dtype), tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
     step = fl.make_train_step(classify, on_nonfinite="skip", donate=how == "donate")
     if how == "donate":
         state = state.clone()
     if how == "vmap":
         state = fl.stack_states([state, state])
         step = torch.func.vmap(step, in_dims=(0, None), randomness="different")
-    for b in [bad, bad, *applied]:
+    reference = None  # what AveragedModel(get_ema_multi_avg_fn(0.9)) holds
+    for b in [bad, bad, *data[2:]]:
         state, _ = step(state, b)
-    if how == "vmap":
-        state = fl.unstack_states(state)[1]
-    assert int(state.skipped_steps) == 2 and state.step == 5
-    assert_state_matches(state, ref, rtol=1e-12, atol=1e-14)
-    for name, p in ema.module.named_parameters():
-        torch.testing.assert_close(state.ema[name], p.detach(), rtol=1e-12, atol=1e-14)
+        one = fl.unstack_states(state)[1] if how == "vmap" else state
+        if b is bad:
+            continue
+        params = [one.params[n].detach().clone() for n in one.params]
+        if reference is None:
+            reference = params
+        else:
+            torch._foreach_lerp_(reference, params, 1 - 0.9)
+        for name, expected in zip(one.params, reference):
+            assert torch.equal(one.ema[name], expected), name
+    assert int(one.skipped_steps) == 2 and one.step == 5
+    if dtype == torch.float64 and how != "vmap":  # and the weights are a torch loop's
+        ref, _, _ = hand_loop(mlp(dtype=dtype), data[2:], lambda p: torch.optim.SGD(p, 0.1))
+        assert_state_matches(one, ref, rtol=1e-12, atol=1e-14)
 
 
 def test_one_step_on_several_states_copies_each_template_once(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -48,6 +49,9 @@ def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
     return {k: values[k] for k in outputs if k in values}
 
 
+_SUFFIX = ".fnloop"  # the event files this callback writes end with it
+
+
 def _write_records(f: IO[bytes], records: list[bytes]) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -60,9 +64,10 @@ def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
     """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
 
     ``"train_step/..."`` scalars are indexed by optimizer step, ``"train/..."`` and
-    ``"valid/..."`` ones by epoch; other events (what else was written to the folder) are
-    kept. A file is replaced atomically and only when something is dropped; a torn last
-    record (a crash in the middle of a write) is dropped with it.
+    ``"valid/..."`` ones by epoch. Only the files this callback wrote (named ``*.fnloop``)
+    are rewritten: what other writers put in the folder is kept. A file is replaced
+    atomically and only when something is dropped; a torn last record (a crash in the
+    middle of a write) is dropped with it, a file damaged in the middle is left alone.
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
@@ -75,14 +80,29 @@ def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
                 return True
         return False
 
-    for path in sorted(log_dir.glob("*tfevents*")):
+    for path in sorted(log_dir.glob(f"*tfevents*{_SUFFIX}")):
         if not path.is_file():
             continue
         records = list(RawEventFileLoader(str(path)).Load())
+        read = sum(len(r) + 16 for r in records)  # length, 2 checksums: 16 bytes a record
+        size = path.stat().st_size
+        if read < size and not _torn_last_record(path, read, size):
+            continue  # damaged in the middle: not ours to cut short
         kept = [r for r in records if not beyond(event_pb2.Event.FromString(r))]
-        if len(kept) == len(records) and sum(len(r) + 16 for r in records) == path.stat().st_size:
-            continue
-        atomic_write_file(path, functools.partial(_write_records, records=kept))
+        if len(kept) < len(records) or read < size:
+            atomic_write_file(path, functools.partial(_write_records, records=kept))
+
+
+def _torn_last_record(path: Path, offset: int, size: int) -> bool:
+    """Whether the bytes after ``offset`` are the beginning of one record (a write that a
+    crash cut short) rather than more records after a damaged one."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        header = f.read(8)
+    if len(header) < 8:
+        return True
+    (length,) = struct.unpack("<Q", header)
+    return size - offset < length + 16
 
 
 class TensorBoard(EpochLogger):
@@ -102,7 +122,8 @@ class TensorBoard(EpochLogger):
     ``on_fit_start`` the scalars already in ``log_dir`` that lie beyond the state (epoch
     scalars after ``state.epoch``, ``"train_step/..."`` scalars after ``state.step``:
     written after the checkpoint the run resumes from, or by an earlier run in the same
-    place) are removed from its event files, so no point appears twice.
+    place) are removed from the event files it wrote (other writers' files are left
+    alone), so no point appears twice.
 
     Args:
       log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
@@ -141,7 +162,7 @@ class TensorBoard(EpochLogger):
         self.finish(None)  # a writer left open by an earlier fit
         if self.log_dir.is_dir():
             _drop_scalars_after(self.log_dir, epoch=state.epoch, step=state.step)
-        self.writer = writer_class(log_dir=str(self.log_dir))
+        self.writer = writer_class(log_dir=str(self.log_dir), filename_suffix=_SUFFIX)
 
     def write_row(self, row: Mapping[str, float]) -> None:
         epoch = int(row["epoch"])

@@ -158,9 +158,9 @@ def addcdiv_(xs: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0)
     return xs
 
 
-def lerp(xs: TensorList, ys: TensorList, weight: Scalar) -> TensorList:
-    """``x + weight * (y - x)``; a tensor ``weight`` is read on the device (no host sync)."""
-    if batched(xs) or batched(ys) or isinstance(weight, torch.Tensor):
+def lerp(xs: TensorList, ys: TensorList, weight: float) -> TensorList:
+    """``x + weight * (y - x)``."""
+    if batched(xs) or batched(ys):
         return [torch.lerp(x, y, weight) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_lerp(xs, ys, weight))
 

@@ -130,17 +130,21 @@ def reduce_on_plateau(
       [0.25]
     """
     if mode not in ("min", "max"):
-        raise ValueError(f"mode {mode!r} is unknown! Use 'min' or 'max'.")
+        raise ValueError(f"reduce_on_plateau mode must be 'min' or 'max'; got {mode!r}.")
     if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f"threshold mode {threshold_mode!r} is unknown! Use 'rel' or 'abs'.")
+        raise ValueError(
+            f"reduce_on_plateau threshold_mode must be 'rel' or 'abs'; got {threshold_mode!r}."
+        )
     if not 0.0 < factor < 1.0:
-        raise ValueError(f"Invalid factor: {factor} (factor should be in (0, 1)).")
+        raise ValueError(f"reduce_on_plateau factor must be in (0, 1); got {factor}.")
     if learning_rate < 0.0:
-        raise ValueError(f"Invalid learning rate: {learning_rate}")
+        raise ValueError(f"reduce_on_plateau learning_rate must be >= 0; got {learning_rate}.")
     if patience < 0 or cooldown < 0:
-        raise ValueError(f"patience and cooldown must be >= 0; got {patience} and {cooldown}.")
+        raise ValueError(
+            f"reduce_on_plateau patience and cooldown must be >= 0; got {patience} and {cooldown}."
+        )
     if min_lr < 0.0:
-        raise ValueError(f"Invalid min_lr: {min_lr}")
+        raise ValueError(f"reduce_on_plateau min_lr must be >= 0; got {min_lr}.")
     return ReduceOnPlateau(
         learning_rate=float(learning_rate),
         mode=mode,

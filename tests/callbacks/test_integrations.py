@@ -248,9 +248,13 @@ def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) 
     cb.on_fit_start(new_state())
     cb.writer.add_scalar("samples/seen", 10.0, global_step=1000)  # the user's own: kept
     cb.writer.close()
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir) as other:  # another writer's file is left alone
+        other.add_scalar("train/grad_norm", 2.0, global_step=5)
     drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), [*FIRST_FIT, *SECOND_FIT])
-    first_files = sorted(log_dir.iterdir())
-    with open(first_files[0], "ab") as f:
+    ours = sorted(log_dir.glob("*.fnloop"))
+    with open(ours[-1], "ab") as f:
         f.write(b"\x10\x00")  # a crash in the middle of a write
     resumed = new_state().replace(epoch=1, step=2)  # the checkpoint was taken after epoch 1
     drive([TensorBoard(log_dir, log_every_n_steps=1)], resumed, [({"train/loss": 0.2}, None)])
@@ -265,13 +269,31 @@ def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) 
     assert scalars("train_step/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert not list(log_dir.glob(".*"))  # no temporary file left behind
     assert scalars("samples/seen") == [(1000, 10.0)]
+    assert scalars("train/grad_norm") == [(5, 2.0)]
 
     # A fresh run in the same place starts new curves.
     drive([TensorBoard(log_dir)], new_state(), [({"train/loss": 0.9}, None)])
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     assert scalars("train/loss") == [(1, 0.9)]
-    assert sorted(acc.Tags()["scalars"]) == ["samples/seen", "train/loss", "train/lr"]
+    assert sorted(acc.Tags()["scalars"]) == [
+        "samples/seen",
+        "train/grad_norm",
+        "train/loss",
+        "train/lr",
+    ]
+
+
+def test_tensorboard_resume_leaves_a_file_damaged_in_the_middle_alone(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    log_dir = tmp_path / "tb"
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), FIRST_FIT)
+    (path,) = log_dir.glob("*.fnloop")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte: the records after it are still good
+    path.write_bytes(bytes(data))
+    drive([TensorBoard(log_dir)], new_state().replace(epoch=1, step=2), [])
+    assert path.read_bytes() == bytes(data)
 
 
 def test_tensorboard_rejects_a_bad_interval() -> None:

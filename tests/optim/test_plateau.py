@@ -290,13 +290,13 @@ def test_observe_metric_under_vmap_is_per_model() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "avg"}, "mode 'avg'"),
-        ({"threshold_mode": "pct"}, "threshold mode 'pct'"),
-        ({"factor": 1.0}, "factor: 1.0"),
-        ({"factor": 0.0}, "factor: 0.0"),
+        ({"mode": "avg"}, "mode must be 'min' or 'max'; got 'avg'"),
+        ({"threshold_mode": "pct"}, "threshold_mode must be 'rel' or 'abs'; got 'pct'"),
+        ({"factor": 1.0}, r"factor must be in \(0, 1\); got 1\.0"),
+        ({"factor": 0.0}, r"factor must be in \(0, 1\); got 0\.0"),
         ({"patience": -1}, "patience"),
         ({"cooldown": -2}, "cooldown"),
-        ({"min_lr": -0.1}, "min_lr: -0.1"),
+        ({"min_lr": -0.1}, r"min_lr must be >= 0; got -0\.1"),
     ],
 )
 def test_bad_plateau_config_is_rejected(kwargs, match) -> None:
@@ -305,5 +305,5 @@ def test_bad_plateau_config_is_rejected(kwargs, match) -> None:
 
 
 def test_negative_plateau_learning_rate_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"learning rate: -0\.1"):
+    with pytest.raises(ValueError, match=r"learning_rate must be >= 0; got -0\.1"):
         optim.reduce_on_plateau(-0.1)
