@@ -35,7 +35,7 @@ from fnloop.distributed import (
 from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
-from fnloop.state import TrainState, append_history
+from fnloop.state import TrainState, append_history, history_added
 from fnloop.step import (
     EvalStep,
     EvalStepFn,
@@ -60,7 +60,14 @@ MONITOR_WITHOUT_VALID_MSG = (
 UNKNOWN_FIT_MONITOR_MSG = (
     "the monitored metric {monitor!r} is not among the epoch's metrics {known}. Name one "
     "of them in fit(monitor=...) or EarlyStopping(monitor=...): 'valid/<metric>' or "
-    "'train/<metric>' for a metric your step returns."
+    "'train/<metric>' for a metric your step returns or a callback appends to the "
+    "history (fl.state.append_history)."
+)
+EPOCH_METRICS_MSG = (
+    "the epoch metrics a callback gets are read-only, so {key!r} cannot be set there. Add "
+    "an epoch-level metric to the history instead: state = state.replace(history="
+    "fl.state.append_history(state.history, 'valid', {{'name': value}})), returned from "
+    "the callback; fit then logs, shows and monitors it as 'valid/name'."
 )
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
@@ -142,6 +149,34 @@ def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[
         if abs(a - b) > 1e-8:
             group = f" [group {i}]" if len(new) > 1 else ""
             logger.info(f"Learning rate{group} updated: {a:.6f} → {b:.6f}")
+
+
+class EpochMetrics(Mapping[str, float]):
+    """An epoch's metrics as callbacks get them: ``{"train/loss": 0.31, ...}``, read-only.
+
+    A callback adds an epoch-level metric (an F1 score over the whole epoch) to the
+    history instead, with ``state.replace(history=fl.state.append_history(state.history,
+    "valid", {"f1": f1}))``: ``fit`` then shows, logs, monitors and early-stops on
+    ``"valid/f1"`` like the metrics the steps return.
+    """
+
+    def __init__(self, values: Mapping[str, float]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> float:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __setitem__(self, key: str, value: float) -> None:
+        raise TypeError(EPOCH_METRICS_MSG.format(key=key))
+
+    def __repr__(self) -> str:
+        return repr(self._values)
 
 
 @dataclasses.dataclass
@@ -419,7 +454,8 @@ def fit(
     if run_dir is not None and main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     if run_dir is not None and main:
-        user_callbacks = _default_callbacks(run_dir) + user_callbacks
+        # After the user's callbacks: the metrics they add to the history get logged too.
+        user_callbacks = user_callbacks + _default_callbacks(run_dir)
     logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
@@ -821,7 +857,9 @@ class _Run:
                 state.history, "train", {k[6:]: v for k, v in train_metrics.items()}
             ),
         )
-        state = self.callbacks("on_train_epoch_end", state, train_metrics)
+        before = state.history
+        state = self.callbacks("on_train_epoch_end", state, EpochMetrics(train_metrics))
+        train_metrics.update(history_added(before, state.history))  # a callback's own
 
         metrics = dict(train_metrics)
         if self.eval_step is not None and self.valid_loader is not None:
@@ -837,8 +875,10 @@ class _Run:
             )
             valid_metrics = {f"valid/{k}": v for k, v in valid_means.items()}
             state = state.replace(history=append_history(state.history, "valid", valid_means))
-            state = self.callbacks("on_validation_epoch_end", state, valid_metrics)
+            before = state.history
+            state = self.callbacks("on_validation_epoch_end", state, EpochMetrics(valid_metrics))
             metrics.update(valid_metrics)
+            metrics.update(history_added(before, state.history))
 
         if self.monitor not in metrics:
             raise KeyError(

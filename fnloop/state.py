@@ -83,6 +83,21 @@ def append_history(history: History, split: str, metrics: Mapping[str, float]) -
     return freeze_history(merged)
 
 
+def history_added(before: History, after: History) -> dict[str, float]:
+    """The values appended to ``after`` since ``before``, as ``{"<split>/<name>": last}``.
+
+    >>> h = append_history(freeze_history({}), "train", {"loss": 1.0})
+    >>> history_added(h, append_history(h, "valid", {"r2": 0.5}))
+    {'valid/r2': 0.5}
+    """
+    return {
+        f"{split}/{name}": values[-1]
+        for split, metrics in after.items()
+        for name, values in metrics.items()
+        if len(values) > len(before.get(split, {}).get(name, ()))
+    }
+
+
 def _meta_template(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the ``meta`` device.
 

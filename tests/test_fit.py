@@ -206,6 +206,66 @@ def test_callback_can_replace_the_state_and_bad_return_is_an_error():
         )
 
 
+class _EpochR2(fl.callbacks.Callback):
+    """An epoch-level metric: a score over the whole validation epoch, added to the history."""
+
+    def __init__(self):
+        self.scores = []
+
+    def on_validation_epoch_start(self, state):
+        self.hits, self.n = 0, 0
+
+    def on_validation_batch_end(self, state, outputs, batch, batch_idx):
+        self.hits += float(outputs["acc"]) * len(batch[1])
+        self.n += len(batch[1])
+
+    def on_validation_epoch_end(self, state, metrics):
+        score = self.hits / self.n - 0.1 * len(self.scores)  # falls after epoch 1
+        self.scores.append(score)
+        return state.replace(
+            history=fl.state.append_history(state.history, "valid", {"score": score})
+        )
+
+
+def test_an_epoch_metric_a_callback_appends_is_logged_shown_and_monitored(tmp_path):
+    r2 = _EpochR2()
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=5,
+        callbacks=[r2],
+        early_stopping=fl.EarlyStopping("valid/score", mode="max", patience=1),
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    assert state.epoch == 2  # the score fell at epoch 2: patience 1 stops there
+    assert state.history["valid"]["score"] == pytest.approx(tuple(r2.scores))
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    got = [float(row.split(",")[header.index("valid/score")]) for row in rows[1:]]
+    assert got == pytest.approx(r2.scores)
+    log = (tmp_path / "run_training.log").read_text()
+    assert re.search(r"\[1/5\] .*\(val\) .*score:", log)  # the epoch line
+    assert "Best model (valid/score" in log
+
+
+def test_epoch_metrics_given_to_callbacks_are_read_only():
+    class Sets(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            metrics["valid/r2"] = 0.5
+
+    with pytest.raises(TypeError, match=r"read-only.*append_history"):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            callbacks=[Sets()],
+            log_to_console=False,
+        )
+
+
 def test_bad_setup_is_reported_before_training():
     calls = []
 

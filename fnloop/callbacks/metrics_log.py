@@ -22,6 +22,8 @@ from fnloop._io import atomic_write_file
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
+from fnloop.state import history_added
+from fnloop.typing import History
 
 if TYPE_CHECKING:
     from fnloop.state import TrainState
@@ -81,9 +83,10 @@ class EpochLogger(Callback):
     a row still pending (an epoch without validation) is written at the next
     ``on_train_epoch_start`` or at ``on_fit_end``. A row is
     ``{"epoch": state.epoch, "step": state.step, "train/loss": ..., "valid/loss": ...}``
-    with the counters of the last event that contributed to it. When the train metrics
-    carry no ``"train/lr..."`` entry, the learning rates are read from the optimizer state
-    (one host sync per epoch). Under ``torch.distributed`` only rank 0 writes.
+    with the counters of the last event that contributed to it; metrics that callbacks
+    before this one appended to ``state.history`` in the epoch join the row. When the
+    train metrics carry no ``"train/lr..."`` entry, the learning rates are read from the
+    optimizer state (one host sync per epoch). Under ``torch.distributed`` only rank 0 writes.
 
     Subclasses implement :meth:`write_row` and, where they hold a resource,
     :meth:`start` and :meth:`finish`.
@@ -112,6 +115,7 @@ class EpochLogger(Callback):
     def __init__(self) -> None:
         self._pending: dict[str, float] = {}
         self._counters: tuple[int, int] | None = None
+        self._history: History = {}  # at the epoch's start
         self._active = False
 
     def start(self, state: TrainState) -> None:
@@ -126,13 +130,14 @@ class EpochLogger(Callback):
         ``state`` is ``None`` when ``fit`` ended by an exception)."""
 
     def on_fit_start(self, state: TrainState) -> None:
-        self._pending, self._counters = {}, None
+        self._pending, self._counters, self._history = {}, None, state.history
         self._active = is_main_process()
         if self._active:
             self.start(state)
 
     def on_train_epoch_start(self, state: TrainState) -> None:
         self._flush()
+        self._history = state.history
 
     def on_train_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if not self._active:
@@ -163,6 +168,9 @@ class EpochLogger(Callback):
             self._flush()
         for key, value in metrics.items():
             self._pending.update(_scalar_items(key, value, type(self).__name__))
+        # What callbacks before this one appended to the history in this epoch.
+        for key, value in history_added(self._history, state.history).items():
+            self._pending.setdefault(key, value)
         self._counters = (state.epoch, state.step)
         return self._pending
 
