@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+import functools
+import types
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.nn.utils import parametrize
@@ -80,21 +84,46 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
 
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = (bool, int, float, str, type(None), enum.Enum, torch.dtype, torch.device)
+_IGNORED = {"training", "inplace"}  # the mode fit sets; a memory choice, not the math
+_HOOKS = {
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+}
 
 
-def _kind(module: torch.nn.Module) -> tuple[str, str]:
-    """The module's class by name: the same for classes made per instance (a class defined
-    in a factory function; ``parametrize``, which subclasses each module it changes)."""
+def _class(module: torch.nn.Module) -> type:
+    """The module's class (``parametrize`` subclasses each module it changes: its base)."""
     cls = type(module)
-    if parametrize.is_parametrized(module):
-        cls = cls.__bases__[0]
-    return cls.__module__, cls.__qualname__
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def _setting(value: Any) -> Any:
+    """A comparable form of an attribute that may change what forward computes: plain
+    values and tuples or lists of them as they are, functions by their code, builtins by
+    identity; ``None`` for what is not compared (tensors, containers)."""
+    if isinstance(value, _PLAIN):
+        return ("value", value)
+    if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
+        return ("value", tuple(value))
+    if isinstance(value, types.FunctionType):  # by its code: a lambda made per instance too
+        return ("function", value.__code__)
+    if isinstance(value, types.MethodType):
+        return ("function", value.__func__.__code__)
+    if isinstance(value, functools.partial):
+        keywords = tuple(sorted((k, _setting(v)) for k, v in value.keywords.items()))
+        return ("partial", _setting(value.func), tuple(map(_setting, value.args)), keywords)
+    if callable(value) and not isinstance(value, torch.nn.Module | type):
+        return ("callable", id(value))  # a builtin such as torch.relu
+    return None
 
 
 def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
-    """Where two module templates differ (a submodule's type or a plain attribute such
-    as ``Dropout.p``), or ``None``."""
+    """Where two module templates differ (a submodule's class, or a setting such as
+    ``Dropout.p``, ``Conv2d.stride`` or an activation function kept as an attribute),
+    or ``None``."""
     if a is b:
         return None
     subs_a, subs_b = dict(a.named_modules()), dict(b.named_modules())
@@ -103,11 +132,19 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     for name, ma in subs_a.items():
         mb = subs_b[name]
         where = name or "the root module"
-        if _kind(ma) != _kind(mb):
-            return f"{where} is a {_kind(ma)[1]} in one and a {_kind(mb)[1]} in the other"
-        for key, va in vars(ma).items():
-            vb = vars(mb).get(key)
-            if isinstance(va, _PLAIN) and va != vb and key != "training":
+        if _class(ma) is not _class(mb):
+            kind_a, kind_b = _class(ma).__qualname__, _class(mb).__qualname__
+            if kind_a == kind_b:
+                kind_b += " (another class of that name: define the class once)"
+            return f"{where} is a {kind_a} in one and a {kind_b} in the other"
+        va_all, vb_all = vars(ma), vars(mb)
+        for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED):
+            va, vb = va_all.get(key), vb_all.get(key)
+            if key in _HOOKS:  # what forward runs around the module
+                va, vb = tuple(va.values()), tuple(vb.values())
+                if tuple(map(_setting, va)) != tuple(map(_setting, vb)):
+                    return f"{where}.{key} hold {va!r} in one and {vb!r} in the other"
+            elif _setting(va) != _setting(vb):
                 return f"{where}.{key} is {va!r} in one and {vb!r} in the other"
     return None
 

@@ -15,7 +15,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_precision(precision: object) -> None:
     """Raises ``ValueError`` unless ``precision`` is ``None``, ``"bf16"`` or ``"fp16"``."""
-    if precision not in (None, "bf16", "fp16"):  # a tuple: unhashable values fail cleanly
+    if precision is not None and not (isinstance(precision, str) and precision in _DTYPES):
         raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
 
 

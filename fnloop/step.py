@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import numbers
 import uuid
 import weakref
@@ -368,7 +369,13 @@ class TrainStep:
                 f"training_step must be callable; got {type(self.training_step).__name__}."
             )
         k = self.accumulation_steps
-        if isinstance(k, bool) or not isinstance(k, numbers.Real) or k < 1 or int(k) != k:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, numbers.Real)
+            or not math.isfinite(k)
+            or k < 1
+            or int(k) != k
+        ):
             raise ValueError(f"accumulation_steps must be an integer >= 1; got {k!r}.")
         object.__setattr__(self, "accumulation_steps", int(k))
         check_precision(self.precision)

@@ -562,6 +562,38 @@ def test_stacking_refuses_states_of_different_modules():
         fl.stack_states([dropped, kept])
     with pytest.raises(TypeError, match=r"states\[0\] is a int"):
         fl.stack_states([1, a])
+
+    def make(act):
+        class Net(nn.Module):  # a class per call, of one name
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(2, 2)
+
+            def forward(self, x):
+                return act(self.fc(x))
+
+        return Net()
+
+    for one, other, match in [
+        (make(torch.relu), make(torch.tanh), "another class of that name"),
+        (nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3, stride=2), r"stride is \(1, 1\)"),
+        (
+            nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+            nn.Sequential(nn.Linear(2, 2), nn.GELU()),
+            "ReLU",
+        ),
+    ]:
+        states = [fl.TrainState.create(m, tx=optim.sgd(0.1)) for m in (one, other)]
+        with pytest.raises(ValueError, match=match):
+            fl.stack_states(states)
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda m, i, o: o * 0)
+    with pytest.raises(ValueError, match="_forward_hooks"):
+        fl.stack_states(
+            [fl.TrainState.create(m, tx=optim.sgd(0.1)) for m in (nn.Linear(2, 2), hooked)]
+        )
+    inplace = [nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=flag)) for flag in (False, True)]
+    fl.stack_states([fl.TrainState.create(m, tx=optim.sgd(0.1)) for m in inplace])
     fl.stack_states([a, fl.TrainState.create(mlp(seed=3), tx=optim.sgd(0.2), device="cpu")])
     # parametrize makes a class per module: two weight-normed models are still alike.
     normed = [

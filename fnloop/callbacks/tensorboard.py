@@ -95,14 +95,20 @@ def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
 
 def _torn_last_record(path: Path, offset: int, size: int) -> bool:
     """Whether the bytes after ``offset`` are the beginning of one record (a write that a
-    crash cut short) rather than more records after a damaged one."""
+    crash cut short, or the zeros a power loss leaves) rather than more records after a
+    damaged one."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
     with open(path, "rb") as f:
         f.seek(offset)
-        header = f.read(8)
-    if len(header) < 8:
+        tail = f.read()
+    if not any(tail) or len(tail) < 12:
         return True
+    header, (header_crc,) = tail[:8], struct.unpack("<I", tail[8:12])
+    if masked_crc32c(header) != header_crc:
+        return False  # a damaged length: what follows may be good records
     (length,) = struct.unpack("<Q", header)
-    return size - offset < length + 16
+    return len(tail) < length + 16
 
 
 class TensorBoard(EpochLogger):

@@ -294,6 +294,29 @@ def test_tensorboard_resume_leaves_a_file_damaged_in_the_middle_alone(tmp_path: 
     path.write_bytes(bytes(data))
     drive([TensorBoard(log_dir)], new_state().replace(epoch=1, step=2), [])
     assert path.read_bytes() == bytes(data)
+    # A damaged length field is damage too, not the start of a torn last record.
+    with open(path, "r+b") as f:
+        f.seek(0)
+        f.write(b"\x10")
+    damaged = path.read_bytes()
+    drive([TensorBoard(log_dir)], new_state().replace(epoch=1, step=2), [])
+    assert path.read_bytes() == damaged
+
+
+def test_tensorboard_resume_after_a_power_loss_drops_the_zeroed_tail(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb"
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), FIRST_FIT)
+    (path,) = log_dir.glob("*.fnloop")
+    with open(path, "ab") as f:
+        f.write(bytes(300))  # the zeros a power loss can leave after the last write
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state().replace(epoch=1, step=2), [])
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train_step/loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1]
 
 
 def test_tensorboard_rejects_a_bad_interval() -> None:
