@@ -95,8 +95,12 @@ RAISE_VMAP_MSG = (
     "Make the step with on_nonfinite='skip' (per model, no host sync) to train stacked "
     "states."
 )
-STACKED_STEP_FIX = (
-    "Run it under torch.func.vmap({step}, in_dims=(0, None){rand}), or pass one of "
+TRAIN_STACKED_FIX = (
+    'Run it under torch.func.vmap(train_step, in_dims=(0, None), randomness="different"), '
+    "or pass one of fl.unstack_states(state)."
+)
+EVAL_STACKED_FIX = (
+    "Run it under torch.func.vmap(eval_step, in_dims=(0, None)), or pass one of "
     "fl.unstack_states(state)."
 )
 
@@ -248,6 +252,11 @@ class _DonationGuard:
         return {**params, name: first.detach()}
 
 
+_Template: TypeAlias = tuple[
+    nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str], int
+]
+
+
 class _Templates:
     """The state's module template in train or eval mode, and what eager calls need of it.
 
@@ -257,23 +266,21 @@ class _Templates:
 
     def __init__(self, training: bool) -> None:
         self.training = training
-        self.known: weakref.WeakKeyDictionary[
-            nn.Module, tuple[nn.Module, list[tuple[dict[str, Any], str, str]], frozenset[str]]
-        ] = weakref.WeakKeyDictionary()
+        self.known: weakref.WeakKeyDictionary[nn.Module, _Template] = weakref.WeakKeyDictionary()
 
-    def get(
-        self, module: nn.Module
-    ) -> tuple[nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str]]:
-        """``(template, its tensor slots or None when traced, names of frozen params)``."""
+    def get(self, module: nn.Module) -> _Template:
+        """``(template, its tensor slots or None when traced, names of frozen params, the
+        number of dims of the state's first parameter)``."""
         if torch.compiler.is_compiling():
             # Nothing cached: dynamo guards on what the trace reads, so a cache that the
             # first call fills would make the second call recompile the step.
             template = in_mode(module, training=self.training)
-            return template, None, _frozen(template)
+            return template, None, _frozen(template), -1
         entry = self.known.get(module)
         if entry is None:
             template = in_mode(module, training=self.training, refresh=True)
-            entry = (template, _tensor_slots(template), _frozen(template))
+            ndim = next(p.dim() for p in template.parameters() if p.requires_grad)
+            entry = (template, _tensor_slots(template), _frozen(template), ndim)
             self.known[module] = entry
         return entry
 
@@ -404,19 +411,16 @@ class TrainStep:
         # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
+        module, slots, frozen, ndim = self._templates.get(state.module)
         if not transformed:
-            check_one_model(
-                state,
-                "train_step",
-                STACKED_STEP_FIX.format(step="train_step", rand=', randomness="different"'),
-            )
+            if next(iter(state.params.values())).dim() != ndim:  # stacked: one more dim
+                check_one_model(state, "train_step", TRAIN_STACKED_FIX)
         elif self.on_nonfinite == "raise" and not compiling:
             raise ValueError(RAISE_VMAP_MSG)
         donate = self.donate and (compiling or not transformed)
         if donate and not compiling:
             self._guard.check(state.params)
         batch = to_device(batch, device)
-        module, slots, frozen = self._templates.get(state.module)
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:
             loss_scale = self.loss_scale.init(device)
@@ -900,10 +904,10 @@ class EvalStep:
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params
-        module, slots, frozen = self._templates.get(state.module)
+        module, slots, frozen, ndim = self._templates.get(state.module)
         transformed = _in_transform(params, train=False)
-        if not transformed:
-            check_one_model(state, "eval_step", STACKED_STEP_FIX.format(step="eval_step", rand=""))
+        if not transformed and next(iter(state.params.values())).dim() != ndim:
+            check_one_model(state, "eval_step", EVAL_STACKED_FIX)
         # Copies of the buffers forward may write in eval mode too (counters, observers),
         # so the input state stays as it was; not of the weights (see make_eval_step).
         buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
