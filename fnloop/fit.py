@@ -35,7 +35,7 @@ from fnloop.distributed import (
 from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
-from fnloop.state import TrainState, append_history, history_added
+from fnloop.state import TrainState, append_history, history_added, history_growth
 from fnloop.step import (
     EvalStep,
     EvalStepFn,
@@ -47,6 +47,7 @@ from fnloop.step import (
     make_train_step,
 )
 from fnloop.stopping import EarlyStopping, EarlyStoppingState
+from fnloop.typing import History
 
 Loaders = Iterable[Any] | Mapping[str, Iterable[Any] | None]
 
@@ -68,6 +69,12 @@ EPOCH_METRICS_MSG = (
     "an epoch-level metric to the history instead: state = state.replace(history="
     "fl.state.append_history(state.history, 'valid', {{'name': value}})), returned from "
     "the callback; fit then logs, shows and monitors it as 'valid/name'."
+)
+HISTORY_CLASH_MSG = (
+    "a callback appended {n} value(s) for {key!r} to the history at the end of this "
+    "epoch, on top of what the epoch already has: an epoch-level metric gets one value "
+    "per epoch, under a name of its own (not one the steps return). Rename it, or "
+    "append it once."
 )
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
@@ -151,32 +158,36 @@ def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[
             logger.info(f"Learning rate{group} updated: {a:.6f} → {b:.6f}")
 
 
-class EpochMetrics(Mapping[str, float]):
+def _callback_metrics(
+    before: History, after: History, known: Mapping[str, float]
+) -> dict[str, float]:
+    """The epoch metrics callbacks appended to the history at an epoch-end event: one
+    value per key, under names the steps do not already use."""
+    for key, values in history_growth(before, after).items():
+        if key in known or len(values) > 1:
+            raise ValueError(HISTORY_CLASH_MSG.format(key=key, n=len(values)))
+    return history_added(before, after)
+
+
+class EpochMetrics(dict[str, float]):
     """An epoch's metrics as callbacks get them: ``{"train/loss": 0.31, ...}``, read-only.
 
     A callback adds an epoch-level metric (an F1 score over the whole epoch) to the
     history instead, with ``state.replace(history=fl.state.append_history(state.history,
     "valid", {"f1": f1}))``: ``fit`` then shows, logs, monitors and early-stops on
-    ``"valid/f1"`` like the metrics the steps return.
+    ``"valid/f1"`` like the metrics the steps return. Reading works as on a ``dict``
+    (``json.dumps``, ``copy()`` and ``|`` give plain dicts).
     """
 
-    def __init__(self, values: Mapping[str, float]) -> None:
-        self._values = dict(values)
-
-    def __getitem__(self, key: str) -> float:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __setitem__(self, key: str, value: float) -> None:
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        key = args[0] if args and isinstance(args[0], str) else "a metric"
         raise TypeError(EPOCH_METRICS_MSG.format(key=key))
 
-    def __repr__(self) -> str:
-        return repr(self._values)
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    update = setdefault = pop = popitem = clear = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copies and pickles are plain dicts
+        return dict, (dict(self),)
 
 
 @dataclasses.dataclass
@@ -859,7 +870,7 @@ class _Run:
         )
         before = state.history
         state = self.callbacks("on_train_epoch_end", state, EpochMetrics(train_metrics))
-        train_metrics.update(history_added(before, state.history))  # a callback's own
+        train_metrics.update(_callback_metrics(before, state.history, train_metrics))
 
         metrics = dict(train_metrics)
         if self.eval_step is not None and self.valid_loader is not None:
@@ -878,7 +889,7 @@ class _Run:
             before = state.history
             state = self.callbacks("on_validation_epoch_end", state, EpochMetrics(valid_metrics))
             metrics.update(valid_metrics)
-            metrics.update(history_added(before, state.history))
+            metrics.update(_callback_metrics(before, state.history, metrics))
 
         if self.monitor not in metrics:
             raise KeyError(

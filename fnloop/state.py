@@ -83,19 +83,31 @@ def append_history(history: History, split: str, metrics: Mapping[str, float]) -
     return freeze_history(merged)
 
 
+def history_growth(before: History, after: History) -> dict[str, tuple[float, ...]]:
+    """The values appended to ``after`` since ``before``, as ``{"<split>/<name>": values}``.
+
+    >>> h = append_history(freeze_history({}), "train", {"loss": 1.0})
+    >>> history_growth(h, append_history(h, "valid", {"r2": 0.5}))
+    {'valid/r2': (0.5,)}
+    """
+    grown = {}
+    for split, metrics in after.items():
+        for name, values in metrics.items():
+            n = len(before.get(split, {}).get(name, ()))
+            if len(values) > n:
+                grown[f"{split}/{name}"] = values[n:]
+    return grown
+
+
 def history_added(before: History, after: History) -> dict[str, float]:
-    """The values appended to ``after`` since ``before``, as ``{"<split>/<name>": last}``.
+    """The epoch metrics appended to ``after`` since ``before``: the keys that got one
+    value (a series appended per batch is not an epoch metric).
 
     >>> h = append_history(freeze_history({}), "train", {"loss": 1.0})
     >>> history_added(h, append_history(h, "valid", {"r2": 0.5}))
     {'valid/r2': 0.5}
     """
-    return {
-        f"{split}/{name}": values[-1]
-        for split, metrics in after.items()
-        for name, values in metrics.items()
-        if len(values) > len(before.get(split, {}).get(name, ()))
-    }
+    return {k: v[0] for k, v in history_growth(before, after).items() if len(v) == 1}
 
 
 def _meta_template(module: nn.Module) -> nn.Module:

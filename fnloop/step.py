@@ -253,7 +253,7 @@ class _DonationGuard:
 
 
 _Template: TypeAlias = tuple[
-    nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str], int
+    nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str], tuple[str, int]
 ]
 
 
@@ -270,19 +270,29 @@ class _Templates:
 
     def get(self, module: nn.Module) -> _Template:
         """``(template, its tensor slots or None when traced, names of frozen params, the
-        number of dims of the state's first parameter)``."""
+        name and number of dims of its first trainable parameter)``."""
         if torch.compiler.is_compiling():
             # Nothing cached: dynamo guards on what the trace reads, so a cache that the
             # first call fills would make the second call recompile the step.
             template = in_mode(module, training=self.training)
-            return template, None, _frozen(template), -1
+            return template, None, _frozen(template), ("", -1)
         entry = self.known.get(module)
         if entry is None:
             template = in_mode(module, training=self.training, refresh=True)
-            ndim = next(p.dim() for p in template.parameters() if p.requires_grad)
-            entry = (template, _tensor_slots(template), _frozen(template), ndim)
+            first = next(
+                ((n, p.dim()) for n, p in template.named_parameters() if p.requires_grad), ("", -1)
+            )
+            entry = (template, _tensor_slots(template), _frozen(template), first)
             self.known[module] = entry
         return entry
+
+
+def _maybe_stacked(state: TrainState, first: tuple[str, int]) -> bool:
+    """Whether ``state`` may hold stacked models: its template's first trainable parameter
+    has another number of dims (one dict lookup; :func:`check_one_model` then says)."""
+    name, ndim = first
+    param = state.params.get(name)
+    return param is None or param.dim() != ndim
 
 
 def _frozen(module: nn.Module) -> frozenset[str]:
@@ -411,9 +421,9 @@ class TrainStep:
         # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
-        module, slots, frozen, ndim = self._templates.get(state.module)
+        module, slots, frozen, first = self._templates.get(state.module)
         if not transformed:
-            if next(iter(state.params.values())).dim() != ndim:  # stacked: one more dim
+            if _maybe_stacked(state, first):
                 check_one_model(state, "train_step", TRAIN_STACKED_FIX)
         elif self.on_nonfinite == "raise" and not compiling:
             raise ValueError(RAISE_VMAP_MSG)
@@ -904,9 +914,9 @@ class EvalStep:
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params
-        module, slots, frozen, ndim = self._templates.get(state.module)
+        module, slots, frozen, first = self._templates.get(state.module)
         transformed = _in_transform(params, train=False)
-        if not transformed and next(iter(state.params.values())).dim() != ndim:
+        if not transformed and _maybe_stacked(state, first):
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
         # Copies of the buffers forward may write in eval mode too (counters, observers),
         # so the input state stays as it was; not of the weights (see make_eval_step).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -251,10 +252,20 @@ def test_an_epoch_metric_a_callback_appends_is_logged_shown_and_monitored(tmp_pa
 
 
 def test_epoch_metrics_given_to_callbacks_are_read_only():
+    seen = []
+
+    class Reads(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            seen.append((json.loads(json.dumps(metrics)), metrics.copy() | {"x": 1.0}))
+
     class Sets(fl.callbacks.Callback):
         def on_validation_epoch_end(self, state, metrics):
             metrics["valid/r2"] = 0.5
 
+    fl.fit(
+        make_state(), classify, loaders(), max_epochs=1, callbacks=[Reads()], log_to_console=False
+    )
+    assert set(seen[0][0]) == {"valid/loss", "valid/acc"} and seen[0][1]["x"] == 1.0
     with pytest.raises(TypeError, match=r"read-only.*append_history"):
         fl.fit(
             make_state(),
@@ -262,6 +273,23 @@ def test_epoch_metrics_given_to_callbacks_are_read_only():
             loaders(),
             max_epochs=1,
             callbacks=[Sets()],
+            log_to_console=False,
+        )
+
+
+def test_an_epoch_metric_under_a_step_metrics_name_is_an_error():
+    class Clashes(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            history = fl.state.append_history(state.history, "valid", {"loss": 1.0})
+            return state.replace(history=history)
+
+    with pytest.raises(ValueError, match=r"'valid/loss'.*a name of its own"):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            callbacks=[Clashes()],
             log_to_console=False,
         )
 

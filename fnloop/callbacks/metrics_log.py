@@ -115,7 +115,8 @@ class EpochLogger(Callback):
     def __init__(self) -> None:
         self._pending: dict[str, float] = {}
         self._counters: tuple[int, int] | None = None
-        self._history: History = {}  # at the epoch's start
+        self._history: History = {}  # at the epoch's start (after the last row)
+        self._latest: History = {}  # at the last event collected
         self._active = False
 
     def start(self, state: TrainState) -> None:
@@ -171,7 +172,7 @@ class EpochLogger(Callback):
         # What callbacks before this one appended to the history in this epoch.
         for key, value in history_added(self._history, state.history).items():
             self._pending.setdefault(key, value)
-        self._counters = (state.epoch, state.step)
+        self._counters, self._latest = (state.epoch, state.step), state.history
         return self._pending
 
     def _flush(self) -> None:
@@ -179,7 +180,7 @@ class EpochLogger(Callback):
             return
         epoch, step = self._counters
         row: dict[str, float] = {"epoch": epoch, "step": step, **self._pending}
-        self._pending, self._counters = {}, None
+        self._pending, self._counters, self._history = {}, None, self._latest
         self.write_row(row)
 
 

@@ -148,6 +148,28 @@ def test_csv_resume_drops_rows_beyond_the_checkpoint_and_torn_lines(tmp_path: Pa
     )
 
 
+def test_csv_rows_in_a_loop_of_ones_own_take_each_epochs_metrics_once(tmp_path: Path) -> None:
+    """A loop that sends only the epoch-end events (no on_train_epoch_start) and validates
+    every second epoch: each row holds its own epoch's values."""
+    path = tmp_path / "metrics.csv"
+    cb = CSVLogger(path)
+    state = new_state()
+    cb.on_fit_start(state)
+    for epoch in (1, 2, 3, 4):
+        train = {"train/loss": 1.0 / epoch}
+        history = append_history(state.history, "train", {"loss": 1.0 / epoch})
+        state = state.replace(epoch=epoch, step=2 * epoch, history=history)
+        cb.on_train_epoch_end(state, train)
+        if epoch % 2 == 0:
+            history = append_history(state.history, "valid", {"loss": 0.1 * epoch})
+            state = state.replace(history=history)
+            cb.on_validation_epoch_end(state, {"valid/loss": 0.1 * epoch})
+    cb.on_fit_end(state)
+    rows = list(csv.DictReader(path.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["valid/loss"] for r in rows] == ["", "0.2", "", "0.4"]
+
+
 def test_learning_rates_from_the_metrics_are_not_logged_twice(tmp_path: Path) -> None:
     path = tmp_path / "metrics.csv"
     drive([CSVLogger(path)], new_state(), [({"train/loss": 0.5, "train/lr": 0.05}, None)])
