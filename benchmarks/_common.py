@@ -224,6 +224,18 @@ class Interleaved:
         rounds = self.rounds
         return iqr(c.times_us if rounds is None else [c.times_us[i] for i in rounds])
 
+    def paired(self, name: str, ref: str) -> tuple[float, float, float]:
+        """Median and IQR of ``name``'s time over ``ref``'s, block by block in each round.
+
+        Both blocks of a round ran within a second or two of each other, so a slow period
+        of the machine scales both and cancels in their ratio; the ratio of the two
+        medians can pair a block of a slow period with one of a fast period.
+        """
+        a, b = self._get(name).times_us, self._get(ref).times_us
+        rounds = self.rounds if self.rounds is not None else range(len(a))
+        ratios = [a[i] / b[i] for i in rounds]
+        return (median(ratios), *iqr(ratios))
+
     def note(self) -> str:
         n = len(self.round_load)
         load = f"median other load {median(self.round_load):.2f} cores"

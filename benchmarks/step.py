@@ -200,6 +200,40 @@ def hand_runner(
     return run, box
 
 
+Params = dict[str, torch.Tensor]
+
+
+def grad_runner(module: nn.Module, batches: list):
+    """``run(n)``: ``n`` compiled gradient computations alone, no optimizer update.
+
+    ``torch.compile(torch.func.grad(loss))`` over the module's parameters: the same
+    forward and backward GEMMs that every contender runs. A compiled train step costs
+    this plus its optimizer update, so its ratio to ``hand`` is the floor a compiled
+    step can reach on the machine.
+    """
+    module.train()
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    buffers = {n: b.detach() for n, b in module.named_buffers()}
+
+    def loss_fn(p: Params, b: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Buffers are arguments: torch.func.grad forbids BatchNorm's in-place updates of
+        # tensors it did not get as inputs.
+        return F.cross_entropy(torch.func.functional_call(module, (p, b), (x,)), y)
+
+    grad = torch.compile(torch.func.grad(loss_fn))
+    box = {"i": 0}
+
+    def run(n: int) -> None:
+        i = box["i"]
+        for _ in range(n):
+            x, y = batches[i % N_BATCHES]
+            grad(params, buffers, x, y)
+            i += 1
+        box["i"] = i
+
+    return run, box
+
+
 def check_same_numbers(factory: Callable[[], nn.Module], batches: list) -> tuple[float, int]:
     """Max |param difference| between fnloop and the hand loop after 3 eager steps.
 
@@ -270,6 +304,7 @@ def time_models(
                     "fnloop-c donate",
                     lambda m, b=batches: fnloop_runner(m, b, compiled=True, donate=True)[0],
                 ),
+                ("grad-c only", lambda m, b=batches: grad_runner(m, b)[0]),
             ]
             for cname, make in extra:
                 run = make(copy.deepcopy(module))
@@ -299,6 +334,7 @@ def time_models(
             "us": {c.name: res.us(c.name) for c in contenders},
             "iqr": {c.name: res.iqr(c.name) for c in contenders},
             "faults": {c.name: res.faults(c.name) for c in contenders},
+            "paired": {c.name: res.paired(c.name, "hand") for c in contenders[1:]},
             "all_us": {c.name: c.times_us for c in contenders},
         }
         results.append(row)
@@ -369,6 +405,14 @@ def measure_rss(steps: int, pin: bool, threads: int | None) -> list[dict[str, An
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _paired(row: dict[str, Any], name: str) -> str:
+    """``name``'s per-round ratio to ``hand`` (median and IQR), or blank for ``hand``."""
+    if name not in row["paired"]:
+        return ""
+    mid, lo, hi = row["paired"][name]
+    return f"{mid:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def main() -> None:
@@ -477,6 +521,7 @@ def main() -> None:
                     name,
                     f"{u:.1f} ({q[name][0]:.0f}-{q[name][1]:.0f})",
                     f"{C.ratio(u, h):.2f}",
+                    _paired(r, name),
                     f"{r['faults'][name]:.1f}",
                     f"<= {target}" if judged else "",
                     C.verdict(C.ratio(u, h), target) if judged else "",
@@ -490,6 +535,7 @@ def main() -> None:
                 "contender",
                 "us/step (IQR)",
                 "ratio to hand",
+                "per-round ratio (IQR)",
                 "faults/step",
                 "target",
                 "verdict",
@@ -503,7 +549,14 @@ def main() -> None:
         print()
         print("## torch.compile: median us/step and minor page faults/step")
         print()
-        names_c = ["hand", "hand-c fwd", "hand-c all", "fnloop-c", "fnloop-c donate"]
+        names_c = [
+            "hand",
+            "hand-c fwd",
+            "hand-c all",
+            "fnloop-c",
+            "fnloop-c donate",
+            "grad-c only",
+        ]
         rows = []
         for r in compiled:
             rows.append(
@@ -520,10 +573,12 @@ def main() -> None:
                     "hand-c all us",
                     "fnloop-c us",
                     "fnloop-c donate us",
+                    "grad-c only us",
                     "hand-c fwd flt",
                     "hand-c all flt",
                     "fnloop-c flt",
                     "fnloop-c donate flt",
+                    "grad-c only flt",
                 ],
                 rows,
             )
@@ -532,7 +587,8 @@ def main() -> None:
             print(f"- {r['label']}: {r['block_steps']} steps/block, {r['note']}")
         print()
         print("ratios (target <= 0.7 on the 784 MLP; DESIGN.md section 3 states it against the")
-        print("eager hand loop, the compiled hand loops are given beside it):")
+        print("eager hand loop, the compiled hand loops are given beside it; 'floor' is")
+        print("grad-c only / hand: the gradients alone, which no compiled step goes below):")
         print()
         rows = []
         for r in compiled:
@@ -544,6 +600,8 @@ def main() -> None:
                         r["label"] if name == "fnloop-c" else "",
                         name,
                         f"{vs_eager:.2f}",
+                        _paired(r, name),
+                        f"{C.ratio(u['grad-c only'], u['hand']):.2f}" if name == "fnloop-c" else "",
                         f"{C.ratio(u[name], u['hand-c fwd']):.2f}",
                         f"{C.ratio(u[name], u['hand-c all']):.2f}",
                         f"{C.ratio(u['hand-c all'], u['hand']):.2f}",
@@ -557,6 +615,8 @@ def main() -> None:
                     "model",
                     "contender",
                     "/hand",
+                    "/hand per round (IQR)",
+                    "floor",
                     "/hand-c fwd",
                     "/hand-c all",
                     "hand-c all/hand",
