@@ -31,10 +31,16 @@ Compiled contenders (``torch.compile`` with default options, inductor):
   backward graph, ``opt.zero_grad()`` and ``opt.step()`` stay eager.
 * ``hand-c all``: as ``hand-c fwd`` and also ``torch.compile(opt.step)`` (the "compiled
   optimizer" recipe of the PyTorch tutorials).
+* ``grad-c only``: ``torch.compile(torch.func.grad(loss))``, the gradients alone with no
+  optimizer update. Not a training loop: the floor under any compiled step on the machine
+  (the tables print it as ``floor``, its ratio to ``hand``).
 
 Contenders of one table run in one process, interleaved in blocks of ``--block-steps``
 steps (order rotated each round) after a warm-up; the tables give the median per-step
 time over the blocks and the minor page faults per step (``ru_minflt`` delta / steps).
+Ratios are given twice: the ratio of the two medians, and the median (IQR) of the
+per-round ratios, each pairing two blocks that ran seconds apart, which cancels the slow
+periods of a shared machine.
 
 Peak memory: each contender trains a ~33.6M-parameter MLP (2048-4096-4096-2048-10,
 batch 64) for a few steps in a fresh interpreter, so ``ru_maxrss`` is its own.
