@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Literal
 
 import optree
@@ -137,8 +138,15 @@ def reduce_on_plateau(
         )
     if not 0.0 < factor < 1.0:
         raise ValueError(f"reduce_on_plateau factor must be in (0, 1); got {factor}.")
-    if learning_rate < 0.0:
-        raise ValueError(f"reduce_on_plateau learning_rate must be >= 0; got {learning_rate}.")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
+        raise TypeError(
+            f"reduce_on_plateau learning_rate must be a real number; got {learning_rate!r} "
+            f"({type(learning_rate).__name__})."
+        )
+    if not 0.0 <= learning_rate < math.inf:
+        raise ValueError(
+            f"reduce_on_plateau learning_rate must be finite and >= 0; got {learning_rate}."
+        )
     if patience < 0 or cooldown < 0:
         raise ValueError(
             f"reduce_on_plateau patience and cooldown must be >= 0; got {patience} and {cooldown}."

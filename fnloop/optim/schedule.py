@@ -69,6 +69,18 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be {expected}; got {name}={value!r}.")
 
 
+def _check_rate(name: str, value: object) -> None:
+    """A learning rate given to a schedule: a finite real number >= 0, as torch's optimizers
+    require of ``lr``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} is a learning rate and must be a real number; got {name}={value!r} "
+            f"({type(value).__name__})."
+        )
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} is a learning rate and must be finite and >= 0; got {value!r}.")
+
+
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0; got {name}={value!r}.")
@@ -117,6 +129,7 @@ def constant_schedule(value: float, factor: float = 1.0, total_iters: int = 0) -
       >>> [schedule(t) for t in range(4)]
       [0.05, 0.05, 0.1, 0.1]
     """
+    _check_rate("value", value)
     _check_between("factor", factor, 0.0, 1.0, open_low=False)
     _check_int("total_iters", total_iters, 0)
     scaled = value * factor
@@ -154,6 +167,7 @@ def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Sche
       >>> [schedule(t) for t in range(5)]
       [1.0, 1.0, 0.5, 0.5, 0.25]
     """
+    _check_rate("init_value", init_value)
     _check_int("step_size", step_size, 1)
     _check_positive("gamma", gamma)
 
@@ -191,6 +205,7 @@ def multistep_schedule(
       >>> [schedule(t) for t in range(5)]
       [1.0, 0.5, 0.5, 0.125, 0.125]
     """
+    _check_rate("init_value", init_value)
     for i, milestone in enumerate(milestones):
         _check_int(f"milestones[{i}]", milestone, 0)
     _check_positive("gamma", gamma)
@@ -228,6 +243,7 @@ def exponential_schedule(init_value: float, gamma: float) -> Schedule:
       >>> [schedule(t) for t in range(4)]
       [1.0, 0.5, 0.25, 0.125]
     """
+    _check_rate("init_value", init_value)
     _check_positive("gamma", gamma)
 
     def schedule(step: float | torch.Tensor) -> float | torch.Tensor:
@@ -264,6 +280,8 @@ def cosine_schedule(init_value: float, t_max: int, eta_min: float = 0.0) -> Sche
       >>> [round(schedule(t), 4) for t in range(9)]
       [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.1464, 0.5, 0.8536, 1.0]
     """
+    _check_rate("init_value", init_value)
+    _check_rate("eta_min", eta_min)
     _check_int("t_max", t_max, 1)
 
     def schedule(step: float | torch.Tensor) -> float | torch.Tensor:
@@ -306,6 +324,7 @@ def linear_schedule(
       >>> [schedule(t) for t in range(5)]
       [0.25, 0.5, 0.75, 1.0, 1.0]
     """
+    _check_rate("init_value", init_value)
     _check_between("start_factor", start_factor, 0.0, 1.0, open_low=True)
     _check_between("end_factor", end_factor, 0.0, 1.0, open_low=False)
     _check_int("total_iters", total_iters, 1)
@@ -344,6 +363,7 @@ def polynomial_schedule(init_value: float, total_iters: int = 5, power: float = 
       >>> [schedule(t) for t in range(6)]
       [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
     """
+    _check_rate("init_value", init_value)
     _check_int("total_iters", total_iters, 1)
     if not power >= 0:
         raise ValueError(f"power must be >= 0; got power={power!r}.")
@@ -405,6 +425,7 @@ def onecycle_schedule(
       >>> [round(schedule(t), 4) for t in (0, 4, 9)]
       [0.04, 1.0, 0.0]
     """
+    _check_rate("max_lr", max_lr)
     _check_int("total_steps", total_steps, 1)
     _check_between("pct_start", pct_start, 0.0, 1.0, open_low=False)
     if anneal_strategy not in ("cos", "linear"):

@@ -304,6 +304,12 @@ def test_bad_plateau_config_is_rejected(kwargs, match) -> None:
         optim.reduce_on_plateau(0.1, **kwargs)
 
 
-def test_negative_plateau_learning_rate_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"learning_rate must be >= 0; got -0\.1"):
-        optim.reduce_on_plateau(-0.1)
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf")])
+def test_negative_or_non_finite_plateau_learning_rate_is_rejected(lr: float) -> None:
+    with pytest.raises(ValueError, match=r"learning_rate must be finite and >= 0; got"):
+        optim.reduce_on_plateau(lr)
+
+
+def test_plateau_learning_rate_of_another_type_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"learning_rate must be a real number; got '0\.1'"):
+        optim.reduce_on_plateau("0.1")

@@ -508,6 +508,15 @@ BAD_ARGUMENTS = [
     (optim.onecycle_schedule, (0.1, 100), {"anneal_strategy": "exp"}, "anneal_strategy"),
     (optim.onecycle_schedule, (0.1, 100), {"div_factor": 0.0}, "div_factor"),
     (optim.onecycle_schedule, (0.1, 100), {"final_div_factor": -1.0}, "final_div_factor"),
+    (optim.constant_schedule, (-0.1,), {}, "value"),
+    (optim.step_schedule, (float("nan"), 10), {}, "init_value"),
+    (optim.multistep_schedule, (-1e-3, [10]), {}, "init_value"),
+    (optim.exponential_schedule, (float("inf"), 0.9), {}, "init_value"),
+    (optim.cosine_schedule, (-1e-3, 100), {}, "init_value"),
+    (optim.cosine_schedule, (0.1, 100), {"eta_min": float("nan")}, "eta_min"),
+    (optim.linear_schedule, (-0.1,), {}, "init_value"),
+    (optim.polynomial_schedule, (float("nan"),), {}, "init_value"),
+    (optim.onecycle_schedule, (-0.1, 100), {}, "max_lr"),
     (optim.join_schedules, ([], []), {}, "schedules"),
     (optim.join_schedules, ([0.1], []), {}, "schedules[0]"),
     (optim.join_schedules, ([optim.constant_schedule(0.1)] * 2, []), {}, "boundaries"),
@@ -527,3 +536,10 @@ def test_bad_argument_raises(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(argument)):
         factory(*args, **kwargs)
+
+
+@pytest.mark.parametrize("value", ["1e-3", True, None, torch.tensor(0.1)])
+def test_learning_rate_of_another_type_raises_type_error(value: Any) -> None:
+    # Caught when the schedule is made, not at the first update.
+    with pytest.raises(TypeError, match="init_value is a learning rate and must be a real"):
+        optim.cosine_schedule(value, 100)
