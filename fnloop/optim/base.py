@@ -223,20 +223,52 @@ def check_same_structure(updates: Any, params: Any, what: str = "updates") -> No
 
 
 def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], Any, list[Any]]:
-    """Leaves of ``updates`` and of each tree in ``others``, checking they match."""
+    """Leaves of ``updates`` and of each tree in ``others``, checking they match: the same
+    structure, and the same shape leaf by leaf (gradients, updates, params and optimizer
+    buffers are all shaped like the params)."""
+    check = not torch.compiler.is_compiling()  # treedefs are not traceable everywhere
     flat = _tree.flat_dict_leaves(updates, *others)
     if flat is not None:
-        return flat
-    leaves, treedef = _tree.tree_flatten(updates)
-    other_leaves = []
-    check = not torch.compiler.is_compiling()  # treedefs are not traceable everywhere
-    for other in others:
-        o_leaves, o_def = _tree.tree_flatten(other)
-        if check and o_def != treedef:
-            check_same_structure(updates, other)
-            raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
-        other_leaves.append(o_leaves)
+        leaves, treedef, other_leaves = flat
+    else:
+        leaves, treedef = _tree.tree_flatten(updates)
+        other_leaves = []
+        for other in others:
+            o_leaves, o_def = _tree.tree_flatten(other)
+            if check and o_def != treedef:
+                check_same_structure(updates, other)
+                raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
+            other_leaves.append(o_leaves)
+    if check and other_leaves:
+        shape = _shape_of if flat is None else torch.Tensor.size  # flat: all tensors
+        shapes = list(map(shape, leaves))
+        for o_leaves in other_leaves:
+            if list(map(shape, o_leaves)) != shapes:
+                _raise_shape_mismatch(updates, treedef, leaves, o_leaves)
     return leaves, treedef, other_leaves
+
+
+def _shape_of(x: Any) -> torch.Size | None:
+    return x.shape if isinstance(x, torch.Tensor) else None
+
+
+def _raise_shape_mismatch(updates: Any, treedef: Any, leaves: list[Any], others: list[Any]) -> None:
+    keys = list(treedef) if isinstance(treedef, _tree.FlatDictDef) else None
+    if keys is None:
+        keys = _tree.tree_flatten_with_keys(updates)[0]
+    for key, a, b in zip(keys, leaves, others, strict=True):
+        shape_a, shape_b = _shape_of(a), _shape_of(b)
+        if shape_a != shape_b:
+            raise ValueError(
+                f"shape mismatch at {key!r}: {_shape(shape_a)} is paired with "
+                f"{_shape(shape_b)}. Gradients, updates, params and optimizer state must all "
+                f"have each parameter's shape: compute the gradients of these params, and "
+                f"make the optimizer state with tx.init(params)."
+            )
+
+
+def _shape(shape: Any) -> str:
+    return "a non-tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
 
 
 def map_flat(fn: Callable[..., list[torch.Tensor]], updates: Updates, *others: Any) -> Updates:

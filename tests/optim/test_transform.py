@@ -256,3 +256,54 @@ def test_scale_by_learning_rate_without_sign_flip_and_learning_rates_order() -> 
     updates, state = tx.update({"w": torch.ones(2, dtype=F64)}, state, params)
     assert_close(updates["w"], torch.full((2,), -0.05, dtype=F64), rtol=1e-15, atol=0)
     assert [lr.item() for lr in optim.learning_rates(state)] == [0.5, 0.1]
+
+
+# --------------------------------------------------------------------------- shapes
+
+_SHAPE_TXS = {
+    "sgd": lambda: optim.sgd(0.1),
+    "sgd-momentum": lambda: optim.sgd(0.1, momentum=0.9),
+    "adam": lambda: optim.adam(0.1),
+    "adamw": lambda: optim.adamw(0.1),
+    "rmsprop": lambda: optim.rmsprop(0.1),
+    "adagrad": lambda: optim.adagrad(0.1),
+    "clip-adamw": lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SHAPE_TXS))
+@pytest.mark.parametrize("method", ["update", "update_", "apply_"])
+def test_a_gradient_of_the_wrong_shape_is_rejected_before_anything_is_written(name, method):
+    # torch's fused kernels pair elements by position: a short gradient would be read
+    # past its end, and the update path would broadcast a (3,) gradient over a (3, 1)
+    # parameter into a (3, 3) one.
+    tx = _SHAPE_TXS[name]()
+    params = {"b": torch.zeros(4), "w": torch.zeros(3, 1)}
+    state = tx.init(params)
+    before = [t.clone() for t in optree.tree_leaves((params, state))]
+    grads = {"b": torch.ones(4), "w": torch.ones(3)}
+    either = r"\((3,|3, 1)\)"  # which of the two comes first depends on the transform
+    match = rf"shape mismatch at 'w': a tensor of shape {either} is paired with .* {either}"
+    with pytest.raises(ValueError, match=match):
+        out = getattr(tx, method)(grads, state, params)
+        if method != "apply_":  # plain sgd's updates never meet the params before this
+            optim.apply_updates(params, out[0])
+    for old, now in zip(before, optree.tree_leaves((params, state)), strict=True):
+        assert torch.equal(old, now)
+
+
+@pytest.mark.parametrize("method", ["update_", "apply_"])
+def test_an_optimizer_state_of_other_shapes_is_rejected(method) -> None:
+    tx = optim.adam(0.1)
+    state = tx.init({"w": torch.zeros(2)})  # made for other params
+    params = {"w": torch.zeros(6)}
+    with pytest.raises(ValueError, match=r"shape mismatch at 'w'.*tx\.init\(params\)"):
+        getattr(tx, method)({"w": torch.ones(6)}, state, params)
+
+
+def test_apply_updates_rejects_updates_of_another_shape_in_nested_trees() -> None:
+    params = {"layer": [torch.zeros(2, 2), torch.zeros(3)]}
+    updates = {"layer": [torch.zeros(2, 2), torch.zeros(1)]}
+    match = r"shape mismatch at 'layer\.1': a tensor of shape \(3,\) is paired with .* \(1,\)"
+    with pytest.raises(ValueError, match=match):
+        optim.apply_updates(params, updates)
