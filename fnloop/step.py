@@ -459,7 +459,7 @@ class TrainStep:
                 grads = _tree.tree_map(torch.add, state.grad_accum, grads)
             if state.micro_step + 1 < k:
                 if self.on_nonfinite == "skip":
-                    buffers = _select(torch.isfinite(loss), buffers, state.buffers)
+                    buffers = _select_buffers(torch.isfinite(loss), buffers, state.buffers)
                 new_state = state.replace(
                     grad_accum=grads,
                     buffers=buffers,
@@ -619,7 +619,7 @@ class TrainStep:
             # A non-finite forward pass (a NaN in the batch) would also leave non-finite
             # running statistics: keep the previous ones. (Only gradients that overflow the
             # fp16 loss scale keep the batch's statistics, as with torch.amp.GradScaler.)
-            buffers = _select(torch.isfinite(loss), buffers, state.buffers)
+            buffers = _select_buffers(torch.isfinite(loss), buffers, state.buffers)
 
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
@@ -770,6 +770,19 @@ def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
     new_leaves, treedef = _tree.tree_flatten(new)
     old_leaves = _tree.tree_leaves(old)
     return _tree.tree_unflatten(treedef, _foreach.where(ok, new_leaves, old_leaves))
+
+
+def _select_buffers(ok: torch.Tensor, new: Params, old: Params) -> Params:
+    """The buffers forward left where ``ok`` else the old ones, without a host sync.
+
+    A buffer that forward replaced by one of another shape (a cache filled on first use)
+    cannot be chosen by ``torch.where``; it keeps forward's value.
+    """
+    same = [n for n, b in new.items() if b.shape == old[n].shape]
+    if len(same) == len(new):
+        return _select(ok, new, old)
+    chosen = _select(ok, {n: new[n] for n in same}, {n: old[n] for n in same})
+    return {n: chosen.get(n, b) for n, b in new.items()}
 
 
 TrainStepFn: TypeAlias = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]

@@ -1314,6 +1314,51 @@ def test_buffers_that_forward_replaces_advance_as_in_torch(donate):
     assert int(module.calls) == 0 and not module.avg.any()  # the module is left alone
 
 
+class _LazyCache(nn.Module):
+    """Fills a buffer on first use, at the batch's size (as rotary-embedding caches do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("cache", torch.empty(0), persistent=False)
+
+    def forward(self, x):
+        if self.cache.numel() < x.shape[0]:
+            self.cache = torch.arange(x.shape[0], dtype=x.dtype)
+        return self.lin(x) * self.cache[: x.shape[0], None]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"on_nonfinite": "skip"},
+        {"on_nonfinite": "skip", "accumulation_steps": 2},
+        {"on_nonfinite": "skip", "donate": True},
+    ],
+    ids=["skip", "skip-accumulation", "skip-donate"],
+)
+def test_a_buffer_forward_replaces_with_another_shape_under_the_skip_policy(options):
+    # The skip policy chooses between old and new buffers with torch.where, which needs
+    # equal shapes: a buffer of a new shape keeps forward's value (as without the policy).
+    torch.manual_seed(0)
+    module = _LazyCache().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    state = state.clone() if options.get("donate") else state
+    step = fl.make_train_step(classify, **options)
+    for _ in range(2):
+        for _ in range(options.get("accumulation_steps", 1)):
+            state, _ = step(state, (x, y))
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    assert torch.equal(state.buffers["cache"], ref.cache)
+    for name, p in ref.named_parameters():
+        assert torch.allclose(state.params[name], p, rtol=1e-12, atol=0), name
+
+
 def test_an_eval_step_leaves_the_input_state_alone():
     torch.manual_seed(0)
     module = _Counting()
