@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -43,10 +44,21 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
         if isinstance(obj, tuple | list):
             return type(obj)(move(v) for v in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            changes = {
-                f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
-            }
-            return dataclasses.replace(obj, **changes)
+            # A copy with the moved fields set, without running __init__ / __post_init__
+            # again (dataclasses.replace would: a __post_init__ that scales a field would
+            # scale it twice). Nothing moved: the batch itself.
+            changes = {}
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                moved = move(value)
+                if moved is not value:
+                    changes[f.name] = moved
+            if not changes:
+                return obj
+            new = copy.copy(obj)
+            for name, value in changes.items():
+                object.__setattr__(new, name, value)  # frozen dataclasses too
+            return new
         return obj
 
     return move(batch)

@@ -409,6 +409,56 @@ def test_any_batch_structure(wrap, unwrap):
     assert fl.batch_size(wrap(x, y)) == 8
 
 
+@dataclasses.dataclass
+class _Pixels:
+    """A batch whose __post_init__ rescales a field: it must run once, when made."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    made: list = dataclasses.field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self.made.append(1)
+        self.x = self.x / 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    x: torch.Tensor
+    mask: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mask", self.x > 0)
+
+
+def test_a_dataclass_batch_reaches_the_step_as_it_is():
+    x, y = batches(1)[0]
+    batch = _Pixels(x * 255.0, y)
+    seen = []
+
+    def training_step(model, b):
+        seen.append(b.x)
+        return classify(model, (b.x, b.y))
+
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    fl.make_train_step(training_step)(state, batch)
+    fl.make_eval_step(training_step)(state, batch)
+    assert len(batch.made) == 1  # __post_init__ did not run again
+    assert all(t is batch.x for t in seen)
+
+
+def test_moving_a_dataclass_batch_copies_it_without_running_init_again():
+    batch = _Pixels(torch.full((2, 3), 255.0), torch.zeros(2))
+    moved = fl.to_device(batch, "meta")
+    assert type(moved) is _Pixels and moved is not batch
+    assert moved.x.device.type == "meta" and moved.y.device.type == "meta"
+    assert len(batch.made) == 1 and batch.x.device.type == "cpu"  # the input is unchanged
+    frozen = _Frozen(torch.tensor([-1.0, 2.0]))
+    moved = fl.to_device(frozen, "meta")
+    assert moved.x.device.type == "meta" and moved.mask.device.type == "meta"  # init=False too
+    assert fl.to_device(frozen, "cpu") is frozen  # nothing to move: the batch itself
+
+
 @pytest.mark.parametrize(
     ("fn", "error", "match"),
     [
