@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 from typing import Literal, NamedTuple
 
 import torch
@@ -59,14 +61,19 @@ class DynamicLossScale:
     growth_interval: int = 2000
 
     def __post_init__(self) -> None:
-        if self.init_scale <= 0:
-            raise ValueError(f"init_scale must be > 0; got {self.init_scale}.")
-        if self.growth_factor <= 1.0:
-            raise ValueError(f"growth_factor must be > 1; got {self.growth_factor}.")
+        # Written so that NaN fails each check.
+        if not 0.0 < self.init_scale < math.inf:
+            raise ValueError(f"init_scale must be finite and > 0; got {self.init_scale}.")
+        if not 1.0 < self.growth_factor < math.inf:
+            raise ValueError(f"growth_factor must be finite and > 1; got {self.growth_factor}.")
         if not 0.0 < self.backoff_factor < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1); got {self.backoff_factor}.")
-        if self.growth_interval < 1:
-            raise ValueError(f"growth_interval must be >= 1; got {self.growth_interval}.")
+        interval = self.growth_interval
+        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
+            raise ValueError(
+                f"growth_interval must be an integer >= 1 (updates without overflow before "
+                f"the scale grows); got {interval!r}."
+            )
 
     def init(self, device: torch.device) -> LossScaleState:
         """The state before the first step."""

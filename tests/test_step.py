@@ -563,6 +563,26 @@ def test_bad_options():
         fl.make_train_step(classify)(batches(1)[0], state)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"init_scale": float("nan")}, "init_scale must be finite and > 0"),
+        ({"init_scale": float("inf")}, "init_scale must be finite and > 0"),
+        ({"init_scale": 0.0}, "init_scale must be finite and > 0"),
+        ({"growth_factor": float("nan")}, "growth_factor must be finite and > 1"),
+        ({"growth_factor": 1.0}, "growth_factor must be finite and > 1"),
+        ({"backoff_factor": float("nan")}, "backoff_factor"),
+        ({"growth_interval": 2.5}, "growth_interval must be an integer >= 1"),
+        ({"growth_interval": True}, "growth_interval must be an integer >= 1"),
+        ({"growth_interval": 0}, "growth_interval must be an integer >= 1"),
+    ],
+)
+def test_a_loss_scale_with_a_nan_or_fractional_setting_is_refused(kwargs, match):
+    # A NaN init_scale would skip every fp16 step; a growth_interval of 2.5 never grows.
+    with pytest.raises(ValueError, match=match):
+        fl.DynamicLossScale(**kwargs)
+
+
 class _UnusedFirst(nn.Module):
     """A head registered first and unused by forward: its gradient is zeros for any batch."""
 
