@@ -259,12 +259,14 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
 def _check_loader(loader: Iterable[Any], split: str) -> None:
     """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
     data = torch.utils.data
-    base = loader.dataset if isinstance(loader, data.Subset) else loader
-    if isinstance(base, data.TensorDataset):
+    # A map-style dataset iterates by __getitem__: single samples, and forever when
+    # __getitem__ never raises IndexError. (An IterableDataset may yield batches.)
+    if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
         raise TypeError(
             f"the {split} loader is a dataset ({type(loader).__name__}), which yields single "
             f"samples, not batches. Wrap it: DataLoader(dataset, batch_size=..., "
-            f"shuffle={split == 'train'})."
+            f"shuffle={split == 'train'}); if its items are batches already, "
+            f"DataLoader(dataset, batch_size=None)."
         )
     # A generator, or iter() of a list: used up by the first epoch. (A class of its own
     # whose __iter__ starts over, as data-loading libraries' iterators do, is fine.)
@@ -457,6 +459,13 @@ def fit(
         raise ValueError(f"checkpoint_every_n_steps must be >= 1; got {checkpoint_every_n_steps}.")
     if keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be >= 1; got {keep_checkpoints}.")
+    if progress != "auto" and not isinstance(progress, bool):
+        raise TypeError(f"progress takes True, False or 'auto'; got {progress!r}.")
+    if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\"):
+        raise ValueError(
+            f"run_name names the logger and the log file <run_name>_training.log in out_dir, "
+            f"so it must be a non-empty string without path separators; got {run_name!r}."
+        )
     main = is_main_process()  # in a torch.distributed run, rank 0 alone shows and writes
     show_bars = main and (sys.stderr.isatty() if progress == "auto" else bool(progress))
 

@@ -594,10 +594,30 @@ def test_a_loader_without_length_trains(tmp_path):
     assert state.step == 12 and torch.equal(state.params["0.weight"], ref.params["0.weight"])
 
 
+class _Samples(torch.utils.data.Dataset):
+    """A map-style dataset whose __getitem__ never raises IndexError: iterated directly
+    it yields single samples, forever."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x, y = data()
+        return x[i % 8], y[i % 8]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"loaders": TensorDataset(*data())}, TypeError, r"yields single samples.*DataLoader"),
+        ({"loaders": _Samples()}, TypeError, r"loader is a dataset \(_Samples\), which yields"),
+        (
+            {"loaders": {"train": loaders()["train"], "valid": _Samples()}},
+            TypeError,
+            r"the valid loader is a dataset",
+        ),
+        ({"progress": "no"}, TypeError, r"progress takes True, False or 'auto'; got 'no'"),
+        ({"run_name": "a/b"}, ValueError, r"without path separators; got 'a/b'"),
         ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
         ({"callbacks": [fl.callbacks.CSVLogger]}, TypeError, r"pass an instance: CSVLogger"),
         ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
@@ -736,7 +756,18 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.batches[i]
 
 
-@pytest.mark.parametrize("loader", [_Restarting, _BatchDataset])
+def test_a_dataset_of_batches_trains_through_a_dataloader_without_batching():
+    # Given directly it is refused as any map-style dataset is (it cannot be told from a
+    # dataset of samples); the error names DataLoader(dataset, batch_size=None).
+    with pytest.raises(TypeError, match=r"DataLoader\(dataset, batch_size=None\)"):
+        fl.fit(make_state(), classify, _BatchDataset(), max_epochs=1, log_to_console=False)
+    batches = list(loaders(shuffle=False, valid=False)["train"])
+    loader = torch.utils.data.DataLoader(_BatchDataset(), batch_size=None)
+    state = fl.fit(make_state(), classify, loader, max_epochs=2, log_to_console=False)
+    assert state.step == 12 and fl.batch_size(next(iter(loader))) == len(batches[0][0])
+
+
+@pytest.mark.parametrize("loader", [_Restarting])
 def test_loaders_that_give_batches_every_epoch_train(loader):
     """As a list of the same batches does (a DataLoader would also draw a seed from the
     global generator each epoch, which moves the dropout masks)."""
