@@ -271,3 +271,28 @@ def test_a_step_with_a_nonfinite_gradient_writes_no_checkpoint_of_its_weights(tm
     if best.exists():  # a diverged epoch is never the best one
         weights = torch.load(best, weights_only=True)
         assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+class CrashAtFitEnd(fl.callbacks.Callback):
+    def on_fit_end(self, state):
+        raise Crash
+
+
+@pytest.mark.parametrize(
+    "crash", [CrashAt(2), CrashAtFitEnd()], ids=["at-an-epoch-start", "in-on_fit_end"]
+)
+def test_an_interrupted_run_loses_no_row_of_the_metrics_files(tmp_path, crash):
+    # The loggers hold an epoch's row back until the next epoch starts (for what callbacks
+    # add to it); an exception in between must still write it: the epoch's checkpoint is
+    # on disk, so the resumed run does not train, nor log, that epoch again.
+    def jsonl(name):
+        return fl.callbacks.JSONLinesLogger(tmp_path / f"{name}.jsonl")
+
+    ref = run(tmp_path / "ref", callbacks=[jsonl("ref")])
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[crash, jsonl("cut")])
+    state = run(tmp_path / "cut", callbacks=[jsonl("cut")])
+    assert_same(state, ref)
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
+    csv = [(tmp_path / run_dir / "metrics.csv").read_text() for run_dir in ("cut", "ref")]
+    assert csv[0] == csv[1]

@@ -160,7 +160,14 @@ class EpochLogger(Callback):
         self.finish(state)
 
     def teardown(self) -> None:
-        if self._active:
+        if not self._active:
+            return
+        try:
+            # The row held back for callbacks' additions: its epoch's checkpoint may be
+            # written already, and a resumed run would not log that epoch again. (If it was
+            # not, the resumed run's start() drops rows past its state's epoch.)
+            self._flush()
+        finally:
             self._active = False
             self.finish(None)
 
