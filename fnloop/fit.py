@@ -358,10 +358,11 @@ def fit(
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
         there to reach the console and the log file) and the log file.
       resume: continue from the newest good checkpoint in ``out_dir``: the state, the
-        best model, early-stopping progress (of the rules given now that are unchanged;
-        a run that stopped early stays stopped unless they changed), and the random
-        generators (global ones and the loaders' own). ``False`` starts over and moves
-        the earlier checkpoints and best model to ``checkpoints/previous-<time>/``.
+        best model (if ``monitor`` and ``mode`` are unchanged), early-stopping progress
+        (of the rules given now that are unchanged; a run that stopped early stays
+        stopped unless they changed), and the random generators (global ones and the
+        loaders' own). ``False`` starts over and moves the earlier checkpoints and best
+        model to ``checkpoints/previous-<time>/``.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
@@ -652,6 +653,8 @@ class _Run:
                 "value": self.best.value,
                 "epoch": self.best.epoch,
                 "state_dict": self.best.state_dict,
+                "monitor": self.monitor,
+                "mode": self.mode,
             }
         return {
             "stoppers": [dataclasses.asdict(s) for s in self.stopper_states],
@@ -739,8 +742,16 @@ class _Run:
             )
         self.restore_stoppers(rec)
         best = rec.get("best")
-        if best is not None:
+        # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
+        rule = (best.get("monitor", self.monitor), best.get("mode", self.mode)) if best else None
+        if best is not None and rule == (self.monitor, self.mode):
             self.best = _Best(best["value"], best["epoch"], best["state_dict"])
+        elif best is not None:
+            self.logger.info(
+                f"The best model is chosen afresh: this run monitors {self.monitor} "
+                f"(mode={self.mode!r}), the checkpoint's best was by {rule[0]} "
+                f"(mode={rule[1]!r})."
+            )
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.means = MetricMeans()

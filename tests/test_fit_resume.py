@@ -296,3 +296,26 @@ def test_an_interrupted_run_loses_no_row_of_the_metrics_files(tmp_path, crash):
     assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
     csv = [(tmp_path / run_dir / "metrics.csv").read_text() for run_dir in ("cut", "ref")]
     assert csv[0] == csv[1]
+
+
+def test_the_best_model_is_chosen_afresh_when_the_monitor_changes(tmp_path):
+    # A first fit without validation monitors train/loss; a second one with a validation
+    # loader monitors valid/loss, whose values must not be compared with train losses.
+    g = torch.Generator().manual_seed(1)
+    xv = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    valid = DataLoader(TensorDataset(xv, (xv[:, 1] > 0).long()), batch_size=10)
+    out = tmp_path / "run"
+    state = run(out, max_epochs=2)
+    state = fl.fit(
+        state,
+        classify,
+        {"train": seeded_loader(), "valid": valid},
+        max_epochs=4,
+        out_dir=out,
+        log_to_console=False,
+    )
+    losses = state.history["valid"]["loss"]
+    best = losses.index(min(losses)) + 3  # the validated epochs are 3 and 4
+    log = (out / "run_training.log").read_text()
+    assert "The best model is chosen afresh: this run monitors valid/loss" in log
+    assert f"Best model (valid/loss {min(losses):.4g} at epoch {best})" in log
