@@ -607,6 +607,8 @@ class _Run:
     best: _Best | None = None
     stop_reason: str = ""
     epoch_rng: dict[str, Any] | None = None
+    # The learning rates and skipped-update count at the epoch's start, for its log lines.
+    epoch_start: dict[str, Any] | None = None
     means: MetricMeans | None = None
     callbacks: CallbackList = dataclasses.field(default_factory=lambda: CallbackList([]))
     generators: list[torch.Generator] = dataclasses.field(default_factory=list)
@@ -674,6 +676,7 @@ class _Run:
             means["sums"] = {k: v.cpu() for k, v in means["sums"].items()}
         return {
             "epoch_rng": self.epoch_rng if position is not None else None,
+            "epoch_start": self.epoch_start if position is not None else None,
             "means": means,
             "rng": self.rng_state(),
         }
@@ -754,6 +757,7 @@ class _Run:
             )
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
+            self.epoch_start = rec.get("epoch_start")
             self.means = MetricMeans()
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
@@ -857,13 +861,17 @@ class _Run:
         t0 = time.monotonic()
         epoch = state.epoch + 1
         _set_epoch(self.train_loader, state.epoch)
+        if position is None or self.epoch_start is None:  # (None: a 0.1.0 checkpoint)
+            self.epoch_start = {
+                "lrs": list(learning_rate_metrics(state.opt_state).values()),
+                "skipped": int(state.skipped_steps),
+            }
         if position is None:
             self.epoch_rng = self.rng_state()
             self.means = MetricMeans()
         elif self.epoch_rng is not None:
             self.set_rng_state(self.epoch_rng)
-        lrs_before = list(learning_rate_metrics(state.opt_state).values())
-        skipped_before = int(state.skipped_steps)
+        lrs_before, skipped_before = self.epoch_start["lrs"], self.epoch_start["skipped"]
 
         state = self.callbacks("on_train_epoch_start", state)
         state, train_means = train_epoch(

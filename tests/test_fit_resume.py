@@ -319,3 +319,45 @@ def test_the_best_model_is_chosen_afresh_when_the_monitor_changes(tmp_path):
     log = (out / "run_training.log").read_text()
     assert "The best model is chosen afresh: this run monitors valid/loss" in log
     assert f"Best model (valid/loss {min(losses):.4g} at epoch {best})" in log
+
+
+def test_a_mid_epoch_resume_logs_the_epoch_as_an_uninterrupted_run_does(tmp_path):
+    # The epoch's learning-rate change and skipped updates are counted from its start,
+    # not from the mid-epoch checkpoint the run resumed from.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x[4] = x[36] = float("nan")  # batches 1 and 9 of 10 give a NaN loss
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
+    lr = optim.join_schedules([optim.constant_schedule(0.1), optim.constant_schedule(0.01)], [3])
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+
+    class CrashAtBatch(fl.callbacks.Callback):
+        def on_train_batch_start(self, state, batch, batch_idx):
+            if batch_idx == 6:
+                raise Crash
+
+    def lines(out, callbacks=()):
+        module = nn.Sequential(nn.Linear(6, 2)).double()
+        fl.fit(
+            fl.TrainState.create(module, tx=optim.sgd(lr), device="cpu"),
+            step,
+            loader,
+            max_epochs=1,
+            out_dir=out,
+            checkpoint_every_n_steps=5,
+            callbacks=list(callbacks),
+            log_to_console=False,
+        )
+        log = (out / "run_training.log").read_text().splitlines()
+        return [line.split(" - ", 2)[-1] for line in log if "Learning" in line or "Skipped" in line]
+
+    with pytest.raises(Crash):
+        lines(tmp_path / "cut", [CrashAtBatch()])
+    assert (
+        lines(tmp_path / "cut")
+        == lines(tmp_path / "ref")
+        == [
+            "Learning rate updated: 0.100000 → 0.010000",
+            "Skipped 2 updates with non-finite loss or gradients",
+        ]
+    )
