@@ -260,8 +260,9 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
     """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
     data = torch.utils.data
     # A map-style dataset iterates by __getitem__: single samples, and forever when
-    # __getitem__ never raises IndexError. (An IterableDataset may yield batches.)
-    if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
+    # __getitem__ never raises IndexError. (An IterableDataset, or a dataset class with an
+    # __iter__ of its own, may yield batches.)
+    if isinstance(loader, data.Dataset) and not hasattr(type(loader), "__iter__"):
         raise TypeError(
             f"the {split} loader is a dataset ({type(loader).__name__}), which yields single "
             f"samples, not batches. Wrap it: DataLoader(dataset, batch_size=..., "

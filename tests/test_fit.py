@@ -767,7 +767,14 @@ def test_a_dataset_of_batches_trains_through_a_dataloader_without_batching():
     assert state.step == 12 and fl.batch_size(next(iter(loader))) == len(batches[0][0])
 
 
-@pytest.mark.parametrize("loader", [_Restarting])
+class _IteratingDataset(_BatchDataset):
+    """A dataset class with an __iter__ of its own that yields the batches."""
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("loader", [_Restarting, _IteratingDataset])
 def test_loaders_that_give_batches_every_epoch_train(loader):
     """As a list of the same batches does (a DataLoader would also draw a seed from the
     global generator each epoch, which moves the dropout masks)."""
