@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
-from fnloop.callbacks.metrics_log import learning_rate_metrics
+from fnloop.callbacks.metrics_log import EpochLogger, learning_rate_metrics
 from fnloop.distributed import (
     barrier,
     broadcast_state,
@@ -958,6 +958,9 @@ class _Run:
             self.logger.info(f"Early stopping: {self.stop_reason}")
         self.means = None
         self.save(state, position=None)
+        for callback in self.callbacks.callbacks:
+            if isinstance(callback, EpochLogger):
+                callback._epoch_saved(state.epoch)
         return state
 
     def diverged(self, state: TrainState, loss: float) -> bool:

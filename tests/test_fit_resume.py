@@ -361,3 +361,37 @@ def test_a_mid_epoch_resume_logs_the_epoch_as_an_uninterrupted_run_does(tmp_path
             "Skipped 2 updates with non-finite loss or gradients",
         ]
     )
+
+
+class _Remote(fl.callbacks.EpochLogger):
+    """Rows sent somewhere that cannot take them back (as W&B), into a shared list."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def write_row(self, row):
+        self.rows.append(dict(row))
+
+
+class CrashInValidation(fl.callbacks.Callback):
+    def on_validation_epoch_start(self, state):
+        if state.epoch == 2:
+            raise Crash
+
+
+def test_a_run_interrupted_in_validation_sends_no_partial_row(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    xv = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    valid = DataLoader(TensorDataset(xv, (xv[:, 1] > 0).long()), batch_size=10)
+    rows = []
+    kw = {"max_epochs": 3, "out_dir": tmp_path / "run", "log_to_console": False}
+    loaders = {"train": seeded_loader(), "valid": valid}
+    with pytest.raises(Crash):
+        fl.fit(
+            make_state(), classify, loaders, callbacks=[CrashInValidation(), _Remote(rows)], **kw
+        )
+    assert [r["epoch"] for r in rows] == [1]  # epoch 2 never finished: nothing of it sent
+    fl.fit(make_state(), classify, loaders, callbacks=[_Remote(rows)], **kw)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all("valid/loss" in r for r in rows)

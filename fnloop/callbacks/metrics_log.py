@@ -118,6 +118,7 @@ class EpochLogger(Callback):
         self._history: History = {}  # at the epoch's start (after the last row)
         self._latest: History = {}  # at the last event collected
         self._active = False
+        self._saved_epoch = 0  # the last epoch fit finished and checkpointed
 
     def start(self, state: TrainState) -> None:
         """Opens what the logger writes to (at ``on_fit_start``, rank 0 only)."""
@@ -132,6 +133,7 @@ class EpochLogger(Callback):
 
     def on_fit_start(self, state: TrainState) -> None:
         self._pending, self._counters, self._history = {}, None, state.history
+        self._saved_epoch = state.epoch
         self._active = is_main_process()
         if self._active:
             self.start(state)
@@ -163,13 +165,19 @@ class EpochLogger(Callback):
         if not self._active:
             return
         try:
-            # The row held back for callbacks' additions: its epoch's checkpoint may be
-            # written already, and a resumed run would not log that epoch again. (If it was
-            # not, the resumed run's start() drops rows past its state's epoch.)
-            self._flush()
+            # The row held back for callbacks' additions, if fit finished its epoch (and
+            # wrote its checkpoint): a resumed run will not log that epoch again. A row of
+            # an unfinished epoch (interrupted in validation) is dropped: the resumed run
+            # logs the whole row, which W&B would ignore after a partial one.
+            if self._counters is not None and self._counters[0] <= self._saved_epoch:
+                self._flush()
         finally:
             self._active = False
             self.finish(None)
+
+    def _epoch_saved(self, epoch: int) -> None:
+        """Called by ``fit`` once epoch ``epoch`` is finished and checkpointed."""
+        self._saved_epoch = epoch
 
     def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> dict[str, float]:
         if any(k in self._pending for k in metrics):  # the same split twice: a new epoch
