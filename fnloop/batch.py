@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -44,24 +43,32 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
         if isinstance(obj, tuple | list):
             return type(obj)(move(v) for v in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            # A copy with the moved fields set, without running __init__ / __post_init__
-            # again (dataclasses.replace would: a __post_init__ that scales a field would
-            # scale it twice). Nothing moved: the batch itself.
-            changes = {}
-            for f in dataclasses.fields(obj):
-                value = getattr(obj, f.name)
-                moved = move(value)
-                if moved is not value:
-                    changes[f.name] = moved
-            if not changes:
+            # A new instance with every attribute moved (fields, and tensors __post_init__
+            # derived from them), without running __init__ / __post_init__ again, which
+            # dataclasses.replace would (a __post_init__ that scales a field would scale it
+            # twice). Nothing moved: the batch itself.
+            attrs = _attributes(obj)
+            moved = {name: move(value) for name, value in attrs.items()}
+            if all(moved[name] is value for name, value in attrs.items()):
                 return obj
-            new = copy.copy(obj)
-            for name, value in changes.items():
+            new = object.__new__(type(obj))
+            for name, value in moved.items():
                 object.__setattr__(new, name, value)  # frozen dataclasses too
             return new
         return obj
 
     return move(batch)
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    """The instance attributes of ``obj``: its ``__dict__`` and the slots that are set."""
+    attrs = dict(getattr(obj, "__dict__", {}))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                attrs[name] = getattr(obj, name)
+    return attrs
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

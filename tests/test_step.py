@@ -457,6 +457,38 @@ def test_moving_a_dataclass_batch_copies_it_without_running_init_again():
     moved = fl.to_device(frozen, "meta")
     assert moved.x.device.type == "meta" and moved.mask.device.type == "meta"  # init=False too
     assert fl.to_device(frozen, "cpu") is frozen  # nothing to move: the batch itself
+    slotted = _Slotted(torch.ones(2))
+    moved = fl.to_device(slotted, "meta")
+    assert moved.x.device.type == "meta" and moved.mask.device.type == "meta"
+    assert slotted.x.device.type == "cpu" and moved.n == 3
+
+
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    x: torch.Tensor
+    n: int = 3
+    mask: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.mask = self.x > 0
+
+
+@dataclasses.dataclass
+class _Derived:
+    x: torch.Tensor
+
+    def __post_init__(self):
+        self.mask = self.x != 0  # an attribute that is not a field
+
+    def __copy__(self):
+        return self  # "immutable": copy.copy must not be how the moved batch is made
+
+
+def test_moving_a_dataclass_batch_moves_its_derived_tensors_and_leaves_it_alone():
+    batch = _Derived(torch.ones(2))
+    moved = fl.to_device(batch, "meta")
+    assert moved is not batch and moved.mask.device.type == "meta"
+    assert batch.x.device.type == "cpu" and batch.mask.device.type == "cpu"
 
 
 @pytest.mark.parametrize(
