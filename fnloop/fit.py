@@ -262,7 +262,7 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
     # A map-style dataset iterates by __getitem__: single samples, and forever when
     # __getitem__ never raises IndexError. (An IterableDataset, or a dataset class with an
     # __iter__ of its own, may yield batches.)
-    if isinstance(loader, data.Dataset) and not hasattr(type(loader), "__iter__"):
+    if isinstance(loader, data.Dataset) and getattr(type(loader), "__iter__", None) is None:
         raise TypeError(
             f"the {split} loader is a dataset ({type(loader).__name__}), which yields single "
             f"samples, not batches. Wrap it: DataLoader(dataset, batch_size=..., "
