@@ -239,7 +239,7 @@ def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], An
                 check_same_structure(updates, other)
                 raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
             other_leaves.append(o_leaves)
-    if check and other_leaves:
+    if other_leaves:  # also while compiling: static shapes, checked when traced
         shape = _shape_of if flat is None else torch.Tensor.size  # flat: all tensors
         shapes = list(map(shape, leaves))
         for o_leaves in other_leaves:

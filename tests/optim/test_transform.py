@@ -307,3 +307,12 @@ def test_apply_updates_rejects_updates_of_another_shape_in_nested_trees() -> Non
     match = r"shape mismatch at 'layer\.1': a tensor of shape \(3,\) is paired with .* \(1,\)"
     with pytest.raises(ValueError, match=match):
         optim.apply_updates(params, updates)
+
+
+def test_a_shape_mismatch_is_refused_under_torch_compile_too() -> None:
+    tx = optim.adam(0.1)
+    state = tx.init({"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape mismatch at 'w'"):
+        torch.compile(tx.update, backend="eager")(
+            {"w": torch.ones(3, 1)}, state, {"w": torch.zeros(3, 1)}
+        )
