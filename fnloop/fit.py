@@ -803,6 +803,9 @@ class _Run:
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
+        for callback in self.callbacks.callbacks:
+            if isinstance(callback, EpochLogger):
+                callback._track_epochs(resumable=self.ckpt_dir is not None)
         state = self.callbacks("on_fit_start", self.state)
         if rng is not None and position is None:  # after on_fit_start, which may draw
             self.set_rng_state(rng)
@@ -951,6 +954,7 @@ class _Run:
                 f"on_nonfinite='skip'). The last checkpoint is kept as it was."
             )
             self.logger.error(self.stop_reason)
+            self.epoch_finished(epoch)  # its row is final: a resumed run would redo it
             return state
         reasons = [st.stop_reason for st in self.stopper_states if st.should_stop]
         if reasons:
@@ -958,10 +962,14 @@ class _Run:
             self.logger.info(f"Early stopping: {self.stop_reason}")
         self.means = None
         self.save(state, position=None)
+        self.epoch_finished(epoch)
+        return state
+
+    def epoch_finished(self, epoch: int) -> None:
+        """Tells the epoch loggers that ``epoch``'s row is final (see ``EpochLogger``)."""
         for callback in self.callbacks.callbacks:
             if isinstance(callback, EpochLogger):
-                callback._epoch_saved(state.epoch)
-        return state
+                callback._epoch_finished(epoch)
 
     def diverged(self, state: TrainState, loss: float) -> bool:
         """Whether training diverged: a non-finite epoch loss or non-finite weights (one

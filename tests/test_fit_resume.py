@@ -395,3 +395,55 @@ def test_a_run_interrupted_in_validation_sends_no_partial_row(tmp_path):
     fl.fit(make_state(), classify, loaders, callbacks=[_Remote(rows)], **kw)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all("valid/loss" in r for r in rows)
+
+
+def test_without_checkpoints_an_interrupted_epoch_keeps_its_train_row(tmp_path):
+    # No out_dir: no run can redo the epoch, so what it measured is written.
+    g = torch.Generator().manual_seed(1)
+    xv = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    valid = DataLoader(TensorDataset(xv, (xv[:, 1] > 0).long()), batch_size=10)
+    rows = []
+    with pytest.raises(Crash):
+        fl.fit(
+            make_state(),
+            classify,
+            {"train": seeded_loader(), "valid": valid},
+            max_epochs=3,
+            callbacks=[CrashInValidation(), _Remote(rows)],
+            log_to_console=False,
+        )
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "valid/loss" in rows[0] and "valid/loss" not in rows[1] and "train/loss" in rows[1]
+
+
+class _NanSecondEpoch:
+    """One batch per epoch; epoch 2's is NaN, so the run diverges there."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __iter__(self):
+        self.n += 1
+        g = torch.Generator().manual_seed(self.n)
+        x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+        yield x * (float("nan") if self.n == 2 else 1.0), (x[:, 0] > 0).long()
+
+    def __len__(self):
+        return 1
+
+
+@pytest.mark.parametrize("out_dir", [False, True], ids=["no-out_dir", "out_dir"])
+def test_the_row_of_a_diverged_epoch_survives_a_crash_in_on_fit_end(tmp_path, out_dir):
+    rows = []
+    with pytest.raises(Crash):
+        fl.fit(
+            make_state(),
+            classify,
+            _NanSecondEpoch(),
+            max_epochs=5,
+            out_dir=tmp_path / "run" if out_dir else None,
+            callbacks=[CrashAtFitEnd(), _Remote(rows)],
+            log_to_console=False,
+        )
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train/loss"] != rows[1]["train/loss"]  # the NaN the run diverged on

@@ -118,7 +118,10 @@ class EpochLogger(Callback):
         self._history: History = {}  # at the epoch's start (after the last row)
         self._latest: History = {}  # at the last event collected
         self._active = False
-        self._saved_epoch = 0  # the last epoch fit finished and checkpointed
+        # fit's progress: the last epoch it finished (and checkpointed), and whether a
+        # re-run can resume from its checkpoints. Outside fit every row is final.
+        self._finished_epoch = 0
+        self._resumable = False
 
     def start(self, state: TrainState) -> None:
         """Opens what the logger writes to (at ``on_fit_start``, rank 0 only)."""
@@ -133,7 +136,7 @@ class EpochLogger(Callback):
 
     def on_fit_start(self, state: TrainState) -> None:
         self._pending, self._counters, self._history = {}, None, state.history
-        self._saved_epoch = state.epoch
+        self._finished_epoch = state.epoch
         self._active = is_main_process()
         if self._active:
             self.start(state)
@@ -167,17 +170,24 @@ class EpochLogger(Callback):
         try:
             # The row held back for callbacks' additions, if fit finished its epoch (and
             # wrote its checkpoint): a resumed run will not log that epoch again. A row of
-            # an unfinished epoch (interrupted in validation) is dropped: the resumed run
-            # logs the whole row, which W&B would ignore after a partial one.
-            if self._counters is not None and self._counters[0] <= self._saved_epoch:
+            # an unfinished epoch (interrupted in validation) that a resumed run will redo
+            # is dropped: that run logs the whole row, which W&B would ignore after a
+            # partial one.
+            pending = self._counters
+            if pending is not None and (not self._resumable or pending[0] <= self._finished_epoch):
                 self._flush()
         finally:
             self._active = False
             self.finish(None)
 
-    def _epoch_saved(self, epoch: int) -> None:
-        """Called by ``fit`` once epoch ``epoch`` is finished and checkpointed."""
-        self._saved_epoch = epoch
+    def _track_epochs(self, *, resumable: bool) -> None:
+        """Called by ``fit`` before ``on_fit_start``: whether it writes checkpoints."""
+        self._resumable = resumable
+
+    def _epoch_finished(self, epoch: int) -> None:
+        """Called by ``fit`` once epoch ``epoch``'s row is final (checkpointed, or the
+        run diverged in it)."""
+        self._finished_epoch = epoch
 
     def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> dict[str, float]:
         if any(k in self._pending for k in metrics):  # the same split twice: a new epoch
