@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -51,7 +52,8 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
             moved = {name: move(value) for name, value in attrs.items()}
             if all(moved[name] is value for name, value in attrs.items()):
                 return obj
-            new = object.__new__(type(obj))
+            cls = type(obj)
+            new = cls.__new__(cls)
             for name, value in moved.items():
                 object.__setattr__(new, name, value)  # frozen dataclasses too
             return new
@@ -61,13 +63,31 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 def _attributes(obj: Any) -> dict[str, Any]:
-    """The instance attributes of ``obj``: its ``__dict__`` and the slots that are set."""
-    attrs = dict(getattr(obj, "__dict__", {}))
+    """The instance attributes of ``obj``: its ``__dict__`` and the slots that are set.
+
+    Private slot names are mangled as Python stores them (``__x`` of class ``Base``:
+    ``_Base__x``). In eager mode they are read past any ``__getattr__`` of the class;
+    ``torch.compile`` traces plain attribute reads only.
+    """
+    compiling = torch.compiler.is_compiling()
+    attrs: dict[str, Any] = {}
+    if compiling:
+        attrs.update(getattr(obj, "__dict__", {}))
+    else:
+        with contextlib.suppress(AttributeError):  # slots only: no __dict__
+            attrs.update(object.__getattribute__(obj, "__dict__"))
     for cls in type(obj).__mro__:
         slots = cls.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
-            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
-                attrs[name] = getattr(obj, name)
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{cls.__name__.lstrip('_')}{name}"
+            with contextlib.suppress(AttributeError):  # a slot that is not set
+                if compiling:
+                    attrs[name] = getattr(obj, name)
+                else:
+                    attrs[name] = cls.__dict__[name].__get__(obj, cls)
     return attrs
 
 

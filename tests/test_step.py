@@ -484,6 +484,29 @@ class _Derived:
         return self  # "immutable": copy.copy must not be how the moved batch is made
 
 
+class _Private:
+    __slots__ = ("__mask",)  # stored as _Private__mask
+
+    def mask(self):
+        return self.__mask
+
+    def set_mask(self, mask):
+        self.__mask = mask
+
+
+@dataclasses.dataclass
+class _WithPrivateSlot(_Private):
+    x: torch.Tensor
+
+    def __post_init__(self):
+        self.set_mask(self.x > 0)
+
+
+def test_moving_a_dataclass_batch_moves_a_private_slot_of_its_base():
+    moved = fl.to_device(_WithPrivateSlot(torch.ones(2)), "meta")
+    assert moved.mask().device.type == "meta" and moved.x.device.type == "meta"
+
+
 def test_moving_a_dataclass_batch_moves_its_derived_tensors_and_leaves_it_alone():
     batch = _Derived(torch.ones(2))
     moved = fl.to_device(batch, "meta")
