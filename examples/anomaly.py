@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anomaly", type=int, default=9, help="the digit never trained on")
     parser.add_argument(
+        "--patience",
+        type=int,
+        default=15,
+        help="stop after this many epochs without a lower valid/loss",
+    )
+    parser.add_argument(
         "--out-dir", help="the run folder (default runs/anomaly, or runs/anomaly-fast with --fast)"
     )
     parser.add_argument(
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> float:
         training_step,
         loaders,
         max_epochs=args.epochs,
-        early_stopping=fl.EarlyStopping(monitor="valid/loss", mode="min", patience=15),
+        early_stopping=fl.EarlyStopping("valid/loss", patience=args.patience),
         out_dir=out_dir,
         run_name="anomaly",
         resume=not args.fresh,

@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--patience",
+        type=int,
+        default=8,
+        help="stop after this many epochs without a better valid/acc",
+    )
+    parser.add_argument(
         "--out-dir", help="the run folder (default runs/digits, or runs/digits-fast with --fast)"
     )
     parser.add_argument(
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
         training_step,
         {"train": train_loader, "valid": valid_loader},
         max_epochs=args.epochs,
-        early_stopping=fl.EarlyStopping(monitor="valid/acc", mode="max", patience=8),
+        early_stopping=fl.EarlyStopping("valid/acc", mode="max", patience=args.patience),
         out_dir=out_dir,
         run_name="digits",
         resume=not args.fresh,

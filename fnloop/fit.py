@@ -86,6 +86,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` and the noun in the number it needs.
+
+    >>> _count(1, "update", "updates"), _count(3, "update", "updates")
+    ('1 update', '3 updates')
+    """
+    return f"{n} {one if n == 1 else many}"
+
+
 def _format_time(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -349,8 +358,8 @@ def fit(
       training_step: ``(model, batch) -> {"loss": ..., ...}``, or a step made by
         ``make_train_step`` (its options, such as precision, are used as made).
       loaders: a train loader, or ``{"train": loader, "valid": loader}``.
-      max_epochs: the epoch count to reach (``fit(state, ..., max_epochs=state.epoch + 5)``
-        trains five more).
+      max_epochs: the epoch count to reach (on the state a ``fit`` returned,
+        ``max_epochs=state.epoch + 5`` trains five more).
       validation_step: the validation function, or a step made by ``make_eval_step``;
         defaults to ``training_step``'s function.
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
@@ -724,9 +733,9 @@ class _Run:
             rec = {**rec, **ranks[rank()]}  # this process's generators and partial means
         elif saved_world != world_size():
             self.logger.warning(
-                f"{found.path} was written by {saved_world} processes and this run has "
-                f"{world_size()}: every process continues with rank 0's random generators, "
-                f"so the run will not repeat an uninterrupted one."
+                f"{found.path} was written by {_count(saved_world, 'process', 'processes')} "
+                f"and this run has {world_size()}: every process continues with rank 0's "
+                f"random generators, so the run will not repeat an uninterrupted one."
             )
             # The partial epoch means of every saved process, counted once: on rank 0.
             parts = [r.get("means") for r in ranks] if ranks is not None else [rec.get("means")]
@@ -944,7 +953,9 @@ class _Run:
         )
         skipped = int(state.skipped_steps) - skipped_before
         if skipped:
-            self.logger.warning(f"Skipped {skipped} updates with non-finite loss or gradients")
+            self.logger.warning(
+                f"Skipped {_count(skipped, 'update', 'updates')} with non-finite loss or gradients"
+            )
 
         if diverged:
             self.stop_reason = (
