@@ -200,8 +200,8 @@ def train_epoch(
       desc: the bar's label.
       start_batch: skip this many batches first (resuming in the middle of an epoch);
         skipped batches are loaded but not trained on.
-      after_skip: called once the skipped batches are consumed (``fit`` restores the
-        RNG state there).
+      after_skip: called once the skipped batches are loaded, before the next one is
+        (``fit`` restores the random generators there).
       means: the accumulator to add to (``fit`` passes one restored from a checkpoint).
 
     Returns:
@@ -230,10 +230,11 @@ def train_epoch(
         for batch_idx, batch in enumerate(loader):
             seen += 1
             if batch_idx < start_batch:
+                # Before the next batch is loaded: a dataset may draw random numbers there.
+                if batch_idx == start_batch - 1 and pending_skip is not None:
+                    pending_skip()
+                    pending_skip = None
                 continue
-            if pending_skip is not None:
-                pending_skip()
-                pending_skip = None
             if batch_start:
                 state = callbacks("on_train_batch_start", state, batch, batch_idx)
             n = find_batch_size(batch, batch_size)
@@ -246,7 +247,7 @@ def train_epoch(
         bar.close()
     if seen == 0:
         raise ValueError(EMPTY_LOADER_MSG.format(split="train"))
-    if pending_skip is not None:  # the checkpoint was taken after the epoch's last batch
+    if pending_skip is not None:  # the loader has no more than start_batch batches now
         pending_skip()
     return state, means.means(all_processes=True)
 

@@ -233,6 +233,44 @@ def test_a_loader_with_workers_resumes_mid_epoch_bit_exactly(tmp_path):
     assert_same(go(tmp_path / "cut"), ref)
 
 
+class _Noisy(torch.utils.data.Dataset):
+    """Random augmentation: every item draws from the global generator when loaded."""
+
+    def __init__(self):
+        self.x, self.y = seeded_loader().dataset.tensors
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(6, dtype=torch.float64), self.y[i]
+
+
+@pytest.mark.parametrize(("epoch", "batch"), [(2, 3), (2, 5)], ids=["mid-epoch", "last-batch"])
+def test_a_dataset_drawing_random_numbers_resumes_mid_epoch_bit_exactly(tmp_path, epoch, batch):
+    """Without workers the dataset draws in this process: the generators are restored
+    after the skipped batches are loaded and before the first trained one is."""
+
+    def go(out, callbacks=()):
+        loader = DataLoader(_Noisy(), batch_size=10, shuffle=True)
+        return fl.fit(
+            make_state(),
+            classify,
+            loader,
+            max_epochs=3,
+            out_dir=out,
+            callbacks=list(callbacks),
+            checkpoint_every_n_steps=2,
+            log_to_console=False,
+        )
+
+    ref = go(tmp_path / "ref")
+    with pytest.raises(Crash):
+        go(tmp_path / "cut", [CrashAt(epoch, batch)])
+    torch.manual_seed(123)
+    assert_same(go(tmp_path / "cut"), ref)
+
+
 @pytest.mark.parametrize("bad_call", [8, 6], ids=["mid-epoch", "last-batch-of-epoch"])
 def test_a_step_with_a_nonfinite_gradient_writes_no_checkpoint_of_its_weights(tmp_path, bad_call):
     class NanGrad(torch.autograd.Function):
