@@ -469,7 +469,8 @@ class TrainStep:
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
         if distributed:
-            if transformed and not compiling:
+            # Under vmap (also compiled: then a functorch level is active while tracing).
+            if transformed and (not compiling or _functorch.maybe_current_level() is not None):
                 raise ValueError(VMAP_MSG.format(world=world_size()))
             # A skipped update keeps the buffers from before this micro-batch: with a window
             # of several, those are each process's own, so they are averaged too.

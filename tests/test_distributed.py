@@ -122,7 +122,10 @@ def test_a_single_process_is_left_alone() -> None:
     assert mean_over_processes(t)["a"] is t["a"]
 
 
-def test_vmap_in_a_distributed_run_is_a_clear_error(monkeypatch) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_vmap_in_a_distributed_run_is_a_clear_error(monkeypatch, compiled) -> None:
+    """Also compiled, where the averaging would otherwise run on the batched gradients
+    and leave every process with other weights."""
     import fnloop.step
 
     monkeypatch.setattr(fnloop.step, "world_size", lambda: 2)
@@ -130,6 +133,9 @@ def test_vmap_in_a_distributed_run_is_a_clear_error(monkeypatch) -> None:
     step = torch.func.vmap(
         fl.make_train_step(ddp_job.classify), in_dims=(0, None), randomness="different"
     )
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step)
     x, y = ddp_job.data(8)
     with pytest.raises(ValueError, match=r"cannot do under torch\.func\.vmap"):
         step(fl.stack_states(states), (x, y))
