@@ -53,19 +53,61 @@ def is_main_process() -> bool:
 
 
 def broadcast_state(state: TrainState) -> TrainState:
-    """Rank 0's state in every process (one broadcast per dtype); a collective call.
+    """Rank 0's state in every process: its tensors (one broadcast per dtype), its step,
+    epoch and micro-step counters, history and EMA decay; a collective call.
 
     Data parallelism needs the same starting state everywhere, as
     ``DistributedDataParallel`` makes it when it wraps a module: ``fit`` calls this on
-    start; call it in your own loop before the first step. Outside a distributed run it
-    returns ``state``.
+    start; call it in your own loop before the first step (a state only rank 0 loaded
+    from a checkpoint reaches every process). Outside a distributed run it returns
+    ``state``.
+
+    Raises:
+      ValueError: in every process, when a process's state is not shaped as rank 0's
+        (another model or optimizer, EMA in some processes only): build the same state
+        everywhere.
     """
     if world_size() == 1:
         return state
-    leaves, treedef = _tree.tree_flatten(state)
+    paths, leaves, treedef = _tree.tree_flatten_with_keys(state)
+    layout = [(path, _describe(leaf)) for path, leaf in zip(paths, leaves)]
+    static = (state.step, state.epoch, state.micro_step, state.history, state.ema_decay)
+    everyone = gather((layout, static if rank() == 0 else None))
+    for other, (their_layout, _) in enumerate(everyone[1:], start=1):
+        if their_layout != everyone[0][0]:
+            raise ValueError(
+                f"broadcast_state: process {other}'s state is not shaped as rank 0's: "
+                f"{_layout_difference(everyone[0][0], their_layout)}. Every process must "
+                f"build the same state (the same module, tx and ema_decay) before rank 0's "
+                f"values can be copied into it."
+            )
     named = {str(i): leaf for i, leaf in enumerate(leaves)}
     out = _reduce(named, lambda flat: torch.distributed.broadcast(flat, src=0))
-    return _tree.tree_unflatten(treedef, [out[str(i)] for i in range(len(leaves))])
+    state = _tree.tree_unflatten(treedef, [out[str(i)] for i in range(len(leaves))])
+    step, epoch, micro_step, history, ema_decay = everyone[0][1]
+    return state.replace(
+        step=step, epoch=epoch, micro_step=micro_step, history=history, ema_decay=ema_decay
+    )
+
+
+def _describe(leaf: Any) -> str:
+    if isinstance(leaf, torch.Tensor):
+        return f"{leaf.dtype} {tuple(leaf.shape)}".replace("torch.", "")
+    return type(leaf).__name__
+
+
+def _layout_difference(first: list[tuple[str, str]], other: list[tuple[str, str]]) -> str:
+    """The first entry where two ``(path, description)`` lists differ, in words."""
+    mine, theirs = dict(first), dict(other)
+    for path, what in first:
+        if path not in theirs:
+            return f"rank 0 has {path!r} ({what}), it has not"
+        if theirs[path] != what:
+            return f"{path!r} is {what} on rank 0 and {theirs[path]} there"
+    extra = next((path for path, _ in other if path not in mine), None)
+    if extra is None:
+        return "it holds the same entries in another order"
+    return f"it has {extra!r}, rank 0 has not"
 
 
 def mean_over_processes(tensors: Params) -> Params:

@@ -190,6 +190,16 @@ def test_raise_on_a_nan_in_one_process_raises_in_all_at_the_same_step(ranks) -> 
     assert [r["raised_at"] for r in results] == [5, 5]  # the update that averages it
 
 
+def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ranks) -> None:
+    _, results = ranks
+    for r in results:
+        b = r["broadcast"]
+        assert (b["step"], b["epoch"], b["history"]) == (3, 1, {"train": {"loss": (0.5,)}})
+        assert "process 1's state is not shaped as rank 0's: it has 'ema." in b["refused"]
+    assert_same(results[0]["broadcast"]["ema"], results[1]["broadcast"]["ema"])
+    assert_same(results[0]["broadcast"]["params"], results[1]["broadcast"]["params"])
+
+
 def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
     _, results = ranks
     for r in results:

@@ -21,6 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import fnloop as fl
 from fnloop import optim
+from fnloop.distributed import broadcast_state
 from fnloop.fit import _window_mean
 
 GLOBAL_BATCH = 16
@@ -236,6 +237,32 @@ def metric_names(rank: int) -> dict[str, Any]:
     return {k: list(v) for k, v in state.history["train"].items()}
 
 
+def broadcast(rank: int) -> dict[str, Any]:
+    """Rank 0 alone has trained (as if it alone had loaded a checkpoint): broadcast_state
+    gives every process its tensors, counters and history, and one more step keeps them
+    equal (the EMA takes the state.step > 0 branch everywhere). A process whose state has
+    no EMA is refused in every process, before any tensor is sent."""
+    x, y = data()
+    state = fl.TrainState.create(mlp(), tx=tx(), ema_decay=0.9)
+    if rank == 0:
+        state = state.replace(
+            params={n: p + 0.1 for n, p in state.params.items()},
+            step=3,
+            epoch=1,
+            history={"train": {"loss": (0.5,)}},
+        )
+    state = broadcast_state(state)
+    after = {"step": state.step, "epoch": state.epoch, "history": dict(state.history)}
+    state, _ = fl.make_train_step(classify)(state, (x[24:32][rank::2], y[24:32][rank::2]))
+    after["ema"] = dict(state.ema)
+    after["params"] = dict(state.params)
+    try:
+        broadcast_state(fl.TrainState.create(mlp(), tx=tx(), ema_decay=0.9 if rank else None))
+    except ValueError as e:
+        after["refused"] = str(e)
+    return after
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -278,6 +305,7 @@ def main() -> None:
     result["window_buffers_own_memory"] = own_memory(_window_mean(opened).buffers)
     result["refit_one"], result["refit_two"] = refit(world, rank)
     result["metric_names"] = metric_names(rank)
+    result["broadcast"] = broadcast(rank)
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
     result["straight_history"] = {k: dict(v) for k, v in straight.history.items()}
