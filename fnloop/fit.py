@@ -168,14 +168,28 @@ def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[
 
 
 def _callback_metrics(
-    before: History, after: History, known: Mapping[str, float]
-) -> dict[str, float]:
-    """The epoch metrics callbacks appended to the history at an epoch-end event: one
-    value per key, under names the steps do not already use."""
-    for key, values in history_growth(before, after).items():
+    state: TrainState, before: History, known: Mapping[str, float]
+) -> tuple[TrainState, dict[str, float]]:
+    """The epoch metrics callbacks appended to the history at an epoch-end event (one
+    value per key, under names the steps do not already use), and the state.
+
+    With several processes, rank 0's metrics in every process's history (a collective
+    call): a metric computed over one process's examples would otherwise make the
+    processes' plateau schedules, best models and early stopping decide apart.
+    """
+    for key, values in history_growth(before, state.history).items():
         if key in known or len(values) > 1:
             raise ValueError(HISTORY_CLASH_MSG.format(key=key, n=len(values)))
-    return history_added(before, after)
+    added = history_added(before, state.history)
+    if world_size() > 1:
+        first = gather(added)[0]
+        if first != added:
+            history = before
+            for key, value in first.items():
+                split, name = key.split("/", 1)
+                history = append_history(history, split, {name: value})
+            state, added = state.replace(history=history), first
+    return state, added
 
 
 class EpochMetrics(dict[str, float]):
@@ -911,7 +925,8 @@ class _Run:
         )
         before = state.history
         state = self.callbacks("on_train_epoch_end", state, EpochMetrics(train_metrics))
-        train_metrics.update(_callback_metrics(before, state.history, train_metrics))
+        state, added = _callback_metrics(state, before, train_metrics)
+        train_metrics.update(added)
 
         metrics = dict(train_metrics)
         if self.eval_step is not None and self.valid_loader is not None:
@@ -930,7 +945,8 @@ class _Run:
             before = state.history
             state = self.callbacks("on_validation_epoch_end", state, EpochMetrics(valid_metrics))
             metrics.update(valid_metrics)
-            metrics.update(_callback_metrics(before, state.history, metrics))
+            state, added = _callback_metrics(state, before, metrics)
+            metrics.update(added)
 
         if self.monitor not in metrics:
             raise KeyError(

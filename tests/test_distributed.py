@@ -205,6 +205,7 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
     for r in results:
         assert r["metric_names"]["only0"] == [1.0]
         assert r["metric_names"]["only1"] == [2.0]
+        assert r["metric_names"]["own"] == [0.0]  # a callback's metric: rank 0's
         assert len(r["metric_names"]["loss"]) == 1
 
 
