@@ -127,6 +127,17 @@ def mean_over_processes(tensors: Params) -> Params:
     return _reduce(tensors, mean)
 
 
+def true_everywhere(flag: torch.Tensor) -> torch.Tensor:
+    """Whether the 0-d bool tensor ``flag`` is true in every process of the default group
+    (one all-reduce; stays on the device); a collective call. Outside a distributed run,
+    ``flag``."""
+    if world_size() == 1:
+        return flag
+    t = flag.to(collective_device(flag), torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.to(flag.device, torch.bool)
+
+
 def mean_grads_and_buffers(
     grads: Params,
     buffers: Params,

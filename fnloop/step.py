@@ -25,7 +25,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from fnloop import _tree
 from fnloop.batch import to_device
-from fnloop.distributed import VMAP_MSG, mean_grads_and_buffers, world_size
+from fnloop.distributed import VMAP_MSG, mean_grads_and_buffers, true_everywhere, world_size
 from fnloop.ensemble import check_one_model
 from fnloop.optim import _foreach
 from fnloop.optim.base import apply_updates, scalar_dtype
@@ -448,6 +448,10 @@ class TrainStep:
             state = state.replace(params=params)
 
         distributed = world_size() > 1
+        # Under vmap (also compiled: then a functorch level is active while tracing).
+        vmapped = transformed and (not compiling or _functorch.maybe_current_level() is not None)
+        if distributed and vmapped:
+            raise ValueError(VMAP_MSG.format(world=world_size()))
         # Several processes decide together, on the averaged loss and gradients, below.
         scaled_grads = loss_scale if self.loss_scale is not None else None
         if self.on_nonfinite == "raise" and not distributed:
@@ -459,7 +463,12 @@ class TrainStep:
                 grads = _tree.tree_map(torch.add, state.grad_accum, grads)
             if state.micro_step + 1 < k:
                 if self.on_nonfinite == "skip":
-                    buffers = _select_buffers(torch.isfinite(loss), buffers, state.buffers)
+                    # Decided together: one process on the whole micro-batch would drop
+                    # all of its statistics (integer counters, never averaged, too).
+                    finite = torch.isfinite(loss)
+                    if distributed:
+                        finite = true_everywhere(finite)
+                    buffers = _select_buffers(finite, buffers, state.buffers)
                 new_state = state.replace(
                     grad_accum=grads,
                     buffers=buffers,
@@ -469,9 +478,6 @@ class TrainStep:
                 return new_state, metrics
             grads = _tree.tree_map(lambda g: g / k, grads)
         if distributed:
-            # Under vmap (also compiled: then a functorch level is active while tracing).
-            if transformed and (not compiling or _functorch.maybe_current_level() is not None):
-                raise ValueError(VMAP_MSG.format(world=world_size()))
             # A skipped update keeps the buffers from before this micro-batch: with a window
             # of several, those are each process's own, so they are averaged too.
             fallback = state.buffers if k > 1 and self.on_nonfinite == "skip" else None

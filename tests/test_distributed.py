@@ -98,6 +98,10 @@ def test_a_skipped_update_keeps_averaged_statistics_with_accumulation(ranks) -> 
     _, (r0, r1) = ranks
     assert r0["skip_bn_skipped"] == r1["skip_bn_skipped"] == 1
     assert_same(r0["skip_bn"], r1["skip_bn"])
+    # A NaN in one process's part of a window's first micro-batch: every process drops
+    # that micro-batch's statistics (one process on the whole batch would), counter too.
+    assert_same(r0["skip_bn_opening"], r1["skip_bn_opening"])
+    assert r0["skip_bn_opening"]["1.num_batches_tracked"] == 3
     assert r0["buffers_own_memory"] and r1["buffers_own_memory"]
     assert r0["window_buffers_own_memory"] and r1["window_buffers_own_memory"]
 
@@ -180,6 +184,7 @@ def test_compiled_steps_average_gradients_in_one_graph_ci_subset(tmp_path: Path)
         result = torch.load(tmp_path / f"rank{r}-compile.pt", weights_only=True)
         assert result["graph_breaks"] == 0
         assert_same(result["compiled"], result["eager"])
+        assert_same(result["compiled_skip"], result["eager_skip"])
     r0 = torch.load(tmp_path / "rank0-compile.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1-compile.pt", weights_only=True)
     assert_same(r0["compiled"], r1["compiled"])

@@ -77,10 +77,10 @@ def own_memory(tensors: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def skip_with_bn(rank: int, world: int) -> tuple[fl.TrainState, fl.TrainState]:
-    """BatchNorm, accumulation over 2, the skip policy, a NaN in rank 1's half of the
-    micro-batch that closes the second window: the states after the first window (an
-    update) and after the second (skipped)."""
+def skip_with_bn(rank: int, world: int, nan_at: int = 3) -> tuple[fl.TrainState, fl.TrainState]:
+    """BatchNorm, accumulation over 2, the skip policy, a NaN in rank 1's half of
+    micro-batch ``nan_at`` (3 closes the second window, 2 opens it): the states after the
+    first window (an update) and after the second (skipped)."""
     x, y = data()
     state = fl.TrainState.create(with_bn(), tx=tx())
     step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="skip")
@@ -88,7 +88,7 @@ def skip_with_bn(rank: int, world: int) -> tuple[fl.TrainState, fl.TrainState]:
     for i in range(4):
         rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
         xb, yb = x[rows][rank::world].clone(), y[rows][rank::world]
-        if i == 3 and rank == 1:
+        if i == nan_at and rank == 1:
             xb[0, 0] = float("nan")
         state, _ = step(state, (xb, yb))
         states.append(state)
@@ -188,12 +188,20 @@ def compiled(out: Path, rank: int) -> None:
             state, _ = step(state, (x[rows][rank::2], y[rows][rank::2]))
         return state
 
+    def explain(step: Any) -> int:
+        first = (fl.TrainState.create(mlp(), tx=tx()), (x[:8], y[:8]))
+        return torch._dynamo.explain(step)(*first).graph_break_count
+
+    def skipping() -> Any:  # decides each micro-batch's statistics together, too
+        return fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="skip")
+
     step = fl.make_train_step(classify)
-    explained = torch._dynamo.explain(step)(fl.TrainState.create(mlp(), tx=tx()), (x[:8], y[:8]))
     result = {
         "eager": run(step).params,
         "compiled": run(torch.compile(fl.make_train_step(classify))).params,
-        "graph_breaks": explained.graph_break_count,
+        "eager_skip": run(skipping()).params,
+        "compiled_skip": run(torch.compile(skipping())).params,
+        "graph_breaks": explain(step) + explain(skipping()),
     }
     torch.save(result, out / f"rank{rank}-compile.pt")
 
@@ -303,6 +311,7 @@ def main() -> None:
     updated, skipped = skip_with_bn(rank, world)
     result["skip_bn"] = skipped.state_dict()
     result["skip_bn_skipped"] = int(skipped.skipped_steps)
+    result["skip_bn_opening"] = skip_with_bn(rank, world, nan_at=2)[1].state_dict()
     # The new buffers own their memory (not a view of the reduced gradients), also in
     # the state fit saves while an accumulation window is open.
     result["buffers_own_memory"] = own_memory(updated.buffers)
