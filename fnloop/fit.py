@@ -900,7 +900,10 @@ class _Run:
             self.set_rng_state(self.epoch_rng)
         lrs_before, skipped_before = self.epoch_start["lrs"], self.epoch_start["skipped"]
 
-        state = self.callbacks("on_train_epoch_start", state)
+        started = self.callbacks("on_train_epoch_start", state)
+        # Resuming mid-epoch, the callbacks set themselves up again, but the checkpoint
+        # already holds the state they returned at the epoch's start: keep that one.
+        state = started if position is None else state
         state, train_means = train_epoch(
             state,
             self.step_fn,

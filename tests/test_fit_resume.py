@@ -271,6 +271,43 @@ def test_a_dataset_drawing_random_numbers_resumes_mid_epoch_bit_exactly(tmp_path
     assert_same(go(tmp_path / "cut"), ref)
 
 
+class ShrinkAtEpochStart(fl.callbacks.Callback):
+    """Changes the weights at an epoch's start (and counts the calls)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_epoch_start(self, state):
+        self.calls += 1
+        return state.replace(params={n: p * 0.9 for n, p in state.params.items()})
+
+
+def test_a_mid_epoch_resume_keeps_the_state_the_epoch_start_returned_once(tmp_path):
+    """The checkpoint holds what on_train_epoch_start returned at the real start of the
+    epoch; the event fires again on resume, but applying its change twice would not
+    repeat the uninterrupted run."""
+
+    def go(out, *callbacks):
+        return fl.fit(
+            make_state(),
+            classify,
+            seeded_loader(),
+            max_epochs=3,
+            out_dir=out,
+            callbacks=list(callbacks),
+            checkpoint_every_n_steps=2,
+            log_to_console=False,
+        )
+
+    ref = go(tmp_path / "ref", ShrinkAtEpochStart())
+    with pytest.raises(Crash):
+        go(tmp_path / "cut", ShrinkAtEpochStart(), CrashAt(2, 3))
+    torch.manual_seed(123)
+    again = ShrinkAtEpochStart()
+    assert_same(go(tmp_path / "cut", again), ref)
+    assert again.calls == 2  # epochs 2 (resumed) and 3
+
+
 @pytest.mark.parametrize("bad_call", [8, 6], ids=["mid-epoch", "last-batch-of-epoch"])
 def test_a_step_with_a_nonfinite_gradient_writes_no_checkpoint_of_its_weights(tmp_path, bad_call):
     class NanGrad(torch.autograd.Function):

@@ -66,7 +66,12 @@ class Callback:
         """After the last epoch, also when early stopping ended the run."""
 
     def on_train_epoch_start(self, state: TrainState) -> TrainState | None:
-        """Before the first training batch of an epoch."""
+        """Before the first training batch of an epoch.
+
+        When ``fit`` resumes from a checkpoint taken in the middle of an epoch, this event
+        fires again for that epoch (so a callback can set itself up), but the state it
+        returns then is not used: the checkpoint holds what it returned the first time.
+        """
 
     def on_train_epoch_end(
         self, state: TrainState, metrics: Mapping[str, float]
