@@ -264,6 +264,13 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainStat
     module template, ``tx``, ``ema_decay`` and other static configuration come from
     ``like``. Use :func:`load_checkpoint_with_extra` to get the ``extra`` data too.
 
+    A ``like`` whose tensors are all on the ``meta`` device (a skeleton that allocates
+    nothing: the module built under ``with torch.device("meta"):`` and
+    ``TrainState.create(..., device="meta")``) gets the file's tensors on the CPU, as
+    ``torch.load`` and ``load_state_dict(assign=True)`` would give them. To load straight
+    onto a GPU, build ``like`` there instead: ``module.to_empty(device="cuda")`` allocates
+    the weights without initializing them.
+
     Args:
       path: a file written by :func:`save_checkpoint`.
       like: a state of the same structure, typically the freshly created one
@@ -277,7 +284,8 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainStat
         or is not an fnloop checkpoint.
       CheckpointMismatchError: the file is sound but was written for another model or
         optimizer (the message names the first differing key and, for shape or dtype
-        differences, both values), or by a newer format version.
+        differences, both values), or by a newer format version; or ``like`` has some
+        tensors on the ``meta`` device and others on a real one.
     """
     return load_checkpoint_with_extra(path, like).state
 
@@ -519,6 +527,17 @@ def _check_structure(
     path: Path, saved: Mapping[str, Any], keys: list[str], like: list[Any]
 ) -> None:
     """Raises :class:`CheckpointMismatchError` when ``saved`` does not fit ``like``."""
+    tensors = [(k, ref) for k, ref in zip(keys, like, strict=True) if isinstance(ref, torch.Tensor)]
+    meta = [k for k, ref in tensors if ref.device.type == "meta"]
+    real = [(k, ref.device) for k, ref in tensors if ref.device.type != "meta"]
+    if meta and real:
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} cannot be loaded into `like`: '{meta[0]}' is on the meta "
+            f"device but '{real[0][0]}' is on {real[0][1]}. Tensors on meta (which hold no "
+            f"data) are loaded onto the CPU, so the state would be split across devices: "
+            f"build `like` on one device, all on meta (TrainState.create(..., "
+            f"device='meta')) or all on the device to train on."
+        )
     missing = [k for k in keys if k not in saved]
     key_set = set(keys)
     unexpected = [k for k in saved if k not in key_set]
@@ -574,8 +593,9 @@ def _hint(key: str) -> str:
 
 
 def _place(value: Any, ref: Any) -> Any:
-    """``value`` on the device of ``ref`` (non-tensors unchanged)."""
-    if isinstance(value, torch.Tensor) and value.device != ref.device:
+    """``value`` on the device of ``ref`` (non-tensors unchanged), or where it was read
+    (the CPU) when ``ref`` is on the ``meta`` device, which holds no data."""
+    if isinstance(value, torch.Tensor) and ref.device.type != "meta" and value.device != ref.device:
         return value.to(ref.device)
     return value
 

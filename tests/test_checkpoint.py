@@ -676,6 +676,41 @@ def test_leaves_follow_the_device_of_like(tmp_path: Path) -> None:
     assert_same_state(load_checkpoint(path2, fresh_state()), cpu_state)
 
 
+def test_like_on_meta_loads_onto_the_cpu_and_trains(tmp_path: Path) -> None:
+    """A skeleton ``like`` built on meta (nothing allocated) gets real tensors, not meta."""
+
+    def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": ((model(x) - y) ** 2).mean()}
+
+    step = fnloop.make_train_step(mse)
+    batch = (torch.randn(8, 3), torch.randn(8, 4))
+    state, _ = step(fresh_state(), batch)
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    with torch.device("meta"):
+        skeleton = make_module()
+    like = fnloop.TrainState.create(skeleton, tx=optim.adamw(1e-3), ema_decay=0.9, device="meta")
+
+    loaded = load_checkpoint(path, like)
+
+    assert {t.device.type for t in _tree.tree_leaves(loaded)} == {"cpu"}
+    assert_same_state(loaded, state)
+    expected, _ = step(state, batch)
+    trained, metrics = fnloop.make_train_step(mse)(loaded, batch)
+    assert torch.isfinite(metrics["loss"])
+    assert_same_state(trained, expected)
+
+
+def test_like_partly_on_meta_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "c.pt", fresh_state())
+    like = fresh_state()
+    like = like.replace(params={k: v.to("meta") for k, v in like.params.items()})
+    with pytest.raises(
+        CheckpointMismatchError, match=r"'params\.0\.bias' is on the meta device.*on cpu"
+    ):
+        load_checkpoint(path, like)
+
+
 def test_safetensors_export_of_tied_weights(tmp_path: Path) -> None:
     """state_dict lists a tied weight under each name; safetensors refuses shared memory."""
     pytest.importorskip("safetensors")
