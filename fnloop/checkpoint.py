@@ -788,19 +788,25 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _compact(value: Any) -> Any:
-    """``value`` without storage it does not use (``torch.save`` writes whole storages)."""
+    """``value`` without storage it does not use (``torch.save`` writes whole storages).
+
+    A tensor that fills its storage exactly, its elements packed without gaps or overlaps
+    in any order of dimensions (channels-last included), is kept with its strides. A view
+    of a larger storage, or a tensor whose elements overlap (``expand``), is copied: with
+    its strides where it is packed, else in the layout ``torch.preserve_format`` picks.
+    """
     if not isinstance(value, torch.Tensor):
         return value
     value = value.detach()
     if value.layout != torch.strided:
         return value
+    packed, span = True, 1  # span: the elements that the smaller strides cover if packed
+    for stride, size in sorted((st, n) for n, st in zip(value.shape, value.stride()) if n != 1):
+        packed = packed and stride == span
+        span *= size
     used = value.numel() * value.element_size()
-    if (
-        not value.is_contiguous()
-        or value.storage_offset() != 0
-        or value.untyped_storage().nbytes() != used
-    ):
-        return value.clone(memory_format=torch.contiguous_format)
+    if not packed or value.storage_offset() != 0 or value.untyped_storage().nbytes() != used:
+        return value.clone(memory_format=torch.preserve_format)
     return value
 
 

@@ -193,6 +193,53 @@ def test_views_are_saved_without_their_whole_storage(tmp_path: Path) -> None:
     assert_same_state(load_checkpoint(path, fresh_state()), state)
 
 
+def conv_module() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv3d(4, 2, 2))
+
+
+def channels_last_state() -> fnloop.TrainState:
+    torch.manual_seed(0)
+    module = conv_module()
+    module[0].to(memory_format=torch.channels_last)
+    module[2].to(memory_format=torch.channels_last_3d)
+    return fnloop.TrainState.create(module, tx=optim.adamw(1e-3), ema_decay=0.9, device="cpu")
+
+
+def test_channels_last_tensors_keep_their_layout(tmp_path: Path) -> None:
+    state = channels_last_state()
+    weights = ("0.weight", "2.weight")
+    assert state.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert state.params["2.weight"].is_contiguous(memory_format=torch.channels_last_3d)
+    # Each tensor alone in its storage (as created), and views of one buffer per group
+    # (as TrainState.clone, which fit makes, lays them out).
+    for i, saved in enumerate([state, state.clone()]):
+        loaded = load_checkpoint(save_checkpoint(tmp_path / f"c{i}.pt", saved), like=state)
+        assert_same_state(loaded, saved)
+        for key, value in leaves_by_key(loaded).items():
+            assert value.stride() == leaves_by_key(saved)[key].stride(), key
+        for name in weights:
+            assert loaded.ema is not None
+            for t in (loaded.params[name], loaded.ema[name], loaded.opt_state[0].mu[name]):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+    exported = torch.load(save_model(tmp_path / "m.pt", state.clone()), weights_only=True)
+    for name in weights:
+        assert exported[name].stride() == state.params[name].stride(), name
+
+
+def test_views_that_overlap_or_skip_elements_are_saved_packed(tmp_path: Path) -> None:
+    state = fresh_state()
+    params = dict(state.params)
+    params["0.bias"] = torch.randn(1).expand(4)  # one element seen 4 times
+    params["1.weight"] = torch.randn(4, 2)[:, 0]  # every other element
+    state = state.replace(params=params)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", state), fresh_state())
+    assert_same_state(loaded, state)
+    for name in ("0.bias", "1.weight"):
+        assert loaded.params[name].is_contiguous(), name
+        assert loaded.params[name].untyped_storage().nbytes() == 16, name
+
+
 def test_save_creates_folders_and_respects_umask(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "runs" / "a" / "ckpt.pt", fresh_state())
     assert path.is_file()
@@ -632,6 +679,16 @@ def test_safetensors_export(tmp_path: Path) -> None:
     module = load_model(path, make_module())
     for name, value in state.state_dict().items():
         assert torch.equal(module.state_dict()[name], value), name
+
+
+def test_safetensors_export_of_channels_last_weights(tmp_path: Path) -> None:
+    """safetensors stores contiguous data only; the weights still load into a module."""
+    pytest.importorskip("safetensors")
+    state = channels_last_state()
+    for i, saved in enumerate([state, state.clone()]):
+        module = load_model(save_model(tmp_path / f"m{i}.safetensors", saved), conv_module())
+        for name, value in saved.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), name
 
 
 def test_safetensors_missing_says_how_to_install(
