@@ -133,7 +133,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
       **extra: plain data to store beside the state (RNG states from
         :func:`rng_state`, early-stopping state, the data position, a best-model
         record, ...): nested dicts, lists and tuples of str, int, float, bool, None and
-        tensors. Tensors come back on the CPU.
+        tensors. Tensors come back on the CPU; a view of a larger tensor is saved
+        without the rest of it, as the state's tensors are.
 
     Returns:
       ``path`` as a ``pathlib.Path``.
@@ -161,8 +162,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
     if not is_main_process():
         return path
     keys, leaves, _ = _flatten_with_keys(state)
+    leaves = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     payload = {
-        "leaves": {k: _compact(leaf) for k, leaf in zip(keys, leaves, strict=True)},
+        "leaves": _compact(dict(zip(keys, leaves, strict=True))),
         "step": int(state.step),
         "epoch": int(state.epoch),
         "micro_step": int(state.micro_step),
@@ -170,7 +172,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
             split: {name: [float(v) for v in values] for name, values in metrics.items()}
             for split, metrics in state.history.items()
         },
-        "extra": dict(extra),
+        "extra": _compact(extra),
         "meta": {"fnloop": _fnloop_version(), "torch": str(torch.__version__)},
     }
     buffer = io.BytesIO()
@@ -790,24 +792,30 @@ def _check_plain(value: Any, where: str) -> None:
 def _compact(value: Any) -> Any:
     """``value`` without storage it does not use (``torch.save`` writes whole storages).
 
-    A tensor that fills its storage exactly, its elements packed without gaps or overlaps
-    in any order of dimensions (channels-last included), is kept with its strides. A view
-    of a larger storage, or a tensor whose elements overlap (``expand``), is copied: with
-    its strides where it is packed, else in the layout ``torch.preserve_format`` picks.
+    Dicts, lists and tuples are rebuilt with each tensor in them compacted. A tensor that
+    fills its storage exactly, its elements packed without gaps or overlaps in any order
+    of dimensions (channels-last included), is kept as it is, strides included. A view of
+    a larger storage, or a tensor whose elements overlap (``expand``), is copied: with its
+    strides where it is packed, else in the layout ``torch.preserve_format`` picks; the
+    copy keeps ``requires_grad`` and, for an ``nn.Parameter``, its type.
     """
-    if not isinstance(value, torch.Tensor):
-        return value
-    value = value.detach()
-    if value.layout != torch.strided:
+    if type(value) is dict:
+        return {key: _compact(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_compact(item) for item in value)
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
         return value
     packed, span = True, 1  # span: the elements that the smaller strides cover if packed
     for stride, size in sorted((st, n) for n, st in zip(value.shape, value.stride()) if n != 1):
         packed = packed and stride == span
         span *= size
     used = value.numel() * value.element_size()
-    if not packed or value.storage_offset() != 0 or value.untyped_storage().nbytes() != used:
-        return value.clone(memory_format=torch.preserve_format)
-    return value
+    if packed and value.storage_offset() == 0 and value.untyped_storage().nbytes() == used:
+        return value
+    copy = value.detach().clone(memory_format=torch.preserve_format)
+    if isinstance(value, nn.Parameter):
+        return nn.Parameter(copy, requires_grad=value.requires_grad)
+    return copy.requires_grad_(value.requires_grad)
 
 
 def _fnloop_version() -> str:

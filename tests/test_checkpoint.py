@@ -240,6 +240,24 @@ def test_views_that_overlap_or_skip_elements_are_saved_packed(tmp_path: Path) ->
         assert loaded.params[name].untyped_storage().nbytes() == 16, name
 
 
+def test_views_in_extra_are_saved_without_their_whole_storage(tmp_path: Path) -> None:
+    big = torch.arange(1_000_000, dtype=torch.float32)
+    weight = nn.Parameter(big[:6].view(2, 3))
+    extra = {
+        "head": big[:2],
+        "nested": {"rows": [big[10:13], (7, big[::250_000])], 1: big[-1]},
+        "weight": weight,
+        "grad": big[20:22].requires_grad_(),
+        "whole": torch.ones(3),
+    }
+    path = save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
+    assert path.stat().st_size < 100_000
+    loaded = load_checkpoint_with_extra(path, fresh_state()).extra
+    assert_same_data(loaded, extra)
+    assert loaded["weight"].requires_grad and loaded["grad"].requires_grad
+    assert big.requires_grad is False and weight.data_ptr() == big.data_ptr()  # untouched
+
+
 def test_save_creates_folders_and_respects_umask(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "runs" / "a" / "ckpt.pt", fresh_state())
     assert path.is_file()
