@@ -374,7 +374,10 @@ def load_model(
       ``module``.
 
     Raises:
-      CheckpointError: the file is missing or cannot be read as a state dict.
+      CheckpointError: the file is missing or cannot be read as a state dict (the
+        message names the first entry that is not a tensor and, for a file that holds
+        the state dict as one of its entries, such as ``{"model": state_dict, "epoch":
+        3}``, how to load that entry).
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
     """
     path = Path(path)
@@ -392,12 +395,34 @@ def load_model(
                 f"{path} is a training checkpoint, not a model export. Restore it with "
                 f"load_checkpoint(path, like=state) and export with save_model."
             )
-        if not isinstance(tensors, dict) or not all(
-            isinstance(t, torch.Tensor) for t in tensors.values()
-        ):
+        if not isinstance(tensors, dict):
             raise CheckpointError(
                 f"{path} does not hold a state dict (a dict of tensors); found "
                 f"{type(tensors).__name__}."
+            )
+        bad = next((k for k, t in tensors.items() if not isinstance(t, torch.Tensor)), None)
+        if bad is not None:
+            nested = next(
+                (
+                    k
+                    for k, v in tensors.items()
+                    if isinstance(v, dict)
+                    and v
+                    and all(isinstance(t, torch.Tensor) for t in v.values())
+                ),
+                None,
+            )
+            hint = ""
+            if nested is not None:
+                hint = (
+                    f" {'That entry' if nested == bad else f'Its entry {nested!r}'} is a "
+                    f"dict of tensors, likely the state dict: load it with "
+                    f"module.load_state_dict(torch.load({str(path)!r}, "
+                    f"weights_only=True)[{nested!r}])."
+                )
+            raise CheckpointError(
+                f"{path} does not hold a state dict (a dict of tensors): its entry {bad!r} "
+                f"is of type {type(tensors[bad]).__name__}, not a tensor.{hint}"
             )
     module.load_state_dict(tensors, strict=strict)
     return module

@@ -690,6 +690,30 @@ def test_load_model_explains_a_training_checkpoint(good_file: Path) -> None:
         load_model(good_file, make_module())
 
 
+def test_load_model_names_the_entry_that_is_not_a_tensor(tmp_path: Path) -> None:
+    weights = make_module().state_dict()
+    path = tmp_path / "nested.pt"
+    torch.save({"model": weights, "epoch": 3}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, make_module())
+    message = str(info.value)
+    assert "entry 'model' is of type OrderedDict, not a tensor" in message
+    advice = f"module.load_state_dict(torch.load({str(path)!r}, weights_only=True)['model'])"
+    assert advice in message
+    module = make_module()
+    module.load_state_dict(torch.load(str(path), weights_only=True)["model"])  # as advised
+
+    torch.save({"epoch": 3, "ema": {}, "weights": weights}, path)
+    with pytest.raises(
+        CheckpointError, match=r"entry 'epoch' is of type int.*Its entry 'weights' is a dict"
+    ):
+        load_model(path, make_module())
+
+    torch.save({**weights, "step": 3}, path)
+    with pytest.raises(CheckpointError, match=r"entry 'step' is of type int, not a tensor\.$"):
+        load_model(path, make_module())
+
+
 def test_safetensors_export(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
     state = randomized(fresh_state())
