@@ -23,10 +23,22 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     _replace_with(path, write, synced=False)
 
 
+TEMPORARY_PATTERN = ".fnloop-*.tmp"
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Removes the temporary files of writes to ``folder`` that a killed process left
+    (``kill -9`` gives ``atomic_write`` no chance to clean up). Call it only where no
+    write to ``folder`` is under way."""
+    for tmp in folder.glob(TEMPORARY_PATTERN):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _replace_with(path: Path, write: Callable[[Path], Any], *, synced: bool) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".fnloop-{uuid.uuid4().hex[:12]}.tmp"
+    tmp = folder / TEMPORARY_PATTERN.replace("*", uuid.uuid4().hex[:12])
     try:
         write(tmp)
         if not synced:

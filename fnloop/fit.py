@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
+from fnloop._io import remove_temporaries
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
 from fnloop.callbacks.metrics_log import EpochLogger, learning_rate_metrics
 from fnloop.distributed import (
@@ -498,6 +499,8 @@ def fit(
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
     if run_dir is not None and main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
+            remove_temporaries(folder)  # type: ignore[arg-type]
     if run_dir is not None and main:
         # After the user's callbacks: the metrics they add to the history get logged too.
         user_callbacks = user_callbacks + _default_callbacks(run_dir)

@@ -522,3 +522,16 @@ def test_the_row_of_a_diverged_epoch_survives_a_crash_in_on_fit_end(tmp_path, ou
         )
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train/loss"] != rows[1]["train/loss"]  # the NaN the run diverged on
+
+
+def test_a_rerun_removes_temporary_files_a_killed_write_left(tmp_path):
+    """kill -9 during a write leaves its hidden temporary file: the next fit in the
+    folder removes those, and nothing else."""
+    run(tmp_path, max_epochs=1)
+    stale = [tmp_path / ".fnloop-0123456789ab.tmp", tmp_path / "checkpoints/.fnloop-dead.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("the user's own")
+    run(tmp_path, max_epochs=2)
+    assert not any(path.exists() for path in stale)
+    assert (tmp_path / "notes.tmp").exists()
