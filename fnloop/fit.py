@@ -743,6 +743,15 @@ class _Run:
         if found is None:
             return None, None
         self.state = found.state
+        for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
+            if getattr(loader, "persistent_workers", False):
+                self.logger.warning(
+                    f"The {split} loader keeps its worker processes between epochs "
+                    f"(persistent_workers=True): their random generators are not in the "
+                    f"checkpoint, so randomness in them (data augmentation) will not repeat "
+                    f"an uninterrupted run. Make it with persistent_workers=False for a "
+                    f"bit-exact resume."
+                )
         rec = found.extra.get("fit", {})
         ranks = rec.get("ranks")
         saved_world = len(ranks) if ranks is not None else 1

@@ -535,3 +535,25 @@ def test_a_rerun_removes_temporary_files_a_killed_write_left(tmp_path):
     run(tmp_path, max_epochs=2)
     assert not any(path.exists() for path in stale)
     assert (tmp_path / "notes.tmp").exists()
+
+
+def test_resuming_with_persistent_workers_warns_that_it_is_not_exact(tmp_path):
+    """Workers kept between epochs carry random generators no checkpoint holds."""
+
+    def go(max_epochs):
+        loader = DataLoader(
+            seeded_loader().dataset, batch_size=10, num_workers=1, persistent_workers=True
+        )
+        fl.fit(
+            make_state(),
+            classify,
+            loader,
+            max_epochs=max_epochs,
+            out_dir=tmp_path,
+            log_to_console=False,
+        )
+
+    go(1)
+    go(2)
+    log = (tmp_path / "run_training.log").read_text()
+    assert log.count("The train loader keeps its worker processes between epochs") == 1
