@@ -246,13 +246,20 @@ class _Noisy(torch.utils.data.Dataset):
         return self.x[i] + 0.1 * torch.randn(6, dtype=torch.float64), self.y[i]
 
 
-@pytest.mark.parametrize(("epoch", "batch"), [(2, 3), (2, 5)], ids=["mid-epoch", "last-batch"])
-def test_a_dataset_drawing_random_numbers_resumes_mid_epoch_bit_exactly(tmp_path, epoch, batch):
+@pytest.mark.parametrize(
+    ("epoch", "batch", "workers"),
+    [(2, 3, 0), (2, 5, 0), (2, 3, 2)],
+    ids=["mid-epoch", "last-batch", "mid-epoch-workers"],
+)
+def test_a_dataset_drawing_random_numbers_resumes_mid_epoch_bit_exactly(
+    tmp_path, epoch, batch, workers
+):
     """Without workers the dataset draws in this process: the generators are restored
-    after the skipped batches are loaded and before the first trained one is."""
+    after the skipped batches are loaded and before the first trained one is. Workers,
+    seeded each epoch, draw for the skipped batches again."""
 
     def go(out, callbacks=()):
-        loader = DataLoader(_Noisy(), batch_size=10, shuffle=True)
+        loader = DataLoader(_Noisy(), batch_size=10, shuffle=True, num_workers=workers)
         return fl.fit(
             make_state(),
             classify,
