@@ -52,11 +52,12 @@ def seeded_loader():
     )
 
 
-def run(out_dir, max_epochs=3, callbacks=(), **kw):
+def run(out_dir, max_epochs=3, callbacks=(), loader=seeded_loader, **kw):
+    """``fit`` of a fresh state, its loader made afresh by ``loader()``."""
     return fl.fit(
         make_state(),
         classify,
-        seeded_loader(),
+        loader(),
         max_epochs=max_epochs,
         out_dir=out_dir,
         callbacks=list(callbacks),
@@ -215,22 +216,10 @@ def test_a_loader_with_workers_resumes_mid_epoch_bit_exactly(tmp_path):
             generator=torch.Generator().manual_seed(7),
         )
 
-    def go(out, callbacks=()):
-        return fl.fit(
-            make_state(),
-            classify,
-            loader(),
-            max_epochs=3,
-            out_dir=out,
-            callbacks=list(callbacks),
-            checkpoint_every_n_steps=2,
-            log_to_console=False,
-        )
-
-    ref = go(tmp_path / "ref")
-    with pytest.raises(Crash):
-        go(tmp_path / "cut", [CrashAt(2, 3)])  # resumes at batch 2, the sampler drawn ahead
-    assert_same(go(tmp_path / "cut"), ref)
+    ref = run(tmp_path / "ref", loader=loader, checkpoint_every_n_steps=2)
+    with pytest.raises(Crash):  # resumes at batch 2, the sampler drawn ahead
+        run(tmp_path / "cut", callbacks=[CrashAt(2, 3)], loader=loader, checkpoint_every_n_steps=2)
+    assert_same(run(tmp_path / "cut", loader=loader, checkpoint_every_n_steps=2), ref)
 
 
 class _Noisy(torch.utils.data.Dataset):
@@ -258,24 +247,19 @@ def test_a_dataset_drawing_random_numbers_resumes_mid_epoch_bit_exactly(
     after the skipped batches are loaded and before the first trained one is. Workers,
     seeded each epoch, draw for the skipped batches again."""
 
-    def go(out, callbacks=()):
-        loader = DataLoader(_Noisy(), batch_size=10, shuffle=True, num_workers=workers)
-        return fl.fit(
-            make_state(),
-            classify,
-            loader,
-            max_epochs=3,
-            out_dir=out,
-            callbacks=list(callbacks),
-            checkpoint_every_n_steps=2,
-            log_to_console=False,
-        )
+    def loader():
+        return DataLoader(_Noisy(), batch_size=10, shuffle=True, num_workers=workers)
 
-    ref = go(tmp_path / "ref")
+    ref = run(tmp_path / "ref", loader=loader, checkpoint_every_n_steps=2)
     with pytest.raises(Crash):
-        go(tmp_path / "cut", [CrashAt(epoch, batch)])
+        run(
+            tmp_path / "cut",
+            callbacks=[CrashAt(epoch, batch)],
+            loader=loader,
+            checkpoint_every_n_steps=2,
+        )
     torch.manual_seed(123)
-    assert_same(go(tmp_path / "cut"), ref)
+    assert_same(run(tmp_path / "cut", loader=loader, checkpoint_every_n_steps=2), ref)
 
 
 class ShrinkAtEpochStart(fl.callbacks.Callback):
@@ -294,24 +278,16 @@ def test_a_mid_epoch_resume_keeps_the_state_the_epoch_start_returned_once(tmp_pa
     epoch; the event fires again on resume, but applying its change twice would not
     repeat the uninterrupted run."""
 
-    def go(out, *callbacks):
-        return fl.fit(
-            make_state(),
-            classify,
-            seeded_loader(),
-            max_epochs=3,
-            out_dir=out,
-            callbacks=list(callbacks),
-            checkpoint_every_n_steps=2,
-            log_to_console=False,
-        )
-
-    ref = go(tmp_path / "ref", ShrinkAtEpochStart())
+    ref = run(tmp_path / "ref", callbacks=[ShrinkAtEpochStart()], checkpoint_every_n_steps=2)
     with pytest.raises(Crash):
-        go(tmp_path / "cut", ShrinkAtEpochStart(), CrashAt(2, 3))
+        run(
+            tmp_path / "cut",
+            callbacks=[ShrinkAtEpochStart(), CrashAt(2, 3)],
+            checkpoint_every_n_steps=2,
+        )
     torch.manual_seed(123)
     again = ShrinkAtEpochStart()
-    assert_same(go(tmp_path / "cut", again), ref)
+    assert_same(run(tmp_path / "cut", callbacks=[again], checkpoint_every_n_steps=2), ref)
     assert again.calls == 2  # epochs 2 (resumed) and 3
 
 
@@ -547,20 +523,12 @@ def test_a_rerun_removes_temporary_files_a_killed_write_left(tmp_path):
 def test_resuming_with_persistent_workers_warns_that_it_is_not_exact(tmp_path):
     """Workers kept between epochs carry random generators no checkpoint holds."""
 
-    def go(max_epochs):
-        loader = DataLoader(
+    def loader():
+        return DataLoader(
             seeded_loader().dataset, batch_size=10, num_workers=1, persistent_workers=True
         )
-        fl.fit(
-            make_state(),
-            classify,
-            loader,
-            max_epochs=max_epochs,
-            out_dir=tmp_path,
-            log_to_console=False,
-        )
 
-    go(1)
-    go(2)
+    run(tmp_path, max_epochs=1, loader=loader)
+    run(tmp_path, max_epochs=2, loader=loader)
     log = (tmp_path / "run_training.log").read_text()
     assert log.count("The train loader keeps its worker processes between epochs") == 1
