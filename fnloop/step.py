@@ -448,9 +448,13 @@ class TrainStep:
             state = state.replace(params=params)
 
         distributed = world_size() > 1
-        # Under vmap (also compiled: then a functorch level is active while tracing).
-        vmapped = transformed and (not compiling or _functorch.maybe_current_level() is not None)
-        if distributed and vmapped:
+        # Under vmap. Compiled, a functorch level is active while tracing; dynamo cannot
+        # trace reading it, so only a distributed step asks (and reaches the error eagerly).
+        if (
+            distributed
+            and transformed
+            and (not compiling or _functorch.maybe_current_level() is not None)
+        ):
             raise ValueError(VMAP_MSG.format(world=world_size()))
         # Several processes decide together, on the averaged loss and gradients, below.
         scaled_grads = loss_scale if self.loss_scale is not None else None
