@@ -181,16 +181,21 @@ def _callback_metrics(
     for key, values in history_growth(before, state.history).items():
         if key in known or len(values) > 1:
             raise ValueError(HISTORY_CLASH_MSG.format(key=key, n=len(values)))
-    added = history_added(before, state.history)
     if world_size() > 1:
-        first = gather(added)[0]
-        if first != added:
+        # By split, not by "<split>/<name>" key: a split's name may hold a "/" too.
+        appended = {
+            split: {n: v[-1] for n, v in metrics.items() if len(v) > len(old.get(n, ()))}
+            for split, metrics in state.history.items()
+            for old in [before.get(split, {})]
+        }
+        ours = {split: metrics for split, metrics in appended.items() if metrics}
+        first = gather(ours)[0]
+        if first != ours:
             history = before
-            for key, value in first.items():
-                split, name = key.split("/", 1)
-                history = append_history(history, split, {name: value})
-            state, added = state.replace(history=history), first
-    return state, added
+            for split, metrics in first.items():
+                history = append_history(history, split, metrics)
+            state = state.replace(history=history)
+    return state, history_added(before, state.history)
 
 
 class EpochMetrics(dict[str, float]):

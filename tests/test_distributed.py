@@ -211,6 +211,8 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
         assert r["metric_names"]["only0"] == [1.0]
         assert r["metric_names"]["only1"] == [2.0]
         assert r["metric_names"]["own"] == [0.0]  # a callback's metric: rank 0's
+        assert r["metric_names"]["part/own"] == [0.0]
+        assert r["metric_names"]["splits"] == ["train", "train/part"]
         assert len(r["metric_names"]["loss"]) == 1
 
 

@@ -225,11 +225,13 @@ def raise_on_nan(rank: int) -> int | None:
 
 
 class OwnCount(fl.callbacks.Callback):
-    """Adds an epoch metric computed from this process's data only (its rank)."""
+    """Adds an epoch metric computed from this process's data only (its rank), also under
+    a split whose name holds a "/"."""
 
     def on_train_epoch_end(self, state: Any, metrics: Any) -> Any:
         rank = torch.distributed.get_rank()
-        return state.replace(history=fl.state.append_history(state.history, "train", {"own": rank}))
+        history = fl.state.append_history(state.history, "train", {"own": rank})
+        return state.replace(history=fl.state.append_history(history, "train/part", {"own": rank}))
 
 
 def metric_names(rank: int) -> dict[str, Any]:
@@ -251,7 +253,11 @@ def metric_names(rank: int) -> dict[str, Any]:
         log_to_console=False,
         progress=False,
     )
-    return {k: list(v) for k, v in state.history["train"].items()}
+    return {
+        **{k: list(v) for k, v in state.history["train"].items()},
+        "splits": sorted(state.history),
+        "part/own": list(state.history["train/part"]["own"]),
+    }
 
 
 def broadcast(rank: int) -> dict[str, Any]:
