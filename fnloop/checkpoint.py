@@ -62,8 +62,7 @@ from fnloop import _tree
 from fnloop._io import atomic_write_file
 from fnloop.distributed import is_main_process
 from fnloop.ensemble import stacked_models
-from fnloop.precision import LossScaleState
-from fnloop.state import TrainState, freeze_history
+from fnloop.state import TrainState, freeze_history, with_runtime_fields
 
 FORMAT = "fnloop-checkpoint"
 """The ``"format"`` tag of every fnloop checkpoint file."""
@@ -314,7 +313,7 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
     _check_state(like, "load_checkpoint")
     payload = _read_payload(path)
     saved: dict[str, Any] = payload["leaves"]
-    like = _with_runtime_fields(like, saved)
+    like = with_runtime_fields(like, {k: t.dtype for k, t in saved.items()})
     keys, like_leaves, treedef = _flatten_with_keys(like)
     _check_structure(path, saved, keys, like_leaves)
     leaves = [_place(saved[k], ref) for k, ref in zip(keys, like_leaves, strict=True)]
@@ -325,35 +324,6 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
         history=freeze_history(payload["history"]),
     )
     return Checkpoint(state=state, extra=payload["extra"], path=path)
-
-
-def _with_runtime_fields(like: TrainState, saved: Mapping[str, Any]) -> TrainState:
-    """``like`` with the fields a step creates as it runs set as in the file.
-
-    The fp16 loss scale appears at the first fp16 step and the accumulated gradients
-    while an accumulation window is open, so a freshly made ``like`` state lacks what a
-    checkpoint of a running job holds (and the other way round).
-    """
-    device = like.device
-    has_scale = any(k.startswith("loss_scale.") for k in saved)
-    has_accum = any(k.startswith("grad_accum.") for k in saved)
-    loss_scale = like.loss_scale
-    if has_scale and loss_scale is None:
-        loss_scale = LossScaleState(
-            *(
-                torch.empty(
-                    (), dtype=saved.get(f"loss_scale.{f}", torch.empty(())).dtype, device=device
-                )
-                for f in LossScaleState._fields
-            )
-        )
-    grad_accum = like.grad_accum
-    if has_accum and grad_accum is None:
-        grad_accum = {n: torch.empty_like(p) for n, p in like.params.items()}
-    return like.replace(
-        loss_scale=loss_scale if has_scale else None,
-        grad_accum=grad_accum if has_accum else None,
-    )
 
 
 def load_model(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fnloop import _tree
-from fnloop.state import TrainState
+from fnloop.state import TrainState, with_runtime_fields
 from fnloop.typing import Params
 
 VMAP_MSG = (
@@ -59,8 +59,8 @@ def broadcast_state(state: TrainState) -> TrainState:
     Data parallelism needs the same starting state everywhere, as
     ``DistributedDataParallel`` makes it when it wraps a module: ``fit`` calls this on
     start; call it in your own loop before the first step (a state only rank 0 loaded
-    from a checkpoint reaches every process). Outside a distributed run it returns
-    ``state``.
+    from a checkpoint reaches every process, with its open accumulation window and fp16
+    loss scale). Outside a distributed run it returns ``state``.
 
     Raises:
       ValueError: in every process, when a process's state is not shaped as rank 0's
@@ -69,10 +69,13 @@ def broadcast_state(state: TrainState) -> TrainState:
     """
     if world_size() == 1:
         return state
-    paths, leaves, treedef = _tree.tree_flatten_with_keys(state)
-    layout = [(path, _describe(leaf)) for path, leaf in zip(paths, leaves)]
+    paths, leaves, _ = _tree.tree_flatten_with_keys(state)
+    # The fields a step creates as it runs (an open accumulation window, the fp16 loss
+    # scale) may be in rank 0's state alone, loaded from a checkpoint: they are made here.
+    runtime = {p: leaf.dtype for p, leaf in zip(paths, leaves) if p.startswith(_RUNTIME)}
+    layout = [(p, _describe(leaf)) for p, leaf in zip(paths, leaves) if not p.startswith(_RUNTIME)]
     static = (state.step, state.epoch, state.micro_step, state.history, state.ema_decay)
-    everyone = gather((layout, static if rank() == 0 else None))
+    everyone = gather((layout, (runtime, static) if rank() == 0 else None))
     for other, (their_layout, _) in enumerate(everyone[1:], start=1):
         if their_layout != everyone[0][0]:
             raise ValueError(
@@ -81,13 +84,19 @@ def broadcast_state(state: TrainState) -> TrainState:
                 f"build the same state (the same module, tx and ema_decay) before rank 0's "
                 f"values can be copied into it."
             )
+    (runtime, static) = everyone[0][1]
+    state = with_runtime_fields(state, runtime)
+    leaves, treedef = _tree.tree_flatten(state)
     named = {str(i): leaf for i, leaf in enumerate(leaves)}
     out = _reduce(named, lambda flat: torch.distributed.broadcast(flat, src=0))
     state = _tree.tree_unflatten(treedef, [out[str(i)] for i in range(len(leaves))])
-    step, epoch, micro_step, history, ema_decay = everyone[0][1]
+    step, epoch, micro_step, history, ema_decay = static
     return state.replace(
         step=step, epoch=epoch, micro_step=micro_step, history=history, ema_decay=ema_decay
     )
+
+
+_RUNTIME = ("grad_accum.", "loss_scale.")
 
 
 def _describe(leaf: Any) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fnloop import _tree
 from fnloop.optim.base import GradientTransformation
+from fnloop.precision import LossScaleState
 from fnloop.typing import History, OptState, Params
 
 
@@ -108,6 +109,34 @@ def history_added(before: History, after: History) -> dict[str, float]:
     {'valid/r2': 0.5}
     """
     return {k: v[0] for k, v in history_growth(before, after).items() if len(v) == 1}
+
+
+def with_runtime_fields(like: TrainState, dtypes: Mapping[str, torch.dtype]) -> TrainState:
+    """``like`` with the fields a step creates as it runs shaped as in another state
+    whose leaves (by key path, ``"grad_accum.w"``) have the dtypes ``dtypes``.
+
+    The fp16 loss scale appears at the first fp16 step and the accumulated gradients
+    while an accumulation window is open, so a freshly made state lacks what the state
+    of a running job holds (and the other way round). Values are left uninitialized:
+    they are for a checkpoint or a broadcast to fill.
+    """
+    has_scale = any(k.startswith("loss_scale.") for k in dtypes)
+    has_accum = any(k.startswith("grad_accum.") for k in dtypes)
+    loss_scale = like.loss_scale
+    if has_scale and loss_scale is None:
+        loss_scale = LossScaleState(
+            *(
+                torch.empty((), dtype=dtypes.get(f"loss_scale.{f}"), device=like.device)
+                for f in LossScaleState._fields
+            )
+        )
+    grad_accum = like.grad_accum
+    if has_accum and grad_accum is None:
+        grad_accum = {n: torch.empty_like(p) for n, p in like.params.items()}
+    return like.replace(
+        loss_scale=loss_scale if has_scale else None,
+        grad_accum=grad_accum if has_accum else None,
+    )
 
 
 def _meta_template(module: nn.Module) -> nn.Module:

@@ -203,6 +203,9 @@ def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ra
         assert "process 1's state is not shaped as rank 0's: it has 'ema." in b["refused"]
     assert_same(results[0]["broadcast"]["ema"], results[1]["broadcast"]["ema"])
     assert_same(results[0]["broadcast"]["params"], results[1]["broadcast"]["params"])
+    # What a step makes as it runs reaches a process whose state lacks it.
+    assert_same(results[0]["broadcast"]["window"], results[1]["broadcast"]["window"])
+    assert results[1]["broadcast"]["window"]["micro_step"] == 1
 
 
 def test_metrics_are_matched_by_name_across_processes(ranks) -> None:

@@ -283,6 +283,18 @@ def broadcast(rank: int) -> dict[str, Any]:
         broadcast_state(fl.TrainState.create(mlp(), tx=tx(), ema_decay=0.9 if rank else None))
     except ValueError as e:
         after["refused"] = str(e)
+    # An open accumulation window and an fp16 loss scale, in rank 0's state alone (a
+    # window's first micro-step makes no collective call).
+    state = fl.TrainState.create(mlp(), tx=tx())
+    if rank == 0:
+        step = fl.make_train_step(classify, accumulation_steps=2, precision="fp16")
+        state, _ = step(state, (x[:8], y[:8]))
+    state = broadcast_state(state)
+    after["window"] = {
+        "micro_step": state.micro_step,
+        **{f"grad_accum.{n}": g for n, g in state.grad_accum.items()},
+        **state.loss_scale._asdict(),
+    }
     return after
 
 
