@@ -748,15 +748,6 @@ class _Run:
         if found is None:
             return None, None
         self.state = found.state
-        for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
-            if getattr(loader, "persistent_workers", False):
-                self.logger.warning(
-                    f"The {split} loader keeps its worker processes between epochs "
-                    f"(persistent_workers=True): their random generators are not in the "
-                    f"checkpoint, so randomness in them (data augmentation) will not repeat "
-                    f"an uninterrupted run. Make it with persistent_workers=False for a "
-                    f"bit-exact resume."
-                )
         rec = found.extra.get("fit", {})
         ranks = rec.get("ranks")
         saved_world = len(ranks) if ranks is not None else 1
@@ -785,6 +776,19 @@ class _Run:
                 f"resume=False (or another out_dir) to start over."
             )
         self.restore_stoppers(rec)
+        for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
+            if (
+                getattr(loader, "persistent_workers", False)
+                and self.state.epoch < self.max_epochs
+                and not self.stop_reason
+            ):
+                self.logger.warning(
+                    f"The {split} loader keeps its worker processes between epochs "
+                    f"(persistent_workers=True): their random generators are not in the "
+                    f"checkpoint, so randomness in them (data augmentation) will not repeat "
+                    f"an uninterrupted run. Make it with persistent_workers=False for a "
+                    f"bit-exact resume."
+                )
         best = rec.get("best")
         # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
         rule = (best.get("monitor", self.monitor), best.get("mode", self.mode)) if best else None

@@ -530,5 +530,6 @@ def test_resuming_with_persistent_workers_warns_that_it_is_not_exact(tmp_path):
 
     run(tmp_path, max_epochs=1, loader=loader)
     run(tmp_path, max_epochs=2, loader=loader)
+    run(tmp_path, max_epochs=2, loader=loader)  # finished: nothing left to draw
     log = (tmp_path / "run_training.log").read_text()
     assert log.count("The train loader keeps its worker processes between epochs") == 1
