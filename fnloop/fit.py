@@ -839,6 +839,12 @@ class _Run:
         if not resume:
             self.set_aside_checkpoints()
         position, rng = self.restore() if resume else (None, None)
+        if self.state.params and self.state.device.type == "meta":
+            raise ValueError(
+                "fit got a state on the meta device, which holds no values, and found no "
+                "checkpoint in out_dir to load into it. Make the state on the device to "
+                "train on (TrainState.create(..., device=...)), or load a checkpoint first."
+            )
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
         # An open accumulation window holds each process's own sums: their mean goes on.
         if self.state.grad_accum is not None and world_size() > 1:

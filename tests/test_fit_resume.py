@@ -533,3 +533,34 @@ def test_resuming_with_persistent_workers_warns_that_it_is_not_exact(tmp_path):
     run(tmp_path, max_epochs=2, loader=loader)  # finished: nothing left to draw
     log = (tmp_path / "run_training.log").read_text()
     assert log.count("The train loader keeps its worker processes between epochs") == 1
+
+
+def test_a_state_on_meta_trains_only_from_a_checkpoint(tmp_path):
+    """A skeleton on the meta device resumes a run (the checkpoint's tensors load onto
+    the CPU); with nothing to load, fit says so before training."""
+    ref = run(tmp_path / "ref", max_epochs=2)
+    run(tmp_path / "run", max_epochs=1)
+
+    def on_meta():
+        with torch.device("meta"):
+            module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+        return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="meta")
+
+    resumed = fl.fit(
+        on_meta(),
+        classify,
+        seeded_loader(),
+        max_epochs=2,
+        out_dir=tmp_path / "run",
+        log_to_console=False,
+    )
+    assert_same(resumed, ref)
+    with pytest.raises(ValueError, match="on the meta device, which holds no values"):
+        fl.fit(
+            on_meta(),
+            classify,
+            seeded_loader(),
+            max_epochs=2,
+            out_dir=tmp_path / "new",
+            log_to_console=False,
+        )
