@@ -182,6 +182,9 @@ def check_one_model(state: TrainState, what: str, fix: str) -> None:
     """Raises ``ValueError`` naming ``what`` and ``fix`` if ``state`` holds stacked models."""
     n = stacked_models(state)
     if n is not None:
+        if torch.compiler.is_compiling():
+            # Dynamo does not carry a raise in traced code out as this error: break first.
+            torch._dynamo.graph_break()
         name, tensor = next(iter(state.params.items()))
         expected = tuple(_template_shape(state.module, name))
         raise ValueError(

@@ -422,10 +422,10 @@ class TrainStep:
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
         module, slots, frozen, first = self._templates.get(state.module)
-        if not transformed:
-            if _maybe_stacked(state, first):
-                check_one_model(state, "train_step", TRAIN_STACKED_FIX)
-        elif self.on_nonfinite == "raise" and not compiling:
+        # (Inside vmap, compiled or not, a stacked state's tensors show one model's shape.)
+        if (not transformed or compiling) and _maybe_stacked(state, first):
+            check_one_model(state, "train_step", TRAIN_STACKED_FIX)
+        if transformed and not compiling and self.on_nonfinite == "raise":
             raise ValueError(RAISE_VMAP_MSG)
         donate = self.donate and (compiling or not transformed)
         if donate and not compiling:
@@ -940,7 +940,7 @@ class EvalStep:
         params = state.ema if self.use_ema and state.ema is not None else state.params
         module, slots, frozen, first = self._templates.get(state.module)
         transformed = _in_transform(params, train=False)
-        if not transformed and _maybe_stacked(state, first):
+        if (not transformed or torch.compiler.is_compiling()) and _maybe_stacked(state, first):
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
         # Copies of the buffers forward may write in eval mode too (counters, observers),
         # so the input state stays as it was; not of the weights (see make_eval_step).

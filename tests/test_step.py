@@ -739,6 +739,8 @@ def test_a_stacked_state_outside_vmap_is_a_clear_error():
         (lambda: fl.make_eval_step(classify)(stacked, b), "eval_step"),
         (lambda: fl.train_epoch(stacked, fl.make_train_step(classify), [b]), "train_epoch"),
         (lambda: fl.validate_epoch(stacked, fl.make_eval_step(classify), [b]), "validate_epoch"),
+        (lambda: torch.compile(fl.make_train_step(classify))(stacked, b), "train_step"),
+        (lambda: torch.compile(fl.make_eval_step(classify))(stacked, b), "eval_step"),
     ]:
         with pytest.raises(ValueError, match=rf"^{name} runs one model.*2 stacked models.*vmap"):
             call()
