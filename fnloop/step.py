@@ -339,10 +339,10 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     metrics: Metrics = {}
     for key, value in out.items():
         if isinstance(value, torch.Tensor):
-            # One-element tensors are metrics (averaged per epoch); larger ones, such as
-            # predictions, are passed to the batch-end callbacks and not averaged.
-            value = value.detach()
-            metrics[key] = value.reshape(()) if value.numel() == 1 else value
+            # 0-d tensors are metrics (averaged per epoch); others, such as predictions,
+            # are passed to the batch-end callbacks and not averaged, also when a batch of
+            # one example makes them one element long. (The loss is reported 0-d below.)
+            metrics[key] = value.detach()
         elif isinstance(value, numbers.Real):  # Python and NumPy numbers
             # No host copy; float64 (on the CPU and CUDA) keeps the number as given.
             metrics[key] = torch.full((), float(value), dtype=scalar_dtype(device), device=device)
@@ -855,7 +855,8 @@ def make_train_step(
 
     Args:
       training_step: ``(model, batch) -> Mapping`` with a scalar ``"loss"`` tensor; other
-        entries (tensors with one element, or numbers) become metrics.
+        entries that are 0-d tensors or numbers become metrics (others, such as
+        predictions, go to the batch-end callbacks).
       accumulation_steps: average gradients over this many calls (micro-batches) and
         update once; ``state.step`` counts updates, ``state.micro_step`` micro-batches.
       precision: ``None``, ``"bf16"`` or ``"fp16"``: autocast on the state's device.

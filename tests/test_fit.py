@@ -69,6 +69,28 @@ def test_epoch_metrics_are_batch_size_weighted_means():
     assert means["loss"] == pytest.approx(model_loss, rel=1e-6)
 
 
+def test_predictions_of_a_batch_of_one_are_not_metrics():
+    """Whether an entry is a metric does not depend on the batch size: a last batch of
+    one example gives one-element predictions, which stay outputs."""
+    x, y = data(9)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # 4, 4, 1
+
+    def with_predictions(model, batch):
+        out = classify(model, batch)
+        return {**out, "pred": model(batch[0]).argmax(-1)}
+
+    seen = []
+
+    class Collect(fl.callbacks.Callback):
+        def on_validation_batch_end(self, state, outputs, batch, batch_idx):
+            seen.append(outputs["pred"].shape)
+
+    eval_step = fl.make_eval_step(with_predictions)
+    _, means = fl.validate_epoch(make_state(), eval_step, loader, callbacks=Collect())
+    assert sorted(means) == ["acc", "loss"]
+    assert seen == [(4,), (4,), (1,)]
+
+
 @pytest.mark.parametrize(
     ("stopper", "expected_epochs"),
     [
