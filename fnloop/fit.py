@@ -873,6 +873,12 @@ class _Run:
         except KeyboardInterrupt:
             self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
             raise
+        except Exception as e:  # the log file then says why the run ended
+            self.logger.error(
+                f"Stopped by {type(e).__name__} in epoch {state.epoch + 1}: {e} "
+                f"{self.resume_hint()}"
+            )
+            raise
         state = self.callbacks("on_fit_end", state)
         self.export_best(state)
         self.logger.info(

@@ -564,3 +564,11 @@ def test_a_state_on_meta_trains_only_from_a_checkpoint(tmp_path):
             out_dir=tmp_path / "new",
             log_to_console=False,
         )
+
+
+def test_the_log_says_why_a_run_ended(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAt(2, 3)], checkpoint_every_n_steps=2)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "ERROR - Stopped by Crash in epoch 2" in log
+    assert "Run the same fit again to resume from" in log
