@@ -162,10 +162,17 @@ def _close_logger(logger: logging.Logger) -> None:
 
 
 def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
+    """One line per distinct change; groups that changed alike share it."""
+    changes: dict[str, list[int]] = {}
     for i, (a, b) in enumerate(zip(old, new)):
         if abs(a - b) > 1e-8:
-            group = f" [group {i}]" if len(new) > 1 else ""
-            logger.info(f"Learning rate{group} updated: {a:.6f} → {b:.6f}")
+            changes.setdefault(f"{a:.6f} → {b:.6f}", []).append(i)
+    for change, groups in changes.items():
+        if len(new) == 1:
+            logger.info(f"Learning rate updated: {change}")
+        else:
+            which = ", ".join(map(str, groups))
+            logger.info(f"Learning rate [group{'s' * (len(groups) > 1)} {which}] updated: {change}")
 
 
 def _callback_metrics(

@@ -814,3 +814,19 @@ def test_one_callback_class_or_rule_class_is_a_clear_error():
         fl.fit(make_state(), classify, loaders(), max_epochs=1, callbacks=fl.callbacks.CSVLogger)
     with pytest.raises(TypeError, match=r"fl\.EarlyStopping rules"):
         fl.fit(make_state(), classify, loaders(), max_epochs=1, early_stopping=fl.EarlyStopping)
+
+
+def test_learning_rate_changes_are_logged_once_per_distinct_change(caplog):
+    from fnloop.fit import _log_lr_changes
+
+    logger = logging.getLogger("fnloop.test.lr")
+    with caplog.at_level(logging.INFO, logger="fnloop.test.lr"):
+        _log_lr_changes(logger, [0.1, 0.1, 0.2], [0.05, 0.05, 0.2])
+        _log_lr_changes(logger, [0.1, 0.2], [0.05, 0.1])
+        _log_lr_changes(logger, [0.1], [0.05])
+    assert caplog.messages == [
+        "Learning rate [groups 0, 1] updated: 0.100000 → 0.050000",
+        "Learning rate [group 0] updated: 0.100000 → 0.050000",
+        "Learning rate [group 1] updated: 0.200000 → 0.100000",
+        "Learning rate updated: 0.100000 → 0.050000",
+    ]
