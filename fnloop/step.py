@@ -443,8 +443,7 @@ class TrainStep:
         grads, loss, metrics, buffers, params = self._gradients(
             state, module, slots, frozen, batch, scale, name, device, transformed, donate
         )
-        own_params = params is not state.params  # a pure step's copies (forward may write)
-        if own_params:
+        if params is not state.params:  # a pure eager step's copies (forward may write)
             state = state.replace(params=params)
 
         distributed = world_size() > 1
@@ -493,9 +492,7 @@ class TrainStep:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
                 self._raise_if_nonfinite(state, loss, grads, scaled_grads)
-        new_state = self._update(
-            state, grads, loss, buffers, loss_scale, donate, transformed, own_params
-        )
+        new_state = self._update(state, grads, loss, buffers, loss_scale, donate, transformed)
         return new_state, metrics
 
     @staticmethod
@@ -568,11 +565,9 @@ class TrainStep:
         grads = _writable_grads(params, names, grad_list)
         return grads, loss, metrics, {n: b.detach() for n, b in eager_buffers.items()}, source
 
-    def _apply_to_copies(
-        self, state: TrainState, grads: Params, own_params: bool
-    ) -> tuple[Params, Any]:
-        """``state.tx.apply_`` on fresh copies of the params (unless ``own_params``: they
-        are the step's own already) and of the buffers it writes.
+    def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
+        """``state.tx.apply_`` on the step's own params (the copies ``_gradients`` made)
+        and on fresh copies of the optimizer buffers it writes.
 
         ``update_`` / ``apply_`` may write only into the updates, the params and state
         tensors keyed by parameter names. The first call with an optimizer checks that
@@ -580,10 +575,9 @@ class TrainStep:
         error and leaves the input state intact.
         """
         tx = state.tx
-        params = state.params if own_params else _copy_group(state.params)
         opt_state = _copy_groups(state.opt_state, state.params.keys())
         if tx.apply_ in self._checked:
-            return tx.apply_(grads, opt_state, params)  # type: ignore[misc]
+            return tx.apply_(grads, opt_state, state.params)  # type: ignore[misc]
         # First call with this optimizer: copy every other tensor too, and check that
         # those copies were not written.
         leaves, treedef = _tree.tree_flatten(opt_state)
@@ -592,7 +586,7 @@ class TrainStep:
             if leaf is old and isinstance(leaf, torch.Tensor):
                 leaves[i] = leaf.clone()
                 versions.append((leaves[i], leaves[i]._version))
-        out = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), params)  # type: ignore[misc]
+        out = tx.apply_(grads, _tree.tree_unflatten(treedef, leaves), state.params)  # type: ignore[misc]
         if any(copy._version != version for copy, version in versions):
             raise RuntimeError(INPLACE_MSG)
         self._checked.add(tx.apply_)  # type: ignore[arg-type]
@@ -607,7 +601,6 @@ class TrainStep:
         loss_scale: LossScaleState | None,
         donate: bool,
         transformed: bool,
-        own_params: bool = False,
     ) -> TrainState:
         """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
 
@@ -644,7 +637,7 @@ class TrainStep:
         if inplace:
             params, opt_state = state.tx.apply_(grads, state.opt_state, state.params)  # type: ignore[misc]
         elif fresh:
-            params, opt_state = self._apply_to_copies(state, grads, own_params)
+            params, opt_state = self._apply_to_copies(state, grads)
         else:
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
             params = apply_updates(state.params, updates)
