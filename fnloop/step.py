@@ -436,9 +436,7 @@ class TrainStep:
             loss_scale = self.loss_scale.init(device)
         # Only a step with a loss scale of its own scales the loss (and unscales the
         # gradients in _update); a state from an fp16 run keeps its scale untouched.
-        scale = None
-        if loss_scale is not None and self.loss_scale is not None:
-            scale = loss_scale.scale
+        scale = loss_scale.scale if self.loss_scale is not None else None
 
         grads, loss, metrics, buffers, params = self._gradients(
             state, module, slots, frozen, batch, scale, name, device, transformed, donate
@@ -456,9 +454,8 @@ class TrainStep:
         ):
             raise ValueError(VMAP_MSG.format(world=world_size()))
         # Several processes decide together, on the averaged loss and gradients, below.
-        scaled_grads = loss_scale if self.loss_scale is not None else None
         if self.on_nonfinite == "raise" and not distributed:
-            self._raise_if_nonfinite(state, loss, grads, scaled_grads)
+            self._raise_if_nonfinite(state, loss, grads)
 
         k = self.accumulation_steps
         if k > 1:
@@ -491,19 +488,16 @@ class TrainStep:
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
-                self._raise_if_nonfinite(state, loss, grads, scaled_grads)
+                self._raise_if_nonfinite(state, loss, grads)
         new_state = self._update(state, grads, loss, buffers, loss_scale, donate, transformed)
         return new_state, metrics
 
-    @staticmethod
-    def _raise_if_nonfinite(
-        state: TrainState, loss: torch.Tensor, grads: Params, loss_scale: LossScaleState | None
-    ) -> None:
+    def _raise_if_nonfinite(self, state: TrainState, loss: torch.Tensor, grads: Params) -> None:
         """``on_nonfinite="raise"``: a non-finite loss or gradient raises (reads the host).
         With an fp16 loss scale, overflowing gradients are the scale's to skip."""
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(NONFINITE_MSG.format(what="loss", step=state.step))
-        if loss_scale is None and not bool(all_finite(grads.values())):
+        if self.loss_scale is None and not bool(all_finite(grads.values())):
             raise FloatingPointError(NONFINITE_MSG.format(what="gradient", step=state.step))
 
     def _gradients(
