@@ -295,6 +295,12 @@ def _maybe_stacked(state: TrainState, first: tuple[str, int]) -> bool:
     return param is None or param.dim() != ndim
 
 
+def _buffer_copies(buffers: Params, frozen: frozenset[str]) -> Params:
+    """Copies of the buffers forward may update in place (BatchNorm statistics), so the
+    input state stays as it was; not of the ``frozen`` parameters kept among them."""
+    return {n: b if n in frozen else b.clone() for n, b in buffers.items()}
+
+
 def _frozen(module: nn.Module) -> frozenset[str]:
     return frozenset(n for n, p in module.named_parameters() if not p.requires_grad)
 
@@ -518,18 +524,15 @@ class TrainStep:
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
 
-        def fresh_buffers() -> Params:
-            # Copies of what the forward pass may update in place (BatchNorm statistics),
-            # not of the frozen parameters kept among the buffers.
-            return {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
-
-        eager_buffers = None if transformed else fresh_buffers()
+        eager_buffers = None if transformed else _buffer_copies(state.buffers, frozen)
 
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
             # Made inside torch.func.grad when traced (it forbids writes into tensors from
             # outside). ``buffers`` gets the tensors forward put in place of the state's:
             # read back by BoundModel when traced, by _bound when it ends in eager mode.
-            buffers = fresh_buffers() if eager_buffers is None else eager_buffers
+            buffers = eager_buffers
+            if buffers is None:
+                buffers = _buffer_copies(state.buffers, frozen)
             with autocast(self.precision, device):
                 model = BoundModel(module, params, buffers, slots=slots)
                 out = self.training_step(model, batch)
@@ -930,9 +933,9 @@ class EvalStep:
         transformed = _in_transform(params, train=False)
         if (not transformed or torch.compiler.is_compiling()) and _maybe_stacked(state, first):
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
-        # Copies of the buffers forward may write in eval mode too (counters, observers),
-        # so the input state stays as it was; not of the weights (see make_eval_step).
-        buffers = {n: b if n in frozen else b.clone() for n, b in state.buffers.items()}
+        # Forward may write buffers in eval mode too (counters, observers); the weights
+        # are not copied (see make_eval_step).
+        buffers = _buffer_copies(state.buffers, frozen)
         with torch.no_grad(), autocast(self.precision, device):
             if transformed:
                 slots = None
