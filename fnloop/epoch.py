@@ -70,9 +70,9 @@ class MetricMeans:
             return
         keys: dict[str, None] = {}
         for metrics, _ in self._pending:
-            keys.update(dict.fromkeys(k for k, v in metrics.items() if v.dim() == 0))
+            keys.update(dict.fromkeys(metrics))
         for key in keys:
-            values = [(m[key], n) for m, n in self._pending if key in m and m[key].dim() == 0]
+            values = [(m[key], n) for m, n in self._pending if key in m]
             stacked = torch.stack([v for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
