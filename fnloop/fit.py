@@ -237,7 +237,7 @@ class _Best:
 
 def _made_step(fn: Any, kind: type) -> Any:
     """The ``kind`` that describes ``fn``, a made step (compiled or not), or None."""
-    inner = inspect.unwrap(getattr(fn, "_torchdynamo_orig_callable", fn))
+    inner = inspect.unwrap(fn)  # torch.compile's wrapper has __wrapped__ too
     return inner if isinstance(inner, kind) else None
 
 
