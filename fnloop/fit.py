@@ -513,7 +513,6 @@ def fit(
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
             remove_temporaries(folder)  # type: ignore[arg-type]
-    if run_dir is not None and main:
         # After the user's callbacks: the metrics they add to the history get logged too.
         user_callbacks = user_callbacks + _default_callbacks(run_dir)
     logger = _open_logger(run_name, run_dir if main else None, log_to_console)
