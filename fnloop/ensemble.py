@@ -149,14 +149,6 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     return None
 
 
-def _template_shape(module: torch.nn.Module, name: str) -> torch.Size:
-    """The shape of parameter ``name`` in ``module`` (a direct walk: every step asks)."""
-    *path, leaf = name.split(".")
-    for part in path:
-        module = module._modules[part]  # type: ignore[assignment]
-    return module._parameters[leaf].shape  # type: ignore[union-attr]
-
-
 def stacked_models(state: TrainState) -> int | None:
     """How many models ``state`` holds stacked, or ``None`` for a state of one model.
 
@@ -165,7 +157,7 @@ def stacked_models(state: TrainState) -> int | None:
     name, param = next(iter(state.params.items()), (None, None))
     if param is None:
         return None
-    shape = _template_shape(state.module, name)
+    shape = state.module.get_parameter(name).shape
     if param.dim() == len(shape) + 1 and param.shape[1:] == shape:
         return int(param.shape[0])
     return None
@@ -186,7 +178,7 @@ def check_one_model(state: TrainState, what: str, fix: str) -> None:
             # Dynamo does not carry a raise in traced code out as this error: break first.
             torch._dynamo.graph_break()
         name, tensor = next(iter(state.params.items()))
-        expected = tuple(_template_shape(state.module, name))
+        expected = tuple(state.module.get_parameter(name).shape)
         raise ValueError(
             f"{what} runs one model, but this state holds {n} stacked models (parameter "
             f"{name!r} has shape {tuple(tensor.shape)}; the module's is {expected}). {fix}"
