@@ -320,8 +320,7 @@ def _tensor_slots(module: nn.Module) -> list[tuple[dict[str, Any], str, str]]:
         for name, tensor in named:
             state_name = first.setdefault(id(tensor), name)
             prefix, _, key = name.rpartition(".")
-            owner = module.get_submodule(prefix) if prefix else module
-            slots.append((getattr(owner, table_name), key, state_name))
+            slots.append((getattr(module.get_submodule(prefix), table_name), key, state_name))
     return slots
 
 
