@@ -85,10 +85,11 @@ class DynamicLossScale:
     def update(self, state: LossScaleState, found_inf: torch.Tensor) -> LossScaleState:
         """The state after a step; ``found_inf`` is a 0-d bool tensor (no host sync)."""
         tracker = torch.where(found_inf, 0, state.growth_tracker + 1)
+        due = tracker == self.growth_interval
         grown = state.scale * self.growth_factor
-        grow = (tracker == self.growth_interval) & torch.isfinite(grown)
+        grow = due & torch.isfinite(grown)
         scale = torch.where(
             found_inf, state.scale * self.backoff_factor, torch.where(grow, grown, state.scale)
         )
-        tracker = torch.where(tracker == self.growth_interval, 0, tracker)
+        tracker = torch.where(due, 0, tracker)
         return LossScaleState(scale=scale, growth_tracker=tracker.to(torch.int32))
