@@ -579,8 +579,10 @@ def _default_callbacks(run_dir: Path) -> list[Callback]:
 def _window_mean(state: TrainState) -> TrainState:
     """The state to save while an accumulation window is open in several processes: the
     gradient sums and the running statistics averaged over them. Both enter the next
-    update linearly, so every process continues from the mean exactly (up to rounding)."""
-    assert state.grad_accum is not None
+    update linearly, so every process continues from the mean exactly (up to rounding).
+    Otherwise ``state`` itself."""
+    if state.grad_accum is None or world_size() == 1:
+        return state
     frozen = {n for n, p in state.module.named_parameters() if not p.requires_grad}
     grads, buffers, _, _ = mean_grads_and_buffers(state.grad_accum, state.buffers, frozen)
     return state.replace(grad_accum=grads, buffers=buffers)
@@ -724,8 +726,7 @@ class _Run:
             return
         # Every process takes part (collectives): its own record goes into rank 0's file.
         ranks = gather(self.local_record(position))
-        if state.grad_accum is not None and world_size() > 1:
-            state = _window_mean(state)
+        state = _window_mean(state)
         if self.main:
             kind = "b" if position is not None else "e"
             path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
@@ -853,9 +854,7 @@ class _Run:
             )
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
         # An open accumulation window holds each process's own sums: their mean goes on.
-        if self.state.grad_accum is not None and world_size() > 1:
-            self.state = _window_mean(self.state)
-        self.state = broadcast_state(self.state)
+        self.state = broadcast_state(_window_mean(self.state))
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
