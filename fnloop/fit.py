@@ -656,7 +656,7 @@ class _Run:
 
     def __post_init__(self) -> None:
         extra: list[Callback] = []
-        if self.every_n_steps is not None and self.ckpt_dir is not None:
+        if self.every_n_steps is not None:  # fit checked that out_dir is given
             extra.append(_MidEpochCheckpoints(self, self.every_n_steps))
         # Last: a mid-epoch checkpoint holds the state the user's callbacks returned.
         self.callbacks = CallbackList([*self.user_callbacks, *extra])
