@@ -643,15 +643,15 @@ class _Run:
     keep: int
     logger: logging.Logger
     main: bool
-    stopper_states: list[EarlyStoppingState] = dataclasses.field(default_factory=list)
+    stopper_states: list[EarlyStoppingState] = dataclasses.field(init=False)
     best: _Best | None = None
     stop_reason: str = ""
     epoch_rng: dict[str, Any] | None = None
     # The learning rates and skipped-update count at the epoch's start, for its log lines.
     epoch_start: dict[str, Any] | None = None
     means: MetricMeans | None = None
-    callbacks: CallbackList = dataclasses.field(default_factory=lambda: CallbackList([]))
-    generators: list[torch.Generator] = dataclasses.field(default_factory=list)
+    callbacks: CallbackList = dataclasses.field(init=False)
+    generators: list[torch.Generator] = dataclasses.field(init=False)
     epochs_run: int = 0
 
     def __post_init__(self) -> None:
