@@ -52,10 +52,10 @@ def seeded_loader():
     )
 
 
-def run(out_dir, max_epochs=3, callbacks=(), loader=seeded_loader, **kw):
-    """``fit`` of a fresh state, its loader made afresh by ``loader()``."""
+def run(out_dir, max_epochs=3, callbacks=(), loader=seeded_loader, state=None, **kw):
+    """``fit`` of ``state`` (a fresh one by default), its loader made afresh by ``loader()``."""
     return fl.fit(
-        make_state(),
+        make_state() if state is None else state,
         classify,
         loader(),
         max_epochs=max_epochs,
@@ -546,24 +546,9 @@ def test_a_state_on_meta_trains_only_from_a_checkpoint(tmp_path):
             module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
         return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="meta")
 
-    resumed = fl.fit(
-        on_meta(),
-        classify,
-        seeded_loader(),
-        max_epochs=2,
-        out_dir=tmp_path / "run",
-        log_to_console=False,
-    )
-    assert_same(resumed, ref)
+    assert_same(run(tmp_path / "run", max_epochs=2, state=on_meta()), ref)
     with pytest.raises(ValueError, match="on the meta device, which holds no values"):
-        fl.fit(
-            on_meta(),
-            classify,
-            seeded_loader(),
-            max_epochs=2,
-            out_dir=tmp_path / "new",
-            log_to_console=False,
-        )
+        run(tmp_path / "new", max_epochs=2, state=on_meta())
 
 
 def test_the_log_says_why_a_run_ended(tmp_path):
