@@ -348,11 +348,16 @@ class TrainState:
             # Field by field: torch 2.11's dynamo cannot trace __dict__.update, and
             # dataclasses.replace would also run the default-factory checks. (The history
             # is passed through unread: see _FrozenHistory.)
+            names = (
+                _FIELD_NAMES
+                if type(self) is TrainState
+                else tuple(f.name for f in dataclasses.fields(self))
+            )
             for name in changes:
-                if name not in _FIELD_NAMES:
-                    raise TypeError(f"TrainState has no field {name!r}; fields: {_FIELD_NAMES}")
+                if name not in names:
+                    raise TypeError(f"TrainState has no field {name!r}; fields: {names}")
             new = object.__new__(type(self))
-            for name in _FIELD_NAMES:
+            for name in names:
                 if name in changes:
                     object.__setattr__(new, name, changes[name])
                 else:
