@@ -45,7 +45,9 @@ class MetricMeans:
 
     ``add`` only records the step's tensors; they are folded into device-side sums when
     ``means`` is called (once per epoch, or when a progress bar redraws), which is the
-    only place a value is read back to the host.
+    only place a value is read back to the host. Entries with one element are metrics;
+    a key that has more elements in any batch (predictions) is an output, never
+    averaged, also in a batch where it has one (the last batch of one example).
 
     >>> import torch
     >>> m = MetricMeans()
@@ -59,21 +61,24 @@ class MetricMeans:
         self._pending: list[tuple[Metrics, int]] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._outputs: set[str] = set()
 
     def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
-        """Records one step's metrics for a batch of ``n`` examples (the 0-d ones: larger
-        outputs, such as predictions for a callback, are not kept until the epoch ends)."""
-        self._pending.append(({k: v for k, v in metrics.items() if v.dim() == 0}, n))
+        """Records one step's metrics for a batch of ``n`` examples (the one-element ones:
+        larger outputs, such as predictions for a callback, are not kept)."""
+        self._outputs.update(k for k, v in metrics.items() if v.numel() != 1)
+        kept = {k: v for k, v in metrics.items() if k not in self._outputs}
+        self._pending.append((kept, n))
 
     def _fold(self) -> None:
         if not self._pending:
             return
         keys: dict[str, None] = {}
         for metrics, _ in self._pending:
-            keys.update(dict.fromkeys(metrics))
+            keys.update(dict.fromkeys(k for k in metrics if k not in self._outputs))
         for key in keys:
             values = [(m[key], n) for m, n in self._pending if key in m]
-            stacked = torch.stack([v for v, _ in values])
+            stacked = torch.stack([v.reshape(()) for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
             total = (stacked.to(acc_dtype) * weights).sum()
@@ -91,9 +96,9 @@ class MetricMeans:
         self._fold()
         if all_processes and world_size() > 1:
             return self._means_over_processes()
-        if not self._sums:
+        keys = [k for k in self._sums if k not in self._outputs]
+        if not keys:
             return {}
-        keys = list(self._sums)
         values = torch.stack([self._sums[k] for k in keys]).tolist()
         return {k: v / self._counts[k] for k, v in zip(keys, values)}
 
@@ -101,7 +106,8 @@ class MetricMeans:
         """Means over every process's examples, matched by name (a metric some processes
         did not report counts as zero examples there)."""
         # The same order everywhere: rank 0's names first, as its steps returned them.
-        names = list(dict.fromkeys(k for keys in gather(list(self._sums)) for k in keys))
+        ours = [k for k in self._sums if k not in self._outputs]
+        names = list(dict.fromkeys(k for keys in gather(ours) for k in keys))
         if not names:
             return {}
         like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))
@@ -118,13 +124,18 @@ class MetricMeans:
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
         self._fold()
-        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+        return {
+            "sums": {k: v for k, v in self._sums.items() if k not in self._outputs},
+            "counts": {k: v for k, v in self._counts.items() if k not in self._outputs},
+            "outputs": sorted(self._outputs),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned."""
         self._pending.clear()
         self._sums = dict(state["sums"])
         self._counts = {k: int(v) for k, v in state["counts"].items()}
+        self._outputs = set(state.get("outputs", ()))
 
 
 def _format(means: Mapping[str, float]) -> str:

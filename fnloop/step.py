@@ -344,9 +344,9 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     metrics: Metrics = {}
     for key, value in out.items():
         if isinstance(value, torch.Tensor):
-            # 0-d tensors are metrics (averaged per epoch); others, such as predictions,
-            # are passed to the batch-end callbacks and not averaged, also when a batch of
-            # one example makes them one element long. (The loss is reported 0-d below.)
+            # As returned: MetricMeans averages the one-element entries over the epoch,
+            # unless a key had more elements in another batch (predictions, also those of
+            # a last batch of one). The loss is reported 0-d.
             metrics[key] = value.detach()
         elif isinstance(value, numbers.Real):  # Python and NumPy numbers
             # No host copy; float64 (on the CPU and CUDA) keeps the number as given.
@@ -834,7 +834,7 @@ def make_train_step(
     ``new_state.buffers``; a forward pass that writes into the weights themselves, as
     ``nn.Embedding(max_norm=...)`` does, is given copies in eager mode, but reaches frozen
     parameters, and all weights under ``torch.compile`` or ``vmap``). ``metrics`` holds
-    ``"loss"`` and every other entry that ``training_step`` returned, as detached 0-d
+    ``"loss"`` (0-d) and every other entry that ``training_step`` returned, as detached
     tensors on the state's device: nothing is read back to the host.
 
     Gradients come from ``torch.autograd.grad`` in eager mode, and from
@@ -844,8 +844,9 @@ def make_train_step(
 
     Args:
       training_step: ``(model, batch) -> Mapping`` with a scalar ``"loss"`` tensor; other
-        entries that are 0-d tensors or numbers become metrics (others, such as
-        predictions, go to the batch-end callbacks).
+        entries with one element (tensors or numbers) are metrics, averaged per epoch,
+        unless they have more elements in another batch of the epoch (predictions, also
+        of a last batch of one); larger entries go to the batch-end callbacks.
       accumulation_steps: average gradients over this many calls (micro-batches) and
         update once; ``state.step`` counts updates, ``state.micro_step`` micro-batches.
       precision: ``None``, ``"bf16"`` or ``"fp16"``: autocast on the state's device.
@@ -946,8 +947,8 @@ class EvalStep:
                 f"{type(out).__name__}."
             )
         metrics = _metrics(out, name, device)
-        if "loss" in metrics:
-            metrics["loss"] = _metric_dtype(metrics["loss"])
+        if "loss" in metrics and metrics["loss"].numel() == 1:  # one element: reported 0-d
+            metrics["loss"] = _metric_dtype(metrics["loss"].reshape(()))
         return metrics
 
 
@@ -956,8 +957,8 @@ def make_eval_step(
 ) -> EvalStepFn:
     """Turns ``validation_step(model, batch) -> {...}`` into a pure evaluation step.
 
-    The step runs the module in eval mode under ``torch.no_grad`` and returns the
-    metrics as detached 0-d tensors. The state is not changed (buffers that forward
+    The step runs the module in eval mode under ``torch.no_grad`` and returns its
+    outputs as detached tensors (the loss 0-d). The state is not changed (buffers that forward
     writes are copies), unless forward writes into the weights themselves, as
     ``nn.Embedding(max_norm=...)`` does in eval mode too: the evaluated weights then
     change, as the module's would in a hand-written loop.

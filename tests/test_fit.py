@@ -91,6 +91,23 @@ def test_predictions_of_a_batch_of_one_are_not_metrics():
     assert seen == [(4,), (4,), (1,)]
 
 
+def test_one_element_entries_of_any_shape_are_metrics():
+    """A metric of shape (1,) (a mean over dim 0) and a loss of shape (1,) are averaged;
+    the eval step reports the loss 0-d, as the train step does."""
+    x, y = data(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+
+    def shaped(model, batch):
+        out = classify(model, batch)
+        return {"loss": out["loss"].reshape(1), "acc": out["acc"].reshape(1, 1)}
+
+    eval_step = fl.make_eval_step(shaped)
+    assert eval_step(make_state(), (x, y))["loss"].shape == ()
+    _, means = fl.validate_epoch(make_state(), eval_step, loader)
+    _, want = fl.validate_epoch(make_state(), fl.make_eval_step(classify), loader)
+    assert means == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("stopper", "expected_epochs"),
     [
