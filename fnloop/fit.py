@@ -152,6 +152,8 @@ def _open_logger(run_name: str, out_dir: Path | None, console: bool) -> logging.
         file_handler = logging.FileHandler(out_dir / f"{run_name}_training.log", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
         logger.addHandler(file_handler)
+    if not logger.handlers:  # not Python's last-resort handler, which prints warnings
+        logger.addHandler(logging.NullHandler())
     return logger
 
 
@@ -541,7 +543,9 @@ def fit(
         )
         try:
             return run.run(resume=resume)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, Exception):  # before or after the epochs (in them: logged there)
+                run.log_failure(e)
             run.callbacks.teardown()  # writers, runs and profilers that on_fit_end would close
             raise
     finally:
@@ -653,6 +657,7 @@ class _Run:
     callbacks: CallbackList = dataclasses.field(init=False)
     generators: list[torch.Generator] = dataclasses.field(init=False)
     epochs_run: int = 0
+    failure_logged: bool = False
 
     def __post_init__(self) -> None:
         extra: list[Callback] = []
@@ -879,10 +884,7 @@ class _Run:
             self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
             raise
         except Exception as e:  # the log file then says why the run ended
-            self.logger.error(
-                f"Stopped by {type(e).__name__} in epoch {state.epoch + 1}: {e} "
-                f"{self.resume_hint()}"
-            )
+            self.log_failure(e, f" in epoch {state.epoch + 1}")
             raise
         state = self.callbacks("on_fit_end", state)
         self.export_best(state)
@@ -915,10 +917,21 @@ class _Run:
             self.logger.info(f"resume=False: moved the earlier run's files to {aside}")
 
     def resume_hint(self) -> str:
-        found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt") if self.ckpt_dir else []
-        if not found:
+        if self.ckpt_dir is None:
             return "No checkpoint was written (fit checkpoints only with out_dir)."
+        found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
+        if not found:
+            return "No checkpoint was written yet: running the same fit again starts over."
         return f"Run the same fit again to resume from {found[0]}."
+
+    def log_failure(self, error: Exception, where: str = "") -> None:
+        """Says in the log why the run ended (once), and, in an epoch, how to go on."""
+        if not self.failure_logged:
+            self.failure_logged = True
+            hint = f" {self.resume_hint()}" if where else ""
+            message = str(error).rstrip(".")
+            detail = f": {message}." if message else "."
+            self.logger.error(f"Stopped by {type(error).__name__}{where}{detail}{hint}")
 
     def one_epoch(
         self, state: TrainState, position: int | None, rng: dict[str, Any] | None

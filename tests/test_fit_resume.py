@@ -551,9 +551,22 @@ def test_a_state_on_meta_trains_only_from_a_checkpoint(tmp_path):
         run(tmp_path / "new", max_epochs=2, state=on_meta())
 
 
-def test_the_log_says_why_a_run_ended(tmp_path):
+class CrashAtFitStart(fl.callbacks.Callback):
+    def on_fit_start(self, state):
+        raise Crash("no data")
+
+
+def test_the_log_says_why_a_run_ended(tmp_path, capsys):
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAt(1, 1)])
     with pytest.raises(Crash):
         run(tmp_path, callbacks=[CrashAt(2, 3)], checkpoint_every_n_steps=2)
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAtFitStart()])
     log = (tmp_path / "run_training.log").read_text()
-    assert "ERROR - Stopped by Crash in epoch 2" in log
-    assert "Run the same fit again to resume from" in log
+    assert "ERROR - Stopped by Crash in epoch 1. No checkpoint was written yet" in log
+    assert "ERROR - Stopped by Crash in epoch 2. Run the same fit again to resume from" in log
+    assert log.endswith("ERROR - Stopped by Crash: no data.\n")
+    with pytest.raises(Crash):  # no out_dir and no console: nothing is printed
+        run(None, callbacks=[CrashAt(1, 1)])
+    assert capsys.readouterr().err == ""
