@@ -165,11 +165,12 @@ def _close_logger(logger: logging.Logger) -> None:
 
 def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
     """One line per distinct change; groups that changed alike share it."""
-    changes: dict[str, list[int]] = {}
+    changes: dict[tuple[float, float], list[int]] = {}
     for i, (a, b) in enumerate(zip(old, new)):
         if abs(a - b) > 1e-8:
-            changes.setdefault(f"{a:.6f} → {b:.6f}", []).append(i)
-    for change, groups in changes.items():
+            changes.setdefault((a, b), []).append(i)
+    for (a, b), groups in changes.items():
+        change = f"{a:.6f} → {b:.6f}"
         if len(new) == 1:
             logger.info(f"Learning rate updated: {change}")
         else:
