@@ -841,12 +841,12 @@ def test_learning_rate_changes_are_logged_once_per_distinct_change(caplog):
         _log_lr_changes(logger, [0.1, 0.1, 0.2], [0.05, 0.05, 0.2])
         _log_lr_changes(logger, [0.1, 0.2], [0.05, 0.1])
         _log_lr_changes(logger, [0.1], [0.05])
-        _log_lr_changes(logger, [0.4, 0.2], [0.2, 0.1])  # not alike: two lines
+        _log_lr_changes(logger, [1e-7, 3e-7], [2e-7, 1e-7])  # alike only when rounded
     assert caplog.messages == [
         "Learning rate [groups 0, 1] updated: 0.100000 → 0.050000",
         "Learning rate [group 0] updated: 0.100000 → 0.050000",
         "Learning rate [group 1] updated: 0.200000 → 0.100000",
         "Learning rate updated: 0.100000 → 0.050000",
-        "Learning rate [group 0] updated: 0.400000 → 0.200000",
-        "Learning rate [group 1] updated: 0.200000 → 0.100000",
+        "Learning rate [group 0] updated: 0.000000 → 0.000000",
+        "Learning rate [group 1] updated: 0.000000 → 0.000000",
     ]
