@@ -164,9 +164,9 @@ def stacked_models(state: TrainState) -> int | None:
 
 
 STACKED_LOOP_FIX = (
-    "Train a stacked state with your own loop over torch.func.vmap(train_step, "
-    "in_dims=(0, None), randomness='different') (docs/guide.md, section 6), or train each "
-    "model of fl.unstack_states(state)."
+    "Train a stacked state with fl.train_epoch and fl.validate_epoch over "
+    "torch.func.vmap(train_step, in_dims=(0, None), randomness='different') "
+    "(docs/guide.md, section 6), or fit each model of fl.unstack_states(state)."
 )
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fnloop.batch import batch_size as find_batch_size
 from fnloop.callbacks.base import CallbackList
 from fnloop.distributed import gather, mean_over_processes, world_size
-from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
+from fnloop.ensemble import stacked_models
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
 from fnloop.step import EvalStepFn, TrainStepFn
@@ -49,24 +49,47 @@ class MetricMeans:
     a key that has more elements in any batch (predictions) is an output, never
     averaged, also in a batch where it has one (the last batch of one example).
 
+    With ``models=n`` (the metrics of a vmapped step over ``n`` stacked models), the
+    metrics are the entries of shape ``(n,)``, one value per model, and each mean is a
+    list of ``n`` floats.
+
+    Args:
+      models: how many stacked models each metric holds a value for, or ``None`` for
+        one model and scalar metrics.
+
     >>> import torch
     >>> m = MetricMeans()
     >>> m.add({"loss": torch.tensor(1.0)}, 3)
     >>> m.add({"loss": torch.tensor(3.0)}, 1)
     >>> m.means()
     {'loss': 1.5}
+    >>> per_model = MetricMeans(models=2)
+    >>> per_model.add({"loss": torch.tensor([1.0, 2.0])}, 3)
+    >>> per_model.add({"loss": torch.tensor([3.0, 6.0])}, 1)
+    >>> per_model.means()
+    {'loss': [1.5, 3.0]}
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, models: int | None = None) -> None:
+        if models is not None and (type(models) is not int or models < 1):
+            raise ValueError(f"models must be None or a positive int; got {models!r}.")
+        self.models = models
+        self._shape = torch.Size(() if models is None else (models,))
         self._pending: list[tuple[Metrics, int]] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._outputs: set[str] = set()
 
+    def _is_metric(self, value: torch.Tensor) -> bool:
+        if self.models is None:
+            return value.numel() == 1
+        return value.shape == self._shape
+
     def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
-        """Records one step's metrics for a batch of ``n`` examples (the one-element ones:
-        larger outputs, such as predictions for a callback, are not kept)."""
-        self._outputs.update(k for k, v in metrics.items() if v.numel() != 1)
+        """Records one step's metrics for a batch of ``n`` examples (one element each, or
+        one per model with ``models``: larger outputs, such as predictions for a
+        callback, are not kept)."""
+        self._outputs.update(k for k, v in metrics.items() if not self._is_metric(v))
         kept = {k: v for k, v in metrics.items() if k not in self._outputs}
         self._pending.append((kept, n))
 
@@ -78,16 +101,17 @@ class MetricMeans:
             keys.update(dict.fromkeys(k for k in metrics if k not in self._outputs))
         for key in keys:
             values = [(m[key], n) for m, n in self._pending if key in m]
-            stacked = torch.stack([v.reshape(()) for v, _ in values])
+            stacked = torch.stack([v.reshape(self._shape) for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
-            total = (stacked.to(acc_dtype) * weights).sum()
+            total = (stacked.to(acc_dtype) * weights.reshape(-1, *[1] * len(self._shape))).sum(0)
             self._sums[key] = self._sums[key] + total if key in self._sums else total
             self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
         self._pending.clear()
 
-    def means(self, *, all_processes: bool = False) -> dict[str, float]:
-        """The weighted mean of every metric so far (reads the device once).
+    def means(self, *, all_processes: bool = False) -> dict[str, Any]:
+        """The weighted mean of every metric so far (reads the device once): a float per
+        name, or with ``models`` a list of one float per model.
 
         With ``all_processes`` and an initialized ``torch.distributed`` group of several
         processes, the means are over every process's examples: a collective call, which
@@ -100,7 +124,7 @@ class MetricMeans:
         if not keys:
             return {}
         values = torch.stack([self._sums[k] for k in keys]).tolist()
-        return {k: v / self._counts[k] for k, v in zip(keys, values)}
+        return {k: _divide(v, self._counts[k]) for k, v in zip(keys, values)}
 
     def _means_over_processes(self) -> dict[str, float]:
         """Means over every process's examples, matched by name (a metric some processes
@@ -113,13 +137,15 @@ class MetricMeans:
         like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))
         dtype = scalar_dtype(like.device)
         zero = torch.zeros((), dtype=dtype, device=like.device)
+        zero = zero.expand(self._shape)
         sums = torch.stack([self._sums.get(k, zero).to(like.device, dtype) for k in names])
         counts = torch.tensor(
             [float(self._counts.get(k, 0)) for k in names], dtype=dtype, device=like.device
         )
-        both = mean_over_processes({"both": torch.cat([sums, counts])})["both"].tolist()
-        sums_all, counts_all = both[: len(names)], both[len(names) :]
-        return {k: v / n for k, v, n in zip(names, sums_all, counts_all) if n > 0}
+        both = mean_over_processes({"both": torch.cat([sums.flatten(), counts])})["both"]
+        sums_all = both[: sums.numel()].reshape(sums.shape).tolist()
+        counts_all = both[sums.numel() :].tolist()
+        return {k: _divide(v, n) for k, v, n in zip(names, sums_all, counts_all) if n > 0}
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
@@ -138,8 +164,17 @@ class MetricMeans:
         self._outputs = set(state.get("outputs", ()))
 
 
-def _format(means: Mapping[str, float]) -> str:
-    return " ".join(f"{k}:{v:.4g}" for k, v in means.items())
+def _divide(total: float | list[float], count: float) -> float | list[float]:
+    """A sum, or one sum per model, over a count of examples."""
+    return [v / count for v in total] if isinstance(total, list) else total / count
+
+
+def _format(means: Mapping[str, float | list[float]]) -> str:
+    """``loss:0.25 acc:0.9``; per-model means as their range, ``loss:0.21..0.45``."""
+    return " ".join(
+        f"{k}:{min(v):.4g}..{max(v):.4g}" if isinstance(v, list) else f"{k}:{v:.4g}"
+        for k, v in means.items()
+    )
 
 
 def loader_length(loader: Iterable[Any]) -> int | None:
@@ -185,6 +220,20 @@ class _Bar:
             self.bar.close()
 
 
+def _means_for(state: TrainState, means: MetricMeans | None) -> MetricMeans:
+    """``means``, or a new accumulator, for the models ``state`` holds."""
+    models = stacked_models(state)
+    if means is None:
+        return MetricMeans(models=models)
+    if means.models != models:
+        raise ValueError(
+            f"means was made with MetricMeans(models={means.models}) but the state holds "
+            f"{models or 'one'} model{'s' if models else ''}; pass "
+            f"MetricMeans(models={models}) or none."
+        )
+    return means
+
+
 def train_epoch(
     state: TrainState,
     train_step: TrainStepFn,
@@ -197,12 +246,17 @@ def train_epoch(
     start_batch: int = 0,
     after_skip: Callable[[], None] | None = None,
     means: MetricMeans | None = None,
-) -> tuple[TrainState, dict[str, float]]:
+) -> tuple[TrainState, dict[str, Any]]:
     """Runs ``train_step`` over every batch of ``loader``.
+
+    A stacked state (:func:`fnloop.stack_states`) trains all its models at once with a
+    vmapped step, ``torch.func.vmap(train_step, in_dims=(0, None),
+    randomness="different")``; each metric's mean is then a list of one float per model.
 
     Args:
       state: the state to start from (not changed).
-      train_step: a step made by :func:`fnloop.make_train_step`.
+      train_step: a step made by :func:`fnloop.make_train_step` (vmapped for a stacked
+        state).
       loader: any iterable of batches.
       callbacks: a callback or several (or a ``CallbackList``) whose batch events fire.
       batch_size: fixed size or ``batch -> size`` when the first tensor is not
@@ -217,7 +271,8 @@ def train_epoch(
 
     Returns:
       The state after the epoch and the epoch's batch-size-weighted metric means (over
-      every process's batches in a ``torch.distributed`` run).
+      every process's batches in a ``torch.distributed`` run): a float per name, or a
+      list of one float per model for a stacked state.
 
     Example:
       >>> import torch
@@ -229,9 +284,8 @@ def train_epoch(
       >>> state.step, sorted(metrics)
       (2, ['loss'])
     """
-    check_one_model(state, "train_epoch", STACKED_LOOP_FIX)
     callbacks = _callback_list(callbacks)
-    means = means if means is not None else MetricMeans()
+    means = _means_for(state, means)
     batch_start = callbacks.handles("on_train_batch_start")
     batch_end = callbacks.handles("on_train_batch_end")
     bar = _Bar(loader, desc, progress, start_batch)
@@ -272,12 +326,16 @@ def validate_epoch(
     batch_size: BatchSize = None,
     progress: bool = False,
     desc: str = "valid",
-) -> tuple[TrainState, dict[str, float]]:
+) -> tuple[TrainState, dict[str, Any]]:
     """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
+
+    The arguments are :func:`train_epoch`'s. A stacked state is evaluated with a vmapped
+    step, ``torch.func.vmap(eval_step, in_dims=(0, None))``.
 
     Returns:
       The state (as callbacks left it) and the batch-size-weighted metric means (over
-      every process's batches in a ``torch.distributed`` run).
+      every process's batches in a ``torch.distributed`` run): a float per name, or a
+      list of one float per model for a stacked state.
 
     Example:
       >>> import torch
@@ -288,9 +346,8 @@ def validate_epoch(
       >>> fl.validate_epoch(state, step, [torch.ones(4, 2)])[1]
       {'loss': 0.0}
     """
-    check_one_model(state, "validate_epoch", STACKED_LOOP_FIX)
     callbacks = _callback_list(callbacks)
-    means = MetricMeans()
+    means = _means_for(state, None)
     batch_start = callbacks.handles("on_validation_batch_start")
     batch_end = callbacks.handles("on_validation_batch_end")
     bar = _Bar(loader, desc, progress, 0)

@@ -737,8 +737,8 @@ def test_a_stacked_state_outside_vmap_is_a_clear_error():
     for call, name in [
         (lambda: fl.make_train_step(classify)(stacked, b), "train_step"),
         (lambda: fl.make_eval_step(classify)(stacked, b), "eval_step"),
-        (lambda: fl.train_epoch(stacked, fl.make_train_step(classify), [b]), "train_epoch"),
-        (lambda: fl.validate_epoch(stacked, fl.make_eval_step(classify), [b]), "validate_epoch"),
+        (lambda: fl.train_epoch(stacked, fl.make_train_step(classify), [b]), "train_step"),
+        (lambda: fl.validate_epoch(stacked, fl.make_eval_step(classify), [b]), "eval_step"),
         (lambda: torch.compile(fl.make_train_step(classify))(stacked, b), "train_step"),
         (lambda: torch.compile(fl.make_eval_step(classify))(stacked, b), "eval_step"),
     ]:
@@ -774,6 +774,69 @@ def test_vmap_over_stacked_states_matches_separate_training():
         for a, b in zip(fl._tree.tree_leaves(got), fl._tree.tree_leaves(want)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert got.step == want.step == 4
+
+
+def classify_with_predictions(model, batch):
+    return {**classify(model, batch), "pred": model(batch[0]).argmax(-1)}
+
+
+def test_train_and_validate_epoch_over_a_stacked_state_match_each_model_alone():
+    # Uneven batches (8, 8, 3): the per-model means are weighted by batch size.
+    data = batches(2, dtype=torch.float32) + batches(1, size=3, dtype=torch.float32, seed=7)
+    states = [
+        fl.TrainState.create(
+            mlp(seed=i, bn=True, dtype=torch.float32), tx=optim.adam(lr), device="cpu"
+        )
+        for i, lr in enumerate([0.1, 0.03, 0.01])
+    ]
+    train_step = fl.make_train_step(classify_with_predictions)
+    eval_step = fl.make_eval_step(classify_with_predictions)
+    alone = []
+    for state in states:
+        state, train_means = fl.train_epoch(state, train_step, data)
+        alone.append((state, train_means, fl.validate_epoch(state, eval_step, data)[1]))
+    many = torch.func.vmap(train_step, in_dims=(0, None), randomness="different")
+    stacked, train_means = fl.train_epoch(fl.stack_states(states), many, data, progress=True)
+    _, valid_means = fl.validate_epoch(stacked, torch.func.vmap(eval_step, in_dims=(0, None)), data)
+    assert list(train_means) == list(valid_means) == ["loss", "acc"]  # "pred" is an output
+    for i, (state, train_alone, valid_alone) in enumerate(alone):
+        for key in ("loss", "acc"):
+            assert train_means[key][i] == pytest.approx(train_alone[key], rel=1e-5)
+            assert valid_means[key][i] == pytest.approx(valid_alone[key], rel=1e-5)
+        got = fl.unstack_states(stacked)[i]
+        for a, b in zip(fl._tree.tree_leaves(got), fl._tree.tree_leaves(state)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_metric_means_per_model_weights_batches_and_keeps_outputs_apart():
+    means = fl.MetricMeans(models=2)
+    means.add({"loss": torch.tensor([1.0, 2.0]), "pred": torch.zeros(2, 3)}, 3)
+    means.add({"loss": torch.tensor([5.0, 10.0]), "pred": torch.zeros(2, 1)}, 1)
+    assert means.means() == {"loss": [2.0, 4.0]}
+    restored = fl.MetricMeans(models=2)
+    restored.load_state_dict(means.state_dict())
+    restored.add({"loss": torch.tensor([2.0, 4.0])}, 4)
+    assert restored.means() == {"loss": [2.0, 4.0]}
+    assert fl.epoch._format({"loss": [0.5, 0.25, 2.0], "acc": 0.5}) == "loss:0.25..2 acc:0.5"
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="models must be None or a positive int"):
+            fl.MetricMeans(models=bad)
+
+
+def test_train_epoch_refuses_means_made_for_another_number_of_models():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(classify)
+    with pytest.raises(ValueError, match=r"MetricMeans\(models=2\).*one model.*models=None"):
+        fl.train_epoch(state, step, batches(1), means=fl.MetricMeans(models=2))
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    with pytest.raises(ValueError, match=r"holds 2 models.*MetricMeans\(models=2\)"):
+        fl.train_epoch(fl.stack_states([state] * 2), many, batches(1), means=fl.MetricMeans())
+
+
+def test_fit_names_train_epoch_as_the_way_to_train_a_stacked_state():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    with pytest.raises(ValueError, match=r"^fit runs one model.*fl\.train_epoch"):
+        fl.fit(fl.stack_states([state] * 2), classify, batches(1), max_epochs=1)
 
 
 @pytest.mark.slow
