@@ -154,7 +154,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
       >>> restored.epoch
       3
     """
-    path = Path(path)
+    path = _as_path(path, "save_checkpoint", "state")
     _check_state(state, "save_checkpoint")
     for key, value in extra.items():
         _check_plain(value, f"extra[{key!r}]")
@@ -218,7 +218,7 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
       ...     torch.nn.Linear(2, 1).load_state_dict(torch.load(path, weights_only=True))
       <All keys matched successfully>
     """
-    path = Path(path)
+    path = _as_path(path, "save_model", "state")
     _check_state(state, "save_model")
     n = stacked_models(state)
     if n is not None:
@@ -309,7 +309,7 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
       >>> extra
       {'batch': 7}
     """
-    path = Path(path)
+    path = _as_path(path, "load_checkpoint", "like")
     _check_state(like, "load_checkpoint")
     payload = _read_payload(path)
     saved: dict[str, Any] = payload["leaves"]
@@ -350,7 +350,7 @@ def load_model(
         3}``, how to load that entry).
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
     """
-    path = Path(path)
+    path = _as_path(path, "load_model", "module")
     _check_is_file(path)
     if _is_safetensors(path):
         st = _import_safetensors_torch(path)
@@ -753,6 +753,16 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _as_path(path: Any, fn: str, second: str) -> Path:
+    """``path`` as a ``Path``; a state or module there (arguments swapped) is a clear error."""
+    if isinstance(path, TrainState | nn.Module):
+        raise TypeError(
+            f"{fn} takes the file's path first: {fn}(path, {second}); its first argument "
+            f"is a {type(path).__name__}."
+        )
+    return Path(path)
 
 
 def _check_state(state: Any, fn: str) -> None:

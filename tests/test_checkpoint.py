@@ -827,3 +827,18 @@ def test_save_model_refuses_a_stacked_state(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"holds 2 stacked models.*unstack_states"):
         save_model(tmp_path / "model.pt", stacked)
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_swapped_path_and_state_is_a_clear_error(tmp_path: Path) -> None:
+    state = fnloop.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    path = fnloop.save_checkpoint(tmp_path / "c.pt", state)
+    before = path.read_bytes()
+    for call, fn in [
+        (lambda: fnloop.save_checkpoint(state, path), r"save_checkpoint\(path, state\)"),
+        (lambda: fnloop.save_model(state, path), r"save_model\(path, state\)"),
+        (lambda: fnloop.load_checkpoint(state, path), r"load_checkpoint\(path, like\)"),
+        (lambda: fnloop.load_model(torch.nn.Linear(2, 1), path), r"load_model\(path, module\)"),
+    ]:
+        with pytest.raises(TypeError, match=rf"path first: {fn}; its first argument is a"):
+            call()
+    assert path.read_bytes() == before
