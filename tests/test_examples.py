@@ -145,6 +145,7 @@ def test_digits_extras(tmp_path: Path) -> None:
     args = ("--fast", "--extras", "--out-dir", str(tmp_path / "d"))
     out = run_example("digits.py", *args, cwd=tmp_path, timeout=600)
     assert "[step alone]" in out and "[compiled]" in out and "[vmap]" in out
+    assert "best: lr" in out  # the sweep's per-model validation accuracies were compared
 
 
 def test_digits_training_step_in_isolation() -> None:
