@@ -128,10 +128,13 @@ class MetricMeans:
 
     def _means_over_processes(self) -> dict[str, float]:
         """Means over every process's examples, matched by name (a metric some processes
-        did not report counts as zero examples there)."""
+        did not report counts as zero examples there; an output in any process is a
+        metric in none)."""
         # The same order everywhere: rank 0's names first, as its steps returned them.
         ours = [k for k in self._sums if k not in self._outputs]
-        names = list(dict.fromkeys(k for keys in gather(ours) for k in keys))
+        everyone = gather((ours, sorted(self._outputs)))
+        outputs = {k for _, keys in everyone for k in keys}
+        names = list(dict.fromkeys(k for keys, _ in everyone for k in keys if k not in outputs))
         if not names:
             return {}
         like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))

@@ -217,6 +217,7 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
         assert r["metric_names"]["part/own"] == [0.0]
         assert r["metric_names"]["splits"] == ["train", "train/part"]
         assert len(r["metric_names"]["loss"]) == 1
+        assert "pred" not in r["metric_names"]  # an output in rank 0
 
 
 def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:

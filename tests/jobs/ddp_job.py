@@ -236,10 +236,13 @@ class OwnCount(fl.callbacks.Callback):
 
 def metric_names(rank: int) -> dict[str, Any]:
     """Processes that report different metrics: each is averaged over the processes that
-    reported it. A metric a callback adds is rank 0's everywhere."""
+    reported it, and an entry that is an output in any process is a metric in none. A
+    metric a callback adds is rank 0's everywhere."""
 
     def step(model: Any, batch: Any) -> dict[str, Any]:
-        return {**classify(model, batch), f"only{rank}": float(rank + 1)}
+        # "pred" is an output in rank 0 (two elements) and looks like a metric in rank 1.
+        pred = torch.zeros(2 - rank)
+        return {**classify(model, batch), f"only{rank}": float(rank + 1), "pred": pred}
 
     x, y = data()
     ds = TensorDataset(x[:64], y[:64])
