@@ -164,13 +164,17 @@ def _close_logger(logger: logging.Logger) -> None:
 
 
 def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
-    """One line per distinct change; groups that changed alike share it."""
+    """One line per distinct change; groups that changed alike share it.
+
+    Rates are shown to 6 significant digits (``1e-07``, not ``0.000000``), and a change
+    is logged when it shows there, however small the rates are.
+    """
     changes: dict[tuple[float, float], list[int]] = {}
     for i, (a, b) in enumerate(zip(old, new)):
-        if abs(a - b) > 1e-8:
+        if f"{a:.6g}" != f"{b:.6g}":
             changes.setdefault((a, b), []).append(i)
     for (a, b), groups in changes.items():
-        change = f"{a:.6f} → {b:.6f}"
+        change = f"{a:.6g} → {b:.6g}"
         if len(new) == 1:
             logger.info(f"Learning rate updated: {change}")
         else:
