@@ -19,7 +19,10 @@ class EarlyStoppingState:
     """Progress of one :class:`EarlyStopping` rule.
 
     Attributes:
-      best: the best monitored value so far (``inf`` / ``-inf`` before the first epoch).
+      best: the value improvements are measured against: the last value that counted
+        as one, by beating the previous ``best`` by more than ``min_delta`` (the best so
+        far when ``min_delta`` is 0; ``inf`` / ``-inf`` before the first epoch). With
+        ``min_delta`` a later epoch may be slightly better: ``fit``'s best model is that one.
       best_epoch: the epoch that reached ``best`` (``0`` before any).
       bad_epochs: epochs in a row without an improvement larger than ``min_delta``.
       stop_reason: why training should stop, or ``""`` to go on.
@@ -44,7 +47,9 @@ class EarlyStopping:
       monitor: the metric to watch, ``"train/<name>"`` or ``"valid/<name>"``.
       mode: ``"min"`` if lower is better, ``"max"`` if higher is.
       patience: epochs without improvement tolerated before stopping.
-      min_delta: an epoch improves only if it beats the best by more than this.
+      min_delta: an epoch improves only if it beats the best by more than this. The
+        stop reason then names the value that was not beaten by ``min_delta``, which
+        need not be the best one (``fit``'s best model).
       target: stop as soon as the metric is at least this good (``<=`` for ``"min"``,
         ``>=`` for ``"max"``); ``None`` for no target.
 
@@ -116,12 +121,16 @@ class EarlyStopping:
                 state, stop_reason=f"{self.monitor} reached the target {self.target} ({value:.6g})"
             )
         if state.bad_epochs >= self.patience and state.bad_epochs > 0:
-            return dataclasses.replace(
-                state,
-                stop_reason=(
-                    f"{self.monitor} did not improve for {state.bad_epochs} "
-                    f"{'epoch' if state.bad_epochs == 1 else 'epochs'} "
+            epochs = f"{state.bad_epochs} {'epoch' if state.bad_epochs == 1 else 'epochs'}"
+            if self.min_delta:  # the reference need not be the best value (nor fit's best model)
+                reason = (
+                    f"{self.monitor} did not improve by more than min_delta={self.min_delta:g} "
+                    f"on {state.best:.6g} (epoch {state.best_epoch}) for {epochs}"
+                )
+            else:
+                reason = (
+                    f"{self.monitor} did not improve for {epochs} "
                     f"(best {state.best:.6g} at epoch {state.best_epoch})"
-                ),
-            )
+                )
+            return dataclasses.replace(state, stop_reason=reason)
         return state

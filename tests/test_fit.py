@@ -129,6 +129,36 @@ def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
     assert state.epoch == expected_epochs
 
 
+def test_early_stopping_with_min_delta_does_not_call_its_reference_the_best(tmp_path):
+    """With min_delta the rule measures improvements against an earlier value, while the
+    best model is the best epoch: the stop reason must not name another 'best'."""
+    rule = fl.EarlyStopping("valid/loss", patience=2, min_delta=0.1)
+    s = rule.init()
+    for epoch, loss in enumerate([1.0, 0.95, 0.93], start=1):
+        s = rule.update(s, {"valid/loss": loss}, epoch)
+    assert s.stop_reason == (
+        "valid/loss did not improve by more than min_delta=0.1 on 1 (epoch 1) for 2 epochs"
+    )
+
+    fl.fit(
+        make_state(tx=optim.sgd(0.05)),
+        classify,
+        loaders(),
+        max_epochs=10,
+        early_stopping=fl.EarlyStopping("valid/loss", patience=2, min_delta=100.0),
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    stop = re.search(r"Early stopping: (.*)", log).group(1)
+    assert re.fullmatch(
+        r"valid/loss did not improve by more than min_delta=100 on \S+ "
+        r"\(epoch 1\) for 2 epochs",
+        stop,
+    )
+    assert re.search(r"Best model \(valid/loss \S+ at epoch 3\)", log)
+
+
 def test_unknown_monitor_is_an_error_naming_known_keys():
     with pytest.raises(KeyError, match=r"valid/f1.*valid/acc"):
         fl.fit(
