@@ -934,7 +934,10 @@ class _Run:
         if not self.failure_logged:
             self.failure_logged = True
             hint = f" {self.resume_hint()}" if where else ""
-            message = str(error).rstrip(".")
+            # str() of a KeyError is the repr of its key: fnloop's messages would be quoted.
+            args = error.args
+            keyed = isinstance(error, KeyError) and len(args) == 1 and isinstance(args[0], str)
+            message = (args[0] if keyed else str(error)).rstrip(".")
             detail = f": {message}." if message else "."
             self.logger.error(f"Stopped by {type(error).__name__}{where}{detail}{hint}")
 

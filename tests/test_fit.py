@@ -171,6 +171,27 @@ def test_unknown_monitor_is_an_error_naming_known_keys():
         )
 
 
+def test_the_log_line_of_an_unknown_monitor_is_not_quoted(tmp_path):
+    """The message of fnloop's KeyError reads in the log as other errors' do, not as the
+    repr of a dict key ("...function.". with the quotes)."""
+    with pytest.raises(KeyError):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            early_stopping=[fl.EarlyStopping("valid/f1")],
+            monitor="valid/loss",
+            out_dir=tmp_path,
+            log_to_console=False,
+        )
+    log = (tmp_path / "run_training.log").read_text()
+    line = re.search(r"ERROR - (Stopped by KeyError.*)", log).group(1)
+    assert line.startswith("Stopped by KeyError in epoch 1: EarlyStopping monitors 'valid/f1'")
+    assert "from your step function. No checkpoint was written yet" in line
+    assert '"' not in line
+
+
 def test_plateau_matches_torch_reduce_lr_on_plateau():
     """The LR drops in exactly the epochs where torch's ReduceLROnPlateau drops it."""
     kw = dict(mode="min", factor=0.5, patience=1, threshold=0.2, cooldown=1)
