@@ -891,8 +891,10 @@ class _Run:
         except Exception as e:  # the log file then says why the run ended
             self.log_failure(e, f" in epoch {state.epoch + 1}")
             raise
-        state = self.callbacks("on_fit_end", state)
+        # Before on_fit_end: a callback there may use best_model.pt (upload it), and one
+        # that raises there does not cost the run its best model.
         self.export_best(state)
+        state = self.callbacks("on_fit_end", state)
         self.logger.info(
             f"Finished at epoch {state.epoch}, step {state.step} "
             f"({_format_time(time.monotonic() - start)})"

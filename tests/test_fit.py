@@ -559,6 +559,31 @@ def test_a_compiled_step_is_not_recompiled_by_later_epochs():
     assert eval_counter.frame_count == 1
 
 
+def test_best_model_is_written_before_on_fit_end(tmp_path):
+    """A callback's on_fit_end sees this run's best_model.pt (to upload it), and one that
+    raises there (a plot, a W&B upload) does not cost the run its best model."""
+    seen = []
+
+    class UploadThenFail(fl.callbacks.Callback):
+        def on_fit_end(self, state):
+            seen.append((tmp_path / "best_model.pt").exists())
+            raise OSError("upload failed")
+
+    with pytest.raises(OSError, match="upload failed"):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=2,
+            out_dir=tmp_path,
+            callbacks=[UploadThenFail()],
+            log_to_console=False,
+        )
+    assert seen == [True]
+    best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    assert set(best) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+
+
 def test_best_model_follows_a_single_early_stopping_rule(tmp_path):
     stopper = fl.EarlyStopping("valid/acc", mode="max", patience=100)
     state = fl.fit(

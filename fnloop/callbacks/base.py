@@ -63,7 +63,8 @@ class Callback:
         """Before the first epoch of this ``fit`` call (after any resume)."""
 
     def on_fit_end(self, state: TrainState) -> TrainState | None:
-        """After the last epoch, also when early stopping ended the run."""
+        """After the last epoch, also when early stopping ended the run; with ``out_dir``,
+        ``fit`` has written ``best_model.pt`` by then."""
 
     def on_train_epoch_start(self, state: TrainState) -> TrainState | None:
         """Before the first training batch of an epoch.
