@@ -35,7 +35,8 @@ def plot_history(
 ) -> Path:
     """Draws one subplot per metric with the curves of every split overlaid; saves it.
 
-    The x axis is the epoch, ``1 .. len(values)`` for each curve. The image is written
+    The x axis is the epoch, ``1 .. len(values)`` for each curve; metric and split names
+    are drawn as plain text (a ``$`` in one is not TeX). The image is written
     atomically (a temporary file, then ``os.replace``) in the format of ``path``'s
     suffix (PNG without one). Uses matplotlib's object API only: no pyplot, no backend
     switch, no global state.
@@ -86,11 +87,13 @@ def plot_history(
                 first = epochs - len(values) + 1
                 x = range(first, epochs + 1)
                 ax.plot(x, values, marker="o", markersize=3, label=split)
-        ax.set_title(name)
+        # Names are text, not TeX: a "$" pair in one would fail the whole plot at savefig.
+        ax.set_title(name, parse_math=False)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        for text in ax.legend().get_texts():
+            text.set_parse_math(False)
     for ax in axes[len(names) :]:
         fig.delaxes(ax)
 

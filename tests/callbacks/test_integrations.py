@@ -465,6 +465,14 @@ def test_plot_history_writes_a_png(tmp_path: Path) -> None:
         plot_history({"train": {}}, tmp_path / "empty.png")
 
 
+def test_plot_history_takes_names_with_dollar_signs_as_text(tmp_path: Path) -> None:
+    """Metric and split names are not TeX: a pair of "$" in them failed the plot."""
+    pytest.importorskip("matplotlib")
+    history = {"train": {"cost_$x^$": (1.0, 0.5)}, "$val^$": {"cost_$x^$": (0.9, float("nan"))}}
+    out = plot_history(history, tmp_path / "history.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_plot_callback_draws_the_state_history_at_fit_end(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "history.png"
