@@ -60,23 +60,28 @@ def _write_records(f: IO[bytes], records: list[bytes]) -> None:
         writer.write(record)
 
 
-def _drop_scalars_after(log_dir: Path, *, epoch: int, step: int) -> None:
+def _drop_scalars_after(
+    log_dir: Path, *, epoch: int, step: int, splits: tuple[str, ...] = ()
+) -> None:
     """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
 
-    ``"train_step/..."`` scalars are indexed by optimizer step, ``"train/..."`` and
-    ``"valid/..."`` ones by epoch. Only the files this callback wrote (named ``*.fnloop``)
-    are rewritten: what other writers put in the folder is kept. A file is replaced
+    ``"train_step/..."`` scalars are indexed by optimizer step, ``"train/..."``,
+    ``"valid/..."`` and ``"<split>/..."`` ones (the other history ``splits``, where
+    callbacks add epoch metrics) by epoch. Only the files this callback wrote (named
+    ``*.fnloop``) are rewritten: what other writers put in the folder is kept. A file is replaced
     atomically and only when something is dropped; a torn last record (a crash in the
     middle of a write) is dropped with it, a file damaged in the middle is left alone.
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
 
+    per_epoch = tuple(f"{s}/" for s in ("train", "valid", *splits) if s != "train_step")
+
     def beyond(event: Any) -> bool:  # only the tags this callback writes
         for value in event.summary.value:
             if value.tag.startswith("train_step/") and event.step > step:
                 return True
-            if value.tag.startswith(("train/", "valid/")) and event.step > epoch:
+            if value.tag.startswith(per_epoch) and event.step > epoch:
                 return True
         return False
 
@@ -126,10 +131,10 @@ class TensorBoard(EpochLogger):
 
     Like :class:`~fnloop.callbacks.CSVLogger`, a resumed run continues the curves: at
     ``on_fit_start`` the scalars already in ``log_dir`` that lie beyond the state (epoch
-    scalars after ``state.epoch``, ``"train_step/..."`` scalars after ``state.step``:
-    written after the checkpoint the run resumes from, or by an earlier run in the same
-    place) are removed from the event files it wrote (other writers' files are left
-    alone), so no point appears twice.
+    scalars, of every split in ``state.history``, after ``state.epoch``;
+    ``"train_step/..."`` scalars after ``state.step``: written after the checkpoint the
+    run resumes from, or by an earlier run in the same place) are removed from the event
+    files it wrote (other writers' files are left alone), so no point appears twice.
 
     Args:
       log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
@@ -167,7 +172,9 @@ class TensorBoard(EpochLogger):
         writer_class = _summary_writer_class()
         self.finish(None)  # a writer left open by an earlier fit
         if self.log_dir.is_dir():
-            _drop_scalars_after(self.log_dir, epoch=state.epoch, step=state.step)
+            _drop_scalars_after(
+                self.log_dir, epoch=state.epoch, step=state.step, splits=tuple(state.history)
+            )
         self.writer = writer_class(log_dir=str(self.log_dir), filename_suffix=_SUFFIX)
 
     def write_row(self, row: Mapping[str, float]) -> None:

@@ -306,6 +306,32 @@ def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) 
     ]
 
 
+class AppendTestAccuracy(fl.callbacks.Callback):
+    """An epoch-level metric of a split of its own: ``test/acc`` (epoch / 10)."""
+
+    def on_train_epoch_end(self, state: fl.TrainState, metrics: Any) -> fl.TrainState:
+        history = append_history(state.history, "test", {"acc": state.epoch / 10})
+        return state.replace(history=history)
+
+
+def test_tensorboard_resume_drops_scalars_of_other_history_splits_too(tmp_path: Path) -> None:
+    """A metric a callback appends under a split of its own ("test/acc") is logged per
+    epoch like train/ and valid/ ones, and a resume drops its points beyond the epoch."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb"
+    drive([AppendTestAccuracy(), TensorBoard(log_dir)], new_state(), [*FIRST_FIT, *SECOND_FIT])
+    history = append_history(new_state().history, "train", {"loss": 0.5})
+    history = append_history(history, "test", {"acc": 0.1})  # as the checkpoint holds it
+    resumed = new_state().replace(epoch=1, step=2, history=history)
+    drive([AppendTestAccuracy(), TensorBoard(log_dir)], resumed, [({"train/loss": 0.2}, None)])
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test/acc")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
 def test_tensorboard_resume_leaves_a_file_damaged_in_the_middle_alone(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     log_dir = tmp_path / "tb"
