@@ -431,8 +431,9 @@ def fit(
       ValueError: bad set-up, reported before any training: an empty loader,
         ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
         a monitor without the ``train/``/``valid/`` prefix,
-        a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` whose
-        mode is not fit's, ``checkpoint_every_n_steps`` without ``out_dir``.
+        a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
+        early-stopping rule on ``monitor`` whose mode is not fit's,
+        ``checkpoint_every_n_steps`` without ``out_dir``.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
     """
     # ------------------------------------------------------------ set-up checks (fail fast)
@@ -487,6 +488,16 @@ def fit(
     mode = mode or next((s.mode for s in stoppers if s.monitor == monitor), "min")
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}.")
+    for rule in stoppers:
+        if rule.monitor == monitor and rule.mode != mode:
+            raise ValueError(
+                f"EarlyStopping(monitor={monitor!r}, mode={rule.mode!r}) contradicts fit's "
+                f"mode={mode!r} for the same metric: early stopping would wait for it to get "
+                f"{'lower' if rule.mode == 'min' else 'higher'} while the best model is the "
+                f"{'lowest' if mode == 'min' else 'highest'}. Give both the same mode "
+                f"(EarlyStopping(..., mode={mode!r}) for a metric where "
+                f"{'lower' if mode == 'min' else 'higher'} is better)."
+            )
     for plateau in plateau_nodes(state.opt_state):
         if plateau.config.mode != mode:
             raise ValueError(

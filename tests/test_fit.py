@@ -749,6 +749,15 @@ class _Samples(torch.utils.data.Dataset):
             ValueError,
             r"reduce_on_plateau\(mode='min'\) would be fed 'valid/acc'",
         ),
+        (  # the rule forgot mode="max": it would stop while the accuracy rises
+            {
+                "monitor": "valid/acc",
+                "mode": "max",
+                "early_stopping": fl.EarlyStopping("valid/acc"),
+            },
+            ValueError,
+            r"EarlyStopping\(monitor='valid/acc', mode='min'\) contradicts fit's mode='max'",
+        ),
     ],
 )
 def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, error, match):
