@@ -53,6 +53,12 @@ class EarlyStopping:
       target: stop as soon as the metric is at least this good (``<=`` for ``"min"``,
         ``>=`` for ``"max"``); ``None`` for no target.
 
+    Raises:
+      TypeError: a monitor that is not a string, or a number argument that is not one.
+      ValueError: an unknown mode, a monitor without the ``train/`` or ``valid/`` prefix,
+        a negative, fractional or infinite patience, a negative ``min_delta``, or a NaN
+        or infinite ``min_delta`` or ``target``.
+
     Example:
       >>> stopper = EarlyStopping(monitor="valid/loss", patience=2)
       >>> s = stopper.init()
@@ -69,8 +75,27 @@ class EarlyStopping:
     target: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str):
+            raise TypeError(
+                f"EarlyStopping monitor takes a metric name such as 'valid/loss'; "
+                f"got {self.monitor!r}."
+            )
+        for name in ("patience", "min_delta", "target"):
+            value = getattr(self, name)
+            if value is None and name == "target":
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"EarlyStopping {name} takes a number; got {value!r}.") from None
+            if not math.isfinite(number):
+                raise ValueError(f"EarlyStopping {name} must be finite; got {value!r}.")
+        if not float(self.patience).is_integer():
+            raise ValueError(
+                f"EarlyStopping patience counts epochs: a whole number; got {self.patience!r}."
+            )
         # Plain Python numbers (NumPy ones from a sweep, too): checkpoints record the rule.
-        object.__setattr__(self, "patience", int(self.patience))
+        object.__setattr__(self, "patience", int(float(self.patience)))
         object.__setattr__(self, "min_delta", float(self.min_delta))
         if self.target is not None:
             object.__setattr__(self, "target", float(self.target))

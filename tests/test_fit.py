@@ -129,6 +129,27 @@ def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
     assert state.epoch == expected_epochs
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"patience": 2.5}, ValueError, r"patience counts epochs: a whole number; got 2\.5"),
+        ({"patience": float("inf")}, ValueError, r"patience must be finite"),
+        ({"patience": None}, TypeError, r"patience takes a number; got None"),
+        ({"min_delta": float("nan")}, ValueError, r"min_delta must be finite; got nan"),
+        ({"min_delta": None}, TypeError, r"min_delta takes a number; got None"),
+        ({"target": float("nan")}, ValueError, r"target must be finite; got nan"),
+        ({"target": "high"}, TypeError, r"target takes a number; got 'high'"),
+        ({"monitor": None}, TypeError, r"monitor takes a metric name"),
+    ],
+)
+def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
+    """A fractional patience was truncated, a NaN min_delta or target silently never
+    improved or never hit, and None gave int()'s or an AttributeError's message."""
+    with pytest.raises(error, match=match):
+        fl.EarlyStopping(**kwargs)
+    assert fl.EarlyStopping(patience=3.0, min_delta="0.1").patience == 3  # whole numbers pass
+
+
 def test_early_stopping_with_min_delta_does_not_call_its_reference_the_best(tmp_path):
     """With min_delta the rule measures improvements against an earlier value, while the
     best model is the best epoch: the stop reason must not name another 'best'."""
