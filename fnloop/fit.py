@@ -405,8 +405,8 @@ def fit(
         best model (if ``monitor`` and ``mode`` are unchanged), early-stopping progress
         (of the rules given now that are unchanged; a run that stopped early stays
         stopped unless they changed), and the random generators (global ones and the
-        loaders' own). ``False`` starts over and moves the earlier checkpoints and best
-        model to ``checkpoints/previous-<time>/``.
+        loaders' own). ``False`` starts over and moves the earlier checkpoints, best
+        model, ``metrics.csv`` and ``history.png`` to ``checkpoints/previous-<time>/``.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
@@ -913,14 +913,15 @@ class _Run:
         return state
 
     def set_aside_checkpoints(self) -> None:
-        """Starting over: an earlier run's checkpoints go to a subfolder (kept, but neither
-        pruned with this run's nor resumed from)."""
+        """Starting over: an earlier run's checkpoints, best model, metrics.csv and plot go
+        to a subfolder (kept, but neither pruned with this run's nor resumed from, and
+        the new run's metrics.csv starts empty instead of dropping the earlier rows)."""
         if self.ckpt_dir is None or not self.main:
             return
         old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
-        best = self.run_dir / BEST_MODEL if self.run_dir is not None else None
-        if best is not None and best.exists():
-            old.append(best)
+        if self.run_dir is not None:
+            names = (BEST_MODEL, "metrics.csv", "history.png")
+            old += [p for p in (self.run_dir / n for n in names) if p.exists()]
         if old:
             stamp = time.strftime("previous-%Y%m%d-%H%M%S")
             aside = self.ckpt_dir / stamp

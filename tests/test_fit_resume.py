@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,7 +198,13 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
         "ckpt-0000000006-e.pt"
     ]
     (aside,) = (tmp_path / "checkpoints").glob("previous-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["best_model.pt", *before]
+    plot = ["history.png"] if importlib.util.find_spec("matplotlib") else []
+    assert sorted(p.name for p in aside.iterdir()) == sorted(
+        ["best_model.pt", "metrics.csv", *plot, *before]
+    )
+    # The earlier run's rows are kept there; the new metrics.csv has this run's only.
+    assert len((aside / "metrics.csv").read_text().splitlines()) == 1 + 3
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 1
     # A second restart within the same second gets a folder of its own.
     run(tmp_path, max_epochs=1, resume=False)
     assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 2
