@@ -109,20 +109,23 @@ def _format_time(seconds: float) -> str:
 def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
     """The epoch summary line: ``[15/50] loss:0.0230 | (val) loss:0.0190 (2m 15s)``.
 
+    Metrics of other splits (a callback's ``test/acc``) follow, each split after its name.
+
     >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.981, "valid/loss": 0.019}, 135)
     '[15/50] loss:0.0230 acc:0.9810 | (val) loss:0.0190 (2m 15s)'
+    >>> epoch_line(2, 5, {"train/loss": 0.5, "test/acc": 0.75}, 3)
+    '[2/5] loss:0.5000 | (test) acc:0.7500 (3.0s)'
     """
     width = len(str(max_epochs))
     parts = [f"[{epoch:>{width}}/{max_epochs}]"]
-    train = [
-        f"{k[6:]}:{v:.4f}"
-        for k, v in metrics.items()
-        if k.startswith("train/") and not k.startswith("train/lr")
-    ]
-    valid = [f"{k[6:]}:{v:.4f}" for k, v in metrics.items() if k.startswith("valid/")]
-    parts.append(" ".join(train))
-    if valid:
-        parts.append("| (val) " + " ".join(valid))
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        if split == "train" and name.startswith("lr"):
+            continue
+        splits.setdefault("val" if split == "valid" else split, []).append(f"{name}:{value:.4f}")
+    parts.append(" ".join(splits.pop("train")))
+    parts += [f"| ({split}) " + " ".join(shown) for split, shown in splits.items() if shown]
     parts.append(f"({_format_time(seconds)})")
     return " ".join(p for p in parts if p)
 

@@ -973,3 +973,24 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
         "Learning rate updated: 1e-09 → 5e-10",
         "Learning rate updated: 0.0003 → 0.00015",
     ]
+
+
+def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
+    class TestAcc(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            acc = {"acc": 0.5 + state.epoch / 10}
+            return state.replace(history=fl.state.append_history(state.history, "test", acc))
+
+    fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=2,
+        callbacks=[TestAcc()],
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    assert re.search(
+        r"\[2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.7000 \(", log
+    )
