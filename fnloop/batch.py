@@ -92,8 +92,9 @@ def _attributes(obj: Any) -> dict[str, Any]:
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in ``obj`` with a leading dimension (0-d tensors are skipped)."""
     if isinstance(obj, torch.Tensor):
-        return obj
+        return obj if obj.dim() > 0 else None
     if isinstance(obj, Mapping):
         children: Any = obj.values()
     elif isinstance(obj, tuple | list):
@@ -117,7 +118,8 @@ NO_TENSOR_MSG = (
 
 
 def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = None) -> int:
-    """The number of examples in ``batch``: the leading dimension of its first tensor.
+    """The number of examples in ``batch``: the leading dimension of its first tensor
+    that has one (0-d tensors, such as a per-batch scale, are skipped).
 
     Args:
       batch: any nesting of tensors.
@@ -133,6 +135,6 @@ def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = Non
     if override is not None:
         return int(override(batch)) if callable(override) else int(override)
     first = _first_tensor(batch)
-    if first is None or first.dim() == 0:
+    if first is None:
         raise ValueError(NO_TENSOR_MSG.format(kind=type(batch).__name__))
     return int(first.shape[0])

@@ -409,6 +409,17 @@ def test_any_batch_structure(wrap, unwrap):
     assert fl.batch_size(wrap(x, y)) == 8
 
 
+def test_batch_size_skips_0d_tensors():
+    """A 0-d tensor first in a batch (a per-batch temperature or scale) has no leading
+    dimension: the size comes from the first tensor that has one, not an error saying the
+    batch holds no such tensor."""
+    x, y = torch.zeros(6, 3), torch.zeros(6)
+    assert fl.batch_size({"scale": torch.tensor(2.0), "x": x, "y": y}) == 6
+    assert fl.batch_size((torch.tensor(0.5), (x, y))) == 6
+    with pytest.raises(ValueError, match="no tensor with a leading dimension"):
+        fl.batch_size({"scale": torch.tensor(2.0), "name": "a"})
+
+
 @dataclasses.dataclass
 class _Pixels:
     """A batch whose __post_init__ rescales a field: it must run once, when made."""
