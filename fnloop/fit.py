@@ -96,6 +96,14 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
+SYMBOLIC_SIZES = "Cannot call numel() on tensor with symbolic sizes"
+SYMBOLIC_SIZES_HINT = (
+    "A compiled step met a batch of another size (the last, smaller one) and recompiled "
+    "for any size, which this model cannot run under torch.func (dropout is such an op): "
+    "give the train loader drop_last=True (docs/guide.md, section 6)."
+)
+
+
 def _format_time(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -951,6 +959,10 @@ class _Run:
         if not self.failure_logged:
             self.failure_logged = True
             hint = f" {self.resume_hint()}" if where else ""
+            if SYMBOLIC_SIZES in str(error):
+                hint = f" {SYMBOLIC_SIZES_HINT}{hint}"
+                if hasattr(error, "add_note"):  # Python 3.11+: the traceback shows it too
+                    error.add_note(SYMBOLIC_SIZES_HINT)
             # str() of a KeyError is the repr of its key: fnloop's messages would be quoted.
             args = error.args
             keyed = isinstance(error, KeyError) and len(args) == 1 and isinstance(args[0], str)

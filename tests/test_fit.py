@@ -994,3 +994,26 @@ def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
     assert re.search(
         r"\[2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.7000 \(", log
     )
+
+
+@pytest.mark.slow
+def test_a_compiled_dropout_step_meeting_a_smaller_batch_is_told_to_drop_last(tmp_path):
+    step = torch.compile(fl.make_train_step(classify))
+    try:
+        fl.fit(
+            make_state(),
+            step,
+            loaders(batch_size=40, valid=False),
+            max_epochs=1,
+            out_dir=tmp_path,
+            log_to_console=False,
+        )  # batches of 40, 40 and 16
+    except Exception as e:  # torch's own error type, whichever it is
+        error = e
+    else:
+        pytest.skip("this torch version compiles dropout under torch.func for any batch size")
+    assert "symbolic sizes" in str(error)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "met a batch of another size" in log and "drop_last=True" in log
+    notes = getattr(error, "__notes__", ["drop_last=True"])  # Python 3.11+
+    assert any("drop_last=True" in note for note in notes)
