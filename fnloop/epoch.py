@@ -50,8 +50,8 @@ class MetricMeans:
     averaged, also in a batch where it has one (the last batch of one example).
 
     With ``models=n`` (the metrics of a vmapped step over ``n`` stacked models), the
-    metrics are the entries of shape ``(n,)``, one value per model, and each mean is a
-    list of ``n`` floats.
+    metrics are the entries with one element per model (shape ``(n,)``, or ``(n, 1)``
+    from a step's one-element metric), and each mean is a list of ``n`` floats.
 
     Args:
       models: how many stacked models each metric holds a value for, or ``None`` for
@@ -83,7 +83,8 @@ class MetricMeans:
     def _is_metric(self, value: torch.Tensor) -> bool:
         if self.models is None:
             return value.numel() == 1
-        return value.shape == self._shape
+        # One element per model: (n,), or (n, 1) from a step whose metric has shape (1,).
+        return value.dim() >= 1 and value.shape[0] == self.models and value.numel() == self.models
 
     def add(self, metrics: Mapping[str, torch.Tensor], n: int) -> None:
         """Records one step's metrics for a batch of ``n`` examples (one element each, or

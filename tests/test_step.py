@@ -1826,3 +1826,25 @@ def test_one_step_on_several_states_copies_each_template_once(monkeypatch):
     for _ in range(3):
         states = [step(s, batch)[0] for s in states]
     assert len(calls) == 2
+
+
+def test_a_one_element_metric_of_each_stacked_model_is_averaged_as_alone():
+    # A step's metric of shape (1,) is a metric for one model; vmapped it has shape (n, 1).
+    def step_fn(model, batch):
+        out = classify(model, batch)
+        return {**out, "acc1": out["acc"].reshape(1), "count": 1}
+
+    states = [fl.TrainState.create(mlp(seed=i), tx=optim.sgd(0.1), device="cpu") for i in (0, 1)]
+    data = batches(2) + batches(1, size=3, seed=5)
+    many = torch.func.vmap(fl.make_train_step(step_fn), in_dims=(0, None), randomness="different")
+    _, means = fl.train_epoch(fl.stack_states(states), many, data)
+    evals = torch.func.vmap(fl.make_eval_step(step_fn), in_dims=(0, None))
+    _, valid = fl.validate_epoch(fl.stack_states(states), evals, data)
+    for i, state in enumerate(states):
+        alone = fl.train_epoch(state, fl.make_train_step(step_fn), data)[1]
+        assert set(alone) == set(means) == set(valid) == {"loss", "acc", "acc1", "count"}
+        assert means["acc1"][i] == pytest.approx(alone["acc1"]) == pytest.approx(means["acc"][i])
+        assert means["count"] == [1.0, 1.0]
+    one = fl.MetricMeans(models=1)
+    one.add({"loss": torch.tensor([[2.0]]), "pred": torch.zeros(1, 4)}, 2)
+    assert one.means() == {"loss": [2.0]}
