@@ -237,11 +237,12 @@ def show_extras(state: fl.TrainState, train_loader: DataLoader, valid_loader: Da
     for _ in range(3):  # metrics hold one value per model: a list of 4 floats
         stacked, train_metrics = fl.train_epoch(stacked, many_steps, train_loader)
         stacked, valid_metrics = fl.validate_epoch(stacked, many_evals, valid_loader)
-    print(f"[vmap] 4 models, 3 epochs in {time.perf_counter() - t0:.1f}s; valid acc by lr:")
-    for lr, acc in zip(learning_rates, valid_metrics["acc"]):
-        print(f"  lr {lr:g}: {acc:.4f}")
+    print(f"[vmap] 4 models, 3 epochs in {time.perf_counter() - t0:.1f}s; by lr:")
+    for lr, loss, acc in zip(learning_rates, train_metrics["loss"], valid_metrics["acc"]):
+        print(f"  lr {lr:g}: train loss {loss:.4f}, valid acc {acc:.4f}")
     best = max(range(len(learning_rates)), key=valid_metrics["acc"].__getitem__)
     print(f"  best: lr {learning_rates[best]:g}; its state is fl.unstack_states(stacked)[{best}]")
+
 
 if __name__ == "__main__":
     main()
