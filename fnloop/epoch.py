@@ -6,6 +6,7 @@ the host once per epoch, and when a progress bar redraws.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -174,11 +175,19 @@ def _divide(total: float | list[float], count: float) -> float | list[float]:
 
 
 def _format(means: Mapping[str, float | list[float]]) -> str:
-    """``loss:0.25 acc:0.9``; per-model means as their range, ``loss:0.21..0.45``."""
+    """``loss:0.25 acc:0.9``; per-model means as their range, ``loss:0.21..0.45``, where
+    a NaN (a model that diverged) is the top, ``loss:0.21..nan``."""
     return " ".join(
-        f"{k}:{min(v):.4g}..{max(v):.4g}" if isinstance(v, list) else f"{k}:{v:.4g}"
+        f"{k}:{min(v, key=_nan_last):.4g}..{max(v, key=_nan_last):.4g}"
+        if isinstance(v, list)
+        else f"{k}:{v:.4g}"
         for k, v in means.items()
     )
+
+
+def _nan_last(value: float) -> tuple[bool, float]:
+    # min and max of floats with a NaN depend on where it is (every comparison is False).
+    return math.isnan(value), value
 
 
 def loader_length(loader: Iterable[Any]) -> int | None:

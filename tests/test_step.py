@@ -834,6 +834,14 @@ def test_metric_means_per_model_weights_batches_and_keeps_outputs_apart():
             fl.MetricMeans(models=bad)
 
 
+def test_the_progress_range_of_per_model_means_shows_a_diverged_model():
+    # Wherever the NaN is: min and max of floats alone would hide it at the front or middle.
+    nan = float("nan")
+    for diverged in ([nan, 0.5, 0.25], [0.5, nan, 0.25], [0.5, 0.25, nan]):
+        assert fl.epoch._format({"loss": diverged}) == "loss:0.25..nan"
+    assert fl.epoch._format({"loss": [nan, nan], "acc": nan}) == "loss:nan..nan acc:nan"
+
+
 def test_train_epoch_refuses_means_made_for_another_number_of_models():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     step = fl.make_train_step(classify)
