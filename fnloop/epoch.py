@@ -239,9 +239,10 @@ def _means_for(state: TrainState, means: MetricMeans | None) -> MetricMeans:
     if means is None:
         return MetricMeans(models=models)
     if means.models != models:
+        held = "one model" if models is None else f"{models} stacked model"
         raise ValueError(
             f"means was made with MetricMeans(models={means.models}) but the state holds "
-            f"{models or 'one'} model{'s' if models else ''}; pass "
+            f"{held}{'s' if models and models > 1 else ''}; pass "
             f"MetricMeans(models={models}) or none."
         )
     return means

@@ -848,8 +848,10 @@ def test_train_epoch_refuses_means_made_for_another_number_of_models():
     with pytest.raises(ValueError, match=r"MetricMeans\(models=2\).*one model.*models=None"):
         fl.train_epoch(state, step, batches(1), means=fl.MetricMeans(models=2))
     many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
-    with pytest.raises(ValueError, match=r"holds 2 models.*MetricMeans\(models=2\)"):
+    with pytest.raises(ValueError, match=r"holds 2 stacked models; .*MetricMeans\(models=2\)"):
         fl.train_epoch(fl.stack_states([state] * 2), many, batches(1), means=fl.MetricMeans())
+    with pytest.raises(ValueError, match=r"holds 1 stacked model; .*MetricMeans\(models=1\)"):
+        fl.train_epoch(fl.stack_states([state]), many, batches(1), means=fl.MetricMeans())
 
 
 def test_fit_names_train_epoch_as_the_way_to_train_a_stacked_state():
