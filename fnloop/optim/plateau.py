@@ -17,6 +17,12 @@ import torch
 from fnloop import _tree
 from fnloop.optim.base import scalar_dtype
 
+METRIC_SHAPE_MSG = (
+    "reduce_on_plateau was fed a metric of shape {got}, but its state has shape {want}. "
+    "Feed one number for a state of one model, or one per model for a stacked state (the "
+    "list that validate_epoch returns for it)."
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReduceOnPlateau:
@@ -58,6 +64,12 @@ class ReduceOnPlateau:
     def observe(self, state: ReduceOnPlateauState, metric: Any) -> ReduceOnPlateauState:
         """Feeds one epoch's metric; returns the new state (``lr`` possibly reduced)."""
         current = torch.as_tensor(metric, dtype=state.best.dtype, device=state.best.device)
+        if current.shape != state.best.shape:
+            # One number for every model, or else the shape would spread to the lr.
+            if current.numel() != 1:
+                want = tuple(state.best.shape)
+                raise ValueError(METRIC_SHAPE_MSG.format(got=tuple(current.shape), want=want))
+            current = current.reshape(())
         better = self.is_better(current, state.best)
         best = torch.where(better, current, state.best)
         bad = torch.where(better, 0, state.num_bad_epochs + 1)

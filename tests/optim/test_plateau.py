@@ -287,6 +287,24 @@ def test_observe_metric_under_vmap_is_per_model() -> None:
     assert len({lr.item() for lr in lrs}) > 1, "the walks should end with different lrs"
 
 
+def test_a_metric_of_another_shape_than_the_plateau_state_is_a_clear_error() -> None:
+    """One number per state, or one per model of a stacked state; never a new shape."""
+    tx = optim.sgd(optim.reduce_on_plateau(0.1, patience=0, factor=0.5))
+    one = tx.init({"w": torch.zeros(2, dtype=F64)})
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), one, one, one, namespace="fnloop")
+    for state, metric in [(one, [1.0, 2.0]), (stacked, [1.0, 2.0]), (stacked, [[1.0, 2.0, 3.0]])]:
+        with pytest.raises(ValueError, match=r"fed a metric of shape \(.*\), but its state has"):
+            optim.observe_metric(state, metric)
+    for metric in (torch.tensor([1.0]), [1.0]):  # one element: that number
+        (lr,) = optim.learning_rates(optim.observe_metric(optim.observe_metric(one, 1.0), metric))
+        assert lr.shape == () and lr.item() == 0.05
+    for metric in (1.0, [1.0, 1.0, 0.5]):  # every model's, or one for all
+        state = optim.observe_metric(optim.observe_metric(stacked, 1.0), metric)
+        (lrs,) = optim.learning_rates(state)
+        assert lrs.shape == (3,)
+    assert lrs.tolist() == [0.05, 0.05, 0.1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
