@@ -1858,3 +1858,33 @@ def test_a_one_element_metric_of_each_stacked_model_is_averaged_as_alone():
     one = fl.MetricMeans(models=1)
     one.add({"loss": torch.tensor([[2.0]]), "pred": torch.zeros(1, 4)}, 2)
     assert one.means() == {"loss": [2.0]}
+
+
+def test_a_stacked_plateau_fed_each_models_validation_mean_matches_each_model_alone():
+    # What docs/guide.md section 6 shows: fit is not there to feed reduce_on_plateau.
+    data = batches(2)
+
+    def make(lr):
+        tx = optim.sgd(optim.reduce_on_plateau(lr, patience=0, factor=0.5))
+        return fl.TrainState.create(mlp(), tx=tx, device="cpu")
+
+    def epochs(state, train_step, eval_step):
+        for _ in range(3):
+            state, _ = fl.train_epoch(state, train_step, data)
+            state, valid = fl.validate_epoch(state, eval_step, data)
+            state = state.replace(opt_state=optim.observe_metric(state.opt_state, valid["loss"]))
+        return state
+
+    train_step, eval_step = fl.make_train_step(classify), fl.make_eval_step(classify)
+    many = torch.func.vmap(train_step, in_dims=(0, None), randomness="different")
+    many_evals = torch.func.vmap(eval_step, in_dims=(0, None))
+    lrs = [3.0, 0.01]  # the first overshoots, and its rate is halved; the second's is kept
+    stacked = epochs(fl.stack_states([make(lr) for lr in lrs]), many, many_evals)
+    for lr, got in zip(lrs, fl.unstack_states(stacked)):
+        want = epochs(make(lr), train_step, eval_step)
+        assert optim.learning_rates(got.opt_state) == pytest.approx(
+            optim.learning_rates(want.opt_state)
+        )
+        torch.testing.assert_close(got.params, want.params)
+    (stacked_lrs,) = optim.learning_rates(stacked.opt_state)
+    assert stacked_lrs[0] < lrs[0] and stacked_lrs[1] == lrs[1]
