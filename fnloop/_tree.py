@@ -37,7 +37,7 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
         return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in statics)
 
-    def unflatten_optree(context: tuple[Any, ...], values: Any) -> Any:
+    def unflatten_optree(context: Any, values: Any) -> Any:
         return cls(**dict(zip(children, values)), **dict(zip(statics, context)))
 
     # torch.utils._pytree treats None as a leaf, which torch.func.vmap rejects; absent
@@ -64,7 +64,7 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
 
     optree.register_pytree_node(
         cls,  # type: ignore[arg-type]
-        flatten_optree,  # type: ignore[arg-type]
+        flatten_optree,
         unflatten_optree,
         namespace=NAMESPACE,
     )

@@ -26,6 +26,7 @@ class _FrozenHistory(Mapping[str, Mapping[str, tuple[float, ...]]]):
     """
 
     __slots__ = ("_splits",)
+    _splits: dict[str, Mapping[str, tuple[float, ...]]]
 
     def __init__(self, splits: dict[str, Mapping[str, tuple[float, ...]]]) -> None:
         object.__setattr__(self, "_splits", splits)
