@@ -139,12 +139,13 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
             return f"{where} is a {kind_a} in one and a {kind_b} in the other"
         va_all, vb_all = vars(ma), vars(mb)
         for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED):
+            if key in _HOOKS:  # what forward runs around the module (nn.Module.__init__ sets them)
+                ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
+                if tuple(map(_setting, ha)) != tuple(map(_setting, hb)):
+                    return f"{where}.{key} hold {ha!r} in one and {hb!r} in the other"
+                continue
             va, vb = va_all.get(key), vb_all.get(key)
-            if key in _HOOKS:  # what forward runs around the module
-                va, vb = tuple(va.values()), tuple(vb.values())
-                if tuple(map(_setting, va)) != tuple(map(_setting, vb)):
-                    return f"{where}.{key} hold {va!r} in one and {vb!r} in the other"
-            elif _setting(va) != _setting(vb):
+            if _setting(va) != _setting(vb):
                 return f"{where}.{key} is {va!r} in one and {vb!r} in the other"
     return None
 
@@ -154,9 +155,9 @@ def stacked_models(state: TrainState) -> int | None:
 
     A stacked state's parameters have one more leading dimension than the module's.
     """
-    name, param = next(iter(state.params.items()), (None, None))
-    if param is None:
+    if not state.params:
         return None
+    name, param = next(iter(state.params.items()))
     shape = state.module.get_parameter(name).shape
     if param.dim() == len(shape) + 1 and param.shape[1:] == shape:
         return int(param.shape[0])

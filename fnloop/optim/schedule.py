@@ -34,7 +34,7 @@ import bisect
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -77,7 +77,10 @@ def _check_rate(name: str, value: object) -> None:
             f"{name} is a learning rate and must be a real number; got {name}={value!r} "
             f"({type(value).__name__})."
         )
-    if not 0.0 <= value < math.inf:
+    # typeshed's numbers.Real declares __lt__ and __le__ but not __ge__ (what `0.0 <= value`
+    # falls back to); every Real compares with a float, as its ABC requires.
+    rate = cast(float, value)
+    if not 0.0 <= rate < math.inf:
         raise ValueError(f"{name} is a learning rate and must be finite and >= 0; got {value!r}.")
 
 
