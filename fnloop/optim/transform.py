@@ -10,7 +10,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, TypedDict
 
 import optree
 import torch
@@ -20,6 +20,7 @@ from fnloop import _tree
 from fnloop.optim import _foreach
 from fnloop.optim.base import (
     GradientTransformation,
+    InitFn,
     flatten_like,
     map_flat,
     no_state,
@@ -188,7 +189,7 @@ class ScaleByLearningRateState(NamedTuple):
         stacked models can have its own).
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax's do
     lr: torch.Tensor
 
 
@@ -198,7 +199,7 @@ LearningRate: TypeAlias = float | torch.Tensor | Schedule | ReduceOnPlateau
 
 def _learning_rate(
     learning_rate: LearningRate,
-) -> tuple[Callable[[Params], Any], Callable[[Any], Any]]:
+) -> tuple[InitFn, Callable[[Any], Any]]:
     """``init(params)`` and ``advance(state)`` (the state after one update) of a learning rate.
 
     The state holds the rate the next update will use in its ``lr`` field.
@@ -294,7 +295,7 @@ def scale(factor: float) -> GradientTransformation:
 class TraceState(NamedTuple):
     """State of :func:`trace`: the update count and the momentum buffer."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax's do
     momentum_buffer: Updates
 
 
@@ -357,7 +358,7 @@ class ScaleByAdamState(NamedTuple):
     ``torch.utils._pytree`` and so ``torch.func.vmap`` do not treat as a leaf.
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax's do
     mu: Updates
     nu: Updates
     nu_max: Updates
@@ -476,6 +477,17 @@ class HostValues:
         known[key] = (weakref.ref(t, forget), t._version, value)
 
 
+class _AdamScalars(TypedDict):
+    """The keyword arguments that ``adam_apply_`` passes to each of its Adam kernels."""
+
+    lr: torch.Tensor | float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+
+
 def adam_apply_(
     grads: Updates,
     state: ScaleByAdamState,
@@ -503,7 +515,9 @@ def adam_apply_(
     g, treedef, (p, mu, nu, *nu_max) = flatten_like(grads, *trees)
     count = state.count + 1
     lists = (p, g, mu, nu, nu_max[0] if amsgrad else None)
-    scalars = dict(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
+    scalars = _AdamScalars(
+        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled
+    )
     done = _foreach.fused_adam_(*lists, step=count, **scalars)
     if not done and counts is not None:
         host = counts.value(state.count)
@@ -601,7 +615,7 @@ def scale_by_rms(
 class ScaleByAdagradState(NamedTuple):
     """State of :func:`scale_by_adagrad`: update count and the sum of squared gradients."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax's do
     sum_of_squares: Updates
 
 
