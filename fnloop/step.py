@@ -14,7 +14,7 @@ import numbers
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 import torch
 from torch import nn
@@ -174,7 +174,9 @@ class BoundModel:
                 table = self.module.get_submodule(owner)._buffers
                 new = table.get(attr, old)  # frozen parameters are kept among the buffers
                 if new is not old:
-                    self.buffers[name] = new
+                    # None only where forward set the buffer to None, which fnloop does not
+                    # support (the eager path fails on it as well, in _gradients).
+                    self.buffers[name] = cast(torch.Tensor, new)
         return out
 
 
