@@ -22,7 +22,7 @@ from fnloop.ensemble import stacked_models
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import TrainState
 from fnloop.step import EvalStepFn, TrainStepFn
-from fnloop.typing import Batch, Metrics
+from fnloop.typing import Batch, EpochMeans, Metrics
 
 BatchSize = int | Callable[[Batch], int] | None
 
@@ -111,7 +111,7 @@ class MetricMeans:
             self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
         self._pending.clear()
 
-    def means(self, *, all_processes: bool = False) -> dict[str, Any]:
+    def means(self, *, all_processes: bool = False) -> EpochMeans:
         """The weighted mean of every metric so far (reads the device once): a float per
         name, or with ``models`` a list of one float per model.
 
@@ -128,7 +128,7 @@ class MetricMeans:
         values = torch.stack([self._sums[k] for k in keys]).tolist()
         return {k: _divide(v, self._counts[k]) for k, v in zip(keys, values)}
 
-    def _means_over_processes(self) -> dict[str, float]:
+    def _means_over_processes(self) -> EpochMeans:
         """Means over every process's examples, matched by name (a metric some processes
         did not report counts as zero examples there; an output in any process is a
         metric in none)."""
@@ -260,7 +260,7 @@ def train_epoch(
     start_batch: int = 0,
     after_skip: Callable[[], None] | None = None,
     means: MetricMeans | None = None,
-) -> tuple[TrainState, dict[str, Any]]:
+) -> tuple[TrainState, EpochMeans]:
     """Runs ``train_step`` over every batch of ``loader``.
 
     A stacked state (:func:`fnloop.stack_states`) trains all its models at once with a
@@ -340,7 +340,7 @@ def validate_epoch(
     batch_size: BatchSize = None,
     progress: bool = False,
     desc: str = "valid",
-) -> tuple[TrainState, dict[str, Any]]:
+) -> tuple[TrainState, EpochMeans]:
     """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
 
     The arguments are :func:`train_epoch`'s. A stacked state is evaluated with a vmapped

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -48,7 +48,7 @@ from fnloop.step import (
     make_train_step,
 )
 from fnloop.stopping import EarlyStopping, EarlyStoppingState
-from fnloop.typing import History
+from fnloop.typing import EpochMeans, History
 
 Loaders = Iterable[Any] | Mapping[str, Iterable[Any] | None]
 
@@ -579,6 +579,12 @@ def fit(
         _close_logger(logger)
 
 
+def _one_model(means: EpochMeans) -> dict[str, float]:
+    """An epoch's means in ``fit``, which trains one model (it refuses a stacked state, and
+    its ``MetricMeans`` are made without ``models``): a float per name, never a list."""
+    return cast(dict[str, float], means)
+
+
 def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
     """One ``MetricMeans`` state dict holding the sums and counts of several."""
     parts = [p for p in parts if p is not None]
@@ -638,7 +644,7 @@ class _MidEpochCheckpoints(Callback):
         if run.means is not None and run.train_step.on_nonfinite != "skip":
             # A diverged epoch ends the run at its end: its checkpoints would replace the
             # good ones (and a re-run would resume from them).
-            loss = run.means.means(all_processes=True).get("loss", 0.0)
+            loss = _one_model(run.means.means(all_processes=True)).get("loss", 0.0)
             if run.diverged(state, loss):
                 if not self.warned:
                     self.warned = True
@@ -1006,7 +1012,7 @@ class _Run:
             after_skip=(lambda: ckpt.set_rng_state(rng)) if rng is not None and position else None,
             means=self.means,
         )
-        train_metrics = {f"train/{k}": v for k, v in train_means.items()}
+        train_metrics = {f"train/{k}": v for k, v in _one_model(train_means).items()}
         train_metrics.update(learning_rate_metrics(state.opt_state))
         state = state.replace(
             epoch=epoch,
@@ -1022,7 +1028,7 @@ class _Run:
         metrics = dict(train_metrics)
         if self.eval_step is not None and self.valid_loader is not None:
             state = self.callbacks("on_validation_epoch_start", state)
-            state, valid_means = validate_epoch(
+            state, valid_epoch_means = validate_epoch(
                 state,
                 self.eval_step,
                 self.valid_loader,
@@ -1031,6 +1037,7 @@ class _Run:
                 progress=self.show_bars,
                 desc=f"valid {epoch}/{self.max_epochs}",
             )
+            valid_means = _one_model(valid_epoch_means)
             valid_metrics = {f"valid/{k}": v for k, v in valid_means.items()}
             state = state.replace(history=append_history(state.history, "valid", valid_means))
             before = state.history
