@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -253,7 +253,10 @@ class _Best:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
-def _made_step(fn: Any, kind: type) -> Any:
+_Step = TypeVar("_Step", TrainStep, EvalStep)
+
+
+def _made_step(fn: Any, kind: type[_Step]) -> _Step | None:
     """The ``kind`` that describes ``fn``, a made step (compiled or not), or None."""
     inner = inspect.unwrap(fn)  # torch.compile's wrapper has __wrapped__ too
     return inner if isinstance(inner, kind) else None
@@ -264,8 +267,8 @@ def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainS
     itself when ``fn`` is a made step as made (``fit`` may then donate)."""
     made = _made_step(fn, TrainStep)
     if made is None:  # the user's training_step(model, batch)
-        made = inspect.unwrap(make_train_step(fn))
-        return made, made
+        step = inspect.unwrap(make_train_step(cast(StepFn, fn)))
+        return step, step
     if fn is made or getattr(fn, "__wrapped__", None) is made:  # the made step itself
         return made, made
     return fn, made  # compiled, or in a wrapper of the user's: run as given
@@ -276,7 +279,8 @@ def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Call
         return make_eval_step(train_step.training_step, precision=train_step.precision)
     if _made_step(fn, EvalStep) is not None:
         return fn
-    return make_eval_step(fn, precision=train_step.precision)
+    # Not a made step: the user's validation_step(model, batch).
+    return make_eval_step(cast(StepFn, fn), precision=train_step.precision)
 
 
 def _as_list(items: Any, kind: type) -> list[Any]:
@@ -587,12 +591,12 @@ def _one_model(means: EpochMeans) -> dict[str, float]:
 
 def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
     """One ``MetricMeans`` state dict holding the sums and counts of several."""
-    parts = [p for p in parts if p is not None]
-    if not parts:
+    present = [p for p in parts if p is not None]
+    if not present:
         return None
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    for part in parts:
+    for part in present:
         for k, v in part["sums"].items():
             sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + int(part["counts"][k])
@@ -835,16 +839,17 @@ class _Run:
                     f"bit-exact resume."
                 )
         best = rec.get("best")
-        # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
-        rule = (best.get("monitor", self.monitor), best.get("mode", self.mode)) if best else None
-        if best is not None and rule == (self.monitor, self.mode):
-            self.best = _Best(best["value"], best["epoch"], best["state_dict"])
-        elif best is not None:
-            self.logger.info(
-                f"The best model is chosen afresh: this run monitors {self.monitor} "
-                f"(mode={self.mode!r}), the checkpoint's best was by {rule[0]} "
-                f"(mode={rule[1]!r})."
-            )
+        if best is not None:
+            # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
+            monitor, mode = best.get("monitor", self.monitor), best.get("mode", self.mode)
+            if (monitor, mode) == (self.monitor, self.mode):
+                self.best = _Best(best["value"], best["epoch"], best["state_dict"])
+            else:
+                self.logger.info(
+                    f"The best model is chosen afresh: this run monitors {self.monitor} "
+                    f"(mode={self.mode!r}), the checkpoint's best was by {monitor} "
+                    f"(mode={mode!r})."
+                )
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.epoch_start = rec.get("epoch_start")
