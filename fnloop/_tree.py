@@ -108,7 +108,7 @@ def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
     return optree.tree_flatten(tree, namespace=NAMESPACE)
 
 
-class FlatDictDef(tuple):
+class FlatDictDef(tuple[Any, ...]):
     """The treedef of a flat ``{name: tensor}`` dict: its keys, in order.
 
     The optimizer code aligns such dicts (params, gradients, moments) by key directly,
