@@ -162,7 +162,15 @@ class MetricMeans:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores what :meth:`state_dict` returned."""
+        """Restores what :meth:`state_dict` returned (by a ``MetricMeans`` of as many
+        models)."""
+        for key, total in state["sums"].items():
+            if tuple(total.shape) != tuple(self._shape):
+                raise ValueError(
+                    f"the sums of {key!r} have shape {tuple(total.shape)}, but this "
+                    f"MetricMeans(models={self.models}) keeps shape {tuple(self._shape)}: "
+                    f"load them into a MetricMeans made with as many models as they hold."
+                )
         self._pending.clear()
         self._sums = dict(state["sums"])
         self._counts = {k: int(v) for k, v in state["counts"].items()}

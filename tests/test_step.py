@@ -829,6 +829,8 @@ def test_metric_means_per_model_weights_batches_and_keeps_outputs_apart():
     restored.add({"loss": torch.tensor([2.0, 4.0])}, 4)
     assert restored.means() == {"loss": [2.0, 4.0]}
     assert fl.epoch._format({"loss": [0.5, 0.25, 2.0], "acc": 0.5}) == "loss:0.25..2 acc:0.5"
+    with pytest.raises(ValueError, match=r"'loss' have shape \(2,\).*models=None.*shape \(\)"):
+        fl.MetricMeans().load_state_dict(means.state_dict())
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="models must be None or a positive int"):
             fl.MetricMeans(models=bad)
