@@ -14,7 +14,7 @@ import numbers
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -174,10 +174,20 @@ class BoundModel:
                 table = self.module.get_submodule(owner)._buffers
                 new = table.get(attr, old)  # frozen parameters are kept among the buffers
                 if new is not old:
-                    # None only where forward set the buffer to None, which fnloop does not
-                    # support (the eager path fails on it as well, in _gradients).
-                    self.buffers[name] = cast(torch.Tensor, new)
+                    self.buffers[name] = _replaced_buffer(name, new)
         return out
+
+
+def _replaced_buffer(name: str, new: Any) -> torch.Tensor:
+    """The tensor forward left in buffer ``name``; anything else is a clear error."""
+    if not isinstance(new, torch.Tensor):
+        raise TypeError(
+            f"forward set the buffer {name!r} to "
+            f"{'None' if new is None else 'a ' + type(new).__name__}; a TrainState keeps "
+            f"every buffer as a tensor. Update it in place or assign a tensor (a flag "
+            f"such as torch.tensor(False) instead of None)."
+        )
+    return new
 
 
 @contextlib.contextmanager
@@ -204,7 +214,7 @@ def _bound(
         yield
         for table, key, name, _, value in saved:
             if name in buffers and table[key] is not value:
-                buffers[name] = table[key]
+                buffers[name] = _replaced_buffer(name, table[key])
     finally:
         for table, key, _, old, _ in reversed(saved):
             table[key] = old

@@ -1889,3 +1889,31 @@ def test_a_stacked_plateau_fed_each_models_validation_mean_matches_each_model_al
         torch.testing.assert_close(got.params, want.params)
     (stacked_lrs,) = optim.learning_rates(stacked.opt_state)
     assert stacked_lrs[0] < lrs[0] and stacked_lrs[1] == lrs[1]
+
+
+class _DropsItsBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.register_buffer("cache", torch.zeros(1))
+
+    def forward(self, x):
+        self.cache = None  # a buffer a TrainState cannot keep
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kind", ["train", "eval", "vmap"])
+def test_forward_setting_a_buffer_to_none_is_a_clear_error(kind):
+    state = fl.TrainState.create(_DropsItsBuffer(), tx=optim.sgd(0.1), device="cpu")
+    b = batches(1, dtype=torch.float32)[0]
+    if kind == "train":
+        call = lambda: fl.make_train_step(classify)(state, b)  # noqa: E731
+    elif kind == "eval":
+        call = lambda: fl.make_eval_step(classify)(state, b)  # noqa: E731
+    else:
+        many = torch.func.vmap(
+            fl.make_train_step(classify), in_dims=(0, None), randomness="different"
+        )
+        call = lambda: many(fl.stack_states([state, state]), b)  # noqa: E731
+    with pytest.raises(TypeError, match=r"forward set the buffer 'cache' to None.*torch\.tensor"):
+        call()
