@@ -540,14 +540,16 @@ def fit(
     main = is_main_process()  # in a torch.distributed run, rank 0 alone shows and writes
     show_bars = main and (sys.stderr.isatty() if progress == "auto" else bool(progress))
 
-    run_dir = Path(out_dir) if out_dir is not None else None
-    ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
-    if run_dir is not None and main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-        for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
-            remove_temporaries(folder)  # type: ignore[arg-type]
-        # After the user's callbacks: the metrics they add to the history get logged too.
-        user_callbacks = user_callbacks + _default_callbacks(run_dir)
+    run_dir = ckpt_dir = None
+    if out_dir is not None:
+        run_dir = Path(out_dir)
+        ckpt_dir = run_dir / CHECKPOINT_DIR
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
+                remove_temporaries(folder)
+            # After the user's callbacks: the metrics they add to the history get logged too.
+            user_callbacks = user_callbacks + _default_callbacks(run_dir)
     logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
