@@ -45,7 +45,6 @@ from fnloop.step import (
     TrainStepFn,
     all_finite,
     make_eval_step,
-    make_train_step,
 )
 from fnloop.stopping import EarlyStopping, EarlyStoppingState
 from fnloop.typing import EpochMeans, History
@@ -263,15 +262,17 @@ def _made_step(fn: Any, kind: type[_Step]) -> _Step | None:
 
 
 def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainStep]:
-    """The callable to run and the ``TrainStep`` that describes it: the ``TrainStep``
-    itself when ``fn`` is a made step as made (``fit`` may then donate)."""
+    """The callable to run and the ``TrainStep`` that describes it: a donating copy of
+    the ``TrainStep`` when ``fn`` is the user's function or a made step as made (``fit``
+    owns the states it makes, so each step may reuse the previous one's memory)."""
     made = _made_step(fn, TrainStep)
     if made is None:  # the user's training_step(model, batch)
-        step = inspect.unwrap(make_train_step(cast(StepFn, fn)))
-        return step, step
-    if fn is made or getattr(fn, "__wrapped__", None) is made:  # the made step itself
-        return made, made
-    return fn, made  # compiled, or in a wrapper of the user's: run as given
+        made = TrainStep(cast(StepFn, fn))
+    elif fn is not made and getattr(fn, "__wrapped__", None) is not made:
+        return fn, made  # compiled, or in a wrapper of the user's: run as given
+    if not made.donate:
+        made = dataclasses.replace(made, donate=True)
+    return made, made
 
 
 def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Callable[..., Any]:
@@ -477,9 +478,6 @@ def fit(
     if valid_loader is not None:
         _check_loader(valid_loader, "valid")
     step_fn, train_step = _as_train_step(training_step)
-    if step_fn is train_step and not train_step.donate:
-        # fit owns the states it makes: each step may reuse the previous one's memory.
-        step_fn = train_step = dataclasses.replace(train_step, donate=True)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
     user_callbacks = _as_list(callbacks, Callback)
     check_callbacks(user_callbacks)
