@@ -798,18 +798,17 @@ class _Run:
             return None, None
         self.state = found.state
         rec = found.extra.get("fit", {})
-        ranks = rec.get("ranks")
-        saved_world = len(ranks) if ranks is not None else 1
-        if ranks is not None and saved_world == world_size():
+        ranks = rec.get("ranks") or [rec]  # one process wrote its part at the top level
+        if len(ranks) == world_size():
             rec = {**rec, **ranks[rank()]}  # this process's generators and partial means
-        elif saved_world != world_size():
+        else:
             self.logger.warning(
-                f"{found.path} was written by {_count(saved_world, 'process', 'processes')} "
+                f"{found.path} was written by {_count(len(ranks), 'process', 'processes')} "
                 f"and this run has {world_size()}: every process continues with rank 0's "
                 f"random generators, so the run will not repeat an uninterrupted one."
             )
             # The partial epoch means of every saved process, counted once: on rank 0.
-            parts = [r.get("means") for r in ranks] if ranks is not None else [rec.get("means")]
+            parts = [r.get("means") for r in ranks]
             rec = {**rec, "means": _summed_means(parts) if rank() == 0 else None}
         position = rec.get("position")
         where = f"epoch {self.state.epoch}, step {self.state.step}"
