@@ -80,6 +80,12 @@ LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
 )
+SYMBOLIC_SIZES = "Cannot call numel() on tensor with symbolic sizes"
+SYMBOLIC_SIZES_HINT = (
+    "A compiled step met a batch of another size (the last, smaller one) and recompiled "
+    "for any size, which this model cannot run under torch.func (dropout is such an op): "
+    "give the train loader drop_last=True (docs/guide.md, section 6)."
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -93,14 +99,6 @@ def _count(n: int, one: str, many: str) -> str:
     ('1 update', '3 updates')
     """
     return f"{n} {one if n == 1 else many}"
-
-
-SYMBOLIC_SIZES = "Cannot call numel() on tensor with symbolic sizes"
-SYMBOLIC_SIZES_HINT = (
-    "A compiled step met a batch of another size (the last, smaller one) and recompiled "
-    "for any size, which this model cannot run under torch.func (dropout is such an op): "
-    "give the train loader drop_last=True (docs/guide.md, section 6)."
-)
 
 
 def _format_time(seconds: float) -> str:
