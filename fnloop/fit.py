@@ -1019,7 +1019,9 @@ class _Run:
         state = state.replace(
             epoch=epoch,
             history=append_history(
-                state.history, "train", {k[6:]: v for k, v in train_metrics.items()}
+                state.history,
+                "train",
+                {k.removeprefix("train/"): v for k, v in train_metrics.items()},
             ),
         )
         before = state.history
