@@ -141,8 +141,7 @@ class MetricMeans:
             return {}
         like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))
         dtype = scalar_dtype(like.device)
-        zero = torch.zeros((), dtype=dtype, device=like.device)
-        zero = zero.expand(self._shape)
+        zero = torch.zeros(self._shape, dtype=dtype, device=like.device)
         sums = torch.stack([self._sums.get(k, zero).to(like.device, dtype) for k in names])
         counts = torch.tensor(
             [float(self._counts.get(k, 0)) for k in names], dtype=dtype, device=like.device
