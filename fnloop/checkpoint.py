@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+import fnloop
 from fnloop import _tree
 from fnloop._io import atomic_write_file
 from fnloop.distributed import is_main_process
@@ -172,7 +173,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
             for split, metrics in state.history.items()
         },
         "extra": _compact(extra),
-        "meta": {"fnloop": _fnloop_version(), "torch": str(torch.__version__)},
+        "meta": {"fnloop": fnloop.__version__, "torch": str(torch.__version__)},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -821,12 +822,6 @@ def _compact(value: Any) -> Any:
     if isinstance(value, nn.Parameter):
         return nn.Parameter(copy, requires_grad=value.requires_grad)
     return copy.requires_grad_(value.requires_grad)
-
-
-def _fnloop_version() -> str:
-    import fnloop
-
-    return str(getattr(fnloop, "__version__", "unknown"))
 
 
 def _is_safetensors(path: Path) -> bool:
