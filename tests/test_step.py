@@ -1917,3 +1917,20 @@ def test_forward_setting_a_buffer_to_none_is_a_clear_error(kind):
         call = lambda: many(fl.stack_states([state, state]), b)  # noqa: E731
     with pytest.raises(TypeError, match=r"forward set the buffer 'cache' to None.*torch\.tensor"):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("models", [None, 2])
+def test_metric_means_restored_on_the_cpu_take_cuda_metrics(models):
+    """A mid-epoch resume restores the sums on the CPU; the steps then add CUDA metrics,
+    and a metric no later batch reports stays on the CPU."""
+    shape = () if models is None else (models,)
+    saved = fl.MetricMeans(models=models)
+    saved.add({"loss": torch.full(shape, 2.0), "early": torch.full(shape, 1.0)}, 4)
+    means = fl.MetricMeans(models=models)
+    means.load_state_dict(saved.state_dict())
+    means.add({"loss": torch.full(shape, 4.0, device="cuda")}, 4)
+    want = {"loss": 3.0, "early": 1.0}
+    if models is not None:
+        want = {k: [v] * models for k, v in want.items()}
+    assert means.means() == want
