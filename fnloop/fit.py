@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import numbers
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -934,7 +935,8 @@ class _Run:
     def set_aside_checkpoints(self) -> None:
         """Starting over: an earlier run's checkpoints, best model, metrics.csv and plot go
         to a subfolder (kept, but neither pruned with this run's nor resumed from, and
-        the new run's metrics.csv starts empty instead of dropping the earlier rows)."""
+        the new run's metrics.csv starts empty instead of dropping the earlier rows; for
+        a state with trained epochs it is copied, and keeps the rows of those epochs)."""
         if self.ckpt_dir is None or not self.main:
             return
         old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
@@ -951,7 +953,11 @@ class _Run:
                 except FileExistsError:
                     aside = self.ckpt_dir / f"{stamp}-{i}"
             for path in old:
-                path.rename(aside / path.name)
+                if path.name == "metrics.csv" and self.state.epoch > 0:
+                    # A trained state goes on: the CSVLogger keeps the rows of its epochs.
+                    shutil.copy2(path, aside / path.name)
+                else:
+                    path.rename(aside / path.name)
             self.logger.info(f"resume=False: moved the earlier run's files to {aside}")
 
     def resume_hint(self) -> str:

@@ -210,6 +210,17 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 2
 
 
+def test_resume_false_on_a_trained_state_keeps_its_epochs_in_metrics_csv(tmp_path):
+    """Continuing the state a fit returned with resume=False (a new optimizer, say): the
+    earlier run's files are set aside, and metrics.csv still holds the state's epochs."""
+    state = run(tmp_path, max_epochs=2)
+    state = run(tmp_path, max_epochs=3, state=state, resume=False)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
+    (aside,) = (tmp_path / "checkpoints").glob("previous-*")
+    assert len((aside / "metrics.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_a_loader_with_workers_resumes_mid_epoch_bit_exactly(tmp_path):
     """Workers make the sampler draw ahead of the batches: the loader's generator is
     where replaying the epoch's skipped batches leaves it, not where it was at saving."""
