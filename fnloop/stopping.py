@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
 from typing import Literal
 
@@ -80,9 +81,13 @@ class EarlyStopping:
                 f"EarlyStopping monitor takes a metric name such as 'valid/loss'; "
                 f"got {self.monitor!r}."
             )
+        try:  # an int (a NumPy one, an integer tensor) as it is, however large
+            whole: int | None = operator.index(self.patience)
+        except TypeError:
+            whole = None
         for name in ("patience", "min_delta", "target"):
             value = getattr(self, name)
-            if value is None and name == "target":
+            if (value is None and name == "target") or (name == "patience" and whole is not None):
                 continue
             try:
                 number = float(value)
@@ -90,12 +95,13 @@ class EarlyStopping:
                 raise TypeError(f"EarlyStopping {name} takes a number; got {value!r}.") from None
             if not math.isfinite(number):
                 raise ValueError(f"EarlyStopping {name} must be finite; got {value!r}.")
-        if not float(self.patience).is_integer():
+        if whole is None and not float(self.patience).is_integer():
             raise ValueError(
                 f"EarlyStopping patience counts epochs: a whole number; got {self.patience!r}."
             )
         # Plain Python numbers (NumPy ones from a sweep, too): checkpoints record the rule.
-        object.__setattr__(self, "patience", int(float(self.patience)))
+        patience = whole if whole is not None else int(float(self.patience))
+        object.__setattr__(self, "patience", patience)
         object.__setattr__(self, "min_delta", float(self.min_delta))
         if self.target is not None:
             object.__setattr__(self, "target", float(self.target))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -148,6 +149,14 @@ def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         fl.EarlyStopping(**kwargs)
     assert fl.EarlyStopping(patience=3.0, min_delta="0.1").patience == 3  # whole numbers pass
+
+
+def test_an_int_patience_is_kept_exactly_however_large():
+    """patience=sys.maxsize ("no patience: the target alone") stays that int: a round
+    trip through float made it 2**63, and a larger int raised OverflowError."""
+    assert fl.EarlyStopping(patience=sys.maxsize).patience == sys.maxsize
+    assert fl.EarlyStopping(patience=10**30).patience == 10**30
+    assert fl.EarlyStopping(patience=torch.tensor(4)).patience == 4
 
 
 def test_early_stopping_with_min_delta_does_not_call_its_reference_the_best(tmp_path):
