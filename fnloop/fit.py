@@ -172,18 +172,26 @@ def _close_logger(logger: logging.Logger) -> None:
         handler.close()
 
 
-def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
-    """One line per distinct change; groups that changed alike share it.
+def _lr_text(rate: float) -> str:
+    """``0.001000`` (as the ``BaseTrainer`` logged rates), or ``2.000e-05`` below 1e-4,
+    where six decimals would hide the rate and its changes.
 
-    Rates are shown to 6 significant digits (``1e-07``, not ``0.000000``), and a change
-    is logged when it shows there, however small the rates are.
+    >>> _lr_text(5e-4), _lr_text(2e-5), _lr_text(0.0)
+    ('0.000500', '2.000e-05', '0.000000')
     """
-    changes: dict[tuple[float, float], list[int]] = {}
+    return f"{rate:.6f}" if rate == 0 or abs(rate) >= 1e-4 else f"{rate:.3e}"
+
+
+def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
+    """One line per distinct change that shows in :func:`_lr_text`; groups that changed
+    alike share it."""
+    changes: dict[tuple[str, str], list[int]] = {}
     for i, (a, b) in enumerate(zip(old, new)):
-        if f"{a:.6g}" != f"{b:.6g}":
-            changes.setdefault((a, b), []).append(i)
-    for (a, b), groups in changes.items():
-        change = f"{a:.6g} → {b:.6g}"
+        texts = (_lr_text(a), _lr_text(b))
+        if texts[0] != texts[1]:
+            changes.setdefault(texts, []).append(i)
+    for (before, after), groups in changes.items():
+        change = f"{before} → {after}"
         if len(new) == 1:
             logger.info(f"Learning rate updated: {change}")
         else:

@@ -495,7 +495,7 @@ def test_lr_changes_are_logged(tmp_path):
         make_state(tx), classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False
     )
     log = (tmp_path / "run_training.log").read_text()
-    assert "Learning rate updated: 0.1 → 0.05" in log
+    assert "Learning rate updated: 0.100000 → 0.050000" in log
 
 
 def test_validation_step_can_differ_and_steps_can_be_premade():
@@ -958,19 +958,19 @@ def test_learning_rate_changes_are_logged_once_per_distinct_change(caplog):
         _log_lr_changes(logger, [0.1], [0.05])
         _log_lr_changes(logger, [1e-7, 3e-7], [2e-7, 1e-7])  # alike only when rounded
     assert caplog.messages == [
-        "Learning rate [groups 0, 1] updated: 0.1 → 0.05",
-        "Learning rate [group 0] updated: 0.1 → 0.05",
-        "Learning rate [group 1] updated: 0.2 → 0.1",
-        "Learning rate updated: 0.1 → 0.05",
-        "Learning rate [group 0] updated: 1e-07 → 2e-07",
-        "Learning rate [group 1] updated: 3e-07 → 1e-07",
+        "Learning rate [groups 0, 1] updated: 0.100000 → 0.050000",
+        "Learning rate [group 0] updated: 0.100000 → 0.050000",
+        "Learning rate [group 1] updated: 0.200000 → 0.100000",
+        "Learning rate updated: 0.100000 → 0.050000",
+        "Learning rate [group 0] updated: 1.000e-07 → 2.000e-07",
+        "Learning rate [group 1] updated: 3.000e-07 → 1.000e-07",
     ]
 
 
 def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
-    """Rates below 1e-6 are not printed as 0.000000, and their changes (below the 1e-8
-    an absolute threshold would take for noise) are logged; a change too small to show
-    at 6 significant digits is not."""
+    """Rates below 1e-4 are printed with 4 significant digits, not as 0.000000 or
+    0.000020, and their changes (below the 1e-8 an absolute threshold would take for
+    noise) are logged; a change too small to show is not."""
     from fnloop.fit import _log_lr_changes
 
     logger = logging.getLogger("fnloop.test.small_lr")
@@ -978,9 +978,11 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
         _log_lr_changes(logger, [1e-9], [5e-10])
         _log_lr_changes(logger, [3e-4], [1.5e-4])
         _log_lr_changes(logger, [0.1], [0.1 * (1 + 1e-12)])
+        _log_lr_changes(logger, [2e-5], [1.951e-5])
     assert caplog.messages == [
-        "Learning rate updated: 1e-09 → 5e-10",
-        "Learning rate updated: 0.0003 → 0.00015",
+        "Learning rate updated: 1.000e-09 → 5.000e-10",
+        "Learning rate updated: 0.000300 → 0.000150",
+        "Learning rate updated: 2.000e-05 → 1.951e-05",
     ]
 
 

@@ -434,7 +434,7 @@ def test_a_mid_epoch_resume_logs_the_epoch_as_an_uninterrupted_run_does(tmp_path
         lines(tmp_path / "cut")
         == lines(tmp_path / "ref")
         == [
-            "Learning rate updated: 0.1 → 0.01",
+            "Learning rate updated: 0.100000 → 0.010000",
             "Skipped 2 updates with non-finite loss or gradients",
         ]
     )
