@@ -83,9 +83,10 @@ LOADER_LIST_MSG = (
 )
 SYMBOLIC_SIZES = "Cannot call numel() on tensor with symbolic sizes"
 SYMBOLIC_SIZES_HINT = (
-    "A compiled step met a batch of another size (the last, smaller one) and recompiled "
-    "for any size, which this model cannot run under torch.func (dropout is such an op): "
-    "give the train loader drop_last=True (docs/guide.md, section 6)."
+    "A compiled step met a batch of another shape (a last, smaller batch, or sequences of "
+    "another length) and recompiled for any shape, which this model cannot run under "
+    "torch.func (dropout is such an op): give the train loader drop_last=True, and pad "
+    "sequences to a fixed length (docs/guide.md, section 6)."
 )
 
 

@@ -1025,6 +1025,6 @@ def test_a_compiled_dropout_step_meeting_a_smaller_batch_is_told_to_drop_last(tm
         pytest.skip("this torch version compiles dropout under torch.func for any batch size")
     assert "symbolic sizes" in str(error)
     log = (tmp_path / "run_training.log").read_text()
-    assert "met a batch of another size" in log and "drop_last=True" in log
+    assert "met a batch of another shape" in log and "drop_last=True" in log
     notes = getattr(error, "__notes__", ["drop_last=True"])  # Python 3.11+
     assert any("drop_last=True" in note for note in notes)
