@@ -108,7 +108,7 @@ class MetricMeans:
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
             total = (stacked.to(acc_dtype) * weights.reshape(-1, *[1] * len(self._shape))).sum(0)
             if key in self._sums:  # restored sums are on the CPU: add on the step's device
-                total = self._sums[key].to(total.device) + total
+                total = self._sums[key].to(total.device, total.dtype) + total
             self._sums[key] = total
             self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
         self._pending.clear()
@@ -127,8 +127,10 @@ class MetricMeans:
         keys = [k for k in self._sums if k not in self._outputs]
         if not keys:
             return {}
-        device = self._sums[keys[0]].device  # a restored sum no batch added to is on the CPU
-        values = torch.stack([self._sums[k].to(device) for k in keys]).tolist()
+        # A restored sum no batch added to is on the CPU, in the CPU's dtype.
+        device = self._sums[keys[0]].device
+        dtype = scalar_dtype(device)
+        values = torch.stack([self._sums[k].to(device, dtype) for k in keys]).tolist()
         return {k: _divide(v, self._counts[k]) for k, v in zip(keys, values)}
 
     def _means_over_processes(self) -> EpochMeans:

@@ -967,7 +967,7 @@ class _Run:
                     shutil.copy2(path, aside / path.name)
                 else:
                     path.rename(aside / path.name)
-            self.logger.info(f"resume=False: moved the earlier run's files to {aside}")
+            self.logger.info(f"resume=False: set the earlier run's files aside in {aside}")
 
     def resume_hint(self) -> str:
         if self.ckpt_dir is None:
