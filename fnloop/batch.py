@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from fnloop.typing import Batch
 
@@ -17,8 +18,9 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Moves every tensor in ``batch`` to ``device`` (asynchronously where possible).
 
     Any nesting of tensors, tuples, lists, dicts (``defaultdict``, ``OrderedDict``, ...),
-    namedtuples and dataclasses is kept;
-    other values pass through. Tensors already on ``device`` are not copied.
+    namedtuples and dataclasses is kept; a ``PackedSequence`` moves as its ``to`` moves it
+    (its ``batch_sizes`` stay on the CPU); other values pass through. Tensors already on
+    ``device`` are not copied.
 
     >>> import torch
     >>> to_device({"x": torch.ones(2), "ids": [torch.zeros(1)], "name": "a"}, "cpu")
@@ -32,6 +34,8 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     def move(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             return obj.to(device, non_blocking=non_blocking) if obj.device != device else obj
+        if isinstance(obj, PackedSequence):  # a namedtuple whose batch_sizes stay on the CPU
+            return obj.to(device, non_blocking=non_blocking)  # type: ignore[arg-type]
         if isinstance(obj, Mapping):
             moved = {k: move(v) for k, v in obj.items()}
             if type(obj) is dict:
