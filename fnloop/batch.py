@@ -95,10 +95,13 @@ def _attributes(obj: Any) -> dict[str, Any]:
     return attrs
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    """The first tensor in ``obj`` with a leading dimension (0-d tensors are skipped)."""
+def _first_size(obj: Any) -> int | None:
+    """The leading dimension of the first tensor in ``obj`` that has one (0-d tensors are
+    skipped); a ``PackedSequence`` counts its sequences, not their steps."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.dim() > 0 else None
+        return int(obj.shape[0]) if obj.dim() > 0 else None
+    if isinstance(obj, PackedSequence):  # batch_sizes: on the CPU, its first entry the most
+        return int(obj.batch_sizes[0])
     if isinstance(obj, Mapping):
         children: Any = obj.values()
     elif isinstance(obj, tuple | list):
@@ -108,7 +111,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     else:
         return None
     for child in children:
-        found = _first_tensor(child)
+        found = _first_size(child)
         if found is not None:
             return found
     return None
@@ -123,7 +126,8 @@ NO_TENSOR_MSG = (
 
 def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = None) -> int:
     """The number of examples in ``batch``: the leading dimension of its first tensor
-    that has one (0-d tensors, such as a per-batch scale, are skipped).
+    that has one (0-d tensors, such as a per-batch scale, are skipped), or the number of
+    sequences of a ``PackedSequence``.
 
     Args:
       batch: any nesting of tensors.
@@ -138,7 +142,7 @@ def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = Non
     """
     if override is not None:
         return int(override(batch)) if callable(override) else int(override)
-    first = _first_tensor(batch)
-    if first is None:
+    size = _first_size(batch)
+    if size is None:
         raise ValueError(NO_TENSOR_MSG.format(kind=type(batch).__name__))
-    return int(first.shape[0])
+    return size
