@@ -364,10 +364,15 @@ class TrainState:
                 else:
                     object.__setattr__(new, name, getattr(self, name))
             return new
-        unknown = changes.keys() - _FIELDS
+        fields = (
+            _FIELDS
+            if type(self) is TrainState
+            else frozenset(f.name for f in dataclasses.fields(self))
+        )
+        unknown = changes.keys() - fields
         if unknown:
             raise TypeError(
-                f"TrainState has no fields {sorted(unknown)}; fields: {sorted(_FIELDS)}"
+                f"{type(self).__name__} has no fields {sorted(unknown)}; fields: {sorted(fields)}"
             )
         # A training step calls this once per step: 3x faster than dataclasses.replace.
         new = object.__new__(type(self))

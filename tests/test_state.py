@@ -91,6 +91,23 @@ def test_replace_rejects_unknown_fields(state: fl.TrainState) -> None:
         state.replace(step=1).step = 2  # type: ignore[misc]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Tagged(fl.TrainState):
+    """A state with a field of its own."""
+
+    tag: str = "none"
+
+
+def test_replace_keeps_and_changes_a_subclass_field(module: Net) -> None:
+    """Eager ``replace`` takes a subclass's own fields, as the compiled path does."""
+    state = _Tagged.create(module, tx=optim.sgd(0.1), device="cpu")
+    new = state.replace(tag="best", step=3)
+    assert type(new) is _Tagged and (new.tag, new.step) == ("best", 3)
+    assert state.tag == "none" and new.replace(epoch=1).tag == "best"
+    with pytest.raises(TypeError, match="global_step"):
+        state.replace(global_step=1)
+
+
 def test_replace_rejects_unknown_fields_while_compiling(state: fl.TrainState) -> None:
     torch._dynamo.reset()
     with pytest.raises(Exception, match="global_step"):
