@@ -253,6 +253,10 @@ class TrainState:
     tx: GradientTransformation
     ema_decay: float | None = None
 
+    def __post_init__(self) -> None:
+        if type(self) not in _REGISTERED:
+            _register_subclass(type(self))
+
     @classmethod
     def create(
         cls,
@@ -494,7 +498,18 @@ def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...] | None:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainState))
 _FIELDS = frozenset(_FIELD_NAMES)
 
-_tree.register_dataclass(
-    TrainState,
-    static=("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay"),
-)
+_STATIC = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
+_tree.register_dataclass(TrainState, static=_STATIC)
+_REGISTERED = {TrainState}
+
+
+def _register_subclass(cls: type[TrainState]) -> None:
+    """Registers a subclass of ``TrainState`` as a pytree, on its first instance (its
+    fields are only known once the dataclass decorator has run).
+
+    Its own fields are children (tensors, or trees of them, such as the state's other
+    tensors), unless declared ``dataclasses.field(metadata={"static": True})``.
+    """
+    static = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
+    _tree.register_dataclass(cls, static=(*_STATIC, *static))
+    _REGISTERED.add(cls)

@@ -95,7 +95,8 @@ def test_replace_rejects_unknown_fields(state: fl.TrainState) -> None:
 class _Tagged(fl.TrainState):
     """A state with a field of its own."""
 
-    tag: str = "none"
+    tag: str = dataclasses.field(default="none", metadata={"static": True})
+    seen: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
 
 
 def test_replace_keeps_and_changes_a_subclass_field(module: Net) -> None:
@@ -106,6 +107,25 @@ def test_replace_keeps_and_changes_a_subclass_field(module: Net) -> None:
     assert state.tag == "none" and new.replace(epoch=1).tag == "best"
     with pytest.raises(TypeError, match="global_step"):
         state.replace(global_step=1)
+
+
+def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> None:
+    """A subclass is a pytree too: its own tensors are leaves, its static fields context."""
+    states = [
+        _Tagged.create(module, tx=optim.sgd(lr), device="cpu").replace(tag="t", seen=torch.ones(()))
+        for lr in (0.1, 0.2)
+    ]
+    copied = states[0].clone()
+    assert (
+        type(copied) is _Tagged and copied.tag == "t" and torch.equal(copied.seen, states[0].seen)
+    )
+    assert copied.seen.data_ptr() != states[0].seen.data_ptr()
+    stacked = fl.stack_states(states)
+    assert type(stacked) is _Tagged and stacked.tag == "t" and stacked.seen.shape == (2,)
+    assert [(type(s), s.tag) for s in fl.unstack_states(stacked)] == [(_Tagged, "t")] * 2
+    step = fl.make_train_step(lambda model, x: {"loss": model(x).square().mean()})
+    new, _ = step(states[0], torch.randn(4, 3))
+    assert type(new) is _Tagged and new.tag == "t" and new.step == 1
 
 
 def test_replace_rejects_unknown_fields_while_compiling(state: fl.TrainState) -> None:
