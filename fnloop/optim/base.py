@@ -337,6 +337,13 @@ def partition(
     """
     if not transforms:
         raise ValueError("partition needs at least one labelled transform")
+    for label, t in transforms.items():
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"partition() transform {label!r} is a {type(t).__name__}, not a "
+                f"GradientTransformation; pass fnloop.optim transforms such as "
+                f"optim.adamw(1e-3)."
+            )
 
     def split(tree: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(tree, dict):

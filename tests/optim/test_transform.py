@@ -202,6 +202,12 @@ def test_partition_with_an_unknown_label_names_it() -> None:
         tx.init(make_tree(0))
 
 
+@pytest.mark.parametrize("bad", [optim.adamw, 0.1], ids=["uncalled-factory", "number"])
+def test_partition_rejects_non_transforms_by_label(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"transform 'head' is a (function|float), not a Grad"):
+        optim.partition({"body": optim.sgd(0.1), "head": bad}, label)
+
+
 def test_partition_under_vmap_with_per_model_learning_rates() -> None:
     def make(scale: float) -> optim.GradientTransformation:
         return optim.partition(
