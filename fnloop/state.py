@@ -265,6 +265,7 @@ class TrainState:
         tx: GradientTransformation,
         ema_decay: float | None = None,
         device: str | torch.device | None = None,
+        **fields: Any,
     ) -> TrainState:
         """Builds the initial state of training ``module`` with the optimizer ``tx``.
 
@@ -280,13 +281,16 @@ class TrainState:
             decay (e.g. ``0.999``); evaluation steps then use the average.
           device: where the state lives; ``None`` picks ``cuda`` when available, else
             ``cpu``.
+          **fields: the fields a subclass of ``TrainState`` adds (``MyState.create(module,
+            tx=tx, best=torch.tensor(0.0))``), given as they are.
 
         Returns:
           A state with ``step == epoch == 0`` and an empty history.
 
         Raises:
-          TypeError: ``module`` is not an ``nn.Module`` or ``tx`` is not a
-            ``GradientTransformation``.
+          TypeError: ``module`` is not an ``nn.Module``, ``tx`` is not a
+            ``GradientTransformation``, or ``fields`` names a field that ``create`` sets
+            or that the class does not have.
           ValueError: ``ema_decay`` is outside ``[0, 1)``, or a parameter has a gradient
             hook (which steps cannot run).
         """
@@ -303,6 +307,14 @@ class TrainState:
             )
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
+        own = {f.name for f in dataclasses.fields(cls)} - _FIELDS
+        wrong = sorted(fields.keys() - own)
+        if wrong:
+            raise TypeError(
+                f"{cls.__name__}.create takes the fields a subclass adds ({sorted(own)}) as "
+                f"keywords; got {wrong}. Set TrainState's own fields afterwards with "
+                f"state.replace(...)."
+            )
         dev = torch.device(device) if device is not None else default_device()
         named = dict(module.named_parameters())
         lazy = [n for n, p in named.items() if nn.parameter.is_lazy(p)]
@@ -345,6 +357,7 @@ class TrainState:
             module=_meta_template(module),
             tx=tx,
             ema_decay=ema_decay,
+            **fields,
         )
 
     def replace(self, **changes: Any) -> TrainState:

@@ -109,6 +109,24 @@ def test_replace_keeps_and_changes_a_subclass_field(module: Net) -> None:
         state.replace(global_step=1)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _WithRequired(fl.TrainState):
+    """A state with a field of its own that has no default."""
+
+    best: torch.Tensor
+
+
+def test_create_takes_a_subclass_fields(module: Net) -> None:
+    """``create`` passes a subclass's own fields on, as flax's ``create(**kwargs)`` does."""
+    state = _WithRequired.create(module, tx=optim.sgd(0.1), device="cpu", best=torch.ones(()))
+    assert type(state) is _WithRequired and torch.equal(state.best, torch.ones(()))
+    assert _Tagged.create(module, tx=optim.sgd(0.1), device="cpu", tag="t").tag == "t"
+    with pytest.raises(TypeError, match="'step'"):
+        _Tagged.create(module, tx=optim.sgd(0.1), device="cpu", step=3)
+    with pytest.raises(TypeError, match="'best'"):
+        fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu", best=torch.ones(()))
+
+
 def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> None:
     """A subclass is a pytree too: its own tensors are leaves, its static fields context."""
     states = [
