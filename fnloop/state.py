@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -256,6 +257,23 @@ class TrainState:
     def __post_init__(self) -> None:
         if type(self) not in _REGISTERED:
             _register_subclass(type(self))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_fnloop_registers", False):
+            return
+
+        # A subclass's own __post_init__ need not call this class's: registering is
+        # wrapped around it.
+        @functools.wraps(own)
+        def post_init(self: TrainState, *args: Any) -> None:
+            if type(self) not in _REGISTERED:
+                _register_subclass(type(self))
+            own(self, *args)
+
+        post_init._fnloop_registers = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     @classmethod
     def create(

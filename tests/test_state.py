@@ -15,7 +15,7 @@ import torch.utils._pytree as torch_pytree
 from torch import nn
 
 import fnloop as fl
-from fnloop import optim
+from fnloop import _tree, optim
 from fnloop.state import append_history, freeze_history
 
 STATIC_FIELDS = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
@@ -125,6 +125,26 @@ def test_create_takes_a_subclass_fields(module: Net) -> None:
         _Tagged.create(module, tx=optim.sgd(0.1), device="cpu", step=3)
     with pytest.raises(TypeError, match="'best'"):
         fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu", best=torch.ones(()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Checked(fl.TrainState):
+    """A subclass with a ``__post_init__`` of its own that does not call ``super()``'s."""
+
+    seen: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
+
+    def __post_init__(self) -> None:
+        if self.seen.dim() != 0:
+            raise ValueError("seen must be 0-d")
+
+
+def test_a_subclass_post_init_does_not_stop_its_registration(module: Net) -> None:
+    state = _Checked.create(module, tx=optim.sgd(0.1), device="cpu")
+    copied = state.clone()
+    assert type(copied) is _Checked and copied.seen.data_ptr() != state.seen.data_ptr()
+    assert "seen" in _tree.tree_flatten_with_keys(state)[0]
+    with pytest.raises(ValueError, match="0-d"):
+        state.clone().__class__(**{**state.__dict__, "seen": torch.zeros(2)})
 
 
 def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> None:
