@@ -55,6 +55,13 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     first = states[0]
     paths0, leaves0, treedef0 = _tree.tree_flatten_with_keys(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
+    for path, leaf in zip(paths0, leaves0):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"stack_states stacks tensors, but the state's leaf '{path}' is a "
+                f"{type(leaf).__name__}: hold it in a tensor, or declare the field "
+                f"dataclasses.field(metadata={{'static': True}}) to keep it as it is."
+            )
     for i, state in enumerate(states[1:], start=1):
         for attr in ("step", "epoch", "micro_step", "ema_decay"):
             if getattr(state, attr) != getattr(first, attr):

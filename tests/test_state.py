@@ -147,6 +147,22 @@ def test_a_subclass_post_init_does_not_stop_its_registration(module: Net) -> Non
         state.clone().__class__(**{**state.__dict__, "seen": torch.zeros(2)})
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Best(fl.TrainState):
+    """A subclass whose own field is a float leaf (not declared static)."""
+
+    best: float = float("inf")
+
+
+def test_a_subclass_float_leaf_clones_saves_and_refuses_stacking(module: Net, tmp_path) -> None:
+    state = _Best.create(module, tx=optim.sgd(0.1), device="cpu").replace(best=1.5)
+    assert state.clone().best == 1.5
+    path = fl.checkpoint.save_checkpoint(tmp_path / "c.pt", state)
+    assert fl.checkpoint.load_checkpoint(path, like=state.replace(best=0.0)).best == 1.5
+    with pytest.raises(TypeError, match="'best' is a float"):
+        fl.stack_states([state, state])
+
+
 def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> None:
     """A subclass is a pytree too: its own tensors are leaves, its static fields context."""
     states = [
