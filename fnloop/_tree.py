@@ -24,38 +24,54 @@ T = TypeVar("T")
 def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     """Registers a frozen dataclass as a pytree node for optree and torch.
 
-    Fields named in ``static`` go into the tree's context (they are compared, never mapped
-    over); all other fields are children.
+    Fields named in ``static`` or declared ``dataclasses.field(metadata={"static":
+    True})`` go into the tree's context (they are compared, never mapped over); all
+    other fields are children. The fields are read when the first instance is
+    flattened, so a class may be registered before the dataclass decorator has run on it
+    (from ``__init_subclass__``).
     """
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(static) - set(names))
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no fields {unknown}")
-    children = tuple(n for n in names if n not in static)
-    statics = tuple(n for n in names if n in static)
+    layout: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+    def fields() -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(children, statics), worked out once."""
+        if not layout:
+            found = dataclasses.fields(cls)  # type: ignore[arg-type]
+            names = [f.name for f in found]
+            unknown = sorted(set(static) - set(names))
+            if unknown:
+                raise ValueError(f"{cls.__name__} has no fields {unknown}")
+            fixed = set(static) | {f.name for f in found if f.metadata.get("static")}
+            layout.append(
+                (tuple(n for n in names if n not in fixed), tuple(n for n in names if n in fixed))
+            )
+        return layout[0]
 
     def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        children, statics = fields()
         return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in statics)
 
     def unflatten_optree(context: Any, values: Any) -> Any:
+        children, statics = fields()
         return cls(**dict(zip(children, values)), **dict(zip(statics, context)))
 
     # torch.utils._pytree treats None as a leaf, which torch.func.vmap rejects; absent
     # (None) children therefore go into the context there.
     def flatten_torch(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        children, statics = fields()
         present = tuple(n for n in children if getattr(obj, n) is not None)
         statics_ = tuple(getattr(obj, n) for n in statics)
         return [getattr(obj, n) for n in present], (statics_, present)
 
     def unflatten_torch(values: Any, context: tuple[Any, ...]) -> Any:
+        children, statics = fields()
         statics_, present = context
-        fields = dict.fromkeys(children)
-        fields.update(zip(present, values))
-        return cls(**fields, **dict(zip(statics, statics_)))
+        values_ = dict.fromkeys(children)
+        values_.update(zip(present, values))
+        return cls(**values_, **dict(zip(statics, statics_)))
 
     def flatten_optree(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
         leaves, context = flatten(obj)
-        return leaves, context, children
+        return leaves, context, fields()[0]
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         leaves, context = flatten_torch(obj)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -254,26 +253,12 @@ class TrainState:
     tx: GradientTransformation
     ema_decay: float | None = None
 
-    def __post_init__(self) -> None:
-        if type(self) not in _REGISTERED:
-            _register_subclass(type(self))
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass is a pytree too: its own fields are leaves unless declared
+        # dataclasses.field(metadata={"static": True}) (read at its first flatten, after
+        # the dataclass decorator has run).
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is None or getattr(own, "_fnloop_registers", False):
-            return
-
-        # A subclass's own __post_init__ need not call this class's: registering is
-        # wrapped around it.
-        @functools.wraps(own)
-        def post_init(self: TrainState, *args: Any) -> None:
-            if type(self) not in _REGISTERED:
-                _register_subclass(type(self))
-            own(self, *args)
-
-        post_init._fnloop_registers = True  # type: ignore[attr-defined]
-        cls.__post_init__ = post_init  # type: ignore[method-assign]
+        _tree.register_dataclass(cls, static=_STATIC)
 
     @classmethod
     def create(
@@ -528,21 +513,8 @@ def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...] | None:
     return None
 
 
+_STATIC = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainState))
 _FIELDS = frozenset(_FIELD_NAMES)
 
-_STATIC = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
 _tree.register_dataclass(TrainState, static=_STATIC)
-_REGISTERED = {TrainState}
-
-
-def _register_subclass(cls: type[TrainState]) -> None:
-    """Registers a subclass of ``TrainState`` as a pytree, on its first instance (its
-    fields are only known once the dataclass decorator has run).
-
-    Its own fields are children (tensors, or trees of them, such as the state's other
-    tensors), unless declared ``dataclasses.field(metadata={"static": True})``.
-    """
-    static = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
-    _tree.register_dataclass(cls, static=(*_STATIC, *static))
-    _REGISTERED.add(cls)
