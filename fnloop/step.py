@@ -486,6 +486,9 @@ class TrainStep:
                     if distributed:
                         finite = true_everywhere(finite)
                     buffers = _select_buffers(finite, buffers, state.buffers)
+                    # A non-finite loss can have finite gradients (a mean over no
+                    # element, 0/0): mark the window's sum, so its update is skipped.
+                    grads = _tree.tree_map(lambda g: torch.where(finite, g, math.nan), grads)
                 new_state = state.replace(
                     grad_accum=grads,
                     buffers=buffers,
