@@ -496,7 +496,8 @@ class TrainStep:
                     loss_scale=loss_scale,
                 )
                 return new_state, metrics
-            grads = _tree.tree_map(lambda g: g / k, grads)
+            if scale is None:  # a scaled loss was divided by k already (_gradients)
+                grads = _tree.tree_map(lambda g: g / k, grads)
         if distributed:
             # A skipped update keeps the buffers from before this micro-batch: with a window
             # of several, those are each process's own, so they are averaged too.
@@ -533,12 +534,14 @@ class TrainStep:
         transformed: bool,
         donate: bool,
     ) -> tuple[Params, torch.Tensor, Metrics, Params, Params]:
-        """Gradients of the (scaled) loss, the loss, metrics, the new buffers and the
-        parameters forward ran on (the state's, or a pure eager step's copies of them)."""
+        """Gradients of the loss (with a loss scale: of ``loss / k * scale``, as
+        ``scaler.scale(loss / k)``), the loss, metrics, the new buffers and the parameters
+        forward ran on (the state's, or a pure eager step's copies of them)."""
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
 
         eager_buffers = None if transformed else _buffer_copies(state.buffers, frozen)
+        k = self.accumulation_steps
 
         def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, Metrics, Params]]:
             # Made inside torch.func.grad when traced (it forbids writes into tensors from
@@ -555,7 +558,12 @@ class TrainStep:
             metrics["loss"] = _metric_dtype(loss.detach())
             if not loss.requires_grad:  # metadata only: also checked under vmap and compile
                 raise ValueError(LOSS_GRAD_MSG.format(name=name))
-            scaled = loss.float() * scale if scale is not None else loss
+            if scale is None:
+                scaled = loss
+            elif k > 1:  # as scaler.scale(loss / k): the scale's overflows are GradScaler's
+                scaled = (loss.float() / k) * scale
+            else:
+                scaled = loss.float() * scale
             return scaled, (loss.detach(), metrics, buffers)
 
         if eager_buffers is None:

@@ -373,6 +373,52 @@ def test_fp16_loss_scale_follows_grad_scaler(monkeypatch):
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_fp16_accumulation_scales_like_grad_scaler():
+    """fp16 with accumulation_steps=k scales each micro-batch's loss as
+    ``scaler.scale(loss / k)`` does: a loss already in float16 receives the gradient
+    scale / k, which overflows float16 at the same scales as torch's recipe, so the scale,
+    the skipped updates and the weights follow GradScaler's."""
+    k = 2
+
+    def step_fn(model, batch):
+        x, y = batch
+        return {"loss": F.mse_loss(model(x), y).half()}
+
+    torch.manual_seed(0)
+    module = nn.Linear(4, 1)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)) for _ in range(8)]
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), 0.01)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+    ref_scales = []
+    for i, b in enumerate(data):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = step_fn(ref, b)["loss"]
+        scaler.scale(loss.float() / k).backward()
+        if (i + 1) % k == 0:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            ref_scales.append(scaler.get_scale())
+
+    state = fl.TrainState.create(module, tx=optim.sgd(0.01), device="cpu")
+    step = fl.make_train_step(
+        step_fn,
+        accumulation_steps=k,
+        precision="fp16",
+        loss_scale=fl.DynamicLossScale(growth_interval=1),
+    )
+    scales = []
+    for b in data:
+        state, _ = step(state, b)
+        if state.micro_step == 0:
+            scales.append(float(state.loss_scale.scale))
+    assert scales == ref_scales
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_precision_runs(precision):
     state = fl.TrainState.create(mlp(dtype=torch.float32), tx=optim.adam(1e-2), device="cpu")
