@@ -32,6 +32,10 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
     """
     layout: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
 
+    # Run as it is while torch.compile traces (its result a constant there): the first
+    # flatten may be traced (a fresh state given to a compiled vmap), and dynamo cannot
+    # trace dataclasses.fields of a class.
+    @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
     def fields() -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(children, statics), worked out once."""
         if not layout:

@@ -182,6 +182,31 @@ def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> No
     assert type(new) is _Tagged and new.tag == "t" and new.step == 1
 
 
+def test_a_state_first_flattened_while_compiling_traces_in_one_graph() -> None:
+    """A subclass's fields are read at its first flatten, which may happen while
+    torch.compile traces (a fresh state given to a compiled vmap over batches): that is
+    one graph, not an error that dynamo cannot trace dataclasses.fields of a class."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Fresh(fl.TrainState):  # never flattened before the compiled call
+        best: torch.Tensor
+        tag: str = dataclasses.field(default="t", metadata={"static": True})
+
+    torch.manual_seed(0)
+    state = Fresh.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=torch.zeros(()))
+    step = torch.func.vmap(
+        fl.make_train_step(lambda model, x: {"loss": model(x).square().mean()}),
+        in_dims=(None, 0),
+    )
+    xs = torch.randn(2, 4, 3)
+    torch._dynamo.reset()
+    got, _ = torch.compile(step, backend="eager", fullgraph=True)(state, xs)
+    want, _ = step(state, xs)
+    assert type(got) is Fresh and got.tag == "t" and got.best.shape == (2,)
+    for a, b in zip(_tree.tree_leaves(got), _tree.tree_leaves(want), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_replace_rejects_unknown_fields_while_compiling(state: fl.TrainState) -> None:
     torch._dynamo.reset()
     with pytest.raises(Exception, match="global_step"):
