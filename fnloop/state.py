@@ -365,10 +365,11 @@ class TrainState:
 
     def replace(self, **changes: Any) -> TrainState:
         """A new state with ``changes`` applied; this one is untouched."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or hasattr(type(self), "__slots__"):
             # Field by field: torch 2.11's dynamo cannot trace __dict__.update, and
             # dataclasses.replace would also run the default-factory checks. (The history
-            # is passed through unread: see _FrozenHistory.)
+            # is passed through unread: see _FrozenHistory.) A subclass made with
+            # dataclass(slots=True) holds its fields in slots, not in __dict__.
             names = (
                 _FIELD_NAMES
                 if type(self) is TrainState

@@ -182,6 +182,27 @@ def test_clone_stack_and_steps_keep_a_subclass_and_its_fields(module: Net) -> No
     assert type(new) is _Tagged and new.tag == "t" and new.step == 1
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Slotted(fl.TrainState):
+    """A subclass whose fields live in slots (no instance __dict__ entries)."""
+
+    seen: torch.Tensor
+
+
+def test_a_slotted_subclass_replaces_clones_and_steps(module: Net) -> None:
+    state = _Slotted.create(module, tx=optim.sgd(0.1), device="cpu", seen=torch.ones(()))
+    moved = state.replace(epoch=2)
+    assert type(moved) is _Slotted and moved.epoch == 2 and moved.seen is state.seen
+    assert moved.tx is state.tx and state.epoch == 0
+    with pytest.raises(TypeError, match="global_step"):
+        state.replace(global_step=1)
+    assert torch.equal(state.clone().seen, state.seen)
+    new, _ = fl.make_train_step(lambda model, x: {"loss": model(x).square().mean()})(
+        state, torch.randn(4, 3)
+    )
+    assert type(new) is _Slotted and new.step == 1 and new.seen is state.seen
+
+
 def test_a_state_first_flattened_while_compiling_traces_in_one_graph() -> None:
     """A subclass's fields are read at its first flatten, which may happen while
     torch.compile traces (a fresh state given to a compiled vmap over batches): that is
