@@ -82,6 +82,8 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
         keys = [torch_pytree.GetAttrKey(n) for n in context[1]]
         return list(zip(keys, leaves)), context
 
+    if "__dataclass_fields__" in vars(cls):  # decorated already: its fields are known
+        fields()
     optree.register_pytree_node(
         cls,  # type: ignore[arg-type]
         flatten_optree,
