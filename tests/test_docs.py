@@ -12,8 +12,8 @@ Rules that change what runs (all visible here):
 
 - ``torch.compile`` compiles with ``backend="eager"``: dynamo still traces the whole step
   (a step it cannot trace fails as it would for a user), but inductor's code generation,
-  15-20 s per step on two CPU cores, is skipped (``tests/test_step.py`` and
-  ``tests/test_examples.py`` compile with it).
+  15-20 s per step on two CPU cores, is skipped (``tests/test_fit.py`` and
+  ``tests/test_step.py`` compile with it).
 - Placeholders (see :class:`_Placeholders`): ``name = ...`` takes ``name`` from the
   prelude; ``[...]`` is an empty list; a ``...`` argument of ``fit`` stands for the
   arguments the call leaves out (the prelude's ``DOC_FIT_ARGS`` and ``DOC_FIT_OPTIONS``).
@@ -21,8 +21,15 @@ Rules that change what runs (all visible here):
 - ``SIDE_BY_SIDE`` blocks show two programs in two columns: each column runs on its own.
 - ``ENVIRONMENT`` gives a block environment variables (the torchrun example runs as a
   world of one process).
+- ``REQUIRES`` names the optional package a block needs: without it the block is skipped.
 - ``CHECKS`` verify what a block claims in its comments (``fit leaves it unchanged``,
   ``a list of 32 floats``); a block that defines ``test_*`` functions has them called.
+- ``ANCHORS`` keep the rules' block numbers honest: a block added before one shifts them.
+
+Besides the blocks: the shown epoch line and run folder are what ``fit`` writes, the shell
+commands name scripts and flags the examples accept and extras ``pyproject.toml`` has
+(and the README's test command is CI's), and the ``fl.``/``optim.`` names and keywords in
+the prose's inline code exist.
 """
 
 from __future__ import annotations
@@ -133,8 +140,13 @@ def readme_prelude() -> Namespace:
 
     train_loader, valid_loader = _loaders()
     x, y = next(iter(train_loader))
-    model = _make_net()  # the torch.optim column of the side-by-side block
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # The side-by-side block: the torch.optim column trains `model` on `loss`, the
+    # fnloop.optim column `params` (a copy) on `grads`, the gradients of that loss.
+    model = _make_net()
+    loss = F.cross_entropy(model(x), y)
+    named = dict(model.named_parameters())
+    gradients = torch.autograd.grad(loss, list(named.values()), retain_graph=True)
+    params = {n: p.detach().clone() for n, p in named.items()}
     return {
         "net": _make_net(),
         "make_net": _make_net,
@@ -143,9 +155,9 @@ def readme_prelude() -> Namespace:
         "x": x,
         "y": y,
         "model": model,
-        "loss": F.cross_entropy(model(x), y),
+        "loss": loss,
         "params": params,
-        "grads": {n: torch.randn_like(p) for n, p in params.items()},  # `grads = ...`
+        "grads": dict(zip(named, gradients)),  # `grads = ...`
         "StepLR": StepLR,
         "ReduceLROnPlateau": ReduceLROnPlateau,
         "clip_grad_norm_": clip_grad_norm_,
@@ -392,6 +404,14 @@ def _check_readme_sweep(ns: Namespace, before: Namespace) -> None:
     assert ns["new"].epoch == 20
 
 
+def _check_readme_side_by_side(ns: Namespace, before: Namespace) -> None:
+    # The two columns are the same program: one AdamW update from the same weights and
+    # gradients gives the same weights ("torch.optim's exact update rules").
+    for name, p in ns["model"].named_parameters():
+        torch.testing.assert_close(ns["params"][name], p.detach(), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(ns["params"][name], before["params"][name]), name
+
+
 def _check_guide_callbacks(ns: Namespace, before: Namespace) -> None:
     # The callbacks defined in the block do what they say in a fit: the confusion matrix
     # is logged to "fnloop.run.<run_name>" (the console and the run's log file).
@@ -409,11 +429,34 @@ def _check_guide_callbacks(ns: Namespace, before: Namespace) -> None:
     assert "Confusion matrix:\ntensor([[" in log, log
 
 
+def _check_guide_checkpoints(ns: Namespace, before: Namespace) -> None:
+    # "plain state dict (.safetensors too)"; "and what save_checkpoint got"
+    module = ns["module"]
+    assert torch.load("model.pt", weights_only=True).keys() == module.state_dict().keys()
+    assert ns["loaded"].extra["anything"] == ns["plain_data"]
+    if importlib.util.find_spec("safetensors") is not None:
+        fl.save_model("model.safetensors", ns["state"], use_ema=True)
+        fl.load_model("model.safetensors", module)
+
+
 def _check_guide_sweep(ns: Namespace, before: Namespace) -> None:
     # "[0.91, 0.95, ...], one per model"
     accs = ns["valid_metrics"]["acc"]
     assert len(accs) == 32 and all(isinstance(a, float) for a in accs)
     ns["make_model"]().load_state_dict(torch.load("best_of_sweep.pt", weights_only=True))
+    # "`train_epoch` advances `state.step` but leaves `state.epoch` and `state.history`"
+    stacked = ns["stacked"]
+    assert stacked.step == ns["epochs"] * len(ns["train_loader"])
+    assert (stacked.epoch, stacked.history) == (0, {})
+
+
+def _check_guide_steps(ns: Namespace, before: Namespace) -> None:
+    # "their options read as attributes (`train_step.donate`), and
+    # `inspect.unwrap(train_step)` is the `fl.TrainStep` that holds them"
+    train_step = ns["train_step"]
+    assert (train_step.accumulation_steps, train_step.donate) == (1, False)
+    assert isinstance(inspect.unwrap(train_step), fl.TrainStep)
+    assert ns["new_state"].step == ns["state"].step + 1 and "loss" in ns["metrics"]
 
 
 def _check_guide_fit(ns: Namespace, before: Namespace) -> None:
@@ -439,8 +482,14 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
     ("README.md", 0): (lambda ns: {"net": ns["net"].state_dict()}, _check_readme_fit),
     ("README.md", 1): (_snapshot_state, _check_readme_step),
     ("README.md", 2): (lambda ns: {}, _check_readme_sweep),
+    ("README.md", 3): (
+        lambda ns: {"params": dict(ns["params"])},
+        _check_readme_side_by_side,
+    ),
+    ("docs/guide.md", 1): (lambda ns: {}, _check_guide_steps),
     ("docs/guide.md", 6): (lambda ns: {}, _check_guide_fit),
     ("docs/guide.md", 7): (lambda ns: {}, _check_guide_callbacks),
+    ("docs/guide.md", 8): (lambda ns: {}, _check_guide_checkpoints),
     ("docs/guide.md", 9): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
     ("docs/guide.md", 10): (lambda ns: {}, _check_guide_torchrun),
@@ -510,6 +559,7 @@ class DocSession:
         try:
             self._run(self.blocks[index])
         except Exception as e:
+            self.outcomes[index] = e
             if failed:
                 e.add_note(f"(earlier blocks of {self.doc} failed: {failed}; this may follow)")
             raise
@@ -581,8 +631,10 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("README.md", 1): "fl.make_train_step(training_step)",
     ("README.md", 2): "torch.compile(",
     ("README.md", 3): "# torch.optim ",
+    ("docs/guide.md", 1): "train_step = fl.make_train_step(training_step, accumulation_steps=1",
     ("docs/guide.md", 6): 'out_dir="runs/x", run_name="x"',
     ("docs/guide.md", 7): "class ConfusionMatrix",
+    ("docs/guide.md", 8): 'fl.save_model("model.pt", state, use_ema=True)',
     ("docs/guide.md", 9): "fl.stack_states(states)",
     ("docs/guide.md", 10): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
@@ -686,7 +738,7 @@ def test_readme_optional_extras_exist() -> None:
 
 def test_examples_flags_table() -> None:
     """examples/README.md: "Every script takes the same flags" of its table, and the
-    scripts' patience defaults are the ones it names."""
+    scripts' defaults are the ones it names."""
     pytest.importorskip("sklearn", reason="the examples need scikit-learn")
     text = (ROOT / "examples/README.md").read_text(encoding="utf-8")
     table = text.split("Every script takes the same flags:")[1].split("\n\n")[1]
@@ -702,6 +754,12 @@ def test_examples_flags_table() -> None:
         patience = re.search(rf"`{script}` (\d+)", table)
         assert patience, f"{script}'s default patience is not in the table"
         assert parse_args([]).patience == int(patience.group(1)), script
+        # "the run folder (default `runs/<name>`)"; "`--fast` therefore writes to
+        # `runs/<name>-fast` unless you pass `--out-dir`"
+        assert "(default `runs/<name>`)" in table and "`runs/<name>-fast`" in text
+        name = script.removesuffix(".py")
+        assert parse_args([]).out_dir == f"runs/{name}"
+        assert parse_args(["--fast"]).out_dir == f"runs/{name}-fast"
 
 
 # --------------------------------------------------------------------------- inline code
