@@ -83,7 +83,7 @@ def test_fit_matches_one_process_and_only_rank_0_writes(ranks) -> None:
                 assert_close(torch.tensor(r["history"][split][key]), torch.tensor(values))
     run = out / "run"
     log = (run / "run_training.log").read_text()
-    assert log.count("[1/3]") == 1, log  # one writer
+    assert log.count("[  1/3]") == 1, log  # one writer
     assert len(list((run / "checkpoints").glob("*.pt"))) >= 1
     resumed = fl.load_checkpoint(
         sorted((run / "checkpoints").glob("*.pt"))[-1],

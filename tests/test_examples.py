@@ -100,7 +100,7 @@ def test_digits_data_parallel_under_torchrun(tmp_path: Path) -> None:
     check_run_folder(run_dir, "digits")
     assert result.stdout.count("Validation accuracy: best") == 1  # rank 0 reports
     log = (run_dir / "digits_training.log").read_text(encoding="utf-8")
-    assert log.count("[1/3]") == 1  # one writer
+    assert log.count("[  1/3]") == 1  # one writer
     assert number_after(r"plain nn.Module: validation accuracy ([\d.]+)", result.stdout) > 0.5
 
 

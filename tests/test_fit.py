@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fnloop as fl
 from fnloop import optim
+from fnloop.fit import epoch_line
 
 
 def data(n=96, seed=0):
@@ -367,7 +368,7 @@ def test_an_epoch_metric_a_callback_appends_is_logged_shown_and_monitored(tmp_pa
     got = [float(row.split(",")[header.index("valid/score")]) for row in rows[1:]]
     assert got == pytest.approx(r2.scores)
     log = (tmp_path / "run_training.log").read_text()
-    assert re.search(r"\[1/5\] .*\(val\) .*score:", log)  # the epoch line
+    assert re.search(r"\[  1/5\] .*\(val\) .*score:", log)  # the epoch line
     assert "Best model (valid/score" in log
 
 
@@ -465,7 +466,7 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
     log = (tmp_path / "demo_training.log").read_text()
     lines = log.splitlines()
     assert re.match(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - INFO - \[1/3\] loss:\S+ acc:\S+ "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - INFO - \[  1/3\] loss:\S+ acc:\S+ "
         r"\| \(val\) loss:\S+ acc:\S+ \(\d",
         lines[0],
     )
@@ -484,7 +485,7 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
 def test_console_gets_messages_only(capsys):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, progress=False)
     out = capsys.readouterr().out
-    assert out.startswith("[1/1] loss:")
+    assert out.startswith("[  1/1] loss:")
     assert " - INFO - " not in out
     assert not logging.getLogger("fnloop.run.run").handlers
 
@@ -986,6 +987,18 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
+def test_the_epoch_line_has_the_seeds_format():
+    """REQUIREMENTS S10: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``: the epoch
+    right-aligned in three places and three decimals (it printed ``[15/50]
+    loss:0.0230``); a value below 1e-3 keeps 4 significant digits, as the
+    learning-rate lines do."""
+    line = epoch_line(15, 50, {"train/loss": 0.023, "valid/loss": 0.019}, 135)
+    assert line == "[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)"
+    assert epoch_line(7, 1000, {"train/loss": 2.5e-5}, 3) == "[   7/1000] loss:2.500e-05 (3.0s)"
+    nan = epoch_line(1, 2, {"train/loss": float("nan"), "train/acc": 0.0}, 1)
+    assert nan == "[  1/2] loss:nan acc:0.000 (1.0s)"
+
+
 def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
     class TestAcc(fl.callbacks.Callback):
         def on_validation_epoch_end(self, state, metrics):
@@ -1003,7 +1016,7 @@ def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
     )
     log = (tmp_path / "run_training.log").read_text()
     assert re.search(
-        r"\[2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.7000 \(", log
+        r"\[  2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.700 \(", log
     )
 
 
