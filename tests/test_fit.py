@@ -987,6 +987,34 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
+def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path):
+    """REQUIREMENTS I5: ``sampler.set_epoch(state.epoch)`` before each epoch's batches, so
+    a shuffling ``DistributedSampler`` draws a new order every epoch (no test failed
+    without it: both sides of the two-process comparison repeated epoch 0's order), and a
+    resumed run goes on with the epoch it resumes at."""
+    x, y = data(64)
+    sampler = torch.utils.data.DistributedSampler(
+        TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=5
+    )
+    seen = []
+
+    def step(model, batch):
+        seen.append(batch[2].tolist())
+        return classify(model, batch[:2])
+
+    ds = TensorDataset(x, y, torch.arange(64))
+    loader = DataLoader(ds, batch_size=64, sampler=sampler)
+    state = fl.fit(make_state(), step, loader, max_epochs=2, out_dir=tmp_path, log_to_console=False)
+    fl.fit(state, step, loader, max_epochs=3, out_dir=tmp_path, log_to_console=False)
+
+    def order(epoch):
+        g = torch.Generator().manual_seed(5 + epoch)  # DistributedSampler's shuffle
+        return torch.randperm(64, generator=g).tolist()
+
+    assert seen == [order(0), order(1), order(2)]
+    assert order(0) != order(1)
+
+
 def test_the_epoch_line_has_the_seeds_format():
     """REQUIREMENTS S10: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``: the epoch
     right-aligned in three places and three decimals (it printed ``[15/50]
