@@ -48,7 +48,8 @@ class EarlyStopping:
       monitor: the metric to watch, ``"train/<name>"`` or ``"valid/<name>"``.
       mode: ``"min"`` if lower is better, ``"max"`` if higher is.
       patience: epochs without improvement tolerated before stopping.
-      min_delta: an epoch improves only if it beats the best by more than this. The
+      min_delta: an epoch improves only if it beats the best by more than this (the
+        ``BaseTrainer``'s default, 1e-3; pass ``0.0`` to count any improvement). The
         stop reason then names the value that was not beaten by ``min_delta``, which
         need not be the best one (``fit``'s best model).
       target: stop as soon as the metric is at least this good (``<=`` for ``"min"``,
@@ -66,13 +67,19 @@ class EarlyStopping:
       >>> for epoch, loss in enumerate([0.5, 0.4, 0.45, 0.41], start=1):
       ...     s = stopper.update(s, {"valid/loss": loss}, epoch)
       >>> s.stop_reason
+      'valid/loss did not improve by more than min_delta=0.001 on 0.4 (epoch 2) for 2 epochs'
+      >>> exact = EarlyStopping(monitor="valid/loss", patience=2, min_delta=0.0)
+      >>> s = exact.init()
+      >>> for epoch, loss in enumerate([0.5, 0.4, 0.45, 0.41], start=1):
+      ...     s = exact.update(s, {"valid/loss": loss}, epoch)
+      >>> s.stop_reason
       'valid/loss did not improve for 2 epochs (best 0.4 at epoch 2)'
     """
 
     monitor: str = "valid/loss"
     mode: Literal["min", "max"] = "min"
     patience: int = 10
-    min_delta: float = 0.0
+    min_delta: float = 1e-3
     target: float | None = None
 
     def __post_init__(self) -> None:

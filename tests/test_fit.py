@@ -152,6 +152,20 @@ def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
     assert fl.EarlyStopping(patience=3.0, min_delta="0.1").patience == 3  # whole numbers pass
 
 
+def test_early_stopping_defaults_are_the_contracts():
+    """DESIGN section 2 and the seed's EarlyStopper: ``min_delta=1e-3`` by default (it was
+    0.0, so an epoch better by 1e-6 reset the patience)."""
+    assert fl.EarlyStopping() == fl.EarlyStopping(
+        monitor="valid/loss", mode="min", patience=10, min_delta=1e-3, target=None
+    )
+    rule = fl.EarlyStopping("valid/loss", patience=2)
+    st = rule.init()
+    for epoch, loss in enumerate([0.5, 0.4995, 0.499], start=1):  # better, but by < 1e-3
+        st = rule.update(st, {"valid/loss": loss}, epoch)
+    assert st.stop_reason.startswith("valid/loss did not improve by more than min_delta=0.001")
+    assert (st.best, st.best_epoch, st.bad_epochs) == (0.5, 1, 2)
+
+
 def test_an_int_patience_is_kept_exactly_however_large():
     """patience=sys.maxsize ("no patience: the target alone") stays that int: a round
     trip through float made it 2**63, and a larger int raised OverflowError."""
