@@ -1029,6 +1029,45 @@ def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path):
     assert order(0) != order(1)
 
 
+def test_progress_bars_show_running_batch_weighted_means(monkeypatch):
+    """REQUIREMENTS S10: each bar's postfix is the running mean of the epoch so far,
+    weighted by batch size (no test looked at what the bars show)."""
+    bars = []
+
+    class FakeBar:
+        def __init__(self, **kwargs):
+            self.desc, self.total, self.postfix, self.n = kwargs["desc"], kwargs["total"], [], 0
+            bars.append(self)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append((self.n, text))
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    clock = iter(range(1000))  # a second per reading: every batch redraws the postfix
+    monkeypatch.setattr(fl.epoch, "tqdm", FakeBar)
+    monkeypatch.setattr(fl.epoch.time, "monotonic", lambda: float(next(clock)))
+    x, y = data(10)
+    losses = iter([1.0, 2.0, 5.0, 0.5, 0.25])
+
+    def step(model, batch):
+        return {"loss": classify(model, batch)["loss"] * 0 + next(losses)}
+
+    ld = {
+        "train": DataLoader(TensorDataset(x, y), batch_size=4),  # 4, 4, 2
+        "valid": DataLoader(TensorDataset(x[:6], y[:6]), batch_size=3),  # 3, 3
+    }
+    fl.fit(make_state(tx=optim.sgd(0.0)), step, ld, max_epochs=1, progress=True)
+    train, valid = bars
+    assert (train.desc, train.total, valid.desc, valid.total) == ("epoch 1/1", 3, "valid 1/1", 2)
+    assert train.postfix == [(0, "loss:1"), (1, "loss:1.5"), (2, "loss:2.2")]
+    assert valid.postfix == [(0, "loss:0.5"), (1, "loss:0.375")]
+
+
 def test_the_epoch_line_has_the_seeds_format():
     """REQUIREMENTS S10: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``: the epoch
     right-aligned in three places and three decimals (it printed ``[15/50]
