@@ -648,6 +648,40 @@ def test_best_model_follows_a_single_early_stopping_rule(tmp_path):
     )
 
 
+def test_best_model_holds_the_best_epochs_ema_weights(tmp_path):
+    """REQUIREMENTS S8, I6: ``best_model.pt`` holds the weights of the best monitored
+    epoch (here the second of three), the EMA weights when kept, with the buffers; no
+    test compared its values with that epoch's."""
+    kept = []
+
+    class Score(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            kept.append({k: v.clone() for k, v in state.state_dict(use_ema=True).items()})
+            score = {"score": [0.3, 0.9, 0.5][state.epoch - 1]}
+            return state.replace(history=fl.state.append_history(state.history, "valid", score))
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    state = fl.TrainState.create(module, tx=optim.adam(1e-2), ema_decay=0.5, device="cpu")
+    fl.fit(
+        state,
+        classify,
+        loaders(),
+        max_epochs=3,
+        callbacks=[Score()],
+        monitor="valid/score",
+        mode="max",
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    assert best.keys() == kept[1].keys()
+    for name, value in kept[1].items():
+        torch.testing.assert_close(best[name], value, rtol=0, atol=0)
+    assert not torch.equal(kept[1]["0.weight"], kept[2]["0.weight"])
+    assert not torch.equal(kept[1]["1.running_mean"], kept[2]["1.running_mean"])
+
+
 def test_resuming_into_a_folder_of_another_model_says_how_to_fix_it(tmp_path):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False)
     other = fl.TrainState.create(nn.Linear(6, 2), tx=optim.adam(1e-2), device="cpu")
