@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from fnloop._io import atomic_write_file
-from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.callbacks.metrics_log import EpochLogger, learning_rate_metrics
 from fnloop.typing import Batch
 
 if TYPE_CHECKING:
@@ -124,7 +124,9 @@ class TensorBoard(EpochLogger):
     validation metrics of an epoch are written together, as in
     :class:`~fnloop.callbacks.EpochLogger`. With ``log_every_n_steps=N`` the 0-d outputs
     of the training step are also logged as ``"train_step/<name>"`` at
-    ``global_step=state.step`` every ``N`` optimizer steps. Reading them copies the
+    ``global_step=state.step`` every ``N`` optimizer steps, with the learning rates
+    after the update (``"train_step/lr"``, or ``"train_step/lr_0"``, ... for several
+    parameter groups, as ``"train/lr"`` at the epoch's end). Reading them copies the
     values to the host, which waits for the device to finish the step (one sync per
     logged step), so keep ``N`` large on a GPU. The writer is created at
     ``on_fit_start`` and closed at ``on_fit_end``; only rank 0 writes.
@@ -138,8 +140,8 @@ class TensorBoard(EpochLogger):
 
     Args:
       log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
-      log_every_n_steps: also log the step outputs every this many optimizer steps;
-        ``None`` logs per epoch only.
+      log_every_n_steps: also log the step outputs and learning rates every this many
+        optimizer steps; ``None`` logs per epoch only.
 
     Raises:
       ValueError: ``log_every_n_steps`` is not a positive integer.
@@ -200,5 +202,8 @@ class TensorBoard(EpochLogger):
         # Right after an optimizer update only (not after the micro-batches between).
         if self.writer is None or n is None or state.step % n != 0 or state.micro_step:
             return
-        for key, value in _host_scalars(outputs).items():
+        scalars = _host_scalars(outputs)
+        for key, value in learning_rate_metrics(state.opt_state).items():
+            scalars.setdefault(key.removeprefix("train/"), value)  # an output keeps its name
+        for key, value in scalars.items():
             self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)

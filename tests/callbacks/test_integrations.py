@@ -238,11 +238,13 @@ def test_tensorboard_writes_readable_scalars(tmp_path: Path) -> None:
     def scalars(tag: str) -> list[tuple[int, float]]:
         return [(e.step, pytest.approx(e.value)) for e in acc.Scalars(tag)]
 
-    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "valid/loss", "train_step/loss"}
+    tags = {"train/loss", "train/lr", "valid/loss", "train_step/loss", "train_step/lr"}
+    assert set(acc.Tags()["scalars"]) == tags
     assert scalars("train/loss") == [(1, 0.5), (2, 0.25)]
     assert scalars("valid/loss") == [(1, 0.75)]
     assert scalars("train/lr") == [(1, 0.1), (2, 0.1)]
     assert scalars("train_step/loss") == [(2, 0.5), (4, 0.25)]  # steps 2 and 4; 0-d only
+    assert scalars("train_step/lr") == [(2, 0.1), (4, 0.1)]
     assert state.epoch == 2
 
 
@@ -258,7 +260,37 @@ def test_tensorboard_logs_a_step_once_across_micro_batches(tmp_path: Path) -> No
         s = state.replace(step=step, micro_step=micro)
         cb.on_train_batch_end(s, {"loss": torch.tensor(1.0), "n": 4}, None, i)
     cb.writer.close()
-    assert calls == [("train_step/loss", 4), ("train_step/n", 4)]
+    assert calls == [("train_step/loss", 4), ("train_step/n", 4), ("train_step/lr", 4)]
+
+
+def test_tensorboard_logs_the_learning_rate_of_each_logged_step(tmp_path: Path) -> None:
+    """The seed's TensorBoard callback logged the learning rate with each batch's outputs
+    (a warm-up or schedule shows step by step): the rate of each parameter group after
+    the update, as ``fit``'s epoch-end ``train/lr``; it logged none."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    schedule = fl.optim.step_schedule(0.1, step_size=2, gamma=0.5)
+    tx = fl.optim.partition(
+        {"w": fl.optim.sgd(schedule), "b": fl.optim.sgd(0.01)},
+        lambda name: "w" if name == "weight" else "b",
+    )
+    state = fl.TrainState.create(torch.nn.Linear(3, 1), tx=tx, device="cpu")
+    cb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    batches = [torch.ones(4, 3)] * 3
+    fl.fit(
+        state,
+        lambda m, b: {"loss": m(b).square().mean()},
+        batches,
+        max_epochs=2,
+        callbacks=[cb],
+        log_to_console=False,
+    )
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    lrs = {g: [(e.step, e.value) for e in acc.Scalars(f"train_step/lr_{g}")] for g in (0, 1)}
+    assert lrs[0] == [(t, pytest.approx(schedule(t))) for t in range(1, 7)]
+    assert lrs[1] == [(t, pytest.approx(0.01)) for t in range(1, 7)]
 
 
 def test_tensorboard_resume_drops_scalars_beyond_the_checkpoint(tmp_path: Path) -> None:
