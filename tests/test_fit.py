@@ -525,6 +525,31 @@ def test_validation_step_can_differ_and_steps_can_be_premade():
     assert state.history["valid"]["zero"] == (0.0,)
 
 
+def test_validation_runs_under_the_train_steps_precision():
+    """The seed validated under autocast too (I3): fit's eval step, made from the
+    training function or from a validation function, takes the made train step's
+    precision (no test checked it)."""
+    seen = []
+
+    def probe(model, batch):
+        if not torch.is_grad_enabled():  # validation
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return classify(model, batch)
+
+    step = fl.make_train_step(probe, precision="bf16")
+    for validation_step in (None, probe):
+        seen.clear()
+        fl.fit(
+            make_state(),
+            step,
+            loaders(),
+            max_epochs=1,
+            validation_step=validation_step,
+            log_to_console=False,
+        )
+        assert seen == [(True, torch.bfloat16)] * 3  # 48 examples in batches of 16
+
+
 def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
     def exploding(model, batch):
         out = classify(model, batch)
