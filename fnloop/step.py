@@ -85,6 +85,10 @@ INPLACE_MSG = (
     "updates and into state tensors keyed like the parameters; return new tensors for "
     "the others (count = state.count + 1, not state.count.add_(1))."
 )
+GRAD_NORM_CLASH_MSG = (
+    "{name} returned a 'grad_norm' entry, and make_train_step(grad_norm=True) reports the "
+    "gradient norm under that name. Rename your entry, or drop grad_norm=True."
+)
 SPARSE_MSG = (
     "the gradient of {name!r} is {layout} (nn.Embedding(sparse=True) or "
     "EmbeddingBag(sparse=True)); fnloop's optimizers take dense gradients. Build the "
@@ -387,6 +391,7 @@ class TrainStep:
     loss_scale: DynamicLossScale | None = None
     on_nonfinite: NonFinitePolicy = None
     donate: bool = False
+    grad_norm: bool = False
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(True), init=False, repr=False, compare=False
     )
@@ -423,6 +428,8 @@ class TrainStep:
             )
         if self.precision == "fp16" and self.loss_scale is None:
             object.__setattr__(self, "loss_scale", DynamicLossScale())
+        if not isinstance(self.grad_norm, bool):
+            raise TypeError(f"grad_norm takes True or False; got {self.grad_norm!r}.")
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
@@ -510,8 +517,22 @@ class TrainStep:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
                 self._raise_if_nonfinite(state, loss, grads)
+        if self.grad_norm:
+            metrics["grad_norm"] = self._grad_norm(grads, scale, name, metrics)
         new_state = self._update(state, grads, loss, buffers, loss_scale, donate, transformed)
         return new_state, metrics
+
+    def _grad_norm(
+        self, grads: Params, scale: torch.Tensor | None, name: str, metrics: Metrics
+    ) -> torch.Tensor:
+        """The global 2-norm of the gradients the update uses (accumulated, averaged over
+        processes, unscaled, before any clipping), as ``clip_grad_norm_`` returns it."""
+        if "grad_norm" in metrics:
+            raise ValueError(GRAD_NORM_CLASH_MSG.format(name=name))
+        norm = _foreach.global_norm(list(grads.values()))
+        if scale is not None:  # the fp16 loss scale this backward pass used
+            norm = norm / scale
+        return _metric_dtype(norm.detach())
 
     def _raise_if_nonfinite(self, state: TrainState, loss: torch.Tensor, grads: Params) -> None:
         """``on_nonfinite="raise"``: a non-finite loss or gradient raises (reads the host).
@@ -849,6 +870,7 @@ def make_train_step(
     loss_scale: DynamicLossScale | None = None,
     on_nonfinite: NonFinitePolicy = None,
     donate: bool = False,
+    grad_norm: bool = False,
 ) -> TrainStepFn:
     """Turns ``training_step(model, batch) -> {"loss": ...}`` into a pure training step.
 
@@ -892,6 +914,13 @@ def make_train_step(
         compiled ``vmap`` of the step too, and with ``"skip"`` or fp16); in eager mode,
         under ``vmap`` and for updates that ``"skip"`` or fp16 may skip, the step computes
         out of place. ``fit`` donates the states it makes itself.
+      grad_norm: also report ``"grad_norm"``: the global 2-norm of the gradients each
+        update uses (accumulated over the window, averaged over processes, unscaled from
+        the fp16 loss scale, before the optimizer clips them), the value
+        ``torch.nn.utils.clip_grad_norm_`` returns in a hand loop; with accumulation only
+        the call that updates reports it. It stays on the device like the other metrics
+        (``fit`` shows and records its epoch mean as ``train/grad_norm``; a callback can
+        read ``outputs["grad_norm"]`` to warn on a large one, at the cost of a host sync).
 
     Returns:
       The step, a function. ``torch.compile`` it as it is; each step made compiles on
@@ -920,6 +949,7 @@ def make_train_step(
         loss_scale=loss_scale,
         on_nonfinite=on_nonfinite,
         donate=donate,
+        grad_norm=grad_norm,
     )
     return _as_function(spec, "train_step")
 

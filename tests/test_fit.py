@@ -550,6 +550,23 @@ def test_validation_runs_under_the_train_steps_precision():
         assert seen == [(True, torch.bfloat16)] * 3  # 48 examples in batches of 16
 
 
+def test_fit_records_the_epoch_mean_of_the_gradient_norm():
+    norms = []
+
+    class Norms(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            assert ("grad_norm" in outputs) == (state.micro_step == 0)
+            if "grad_norm" in outputs:
+                norms.append(float(outputs["grad_norm"]))
+
+    step = fl.make_train_step(classify, accumulation_steps=2, grad_norm=True)
+    state = fl.fit(
+        make_state(), step, loaders(), max_epochs=1, callbacks=[Norms()], log_to_console=False
+    )
+    assert len(norms) == 3  # 6 batches of 16, an update every 2
+    assert state.history["train"]["grad_norm"] == pytest.approx((sum(norms) / 3,), rel=1e-6)
+
+
 def test_divergence_stops_training_without_overwriting_checkpoints(tmp_path):
     def exploding(model, batch):
         out = classify(model, batch)

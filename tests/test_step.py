@@ -170,6 +170,93 @@ def test_a_transform_writing_its_count_in_place_is_caught_and_the_state_kept():
     assert state.opt_state[0] == 0
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("how", ["eager", "donate", "vmap"])
+def test_grad_norm_is_clip_grad_norms_total_norm(k, how):
+    """The seed logged the gradient norm in a batch-end hook (and warned when it was
+    large), which a callback cannot, since it never sees gradients: with
+    ``grad_norm=True`` the step reports the global norm of the gradients the update uses
+    (accumulated, before clipping), the norm ``clip_grad_norm_`` returns in a hand loop,
+    at each update (not at the micro-batches between)."""
+    module = mlp(bn=True)
+    data = batches(6)
+    ref = copy.deepcopy(module).train()
+    opt = torch.optim.SGD(ref.parameters(), 0.1, momentum=0.9)
+    want = []
+    for i, (x, y) in enumerate(data):
+        (F.cross_entropy(ref(x), y) / k).backward()
+        if (i + 1) % k == 0:
+            want.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5))
+            opt.step()
+            opt.zero_grad()
+    tx = optim.chain(optim.clip_by_global_norm(0.5), optim.sgd(0.1, momentum=0.9))
+    state = fl.TrainState.create(module, tx=tx, device="cpu")
+    step = fl.make_train_step(
+        classify, accumulation_steps=k, grad_norm=True, donate=how == "donate"
+    )
+    if how == "donate":
+        state = state.clone()
+    if how == "vmap":  # one model of a stack of one
+        state = fl.stack_states([state])
+        step = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    got = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        assert ("grad_norm" in metrics) == (state.micro_step == 0)
+        if "grad_norm" in metrics:
+            got.append(metrics["grad_norm"].reshape(()))
+    assert state.step == len(want)
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-9, atol=1e-12)
+
+
+def test_grad_norm_is_the_unscaled_norm_with_fp16(monkeypatch):
+    """With an fp16 loss scale, the norm of the unscaled gradients, as
+    ``scaler.unscale_(opt)`` then ``clip_grad_norm_`` gives it; an overflow shows as inf."""
+    monkeypatch.setattr(fl.step, "autocast", lambda precision, device: contextlib.nullcontext())
+    torch.manual_seed(0)
+    module = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), 0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    want = []
+    for bad in (False, True, False):
+        loss = (ref(x) ** 2).mean() * (float("inf") if bad else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        want.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9)))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    def step_fn(model, batch):
+        x, bad = batch
+        return {"loss": (model(x) ** 2).mean() * torch.where(bad, float("inf"), 1.0)}
+
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(
+        step_fn,
+        precision="fp16",
+        loss_scale=fl.DynamicLossScale(init_scale=1024.0),
+        grad_norm=True,
+    )
+    got = []
+    for bad in (False, True, False):
+        state, metrics = step(state, (x, torch.tensor(bad)))
+        got.append(float(metrics["grad_norm"]))
+    assert got[1] != got[1] or got[1] == float("inf")
+    assert want[1] != want[1] or want[1] == float("inf")
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert got[2] == pytest.approx(want[2], rel=1e-6)
+
+
+def test_grad_norm_refuses_a_step_that_returns_one():
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda m, b: {**classify(m, b), "grad_norm": 1.0}, grad_norm=True)
+    with pytest.raises(ValueError, match=r"'grad_norm' entry.*grad_norm=True"):
+        step(state, batches(1)[0])
+
+
 def test_eager_and_torch_func_gradients_agree(monkeypatch):
     import fnloop.step as step_mod
 
