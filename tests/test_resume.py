@@ -35,6 +35,14 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert torch.equal(a["params"][name], b["params"][name]), name
         assert torch.equal(a["ema"][name], b["ema"][name]), name
     assert a["history"] == b["history"]
+    # The optimizer state and best_model.pt (the best epoch's EMA weights, which may lie
+    # before the interruption) resume too: no test compared them.
+    assert len(a["opt_state"]) == len(b["opt_state"])
+    for x, y in zip(a["opt_state"], b["opt_state"]):
+        assert torch.equal(x, y)
+    assert a["best"].keys() == b["best"].keys()
+    for name in a["best"]:
+        assert torch.equal(a["best"][name], b["best"][name]), name
 
 
 @pytest.fixture(scope="module")

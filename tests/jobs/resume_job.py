@@ -1,4 +1,5 @@
-"""A small training job for the resume tests: shuffling loader, dropout, mid-epoch checkpoints.
+"""A small training job for the resume tests: shuffling loader, dropout, mid-epoch checkpoints,
+a best model from before the interruptions.
 
 Usage: python resume_job.py OUT_DIR MAX_EPOCHS [SLEEP_PER_BATCH]
 Writes OUT_DIR/final.pt (params and history) when it finishes; prints READY once training
@@ -30,6 +31,14 @@ class Slow(fl.callbacks.Callback):
         time.sleep(self.seconds)
 
 
+class Score(fl.callbacks.Callback):
+    """An epoch metric whose best epoch (the second) lies before a later interruption."""
+
+    def on_validation_epoch_end(self, state, metrics):
+        score = {"score": [0.3, 0.9, 0.5, 0.4][state.epoch - 1]}
+        return state.replace(history=fl.state.append_history(state.history, "valid", score))
+
+
 def training_step(model, batch):
     x, y = batch
     logits = model(x)
@@ -55,13 +64,24 @@ def main(out_dir: str, max_epochs: int, sleep: float) -> None:
         out_dir=out_dir,
         checkpoint_every_n_steps=3,
         early_stopping=fl.EarlyStopping("valid/loss", patience=50),
-        callbacks=[Slow(sleep)],
+        monitor="valid/score",  # best_model.pt: epoch 2's weights
+        mode="max",
+        callbacks=[Score(), Slow(sleep)],
         log_to_console=False,
         progress=False,
     )
     history = {s: {k: list(v) for k, v in m.items()} for s, m in state.history.items()}
+    best = torch.load(f"{out_dir}/best_model.pt", weights_only=True)
+    opt_state = [t for t in fl._tree.tree_leaves(state.opt_state) if isinstance(t, torch.Tensor)]
     torch.save(
-        {"params": state.params, "ema": state.ema, "history": history, "step": state.step},
+        {
+            "params": state.params,
+            "ema": state.ema,
+            "history": history,
+            "step": state.step,
+            "best": best,
+            "opt_state": opt_state,
+        },
         f"{out_dir}/final.pt",
     )
     print("DONE", flush=True)
