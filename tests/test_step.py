@@ -313,6 +313,30 @@ def test_ema_matches_averaged_model_and_eval_uses_it():
     torch.testing.assert_close(raw, F.cross_entropy(ref(x), y), rtol=1e-12, atol=1e-14)
 
 
+def test_the_device_is_chosen_automatically_and_batches_are_moved_to_it(monkeypatch):
+    """REQUIREMENTS S13 (no test covered it): ``cuda`` when available, else ``cpu``; a
+    state made without ``device`` lives there, and both steps move every tensor of a
+    nested batch to the state's device."""
+    for available, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert fl.state.default_device() == torch.device(want)
+    monkeypatch.setattr(fl.state, "default_device", lambda: torch.device("meta"))
+    assert fl.TrainState.create(mlp(), tx=optim.sgd(0.1)).device.type == "meta"
+
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    moved = []
+    monkeypatch.setattr(fl.step, "to_device", lambda b, d: moved.append(d) or fl.to_device(b, d))
+    x, y = batches(1)[0]
+
+    def nested(model, batch):
+        return classify(model, (batch["inputs"][0], batch["target"]))
+
+    batch = {"inputs": [x], "target": y}
+    fl.make_train_step(nested)(state, batch)
+    fl.make_eval_step(nested)(state, batch)
+    assert moved == [state.device, state.device]
+
+
 def test_eval_step_uses_eval_mode_and_no_grad():
     state = fl.TrainState.create(mlp(bn=True), tx=optim.sgd(0.1), device="cpu")
     seen = {}
