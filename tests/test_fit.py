@@ -890,6 +890,37 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     assert not (tmp_path / "run").exists()
 
 
+def test_a_supplied_batch_size_weighs_the_epoch_means():
+    """REQUIREMENTS I10, S11: batches whose first tensor is not batch-major (time-major
+    sequences, (T, B, F)) are weighed by the size fit(batch_size=...) finds in them, in
+    training and validation (no test passed one)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [8, 8, 2]  # examples per batch; every batch has T=5 steps
+    batches = [
+        (torch.randn(5, b, 6, generator=g), torch.randint(0, 2, (b,), generator=g)) for b in sizes
+    ]
+
+    def last_step(model, batch):
+        x, y = batch
+        return classify(model, (x[-1], y))
+
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))  # no dropout
+    state = fl.TrainState.create(module, tx=optim.sgd(0.0), device="cpu")
+    per_batch = [float(fl.make_eval_step(last_step)(state, b)["loss"]) for b in batches]
+    want = sum(n * v for n, v in zip(sizes, per_batch)) / sum(sizes)
+    state = fl.fit(
+        state,
+        last_step,
+        {"train": batches, "valid": batches},
+        max_epochs=1,
+        batch_size=lambda b: b[0].shape[1],
+        log_to_console=False,
+    )
+    assert want != pytest.approx(sum(per_batch) / 3, rel=1e-3)  # the weights matter here
+    assert state.history["valid"]["loss"][0] == pytest.approx(want, rel=1e-6)
+    assert state.history["train"]["loss"][0] == pytest.approx(want, rel=1e-6)
+
+
 def test_numpy_numbers_are_numbers_for_fit(tmp_path):
     np = pytest.importorskip("numpy")
     rule = fl.EarlyStopping("valid/loss", patience=np.int64(3), min_delta=np.float32(0.0))
