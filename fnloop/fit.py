@@ -113,27 +113,17 @@ def _format_time(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def _metric_text(value: float) -> str:
-    """``0.023`` (three decimals, as the ``BaseTrainer``'s epoch line), or ``2.500e-05``
-    below 1e-3, where three decimals would show nothing.
-
-    >>> _metric_text(0.0234), _metric_text(2.5e-5), _metric_text(0.0), _metric_text(float("nan"))
-    ('0.023', '2.500e-05', '0.000', 'nan')
-    """
-    return f"{value:.3f}" if value == 0 or not abs(value) < 1e-3 else f"{value:.3e}"
-
-
 def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
     """The epoch summary line: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``.
 
-    The epoch is right-aligned in at least three places; a metric shows three decimals
-    (4 significant digits below 1e-3). Metrics of other splits (a callback's
-    ``test/acc``) follow, each split after its name.
+    The epoch is right-aligned in at least three places; a metric shows 4 significant
+    digits, as in the progress bars (``0.01815``, ``2.5e-05``). Metrics of other splits
+    (a callback's ``test/acc``) follow, each split after its name.
 
-    >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.981, "valid/loss": 0.019}, 135)
-    '[ 15/50] loss:0.023 acc:0.981 | (val) loss:0.019 (2m 15s)'
+    >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.98125, "valid/loss": 0.019}, 135)
+    '[ 15/50] loss:0.023 acc:0.9812 | (val) loss:0.019 (2m 15s)'
     >>> epoch_line(2, 5, {"train/loss": 0.5, "test/acc": 0.75}, 3)
-    '[  2/5] loss:0.500 | (test) acc:0.750 (3.0s)'
+    '[  2/5] loss:0.5 | (test) acc:0.75 (3.0s)'
     """
     width = max(3, len(str(max_epochs)))
     parts = [f"[{epoch:>{width}}/{max_epochs}]"]
@@ -142,7 +132,7 @@ def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], second
         split, _, name = key.partition("/")
         if split == "train" and name.startswith("lr"):
             continue
-        shown = f"{name}:{_metric_text(value)}"
+        shown = f"{name}:{value:.4g}"
         splits.setdefault("val" if split == "valid" else split, []).append(shown)
     parts.append(" ".join(splits.pop("train")))
     parts += [f"| ({split}) " + " ".join(shown) for split, shown in splits.items() if shown]

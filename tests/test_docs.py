@@ -374,7 +374,8 @@ def _check_readme_fit(ns: Namespace, before: Namespace) -> None:
     # The epoch line shown after this block: "[ 3/20] loss:0.2121 acc:0.9395 | (val) ..."
     shown = extract_blocks("README.md", "")[0].source.strip()
     pattern = re.escape(shown)
-    pattern = re.sub(r"\d+(\\\.\d+)?", lambda m: r"\d+\.\d+" if m.group(1) else r"\s*\d+", pattern)
+    number = r"(?:\d[\d.e+-]*|nan)"  # as f"{value:.4g}" prints it: 0.9611, 0, 2.5e-05
+    pattern = re.sub(r"\d+(\\\.\d+)?", lambda m: number if m.group(1) else r"\s*\d+", pattern)
     log = (Path("runs/demo") / "run_training.log").read_text(encoding="utf-8")
     assert re.search(pattern, log), f"no line like {shown!r} in the log:\n{log}"
 

@@ -1177,14 +1177,15 @@ def test_progress_bars_show_running_batch_weighted_means(monkeypatch):
 
 def test_the_epoch_line_has_the_seeds_format():
     """REQUIREMENTS S10: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``: the epoch
-    right-aligned in three places and three decimals (it printed ``[15/50]
-    loss:0.0230``); a value below 1e-3 keeps 4 significant digits, as the
-    learning-rate lines do."""
+    right-aligned in three places (it printed ``[15/50]``), and 4 significant digits, as
+    the progress bars show (it printed ``loss:0.0230``, and ``0.0000`` for 2.5e-5)."""
     line = epoch_line(15, 50, {"train/loss": 0.023, "valid/loss": 0.019}, 135)
     assert line == "[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)"
-    assert epoch_line(7, 1000, {"train/loss": 2.5e-5}, 3) == "[   7/1000] loss:2.500e-05 (3.0s)"
+    assert epoch_line(7, 1000, {"train/loss": 2.5e-5}, 3) == "[   7/1000] loss:2.5e-05 (3.0s)"
+    line = epoch_line(1, 2, {"train/loss": 0.018146, "valid/loss": 0.0189}, 1)
+    assert line == "[  1/2] loss:0.01815 | (val) loss:0.0189 (1.0s)"
     nan = epoch_line(1, 2, {"train/loss": float("nan"), "train/acc": 0.0}, 1)
-    assert nan == "[  1/2] loss:nan acc:0.000 (1.0s)"
+    assert nan == "[  1/2] loss:nan acc:0 (1.0s)"
 
 
 def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
@@ -1204,7 +1205,7 @@ def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
     )
     log = (tmp_path / "run_training.log").read_text()
     assert re.search(
-        r"\[  2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.700 \(", log
+        r"\[  2/2\] loss:\S+ acc:\S+ \| \(val\) loss:\S+ acc:\S+ \| \(test\) acc:0\.7 \(", log
     )
 
 
