@@ -140,8 +140,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
       ``path`` as a ``pathlib.Path``.
 
     Raises:
-      TypeError: ``state`` is not a ``TrainState``, or an ``extra`` value is not plain
-        data (the message names the key and the type).
+      TypeError: ``state`` is not a ``TrainState``, or an ``extra`` value or a
+        non-tensor leaf of ``state`` (a field a subclass adds) is not plain data (the
+        message names the key and the type).
       ValueError: two leaves of ``state`` map to the same key.
 
     Example:
@@ -157,11 +158,14 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
     """
     path = _as_path(path, "save_checkpoint", "state")
     _check_state(state, "save_checkpoint")
+    keys, leaves, _ = _flatten_with_keys(state)
+    for key, leaf in zip(keys, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):  # a field a subclass adds
+            _check_plain(leaf, f"the state's leaf {key!r}")
     for key, value in extra.items():
         _check_plain(value, f"extra[{key!r}]")
     if not is_main_process():
         return path
-    keys, leaves, _ = _flatten_with_keys(state)
     leaves = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     payload = {
         "leaves": _compact(dict(zip(keys, leaves, strict=True))),

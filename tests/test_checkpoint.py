@@ -6,6 +6,7 @@ a round trip that drops or mixes up a tensor cannot pass by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -291,6 +292,33 @@ def test_save_rejects_extra_that_is_not_plain_data(
     assert where in str(info.value) and type_name in str(info.value)
     assert "weights_only" in str(info.value)
     assert files_in(tmp_path) == []
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateWithBest(fnloop.TrainState):
+    best: Any = None
+
+
+@pytest.mark.parametrize(
+    ("best", "type_name"), [(np.float64(0.5), "float64"), (np.arange(3), "ndarray")]
+)
+def test_save_rejects_a_state_leaf_that_is_not_plain_data(
+    tmp_path: Path, best: Any, type_name: str
+) -> None:
+    # Written, such a file could never be loaded (weights_only refuses its pickled object),
+    # and resuming would skip it as damaged.
+    state = StateWithBest.create(make_module(), tx=TXS["adamw"](), device="cpu", best=best)
+    with pytest.raises(TypeError) as info:
+        save_checkpoint(tmp_path / "c.pt", state)
+    assert "'best'" in str(info.value) and type_name in str(info.value)
+    assert "weights_only" in str(info.value)
+    assert files_in(tmp_path) == []
+
+
+def test_a_state_leaf_of_plain_data_round_trips(tmp_path: Path) -> None:
+    state = StateWithBest.create(make_module(), tx=TXS["adamw"](), device="cpu", best=0.5)
+    path = save_checkpoint(tmp_path / "c.pt", state.replace(best=0.25))
+    assert load_checkpoint(path, like=state).best == 0.25
 
 
 def test_save_rejects_non_state(tmp_path: Path) -> None:
