@@ -60,7 +60,6 @@ def sgd(
       tensor([0.7100])
     """
     check_non_negative("momentum", momentum)
-    check_non_negative("weight_decay", weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"Nesterov momentum requires a momentum and zero dampening; got "
@@ -162,7 +161,6 @@ def adam(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.9000])
     """
-    check_non_negative("weight_decay", weight_decay)
     tx = chain(
         add_decayed_weights(weight_decay),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
@@ -205,7 +203,6 @@ def adamw(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.8500])
     """
-    check_non_negative("weight_decay", weight_decay)
     tx = chain(
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         add_decayed_weights(weight_decay),
@@ -294,7 +291,6 @@ def rmsprop(
       tensor([0.9000])
     """
     check_non_negative("momentum", momentum)
-    check_non_negative("weight_decay", weight_decay)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_rms(alpha, eps, centered=centered),
@@ -332,7 +328,6 @@ def adagrad(
       >>> optim.apply_updates(params, updates)["w"]
       tensor([0.5000])
     """
-    check_non_negative("weight_decay", weight_decay)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_adagrad(
