@@ -141,17 +141,13 @@ def identity() -> GradientTransformation:
     {'w': 1.0}
     """
 
-    def init_fn(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update_fn(
         updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
         del params
         return updates, state
 
-    return GradientTransformation(init_fn, update_fn, update_fn, update_then_apply(update_fn))
+    return GradientTransformation(no_state, update_fn, update_fn, update_then_apply(update_fn))
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
