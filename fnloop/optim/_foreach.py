@@ -73,7 +73,7 @@ def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorLi
         if batched(xs) or batched(ys):
             return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         return list(torch._foreach_add(xs, ys, alpha=alpha))
-    if _batched_any(xs, ys) or isinstance(ys, torch.Tensor):
+    if isinstance(ys, torch.Tensor) or batched(xs):
         # CUDA's foreach add with a 0-d tensor reads it on the host: a sync.
         return _keep_dtypes(xs, [x + ys for x in xs], ys)
     return list(torch._foreach_add(xs, ys))
@@ -86,7 +86,7 @@ def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorL
             return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
-    if _batched_any(xs, ys) or isinstance(ys, torch.Tensor):
+    if isinstance(ys, torch.Tensor) or batched(xs):
         # CUDA's foreach add with a 0-d tensor reads it on the host: a sync.
         return [x.add_(ys) for x in xs]
     torch._foreach_add_(xs, ys)
