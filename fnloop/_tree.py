@@ -50,9 +50,10 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
             )
         return layout[0]
 
-    def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+    def flatten_optree(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
         children, statics = fields()
-        return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in statics)
+        leaves = [getattr(obj, n) for n in children]
+        return leaves, tuple(getattr(obj, n) for n in statics), children
 
     def unflatten_optree(context: Any, values: Any) -> Any:
         children, statics = fields()
@@ -72,10 +73,6 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
         values_ = dict.fromkeys(children)
         values_.update(zip(present, values))
         return cls(**values_, **dict(zip(statics, statics_)))
-
-    def flatten_optree(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
-        leaves, context = flatten(obj)
-        return leaves, context, fields()[0]
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         leaves, context = flatten_torch(obj)
