@@ -167,10 +167,6 @@ def _meta_template(module: nn.Module) -> nn.Module:
     return template
 
 
-def _post_hooks(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "_post_accumulate_grad_hooks", None))
-
-
 _MODE_COPIES = "_fnloop_mode_copies"
 
 
@@ -195,11 +191,6 @@ def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.M
         module.__dict__[_MODE_COPIES] = {**copies, training: twin}
         return twin
     return copies[training]
-
-
-def default_device() -> torch.device:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -318,7 +309,9 @@ class TrainState:
                 f"keywords; got {wrong}. Set TrainState's own fields afterwards with "
                 f"state.replace(...)."
             )
-        dev = torch.device(device) if device is not None else default_device()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
         named = dict(module.named_parameters())
         lazy = [n for n, p in named.items() if nn.parameter.is_lazy(p)]
         if lazy:
@@ -326,7 +319,11 @@ class TrainState:
                 f"parameter {lazy[0]!r} is not initialized yet (a Lazy module): run one "
                 f"forward pass on a batch, module(x), before TrainState.create."
             )
-        hooked = [n for n, p in named.items() if p._backward_hooks or _post_hooks(p)]
+        hooked = [
+            n
+            for n, p in named.items()
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+        ]
         if hooked:
             raise ValueError(
                 f"parameter {hooked[0]!r} has a gradient hook (register_hook), which fnloop "
