@@ -378,10 +378,9 @@ def scale_by_adam(
 
     def init_fn(params: Params) -> ScaleByAdamState:
         check_real(params, "Adam")
-        zeros = _tree.tree_map(torch.zeros_like, params)
         return ScaleByAdamState(
             count=_count(_first_leaf(params)),
-            mu=zeros,
+            mu=_tree.tree_map(torch.zeros_like, params),
             nu=_tree.tree_map(torch.zeros_like, params),
             nu_max=_tree.tree_map(torch.zeros_like, params) if amsgrad else (),
         )
