@@ -484,10 +484,10 @@ def onecycle_schedule(
                 lr = torch.where(t <= end, in_phase, lr)
             return lr
         t_float = min(step, last_step)
-        for i, (start, end, length, start_lr, end_lr) in enumerate(phases):
-            if t_float <= end or i == len(phases) - 1:
-                return float(anneal_float(start_lr, end_lr, (t_float - start) / length))
-        raise AssertionError("unreachable: the last phase always matches")
+        start, _, length, start_lr, end_lr = next(
+            (phase for phase in phases if t_float <= phase[1]), phases[-1]
+        )
+        return float(anneal_float(start_lr, end_lr, (t_float - start) / length))
 
     return schedule
 
