@@ -357,8 +357,8 @@ def load_model(
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
     """
     path = _as_path(path, "load_model", "module")
-    _check_is_file(path)
     if _is_safetensors(path):
+        _check_is_file(path)  # (torch files: checked by _safe_torch_load)
         st = _import_safetensors_torch(path)
         try:
             tensors = st.load_file(str(path), device="cpu")
