@@ -177,11 +177,10 @@ def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.M
     frozen backbone's BatchNorm) is honoured, as in a loop that calls ``model.train()``.
     The copy is kept in ``module.__dict__``, not as a submodule, so later calls return
     the same object; on a state's template, whose weights live on the ``meta`` device,
-    it copies no weights. ``refresh=True`` copies
-    the module again (eager steps do on their first call, so hooks or attributes set on
-    the template since it was made are in the copy; compiled steps use the kept copy,
-    since a copy inside a trace is a graph break). Train steps use the ``training=True``
-    module, evaluation steps the other.
+    it copies no weights. ``refresh=True`` copies the module again (eager steps do on
+    their first call, so hooks or attributes set on the template since it was made are
+    in the copy; compiled steps use the kept copy, since a copy inside a trace is a graph
+    break). Train steps use the ``training=True`` module, evaluation steps the other.
     """
     copies: dict[bool, nn.Module] = module.__dict__.get(_MODE_COPIES, {})
     if refresh or training not in copies:
@@ -405,10 +404,9 @@ class TrainState:
         per group, so that the ``foreach`` optimizer step of a donating training step
         (``sgd``/``adam``/``adamw`` where torch's fused kernels do not run: devices
         other than CPU and CUDA, mixed dtypes) updates it as one tensor instead of one
-        small tensor at a time;
-        channels-last tensors keep their layout. ``fit``
-        makes this copy once before it donates; use it before a donating custom loop too,
-        so that the step does not write into the module's own tensors.
+        small tensor at a time; channels-last tensors keep their layout. ``fit`` makes
+        this copy once before it donates; use it before a donating custom loop too, so
+        that the step does not write into the module's own tensors.
 
         Example:
           >>> import torch
