@@ -53,8 +53,9 @@ def is_main_process() -> bool:
 
 
 def broadcast_state(state: TrainState) -> TrainState:
-    """Rank 0's state in every process: its tensors (one broadcast per dtype), its step,
-    epoch and micro-step counters, history and EMA decay; a collective call.
+    """Rank 0's state in every process: its tensors (one broadcast per dtype), its leaves
+    that are not tensors (a float field of a subclass), its step, epoch and micro-step
+    counters, history and EMA decay; a collective call.
 
     Data parallelism needs the same starting state everywhere, as
     ``DistributedDataParallel`` makes it when it wraps a module: ``fit`` calls this on
@@ -75,7 +76,9 @@ def broadcast_state(state: TrainState) -> TrainState:
     runtime = {p: leaf.dtype for p, leaf in zip(paths, leaves) if p.startswith(_RUNTIME)}
     layout = [(p, _describe(leaf)) for p, leaf in zip(paths, leaves) if not p.startswith(_RUNTIME)]
     static = (state.step, state.epoch, state.micro_step, state.history, state.ema_decay)
-    everyone = gather((layout, (runtime, static) if rank() == 0 else None))
+    # Indexed as in every process's state once the runtime fields are made (all tensors).
+    plain = {i: leaf for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)}
+    everyone = gather((layout, (runtime, static, plain) if rank() == 0 else None))
     for other, (their_layout, _) in enumerate(everyone[1:], start=1):
         if their_layout != everyone[0][0]:
             raise ValueError(
@@ -84,12 +87,13 @@ def broadcast_state(state: TrainState) -> TrainState:
                 f"build the same state (the same module, tx and ema_decay) before rank 0's "
                 f"values can be copied into it."
             )
-    (runtime, static) = everyone[0][1]
+    (runtime, static, plain) = everyone[0][1]
     state = with_runtime_fields(state, runtime)
     leaves, treedef = _tree.tree_flatten(state)
-    named = {str(i): leaf for i, leaf in enumerate(leaves)}
+    named = {str(i): leaf for i, leaf in enumerate(leaves) if i not in plain}
     out = _reduce(named, lambda flat: torch.distributed.broadcast(flat, src=0))
-    state = _tree.tree_unflatten(treedef, [out[str(i)] for i in range(len(leaves))])
+    leaves = [plain[i] if i in plain else out[str(i)] for i in range(len(leaves))]
+    state = _tree.tree_unflatten(treedef, leaves)
     step, epoch, micro_step, history, ema_decay = static
     return state.replace(
         step=step, epoch=epoch, micro_step=micro_step, history=history, ema_decay=ema_decay

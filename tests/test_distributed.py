@@ -208,6 +208,30 @@ def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ra
     assert results[1]["broadcast"]["window"]["micro_step"] == 1
 
 
+def test_broadcast_state_sends_rank_0s_leaves_that_are_not_tensors(tmp_path: Path) -> None:
+    """A subclass's float field (a leaf, which clone and checkpoints keep) comes from rank
+    0 as its tensors do, instead of failing in every process."""
+    job = Path(__file__).parent / "jobs" / "leaf_broadcast_job.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(job),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["best"] == r1["best"] == 1.0
+    assert_same(r0["params"], r1["params"])
+
+
 def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
     _, results = ranks
     for r in results:
