@@ -207,13 +207,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return tx._replace(apply_=apply_)
 
 
-def check_same_structure(updates: Any, params: Any, what: str = "updates") -> None:
+def check_same_structure(updates: Any, params: Any) -> None:
     """Raises ``ValueError`` naming the first key where ``updates`` and ``params`` differ."""
     diff = _tree.first_difference(updates, params)
     if diff is not None:
         raise ValueError(
-            f"{what} and params must have the same structure, but {diff} "
-            f"(first tree: {what}, second: params). Compute gradients for exactly the "
+            f"updates and params must have the same structure, but {diff} "
+            f"(first tree: updates, second: params). Compute gradients for exactly the "
             f"params the optimizer was initialised with."
         )
 
