@@ -499,14 +499,14 @@ def adam_apply_(
     weight_decay: float,
     decoupled: bool,
     amsgrad: bool,
-    counts: HostValues | None = None,
+    counts: HostValues,
 ) -> tuple[Params, ScaleByAdamState]:
     """One Adam (or, with ``decoupled``, AdamW) step written into ``params`` and ``state``.
 
     The fused form of ``scale_by_adam`` + weight decay + ``scale_by_learning_rate`` +
     ``apply_updates_``; ``grads`` are consumed (written into). Eager CPU and CUDA tensors
     take torch's fused kernel (bit for bit ``torch.optim``'s ``fused=True``). Elsewhere, with
-    ``counts`` (the update counts on the host), it runs ``torch.optim``'s foreach
+    the update count on the host (from ``counts``), it runs ``torch.optim``'s foreach
     operation order with Python scalars (bit for bit ``foreach=True`` with a float
     ``lr``); under ``torch.compile`` and ``vmap``, its sync-free order with 0-d tensors.
     """
@@ -518,7 +518,7 @@ def adam_apply_(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, decoupled=decoupled
     )
     done = _foreach.fused_adam_(*lists, step=count, **scalars)
-    if not done and counts is not None:
+    if not done:
         host = counts.value(state.count)
         if host is not None:
             _foreach.adam_(*lists, step=host + 1, **scalars)
