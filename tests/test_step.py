@@ -317,11 +317,14 @@ def test_the_device_is_chosen_automatically_and_batches_are_moved_to_it(monkeypa
     """REQUIREMENTS S13 (no test covered it): ``cuda`` when available, else ``cpu``; a
     state made without ``device`` lives there, and both steps move every tensor of a
     nested batch to the state's device."""
-    for available, want in ((True, "cuda"), (False, "cpu")):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
-        assert fl.state.default_device() == torch.device(want)
-    monkeypatch.setattr(fl.state, "default_device", lambda: torch.device("meta"))
-    assert fl.TrainState.create(mlp(), tx=optim.sgd(0.1)).device.type == "meta"
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert fl.TrainState.create(mlp(), tx=optim.sgd(0.1)).device.type == want
+    if want == "cpu":  # told a GPU is there, create moves the weights to cuda (and fails)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises((AssertionError, RuntimeError), match=r"(?i)cuda|nvidia"):
+            fl.TrainState.create(mlp(), tx=optim.sgd(0.1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fl.TrainState.create(mlp(), tx=optim.sgd(0.1)).device == torch.device("cpu")
 
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     moved = []
