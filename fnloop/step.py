@@ -109,6 +109,20 @@ EVAL_STACKED_FIX = (
 )
 
 
+VMAP_OP_MSG = (
+    "{name} failed under torch.func.vmap: {error}\n"
+    "torch.func.vmap cannot run this model's forward pass on stacked states: {why} "
+    "Known cases: spectral_norm (its power iteration writes with out=) and packed "
+    "sequences through an RNN (pack_padded_sequence). Train and evaluate such models one "
+    "at a time, in a loop over fl.unstack_states(state) (docs/guide.md, section 6)."
+)
+VMAP_NO_RULE = "torch has no batching rule for an operation it calls."
+VMAP_HOST_READ = (
+    "it reads a tensor's value on the host (.item(), int(t), a tensor as a size or in an "
+    "if), as an RNN does with a PackedSequence's batch sizes."
+)
+
+
 NONFINITE_MSG = (
     "non-finite {what} at step {step}. Lower the learning rate, add gradient clipping "
     "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
@@ -222,6 +236,72 @@ def _bound(
     finally:
         for table, key, _, old, _ in reversed(saved):
             table[key] = old
+
+
+def _vmapping() -> bool:
+    """Under an eager ``torch.func.vmap`` (not while ``torch.compile`` traces)."""
+    return not torch.compiler.is_compiling() and _functorch.maybe_current_level() is not None
+
+
+@contextlib.contextmanager
+def _clear_vmap_errors(name: str) -> Iterator[None]:
+    """Under ``vmap``: torch's errors for operations it cannot batch name the models that
+    hit them and what to do instead."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "Batching rule not implemented" in text:
+            why = VMAP_NO_RULE
+        elif text.startswith("vmap: It looks like you're either (1) calling .item()"):
+            why = VMAP_HOST_READ
+        else:
+            raise
+        raise RuntimeError(VMAP_OP_MSG.format(name=name, error=text, why=why)) from e
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` without their
+    inference fast path (fused kernels and nested tensors, which vmap cannot batch)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _decomposed(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a forward pass under ``no_grad``) inside a ``torch.func.grad`` level.
+
+    Under ``vmap`` alone, torch runs composite operations such as ``aten::lstm`` /
+    ``aten::gru`` as one kernel, which has no batching rule; inside a grad level it runs
+    them as the operations they are made of, which vmap batches (as in a vmapped train
+    step). The tensors ``fn`` returns as entries of a mapping come out of the level; the
+    level differentiates nothing.
+    """
+    rest: dict[str, Any] = {}
+
+    def inner(dummy: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        with torch.no_grad():
+            out = fn()
+        if not isinstance(out, Mapping):
+            rest["out"] = out  # an error for the caller to raise; no tensors to take out
+            return dummy.sum(), {}
+        items = dict(out)
+        tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
+        rest.update({k: v for k, v in items.items() if k not in tensors})
+        rest["keys"] = list(items)
+        return dummy.sum(), tensors
+
+    _, tensors = torch.func.grad(inner, has_aux=True)(torch.zeros(()))
+    if "keys" not in rest:
+        return rest["out"]
+    return {k: tensors[k] if k in tensors else rest[k] for k in rest["keys"]}
+
+
+_nothing = contextlib.nullcontext()
 
 
 def _in_transform(params: Params, *, train: bool = True) -> bool:
@@ -560,6 +640,7 @@ class TrainStep:
         forward ran on (the state's, or a pure eager step's copies of them)."""
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
+        vmapping = transformed and _vmapping()
 
         eager_buffers = None if transformed else _buffer_copies(state.buffers, frozen)
         k = self.accumulation_steps
@@ -571,7 +652,10 @@ class TrainStep:
             buffers = eager_buffers
             if buffers is None:
                 buffers = _buffer_copies(state.buffers, frozen)
-            with autocast(self.precision, device):
+            with (
+                autocast(self.precision, device),
+                _clear_vmap_errors(name) if vmapping else _nothing,
+            ):
                 model = BoundModel(module, params, buffers, slots=slots)
                 out = self.training_step(model, batch)
             loss = _check_output(out, name)
@@ -989,11 +1073,18 @@ class EvalStep:
         # Forward may write buffers in eval mode too (counters, observers); the weights
         # are not copied (see make_eval_step).
         buffers = _buffer_copies(state.buffers, frozen)
-        with torch.no_grad(), autocast(self.precision, device):
-            if transformed:
-                slots = None
-            with _bound(slots, params, buffers):
-                out = self.validation_step(BoundModel(module, params, buffers, slots=slots), batch)
+        model = BoundModel(module, params, buffers, slots=None if transformed else slots)
+        if transformed and _vmapping():
+            # Batched: composite kernels (RNNs) decomposed, without attention's fast path.
+            with _clear_vmap_errors(name), _no_mha_fastpath(), autocast(self.precision, device):
+                out = _decomposed(lambda: self.validation_step(model, batch))
+        else:
+            with (
+                torch.no_grad(),
+                autocast(self.precision, device),
+                _bound(model.slots, params, buffers),
+            ):
+                out = self.validation_step(model, batch)
         if not isinstance(out, Mapping):
             raise ValueError(
                 f"{name} must return a mapping of metrics such as {{'loss': loss}}; got "

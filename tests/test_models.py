@@ -403,6 +403,68 @@ def test_donating_steps_match_pure_steps(case):
     assert_states_equal(donated, pure, **TOL)
 
 
+# torch.func.vmap has no batching rule for what these models' forward passes run: packed
+# sequences (pack_padded_sequence's batch sizes become batched, and the RNN reads them on
+# the host) and spectral_norm's power iteration (normalize(..., out=u)).
+VMAP_UNSUPPORTED = {
+    "packed_gru": r"(?s)calling \.item\(\).*reads a tensor's value on the host",
+    "spectral_norm": r"(?s)aten::div\.out.*no batching rule",
+}
+VMAP_CASES = [c for c in CASES if c.name not in VMAP_UNSUPPORTED and "legacy" not in c.name]
+
+
+def _vmap_states(case: Case) -> list[fl.TrainState]:
+    # Without dropout: vmap's randomness="different" draws other masks than separate runs.
+    # SGD: Adam would amplify the rounding noise of attention's key bias (see ADAM_TOL).
+    return [
+        fl.TrainState.create(
+            case.make(seed, dropout=0.0), tx=optim.sgd(lr, momentum=0.9), device="cpu"
+        )
+        for seed, lr in ((0, 0.1), (1, 0.03), (2, 0.01))
+    ]
+
+
+@pytest.mark.parametrize("case", VMAP_CASES, ids=[c.name for c in VMAP_CASES])
+def test_vmap_over_stacked_states_matches_training_each_alone(case):
+    data, states = case.batches(), _vmap_states(case)
+    step, eval_step = fl.make_train_step(case.step_fn), fl.make_eval_step(case.step_fn)
+    alone = [run_steps(step, s, data)[0] for s in states]
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    stacked = fl.stack_states(states)
+    before = snapshot(stacked)
+    stacked, metrics = run_steps(many, stacked, data)
+    assert metrics[-1]["loss"].shape == (3,)
+    for got, want in zip(fl.unstack_states(stacked), alone, strict=True):
+        assert_states_equal(got, want, **TOL)
+    # The vmapped eval step (LSTM: torch has no batching rule for its fused kernel under
+    # no_grad; TransformerEncoder: nor for its eval fast path) gives each model's metrics.
+    evals = torch.func.vmap(eval_step, in_dims=(0, None))(stacked, data[0])
+    for i, want in enumerate(alone):
+        m = eval_step(want, data[0])
+        torch.testing.assert_close(evals["logits"][i], m["logits"], **TOL)
+        torch.testing.assert_close(evals["loss"][i], m["loss"], **TOL)
+    assert_unchanged(fl.stack_states(states), before)
+
+
+@pytest.mark.parametrize("name", list(VMAP_UNSUPPORTED))
+def test_vmap_of_a_model_torch_cannot_batch_is_a_clear_error(name):
+    case = CASES[IDS.index(name)]
+    states, batch = _vmap_states(case), case.batches(1)[0]
+    stacked = fl.stack_states(states)
+    step, eval_step = fl.make_train_step(case.step_fn), fl.make_eval_step(case.step_fn)
+    many = torch.func.vmap(step, in_dims=(0, None))
+    evals = torch.func.vmap(eval_step, in_dims=(0, None))
+    runs = [many, evals] if name == "packed_gru" else [many]
+    for run in runs:
+        with pytest.raises(RuntimeError, match=VMAP_UNSUPPORTED[name]) as info:
+            run(stacked, batch)
+        assert "fl.unstack_states" in str(info.value)
+    if name == "spectral_norm":  # evaluating does not run the power iteration
+        logits = evals(stacked, batch)["logits"]
+        for i, state in enumerate(states):
+            torch.testing.assert_close(logits[i], eval_step(state, batch)["logits"], **TOL)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_checkpoint_and_exported_model_round_trip(case, tmp_path):
     module, data = case.make(), case.batches()
