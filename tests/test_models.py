@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fnloop as fl
 from fnloop import optim
@@ -341,9 +341,12 @@ def test_eager_step_matches_hand_loop_and_is_pure(case, opt_name):
         torch.testing.assert_close(m["loss"], loss, rtol=1e-12, atol=1e-14)
     assert trained.step == STEPS
     assert_matches_hand_loop(trained, ref, opt)
-    # Every parameter moved (none silently left out of training).
+    # Every parameter moved (none silently left out of training), but the embedding's
+    # padding row, which gets no gradient: without weight decay it stays 0.
     for name, p in module.named_parameters():
         assert not torch.equal(trained.params[name], p), name
+    if "emb.weight" in trained.params and opt_name == "sgd":
+        assert (trained.params["emb.weight"][0] == 0).all()
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -401,6 +404,47 @@ def test_donating_steps_match_pure_steps(case):
     # Equal up to rounding: a donated state's tensors lie back to back in one buffer
     # (state.clone()), where the GRU's kernels round otherwise (packed_gru: 1e-18).
     assert_states_equal(donated, pure, **TOL)
+
+
+class PackedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, packed: PackedSequence) -> torch.Tensor:
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_a_packed_sequence_in_the_batch():
+    torch.manual_seed(0)
+    module = PackedInput().double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
+    packed = pack_padded_sequence(
+        x, torch.tensor([5, 2, 3]), batch_first=True, enforce_sorted=False
+    )
+    batch = (packed, torch.tensor([0, 2, 1]))
+
+    def fn(model, batch):
+        return {"loss": F.cross_entropy(model(batch[0]), batch[1])}
+
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), 0.1, momentum=0.9)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = fn(ref, batch)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1, momentum=0.9), device="cpu")
+    trained, means = fl.train_epoch(state, fl.make_train_step(fn), [batch, batch])
+    assert_matches_hand_loop(trained, ref, opt)
+    assert means["loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+    with torch.no_grad():
+        want = fn(ref.eval(), batch)["loss"]
+    torch.testing.assert_close(fl.make_eval_step(fn)(trained, batch)["loss"], want, **TOL)
 
 
 # torch.func.vmap has no batching rule for what these models' forward passes run: packed
@@ -490,3 +534,44 @@ def test_checkpoint_and_exported_model_round_trip(case, tmp_path):
     batch = case.batches(1, seed=5)[0]
     got = fl.make_eval_step(case.step_fn)(a, batch)["logits"]
     torch.testing.assert_close(_logits(hand_eval(case, fresh, batch)), got, **TOL)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="stack_states (fnloop/ensemble.py, _setting) compares forward pre-hooks by "
+    "identity: two torch.nn.utils.spectral_norm hooks with equal settings differ",
+)
+def test_identically_built_legacy_spectral_norm_models_stack():
+    case = CASES[IDS.index("spectral_norm_legacy")]
+    states = [
+        fl.TrainState.create(case.make(seed), tx=optim.sgd(0.1), device="cpu") for seed in (0, 1)
+    ]
+    fl.stack_states(states)  # ValueError: "l1._forward_pre_hooks hold (<...SpectralNorm ...>,)"
+
+
+COMPILED = ["lstm", "transformer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_train_and_eval_steps_match_eager(name, monkeypatch):
+    # fallback_random: inductor draws the dropout masks with eager's generator. The
+    # transformer without dropout: under torch.func.grad, which compiled steps use, a
+    # TransformerEncoderLayer with dropout draws other masks than under eager autograd
+    # (in plain torch too: torch.func.grad_and_value(loss) against loss.backward()).
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    case = CASES[IDS.index(name)]
+    module, data = case.make(dropout=0.3 if name == "lstm" else 0.0), case.batches()
+    state = fl.TrainState.create(module, tx=optim.adamw(1e-2), device="cpu")
+    step, eval_step = fl.make_train_step(case.step_fn), fl.make_eval_step(case.step_fn)
+    explanation = torch._dynamo.explain(step)(state, data[0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager, eager_metrics = run_steps(step, state, data)
+    compiled, compiled_metrics = run_steps(torch.compile(step), state, data)
+    for a, b in zip(eager_metrics, compiled_metrics):
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-12, atol=1e-14)
+    assert_states_equal(compiled, eager, **ADAM_TOL)
+    batch = case.batches(1, seed=5)[0]
+    got = torch.compile(eval_step)(compiled, batch)["logits"]
+    torch.testing.assert_close(got, eval_step(compiled, batch)["logits"], **TOL)
