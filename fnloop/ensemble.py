@@ -109,8 +109,9 @@ def _class(module: torch.nn.Module) -> type:
 
 def _setting(value: Any) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
-    values and tuples or lists of them as they are, functions by their code, builtins by
-    identity; ``None`` for what is not compared (tensors, containers)."""
+    values and tuples or lists of them as they are, functions by their code, callable
+    objects by their class and settings, builtins by identity; ``None`` for what is not
+    compared (tensors, containers)."""
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
@@ -123,7 +124,11 @@ def _setting(value: Any) -> Any:
         keywords = tuple(sorted((k, _setting(v)) for k, v in value.keywords.items()))
         return ("partial", _setting(value.func), tuple(map(_setting, value.args)), keywords)
     if callable(value) and not isinstance(value, torch.nn.Module | type):
-        return ("callable", id(value))  # a builtin such as torch.relu
+        settings = getattr(value, "__dict__", None)
+        if settings is None:
+            return ("callable", id(value))  # a builtin such as torch.relu
+        # An object made per module (spectral_norm's hook): its class and settings.
+        return ("object", type(value), tuple(sorted((k, _setting(v)) for k, v in settings.items())))
     return None
 
 
