@@ -18,6 +18,13 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fnloop as fl
 from fnloop import optim
 
+# torch's notes on its own coverage (vmap's fallback for ops without a batching rule,
+# prototype nested tensors in TransformerEncoder's fast path), not about fnloop.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
+]
+
 torch.set_default_dtype(torch.float32)
 
 VOCAB = 11
@@ -437,7 +444,7 @@ def test_a_packed_sequence_in_the_batch():
         loss = fn(ref, batch)["loss"]
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     state = fl.TrainState.create(module, tx=optim.sgd(0.1, momentum=0.9), device="cpu")
     trained, means = fl.train_epoch(state, fl.make_train_step(fn), [batch, batch])
     assert_matches_hand_loop(trained, ref, opt)
