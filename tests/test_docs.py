@@ -17,7 +17,9 @@ Rules that change what runs (all visible here):
 - Placeholders (see :class:`_Placeholders`): ``name = ...`` takes ``name`` from the
   prelude; ``[...]`` is an empty list; a ``...`` argument of ``fit`` stands for the
   arguments the call leaves out (the prelude's ``DOC_FIT_ARGS`` and ``DOC_FIT_OPTIONS``).
-  A block with any other ``...`` is schematic and skipped with a reason that names it.
+  A block with any other ``...`` fails, unless ``SCHEMATIC`` lists it as schematic on
+  purpose (it is then skipped with the reason): a stray ``...`` cannot silently take a
+  block, and the checks on it, out of the run.
 - ``SIDE_BY_SIDE`` blocks show two programs in two columns: each column runs on its own.
 - ``ENVIRONMENT`` gives a block environment variables (the torchrun example runs as a
   world of one process).
@@ -315,6 +317,10 @@ def _is_ellipsis(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and node.value is Ellipsis
 
 
+#: Blocks that are schematic on purpose, with why: a ``...`` no placeholder rule resolves
+#: skips them. Any other block with such a ``...`` fails (a skip would hide it for good).
+SCHEMATIC: dict[tuple[str, int], str] = {}
+
 #: Blocks that show two programs side by side: each column runs on its own, left first.
 #: The right column starts where the first line's second ``#`` comment does.
 SIDE_BY_SIDE: dict[tuple[str, int], str] = {
@@ -579,9 +585,14 @@ class DocSession:
             placeholders = _Placeholders(self.prelude)
             tree = ast.fix_missing_locations(placeholders.visit(tree))
             if placeholders.unresolved:
-                pytest.skip(
-                    f"schematic: `...` on line {block.line + placeholders.unresolved[0] - 1}"
-                )
+                where = f"{block.doc}:{block.line + placeholders.unresolved[0] - 1}"
+                if key not in SCHEMATIC:
+                    pytest.fail(
+                        f"{where}: a `...` that no placeholder rule resolves. Make the "
+                        f"block runnable, or list it in SCHEMATIC with the reason.",
+                        pytrace=False,
+                    )
+                pytest.skip(f"schematic ({SCHEMATIC[key]}): `...` on {where}")
             ast.increment_lineno(tree, block.line - 1)
             trees.append(tree)
         prepare, check = CHECKS.get(key, (lambda ns: {}, lambda ns, before: None))
@@ -625,6 +636,18 @@ def test_doc_block(
     _session(sessions, block.doc, tmp_path_factory).run(block.index)
 
 
+def test_a_stray_ellipsis_fails_a_block_not_declared_schematic(tmp_path: Path) -> None:
+    """A ``...`` that no placeholder rule resolves (here an argument of ``min``) fails the
+    block; it was skipped, which hid a broken block and every check on it."""
+    session = DocSession("docs/guide.md", tmp_path)
+    block = Block("docs/guide.md", len(session.blocks), 7, "x = min(..., 1)\n")
+    assert (block.doc, block.index) not in SCHEMATIC
+    with pytest.raises(BaseException) as info:  # pytest's skip is not an Exception
+        session._run(block)
+    assert info.type is pytest.fail.Exception, info.value
+    assert "docs/guide.md:7: a `...` that no placeholder rule resolves" in str(info.value)
+
+
 #: What each block the rules above name by number contains: a block added or removed
 #: before it shifts the numbers, and this says so.
 ANCHORS: dict[tuple[str, int], str] = {
@@ -645,7 +668,7 @@ ANCHORS: dict[tuple[str, int], str] = {
 def test_rules_name_the_right_blocks() -> None:
     blocks = {(b.doc, b.index): b.source for b in BLOCKS}
     assert all(doc in {b.doc for b in BLOCKS} for doc in DOCS)
-    for key in [*SIDE_BY_SIDE, *ENVIRONMENT, *REQUIRES, *CHECKS]:
+    for key in [*SCHEMATIC, *SIDE_BY_SIDE, *ENVIRONMENT, *REQUIRES, *CHECKS]:
         assert key in ANCHORS, f"{key}: give it an anchor"
     for key, anchor in ANCHORS.items():
         assert anchor in blocks.get(key, ""), f"{key} no longer holds {anchor!r}"
