@@ -42,6 +42,7 @@ import dataclasses
 import importlib.util
 import inspect
 import io
+import logging
 import os
 import re
 import shlex
@@ -434,6 +435,35 @@ def _check_guide_callbacks(ns: Namespace, before: Namespace) -> None:
     )
     log = Path("runs/confusion/run_training.log").read_text(encoding="utf-8")
     assert "Confusion matrix:\ntensor([[" in log, log
+    # "mean: train/grad_norm"; the warning on a large norm (a micro-batch has none); the
+    # own periodic checkpoint "after an update, once" (not at the micro-batches after it).
+    trained = fl.fit(
+        fl.TrainState.create(_make_net(), tx=optim.adamw(1e-3)),
+        ns["train_step"],
+        ns["loaders"],
+        max_epochs=1,
+        callbacks=[ns["WarnLargeNorm"]()],
+        log_to_console=False,
+    )
+    assert len(trained.history["train"]["grad_norm"]) == 1
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("fnloop.run.run")
+    logger.addHandler(handler)
+    try:
+        for outputs in ({"grad_norm": torch.tensor(12.0)}, {"grad_norm": torch.tensor(3.0)}, {}):
+            ns["WarnLargeNorm"]().on_train_batch_end(trained, outputs, None, 0)
+    finally:
+        logger.removeHandler(handler)
+    assert warned == ["Large gradient norm: 12.00"], warned
+    saved = Path("runs/x/step-1000.pt")
+    saved.unlink(missing_ok=True)
+    for micro_step in (0, 1):
+        at_1000 = trained.replace(step=1000, micro_step=micro_step)
+        ns["EveryK"]().on_train_batch_end(at_1000, {}, None, 0)
+        assert saved.is_file() == (micro_step == 0), micro_step
+        saved.unlink(missing_ok=True)
 
 
 def _check_guide_checkpoints(ns: Namespace, before: Namespace) -> None:
