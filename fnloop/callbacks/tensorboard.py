@@ -12,7 +12,8 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from fnloop._io import atomic_write_file
-from fnloop.callbacks.metrics_log import EpochLogger, learning_rate_metrics
+from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.optim.transform import learning_rates
 from fnloop.typing import Batch
 
 if TYPE_CHECKING:
@@ -33,8 +34,12 @@ def _summary_writer_class() -> Any:
     return SummaryWriter
 
 
-def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
-    """The 0-d tensors and numbers of ``outputs`` as floats, one host sync per device."""
+def _host_scalars(
+    outputs: Mapping[str, Any], rates: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """The 0-d tensors and numbers of ``outputs``, then the learning ``rates`` whose name
+    no output has (a stacked state's per-model rates as ``name/0``, ``name/1``, ...), as
+    floats: one host sync per device for all of them."""
     values: dict[str, float] = {}
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, value in outputs.items():
@@ -43,10 +48,23 @@ def _host_scalars(outputs: Mapping[str, Any]) -> dict[str, float]:
                 by_device.setdefault(value.device, []).append((key, value))
         elif isinstance(value, int | float):
             values[key] = float(value)
+    shown = {k for items in by_device.values() for k, _ in items} | set(values)
+    names = [k for k in outputs if k in shown]
+    for key, rate in (rates or {}).items():
+        if key in shown:  # an output keeps its name
+            continue
+        rate = torch.as_tensor(rate)
+        if rate.numel() == 1:
+            by_device.setdefault(rate.device, []).append((key, rate.reshape(())))
+            names.append(key)
+        else:
+            for j, one in enumerate(rate.reshape(-1)):
+                by_device.setdefault(one.device, []).append((f"{key}/{j}", one))
+                names.append(f"{key}/{j}")
     for items in by_device.values():
         read = torch.stack([v.detach().float() for _, v in items]).tolist()
         values.update({k: float(x) for (k, _), x in zip(items, read)})
-    return {k: values[k] for k in outputs if k in values}
+    return {k: values[k] for k in names}
 
 
 _SUFFIX = ".fnloop"  # the event files this callback writes end with it
@@ -202,8 +220,8 @@ class TensorBoard(EpochLogger):
         # Right after an optimizer update only (not after the micro-batches between).
         if self.writer is None or n is None or state.step % n != 0 or state.micro_step:
             return
-        scalars = _host_scalars(outputs)
-        for key, value in learning_rate_metrics(state.opt_state).items():
-            scalars.setdefault(key.removeprefix("train/"), value)  # an output keeps its name
+        lrs = learning_rates(state.opt_state)  # 0-d tensors on the device: read with outputs
+        names = ["lr"] if len(lrs) == 1 else [f"lr_{i}" for i in range(len(lrs))]
+        scalars = _host_scalars(outputs, dict(zip(names, lrs)))
         for key, value in scalars.items():
             self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)

@@ -263,6 +263,43 @@ def test_tensorboard_logs_a_step_once_across_micro_batches(tmp_path: Path) -> No
     assert calls == [("train_step/loss", 4), ("train_step/n", 4), ("train_step/lr", 4)]
 
 
+def test_tensorboard_reads_a_logged_step_in_one_host_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docstring's "one sync per logged step": the step's outputs and the learning
+    rates (0-d tensors on the state's device, one per parameter group) are read together;
+    each rate was read on its own, one more host sync per group. A stacked state's rates
+    get "/j" suffixes."""
+    tx = fl.optim.partition(
+        {"w": fl.optim.sgd(0.1), "b": fl.optim.adam(0.01)},
+        lambda name: "w" if name == "weight" else "b",
+    )
+    state = fl.TrainState.create(torch.nn.Linear(3, 1), tx=tx, device="cpu").replace(step=2)
+    cb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    calls: list[tuple[str, float]] = []
+    # A stand-in writer: another SummaryWriter in this process would shift the counter in
+    # the event file names that the resume tests' readers sort by.
+    cb.writer = types.SimpleNamespace(
+        add_scalar=lambda tag, value, global_step: calls.append((tag, value))
+    )
+    reads: list[str] = []
+    for name in ("tolist", "item", "__float__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, _r=read, _n=name: reads.append(_n) or _r(t, *a)
+        )
+    outputs = {"loss": torch.tensor(0.5), "pred": torch.zeros(4), "n": 4}
+    cb.on_train_batch_end(state, outputs, None, 0)
+    stacked = fl.stack_states([state, state.replace(opt_state=tx.init(state.params))])
+    cb.on_train_batch_end(stacked, {"loss": torch.tensor([0.5, 0.25])}, None, 0)
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"]  # one per logged step (per device)
+    want = [("train_step/loss", 0.5), ("train_step/n", 4.0)]
+    want += [("train_step/lr_0", 0.1), ("train_step/lr_1", 0.01)]
+    want += [(f"train_step/lr_{g}/{j}", lr) for g, lr in enumerate((0.1, 0.01)) for j in (0, 1)]
+    assert calls == [(tag, pytest.approx(value)) for tag, value in want]
+
+
 def test_tensorboard_logs_the_learning_rate_of_each_logged_step(tmp_path: Path) -> None:
     """The seed's TensorBoard callback logged the learning rate with each batch's outputs
     (a warm-up or schedule shows step by step): the rate of each parameter group after
