@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(out: Path, *args: str) -> None:
+def torchrun(out: Path, *args: str, job: Path = Path(ddp_job.__file__)) -> None:
+    """Runs ``job`` (the DDP job by default) in 2 processes, writing into ``out``."""
     done = subprocess.run(
         [
             sys.executable,
@@ -30,7 +31,7 @@ def torchrun(out: Path, *args: str) -> None:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(Path(ddp_job.__file__)),
+            str(job),
             str(out),
             *args,
         ],
@@ -211,22 +212,7 @@ def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ra
 def test_broadcast_state_sends_rank_0s_leaves_that_are_not_tensors(tmp_path: Path) -> None:
     """A subclass's float field (a leaf, which clone and checkpoints keep) comes from rank
     0 as its tensors do, instead of failing in every process."""
-    job = Path(__file__).parent / "jobs" / "leaf_broadcast_job.py"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(job),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(tmp_path, job=Path(__file__).parent / "jobs" / "leaf_broadcast_job.py")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["best"] == r1["best"] == 1.0
     assert_same(r0["params"], r1["params"])
