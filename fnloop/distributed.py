@@ -141,9 +141,9 @@ def mean_over_processes(tensors: Params) -> Params:
 
 
 def true_everywhere(flag: torch.Tensor) -> torch.Tensor:
-    """Whether the 0-d bool tensor ``flag`` is true in every process of the default group
-    (one all-reduce; stays on the device); a collective call. Outside a distributed run,
-    ``flag``."""
+    """Whether the bool tensor ``flag`` is true in every process of the default group,
+    element by element (one all-reduce; stays on the device); a collective call. Outside
+    a distributed run, ``flag``."""
     if world_size() == 1:
         return flag
     t = flag.to(collective_device(flag), torch.int32)

@@ -557,7 +557,9 @@ class TrainStep:
             and (not compiling or _functorch.maybe_current_level() is not None)
         ):
             raise ValueError(VMAP_MSG.format(world=world_size()))
-        # Several processes decide together, on the averaged loss and gradients, below.
+        # Several processes decide together: on the averaged loss and gradients at an
+        # update (below), on every process's own at the other micro-batches (a non-finite
+        # loss can have finite gradients, which the window's sum would not show).
         if self.on_nonfinite == "raise" and not distributed:
             self._raise_if_nonfinite(state, loss, grads)
 
@@ -566,6 +568,8 @@ class TrainStep:
             if state.grad_accum is not None:
                 grads = _tree.tree_map(torch.add, state.grad_accum, grads)
             if state.micro_step + 1 < k:
+                if self.on_nonfinite == "raise" and distributed:
+                    self._raise_if_nonfinite(state, loss, grads, everywhere=True)
                 if self.on_nonfinite == "skip":
                     # Decided together: one process on the whole micro-batch would drop
                     # all of its statistics (integer counters, never averaged, too).
@@ -614,13 +618,21 @@ class TrainStep:
             norm = norm / scale
         return _metric_dtype(norm.detach())
 
-    def _raise_if_nonfinite(self, state: TrainState, loss: torch.Tensor, grads: Params) -> None:
+    def _raise_if_nonfinite(
+        self, state: TrainState, loss: torch.Tensor, grads: Params, *, everywhere: bool = False
+    ) -> None:
         """``on_nonfinite="raise"``: a non-finite loss or gradient raises (reads the host).
-        With an fp16 loss scale, overflowing gradients are the scale's to skip."""
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(NONFINITE_MSG.format(what="loss", step=state.step))
-        if self.loss_scale is None and not bool(all_finite(grads.values())):
-            raise FloatingPointError(NONFINITE_MSG.format(what="gradient", step=state.step))
+        With an fp16 loss scale, overflowing gradients are the scale's to skip.
+        ``everywhere``: a non-finite value in any process raises in all (a collective)."""
+        finite = [torch.isfinite(loss)]
+        if self.loss_scale is None:
+            finite.append(all_finite(grads.values()))
+        flags = torch.stack(finite)
+        if everywhere:
+            flags = true_everywhere(flags)
+        for what, ok in zip(("loss", "gradient"), flags.tolist()):
+            if not ok:
+                raise FloatingPointError(NONFINITE_MSG.format(what=what, step=state.step))
 
     def _gradients(
         self,

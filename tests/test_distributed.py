@@ -191,9 +191,18 @@ def test_compiled_steps_average_gradients_in_one_graph_ci_subset(tmp_path: Path)
     assert_same(r0["compiled"], r1["compiled"])
 
 
-def test_raise_on_a_nan_in_one_process_raises_in_all_at_the_same_step(ranks) -> None:
+def test_raise_on_a_nan_in_one_process_raises_in_all_where_one_process_does(ranks) -> None:
+    """At the micro-batch itself, also one that opens an accumulation window (a NaN
+    loss there can have finite gradients, which the window's update would not show)."""
     _, results = ranks
-    assert [r["raised_at"] for r in results] == [5, 5]  # the update that averages it
+    single = ddp_job.raise_on_nan(0, world=1)
+    assert single == {
+        "nan_opening": (4, "non-finite loss"),
+        "nan_closing": (3, "non-finite loss"),
+        "empty_mask": (2, "non-finite loss"),
+    }
+    for r in results:
+        assert r["raised_at"] == single
 
 
 def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ranks) -> None:

@@ -206,22 +206,40 @@ def compiled(out: Path, rank: int) -> None:
     torch.save(result, out / f"rank{rank}-compile.pt")
 
 
-def raise_on_nan(rank: int) -> int | None:
-    """on_nonfinite="raise" with a NaN in one process's micro-batch 4 of 6 (k=2): the
-    number of the call that raised, the same in every process."""
+def masked_mean(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+    """The loss over the rows not labelled 2: in a micro-batch without such rows the mean
+    of nothing, NaN, with finite (zero) gradients."""
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y, reduction="none")[y != 2].mean()}
+
+
+def raise_on_nan(rank: int, world: int = 2) -> dict[str, tuple[int, str] | None]:
+    """on_nonfinite="raise" (k=2) with one bad micro-batch in the last process (``world=1``:
+    one process on the whole batches): where it raised, as (call, the error's first
+    words), for a NaN in the inputs of micro-batch 4 (it opens the third window) or 3
+    (closes the second), and for micro-batch 2 with no row the masked loss keeps (a NaN
+    loss with finite gradients, which the window's update does not show)."""
     x, y = data()
-    state = fl.TrainState.create(mlp(), tx=tx())
-    step = fl.make_train_step(classify, accumulation_steps=2, on_nonfinite="raise")
-    for i in range(STEPS):
-        rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
-        xb = x[rows][rank::2].clone()
-        if i == 4 and rank == 1:
-            xb[0, 0] = float("nan")
-        try:
-            state, _ = step(state, (xb, y[rows][rank::2]))
-        except FloatingPointError:
-            return i
-    return None
+    found: dict[str, tuple[int, str] | None] = {}
+    for case, at in [("nan_opening", 4), ("nan_closing", 3), ("empty_mask", 2)]:
+        fn = masked_mean if case == "empty_mask" else classify
+        state = fl.TrainState.create(mlp(), tx=tx())
+        step = fl.make_train_step(fn, accumulation_steps=2, on_nonfinite="raise")
+        found[case] = None
+        for i in range(STEPS):
+            rows = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+            xb, yb = x[rows][rank::world].clone(), y[rows][rank::world].clone()
+            if i == at and rank == world - 1:
+                if case == "empty_mask":
+                    yb[:] = 2
+                else:
+                    xb[0, 0] = float("nan")
+            try:
+                state, _ = step(state, (xb, yb))
+            except FloatingPointError as e:
+                found[case] = (i, " ".join(str(e).split()[:2]))
+                break
+    return found
 
 
 class OwnCount(fl.callbacks.Callback):
