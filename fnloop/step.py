@@ -547,6 +547,8 @@ class TrainStep:
         )
         if params is not state.params:  # a pure eager step's copies (forward may write)
             state = state.replace(params=params)
+        if self.grad_norm and "grad_norm" in metrics:
+            raise ValueError(GRAD_NORM_CLASH_MSG.format(name=name))
 
         distributed = world_size() > 1
         # Under vmap. Compiled, a functorch level is active while tracing; dynamo cannot
@@ -602,17 +604,13 @@ class TrainStep:
             if self.on_nonfinite == "raise":
                 self._raise_if_nonfinite(state, loss, grads)
         if self.grad_norm:
-            metrics["grad_norm"] = self._grad_norm(grads, scale, name, metrics)
+            metrics["grad_norm"] = self._grad_norm(grads, scale)
         new_state = self._update(state, grads, loss, buffers, loss_scale, donate, transformed)
         return new_state, metrics
 
-    def _grad_norm(
-        self, grads: Params, scale: torch.Tensor | None, name: str, metrics: Metrics
-    ) -> torch.Tensor:
+    def _grad_norm(self, grads: Params, scale: torch.Tensor | None) -> torch.Tensor:
         """The global 2-norm of the gradients the update uses (accumulated, averaged over
         processes, unscaled, before any clipping), as ``clip_grad_norm_`` returns it."""
-        if "grad_norm" in metrics:
-            raise ValueError(GRAD_NORM_CLASH_MSG.format(name=name))
         norm = _foreach.global_norm(list(grads.values()))
         if scale is not None:  # the fp16 loss scale this backward pass used
             norm = norm / scale

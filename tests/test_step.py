@@ -250,9 +250,13 @@ def test_grad_norm_is_the_unscaled_norm_with_fp16(monkeypatch):
     assert got[2] == pytest.approx(want[2], rel=1e-6)
 
 
-def test_grad_norm_refuses_a_step_that_returns_one():
+@pytest.mark.parametrize("k", [1, 3])
+def test_grad_norm_refuses_a_step_that_returns_one(k):
+    """At the first call, also one that opens an accumulation window (no update)."""
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
-    step = fl.make_train_step(lambda m, b: {**classify(m, b), "grad_norm": 1.0}, grad_norm=True)
+    step = fl.make_train_step(
+        lambda m, b: {**classify(m, b), "grad_norm": 1.0}, grad_norm=True, accumulation_steps=k
+    )
     with pytest.raises(ValueError, match=r"'grad_norm' entry.*grad_norm=True"):
         step(state, batches(1)[0])
 
