@@ -10,6 +10,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from fnloop.optim.base import scalar_dtype
+
 Precision = Literal["bf16", "fp16"] | None
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,10 +88,13 @@ class DynamicLossScale:
         """The state after a step; ``found_inf`` is a 0-d bool tensor (no host sync)."""
         tracker = torch.where(found_inf, 0, state.growth_tracker + 1)
         due = tracker == self.growth_interval
-        grown = state.scale * self.growth_factor
+        # As GradScaler's kernel: the float32 scale times the factor in float64, rounded
+        # to float32 once (a float32 product would round the factor first, and drift from
+        # GradScaler's scale for factors that are not powers of two).
+        wide = state.scale.to(scalar_dtype(state.scale.device))
+        grown = (wide * self.growth_factor).to(state.scale.dtype)
+        backed_off = (wide * self.backoff_factor).to(state.scale.dtype)
         grow = due & torch.isfinite(grown)
-        scale = torch.where(
-            found_inf, state.scale * self.backoff_factor, torch.where(grow, grown, state.scale)
-        )
+        scale = torch.where(found_inf, backed_off, torch.where(grow, grown, state.scale))
         tracker = torch.where(due, 0, tracker)
         return LossScaleState(scale=scale, growth_tracker=tracker.to(torch.int32))

@@ -1,0 +1,52 @@
+"""Review tests for fnloop.precision, fnloop.stopping and fnloop.epoch, each against a
+reference (torch.amp.GradScaler, a hand computation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fnloop as fl
+
+
+@pytest.mark.parametrize(
+    ("init_scale", "growth_factor", "backoff_factor", "growth_interval"),
+    [(1000.0, 1.0001, 0.5, 1), (3.7, 1.1, 0.9, 1), (1000.0, 1.5, 0.123, 2), (2.0**16, 2.0, 0.3, 3)],
+)
+def test_loss_scale_follows_grad_scaler_with_any_factors(
+    init_scale, growth_factor, backoff_factor, growth_interval
+):
+    """GradScaler multiplies the float32 scale by its float64 factors in float64 and rounds
+    once; with factors that are not powers of two the scale must stay equal to its, bit
+    for bit, over many updates (a float32 product rounds the factor first and drifts)."""
+    module = nn.Linear(1, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler(
+        "cpu",
+        init_scale=init_scale,
+        growth_factor=growth_factor,
+        backoff_factor=backoff_factor,
+        growth_interval=growth_interval,
+    )
+    rules = fl.DynamicLossScale(
+        init_scale=init_scale,
+        growth_factor=growth_factor,
+        backoff_factor=backoff_factor,
+        growth_interval=growth_interval,
+    )
+    state = rules.init(torch.device("cpu"))
+    overflows = [i % 5 == 3 or i % 7 == 6 for i in range(40)]
+    for i, overflow in enumerate(overflows):
+        opt.zero_grad()
+        loss = module(torch.ones(1, 1)).sum() * (float("inf") if overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        state = rules.update(state, torch.tensor(overflow))
+        assert state.scale.dtype == torch.float32
+        assert state.growth_tracker.dtype == torch.int32
+        assert (float(state.scale), int(state.growth_tracker)) == (
+            scaler.get_scale(),
+            int(scaler._growth_tracker),
+        ), f"update {i}"
