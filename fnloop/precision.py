@@ -66,6 +66,12 @@ class DynamicLossScale:
         # Written so that NaN fails each check.
         if not 0.0 < self.init_scale < math.inf:
             raise ValueError(f"init_scale must be finite and > 0; got {self.init_scale}.")
+        if not 0.0 < float(torch.tensor(float(self.init_scale), dtype=torch.float32)) < math.inf:
+            raise ValueError(
+                f"init_scale is kept in float32, where {self.init_scale} is "
+                f"{'0' if self.init_scale < 1 else 'inf'}; pick one between about 1e-45 and "
+                f"3.4e38 (the default is 2**16)."
+            )
         if not 1.0 < self.growth_factor < math.inf:
             raise ValueError(f"growth_factor must be finite and > 1; got {self.growth_factor}.")
         if not 0.0 < self.backoff_factor < 1.0:

@@ -50,3 +50,13 @@ def test_loss_scale_follows_grad_scaler_with_any_factors(
             scaler.get_scale(),
             int(scaler._growth_tracker),
         ), f"update {i}"
+
+
+@pytest.mark.parametrize("init_scale", [1e39, 1e-46])
+def test_an_init_scale_float32_cannot_hold_is_refused(init_scale):
+    """The scale is kept in float32: 1e39 would become inf (every fp16 step skipped, the
+    scale inf forever) and 1e-46 zero (no gradient at all), silently."""
+    assert not 0 < float(torch.tensor(init_scale, dtype=torch.float32)) < float("inf")
+    with pytest.raises(ValueError, match=r"init_scale .*float32"):
+        fl.DynamicLossScale(init_scale=init_scale)
+    fl.DynamicLossScale(init_scale=3e38)  # the largest float32 is about 3.4e38
