@@ -46,9 +46,11 @@ class MetricMeans:
 
     ``add`` only records the step's tensors; they are folded into device-side sums when
     ``means`` is called (once per epoch, or when a progress bar redraws), which is the
-    only place a value is read back to the host. Entries with one element are metrics;
-    a key that has more elements in any batch (predictions) is an output, never
-    averaged, also in a batch where it has one (the last batch of one example).
+    only place a value is read back to the host, and every ``FOLD_EVERY`` steps (on the
+    device, without reading it), so memory does not grow with the epoch's length.
+    Entries with one element are metrics; a key that has more elements in any batch
+    (predictions) is an output, never averaged, also in a batch where it has one (the
+    last batch of one example).
 
     With ``models=n`` (the metrics of a vmapped step over ``n`` stacked models), the
     metrics are the entries with one element per model (shape ``(n,)``, or ``(n, 1)``
@@ -70,6 +72,8 @@ class MetricMeans:
     >>> per_model.means()
     {'loss': [1.5, 3.0]}
     """
+
+    FOLD_EVERY = 256
 
     def __init__(self, *, models: int | None = None) -> None:
         if models is not None and (type(models) is not int or models < 1):
@@ -94,6 +98,8 @@ class MetricMeans:
         self._outputs.update(k for k, v in metrics.items() if not self._is_metric(v))
         kept = {k: v for k, v in metrics.items() if k not in self._outputs}
         self._pending.append((kept, n))
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
 
     def _fold(self) -> None:
         if not self._pending:
@@ -105,7 +111,11 @@ class MetricMeans:
             values = [(m[key], n) for m, n in self._pending if key in m]
             stacked = torch.stack([v.reshape(self._shape) for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
-            weights = torch.tensor([n for _, n in values], dtype=acc_dtype, device=stacked.device)
+            # Copied without waiting for the device (from pageable memory, the copy is
+            # staged at once): folding between reads must not synchronize.
+            weights = torch.tensor([n for _, n in values], dtype=acc_dtype).to(
+                stacked.device, non_blocking=True
+            )
             total = (stacked.to(acc_dtype) * weights.reshape(-1, *[1] * len(self._shape))).sum(0)
             if key in self._sums:  # restored sums are on the CPU: add on the step's device
                 total = self._sums[key].to(total.device, total.dtype) + total

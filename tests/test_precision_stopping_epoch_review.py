@@ -60,3 +60,30 @@ def test_an_init_scale_float32_cannot_hold_is_refused(init_scale):
     with pytest.raises(ValueError, match=r"init_scale .*float32"):
         fl.DynamicLossScale(init_scale=init_scale)
     fl.DynamicLossScale(init_scale=3e38)  # the largest float32 is about 3.4e38
+
+
+def test_metric_means_does_not_keep_every_step_of_an_epoch_alive():
+    """Without a progress bar (a job with no terminal) nothing reads the means until the
+    epoch ends: the step metrics must still be folded into the device sums as they
+    come, not all kept (memory that grows with the epoch's length, 512 bytes of GPU
+    memory per metric and step, and without end for an endless loader)."""
+    import weakref
+
+    means = fl.MetricMeans()
+    refs = []
+    total, count = 0.0, 0
+    for i in range(5000):
+        loss = torch.tensor(float(i % 97) / 7, dtype=torch.float32)
+        n = 1 + i % 5
+        refs.append(weakref.ref(loss))
+        means.add({"loss": loss, "acc": torch.tensor(i % 3 == 0)}, n)
+        total += float(loss) * n
+        count += n
+        del loss
+    alive = sum(r() is not None for r in refs)
+    assert alive <= 2048, f"{alive} of 5000 step metrics are still held"
+    got = means.means()
+    assert got["loss"] == pytest.approx(total / count, rel=1e-12)
+    assert got["acc"] == pytest.approx(
+        sum((1 + i % 5) for i in range(5000) if i % 3 == 0) / count, rel=1e-12
+    )
