@@ -50,7 +50,8 @@ class MetricMeans:
     device, without reading it), so memory does not grow with the epoch's length.
     Entries with one element are metrics; a key that has more elements in any batch
     (predictions) is an output, never averaged, also in a batch where it has one (the
-    last batch of one example).
+    last batch of one example). A batch of no examples weighs nothing (its NaN means
+    are left out); a metric only such batches had has no mean.
 
     With ``models=n`` (the metrics of a vmapped step over ``n`` stacked models), the
     metrics are the entries with one element per model (shape ``(n,)``, or ``(n, 1)``
@@ -108,7 +109,11 @@ class MetricMeans:
         for metrics, _ in self._pending:
             keys.update(dict.fromkeys(k for k in metrics if k not in self._outputs))
         for key in keys:
-            values = [(m[key], n) for m, n in self._pending if key in m]
+            # A batch of no examples weighs nothing: its mean (0/0, NaN) is left out, as
+            # NaN * 0 would make the sum NaN.
+            values = [(m[key], n) for m, n in self._pending if key in m and n != 0]
+            if not values:
+                continue
             stacked = torch.stack([v.reshape(self._shape) for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
             # Copied without waiting for the device (from pageable memory, the copy is

@@ -87,3 +87,31 @@ def test_metric_means_does_not_keep_every_step_of_an_epoch_alive():
     assert got["acc"] == pytest.approx(
         sum((1 + i % 5) for i in range(5000) if i % 3 == 0) / count, rel=1e-12
     )
+
+
+def test_a_batch_of_no_examples_has_no_weight_in_the_epoch_means():
+    """A collate_fn that drops unreadable samples can yield an empty batch, whose mean
+    loss is 0/0 = NaN. Its weight is 0: the batch-size-weighted epoch mean is that of
+    the other batches (NaN * 0 is NaN in the device sum, which made the epoch's loss
+    NaN, and fit then stopped training as diverged)."""
+    from fnloop import optim
+
+    torch.manual_seed(0)
+    module = nn.Linear(2, 1)
+    g = torch.Generator().manual_seed(1)
+    loader = [torch.randn(4, 2, generator=g), torch.zeros(0, 2), torch.randn(2, 2, generator=g)]
+
+    def step_fn(model, x):
+        return {"loss": (model(x) ** 2).mean(), "size": model(x).abs().mean()}
+
+    with torch.no_grad():
+        per_batch = [((module(x) ** 2).mean(), module(x).abs().mean()) for x in loader]
+    want = {
+        "loss": (4 * float(per_batch[0][0]) + 2 * float(per_batch[2][0])) / 6,
+        "size": (4 * float(per_batch[0][1]) + 2 * float(per_batch[2][1])) / 6,
+    }
+    state = fl.TrainState.create(module, tx=optim.sgd(0.0), device="cpu")
+    _, got = fl.validate_epoch(state, fl.make_eval_step(step_fn), loader)
+    assert got == pytest.approx(want, rel=1e-6)
+    _, got = fl.train_epoch(state, fl.make_train_step(step_fn), loader)
+    assert got == pytest.approx(want, rel=1e-6)
