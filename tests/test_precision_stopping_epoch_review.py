@@ -115,3 +115,53 @@ def test_a_batch_of_no_examples_has_no_weight_in_the_epoch_means():
     assert got == pytest.approx(want, rel=1e-6)
     _, got = fl.train_epoch(state, fl.make_train_step(step_fn), loader)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def _reference_stop_epoch(values, mode, patience, min_delta, target):
+    """Keras' / Lightning's EarlyStopping written out: an epoch improves if it beats the
+    best so far by more than min_delta (a NaN never does), the wait counter restarts on
+    an improvement, and training stops once it reaches patience (or at a target)."""
+    best = float("inf") if mode == "min" else float("-inf")
+    wait = 0
+    for epoch, value in enumerate(values, start=1):
+        better = value < best - min_delta if mode == "min" else value > best + min_delta
+        if better:
+            best, wait = value, 0
+        else:
+            wait += 1
+        reached = target is not None and (value <= target if mode == "min" else value >= target)
+        if reached or (wait >= patience and wait > 0):
+            return epoch, best
+    return None, best
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("min_delta", [0.0, 0.05])
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_early_stopping_matches_the_reference_rule_with_nan_values(mode, min_delta, patience):
+    """Pins the rule on random sequences with NaN epochs (a NaN counts as an epoch
+    without improvement and never becomes the best) and inf values."""
+    import random
+
+    rng = random.Random(f"{mode}{min_delta}{patience}")
+    for trial in range(200):
+        values = [
+            rng.choice([float("nan"), float("inf"), -float("inf")])
+            if rng.random() < 0.1
+            else round(rng.uniform(0, 1), 2)
+            for _ in range(12)
+        ]
+        target = rng.choice([None, None, 0.05 if mode == "min" else 0.95])
+        rule = fl.EarlyStopping(
+            "valid/x", mode=mode, patience=patience, min_delta=min_delta, target=target
+        )
+        state = rule.init()
+        stopped = None
+        for epoch, value in enumerate(values, start=1):
+            state = rule.update(state, {"valid/x": value, "train/loss": 0.0}, epoch)
+            if state.should_stop:
+                stopped = epoch
+                break
+        want_epoch, want_best = _reference_stop_epoch(values, mode, patience, min_delta, target)
+        assert stopped == want_epoch, (trial, values, target)
+        assert state.best == want_best, (trial, values, target)
