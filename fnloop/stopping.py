@@ -147,7 +147,7 @@ class EarlyStopping:
                     metric=self.monitor.split("/", 1)[1],
                 )
             )
-        value = float(metrics[self.monitor])
+        value = _number(self.monitor, metrics[self.monitor])
         if self.improved(value, state.best):
             state = dataclasses.replace(state, best=value, best_epoch=epoch, bad_epochs=0)
         else:
@@ -172,3 +172,19 @@ class EarlyStopping:
                 )
             return dataclasses.replace(state, stop_reason=reason)
         return state
+
+
+def _number(monitor: str, value: object) -> float:
+    """The monitored value as a float, or a ``TypeError`` that says what to pass."""
+    if isinstance(value, list | tuple):  # train_epoch's means of a stacked state
+        raise TypeError(
+            f"EarlyStopping watches one number, but {monitor!r} holds one value per model "
+            f"({len(value)}, the means of a stacked state). Pass one model's, "
+            f"metrics[{monitor!r}][i], or a summary such as min(metrics[{monitor!r}])."
+        )
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"EarlyStopping watches {monitor!r}, which must be a number; got {value!r}."
+        ) from None

@@ -165,3 +165,28 @@ def test_early_stopping_matches_the_reference_rule_with_nan_values(mode, min_del
         want_epoch, want_best = _reference_stop_epoch(values, mode, patience, min_delta, target)
         assert stopped == want_epoch, (trial, values, target)
         assert state.best == want_best, (trial, values, target)
+
+
+def test_early_stopping_on_per_model_means_says_what_to_pass():
+    """train_epoch over a stacked state (the way to train an ensemble, which fit refuses)
+    gives a list of one mean per model; EarlyStopping needs one number and must say so
+    (float() of the list raised "float() argument must be ... not 'list'")."""
+    from fnloop import optim
+
+    torch.manual_seed(0)
+    states = [
+        fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu") for _ in range(2)
+    ]
+    step = fl.make_train_step(lambda m, x: {"loss": (m(x) ** 2).mean()})
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    _, means = fl.train_epoch(fl.stack_states(states), many, [torch.ones(3, 2)])
+    assert isinstance(means["loss"], list) and len(means["loss"]) == 2
+    rule = fl.EarlyStopping("train/loss", patience=1)
+    metrics = {f"train/{k}": v for k, v in means.items()}
+    with pytest.raises(TypeError, match=r"'train/loss'.*one value per model.*\[i\]"):
+        rule.update(rule.init(), metrics, 1)
+    with pytest.raises(TypeError, match=r"'train/loss'.*a number.*'abc'"):
+        rule.update(rule.init(), {"train/loss": "abc"}, 1)
+    # One model's value, picked out, is watched as usual.
+    state = rule.update(rule.init(), {"train/loss": metrics["train/loss"][1]}, 1)
+    assert state.best == means["loss"][1]
