@@ -190,3 +190,41 @@ def test_early_stopping_on_per_model_means_says_what_to_pass():
     # One model's value, picked out, is watched as usual.
     state = rule.update(rule.init(), {"train/loss": metrics["train/loss"][1]}, 1)
     assert state.best == means["loss"][1]
+
+
+def test_loss_scale_survives_a_checkpoint_into_a_fresh_state(tmp_path):
+    """The scale and its growth counter (mid-interval, after an overflow) come back from
+    a checkpoint loaded into a state made anew (which has no loss scale yet) with their
+    dtypes, and the run goes on as if never stopped (the existing round-trip test used a
+    stand-in dict, not a LossScaleState)."""
+    from fnloop import optim
+
+    def make():
+        torch.manual_seed(0)
+        return fl.TrainState.create(nn.Linear(3, 1), tx=optim.adam(0.1), device="cpu")
+
+    def step_fn(model, batch):
+        x, bad = batch
+        return {"loss": (model(x) ** 2).mean() * torch.where(bad, float("inf"), 1.0)}
+
+    step = fl.make_train_step(
+        step_fn, precision="fp16", loss_scale=fl.DynamicLossScale(init_scale=8.0, growth_interval=3)
+    )
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    overflows = [False, True, False, False, False, False, True, False]
+    state = make()
+    for bad in overflows[:4]:
+        state, _ = step(state, (x, torch.tensor(bad)))
+    assert (float(state.loss_scale.scale), int(state.loss_scale.growth_tracker)) == (4.0, 2)
+    fl.save_checkpoint(tmp_path / "c.pt", state)
+    back = fl.load_checkpoint(tmp_path / "c.pt", like=make())
+    assert back.loss_scale.scale.dtype == torch.float32
+    assert back.loss_scale.growth_tracker.dtype == torch.int32
+    for bad in overflows[4:]:
+        state, _ = step(state, (x, torch.tensor(bad)))
+        back, _ = step(back, (x, torch.tensor(bad)))
+        assert torch.equal(back.loss_scale.scale, state.loss_scale.scale)
+        assert torch.equal(back.loss_scale.growth_tracker, state.loss_scale.growth_tracker)
+    assert (float(back.loss_scale.scale), int(back.loss_scale.growth_tracker)) == (4.0, 1)
+    for name, p in state.params.items():
+        assert torch.equal(back.params[name], p)
