@@ -138,7 +138,9 @@ class EarlyStopping:
     def update(
         self, state: EarlyStoppingState, metrics: Mapping[str, float], epoch: int
     ) -> EarlyStoppingState:
-        """The state after an epoch with ``metrics``; raises ``KeyError`` for an unknown monitor."""
+        """The state after an epoch with ``metrics``; raises ``KeyError`` for an unknown
+        monitor and ``TypeError`` for a value that is not one number (a list of one mean
+        per stacked model)."""
         if self.monitor not in metrics:
             raise KeyError(
                 UNKNOWN_MONITOR_MSG.format(
