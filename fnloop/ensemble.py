@@ -27,8 +27,9 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
 
     Args:
-      states: states with the same parameter names, shapes and optimizer structure, and
-        the same ``step``, ``epoch``, ``micro_step`` and ``ema_decay``.
+      states: states on one device with the same parameter names, shapes, dtypes and
+        optimizer structure, and the same ``step``, ``epoch``, ``micro_step`` and
+        ``ema_decay``.
 
     Returns:
       The stacked state.
@@ -86,6 +87,12 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 raise ValueError(
                     f"states[{i}] leaf '{path}' has shape {tuple(leaf.shape)} "
                     f"and dtype {leaf.dtype}; states[0] has {tuple(ref.shape)} and {ref.dtype}."
+                )
+            if leaf.device != ref.device:
+                raise ValueError(
+                    f"states[{i}] leaf '{path}' is on {leaf.device} but states[0]'s is on "
+                    f"{ref.device}; create the states on one device (TrainState.create(..., "
+                    f"device=...)) to stack them."
                 )
             columns[j].append(leaf)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
