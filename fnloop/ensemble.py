@@ -56,13 +56,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     first = states[0]
     paths0, leaves0, treedef0 = _tree.tree_flatten_with_keys(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
-    for path, leaf in zip(paths0, leaves0):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"stack_states stacks tensors, but the state's leaf '{path}' is a "
-                f"{type(leaf).__name__}: hold it in a tensor, or declare the field "
-                f"dataclasses.field(metadata={{'static': True}}) to keep it as it is."
-            )
+    _check_tensors(0, paths0, leaves0)
     for i, state in enumerate(states[1:], start=1):
         for attr in ("step", "epoch", "micro_step", "ema_decay"):
             if getattr(state, attr) != getattr(first, attr):
@@ -81,6 +75,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if paths != paths0:
             diff = _tree.first_difference(first, state)
             raise ValueError(f"states[{i}] differs in structure from states[0]: {diff}")
+        _check_tensors(i, paths, leaves)
         for j, (path, leaf) in enumerate(zip(paths, leaves)):
             ref = leaves0[j]
             if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
@@ -96,6 +91,17 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 )
             columns[j].append(leaf)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
+
+
+def _check_tensors(i: int, paths: list[str], leaves: list[Any]) -> None:
+    """Raises ``TypeError`` naming the first leaf of ``states[i]`` that is no tensor."""
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"stack_states stacks tensors, but states[{i}]'s leaf '{path}' is a "
+                f"{type(leaf).__name__}: hold it in a tensor, or declare the field "
+                f"dataclasses.field(metadata={{'static': True}}) to keep it as it is."
+            )
 
 
 _PLAIN = (bool, int, float, str, type(None), enum.Enum, torch.dtype, torch.device)
