@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import types
@@ -12,14 +13,16 @@ import torch
 from torch.nn.utils import parametrize
 
 from fnloop import _tree
-from fnloop.state import TrainState
+from fnloop.state import _STATIC, TrainState
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
     """Stacks states of identically shaped models into one batched state.
 
     Every tensor leaf gets a new leading dimension of size ``len(states)``. The static
-    parts (module template, optimizer, counters, history) come from ``states[0]``: the
+    parts are held once for every model: the counters, the history and a subclass's
+    static fields must be equal in every state, and the module template and optimizer
+    are ``states[0]``'s (the templates must not differ in what forward computes). The
     optimizer's hyper-parameters that live in the state, such as each model's learning
     rate, stay per model, while those fixed in ``tx`` (weight decay, betas, momentum, and a
     learning-rate schedule, which sets every model's rate from the step count) are
@@ -27,12 +30,17 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
 
     Args:
-      states: states on one device with the same parameter names, shapes, dtypes and
-        optimizer structure, and the same ``step``, ``epoch``, ``micro_step`` and
-        ``ema_decay``.
+      states: states of one class on one device with the same parameter names, shapes,
+        dtypes and optimizer structure, and the same ``step``, ``epoch``, ``micro_step``,
+        ``ema_decay`` and ``history``.
 
     Returns:
       The stacked state.
+
+    Raises:
+      TypeError: a state is no ``TrainState``, of another class than ``states[0]``, or
+        holds a leaf that is no tensor.
+      ValueError: no states, or states that differ in any of the above or in their module.
 
     Example:
       >>> import torch
@@ -57,13 +65,32 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     paths0, leaves0, treedef0 = _tree.tree_flatten_with_keys(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]
     _check_tensors(0, paths0, leaves0)
+    statics = [
+        f.name
+        for f in dataclasses.fields(first)
+        if (f.name in _STATIC or f.metadata.get("static")) and f.name not in ("module", "tx")
+    ]
     for i, state in enumerate(states[1:], start=1):
-        for attr in ("step", "epoch", "micro_step", "ema_decay"):
-            if getattr(state, attr) != getattr(first, attr):
+        if type(state) is not type(first):
+            raise TypeError(
+                f"states[{i}] is a {type(state).__name__} but states[0] is a "
+                f"{type(first).__name__}; a stacked state is of one class: stack states of one."
+            )
+        for attr in statics:  # one value for every model: the counters, the history, ...
+            mine, theirs = getattr(state, attr), getattr(first, attr)
+            if _same(mine, theirs):
+                continue
+            if attr == "history":
                 raise ValueError(
-                    f"states[{i}].{attr} is {getattr(state, attr)} but states[0].{attr} is "
-                    f"{getattr(first, attr)}; stack states that are at the same point."
+                    f"states[{i}].history differs from states[0]'s; a stacked state keeps one "
+                    f"history for every model. Keep each model's history apart and give the "
+                    f"states one before stacking, s.replace(history=states[0].history)."
                 )
+            raise ValueError(
+                f"states[{i}].{attr} is {mine!r} but states[0].{attr} is {theirs!r}; a "
+                f"stacked state holds one {attr} for every model: stack states that are at "
+                f"the same point."
+            )
         diff = _module_difference(first.module, state.module)
         if diff is not None:
             raise ValueError(
@@ -91,6 +118,16 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 )
             columns[j].append(leaf)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two static values are equal (values that cannot be compared are not)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def _check_tensors(i: int, paths: list[str], leaves: list[Any]) -> None:

@@ -40,3 +40,59 @@ def test_a_field_that_is_no_tensor_in_a_later_state_is_named():
         fl.stack_states([one, two])
     with pytest.raises(TypeError, match=r"leaf 'best' is a float"):
         fl.stack_states([two, one])
+
+
+def test_states_with_other_histories_or_static_fields_are_refused_not_overwritten():
+    """The static parts of a stacked state are ``states[0]``'s: two models fitted apart
+    for as many epochs stacked, and each one unstacked reported ``states[0]``'s history
+    (and a subclass's static field) as its own."""
+    history = fl.state.append_history(fl.state.freeze_history({}), "valid", {"acc": 0.5})
+    one, two = make(0).replace(epoch=1, history=history), make(1).replace(epoch=1)
+    with pytest.raises(ValueError, match=r"states\[1\]\.history differs from states\[0\]"):
+        fl.stack_states([one, two])
+    got = fl.unstack_states(fl.stack_states([one, two.replace(history=one.history)]))
+    assert [s.history for s in got] == [history, history]
+    best = torch.tensor(0.0)
+    a = Scored.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=best, tag="a")
+    b = Scored.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=best, tag="b")
+    with pytest.raises(ValueError, match=r"states\[1\]\.tag is 'b' but states\[0\]\.tag is 'a'"):
+        fl.stack_states([a, b])
+    plain = fl.TrainState.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Named(fl.TrainState):  # no fields of its own: the same leaves as a TrainState
+        pass
+
+    named = Named.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
+    with pytest.raises(TypeError, match=r"states\[1\] is a Named but states\[0\] is a TrainState"):
+        fl.stack_states([plain, named])
+
+
+def test_unstacking_a_stack_gives_back_the_states_exactly():
+    """Every field, tensors (with their dtypes: BatchNorm's int64 count) and the rest,
+    but the module template and ``tx``, which are ``states[0]``'s (documented)."""
+    states = []
+    for seed, lr in ((0, 0.1), (1, 0.01)):
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        state = fl.TrainState.create(module, tx=optim.adamw(lr), ema_decay=0.9, device="cpu")
+        x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        step = fl.make_train_step(lambda m, b: {"loss": nn.functional.cross_entropy(m(b[0]), b[1])})
+        state, _ = step(state, (x, y))
+        states.append(state.replace(epoch=2))
+    got = fl.unstack_states(fl.stack_states(states))
+    for one, want in zip(got, states, strict=True):
+        assert type(one) is type(want)
+        assert one.module is states[0].module and one.tx is states[0].tx
+        for f in dataclasses.fields(want):
+            if f.name in ("module", "tx"):
+                continue
+            a, b = getattr(one, f.name), getattr(want, f.name)
+            leaves_a, leaves_b = fl._tree.tree_leaves(a), fl._tree.tree_leaves(b)
+            assert len(leaves_a) == len(leaves_b), f.name
+            for x, y in zip(leaves_a, leaves_b):
+                if isinstance(y, torch.Tensor):
+                    assert x.dtype == y.dtype and torch.equal(x, y), f.name
+                else:
+                    assert x is y or x == y, f.name
+    assert got[1].buffers["1.num_batches_tracked"].dtype == torch.int64
