@@ -98,8 +98,8 @@ def _attributes(obj: Any) -> dict[str, Any]:
 def _first_size(obj: Any) -> int | None:
     """The leading dimension of the first tensor in ``obj`` that has one (0-d tensors are
     skipped); a ``PackedSequence`` counts its sequences, not their steps."""
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[0]) if obj.dim() > 0 else None
+    if isinstance(obj, torch.Tensor):  # size(0): a strided nested tensor has no shape
+        return int(obj.size(0)) if obj.dim() > 0 else None
     if isinstance(obj, PackedSequence):  # batch_sizes: on the CPU, its first entry the most
         return int(obj.batch_sizes[0])
     if isinstance(obj, Mapping):

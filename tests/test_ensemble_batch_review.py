@@ -96,3 +96,15 @@ def test_unstacking_a_stack_gives_back_the_states_exactly():
                 else:
                     assert x is y or x == y, f.name
     assert got[1].buffers["1.num_batches_tracked"].dtype == torch.int64
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_the_size_of_a_nested_tensor_batch_is_its_number_of_sequences(layout):
+    """A nested tensor of the default (strided) layout has no ``shape``: reading its
+    ``shape[0]`` raised "NestedTensorImpl doesn't support sizes"."""
+    seqs = [torch.ones(2, 3), torch.ones(4, 3), torch.ones(1, 3)]
+    nested = torch.nested.nested_tensor(seqs, layout=layout)
+    assert fl.batch_size(nested) == len(seqs)
+    assert fl.batch_size({"x": nested, "y": torch.zeros(3)}) == len(seqs)
+    assert fl.to_device((nested,), "cpu")[0] is nested
