@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -166,8 +167,13 @@ def _setting(value: Any) -> Any:
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
         return ("value", tuple(value))
-    if isinstance(value, types.FunctionType):  # by its code: a lambda made per instance too
-        return ("function", value.__code__)
+    if isinstance(value, types.FunctionType):
+        # By its code (a lambda made per instance too) and the plain values it captures
+        # or defaults to: a lambda closing over a slope is another activation per slope.
+        captured = tuple(map(_captured, value.__closure__ or ()))
+        defaults = tuple(map(_plain, value.__defaults__ or ()))
+        kwdefaults = tuple(sorted((k, _plain(v)) for k, v in (value.__kwdefaults__ or {}).items()))
+        return ("function", value.__code__, captured, defaults, kwdefaults)
     if isinstance(value, types.MethodType):
         return ("function", value.__func__.__code__)
     if isinstance(value, functools.partial):
@@ -180,6 +186,28 @@ def _setting(value: Any) -> Any:
         # An object made per module (spectral_norm's hook): its class and settings.
         return ("object", type(value), tuple(sorted((k, _setting(v)) for k, v in settings.items())))
     return None
+
+
+def _plain(value: Any) -> Any:
+    """A plain value (or a tuple or list of them) as it is, a function by its code (not
+    what it captures: no recursion), ``None`` for anything else."""
+    if isinstance(value, _PLAIN):
+        return ("value", value)
+    if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
+        return ("value", tuple(value))
+    if isinstance(value, types.FunctionType):
+        return ("function", value.__code__)
+    if isinstance(value, types.BuiltinFunctionType):
+        return ("callable", id(value))
+    return None
+
+
+def _captured(cell: Any) -> Any:
+    """:func:`_plain` of what a closure cell holds (``None`` for an empty cell)."""
+    try:
+        return _plain(cell.cell_contents)
+    except ValueError:  # a cell not yet filled
+        return None
 
 
 def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
@@ -208,8 +236,27 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                 continue
             va, vb = va_all.get(key), vb_all.get(key)
             if _setting(va) != _setting(vb):
+                if (
+                    isinstance(va, types.FunctionType)
+                    and isinstance(vb, types.FunctionType)
+                    and va.__code__ is vb.__code__
+                ):
+                    return (
+                        f"{where}.{key} is {va.__qualname__} in both, capturing or defaulting "
+                        f"to {_values(va)} in one and {_values(vb)} in the other"
+                    )
                 return f"{where}.{key} is {va!r} in one and {vb!r} in the other"
     return None
+
+
+def _values(fn: types.FunctionType) -> list[Any]:
+    """What ``fn`` captures and defaults to that :func:`_plain` compares (for messages)."""
+    values = []
+    for cell in fn.__closure__ or ():
+        with contextlib.suppress(ValueError):  # a cell not yet filled
+            values.append(cell.cell_contents)
+    values += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    return [v for v in values if _plain(v) is not None]
 
 
 def stacked_models(state: TrainState) -> int | None:

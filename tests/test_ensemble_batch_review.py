@@ -108,3 +108,38 @@ def test_the_size_of_a_nested_tensor_batch_is_its_number_of_sequences(layout):
     assert fl.batch_size(nested) == len(seqs)
     assert fl.batch_size({"x": nested, "y": torch.zeros(3)}) == len(seqs)
     assert fl.to_device((nested,), "cpu")[0] is nested
+
+
+class _Act(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _leaky(slope: float) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2), _Act(lambda x: nn.functional.leaky_relu(x, slope)))
+
+
+def test_modules_whose_functions_capture_other_values_are_refused():
+    """An activation kept as a lambda was compared by its code alone: two models whose
+    lambdas capture other slopes stacked, and the vmapped step ran states[0]'s slope
+    for both (the same setting given through functools.partial was refused)."""
+    states = [fl.TrainState.create(_leaky(s), tx=optim.sgd(0.1), device="cpu") for s in (0.01, 0.5)]
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    alone = [float(evaluate(s, x)["out"]) for s in states]
+    assert alone[0] != alone[1]
+    with pytest.raises(
+        ValueError,
+        match=r"1\.fn is _leaky.<locals>.<lambda> in both.*\[0\.01\] in one and \[0\.5\]",
+    ):
+        fl.stack_states(states)
+    # The same code capturing the same values (or only tensors and modules) still stacks.
+    same = [fl.TrainState.create(_leaky(0.1), tx=optim.sgd(0.1), device="cpu") for _ in range(2)]
+    stacked = fl.stack_states(same)
+    many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
+    torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in same]))
