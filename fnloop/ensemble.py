@@ -101,8 +101,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
             )
         paths, leaves, _ = _tree.tree_flatten_with_keys(state)
         if paths != paths0:
-            diff = _tree.first_difference(first, state)
-            raise ValueError(f"states[{i}] differs in structure from states[0]: {diff}")
+            raise ValueError(_structure_difference(i, paths0, paths))
         _check_tensors(i, paths, leaves)
         for j, (path, leaf) in enumerate(zip(paths, leaves)):
             ref = leaves0[j]
@@ -119,6 +118,32 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 )
             columns[j].append(leaf)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
+
+
+_FIELD_FIX = {
+    "opt_state": "the states were made with optimizers of other kinds or settings (tx); "
+    "build each tx alike (the learning rates may differ)",
+    "loss_scale": "one state holds an fp16 loss scale and the other none; stack states "
+    "trained with the same precision",
+    "grad_accum": "one state is inside a gradient accumulation window; stack states at the "
+    "same micro_step",
+}
+
+
+def _structure_difference(i: int, paths0: list[str], paths: list[str]) -> str:
+    """Names the first leaf that ``states[i]`` and ``states[0]`` do not share, and why."""
+    set0, set_i = set(paths0), set(paths)
+    only0 = [p for p in paths0 if p not in set_i]
+    only_i = [p for p in paths if p not in set0]
+    if only0:
+        where = f"'{only0[0]}' is in states[0] but not in states[{i}]"
+    elif only_i:
+        where = f"'{only_i[0]}' is in states[{i}] but not in states[0]"
+    else:
+        where = "their leaves come in another order"
+    field = (only0 or only_i or [""])[0].split(".")[0]
+    fix = _FIELD_FIX.get(field, "stack states built alike")
+    return f"states[{i}] differs in structure from states[0]: {where}; {fix}."
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -143,3 +143,19 @@ def test_modules_whose_functions_capture_other_values_are_refused():
     stacked = fl.stack_states(same)
     many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
     torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in same]))
+
+
+def test_states_made_with_another_kind_of_optimizer_are_named_as_such():
+    """The message said a key "is present in the second tree but not in the first",
+    naming neither state nor the optimizer that made the difference."""
+    plain = make(0)
+    torch.manual_seed(1)
+    momentum = fl.TrainState.create(nn.Linear(3, 2), tx=optim.sgd(0.1, momentum=0.9), device="cpu")
+    with pytest.raises(
+        ValueError, match=r"'opt_state\.[\w.]+' is in states\[1\] but not in states\[0\].*\(tx\)"
+    ):
+        fl.stack_states([plain, momentum])
+    with pytest.raises(
+        ValueError, match=r"'opt_state\.[\w.]+' is in states\[0\] but not in states\[2\].*\(tx\)"
+    ):
+        fl.stack_states([momentum, momentum, plain])
