@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -124,6 +125,25 @@ NO_TENSOR_MSG = (
 )
 
 
+def _checked_size(size: Any) -> int:
+    """What a ``batch -> size`` function returned, as an int >= 0 (0: a batch of no
+    examples, which weighs nothing), or an error that names it."""
+    if isinstance(size, torch.Tensor):
+        raise TypeError(
+            "the batch_size function returned a tensor; return an int (a tensor would be "
+            "read on the host at every batch, waiting for the device): a length or a "
+            "shape entry, such as len(batch[0]) or batch[0].shape[1]."
+        )
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(
+            f"the batch_size function returned a {type(size).__name__} ({size!r}); it must "
+            f"return the number of examples as an int."
+        )
+    if size < 0:
+        raise ValueError(f"the batch_size function returned {size}; a batch size is >= 0.")
+    return int(size)
+
+
 def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = None) -> int:
     """The number of examples in ``batch``: the leading dimension of its first tensor
     that has one (0-d tensors, such as a per-batch scale, are skipped), or the number of
@@ -134,6 +154,11 @@ def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = Non
       override: a fixed size, or a function ``batch -> size``, for batches whose first
         tensor is not batch-major.
 
+    Raises:
+      TypeError: a fixed size or a function's result that is not an int (a tensor too).
+      ValueError: a fixed size below 1 or a function's result below 0; a batch without a
+        tensor with a leading dimension and no ``override``.
+
     >>> import torch
     >>> batch_size((torch.zeros(8, 3), torch.zeros(8)))
     8
@@ -141,7 +166,13 @@ def batch_size(batch: Batch, override: int | Callable[[Batch], int] | None = Non
     64
     """
     if override is not None:
-        return int(override(batch)) if callable(override) else int(override)
+        if callable(override):
+            return _checked_size(override(batch))
+        if isinstance(override, bool) or not isinstance(override, numbers.Integral):
+            raise TypeError(f"batch_size={override!r} must be an int (or a function batch -> int).")
+        if override < 1:
+            raise ValueError(f"batch_size={override!r}: a fixed batch size must be positive.")
+        return int(override)
     size = _first_size(batch)
     if size is None:
         raise ValueError(NO_TENSOR_MSG.format(kind=type(batch).__name__))

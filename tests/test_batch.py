@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
@@ -24,3 +26,33 @@ def test_the_size_of_a_packed_sequence_batch_is_its_number_of_sequences():
     packed = pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
     assert fl.batch_size(packed) == 2
     assert fl.batch_size({"x": packed, "y": torch.zeros(2)}) == 2
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        (lambda b: -1, ValueError, r"batch_size function returned -1.*>= 0"),
+        (lambda b: 2.5, TypeError, r"batch_size function returned a float.*int"),
+        (lambda b: True, TypeError, r"batch_size function returned a bool"),
+        (lambda b: None, TypeError, r"batch_size function returned a NoneType"),
+        (lambda b: torch.tensor(3), TypeError, r"returned a tensor.*host"),
+        (-4, ValueError, r"batch_size=-4.*positive"),
+        (0, ValueError, r"batch_size=0.*positive"),
+        (2.0, TypeError, r"batch_size=2.0.*int"),
+    ],
+)
+def test_a_bad_batch_size_override_is_named(override, error, match):
+    """A fixed size must be a positive int; a function's result an int >= 0 (an empty
+    batch weighs nothing): a float would be truncated, a negative size would turn the
+    epoch means around, and a tensor would be read on the host every batch."""
+    batch = (torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(error, match=match):
+        fl.batch_size(batch, override=override)
+
+
+def test_a_batch_size_function_may_return_any_integer():
+    batch = (torch.zeros(4, 3), torch.zeros(4))
+    assert fl.batch_size(batch, override=lambda b: 0) == 0
+    assert fl.batch_size(batch, override=lambda b: np.int64(7)) == 7
+    assert type(fl.batch_size(batch, override=lambda b: np.int64(7))) is int
+    assert fl.batch_size(batch, override=3) == 3
