@@ -293,6 +293,22 @@ def check_fused_update() -> None:
         report(
             f"| {kernel} update adamw(schedule) vs torch.optim {kernel}=True, lr set per step, 20 steps | max abs diff {worst:.2e} | {'ok' if worst < tol[kernel] else 'FAIL'} |"
         )
+    # SGD's fused kernel takes the schedule's rate as a tensor too (float32 on CUDA).
+    ref = copy.deepcopy(module)
+    opt = torch.optim.SGD(ref.parameters(), lrs[0], momentum=0.9, nesterov=True, fused=True)
+    tx = optim.sgd(sched, momentum=0.9, nesterov=True)
+    state = fl.TrainState.create(module, tx=tx, device=DEV).clone()
+    step = fl.make_train_step(training_step, donate=True)
+    for k, b in enumerate(data):
+        opt.param_groups[0]["lr"] = lrs[k]
+        opt.zero_grad()
+        training_step(ref, b)["loss"].backward()
+        opt.step()
+        state, _ = step(state, b)
+    worst = _max_diff(state.params, ref)
+    report(
+        f"| fused update sgd nesterov(schedule) vs torch.optim fused=True, lr set per step, 20 steps | max abs diff {worst:.2e} | {'ok' if worst < 1e-6 else 'FAIL'} |"
+    )
 
 
 def check_fit_resume() -> None:

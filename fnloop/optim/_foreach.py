@@ -417,21 +417,25 @@ def sgd_(
     bufs: TensorList | None,
     *,
     first: bool,
-    lr: float,
+    lr: float | torch.Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
     nesterov: bool,
-) -> None:
-    """One SGD step with Python scalars, in place, as ``torch.optim`` takes it.
+) -> bool:
+    """One SGD step, in place, as ``torch.optim`` takes it; returns whether it ran.
 
     ``bufs`` are the momentum buffers (``None`` without momentum); ``first`` marks the
     first update, which copies the gradient into them. ``grads`` are consumed. Eager and
     unbatched only, like :func:`adam_`. On a CPU or CUDA device this is torch's fused
-    kernel (bit for bit ``torch.optim.SGD(fused=True)``); elsewhere torch's foreach order
-    (bit for bit ``foreach=True``).
+    kernel (bit for bit ``torch.optim.SGD(fused=True)``), which also takes ``lr`` as a
+    0-d tensor (a schedule's); elsewhere torch's foreach order (bit for bit
+    ``foreach=True``) with a number ``lr``, and a tensor one does not run.
     """
     if _fusable(params, grads, bufs):
+        if isinstance(lr, torch.Tensor) and params[0].is_cuda:
+            # As for Adam: the CUDA kernel reads a tensor rate as float32 on the device.
+            lr = lr.to(device=params[0].device, dtype=torch.float32)
         torch._fused_sgd_(
             params,
             grads,
@@ -444,7 +448,9 @@ def sgd_(
             maximize=False,
             is_first_step=first and bufs is not None,  # (CUDA warns otherwise)
         )
-        return
+        return True
+    if isinstance(lr, torch.Tensor):
+        return False
     lists = _flat_lists(grads, params, bufs)
     if lists is not None:
         grads, params, bufs = lists  # type: ignore[assignment]
@@ -462,3 +468,4 @@ def sgd_(
         else:
             step = bufs
     torch._foreach_add_(params, step, alpha=-lr)
+    return True

@@ -70,18 +70,16 @@ def sgd(
         trace(momentum, dampening=dampening, nesterov=nesterov) if momentum > 0 else identity(),
         scale_by_learning_rate(learning_rate),
     )
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
-        return tx  # the chain's in-place step (the learning rate stays a tensor)
     assert tx.apply_ is not None
     return tx._replace(
         apply_=_fused_sgd(
-            float(learning_rate), momentum, dampening, nesterov, weight_decay, chained=tx.apply_
+            learning_rate, momentum, dampening, nesterov, weight_decay, chained=tx.apply_
         )
     )
 
 
 def _fused_sgd(
-    learning_rate: float,
+    learning_rate: LearningRate,
     momentum: float,
     dampening: float,
     nesterov: bool,
@@ -89,9 +87,15 @@ def _fused_sgd(
     *,
     chained: ApplyFn,
 ) -> ApplyFn:
-    """``apply_`` of ``sgd`` with a number learning rate: one fused step on the chain's
-    state tuple, the chain's own ``chained`` one while compiling or under ``vmap``."""
+    """``apply_`` of ``sgd``: one fused step on the chain's state tuple, the chain's own
+    ``chained`` one while compiling or under ``vmap``.
+
+    A constant learning rate is a Python number, read once from the state (see
+    :class:`HostValues`); a schedule's or a plateau's stays a tensor, which torch's fused
+    kernel reads itself.
+    """
     _, advance = _learning_rate(learning_rate)
+    constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
@@ -101,10 +105,11 @@ def _fused_sgd(
         if _foreach.batched(p):  # compiling or under vmap: tensors only
             return chained(grads, state, params)
         count = counts.value(trace_state.count) if momentum > 0 else 0
-        lr = rates.value(lr_state.lr)  # the state's own rate: unstacked states have theirs
+        # The state's own rate: unstacked states have theirs.
+        lr = rates.value(lr_state.lr) if constant_lr else lr_state.lr
         if count is None or lr is None:
             return chained(grads, state, params)
-        _foreach.sgd_(
+        done = _foreach.sgd_(
             p,
             g,
             b[0] if momentum > 0 else None,
@@ -115,6 +120,8 @@ def _fused_sgd(
             dampening=dampening,
             nesterov=nesterov,
         )
+        if not done:  # a tensor rate where the fused kernel does not run
+            return chained(grads, state, params)
         if momentum > 0:
             trace_state = TraceState(
                 count=trace_state.count + 1,

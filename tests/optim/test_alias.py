@@ -727,6 +727,48 @@ def test_fused_apply_is_bit_identical_to_torch(
         assert joined == []
 
 
+@pytest.mark.parametrize(
+    ("rate", "distinct"),
+    [
+        pytest.param(lambda: optim.cosine_schedule(0.05, 30), 12, id="schedule"),
+        pytest.param(lambda: optim.reduce_on_plateau(0.05), 1, id="plateau"),
+        pytest.param(lambda: torch.tensor(0.05, dtype=F64), 1, id="tensor"),
+    ],
+)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_with_a_rate_tensor_runs_the_fused_kernel(rate, distinct, nesterov, monkeypatch):
+    """A schedule's, a plateau's or a tensor learning rate stays a tensor, which torch's
+    fused SGD kernel takes as it is: float32 results equal ``SGD(fused=True)`` with that
+    rate set before each step, bit for bit, in one fused launch per step."""
+    f32 = torch.float32
+    params, grads = make_params(dtype=f32), make_grads(steps=12, dtype=f32)
+    kw = dict(momentum=0.9, nesterov=nesterov, weight_decay=1e-2)
+    tx = optim.sgd(rate(), **kw)
+    ours = {name: p.clone() for name, p in params.items()}
+    state = tx.init(ours)
+    ref = {name: torch.nn.Parameter(p.clone()) for name, p in params.items()}
+    opt = SGD(list(ref.values()), lr=0.0, fused=True, **kw)
+    launches, rates = [], []
+    fused_sgd = torch._fused_sgd_
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        launches.append(type(kwargs["lr"]))
+        fused_sgd(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", spy)
+    for step, g in enumerate(grads):
+        rates.append(float(optim.learning_rates(state)[0]))
+        opt.param_groups[0]["lr"] = rates[-1]
+        for name, p in ref.items():
+            p.grad = g[name].clone()
+        opt.step()
+        ours, state = tx.apply_({n: x.clone() for n, x in g.items()}, state, ours)
+        for name in params:
+            assert torch.equal(ours[name], ref[name].detach()), f"step {step}, {name}"
+    assert launches == [float, torch.Tensor] * len(grads)  # torch's, then ours
+    assert len(set(rates)) == distinct  # a schedule's rate changes every step
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
 def test_fused_apply_matches_torch_fused_in_other_dtypes(case: Case, dtype: torch.dtype) -> None:
