@@ -139,6 +139,27 @@ def torch_contender(
     return Contender(name, opt.step)
 
 
+def torch_scheduled_contender(
+    name: str,
+    make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    make_scheduler: Callable[[torch.optim.Optimizer], Any],
+    params: dict,
+    grads: dict,
+) -> Contender:
+    """``opt.step()`` then ``scheduler.step()``, as a hand loop with a schedule runs them."""
+    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(ps, grads.values(), strict=True):
+        p.grad = g.clone()
+    opt = make_opt(ps)
+    scheduler = make_scheduler(opt)
+
+    def step() -> None:
+        opt.step()
+        scheduler.step()
+
+    return Contender(name, step)
+
+
 def fused_adamw_reference(
     lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2
 ) -> optim.GradientTransformation:
@@ -293,6 +314,27 @@ def main() -> None:
             torch_contender(
                 "torch.optim.SGD(foreach=True)",
                 lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+                params,
+                grads,
+            ),
+        ],
+        reps,
+        warmup,
+    )
+    # 10**6 steps: the rate moves every step but stays near 1e-2 (the values stay finite).
+    bench(
+        "SGD(momentum=0.9) with a cosine schedule, one update",
+        [
+            fnloop_inplace_contender(
+                "fnloop sgd momentum + cosine, in place (donate)",
+                optim.sgd(optim.cosine_schedule(1e-2, 10**6), momentum=0.9),
+                params,
+                grads,
+            ),
+            torch_scheduled_contender(
+                "torch.optim.SGD(foreach=True) + CosineAnnealingLR",
+                lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+                lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10**6),
                 params,
                 grads,
             ),
