@@ -14,7 +14,9 @@ import torch
 from torch.nn.utils import parametrize
 
 from fnloop import _tree
+from fnloop.optim.transform import learning_rates
 from fnloop.state import _STATIC, TrainState
+from fnloop.typing import Params
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
@@ -26,8 +28,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     are ``states[0]``'s (the templates must not differ in what forward computes). The
     optimizer's hyper-parameters that live in the state, such as each model's learning
     rate, stay per model, while those fixed in ``tx`` (weight decay, betas, momentum, and a
-    learning-rate schedule, which sets every model's rate from the step count) are
-    ``states[0]``'s for every model. Train the stack with
+    learning-rate schedule, which sets every model's rate from the step count) would be
+    ``states[0]``'s for every model, so they must be equal too. Train the stack with
     ``torch.func.vmap(train_step, in_dims=(0, None), randomness="different")``.
 
     Args:
@@ -41,7 +43,10 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     Raises:
       TypeError: a state is no ``TrainState``, of another class than ``states[0]``, or
         holds a leaf that is no tensor.
-      ValueError: no states, or states that differ in any of the above or in their module.
+      ValueError: no states, or states that differ in any of the above, in their module,
+        or in their optimizer's rules (a schedule, weight decay, betas: what ``tx`` fixes
+        rather than the state; found by running each ``tx`` against ``states[0]``'s for a
+        few updates on small stand-in tensors).
 
     Example:
       >>> import torch
@@ -71,6 +76,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         for f in dataclasses.fields(first)
         if (f.name in _STATIC or f.metadata.get("static")) and f.name not in ("module", "tx")
     ]
+    checked: list[Any] = []  # the optimizers found to update like states[0]'s
     for i, state in enumerate(states[1:], start=1):
         if type(state) is not type(first):
             raise TypeError(
@@ -103,6 +109,17 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if paths != paths0:
             raise ValueError(_structure_difference(i, paths0, paths))
         _check_tensors(i, paths, leaves)
+        if state.tx is not first.tx and state.tx not in checked:
+            diff = _update_difference(first.tx, state.tx, state.params)
+            if diff is not None:
+                raise ValueError(
+                    f"states[{i}] was made with another optimizer than states[0] ({diff}); a "
+                    f"stacked state runs states[0]'s tx for every model, and only what the "
+                    f"optimizer state holds (a number or tensor learning rate, a plateau's "
+                    f"progress) stays per model. A schedule, weight decay or betas are tx's: "
+                    f"train models that differ in them apart, or stack each group alike."
+                )
+            checked.append(state.tx)
         for j, (path, leaf) in enumerate(zip(paths, leaves)):
             ref = leaves0[j]
             if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
@@ -144,6 +161,54 @@ def _structure_difference(i: int, paths0: list[str], paths: list[str]) -> str:
     field = (only0 or only_i or [""])[0].split(".")[0]
     fix = _FIELD_FIX.get(field, "stack states built alike")
     return f"states[{i}] differs in structure from states[0]: {where}; {fix}."
+
+
+_PROBE_UPDATES = 10
+
+
+def _update_difference(tx0: Any, tx: Any, params: Params) -> str | None:
+    """How ``tx0`` updates otherwise than ``tx`` (``None`` where they agree): both run
+    ``_PROBE_UPDATES`` updates from ``tx``'s initial state, on small stand-ins for
+    ``params`` (the same names, dims and dtypes, on the CPU) and the same random
+    gradients, which tells schedules, weight decay or betas apart, not the rates kept in
+    the state. An optimizer the stand-ins do not suit is not compared."""
+    gen = torch.Generator().manual_seed(0)
+
+    def stand_in() -> Params:
+        return {
+            name: torch.randn((2,) * p.dim(), generator=gen, dtype=p.dtype)
+            for name, p in params.items()
+        }
+
+    try:
+        small = stand_in()
+        state0 = state = tx.init(small)
+        for k in range(1, _PROBE_UPDATES + 1):
+            grads = stand_in()
+            updates0, state0 = tx0.update(grads, state0, small)
+            updates, state = tx.update(grads, state, small)
+            if not _equal_trees((updates0, state0), (updates, state)):
+                rates0, rates = learning_rates(state0), learning_rates(state)
+                for r0, r in zip(rates0, rates):
+                    if not torch.equal(r0, r):
+                        return (
+                            f"after {k} update{'s' if k > 1 else ''} its learning rate is "
+                            f"{float(r):.4g}, states[0]'s optimizer would make it {float(r0):.4g}"
+                        )
+                return f"its update {k} differs from the one states[0]'s optimizer makes"
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
+        return None
+    return None
+
+
+def _equal_trees(a: Any, b: Any) -> bool:
+    leaves_a, leaves_b = _tree.tree_leaves(a), _tree.tree_leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        torch.equal(x, y)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        else _same(x, y)
+        for x, y in zip(leaves_a, leaves_b)
+    )
 
 
 def _same(a: Any, b: Any) -> bool:

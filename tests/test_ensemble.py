@@ -159,3 +159,78 @@ def test_states_made_with_another_kind_of_optimizer_are_named_as_such():
         ValueError, match=r"'opt_state\.[\w.]+' is in states\[0\] but not in states\[2\].*\(tx\)"
     ):
         fl.stack_states([momentum, momentum, plain])
+
+
+def trained(make_tx, seed: int, steps: int = 5) -> dict[str, torch.Tensor]:
+    """One model trained alone with ``make_tx()`` (the reference for a stacked run)."""
+    state = make(seed).replace(tx=make_tx(), opt_state=make_tx().init(make(seed).params))
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()})
+    for k in range(steps):
+        state, _ = step(state, torch.full((4, 3), 0.1 * k + 0.5))
+    return state.params
+
+
+def states_with(*txs) -> list[fl.TrainState]:
+    out = []
+    for seed, make_tx in enumerate(txs):
+        base = make(seed)
+        out.append(base.replace(tx=make_tx(), opt_state=make_tx().init(base.params)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("first", "other", "match"),
+    [
+        (
+            lambda: optim.adamw(optim.cosine_schedule(1e-4, 100)),
+            lambda: optim.adamw(optim.cosine_schedule(1e-1, 100)),
+            r"after 1 update its learning rate is 0\.09998, states\[0\]'s optimizer would "
+            r"make it 9\.998e-05",
+        ),
+        (
+            lambda: optim.adamw(1e-2, weight_decay=0.0),
+            lambda: optim.adamw(1e-2, weight_decay=0.1),
+            r"its update 1 differs",
+        ),
+        (
+            lambda: optim.sgd(1e-2, momentum=0.9),
+            lambda: optim.sgd(1e-2, momentum=0.5),
+            r"its update 2 differs",  # the first update copies the gradient either way
+        ),
+        (
+            lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(1e-2)),
+            lambda: optim.chain(optim.clip_by_global_norm(1e-3), optim.sgd(1e-2)),
+            r"its update 1 differs",
+        ),
+    ],
+    ids=["schedule peak", "weight decay", "momentum", "clipping"],
+)
+def test_states_whose_optimizers_update_otherwise_are_refused(first, other, match):
+    """A stacked state runs states[0]'s tx for every model: vmapped, the second model
+    trained with the first's schedule or settings, not its own (the schedule's own rate
+    for the first update only), with no error."""
+    stacked_txs = states_with(first, other)
+    assert not torch.equal(trained(other, 1)["weight"], trained(first, 1)["weight"])
+    with pytest.raises(ValueError, match=r"states\[1\] was made with another optimizer.*" + match):
+        fl.stack_states(stacked_txs)
+
+
+def test_a_sweep_of_rates_the_state_holds_stacks_and_trains_as_apart():
+    """Learning rates kept in the optimizer state (numbers, tensors, plateaus) stay per
+    model: such optimizers stack, and each stacked model trains as it does alone."""
+    txs = [
+        lambda: optim.adamw(1e-3),
+        lambda: optim.adamw(3e-2),
+        lambda: optim.adamw(torch.tensor(1e-1)),
+    ]
+    stacked = fl.stack_states(states_with(*txs))
+    step = torch.func.vmap(
+        fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()}), in_dims=(0, None)
+    )
+    for k in range(5):
+        stacked, _ = step(stacked, torch.full((4, 3), 0.1 * k + 0.5))
+    for i, (one, make_tx) in enumerate(zip(fl.unstack_states(stacked), txs)):
+        torch.testing.assert_close(one.params, trained(make_tx, i))
+    plateaus = [lambda lr=lr: optim.sgd(optim.reduce_on_plateau(lr)) for lr in (0.1, 0.3)]
+    rates = optim.learning_rates(fl.stack_states(states_with(*plateaus)).opt_state)
+    assert rates[0].tolist() == [0.1, 0.3]
