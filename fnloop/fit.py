@@ -277,6 +277,11 @@ def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainS
     the ``TrainStep`` when ``fn`` is the user's function or a made step as made (``fit``
     owns the states it makes, so each step may reuse the previous one's memory)."""
     made = _made_step(fn, TrainStep)
+    if made is None and _made_step(fn, EvalStep) is not None:
+        raise TypeError(
+            "fit's training_step is an eval step (made by make_eval_step); pass your "
+            "function training_step(model, batch), or a step made by make_train_step."
+        )
     if made is None:  # the user's training_step(model, batch)
         made = TrainStep(cast(StepFn, fn))
     elif fn is not made and getattr(fn, "__wrapped__", None) is not made:
@@ -291,6 +296,11 @@ def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Call
         return make_eval_step(train_step.training_step, precision=train_step.precision)
     if _made_step(fn, EvalStep) is not None:
         return fn
+    if _made_step(fn, TrainStep) is not None:
+        raise TypeError(
+            "fit's validation_step is a train step (made by make_train_step); pass your "
+            "function validation_step(model, batch), or a step made by make_eval_step."
+        )
     # Not a made step: the user's validation_step(model, batch).
     return make_eval_step(cast(StepFn, fn), precision=train_step.precision)
 
@@ -454,7 +464,8 @@ def fit(
     Raises:
       TypeError: a wrong kind of argument, before anything runs or is written: a state
         that is not a ``TrainState``, a dataset or a one-shot iterator as loader, a
-        callback class or non-callback, an early-stopping rule that is not one.
+        callback class or non-callback, an early-stopping rule that is not one, a made
+        eval step as ``training_step`` or a made train step as ``validation_step``.
       ValueError: bad set-up, reported before any training: an empty loader,
         ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
         a monitor without the ``train/``/``valid/`` prefix,

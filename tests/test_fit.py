@@ -890,6 +890,30 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_steps_of_the_wrong_kind_are_named(tmp_path, compiled):
+    """A made train step as validation_step (or a made eval step as training_step) was
+    called as the user's (model, batch) function, and said "needs a TrainState first;
+    got BoundModel. Did you swap the arguments?"."""
+    wrap = (lambda f: torch.compile(f, backend="eager")) if compiled else (lambda f: f)
+    state = make_state()
+    for training_step, validation_step, match in [
+        (classify, wrap(fl.make_train_step(classify)), r"validation_step is a train step"),
+        (wrap(fl.make_eval_step(classify)), None, r"training_step is an eval step"),
+    ]:
+        with pytest.raises(TypeError, match=match + r".*make_(train|eval)_step"):
+            fl.fit(
+                state,
+                training_step,
+                loaders(),
+                max_epochs=1,
+                validation_step=validation_step,
+                out_dir=tmp_path / "run",
+                log_to_console=False,
+            )
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_supplied_batch_size_weighs_the_epoch_means():
     """REQUIREMENTS I10, S11: batches whose first tensor is not batch-major (time-major
     sequences, (T, B, F)) are weighed by the size fit(batch_size=...) finds in them, in
