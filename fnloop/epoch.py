@@ -6,6 +6,7 @@ the host once per epoch, and when a progress bar redraws.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -57,9 +58,14 @@ class MetricMeans:
     metrics are the entries with one element per model (shape ``(n,)``, or ``(n, 1)``
     from a step's one-element metric), and each mean is a list of ``n`` floats.
 
+    With ``finite_only`` a non-finite value (the loss of a step that
+    ``on_nonfinite="skip"`` skipped) is left out of its metric's mean, on the device; a
+    metric with no finite value has the mean NaN.
+
     Args:
       models: how many stacked models each metric holds a value for, or ``None`` for
         one model and scalar metrics.
+      finite_only: leave non-finite values out of the means.
 
     >>> import torch
     >>> m = MetricMeans()
@@ -72,18 +78,28 @@ class MetricMeans:
     >>> per_model.add({"loss": torch.tensor([3.0, 6.0])}, 1)
     >>> per_model.means()
     {'loss': [1.5, 3.0]}
+    >>> skipping = MetricMeans(finite_only=True)
+    >>> skipping.add({"loss": torch.tensor(1.0)}, 3)
+    >>> skipping.add({"loss": torch.tensor(float("nan"))}, 1)
+    >>> skipping.means()
+    {'loss': 1.0}
     """
 
     FOLD_EVERY = 256
 
-    def __init__(self, *, models: int | None = None) -> None:
+    def __init__(self, *, models: int | None = None, finite_only: bool = False) -> None:
         if models is not None and (type(models) is not int or models < 1):
             raise ValueError(f"models must be None or a positive int; got {models!r}.")
+        if not isinstance(finite_only, bool):
+            raise TypeError(f"finite_only takes True or False; got {finite_only!r}.")
         self.models = models
+        self.finite_only = finite_only
         self._shape = torch.Size(() if models is None else (models,))
         self._pending: list[tuple[Metrics, int]] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        # finite_only: the examples whose non-finite values were left out, on the device.
+        self._dropped: dict[str, torch.Tensor] = {}
         self._outputs: set[str] = set()
 
     def _is_metric(self, value: torch.Tensor) -> bool:
@@ -121,7 +137,16 @@ class MetricMeans:
             weights = torch.tensor([n for _, n in values], dtype=acc_dtype).to(
                 stacked.device, non_blocking=True
             )
-            total = (stacked.to(acc_dtype) * weights.reshape(-1, *[1] * len(self._shape))).sum(0)
+            weights = weights.reshape(-1, *[1] * len(self._shape))
+            weighted = stacked.to(acc_dtype) * weights
+            if self.finite_only:
+                finite = torch.isfinite(stacked)
+                weighted = torch.where(finite, weighted, 0)
+                dropped = (weights * ~finite).sum(0)
+                if key in self._dropped:
+                    dropped = self._dropped[key] + dropped
+                self._dropped[key] = dropped
+            total = weighted.sum(0)
             if key in self._sums:  # restored sums are on the CPU: add on the step's device
                 total = self._sums[key].to(total.device, total.dtype) + total
             self._sums[key] = total
@@ -145,8 +170,24 @@ class MetricMeans:
         # A restored sum no batch added to is on the CPU, in the CPU's dtype.
         device = self._sums[keys[0]].device
         dtype = scalar_dtype(device)
-        values = torch.stack([self._sums[k].to(device, dtype) for k in keys]).tolist()
-        return {k: _divide(v, self._counts[k]) for k, v in zip(keys, values)}
+        sums = torch.stack([self._sums[k].to(device, dtype) for k in keys])
+        counts = self._count_tensor(keys, device, dtype)
+        values, counts_read = torch.stack([sums, counts]).tolist()
+        return {k: _divide(v, n) for k, v, n in zip(keys, values, counts_read)}
+
+    def _count_tensor(self, keys: list[str], device: torch.device, dtype: torch.dtype) -> Any:
+        """The examples each of ``keys``'s mean is over, shaped as the sums (one row per
+        key): the batch sizes added, less those of the values ``finite_only`` left out."""
+        counts = (
+            torch.tensor([float(self._counts.get(k, 0)) for k in keys], dtype=dtype, device=device)
+            .reshape(-1, *[1] * len(self._shape))
+            .expand(len(keys), *self._shape)
+        )
+        if self._dropped:
+            zero = torch.zeros(self._shape, dtype=dtype, device=device)
+            dropped = [self._dropped.get(k, zero).to(device, dtype) for k in keys]
+            counts = counts - torch.stack(dropped)
+        return counts
 
     def _means_over_processes(self) -> EpochMeans:
         """Means over every process's examples, matched by name (a metric some processes
@@ -163,20 +204,32 @@ class MetricMeans:
         dtype = scalar_dtype(like.device)
         zero = torch.zeros(self._shape, dtype=dtype, device=like.device)
         sums = torch.stack([self._sums.get(k, zero).to(like.device, dtype) for k in names])
-        counts = torch.tensor(
+        # The examples added (a metric no process has examples of has no mean), and
+        # those the means are over (less the values finite_only left out).
+        added = torch.tensor(
             [float(self._counts.get(k, 0)) for k in names], dtype=dtype, device=like.device
         )
-        both = mean_over_processes({"both": torch.cat([sums.flatten(), counts])})["both"]
-        sums_all = both[: sums.numel()].reshape(sums.shape).tolist()
-        counts_all = both[sums.numel() :].tolist()
-        return {k: _divide(v, n) for k, v, n in zip(names, sums_all, counts_all) if n > 0}
+        counts = self._count_tensor(names, like.device, dtype)
+        both = mean_over_processes({"both": torch.cat([sums.flatten(), counts.flatten(), added])})[
+            "both"
+        ]
+        size = sums.numel()
+        sums_all = both[:size].reshape(sums.shape).tolist()
+        counts_all = both[size : 2 * size].reshape(sums.shape).tolist()
+        added_all = both[2 * size :].tolist()
+        return {
+            k: _divide(v, n) for k, v, n, a in zip(names, sums_all, counts_all, added_all) if a > 0
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
         self._fold()
+        keys = [k for k in self._sums if k not in self._outputs]
         return {
-            "sums": {k: v for k, v in self._sums.items() if k not in self._outputs},
-            "counts": {k: v for k, v in self._counts.items() if k not in self._outputs},
+            "sums": {k: self._sums[k] for k in keys},
+            "counts": {k: self._counts[k] for k in keys},
+            # finite_only: the examples whose values were left out (absent: none).
+            "dropped": {k: self._dropped[k] for k in keys if k in self._dropped},
             "outputs": sorted(self._outputs),
         }
 
@@ -193,12 +246,18 @@ class MetricMeans:
         self._pending.clear()
         self._sums = dict(state["sums"])
         self._counts = {k: int(v) for k, v in state["counts"].items()}
+        self._dropped = dict(state.get("dropped", {}))
         self._outputs = set(state.get("outputs", ()))
 
 
-def _divide(total: float | list[float], count: float) -> float | list[float]:
-    """A sum, or one sum per model, over a count of examples."""
-    return [v / count for v in total] if isinstance(total, list) else total / count
+def _divide(total: float | list[float], count: float | list[float]) -> float | list[float]:
+    """A sum, or one sum per model, over a count of examples (per model too); NaN over
+    none (every value left out)."""
+    if isinstance(total, list):
+        counts = count if isinstance(count, list) else [count] * len(total)
+        return [_divide(v, n) for v, n in zip(total, counts)]  # type: ignore[misc]
+    assert not isinstance(count, list)
+    return total / count if count else math.nan
 
 
 def _format(means: Mapping[str, float | list[float]]) -> str:
@@ -260,11 +319,16 @@ class _Bar:
             self.bar.close()
 
 
-def _means_for(state: TrainState, means: MetricMeans | None) -> MetricMeans:
-    """``means``, or a new accumulator, for the models ``state`` holds."""
+def _means_for(
+    state: TrainState, means: MetricMeans | None, step: Callable[..., Any] | None = None
+) -> MetricMeans:
+    """``means``, or a new accumulator, for the models ``state`` holds (leaving out the
+    non-finite values of the steps that a made ``step`` with ``on_nonfinite="skip"``
+    skipped, vmapped or compiled too)."""
     models = stacked_models(state)
     if means is None:
-        return MetricMeans(models=models)
+        skips = getattr(inspect.unwrap(step), "on_nonfinite", None) == "skip" if step else False
+        return MetricMeans(models=models, finite_only=skips)
     if means.models != models:
         held = "one model" if models is None else f"{models} stacked model"
         raise ValueError(
@@ -313,7 +377,8 @@ def train_epoch(
     Returns:
       The state after the epoch and the epoch's batch-size-weighted metric means (over
       every process's batches in a ``torch.distributed`` run): a float per name, or a
-      list of one float per model for a stacked state.
+      list of one float per model for a stacked state. With a step made with
+      ``on_nonfinite="skip"``, non-finite values (of the steps it skipped) are left out.
 
     Example:
       >>> import torch
@@ -326,7 +391,7 @@ def train_epoch(
       (2, ['loss'])
     """
     callbacks = _callback_list(callbacks)
-    means = _means_for(state, means)
+    means = _means_for(state, means, train_step)
     batch_start = callbacks.handles("on_train_batch_start")
     batch_end = callbacks.handles("on_train_batch_end")
     bar = _Bar(loader, desc, progress, start_batch)

@@ -618,11 +618,14 @@ def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
         return None
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    dropped: dict[str, torch.Tensor] = {}
     for part in present:
         for k, v in part["sums"].items():
             sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + int(part["counts"][k])
-    return {"sums": sums, "counts": counts}
+        for k, v in part.get("dropped", {}).items():
+            dropped[k] = dropped[k] + v if k in dropped else v
+    return {"sums": sums, "counts": counts, "dropped": dropped}
 
 
 def _default_callbacks(run_dir: Path) -> list[Callback]:
@@ -874,7 +877,7 @@ class _Run:
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.epoch_start = rec.get("epoch_start")
-            self.means = MetricMeans()
+            self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
         self.logger.info(f"Resumed from {found.path} ({where})")
@@ -1020,7 +1023,7 @@ class _Run:
             }
         if position is None:
             self.epoch_rng = self.rng_state()
-            self.means = MetricMeans()
+            self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
         elif self.epoch_rng is not None:
             self.set_rng_state(self.epoch_rng)
         lrs_before, skipped_before = self.epoch_start["lrs"], self.epoch_start["skipped"]

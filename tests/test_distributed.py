@@ -239,6 +239,15 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
         assert "pred" not in r["metric_names"]  # an output in rank 0
 
 
+def test_finite_only_means_over_processes_equal_one_process_over_all(ranks) -> None:
+    """The values each process left out are left out of the counts of all."""
+    _, results = ranks
+    single = ddp_job.finite_only_means(None)
+    assert single == pytest.approx({"loss": (3 * 1.0 + 4.0) / 4, "acc": (1.5 + 2.0) / 6})
+    for r in results:
+        assert r["finite_only_means"] == pytest.approx(single)
+
+
 def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
     """They are the same in every process; averaging them would cost bandwidth and, with
     3 processes, change them by rounding."""

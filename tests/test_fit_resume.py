@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -589,3 +590,41 @@ def test_the_log_says_why_a_run_ended(tmp_path, capsys):
     with pytest.raises(Crash):  # no out_dir and no console: nothing is printed
         run(None, callbacks=[CrashAt(1, 1)])
     assert capsys.readouterr().err == ""
+
+
+def nan_loader():
+    """seeded_loader's examples with a NaN in one (a batch whose update is skipped)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    x[17, 3] = float("nan")
+    return DataLoader(
+        TensorDataset(x, y), batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+
+
+def test_a_mid_epoch_resume_keeps_the_left_out_values_of_skipped_steps(tmp_path):
+    """With on_nonfinite="skip" the epoch means leave skipped steps out (a finite train
+    loss every epoch); a checkpoint taken after one keeps what it left out."""
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+
+    def skipping(out_dir, callbacks=()):
+        return fl.fit(
+            make_state(),
+            step,
+            nan_loader(),
+            max_epochs=3,
+            out_dir=out_dir,
+            callbacks=list(callbacks),
+            checkpoint_every_n_steps=2,
+            log_to_console=False,
+        )
+
+    ref = skipping(tmp_path / "ref")
+    assert all(math.isfinite(v) for v in ref.history["train"]["loss"])
+    assert int(ref.skipped_steps) == 3
+    for epoch in (1, 2, 3):  # a crash after batch 5 of each epoch
+        with pytest.raises(Crash):
+            skipping(tmp_path / f"cut{epoch}", [CrashAt(epoch, 4)])
+        torch.manual_seed(123)
+        assert_same(skipping(tmp_path / f"cut{epoch}"), ref)

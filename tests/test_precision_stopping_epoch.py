@@ -1,13 +1,18 @@
-"""Review tests for fnloop.precision, fnloop.stopping and fnloop.epoch, each against a
-reference (torch.amp.GradScaler, a hand computation)."""
+"""fnloop.precision, fnloop.stopping and fnloop.epoch against references
+(torch.amp.GradScaler, a written-out early-stopping rule, hand computations)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fnloop as fl
+from fnloop import optim
+from fnloop.epoch import MetricMeans
 
 
 @pytest.mark.parametrize(
@@ -228,3 +233,57 @@ def test_loss_scale_survives_a_checkpoint_into_a_fresh_state(tmp_path):
     assert (float(back.loss_scale.scale), int(back.loss_scale.growth_tracker)) == (4.0, 1)
     for name, p in state.params.items():
         assert torch.equal(back.params[name], p)
+
+
+def test_finite_only_means_leave_out_non_finite_values():
+    """Per metric and per model; a metric with no finite value is NaN; the left-out
+    examples survive a state_dict round trip (a mid-epoch checkpoint)."""
+    nan, inf = float("nan"), float("inf")
+    means = MetricMeans(finite_only=True)
+    means.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)}, 3)
+    means.add({"loss": torch.tensor(nan), "acc": torch.tensor(1.0)}, 2)
+    means.add({"loss": torch.tensor(inf), "acc": torch.tensor(nan)}, 4)
+    means.add({"loss": torch.tensor(4.0), "bad": torch.tensor(nan)}, 1)
+    want = {"loss": (3 * 1.0 + 4.0) / 4, "acc": (3 * 0.5 + 2 * 1.0) / 5}
+    got = means.means()
+    assert {k: got[k] for k in want} == pytest.approx(want) and math.isnan(got["bad"])
+    restored = MetricMeans(finite_only=True)
+    restored.load_state_dict(means.state_dict())
+    restored.add({"loss": torch.tensor(nan), "acc": torch.tensor(0.0)}, 5)
+    assert restored.means()["loss"] == pytest.approx(want["loss"])
+    assert restored.means()["acc"] == pytest.approx((3 * 0.5 + 2 * 1.0) / 10)
+    per_model = MetricMeans(models=2, finite_only=True)
+    per_model.add({"loss": torch.tensor([1.0, nan])}, 3)
+    per_model.add({"loss": torch.tensor([3.0, 2.0])}, 1)
+    assert per_model.means() == {"loss": [1.5, 2.0]}
+    keeping = MetricMeans()  # the default: a NaN shows (fit stops a diverged run on it)
+    keeping.add({"loss": torch.tensor(1.0)}, 3)
+    keeping.add({"loss": torch.tensor(nan)}, 1)
+    assert math.isnan(keeping.means()["loss"])
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_epoch_means_leave_out_the_steps_a_skipping_step_skipped(stacked):
+    """With on_nonfinite="skip" a batch with a NaN leaves the weights as they were, so
+    the epoch is the epoch without that batch: the same weights and the same means (it
+    made the epoch's loss NaN, and fit's best model and early stopping saw NaN)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randn(40, 1, generator=g)
+    bad = x.clone()
+    bad[13, 2] = float("nan")  # in the second batch of 8
+    batches = lambda xs: [(xs[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]  # noqa: E731
+    step = fl.make_train_step(
+        lambda m, b: {"loss": F.mse_loss(m(b[0]), b[1]), "abs": (m(b[0]) - b[1]).abs().mean()},
+        on_nonfinite="skip",
+    )
+    torch.manual_seed(0)
+    state = fl.TrainState.create(nn.Linear(4, 1), tx=optim.sgd(0.1), device="cpu")
+    if stacked:
+        state, step = fl.stack_states([state, state]), torch.func.vmap(step, in_dims=(0, None))
+    skipped, with_nan = fl.train_epoch(state, step, batches(bad))
+    kept = [b for i, b in enumerate(batches(x)) if i != 1]
+    clean, without = fl.train_epoch(state, step, kept)
+    assert with_nan == without
+    assert int(skipped.skipped_steps.sum()) == (2 if stacked else 1)
+    for name in state.params:
+        assert torch.equal(skipped.params[name], clean.params[name])

@@ -319,6 +319,25 @@ def broadcast(rank: int) -> dict[str, Any]:
     return after
 
 
+FINITE_ONLY_VALUES = [  # (rank, batch size, loss, acc): NaNs in either process
+    (0, 3, 1.0, 0.5),
+    (1, 2, float("nan"), 1.0),
+    (0, 4, float("inf"), float("nan")),
+    (1, 1, 4.0, 0.0),
+    (1, 5, float("nan"), float("nan")),
+]
+
+
+def finite_only_means(rank: int | None) -> dict[str, float]:
+    """MetricMeans(finite_only=True) over this process's values, averaged over the
+    processes (``rank=None``: one process over all of them)."""
+    means = fl.MetricMeans(finite_only=True)
+    for r, n, loss, acc in FINITE_ONLY_VALUES:
+        if rank is None or r == rank:
+            means.add({"loss": torch.tensor(loss), "acc": torch.tensor(acc)}, n)
+    return means.means(all_processes=rank is not None)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -362,6 +381,7 @@ def main() -> None:
     result["window_buffers_own_memory"] = own_memory(_window_mean(opened).buffers)
     result["refit_one"], result["refit_two"] = refit(world, rank)
     result["metric_names"] = metric_names(rank)
+    result["finite_only_means"] = finite_only_means(rank)
     result["broadcast"] = broadcast(rank)
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
