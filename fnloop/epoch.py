@@ -143,8 +143,8 @@ class MetricMeans:
                 finite = torch.isfinite(stacked)
                 weighted = torch.where(finite, weighted, 0)
                 dropped = (weights * ~finite).sum(0)
-                if key in self._dropped:
-                    dropped = self._dropped[key] + dropped
+                if key in self._dropped:  # restored ones too are on the CPU
+                    dropped = self._dropped[key].to(dropped.device, dropped.dtype) + dropped
                 self._dropped[key] = dropped
             total = weighted.sum(0)
             if key in self._sums:  # restored sums are on the CPU: add on the step's device

@@ -262,6 +262,24 @@ def test_finite_only_means_leave_out_non_finite_values():
     assert math.isnan(keeping.means()["loss"])
 
 
+def test_left_out_counts_restored_on_the_cpu_go_on_on_the_steps_device():
+    """A mid-epoch state_dict loads onto the CPU (map_location="cpu") while the steps
+    run on an accelerator (meta stands in for one): the restored sums move to the step's
+    device, and so must the left-out counts; with models=n they are no 0-d tensors, so
+    adding the CPU tensor to the device's one raised."""
+    nan = float("nan")
+    means = MetricMeans(models=2, finite_only=True)
+    means.add({"loss": torch.tensor([1.0, nan])}, 3)
+    saved = means.state_dict()
+    assert saved["dropped"]["loss"].device.type == "cpu"
+    restored = MetricMeans(models=2, finite_only=True)
+    restored.load_state_dict(saved)
+    restored.add({"loss": torch.tensor([nan, 2.0], device="meta")}, 1)
+    folded = restored.state_dict()
+    assert folded["dropped"]["loss"].device.type == "meta"
+    assert folded["sums"]["loss"].device.type == "meta"
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 def test_epoch_means_leave_out_the_steps_a_skipping_step_skipped(stacked):
     """With on_nonfinite="skip" a batch with a NaN leaves the weights as they were, so
