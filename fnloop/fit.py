@@ -780,7 +780,8 @@ class _Run:
         means = None
         if position is not None and self.means:
             means = self.means.state_dict()
-            means["sums"] = {k: v.cpu() for k, v in means["sums"].items()}
+            for part in ("sums", "dropped"):
+                means[part] = {k: v.cpu() for k, v in means[part].items()}
         return {
             "epoch_rng": self.epoch_rng if position is not None else None,
             "epoch_start": self.epoch_start if position is not None else None,

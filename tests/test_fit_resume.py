@@ -628,3 +628,24 @@ def test_a_mid_epoch_resume_keeps_the_left_out_values_of_skipped_steps(tmp_path)
             skipping(tmp_path / f"cut{epoch}", [CrashAt(epoch, 4)])
         torch.manual_seed(123)
         assert_same(skipping(tmp_path / f"cut{epoch}"), ref)
+
+
+def test_a_mid_epoch_record_holds_the_left_out_counts_on_the_cpu(monkeypatch):
+    """Each process's partial means go through gather (pickled: "tensors on the CPU") and
+    into the checkpoint: the sums were copied to the CPU, the counts finite_only left out
+    stayed on the step's device (rank 0 unpickled rank 1's on rank 1's GPU). Meta stands
+    in for the accelerator; its copy to the CPU is zeros of the same shape."""
+    from types import SimpleNamespace
+
+    from fnloop.fit import _Run
+
+    means = fl.MetricMeans(finite_only=True)
+    means.add({"loss": torch.tensor(1.0, device="meta")}, 3)
+    means.add({"loss": torch.tensor(float("nan"), device="meta")}, 2)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.zeros(t.shape, dtype=t.dtype))
+    run = SimpleNamespace(means=means, epoch_rng=None, epoch_start=None, rng_state=lambda: None)
+    record = _Run.local_record(run, 5)  # type: ignore[arg-type]
+    saved = record["means"]
+    assert set(saved["dropped"]) == set(saved["sums"]) == {"loss"}
+    for part in ("sums", "dropped"):
+        assert [t.device.type for t in saved[part].values()] == ["cpu"], part
