@@ -132,11 +132,12 @@ class MetricMeans:
                 continue
             stacked = torch.stack([v.reshape(self._shape) for v, _ in values])
             acc_dtype = scalar_dtype(stacked.device)
-            # Copied without waiting for the device (from pageable memory, the copy is
-            # staged at once): folding between reads must not synchronize.
-            weights = torch.tensor([n for _, n in values], dtype=acc_dtype).to(
-                stacked.device, non_blocking=True
-            )
+            # Folding between reads must not wait for the device: a CUDA copy from
+            # pageable memory may, one from pinned memory does not.
+            weights = torch.tensor([n for _, n in values], dtype=acc_dtype)
+            if stacked.device.type == "cuda":
+                weights = weights.pin_memory()
+            weights = weights.to(stacked.device, non_blocking=True)
             weights = weights.reshape(-1, *[1] * len(self._shape))
             weighted = stacked.to(acc_dtype) * weights
             if self.finite_only:
