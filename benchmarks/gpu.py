@@ -279,14 +279,7 @@ def check_fused_update() -> None:
         if kernel == "foreach":  # fnloop's foreach order with host scalars
             _foreach._fusable = lambda *lists: False
         try:
-            state = fl.TrainState.create(module, tx=optim.adamw(sched), device=DEV).clone()
-            step = fl.make_train_step(training_step, donate=True)
-            for k, b in enumerate(data):
-                opt.param_groups[0]["lr"] = lrs[k]
-                opt.zero_grad()
-                training_step(ref, b)["loss"].backward()
-                opt.step()
-                state, _ = step(state, b)
+            state = _side_by_side(module, optim.adamw(sched), ref, opt, data, lrs)
         finally:
             _foreach._fusable = saved
         worst = _max_diff(state.params, ref)
@@ -297,6 +290,16 @@ def check_fused_update() -> None:
     ref = copy.deepcopy(module)
     opt = torch.optim.SGD(ref.parameters(), lrs[0], momentum=0.9, nesterov=True, fused=True)
     tx = optim.sgd(sched, momentum=0.9, nesterov=True)
+    state = _side_by_side(module, tx, ref, opt, data, lrs)
+    worst = _max_diff(state.params, ref)
+    report(
+        f"| fused update sgd nesterov(schedule) vs torch.optim fused=True, lr set per step, 20 steps | max abs diff {worst:.2e} | {'ok' if worst < 1e-6 else 'FAIL'} |"
+    )
+
+
+def _side_by_side(module, tx, ref, opt, data, lrs) -> fl.TrainState:
+    """A donating fnloop step with ``tx`` on ``module`` and the hand loop on ``ref`` with
+    ``opt`` (its rate set to ``lrs[k]`` before step ``k``), over ``data``; fnloop's state."""
     state = fl.TrainState.create(module, tx=tx, device=DEV).clone()
     step = fl.make_train_step(training_step, donate=True)
     for k, b in enumerate(data):
@@ -305,10 +308,7 @@ def check_fused_update() -> None:
         training_step(ref, b)["loss"].backward()
         opt.step()
         state, _ = step(state, b)
-    worst = _max_diff(state.params, ref)
-    report(
-        f"| fused update sgd nesterov(schedule) vs torch.optim fused=True, lr set per step, 20 steps | max abs diff {worst:.2e} | {'ok' if worst < 1e-6 else 'FAIL'} |"
-    )
+    return state
 
 
 def check_fit_resume() -> None:

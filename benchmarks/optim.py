@@ -126,17 +126,23 @@ def fnloop_inplace_contender(
     return Contender(name, step, prepare)
 
 
+def torch_optimizer(
+    make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params: dict, grads: dict
+) -> torch.optim.Optimizer:
+    """``make_opt`` over copies of ``params`` whose ``.grad`` are copies of ``grads``."""
+    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(ps, grads.values(), strict=True):
+        p.grad = g.clone()
+    return make_opt(ps)
+
+
 def torch_contender(
     name: str,
     make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     params: dict,
     grads: dict,
 ) -> Contender:
-    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    for p, g in zip(ps, grads.values(), strict=True):
-        p.grad = g.clone()
-    opt = make_opt(ps)
-    return Contender(name, opt.step)
+    return Contender(name, torch_optimizer(make_opt, params, grads).step)
 
 
 def torch_scheduled_contender(
@@ -147,10 +153,7 @@ def torch_scheduled_contender(
     grads: dict,
 ) -> Contender:
     """``opt.step()`` then ``scheduler.step()``, as a hand loop with a schedule runs them."""
-    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    for p, g in zip(ps, grads.values(), strict=True):
-        p.grad = g.clone()
-    opt = make_opt(ps)
+    opt = torch_optimizer(make_opt, params, grads)
     scheduler = make_scheduler(opt)
 
     def step() -> None:
