@@ -381,9 +381,15 @@ def _loader_generators(*loaders: Iterable[Any] | None) -> list[torch.Generator]:
 
 
 def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
-    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
+    """Calls ``set_epoch`` on the loader's samplers, also on the sampler inside a batch
+    sampler (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(...), ...))``)."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    done: list[Any] = []
+    for obj in (sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if hasattr(obj, "set_epoch") and not any(obj is seen for seen in done):
             obj.set_epoch(epoch)
+            done.append(obj)
 
 
 def fit(

@@ -616,13 +616,15 @@ def test_fit_accepts_a_compiled_step_ci_subset():
 def test_a_compiled_step_is_not_recompiled_by_later_epochs():
     """The step passes the history through unread, so dynamo does not guard on it: the
     epochs that fill it (and an eval step compiled with another batch size in between)
-    leave the train step's two graphs (step 0, later steps) in use."""
+    leave the train step's graphs in use."""
     from torch._dynamo.testing import CompileCounter
 
-    # torch < 2.13's dynamo also specializes the int epoch the step passes through: one
-    # more graph at epoch 1, compiled after the eval step. It still sees the train batch
-    # size only (each made step compiles on its own): with the eval step's, it would
-    # trace dynamic shapes, and dropout under torch.func cannot.
+    # How many graphs the first epochs take depends on dynamo: torch 2.13 compiles two
+    # (step 0, then later steps with the int step dynamic), torch 2.14 one. torch < 2.13
+    # also specializes the int epoch the step passes through: one more graph at epoch 1,
+    # compiled after the eval step. It still sees the train batch size only (each made
+    # step compiles on its own): with the eval step's, it would trace dynamic shapes, and
+    # dropout under torch.func cannot. After the second epoch, no version compiles again.
     old_dynamo = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
     torch._dynamo.reset()
     train_counter, eval_counter = CompileCounter(), CompileCounter()
@@ -630,19 +632,25 @@ def test_a_compiled_step_is_not_recompiled_by_later_epochs():
     evaluate = torch.compile(fl.make_eval_step(classify), backend=eval_counter)
     x, y = data()
     xv, yv = data(48, seed=1)
-    state = fl.fit(
-        make_state(),
-        step,
-        {
-            "train": DataLoader(TensorDataset(x, y), batch_size=16),
-            "valid": DataLoader(TensorDataset(xv, yv), batch_size=48),
-        },
-        validation_step=evaluate,
-        max_epochs=3,
-        log_to_console=False,
-    )
-    assert state.epoch == 3 and len(state.history["valid"]["loss"]) == 3
-    assert train_counter.frame_count == (3 if old_dynamo else 2)
+    loaders = {
+        "train": DataLoader(TensorDataset(x, y), batch_size=16),
+        "valid": DataLoader(TensorDataset(xv, yv), batch_size=48),
+    }
+    state = make_state()
+    graphs = []
+    for max_epochs in (1, 2, 4):
+        state = fl.fit(
+            state,
+            step,
+            loaders,
+            validation_step=evaluate,
+            max_epochs=max_epochs,
+            log_to_console=False,
+        )
+        graphs.append(train_counter.frame_count)
+    assert state.epoch == 4 and len(state.history["valid"]["loss"]) == 4
+    assert 1 <= graphs[0] <= 2 and graphs[1] - graphs[0] == (1 if old_dynamo else 0)
+    assert graphs[2] == graphs[1]
     assert eval_counter.frame_count == 1
 
 
@@ -1132,11 +1140,13 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
-def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path):
+@pytest.mark.parametrize("inside", [False, True], ids=["sampler", "batch_sampler"])
+def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path, inside):
     """REQUIREMENTS I5: ``sampler.set_epoch(state.epoch)`` before each epoch's batches, so
     a shuffling ``DistributedSampler`` draws a new order every epoch (no test failed
     without it: both sides of the two-process comparison repeated epoch 0's order), and a
-    resumed run goes on with the epoch it resumes at."""
+    resumed run goes on with the epoch it resumes at. Also when the sampler is inside a
+    ``BatchSampler`` (it was not reseeded there: every epoch repeated epoch 0's order)."""
     x, y = data(64)
     sampler = torch.utils.data.DistributedSampler(
         TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=5
@@ -1148,7 +1158,11 @@ def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path):
         return classify(model, batch[:2])
 
     ds = TensorDataset(x, y, torch.arange(64))
-    loader = DataLoader(ds, batch_size=64, sampler=sampler)
+    if inside:
+        batches = torch.utils.data.BatchSampler(sampler, batch_size=64, drop_last=False)
+        loader = DataLoader(ds, batch_sampler=batches)
+    else:
+        loader = DataLoader(ds, batch_size=64, sampler=sampler)
     state = fl.fit(make_state(), step, loader, max_epochs=2, out_dir=tmp_path, log_to_console=False)
     fl.fit(state, step, loader, max_epochs=3, out_dir=tmp_path, log_to_console=False)
 
