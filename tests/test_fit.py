@@ -429,6 +429,36 @@ def test_an_epoch_metric_under_a_step_metrics_name_is_an_error():
         )
 
 
+@pytest.mark.parametrize(
+    "event",
+    ["on_train_batch_end", "on_validation_batch_end", "on_train_epoch_start", "on_fit_start"],
+)
+def test_history_appended_outside_an_epoch_end_event_is_an_error(event):
+    """The history holds one value per epoch: a callback appending at a batch event gave
+    ``train/x`` one value per batch, silently (metrics.csv and the plot then disagreed)."""
+
+    def append(self, state, *args):
+        return state.replace(history=fl.state.append_history(state.history, "train", {"x": 1.0}))
+
+    keeps = type("Keeps", (fl.callbacks.Callback,), {event: lambda self, state, *a: state})
+    appends = type("Appends", (fl.callbacks.Callback,), {event: append})
+    state = fl.fit(
+        make_state(), classify, loaders(), max_epochs=1, callbacks=[keeps()], log_to_console=False
+    )
+    assert "x" not in state.history["train"]
+    with pytest.raises(
+        ValueError, match=rf"Appends.{event} returned a state with a changed history"
+    ):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            callbacks=[appends()],
+            log_to_console=False,
+        )
+
+
 def test_bad_setup_is_reported_before_training():
     calls = []
 

@@ -26,12 +26,23 @@ EVENTS = (
     "on_validation_batch_end",
 )
 
+# The events whose returned state may add to the history: one value per epoch.
+HISTORY_EVENTS = ("on_train_epoch_end", "on_validation_epoch_end")
+HISTORY_EVENT_MSG = (
+    "{owner}.{event} returned a state with a changed history; the history holds one "
+    "value per epoch, appended at on_train_epoch_end or on_validation_epoch_end "
+    "(state.replace(history=fl.state.append_history(state.history, 'valid', {{'name': "
+    "value}}))). Keep per-batch values in the callback and append their epoch summary "
+    "at the epoch's end."
+)
+
 
 class Callback:
     """Base class for ``fit`` callbacks: override the events you need.
 
     Every event receives the current :class:`~fnloop.TrainState` first and may return a
-    new state (which ``fit`` then continues with) or ``None`` to keep it. Epoch-end
+    new state (which ``fit`` then continues with) or ``None`` to keep it; only the
+    epoch-end events may add to its history (one value per epoch). Epoch-end
     events receive the epoch's metrics as host floats keyed ``"train/loss"``,
     ``"valid/acc"``, ...; batch-end events receive the step's outputs as device tensors
     (reading them with ``float()`` forces a host sync, so do it sparingly).
@@ -174,5 +185,9 @@ class CallbackList:
                     f"{owner}.{event} returned a {type(result).__name__}; a callback must "
                     f"return a TrainState (e.g. state.replace(...)) or None to keep the state."
                 )
+            changed = result.history is not state.history and result.history != state.history
+            if changed and event not in HISTORY_EVENTS:
+                owner = type(getattr(handler, "__self__", handler)).__name__
+                raise ValueError(HISTORY_EVENT_MSG.format(owner=owner, event=event))
             state = result
         return state
