@@ -28,14 +28,19 @@ class WandB(EpochLogger):
     """Logs the epoch metrics to a Weights & Biases run.
 
     ``wandb.init(project=project, **init_kwargs)`` runs at ``on_fit_start``; each epoch
-    is one ``run.log({...}, step=state.epoch, commit=True)`` call with the train and validation
-    metrics merged (plus ``"epoch"`` and ``"step"``, the optimizer steps); the run is
-    finished at ``on_fit_end``. Only rank 0 logs.
+    is one ``run.log({...}, step=state.step, commit=True)`` call with the train and
+    validation metrics merged (plus ``"epoch"`` and ``"step"``); the run is finished at
+    ``on_fit_end``. Only rank 0 logs.
+
+    The W&B step is the optimizer step (``state.step``), as in a hand-written loop: a
+    callback of yours may log per-step values to the same run
+    (``cb.run.log({...}, step=state.step)``), and the epoch rows land beside them (W&B
+    drops a row whose step is below one it already has). Plot against ``"epoch"`` in the
+    W&B interface for per-epoch curves.
 
     To continue the same W&B run when ``fit`` resumes from a checkpoint, give the run a
-    fixed ``id`` and ``resume="allow"``: W&B steps are epochs here, so the resumed run
-    carries on from the epoch of the checkpoint (epochs that W&B already has are
-    ignored by W&B with a warning).
+    fixed ``id`` and ``resume="allow"``: the resumed run carries on from the checkpoint's
+    step (rows that W&B already has are ignored by W&B with a warning).
 
     Args:
       project: the W&B project; ``None`` uses W&B's default (``WANDB_PROJECT``).
@@ -68,7 +73,7 @@ class WandB(EpochLogger):
         self.run = wandb.init(project=self.project, **self.init_kwargs)
 
     def write_row(self, row: Mapping[str, float]) -> None:
-        self.run.log(dict(row), step=int(row["epoch"]), commit=True)
+        self.run.log(dict(row), step=int(row["step"]), commit=True)
 
     def finish(self, state: TrainState | None) -> None:
         if self.run is not None:

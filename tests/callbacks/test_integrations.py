@@ -480,8 +480,8 @@ def test_wandb_logs_one_merged_dict_per_epoch(monkeypatch: pytest.MonkeyPatch) -
         "config": {"lr": 0.1},
     }
     assert run.logged == [
-        ({"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1, "valid/loss": 0.75}, 1, True),
-        ({"epoch": 2, "step": 4, "train/loss": 0.25, "train/lr": 0.1}, 2, True),
+        ({"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1, "valid/loss": 0.75}, 2, True),
+        ({"epoch": 2, "step": 4, "train/loss": 0.25, "train/lr": 0.1}, 4, True),
     ]
     assert run.finished and cb.run is None
 
@@ -507,9 +507,15 @@ def test_wandb_offline_run_writes_its_files(
             if state.epoch == 1:
                 summaries.append(dict(cb.run.summary))
 
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):  # the user's own
+            cb.run.log({"batch/loss": float(outputs["loss"])}, step=state.step)
+
+    # The epoch rows share the run's steps with the per-step rows: at W&B step = epoch,
+    # W&B dropped them ("less than the current step") behind the batch rows.
     drive([cb, Peek()], new_state(), FIRST_FIT)
     assert summaries[0]["train/loss"] == pytest.approx(0.5)
     assert summaries[0]["valid/loss"] == pytest.approx(0.75)
+    assert summaries[0]["batch/loss"] == pytest.approx(0.5)
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     assert list(run_dirs[0].glob("run-*.wandb"))
