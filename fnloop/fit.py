@@ -387,8 +387,9 @@ def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
     batch_sampler = getattr(loader, "batch_sampler", None)
     done: list[Any] = []
     for obj in (sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
-        if hasattr(obj, "set_epoch") and not any(obj is seen for seen in done):
-            obj.set_epoch(epoch)
+        set_epoch = getattr(obj, "set_epoch", None)
+        if callable(set_epoch) and not any(obj is seen for seen in done):
+            set_epoch(epoch)
             done.append(obj)
 
 
