@@ -344,7 +344,8 @@ def load_model(
     Args:
       path: a file written by :func:`save_model` (or any plain ``state_dict`` file).
       module: the module to load into; it is changed in place.
-      strict: passed to ``module.load_state_dict``.
+      strict: passed to ``module.load_state_dict``: ``False`` loads the entries the
+        file and the module share (a new head for fine-tuning) and skips the others.
 
     Returns:
       ``module``.
@@ -354,6 +355,9 @@ def load_model(
         message names the first entry that is not a tensor and, for a file that holds
         the state dict as one of its entries, such as ``{"model": state_dict, "epoch":
         3}``, how to load that entry).
+      CheckpointMismatchError: with ``strict=False``, the file and the module share no
+        key (nothing would load; the message shows keys of both). With ``strict=True``,
+        ``module.load_state_dict`` raises its ``RuntimeError`` for any difference.
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
     """
     path = _as_path(path, "load_model", "module")
@@ -400,8 +404,22 @@ def load_model(
                 f"{path} does not hold a state dict (a dict of tensors): its entry {bad!r} "
                 f"is of type {type(tensors[bad]).__name__}, not a tensor.{hint}"
             )
+    own = module.state_dict()
+    if not strict and tensors and own and own.keys().isdisjoint(tensors):
+        raise CheckpointMismatchError(
+            f"{path} shares no key with the module, so load_model(strict=False) would load "
+            f"nothing: the file has {_some_keys(tensors)}, the module {_some_keys(own)}. "
+            f"Rename the file's keys to the module's (e.g. strip a prefix such as 'model.' "
+            f"or 'module.') and load the dict with module.load_state_dict."
+        )
     module.load_state_dict(tensors, strict=strict)
     return module
+
+
+def _some_keys(state_dict: Mapping[str, Any]) -> str:
+    keys = list(state_dict)
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(map(repr, keys[:3])) + more
 
 
 def _read_payload(path: Path) -> dict[str, Any]:

@@ -736,6 +736,29 @@ def test_load_model_names_the_entry_that_is_not_a_tensor(tmp_path: Path) -> None
         load_model(path, make_module())
 
 
+def test_load_model_strict_false_loads_the_shared_keys_and_refuses_none(tmp_path: Path) -> None:
+    """Fine-tuning: a new head loads with ``strict=False``; a file that shares no key
+    (saved from a wrapper, keys ``model.0.weight``) loaded nothing, silently."""
+    source, target = make_module(), make_module()
+    torch.nn.init.normal_(target[1].weight)  # the "head": layer 1, not in the file
+    weights = {k: v for k, v in source.state_dict().items() if k.startswith("0.")}
+    path = tmp_path / "partial.pt"
+    torch.save(weights, path)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    load_model(path, target, strict=False)
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, weights.get(name, before[name])), name
+    assert not torch.equal(target[0].weight, before["0.weight"])
+
+    torch.save({f"model.{k}": v for k, v in weights.items()}, path)
+    untouched = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(
+        CheckpointMismatchError, match=r"shares no key.*'model\.0\..*strip a prefix"
+    ):
+        load_model(path, target, strict=False)
+    assert all(torch.equal(v, untouched[k]) for k, v in target.state_dict().items())
+
+
 def test_safetensors_export(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
     state = randomized(fresh_state())
