@@ -362,12 +362,12 @@ def _single_process_torchrun() -> dict[str, str]:
 
 #: Environment variables a block runs with (and the process group it leaves is destroyed).
 ENVIRONMENT: dict[tuple[str, int], Callable[[], dict[str, str]]] = {
-    ("docs/guide.md", 10): _single_process_torchrun,  # section 7, torchrun
+    ("docs/guide.md", 11): _single_process_torchrun,  # section 7, torchrun
 }
 
 #: Optional packages a block needs: it is skipped without them.
 REQUIRES: dict[tuple[str, int], str] = {
-    ("docs/guide.md", 7): "tensorboard",  # the TensorBoard callback
+    ("docs/guide.md", 8): "tensorboard",  # the TensorBoard callback
 }
 
 
@@ -487,6 +487,18 @@ def _check_guide_sweep(ns: Namespace, before: Namespace) -> None:
     assert (stacked.epoch, stacked.history) == (0, {})
 
 
+def _check_guide_gan(ns: Namespace, before: Namespace) -> None:
+    # "the gradients reach the generator only": one more G step leaves D's weights as
+    # they were, and each state took one update per batch
+    g_state, d_state, z = ns["g_state"], ns["d_state"], ns["z"]
+    assert g_state.step == d_state.step == len(ns["real_batches"])
+    d_before = {k: v.clone() for k, v in d_state.params.items()}
+    g_after, metrics = ns["train_g"](g_state, (z, d_state.params, d_state.buffers))
+    assert torch.isfinite(metrics["loss"]) and g_after.step == g_state.step + 1
+    assert all(torch.equal(v, d_before[k]) for k, v in d_state.params.items())
+    assert not torch.equal(g_after.params["0.weight"], g_state.params["0.weight"])
+
+
 def _check_guide_steps(ns: Namespace, before: Namespace) -> None:
     # "their options read as attributes (`train_step.donate`), and
     # `inspect.unwrap(train_step)` is the `fl.TrainStep` that holds them"
@@ -524,12 +536,13 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
         _check_readme_side_by_side,
     ),
     ("docs/guide.md", 1): (lambda ns: {}, _check_guide_steps),
-    ("docs/guide.md", 6): (lambda ns: {}, _check_guide_fit),
-    ("docs/guide.md", 7): (lambda ns: {}, _check_guide_callbacks),
-    ("docs/guide.md", 8): (lambda ns: {}, _check_guide_checkpoints),
-    ("docs/guide.md", 9): (lambda ns: {}, _check_guide_sweep),
+    ("docs/guide.md", 5): (lambda ns: {}, _check_guide_gan),
+    ("docs/guide.md", 7): (lambda ns: {}, _check_guide_fit),
+    ("docs/guide.md", 8): (lambda ns: {}, _check_guide_callbacks),
+    ("docs/guide.md", 9): (lambda ns: {}, _check_guide_checkpoints),
+    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
-    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_torchrun),
+    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_torchrun),
 }
 
 
@@ -686,11 +699,12 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("README.md", 2): "torch.compile(",
     ("README.md", 3): "# torch.optim ",
     ("docs/guide.md", 1): "train_step = fl.make_train_step(training_step, accumulation_steps=1",
-    ("docs/guide.md", 6): 'out_dir="runs/x", run_name="x"',
-    ("docs/guide.md", 7): "class ConfusionMatrix",
-    ("docs/guide.md", 8): 'fl.save_model("model.pt", state, use_ema=True)',
-    ("docs/guide.md", 9): "fl.stack_states(states)",
-    ("docs/guide.md", 10): "LOCAL_RANK",
+    ("docs/guide.md", 5): "fl.BoundModel(d_state.module, d_params, d_buffers)",
+    ("docs/guide.md", 7): 'out_dir="runs/x", run_name="x"',
+    ("docs/guide.md", 8): "class ConfusionMatrix",
+    ("docs/guide.md", 9): 'fl.save_model("model.pt", state, use_ema=True)',
+    ("docs/guide.md", 10): "fl.stack_states(states)",
+    ("docs/guide.md", 11): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
 }
 
