@@ -385,6 +385,17 @@ def check_one_model(state: TrainState, what: str, fix: str) -> None:
         )
 
 
+UNSTACK_SHAPE_MSG = (
+    "unstack_states splits every tensor of a stacked state along its first dimension, "
+    "one entry per model: this state holds {n} models (parameter {name!r} has shape "
+    "{stacked}; the module's is {own}), but its leaf {path!r} has shape {shape}; {want}. "
+    "A tensor made for one model cannot be split: fields replaced "
+    "after stacking need one entry per model (torch.stack of each model's), and an "
+    "optimizer state made again with tx.init(stacked.params) has 0-d counts and rates: "
+    "make the per-model states and fl.stack_states them instead."
+)
+
+
 def unstack_states(stacked: TrainState) -> list[TrainState]:
     """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states.
 
@@ -396,7 +407,8 @@ def unstack_states(stacked: TrainState) -> list[TrainState]:
       copy of its own).
 
     Raises:
-      ValueError: ``stacked`` holds one model.
+      ValueError: ``stacked`` holds one model, or a tensor of it has not one entry per
+        model (one model's shape, another leading size), so that it cannot be split.
 
     Example:
       >>> import torch
@@ -409,8 +421,55 @@ def unstack_states(stacked: TrainState) -> list[TrainState]:
     n = stacked_models(stacked)
     if n is None:
         raise ValueError(
-            "unstack_states takes a stacked state (from stack_states or a vmapped step); "
-            "this one holds one model (its parameters have the module's shapes)."
+            "unstack_states takes a stacked state (from fl.stack_states or a vmapped step); "
+            "this one holds one model (its parameters have the module's shapes), so there "
+            "is nothing to split: use it as it is, or fl.stack_states the states first."
         )
-    leaves, treedef = _tree.tree_flatten(stacked)
+    paths, leaves, treedef = _tree.tree_flatten_with_keys(stacked)
+    own = _one_model_shapes(stacked)
+    for path, leaf in zip(paths, leaves):
+        shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else None
+        want = own.get(path)
+        if shape is None or shape[:1] != (n,) or (want is not None and shape[1:] != want):
+            name, param = next(iter(stacked.params.items()))
+            raise ValueError(
+                UNSTACK_SHAPE_MSG.format(
+                    n=n,
+                    name=name,
+                    stacked=tuple(param.shape),
+                    own=tuple(param.shape[1:]),
+                    path=path,
+                    shape=shape if shape is not None else f"none (a {type(leaf).__name__})",
+                    want=f"one model's is {want}, so {n} models' is {(n, *want)}"
+                    if want is not None
+                    else f"it needs a first dimension of size {n}",
+                )
+            )
     return [_tree.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]
+
+
+def _one_model_shapes(stacked: TrainState) -> dict[str, tuple[int, ...]]:
+    """The shape each leaf of ``stacked`` has in a state of one model, by key path, where
+    it is known: the tensors keyed like the module's, and the optimizer state that ``tx``
+    makes for the module's parameters (found on the ``meta`` device)."""
+    module = stacked.module
+    template = {n: tuple(t.shape) for n, t in module.named_parameters()}
+    template.update({n: tuple(t.shape) for n, t in module.named_buffers()})
+    shapes = {}
+    for field in ("params", "buffers", "ema", "grad_accum"):
+        for name in getattr(stacked, field) or {}:
+            if name in template:
+                shapes[f"{field}.{name}"] = template[name]
+    meta = {
+        name: torch.empty(template[name], dtype=p.dtype, device="meta")
+        for name, p in stacked.params.items()
+        if name in template
+    }
+    try:
+        paths, leaves, _ = _tree.tree_flatten_with_keys(stacked.tx.init(meta))
+    except Exception:  # an optimizer whose init reads values: its state is not checked
+        return shapes
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, torch.Tensor):
+            shapes[f"opt_state.{path}"] = tuple(leaf.shape)
+    return shapes

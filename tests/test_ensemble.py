@@ -234,3 +234,41 @@ def test_a_sweep_of_rates_the_state_holds_stacks_and_trains_as_apart():
     plateaus = [lambda lr=lr: optim.sgd(optim.reduce_on_plateau(lr)) for lr in (0.1, 0.3)]
     rates = optim.learning_rates(fl.stack_states(states_with(*plateaus)).opt_state)
     assert rates[0].tolist() == [0.1, 0.3]
+
+
+def test_unstacking_a_state_whose_tensors_are_not_all_stacked_names_the_tensor():
+    """Only the first parameter's shape was checked: a state whose other tensors were
+    not stacked (an optimizer state made again with ``tx.init(stacked.params)``, whose
+    update counts are 0-d) failed with torch's "invalid index of a 0-dim tensor", and a
+    tensor of one model whose first size happens to be the number of models was split
+    along its own first dimension, silently."""
+    with pytest.raises(ValueError, match=r"holds one model.*fl\.stack_states"):
+        fl.unstack_states(make(0))
+    stacked = fl.stack_states([make(0), make(1)])
+    reset = stacked.replace(opt_state=stacked.tx.init(stacked.params))  # count: 0-d
+    with pytest.raises(
+        ValueError, match=r"2 models.*'opt_state\.2\.count' has shape \(\).*tx\.init"
+    ):
+        fl.unstack_states(reset)
+    one_bias = stacked.replace(params={**stacked.params, "bias": torch.zeros(2)})  # (2,): 2 models?
+    with pytest.raises(ValueError, match=r"'params\.bias' has shape \(2,\); .* \(2, 2\)"):
+        fl.unstack_states(one_bias)
+    three = stacked.replace(params={**stacked.params, "bias": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match=r"'params\.bias' has shape \(3, 2\); .* \(2, 2\)"):
+        fl.unstack_states(three)
+    momentum = fl.stack_states(
+        [
+            fl.TrainState.create(nn.Linear(3, 2), tx=optim.sgd(0.1, momentum=0.9), device="cpu")
+            for _ in range(2)
+        ]
+    )
+    buf = momentum.opt_state[1].momentum_buffer
+    short = momentum.replace(
+        opt_state=(
+            momentum.opt_state[0],
+            momentum.opt_state[1]._replace(momentum_buffer={**buf, "weight": buf["weight"][0]}),
+            momentum.opt_state[2],
+        )
+    )
+    with pytest.raises(ValueError, match=r"momentum_buffer\.weight' has shape \(2, 3\)"):
+        fl.unstack_states(short)
