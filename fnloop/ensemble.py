@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from fnloop import _tree
+from fnloop.optim.plateau import plateau_nodes
 from fnloop.optim.transform import learning_rates
 from fnloop.state import _STATIC, TrainState
 from fnloop.typing import Params
@@ -46,7 +47,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
       ValueError: no states, or states that differ in any of the above, in their module,
         or in their optimizer's rules (a schedule, weight decay, betas: what ``tx`` fixes
         rather than the state; found by running each ``tx`` against ``states[0]``'s for a
-        few updates on small stand-in tensors).
+        few updates on small stand-in tensors), or in a ``reduce_on_plateau``'s settings
+        (``factor``, ``patience``, ...; its initial rate may differ).
 
     Example:
       >>> import torch
@@ -109,6 +111,14 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if paths != paths0:
             raise ValueError(_structure_difference(i, paths0, paths))
         _check_tensors(i, paths, leaves)
+        diff = _plateau_difference(first.opt_state, state.opt_state)
+        if diff is not None:
+            raise ValueError(
+                f"states[{i}]'s reduce_on_plateau has {diff}; a stacked state keeps "
+                f"states[0]'s plateau settings for every model (only the rate each starts "
+                f"from and its progress stay per model). Make the plateaus alike, or train "
+                f"models that differ in them apart."
+            )
         if state.tx is not first.tx and state.tx not in checked:
             diff = _update_difference(first.tx, state.tx, state.params)
             if diff is not None:
@@ -161,6 +171,22 @@ def _structure_difference(i: int, paths0: list[str], paths: list[str]) -> str:
     field = (only0 or only_i or [""])[0].split(".")[0]
     fix = _FIELD_FIX.get(field, "stack states built alike")
     return f"states[{i}] differs in structure from states[0]: {where}; {fix}."
+
+
+def _plateau_difference(opt_state0: Any, opt_state: Any) -> str | None:
+    """The first setting in which a ``reduce_on_plateau`` of ``opt_state`` differs from
+    ``opt_state0``'s (the initial learning rate aside, which each state holds), or ``None``.
+
+    The settings are the plateau state's static part, which the probe of the updates
+    cannot see (only metric observations use them)."""
+    for node0, node in zip(plateau_nodes(opt_state0), plateau_nodes(opt_state)):
+        for f in dataclasses.fields(node0.config):
+            if f.name == "learning_rate":
+                continue
+            mine, theirs = getattr(node.config, f.name), getattr(node0.config, f.name)
+            if not _same(mine, theirs):
+                return f"{f.name}={mine!r} but states[0]'s has {f.name}={theirs!r}"
+    return None
 
 
 _PROBE_UPDATES = 10

@@ -272,3 +272,32 @@ def test_unstacking_a_state_whose_tensors_are_not_all_stacked_names_the_tensor()
     )
     with pytest.raises(ValueError, match=r"momentum_buffer\.weight' has shape \(2, 3\)"):
         fl.unstack_states(short)
+
+
+def test_states_whose_plateaus_reduce_otherwise_are_refused():
+    """A ``reduce_on_plateau``'s settings are static in the optimizer state: the stacked
+    state kept states[0]'s, so a sweep over plateau factors (or patience) stacked and
+    every model's rate dropped by states[0]'s factor after its own patience ran out."""
+    txs = [lambda: optim.sgd(optim.reduce_on_plateau(0.1, factor=0.5, patience=0))]
+    txs.append(lambda: optim.sgd(optim.reduce_on_plateau(0.1, factor=0.1, patience=0)))
+    alone = []
+    for state in states_with(*txs):
+        for metric in (1.0, 1.0):
+            state = state.replace(opt_state=optim.observe_metric(state.opt_state, metric))
+        alone.append(float(optim.learning_rates(state.opt_state)[0]))
+    assert alone == [0.05, pytest.approx(0.01)]
+    with pytest.raises(
+        ValueError,
+        match=r"states\[1\]'s reduce_on_plateau has factor=0\.1 but states\[0\]'s has "
+        r"factor=0\.5",
+    ):
+        fl.stack_states(states_with(*txs))
+    patience = [lambda p=p: optim.adam(optim.reduce_on_plateau(1e-3, patience=p)) for p in (2, 5)]
+    with pytest.raises(ValueError, match=r"has patience=5 but states\[0\]'s has patience=2"):
+        fl.stack_states(states_with(*patience))
+    # The initial rate is the state's, per model: a sweep over it stacks (tested above).
+    rates = [lambda lr=lr: optim.sgd(optim.reduce_on_plateau(lr, factor=0.5)) for lr in (0.1, 0.3)]
+    stacked = fl.stack_states(states_with(*rates))
+    for metric in ([1.0, 1.0], [2.0, 2.0]) * 6:
+        stacked = stacked.replace(opt_state=optim.observe_metric(stacked.opt_state, metric))
+    assert optim.learning_rates(stacked.opt_state)[0].tolist() == [0.05, 0.15]
