@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import math
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from fnloop import _tree
 from fnloop.optim.plateau import plateau_nodes
-from fnloop.optim.transform import learning_rates
+from fnloop.optim.transform import HostValues, learning_rates
 from fnloop.state import _STATIC, TrainState
 from fnloop.typing import Params
 
@@ -46,9 +47,12 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         holds a leaf that is no tensor.
       ValueError: no states, or states that differ in any of the above, in their module,
         or in their optimizer's rules (a schedule, weight decay, betas: what ``tx`` fixes
-        rather than the state; found by running each ``tx`` against ``states[0]``'s for a
-        few updates on small stand-in tensors), or in a ``reduce_on_plateau``'s settings
-        (``factor``, ``patience``, ...; its initial rate may differ).
+        rather than the state; found by running each ``tx`` against ``states[0]``'s for
+        the next few updates on small stand-in tensors, or on tensors of the parameters'
+        shapes where it fails on those, and an error where it fails on both; a ``tx``
+        made by the same code from equal settings as one already compared is not run),
+        or in a ``reduce_on_plateau``'s settings (``factor``, ``patience``, ...; its
+        initial rate may differ).
 
     Example:
       >>> import torch
@@ -78,7 +82,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         for f in dataclasses.fields(first)
         if (f.name in _STATIC or f.metadata.get("static")) and f.name not in ("module", "tx")
     ]
-    checked: list[Any] = []  # the optimizers found to update like states[0]'s
+    alike: list[Any] = [first.tx]  # the optimizers found to update like states[0]'s
+    probe = _Probe(first.params)
     for i, state in enumerate(states[1:], start=1):
         if type(state) is not type(first):
             raise TypeError(
@@ -119,17 +124,6 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 f"from and its progress stay per model). Make the plateaus alike, or train "
                 f"models that differ in them apart."
             )
-        if state.tx is not first.tx and state.tx not in checked:
-            diff = _update_difference(first.tx, state.tx, state.params)
-            if diff is not None:
-                raise ValueError(
-                    f"states[{i}] was made with another optimizer than states[0] ({diff}); a "
-                    f"stacked state runs states[0]'s tx for every model, and only what the "
-                    f"optimizer state holds (a number or tensor learning rate, a plateau's "
-                    f"progress) stays per model. A schedule, weight decay or betas are tx's: "
-                    f"train models that differ in them apart, or stack each group alike."
-                )
-            checked.append(state.tx)
         for j, (path, leaf) in enumerate(zip(paths, leaves)):
             ref = leaves0[j]
             if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
@@ -144,6 +138,17 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                     f"device=...)) to stack them."
                 )
             columns[j].append(leaf)
+        if not any(_built_alike(tx, state.tx) for tx in alike):
+            diff = _update_difference(i, first.tx, state, probe)
+            if diff is not None:
+                raise ValueError(
+                    f"states[{i}] was made with another optimizer than states[0] ({diff}); a "
+                    f"stacked state runs states[0]'s tx for every model, and only what the "
+                    f"optimizer state holds (a number or tensor learning rate, a plateau's "
+                    f"progress) stays per model. A schedule, weight decay or betas are tx's: "
+                    f"train models that differ in them apart, or stack each group alike."
+                )
+            alike.append(state.tx)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
 
 
@@ -191,50 +196,208 @@ def _plateau_difference(opt_state0: Any, opt_state: Any) -> str | None:
 
 _PROBE_UPDATES = 10
 
+COMPARE_FAILED_MSG = (
+    "stack_states could not compare states[{i}]'s optimizer with states[0]'s: running "
+    "them for a few updates on random gradients shaped like the parameters raised "
+    "{error}. A stacked state runs states[0]'s tx for every model; if the optimizers do "
+    "update alike, give every state that one (s.replace(tx=states[0].tx): one tx object "
+    "is not compared), or train the models apart."
+)
 
-def _update_difference(tx0: Any, tx: Any, params: Params) -> str | None:
-    """How ``tx0`` updates otherwise than ``tx`` (``None`` where they agree): both run
-    ``_PROBE_UPDATES`` updates from ``tx``'s initial state, on small stand-ins for
-    ``params`` (the same names, dims and dtypes, on the CPU) and the same random
-    gradients, which tells schedules, weight decay or betas apart, not the rates kept in
-    the state. An optimizer the stand-ins do not suit is not compared."""
-    gen = torch.Generator().manual_seed(0)
 
-    def stand_in() -> Params:
-        return {
-            name: torch.randn((2,) * p.dim(), generator=gen, dtype=p.dtype)
-            for name, p in params.items()
-        }
+class _Probe:
+    """The inputs of the optimizer probe, made once per :func:`stack_states` call:
+    parameters and ``_PROBE_UPDATES`` gradients, small stand-ins for ``params`` (the same
+    names, dims and dtypes, two entries per dim, on the CPU) or, for an optimizer that
+    does not run on those, random tensors of ``params``' shapes on their device."""
 
+    def __init__(self, params: Params) -> None:
+        self._params = params
+        self._inputs: dict[bool, tuple[Params, list[Params]]] = {}
+
+    def inputs(self, *, small: bool) -> tuple[Params, list[Params]]:
+        """``(params, [grads of each update])``, small stand-ins or full size."""
+        if small not in self._inputs:
+            gen = torch.Generator().manual_seed(0)
+            shapes = {
+                name: (2,) * p.dim() if small else tuple(p.shape)
+                for name, p in self._params.items()
+            }
+            self._inputs[small] = (
+                self._random(shapes, gen, small=small),
+                [self._random(shapes, gen, small=small) for _ in range(_PROBE_UPDATES)],
+            )
+        return self._inputs[small]
+
+    def _random(
+        self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator, *, small: bool
+    ) -> Params:
+        """Normal values of ``shapes``: one draw per dtype and device, cut into tensors."""
+        groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+        for name, p in self._params.items():
+            device = torch.device("cpu") if small else p.device
+            groups.setdefault((p.dtype, device), []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for (dtype, device), names in groups.items():
+            sizes = [math.prod(shapes[name]) for name in names]
+            values = torch.randn(sum(sizes), generator=gen, dtype=dtype).to(device)
+            for name, part in zip(names, values.split(sizes)):
+                out[name] = part.view(shapes[name])
+        return {name: out[name] for name in self._params}
+
+
+def _update_difference(i: int, tx0: Any, state: TrainState, probe: _Probe) -> str | None:
+    """How ``tx0`` (``states[0]``'s optimizer) would update ``state`` otherwise than its
+    own ``tx`` does, or ``None`` where they agree.
+
+    Both run ``_PROBE_UPDATES`` updates from ``state``'s optimizer state on the same
+    random gradients, which tells schedules, weight decay or betas apart, not the rates
+    kept in the state. They run on small stand-ins for the parameters, whose optimizer
+    state is made by ``tx.init`` and given ``state``'s 0-d entries (update counts, rates:
+    the next updates are compared, from where the states are); an optimizer that fails
+    on those (one holding tensors shaped like the parameters) runs on the parameters
+    and ``state``'s own optimizer state instead, and one that fails there too is a
+    ``ValueError``.
+    """
     try:
-        small = stand_in()
-        state0 = state = tx.init(small)
-        for k in range(1, _PROBE_UPDATES + 1):
-            grads = stand_in()
-            updates0, state0 = tx0.update(grads, state0, small)
-            updates, state = tx.update(grads, state, small)
-            if not _equal_trees((updates0, state0), (updates, state)):
-                rates0, rates = learning_rates(state0), learning_rates(state)
-                for r0, r in zip(rates0, rates):
-                    if not torch.equal(r0, r):
-                        return (
-                            f"after {k} update{'s' if k > 1 else ''} its learning rate is "
-                            f"{float(r):.4g}, states[0]'s optimizer would make it {float(r0):.4g}"
-                        )
-                return f"its update {k} differs from the one states[0]'s optimizer makes"
-    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
-        return None
+        params, grads = probe.inputs(small=True)
+        opt_state = _with_scalars(state.tx.init(params), state.opt_state)
+        return _run_probe(tx0, state.tx, opt_state, params, grads)
+    except Exception:
+        pass
+    _, grads = probe.inputs(small=False)
+    try:
+        return _run_probe(tx0, state.tx, state.opt_state, state.params, grads)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise ValueError(COMPARE_FAILED_MSG.format(i=i, error=error)) from e
+
+
+def _with_scalars(opt_state: Any, like: Any) -> Any:
+    """``opt_state`` with its 0-d tensors (update counts, learning rates) replaced by
+    those of ``like``, an optimizer state of the same structure for other shapes."""
+    paths, leaves, treedef = _tree.tree_flatten_with_keys(opt_state)
+    paths_like, leaves_like, _ = _tree.tree_flatten_with_keys(like)
+    if paths != paths_like:
+        return opt_state
+    return _tree.tree_unflatten(
+        treedef,
+        [
+            theirs.to(device=mine.device, dtype=mine.dtype)
+            if isinstance(mine, torch.Tensor)
+            and isinstance(theirs, torch.Tensor)
+            and mine.dim() == 0
+            and theirs.dim() == 0
+            else mine
+            for mine, theirs in zip(leaves, leaves_like)
+        ],
+    )
+
+
+def _run_probe(
+    tx0: Any, tx: Any, opt_state: Any, params: Params, grads: list[Params]
+) -> str | None:
+    """Runs ``tx0`` and ``tx`` from ``opt_state`` on ``grads``; their first difference."""
+    state0 = state = opt_state
+    for k, g in enumerate(grads, start=1):
+        updates0, state0 = tx0.update(g, state0, params)
+        updates, state = tx.update(g, state, params)
+        if not _equal_trees((updates0, state0), (updates, state)):
+            rates0, rates = learning_rates(state0), learning_rates(state)
+            for r0, r in zip(rates0, rates):
+                if not torch.equal(r0, r):
+                    return (
+                        f"after {k} update{'s' if k > 1 else ''} its learning rate is "
+                        f"{float(r):.4g}, states[0]'s optimizer would make it {float(r0):.4g}"
+                    )
+            return f"its update {k} differs from the one states[0]'s optimizer makes"
     return None
 
 
 def _equal_trees(a: Any, b: Any) -> bool:
+    """Whether two trees have equal leaves: tensors of the same dtypes, shapes and values
+    (compared in one ``torch.equal`` per dtype, device and shape), and equal others."""
     leaves_a, leaves_b = _tree.tree_leaves(a), _tree.tree_leaves(b)
-    return len(leaves_a) == len(leaves_b) and all(
-        torch.equal(x, y)
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
-        else _same(x, y)
-        for x, y in zip(leaves_a, leaves_b)
-    )
+    if len(leaves_a) != len(leaves_b):
+        return False
+    groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            kind = (x.dtype, x.device, x.shape)
+            if kind != (y.dtype, y.device, y.shape):
+                return False
+            xs, ys = groups.setdefault(kind, ([], []))
+            xs.append(x)
+            ys.append(y)
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or not _same(x, y):
+            return False
+    return all(torch.equal(torch.stack(xs), torch.stack(ys)) for xs, ys in groups.values())
+
+
+def _built_alike(a: Any, b: Any) -> bool:
+    """Whether two optimizers are provably the same rules: made by the same code from
+    equal settings (functions with the same code, and equal captured values, defaults
+    and globals, down to plain values, tensors and frozen dataclasses). ``False`` says
+    only that this cannot be told without running them."""
+    return _alike(a, b, set())
+
+
+def _alike(a: Any, b: Any, seen: set[tuple[int, int]]) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _PLAIN):
+        return _same(a, b) and not (isinstance(a, float) and math.isnan(a))
+    if isinstance(a, torch.Tensor):
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and a.device.type != "meta"
+            and bool(torch.equal(a, b))
+        )
+    pair = (id(a), id(b))
+    if pair in seen:  # a function that refers to itself: alike unless found otherwise
+        return True
+    seen.add(pair)
+    if isinstance(a, types.FunctionType):
+        return (
+            a.__code__ is b.__code__
+            and a.__globals__ is b.__globals__
+            and _alike(a.__defaults__, b.__defaults__, seen)
+            and _alike(a.__kwdefaults__, b.__kwdefaults__, seen)
+            and _alike(_cells(a), _cells(b), seen)
+        )
+    if isinstance(a, types.MethodType):
+        return _alike(a.__func__, b.__func__, seen) and _alike(a.__self__, b.__self__, seen)
+    if isinstance(a, functools.partial):
+        return _alike((a.func, a.args, a.keywords), (b.func, b.args, b.keywords), seen)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(_alike(x, y, seen) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_alike(a[k], b[k], seen) for k in a)
+    if isinstance(a, HostValues):  # a cache of values read from states, not a setting
+        return _alike(vars(a)["_kind"], vars(b)["_kind"], seen)
+    if getattr(getattr(a, "__dataclass_params__", None), "frozen", False):  # ReduceOnPlateau
+        return all(
+            _alike(getattr(a, f.name), getattr(b, f.name), seen) for f in dataclasses.fields(a)
+        )
+    return False
+
+
+_EMPTY_CELL = object()
+
+
+def _cells(fn: types.FunctionType) -> tuple[Any, ...]:
+    """What ``fn``'s closure cells hold (``_EMPTY_CELL`` for one not yet filled)."""
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:
+            out.append(_EMPTY_CELL)
+    return tuple(out)
 
 
 def _same(a: Any, b: Any) -> bool:
