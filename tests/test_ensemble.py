@@ -384,3 +384,16 @@ def test_optimizers_are_compared_from_the_point_where_the_states_are():
     ):
         fl.stack_states(states)
     fl.stack_states(states_with(first, other))  # from step 0 they part after 20: not seen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TrainState.__repr__ lives in fnloop/state.py, outside this change: it should "
+    "name the stacked models (and count one model's values); remove this mark with that fix",
+)
+def test_the_repr_of_a_stacked_state_says_how_many_models_it_holds():
+    """A stacked state printed as one model, with every model's values counted as its
+    own: "TrainState(Linear, step=0, epoch=0, params: 2 tensors, 16 values, ...)"."""
+    text = repr(fl.stack_states([make(0), make(1)]))
+    assert "2 stacked models" in text and "8 values each" in text, text
+    assert "stacked" not in repr(make(0))
