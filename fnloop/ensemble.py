@@ -45,14 +45,15 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     Raises:
       TypeError: a state is no ``TrainState``, of another class than ``states[0]``, or
         holds a leaf that is no tensor.
-      ValueError: no states, or states that differ in any of the above, in their module,
-        or in their optimizer's rules (a schedule, weight decay, betas: what ``tx`` fixes
-        rather than the state; found by running each ``tx`` against ``states[0]``'s for
-        the next few updates on small stand-in tensors, or on tensors of the parameters'
-        shapes where it fails on those, and an error where it fails on both; a ``tx``
-        made by the same code from equal settings as one already compared is not run),
-        or in a ``reduce_on_plateau``'s settings (``factor``, ``patience``, ...; its
-        initial rate may differ).
+      ValueError: no states, a state that holds stacked models already, or states
+        that differ in any of the above, in their module, or in their optimizer's rules
+        (a schedule, weight decay, betas: what ``tx`` fixes rather than the state;
+        found by running each ``tx`` against ``states[0]``'s for the next few updates
+        on small stand-in tensors, or on tensors of the parameters' shapes where it
+        fails on those, and an error where it fails on both; a ``tx`` made by the same
+        code from equal settings as one already compared is not run), or in a
+        ``reduce_on_plateau``'s settings (``factor``, ``patience``, ...; its initial
+        rate may differ).
 
     Example:
       >>> import torch
@@ -73,6 +74,14 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     for i, state in enumerate(states):
         if not isinstance(state, TrainState):
             raise TypeError(f"states[{i}] is a {type(state).__name__}, not a TrainState")
+        n = stacked_models(state)
+        if n is not None:
+            raise ValueError(
+                f"states[{i}] holds {n} stacked models; stack_states stacks states of one "
+                f"model each (a vmapped step trains one level of stacking). To join "
+                f"stacked states a and b: fl.stack_states(fl.unstack_states(a) + "
+                f"fl.unstack_states(b))."
+            )
     first = states[0]
     paths0, leaves0, treedef0 = _tree.tree_flatten_with_keys(first)
     columns: list[list[torch.Tensor]] = [[leaf] for leaf in leaves0]

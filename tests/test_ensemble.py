@@ -397,3 +397,16 @@ def test_the_repr_of_a_stacked_state_says_how_many_models_it_holds():
     text = repr(fl.stack_states([make(0), make(1)]))
     assert "2 stacked models" in text and "8 values each" in text, text
     assert "stacked" not in repr(make(0))
+
+
+def test_stacking_stacked_states_is_refused_with_how_to_join_them():
+    """Stacking two stacked states (to join two sweeps) made a state of 2 x 2 models
+    that unstack_states called "one model", and that a vmapped step cannot train."""
+    a, b = fl.stack_states([make(0), make(1)]), fl.stack_states([make(2), make(3)])
+    fix = r"fl\.stack_states\(fl\.unstack_states\(a\) \+ fl\.unstack_states\(b\)\)"
+    with pytest.raises(ValueError, match=r"states\[1\] holds 2 stacked models.*" + fix):
+        fl.stack_states([make(0), b])
+    with pytest.raises(ValueError, match=r"states\[0\] holds 2 stacked models"):
+        fl.stack_states([a, b])
+    joined = fl.stack_states(fl.unstack_states(a) + fl.unstack_states(b))
+    assert joined.params["weight"].shape == (4, 2, 3)
