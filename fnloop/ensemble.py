@@ -111,8 +111,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 )
             raise ValueError(
                 f"states[{i}].{attr} is {mine!r} but states[0].{attr} is {theirs!r}; a "
-                f"stacked state holds one {attr} for every model: stack states that are at "
-                f"the same point."
+                f"stacked state holds one {attr} for every model: "
+                + _STATIC_FIX.get(attr, _STATIC_FIX[""]).format(attr=attr)
             )
         diff = _module_difference(first.module, state.module)
         if diff is not None:
@@ -160,6 +160,16 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
             alike.append(state.tx)
     return _tree.tree_unflatten(treedef0, [torch.stack(col) for col in columns])
 
+
+_STATIC_FIX = {
+    "step": "stack states that are at the same point.",
+    "epoch": "stack states that are at the same point.",
+    "micro_step": "stack states that are at the same point (of an accumulation window too).",
+    "ema_decay": "make every state with one ema_decay (TrainState.create(..., ema_decay=...)), "
+    "or none for all.",
+    "": "give the states one value before stacking, s.replace({attr}=states[0].{attr}), or "
+    "make the field a tensor, a leaf that is stacked per model.",
+}
 
 _FIELD_FIX = {
     "opt_state": "the states were made with optimizers of other kinds or settings (tx); "

@@ -55,7 +55,10 @@ def test_states_with_other_histories_or_static_fields_are_refused_not_overwritte
     best = torch.tensor(0.0)
     a = Scored.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=best, tag="a")
     b = Scored.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=best, tag="b")
-    with pytest.raises(ValueError, match=r"states\[1\]\.tag is 'b' but states\[0\]\.tag is 'a'"):
+    with pytest.raises(
+        ValueError,
+        match=r"states\[1\]\.tag is 'b' but states\[0\]\.tag is 'a'.*s\.replace\(tag=states",
+    ):
         fl.stack_states([a, b])
     plain = fl.TrainState.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
 
@@ -410,3 +413,15 @@ def test_stacking_stacked_states_is_refused_with_how_to_join_them():
         fl.stack_states([a, b])
     joined = fl.stack_states(fl.unstack_states(a) + fl.unstack_states(b))
     assert joined.params["weight"].shape == (4, 2, 3)
+
+
+def test_states_with_other_ema_decays_are_refused_with_the_fix_for_that():
+    """The message for every static field said "stack states that are at the same
+    point", which is no fix for another EMA decay (or a subclass's static field)."""
+    fix = r"with one ema_decay \(TrainState\.create"
+    with pytest.raises(ValueError, match=r"ema_decay is None but .* 0\.9.*" + fix):
+        fl.stack_states([make(0, ema_decay=0.9), make(1)])
+    with pytest.raises(ValueError, match=r"ema_decay is 0\.99 but .* 0\.9.*" + fix):
+        fl.stack_states([make(0, ema_decay=0.9), make(1, ema_decay=0.99)])
+    with pytest.raises(ValueError, match=r"step is 0 but .* 3.*same point"):
+        fl.stack_states([make(0).replace(step=3), make(1)])
