@@ -136,9 +136,16 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         for j, (path, leaf) in enumerate(zip(paths, leaves)):
             ref = leaves0[j]
             if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
+                fix = (
+                    "make the states' modules in one dtype (module.to(dtype) before "
+                    "TrainState.create)"
+                    if leaf.dtype != ref.dtype
+                    else "stack states of one architecture"
+                )
                 raise ValueError(
                     f"states[{i}] leaf '{path}' has shape {tuple(leaf.shape)} "
-                    f"and dtype {leaf.dtype}; states[0] has {tuple(ref.shape)} and {ref.dtype}."
+                    f"and dtype {leaf.dtype}; states[0] has {tuple(ref.shape)} and "
+                    f"{ref.dtype}: a stacked tensor holds one shape and dtype, so {fix}."
                 )
             if leaf.device != ref.device:
                 raise ValueError(

@@ -476,3 +476,14 @@ def test_models_unstacked_after_vmapped_training_continue_as_if_trained_alone():
                 atol=1e-14,
                 msg=lambda m, f=field: f"{f}: {m}",
             )
+
+
+def test_states_in_other_dtypes_are_refused_with_the_fix():
+    """The message named the two dtypes but not what to do."""
+    torch.manual_seed(1)
+    double = fl.TrainState.create(nn.Linear(3, 2).double(), tx=optim.sgd(0.1), device="cpu")
+    with pytest.raises(
+        ValueError,
+        match=r"torch\.float64; states\[0\] has .* torch\.float32: .*module\.to\(dtype\)",
+    ):
+        fl.stack_states([make(0), double])
