@@ -302,9 +302,9 @@ def _update_difference(i: int, tx0: Any, state: TrainState, probe: _Probe) -> st
 def _with_scalars(opt_state: Any, like: Any) -> Any:
     """``opt_state`` with its 0-d tensors (update counts, learning rates) replaced by
     those of ``like``, an optimizer state of the same structure for other shapes."""
-    paths, leaves, treedef = _tree.tree_flatten_with_keys(opt_state)
-    paths_like, leaves_like, _ = _tree.tree_flatten_with_keys(like)
-    if paths != paths_like:
+    leaves, treedef = _tree.tree_flatten(opt_state)
+    leaves_like, treedef_like = _tree.tree_flatten(like)
+    if treedef != treedef_like:
         return opt_state
     return _tree.tree_unflatten(
         treedef,
