@@ -8,7 +8,7 @@ import enum
 import functools
 import math
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -232,28 +232,33 @@ COMPARE_FAILED_MSG = (
 
 
 class _Probe:
-    """The inputs of the optimizer probe, made once per :func:`stack_states` call:
-    parameters and ``_PROBE_UPDATES`` gradients, small stand-ins for ``params`` (the same
-    names, dims and dtypes, two entries per dim, on the CPU) or, for an optimizer that
-    does not run on those, random tensors of ``params``' shapes on their device."""
+    """The inputs of the optimizer probe: small stand-ins for ``params`` (the same names,
+    dims and dtypes, two entries per dim, on the CPU) and ``_PROBE_UPDATES`` gradients
+    for them, made once per :func:`stack_states` call; or, for an optimizer that does
+    not run on those, gradients of ``params``' shapes on their device, made one update
+    at a time (they may be large)."""
 
     def __init__(self, params: Params) -> None:
         self._params = params
-        self._inputs: dict[bool, tuple[Params, list[Params]]] = {}
+        self._small: tuple[Params, list[Params]] | None = None
 
-    def inputs(self, *, small: bool) -> tuple[Params, list[Params]]:
-        """``(params, [grads of each update])``, small stand-ins or full size."""
-        if small not in self._inputs:
+    def small(self) -> tuple[Params, list[Params]]:
+        """``(stand-in params, [the stand-in gradients of each update])``."""
+        if self._small is None:
             gen = torch.Generator().manual_seed(0)
-            shapes = {
-                name: (2,) * p.dim() if small else tuple(p.shape)
-                for name, p in self._params.items()
-            }
-            self._inputs[small] = (
-                self._random(shapes, gen, small=small),
-                [self._random(shapes, gen, small=small) for _ in range(_PROBE_UPDATES)],
+            shapes = {name: (2,) * p.dim() for name, p in self._params.items()}
+            self._small = (
+                self._random(shapes, gen, small=True),
+                [self._random(shapes, gen, small=True) for _ in range(_PROBE_UPDATES)],
             )
-        return self._inputs[small]
+        return self._small
+
+    def full_grads(self) -> Iterator[Params]:
+        """The gradients of each update, shaped like ``params`` and on their devices."""
+        gen = torch.Generator().manual_seed(0)
+        shapes = {name: tuple(p.shape) for name, p in self._params.items()}
+        for _ in range(_PROBE_UPDATES):
+            yield self._random(shapes, gen, small=False)
 
     def _random(
         self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator, *, small: bool
@@ -286,14 +291,13 @@ def _update_difference(i: int, tx0: Any, state: TrainState, probe: _Probe) -> st
     ``ValueError``.
     """
     try:
-        params, grads = probe.inputs(small=True)
+        params, grads = probe.small()
         opt_state = _with_scalars(state.tx.init(params), state.opt_state)
         return _run_probe(tx0, state.tx, opt_state, params, grads)
     except Exception:
         pass
-    _, grads = probe.inputs(small=False)
     try:
-        return _run_probe(tx0, state.tx, state.opt_state, state.params, grads)
+        return _run_probe(tx0, state.tx, state.opt_state, state.params, probe.full_grads())
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         raise ValueError(COMPARE_FAILED_MSG.format(i=i, error=error)) from e
@@ -321,7 +325,7 @@ def _with_scalars(opt_state: Any, like: Any) -> Any:
 
 
 def _run_probe(
-    tx0: Any, tx: Any, opt_state: Any, params: Params, grads: list[Params]
+    tx0: Any, tx: Any, opt_state: Any, params: Params, grads: Iterable[Params]
 ) -> str | None:
     """Runs ``tx0`` and ``tx`` from ``opt_state`` on ``grads``; their first difference."""
     state0 = state = opt_state
@@ -365,7 +369,10 @@ def _built_alike(a: Any, b: Any) -> bool:
     equal settings (functions with the same code, and equal captured values, defaults
     and globals, down to plain values, tensors and frozen dataclasses). ``False`` says
     only that this cannot be told without running them."""
-    return _alike(a, b, set())
+    try:
+        return _alike(a, b, set())
+    except Exception:  # a value that cannot be compared, a container holding itself
+        return False
 
 
 def _alike(a: Any, b: Any, seen: set[tuple[int, int]]) -> bool:
@@ -383,11 +390,13 @@ def _alike(a: Any, b: Any, seen: set[tuple[int, int]]) -> bool:
             and a.device.type != "meta"
             and bool(torch.equal(a, b))
         )
-    pair = (id(a), id(b))
-    if pair in seen:  # a function that refers to itself: alike unless found otherwise
-        return True
-    seen.add(pair)
     if isinstance(a, types.FunctionType):
+        # Functions (which the optimizers hold, so their ids stay theirs) may refer to
+        # themselves: a pair met again is alike unless found otherwise.
+        pair = (id(a), id(b))
+        if pair in seen:
+            return True
+        seen.add(pair)
         return (
             a.__code__ is b.__code__
             and a.__globals__ is b.__globals__

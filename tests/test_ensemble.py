@@ -487,3 +487,16 @@ def test_states_in_other_dtypes_are_refused_with_the_fix():
         match=r"torch\.float64; states\[0\] has .* torch\.float32: .*module\.to\(dtype\)",
     ):
         fl.stack_states([make(0), double])
+
+
+def test_optimizers_alike_but_for_a_later_member_of_a_chain_are_probed():
+    """The likeness check remembered pairs of objects it had met by their ids, including
+    tuples it made and freed: a later pair that reused those ids counted as alike, so
+    chains equal but in their second member were not probed and stacked."""
+
+    def clipped(value: float) -> optim.GradientTransformation:
+        return optim.chain(optim.clip(1.0), optim.clip(value), optim.sgd(0.1))
+
+    with pytest.raises(ValueError, match=r"another optimizer.*update 1 differs"):
+        fl.stack_states(states_with(lambda: clipped(0.1), lambda: clipped(0.2)))
+    fl.stack_states(states_with(lambda: clipped(0.1), lambda: clipped(0.1)))
