@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from fnloop import _tree
 from fnloop.optim.plateau import plateau_nodes
-from fnloop.optim.transform import HostValues, learning_rates
+from fnloop.optim.transform import learning_rates
 from fnloop.state import _STATIC, TrainState
 from fnloop.typing import Params
 
@@ -50,10 +50,9 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         (a schedule, weight decay, betas: what ``tx`` fixes rather than the state;
         found by running each ``tx`` against ``states[0]``'s for the next few updates
         on small stand-in tensors, or on tensors of the parameters' shapes where it
-        fails on those, and an error where it fails on both; a ``tx`` made by the same
-        code from equal settings as one already compared is not run), or in a
-        ``reduce_on_plateau``'s settings (``factor``, ``patience``, ...; its initial
-        rate may differ).
+        fails on those, and an error where it fails on both; states that share one
+        ``tx`` object are not compared), or in a ``reduce_on_plateau``'s settings
+        (``factor``, ``patience``, ...; its initial rate may differ).
 
     Example:
       >>> import torch
@@ -154,7 +153,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                     f"device=...)) to stack them."
                 )
             columns[j].append(leaf)
-        if not any(_built_alike(tx, state.tx) for tx in alike):
+        if not any(tx is state.tx for tx in alike):
             diff = _update_difference(i, first.tx, state, probe)
             if diff is not None:
                 raise ValueError(
@@ -362,77 +361,6 @@ def _equal_trees(a: Any, b: Any) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or not _same(x, y):
             return False
     return all(torch.equal(torch.stack(xs), torch.stack(ys)) for xs, ys in groups.values())
-
-
-def _built_alike(a: Any, b: Any) -> bool:
-    """Whether two optimizers are provably the same rules: made by the same code from
-    equal settings (functions with the same code, and equal captured values, defaults
-    and globals, down to plain values, tensors and frozen dataclasses). ``False`` says
-    only that this cannot be told without running them."""
-    try:
-        return _alike(a, b, set())
-    except Exception:  # a value that cannot be compared, a container holding itself
-        return False
-
-
-def _alike(a: Any, b: Any, seen: set[tuple[int, int]]) -> bool:
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, _PLAIN):
-        return _same(a, b) and not (isinstance(a, float) and math.isnan(a))
-    if isinstance(a, torch.Tensor):
-        return (
-            a.dtype == b.dtype
-            and a.shape == b.shape
-            and a.device == b.device
-            and a.device.type != "meta"
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, types.FunctionType):
-        # Functions (which the optimizers hold, so their ids stay theirs) may refer to
-        # themselves: a pair met again is alike unless found otherwise.
-        pair = (id(a), id(b))
-        if pair in seen:
-            return True
-        seen.add(pair)
-        return (
-            a.__code__ is b.__code__
-            and a.__globals__ is b.__globals__
-            and _alike(a.__defaults__, b.__defaults__, seen)
-            and _alike(a.__kwdefaults__, b.__kwdefaults__, seen)
-            and _alike(_cells(a), _cells(b), seen)
-        )
-    if isinstance(a, types.MethodType):
-        return _alike(a.__func__, b.__func__, seen) and _alike(a.__self__, b.__self__, seen)
-    if isinstance(a, functools.partial):
-        return _alike((a.func, a.args, a.keywords), (b.func, b.args, b.keywords), seen)
-    if isinstance(a, tuple | list):
-        return len(a) == len(b) and all(_alike(x, y, seen) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_alike(a[k], b[k], seen) for k in a)
-    if isinstance(a, HostValues):  # a cache of values read from states, not a setting
-        return _alike(vars(a)["_kind"], vars(b)["_kind"], seen)
-    if getattr(getattr(a, "__dataclass_params__", None), "frozen", False):  # ReduceOnPlateau
-        return all(
-            _alike(getattr(a, f.name), getattr(b, f.name), seen) for f in dataclasses.fields(a)
-        )
-    return False
-
-
-_EMPTY_CELL = object()
-
-
-def _cells(fn: types.FunctionType) -> tuple[Any, ...]:
-    """What ``fn``'s closure cells hold (``_EMPTY_CELL`` for one not yet filled)."""
-    out = []
-    for cell in fn.__closure__ or ():
-        try:
-            out.append(cell.cell_contents)
-        except ValueError:
-            out.append(_EMPTY_CELL)
-    return tuple(out)
 
 
 def _same(a: Any, b: Any) -> bool:
