@@ -434,7 +434,11 @@ class TrainState:
         >>> TrainState.create(torch.nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
         TrainState(Linear, step=0, epoch=0, params: 2 tensors, 8 values, torch.float32 on cpu)
         """
-        values = sum(t.numel() for t in self.params.values())
+        from fnloop.ensemble import stacked_models  # (ensemble imports this module)
+
+        models = stacked_models(self)
+        values = sum(t.numel() for t in self.params.values()) // (models or 1)
+        each = f" each, {models} stacked models" if models is not None else ""
         first = next(iter(self.params.values()), None)
         where = f", {first.dtype} on {first.device}" if first is not None else ""
         extras = [
@@ -447,7 +451,7 @@ class TrainState:
         tail = "".join(f", {e}" for e in extras if e)
         return (
             f"TrainState({type(self.module).__name__}, step={self.step}, epoch={self.epoch}, "
-            f"params: {len(self.params)} tensors, {values:,} values{where}{tail})"
+            f"params: {len(self.params)} tensors, {values:,} values{each}{where}{tail})"
         )
 
     def state_dict(self, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
