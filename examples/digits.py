@@ -3,7 +3,7 @@
     python examples/digits.py              # ~10 s on 2 CPU cores, ~98.6% accuracy
     python examples/digits.py --fresh      # start over instead of resuming runs/digits
     python examples/digits.py --extras     # also: test a step alone, compile it, vmap it
-    torchrun --nproc_per_node=2 examples/digits.py   # data parallel, 2 processes
+    torchrun --nproc_per_node=2 examples/digits.py --out-dir runs/digits-ddp  # data parallel
 
 The data is scikit-learn's digits set (1,797 8x8 grey images, 10 classes; it ships with
 scikit-learn, nothing is downloaded). Everything fnloop needs from you is the
