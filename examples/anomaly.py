@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="initial learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--anomaly", type=int, default=9, help="the digit never trained on")
+    parser.add_argument(
+        "--anomaly", type=int, default=9, choices=range(10), help="the digit never trained on"
+    )
     parser.add_argument(
         "--patience",
         type=int,
@@ -87,14 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop after this many epochs without a lower valid/loss",
     )
     parser.add_argument(
-        "--out-dir", help="the run folder (default runs/anomaly, or runs/anomaly-fast with --fast)"
+        "--out-dir",
+        help="the run folder (default runs/anomaly, runs/anomaly-D for --anomaly D other "
+        "than 9, and -fast appended with --fast)",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the previous run instead of resuming it"
     )
     parser.add_argument("--fast", action="store_true", help="tiny settings (for tests)")
     args = parser.parse_args(argv)
-    args.out_dir = args.out_dir or ("runs/anomaly-fast" if args.fast else "runs/anomaly")
+    # Each unseen digit gets a folder of its own: resuming the run of another digit would
+    # score a model that was trained on the digit it calls unseen.
+    name = "anomaly" if args.anomaly == 9 else f"anomaly-{args.anomaly}"
+    args.out_dir = args.out_dir or f"runs/{name}{'-fast' if args.fast else ''}"
     if args.fast:
         args.epochs = min(args.epochs, 15)
     return args

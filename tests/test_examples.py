@@ -123,6 +123,15 @@ def test_anomaly_fast(tmp_path: Path) -> None:
     assert number_after(r"ROC AUC ([\d.]+)", out) > 0.6
 
 
+def test_anomaly_run_folder_names_the_unseen_digit() -> None:
+    """Resuming the 9s' run with ``--anomaly 3`` would score a model that saw the 3s."""
+    parse_args = load_example("anomaly").parse_args
+    assert parse_args([]).out_dir == "runs/anomaly"
+    assert parse_args(["--anomaly", "3"]).out_dir == "runs/anomaly-3"
+    assert parse_args(["--anomaly", "3", "--fast"]).out_dir == "runs/anomaly-3-fast"
+    assert parse_args(["--anomaly", "3", "--out-dir", "mine"]).out_dir == "mine"
+
+
 @pytest.mark.slow
 def test_digits_full_reaches_97_percent_ci_subset(tmp_path: Path) -> None:
     run_dir = tmp_path / "digits"
