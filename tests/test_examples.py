@@ -123,6 +123,23 @@ def test_anomaly_fast(tmp_path: Path) -> None:
     assert number_after(r"ROC AUC ([\d.]+)", out) > 0.6
 
 
+@pytest.mark.parametrize("name", ["digits", "anomaly"])
+def test_docstring_commands_parse(name: str) -> None:
+    """The commands at the top of each script take its flags; a torchrun command names a
+    run folder of its own (the default one holds the finished single-process run)."""
+    module = load_example(name)
+    commands = [
+        line.split("#")[0].split()
+        for line in (module.__doc__ or "").splitlines()
+        if f"examples/{name}.py" in line
+    ]
+    assert commands, f"{name}.py's docstring shows no command"
+    for words in commands:
+        args = module.parse_args(words[words.index(f"examples/{name}.py") + 1 :])
+        if words[0] == "torchrun":
+            assert args.out_dir != module.parse_args([]).out_dir, words
+
+
 def test_anomaly_run_folder_names_the_unseen_digit() -> None:
     """Resuming the 9s' run with ``--anomaly 3`` would score a model that saw the 3s."""
     parse_args = load_example("anomaly").parse_args
