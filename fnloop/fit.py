@@ -856,6 +856,7 @@ class _Run:
                 f"{self.state.epoch + (position is not None)} to continue that run, or "
                 f"resume=False (or another out_dir) to start over."
             )
+        self.logger.info(f"Resumed from {found.path} ({where})")  # before what it restores
         self.restore_stoppers(rec)
         for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
             if (
@@ -888,7 +889,6 @@ class _Run:
             self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
-        self.logger.info(f"Resumed from {found.path} ({where})")
         return position, rec.get("rng")
 
     def restore_stoppers(self, rec: Mapping[str, Any]) -> None:

@@ -188,6 +188,8 @@ def test_a_rule_keeps_its_progress_only_while_unchanged(tmp_path):
     assert run(tmp_path / "changed", max_epochs=9, early_stopping=never_improves(3)).epoch == 6
     log = (tmp_path / "changed" / "run_training.log").read_text()
     assert "patience=3" in log and "is new or changed: it starts counting now" in log
+    # What the resume restores or starts afresh is said after the line that names it.
+    assert log.rindex("Resumed from") < log.rindex("is new or changed")
 
 
 def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
