@@ -39,6 +39,7 @@ from typing import Literal, cast
 import torch
 
 from fnloop.optim.base import scalar_dtype
+from fnloop.optim.plateau import ReduceOnPlateau
 from fnloop.typing import Schedule
 
 _JOIN_LENGTHS = (
@@ -524,6 +525,13 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if not schedules:
         raise ValueError("schedules must hold at least one schedule; got schedules=().")
     for i, schedule in enumerate(schedules):
+        if isinstance(schedule, ReduceOnPlateau):
+            raise ValueError(
+                f"schedules[{i}] is a reduce_on_plateau rate, which join_schedules cannot "
+                f"run: it follows the metrics fit feeds it, not the step count. Give the "
+                f"optimizer the plateau rate itself (optim.adamw(optim.reduce_on_plateau("
+                f"...))); a plateau does not join or follow other schedules."
+            )
         if not callable(schedule):
             raise ValueError(
                 f"schedules[{i}] must be a schedule (a callable step -> lr); got {schedule!r}. "

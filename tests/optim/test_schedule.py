@@ -543,3 +543,11 @@ def test_learning_rate_of_another_type_raises_type_error(value: Any) -> None:
     # Caught when the schedule is made, not at the first update.
     with pytest.raises(TypeError, match="init_value is a learning rate and must be a real"):
         optim.cosine_schedule(value, 100)
+
+
+def test_a_plateau_rate_in_join_schedules_says_it_cannot_be_joined() -> None:
+    """The advice was "Wrap a constant as constant_schedule(ReduceOnPlateau(...))"."""
+    plateau = optim.reduce_on_plateau(1e-3, mode="max")
+    with pytest.raises(ValueError, match=r"schedules\[1\] is a reduce_on_plateau rate") as info:
+        optim.join_schedules([optim.constant_schedule(0.0), plateau], [24])
+    assert "constant_schedule" not in str(info.value)
