@@ -51,6 +51,7 @@ import pickle
 import random
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -345,7 +346,10 @@ def load_model(
       path: a file written by :func:`save_model` (or any plain ``state_dict`` file).
       module: the module to load into; it is changed in place.
       strict: passed to ``module.load_state_dict``: ``False`` loads the entries the
-        file and the module share (a new head for fine-tuning) and skips the others.
+        file and the module share, skips the others and warns which (a new head of
+        another name for fine-tuning); an entry of the same name and another shape (a
+        head for another class count) is still torch's size-mismatch error: drop it
+        from the dict and call ``module.load_state_dict(d, strict=False)``.
 
     Returns:
       ``module``.
@@ -412,7 +416,22 @@ def load_model(
             f"Rename the file's keys to the module's (e.g. strip a prefix such as 'model.' "
             f"or 'module.') and load the dict with module.load_state_dict."
         )
-    module.load_state_dict(tensors, strict=strict)
+    result = module.load_state_dict(tensors, strict=strict)
+    if result.missing_keys or result.unexpected_keys:  # (strict=False: torch returns them)
+        warnings.warn(
+            f"load_model(strict=False) loaded {len(tensors) - len(result.unexpected_keys)} "
+            f"of the module's {len(own)} entries from {path}: "
+            + "; ".join(
+                f"{what} {_some_keys(dict.fromkeys(keys))}"
+                for what, keys in (
+                    ("not in the file (kept as they were):", result.missing_keys),
+                    ("in the file, not in the module (skipped):", result.unexpected_keys),
+                )
+                if keys
+            )
+            + ".",
+            stacklevel=2,
+        )
     return module
 
 
