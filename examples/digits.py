@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import fnloop as fl
@@ -76,11 +76,14 @@ def make_loaders(batch_size: int, seed: int, processes: int = 1) -> tuple[DataLo
             DataLoader(train, batch_size=batch_size, shuffle=True),
             DataLoader(valid, batch_size=256),
         )
+    # Validation: each process its own share, every example once (a DistributedSampler
+    # would repeat examples to even out the shares, and the metrics would count them twice).
+    share = Subset(valid, range(torch.distributed.get_rank(), len(valid), processes))
     return (
         DataLoader(
             train, batch_size=batch_size // processes, sampler=DistributedSampler(train, seed=seed)
         ),
-        DataLoader(valid, batch_size=256, sampler=DistributedSampler(valid, shuffle=False)),
+        DataLoader(share, batch_size=256),
     )
 
 
@@ -188,7 +191,10 @@ def main(argv: list[str] | None = None) -> fl.TrainState:
     # best_model.pt is a plain state_dict: a fresh copy of the module loads it.
     model = make_model(width=8 if args.fast else 32).eval()
     model.load_state_dict(torch.load(out_dir / "best_model.pt", weights_only=True))
-    images, labels = valid_loader.dataset.tensors
+    valid_set = valid_loader.dataset
+    if isinstance(valid_set, Subset):  # under torchrun, this process's share: check all
+        valid_set = valid_set.dataset
+    images, labels = valid_set.tensors
     with torch.no_grad():
         acc = (model(images).argmax(dim=1) == labels).float().mean()
     print(f"best_model.pt in a plain nn.Module: validation accuracy {acc:.4f}")

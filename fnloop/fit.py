@@ -77,6 +77,13 @@ HISTORY_CLASH_MSG = (
     "per epoch, under a name of its own (not one the steps return). Rename it, or "
     "append it once."
 )
+REPEATED_VALIDATION_MSG = (
+    "The valid loader's DistributedSampler repeats {n} example(s) to give every process "
+    "as many: the validation metrics count them twice, and differ from one process's on "
+    "the whole set. For exact metrics give each process its share without repeats, "
+    "DataLoader(torch.utils.data.Subset(valid_set, range(rank, len(valid_set), world_size)), "
+    "...): validation shares may differ in size."
+)
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
@@ -936,6 +943,7 @@ class _Run:
         for callback in self.callbacks.callbacks:
             if isinstance(callback, EpochLogger):
                 callback._track_epochs(resumable=self.ckpt_dir is not None)
+        self.warn_repeated_validation()
         state = self.callbacks("on_fit_start", self.state)
         if rng is not None and position is None:  # after on_fit_start, which may draw
             self.set_rng_state(rng)
@@ -965,6 +973,19 @@ class _Run:
             f"({_format_time(time.monotonic() - start)})"
         )
         return state
+
+    def warn_repeated_validation(self) -> None:
+        """Warns when the validation loader's ``DistributedSampler`` pads the processes'
+        shares with repeated examples: the validation metrics then count them twice."""
+        loader = self.valid_loader
+        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            sampler = getattr(sampler, "sampler", sampler)  # (inside a BatchSampler)
+            if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.drop_last:
+                continue
+            repeated = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+            if repeated > 0:
+                self.logger.warning(REPEATED_VALIDATION_MSG.format(n=repeated))
+                return
 
     def set_aside_checkpoints(self) -> None:
         """Starting over: an earlier run's checkpoints, best model, metrics.csv and plot go

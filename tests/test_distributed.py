@@ -93,6 +93,17 @@ def test_fit_matches_one_process_and_only_rank_0_writes(ranks) -> None:
     assert_same(resumed.state_dict(), single.state_dict())  # loadable without DDP
 
 
+def test_validation_shares_of_unequal_size_give_one_processs_metrics(ranks) -> None:
+    """The guide's fix for a padding DistributedSampler: each process validates its own
+    share (17 and 16 of 33 examples, in 5 and 4 batches of up to 4); the epoch means
+    are the single process's over all 33."""
+    single = ddp_job.unequal_validation(1, 0)
+    for r in ranks[1]:
+        assert list(r["unequal_validation"]) == list(single)
+        for key, values in single.items():
+            assert_close(torch.tensor(r["unequal_validation"][key]), torch.tensor(values))
+
+
 def test_a_skipped_update_keeps_averaged_statistics_with_accumulation(ranks) -> None:
     """The micro-batches before a skipped update changed each process's own statistics:
     the kept ones are their mean, so the processes still agree."""

@@ -187,6 +187,7 @@ def guide_prelude() -> Namespace:
         "nn": nn,
         "DataLoader": DataLoader,
         "DistributedSampler": DistributedSampler,
+        "Subset": torch.utils.data.Subset,
         "fl": fl,
         "optim": optim,
         "make_model": _make_net,

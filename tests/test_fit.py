@@ -1170,6 +1170,30 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
+@pytest.mark.parametrize("rows", [33, 32])
+def test_a_validation_sampler_that_repeats_examples_is_warned_about(tmp_path, rows):
+    """DistributedSampler pads every process's share to one size with repeated examples:
+    with 33 validation rows and 2 processes, one row counted twice in the validation
+    metrics (and in the best model and early stopping), silently."""
+    x, y = data(rows)
+    valid = TensorDataset(x, y)
+    sampler = torch.utils.data.DistributedSampler(valid, num_replicas=2, rank=0, shuffle=False)
+    fl.fit(
+        make_state(),
+        classify,
+        {"train": loaders()["train"], "valid": DataLoader(valid, batch_size=8, sampler=sampler)},
+        max_epochs=1,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    if rows % 2:
+        assert "WARNING - The valid loader's DistributedSampler repeats 1 example(s)" in log
+        assert "Subset(valid_set, range(rank, len(valid_set), world_size))" in log
+    else:
+        assert "repeats" not in log
+
+
 @pytest.mark.parametrize("inside", [False, True], ids=["sampler", "batch_sampler"])
 def test_a_distributed_sampler_is_reseeded_every_epoch_and_on_resume(tmp_path, inside):
     """REQUIREMENTS I5: ``sampler.set_epoch(state.epoch)`` before each epoch's batches, so

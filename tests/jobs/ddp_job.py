@@ -133,6 +133,28 @@ def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.Tr
     )
 
 
+def unequal_validation(world: int, rank: int) -> dict[str, tuple[float, ...]]:
+    """The validation history of two epochs with every process validating its own share
+    of 33 examples, without repeats: 17 and 16, in 5 and 4 batches (``world=1``: all 33
+    in one process)."""
+    x, y = data(64 + 33)
+    train = TensorDataset(x[:64], y[:64])
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=3)
+    share = torch.utils.data.Subset(TensorDataset(x[64:], y[64:]), range(rank, 33, world))
+    state = fl.fit(
+        fl.TrainState.create(mlp(), tx=tx()),
+        classify,
+        {
+            "train": DataLoader(train, batch_size=GLOBAL_BATCH // world, sampler=sampler),
+            "valid": DataLoader(share, batch_size=4),
+        },
+        max_epochs=2,
+        log_to_console=False,
+        progress=False,
+    )
+    return dict(state.history["valid"])
+
+
 class Crash(Exception):
     pass
 
@@ -383,6 +405,7 @@ def main() -> None:
     result["metric_names"] = metric_names(rank)
     result["finite_only_means"] = finite_only_means(rank)
     result["broadcast"] = broadcast(rank)
+    result["unequal_validation"] = unequal_validation(world, rank)
     straight = resumable(out / "straight", world, rank)
     result["straight"] = straight.state_dict()
     result["straight_history"] = {k: dict(v) for k, v in straight.history.items()}
