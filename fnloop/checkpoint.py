@@ -52,7 +52,7 @@ import random
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -702,8 +702,30 @@ def latest_good_checkpoint(
     Raises:
       CheckpointMismatchError: the newest sound file belongs to another set-up.
     """
+    return first_good_checkpoint(find_checkpoints(directory, pattern), like)
+
+
+def first_good_checkpoint(
+    paths: Iterable[str | os.PathLike[str]], like: TrainState
+) -> tuple[Checkpoint | None, list[SkippedCheckpoint]]:
+    """The first of ``paths`` that loads cleanly, and the files skipped before it.
+
+    As :func:`latest_good_checkpoint`, for files in an order of the caller's (``fit``
+    orders its ``ckpt-<step>-<kind>.pt`` files by the step in their names, which a copy
+    of the run folder keeps, where it may not keep modification times).
+
+    Args:
+      paths: the files to try, in order.
+      like: a state of the same structure (see :func:`load_checkpoint`).
+
+    Returns:
+      ``(checkpoint, skipped)``, as :func:`latest_good_checkpoint` returns them.
+
+    Raises:
+      CheckpointMismatchError: the first sound file belongs to another set-up.
+    """
     skipped: list[SkippedCheckpoint] = []
-    for path in find_checkpoints(directory, pattern):
+    for path in map(Path, paths):
         try:
             return load_checkpoint_with_extra(path, like), skipped
         except CheckpointMismatchError:

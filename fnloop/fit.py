@@ -387,6 +387,14 @@ def _loader_generators(*loaders: Iterable[Any] | None) -> list[torch.Generator]:
     return found
 
 
+def _own_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints ``fit`` wrote in ``folder``, newest first: ordered by the step in
+    their names (``ckpt-<step, 10 digits>-<b|e>.pt``; at one step the epoch's end, ``e``,
+    after a mid-epoch ``b``), which a copy of the run folder keeps, unlike the files'
+    modification times."""
+    return sorted(ckpt.find_checkpoints(folder, "ckpt-*.pt"), key=lambda p: p.name, reverse=True)
+
+
 def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
     """Calls ``set_epoch`` on the loader's samplers, also on the sampler inside a batch
     sampler (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(...), ...))``)."""
@@ -815,7 +823,7 @@ class _Run:
             ckpt.save_checkpoint(path, state, fit=self.record(position, ranks))
             if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
                 path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
-            for old in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")[self.keep :]:
+            for old in _own_checkpoints(self.ckpt_dir)[self.keep :]:
                 old.unlink(missing_ok=True)
         barrier()  # no process reads the folder (a restart after a crash) while rank 0 writes
 
@@ -824,9 +832,7 @@ class _Run:
         if self.ckpt_dir is None:
             return None, None
         try:
-            found, skipped = ckpt.latest_good_checkpoint(
-                self.ckpt_dir, self.state, pattern="ckpt-*.pt"
-            )
+            found, skipped = ckpt.first_good_checkpoint(_own_checkpoints(self.ckpt_dir), self.state)
         except ckpt.CheckpointMismatchError as e:
             raise ckpt.CheckpointMismatchError(
                 f"{e}\n{self.ckpt_dir} holds checkpoints of another model or optimizer. "
@@ -1018,7 +1024,7 @@ class _Run:
     def resume_hint(self) -> str:
         if self.ckpt_dir is None:
             return "No checkpoint was written (fit checkpoints only with out_dir)."
-        found = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
+        found = _own_checkpoints(self.ckpt_dir)
         if not found:
             return "No checkpoint was written yet: running the same fit again starts over."
         return f"Run the same fit again to resume from {found[0]}."

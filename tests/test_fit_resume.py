@@ -651,3 +651,25 @@ def test_a_mid_epoch_record_holds_the_left_out_counts_on_the_cpu(monkeypatch):
     assert set(saved["dropped"]) == set(saved["sums"]) == {"loss"}
     for part in ("sums", "dropped"):
         assert [t.device.type for t in saved[part].values()] == ["cpu"], part
+
+
+def test_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_file_times(tmp_path):
+    """A copy of the run folder (``cp -r``, a download) gives the files new modification
+    times in any order: fit resumed from an older mid-epoch checkpoint by its time, and
+    trained that epoch again (overwriting its logged metrics); pruning by time could
+    delete the newest checkpoint."""
+    import os
+
+    straight = run(tmp_path / "straight", max_epochs=4, checkpoint_every_n_steps=3)
+    run(tmp_path / "copied", max_epochs=3, checkpoint_every_n_steps=3, keep_checkpoints=3)
+    folder = tmp_path / "copied" / "checkpoints"
+    names = sorted(p.name for p in folder.glob("ckpt-*.pt"))
+    assert names[-1].endswith("-e.pt") and any(n.endswith("-b.pt") for n in names), names
+    for age, name in enumerate(names):  # the oldest step gets the newest time
+        os.utime(folder / name, (1e9 - age * 100, 1e9 - age * 100))
+    resumed = run(tmp_path / "copied", max_epochs=4, checkpoint_every_n_steps=3, keep_checkpoints=3)
+    log = (tmp_path / "copied" / "run_training.log").read_text()
+    assert f"Resumed from {folder / names[-1]} (epoch 3," in log
+    assert_same(resumed, straight)
+    kept = sorted(p.name for p in folder.glob("ckpt-*.pt"))
+    assert kept[-1] == f"ckpt-{resumed.step:010d}-e.pt" and len(kept) == 3
