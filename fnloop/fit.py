@@ -77,6 +77,10 @@ HISTORY_CLASH_MSG = (
     "per epoch, under a name of its own (not one the steps return). Rename it, or "
     "append it once."
 )
+LR_CLASH_MSG = (
+    "the training step returns a metric {key!r}, the name under which fit records the "
+    "optimizer's learning rate (train/{key}): rename the step's metric."
+)
 REPEATED_VALIDATION_MSG = (
     "The valid loader's DistributedSampler repeats {n} example(s) to give every process "
     "as many: the validation metrics count them twice, and differ from one process's on "
@@ -495,6 +499,8 @@ def fit(
         early-stopping rule on ``monitor`` whose mode is not fit's,
         ``checkpoint_every_n_steps`` without ``out_dir``.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
+      ValueError: at the first epoch end, a training-step metric under the name ``fit``
+        records the learning rate by (``lr``, or ``lr_0``, ... with parameter groups).
     """
     # ------------------------------------------------------------ set-up checks (fail fast)
     if not isinstance(state, TrainState):
@@ -1082,7 +1088,11 @@ class _Run:
             means=self.means,
         )
         train_metrics = {f"train/{k}": v for k, v in _one_model(train_means).items()}
-        train_metrics.update(learning_rate_metrics(state.opt_state))
+        rates = learning_rate_metrics(state.opt_state)
+        clash = sorted(rates.keys() & train_metrics.keys())
+        if clash:
+            raise ValueError(LR_CLASH_MSG.format(key=clash[0].removeprefix("train/")))
+        train_metrics.update(rates)
         state = state.replace(
             epoch=epoch,
             history=append_history(

@@ -1170,6 +1170,26 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
+def test_a_step_metric_named_like_the_learning_rate_is_an_error():
+    """fit records the optimizer's rate as train/lr: a step's own "lr" was overwritten by
+    it silently (and valid/lr kept the step's)."""
+
+    def with_lr(model, batch):
+        return {**classify(model, batch), "lr": torch.tensor(0.5)}
+
+    with pytest.raises(ValueError, match=r"returns a metric 'lr'.*train/lr.*rename"):
+        fl.fit(make_state(), with_lr, loaders(), max_epochs=1, log_to_console=False)
+    fine = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=1,
+        validation_step=with_lr,
+        log_to_console=False,
+    )
+    assert fine.history["valid"]["lr"] == (0.5,) and fine.history["train"]["lr"] != (0.5,)
+
+
 @pytest.mark.parametrize("rows", [33, 32])
 def test_a_validation_sampler_that_repeats_examples_is_warned_about(tmp_path, rows):
     """DistributedSampler pads every process's share to one size with repeated examples:
