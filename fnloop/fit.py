@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import numbers
+import re
 import shutil
 import sys
 import time
@@ -76,6 +77,16 @@ HISTORY_CLASH_MSG = (
     "epoch, on top of what the epoch already has: an epoch-level metric gets one value "
     "per epoch, under a name of its own (not one the steps return). Rename it, or "
     "append it once."
+)
+# Metric names of scores where higher is better (warned about under mode="min").
+_SCORE_NAME = re.compile(
+    r"(?:^|[^a-z0-9])(?:acc|accuracy|f1|auc|auroc|precision|recall|iou|miou|dice|r2|bleu|"
+    r"top1|top5)(?:$|[^a-z0-9])"
+)
+SCORE_MINIMIZED_MSG = (
+    "{what} follows {monitor} with mode='min' (lower is better), the default, but the name "
+    "reads like a score where higher is better: pass mode='max' (to fit or EarlyStopping) "
+    "if it is one."
 )
 LR_CLASH_MSG = (
     "the training step returns a metric {key!r}, the name under which fit records the "
@@ -474,7 +485,8 @@ def fit(
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
       mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise; defaults to
-        the mode of an early-stopping rule on ``monitor``, else ``"min"``. A
+        the mode of an early-stopping rule on ``monitor``, else ``"min"`` (a warning
+        names a score, such as ``acc`` or ``f1``, followed with ``"min"``). A
         ``reduce_on_plateau`` learning rate must have the same mode.
       progress: tqdm bars; ``"auto"`` shows them when stderr is a terminal.
       batch_size: a fixed size or ``batch -> size`` when the first tensor of a batch is
@@ -956,6 +968,7 @@ class _Run:
             if isinstance(callback, EpochLogger):
                 callback._track_epochs(resumable=self.ckpt_dir is not None)
         self.warn_repeated_validation()
+        self.warn_scores_minimized()
         state = self.callbacks("on_fit_start", self.state)
         if rng is not None and position is None:  # after on_fit_start, which may draw
             self.set_rng_state(rng)
@@ -985,6 +998,16 @@ class _Run:
             f"({_format_time(time.monotonic() - start)})"
         )
         return state
+
+    def warn_scores_minimized(self) -> None:
+        """Warns when the monitor or an early-stopping rule follows a metric named like a
+        score (an accuracy, F1, AUC, ...) with ``mode="min"``, the default: the best model
+        would be the worst epoch, and early stopping would wait for the score to drop."""
+        followed = [("fit", self.monitor, self.mode)]
+        followed += [(repr(rule), rule.monitor, rule.mode) for rule in self.stoppers]
+        for what, monitor, mode in followed:
+            if mode == "min" and _SCORE_NAME.search(monitor.split("/", 1)[-1].lower()):
+                self.logger.warning(SCORE_MINIMIZED_MSG.format(what=what, monitor=monitor))
 
     def warn_repeated_validation(self) -> None:
         """Warns when the validation loader's ``DistributedSampler`` pads the processes'

@@ -1170,6 +1170,40 @@ def test_small_learning_rates_and_their_changes_are_logged_faithfully(caplog):
     ]
 
 
+@pytest.mark.parametrize(
+    ("monitor", "rule", "warned"),
+    [
+        ("valid/acc", None, ["fit"]),
+        (None, fl.EarlyStopping("valid/acc", patience=3), ["fit", "EarlyStopping"]),
+        (None, fl.EarlyStopping("valid/top1_acc", mode="max", patience=3), []),
+        ("valid/loss", fl.EarlyStopping("train/macro-f1", patience=3), ["EarlyStopping"]),
+        ("valid/loss", fl.EarlyStopping("valid/accelerations", patience=3), []),
+    ],
+)
+def test_a_score_followed_with_mode_min_is_warned_about(tmp_path, monitor, rule, warned):
+    """mode defaults to "min": fit(monitor="valid/acc") kept the worst epoch as the best
+    model, and EarlyStopping("valid/acc") stopped while the accuracy rose, silently."""
+
+    def scores(model, batch):
+        out = classify(model, batch)
+        return {**out, "top1_acc": out["acc"], "macro-f1": out["acc"], "accelerations": out["acc"]}
+
+    fl.fit(
+        make_state(),
+        scores,
+        loaders(),
+        max_epochs=1,
+        monitor=monitor,
+        early_stopping=[rule] if rule else [],
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text().splitlines()
+    lines = [line.split(" - WARNING - ")[-1] for line in log if "reads like" in line]
+    assert [line.split("(", 1)[0].split(" ", 1)[0] for line in lines] == warned
+    assert all("mode='max'" in line for line in lines)
+
+
 def test_a_step_metric_named_like_the_learning_rate_is_an_error():
     """fit records the optimizer's rate as train/lr: a step's own "lr" was overwritten by
     it silently (and valid/lr kept the step's)."""
