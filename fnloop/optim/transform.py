@@ -659,7 +659,9 @@ def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
     """The learning rates the next update will use, one per learning-rate transform.
 
     A plain optimizer has one; a partitioned one (several parameter groups) has one per
-    group, in the order they appear in the state.
+    group, in the order they appear in the state. Each is a 0-d tensor on the state's
+    device, float64 (float32 on MPS), or for a stacked state a 1-d one with an entry per
+    model: ``float(lr)`` reads a 0-d one, which waits for the device.
 
     >>> import torch
     >>> from fnloop import optim
