@@ -452,6 +452,25 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     return metrics
 
 
+def _scalar_floats(metrics: Metrics) -> list[str]:
+    """The metrics an epoch mean averages that can be non-finite (one floating-point
+    element)."""
+    return [k for k, v in metrics.items() if v.numel() == 1 and v.is_floating_point()]
+
+
+def _finite_flags(metrics: Metrics, names: list[str]) -> list[torch.Tensor]:
+    return [torch.isfinite(metrics[k]).reshape(()) for k in names]
+
+
+def _nan_where_not(finite: torch.Tensor, names: list[str], metrics: Metrics) -> Metrics:
+    """Several processes skipping non-finite steps: the metrics ``names`` made NaN where
+    ``finite`` (one flag each, true in every process) is false, so that the epoch means
+    leave the whole global batch out, as one process on it would; not only the share of
+    the process whose value was not finite."""
+    nan = {k: torch.where(f, metrics[k], math.nan) for k, f in zip(names, finite.unbind())}
+    return {**metrics, **nan}
+
+
 def _metric_dtype(loss: torch.Tensor) -> torch.Tensor:
     """A loss as a metric: float32 at least (a bf16/fp16 loss is upcast), float64 kept."""
     return loss if loss.dtype == torch.float64 else loss.float()
@@ -577,7 +596,11 @@ class TrainStep:
                     # all of its statistics (integer counters, never averaged, too).
                     finite = torch.isfinite(loss)
                     if distributed:
-                        finite = true_everywhere(finite)
+                        names = _scalar_floats(metrics)
+                        flags = torch.stack([finite, *_finite_flags(metrics, names)])
+                        flags = true_everywhere(flags)
+                        finite = flags[0]
+                        metrics = _nan_where_not(flags[1:], names, metrics)
                     buffers = _select_buffers(finite, buffers, state.buffers)
                     # A non-finite loss can have finite gradients (a mean over no
                     # element, 0/0): mark the window's sum, so its update is skipped.
@@ -595,10 +618,16 @@ class TrainStep:
             # A skipped update keeps the buffers from before this micro-batch: with a window
             # of several, those are each process's own, so they are averaged too.
             fallback = state.buffers if k > 1 and self.on_nonfinite == "skip" else None
+            extra = {"loss": loss.detach().float()}
+            names = _scalar_floats(metrics) if self.on_nonfinite == "skip" else []
+            if names:  # in the same collective: which metrics are finite in every process
+                extra["finite"] = torch.stack(_finite_flags(metrics, names)).float()
             grads, buffers, fallback, mean = mean_grads_and_buffers(
-                grads, buffers, frozen, kept=fallback, extra={"loss": loss.detach().float()}
+                grads, buffers, frozen, kept=fallback, extra=extra
             )
             loss = mean["loss"].to(loss.dtype)
+            if names:
+                metrics = _nan_where_not(mean["finite"] == 1, names, metrics)
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
@@ -995,7 +1024,10 @@ def make_train_step(
       on_nonfinite: what to do when the loss or a gradient is inf or NaN: ``None``
         applies the update as computed; ``"skip"`` leaves params, EMA and optimizer state
         unchanged (and, for a non-finite loss, the buffers such as BatchNorm statistics)
-        and counts the step in ``state.skipped_steps`` (no host sync); ``"raise"`` raises
+        and counts the step in ``state.skipped_steps`` (no host sync; with several
+        processes, a one-element floating-point metric that is not finite in one process
+        is returned NaN in all, so the epoch means leave out the whole global batch, as
+        one process would); ``"raise"`` raises
         ``FloatingPointError`` (reads the loss and a gradient check on the host every
         step; with fp16, gradients that overflow the loss scale are skipped by it).
       donate: the caller gives up the input state: the step writes the new parameters,

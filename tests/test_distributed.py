@@ -250,6 +250,17 @@ def test_metrics_are_matched_by_name_across_processes(ranks) -> None:
         assert "pred" not in r["metric_names"]  # an output in rank 0
 
 
+def test_a_batch_skipped_for_one_process_nan_drops_out_of_every_process_means(ranks) -> None:
+    """A NaN in one process's half: the other's finite loss for that batch is left out
+    too, so the epoch's means are one process's over the whole batches (where the loss
+    of that batch is NaN), with and without accumulation."""
+    for k, means in zip((1, 2), ([ddp_job.skip_epoch_means(1, 0, k) for k in (1, 2)])):
+        assert means["loss"] == means["loss"]  # not NaN: the finite batches count
+        for r in ranks[1]:
+            got = r["skip_epoch_means"][k - 1]
+            assert got == pytest.approx(means, rel=1e-12), k
+
+
 def test_finite_only_means_over_processes_equal_one_process_over_all(ranks) -> None:
     """The values each process left out are left out of the counts of all."""
     _, results = ranks

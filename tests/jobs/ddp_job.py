@@ -360,6 +360,24 @@ def finite_only_means(rank: int | None) -> dict[str, float]:
     return means.means(all_processes=rank is not None)
 
 
+def skip_epoch_means(world: int, rank: int, k: int) -> dict[str, float]:
+    """One epoch of a skipping step with accumulation over ``k``, a NaN in rank 1's rows
+    of batches 2 (a window's first micro-batch for k=2) and 5 (an update): the epoch's
+    means (``world=1``: one process on the whole batches)."""
+    x, y = data()
+    x = x.clone()
+    for i in (2, 5):
+        x[i * GLOBAL_BATCH + 1, 0] = float("nan")  # row 0 of rank 1's half
+    batches = [
+        (x[rows][rank::world], y[rows][rank::world])
+        for rows in (slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH) for i in range(STEPS))
+    ]
+    step = fl.make_train_step(classify, accumulation_steps=k, on_nonfinite="skip")
+    state, means = fl.train_epoch(fl.TrainState.create(mlp(), tx=tx()), step, batches)
+    assert int(state.skipped_steps) == 2, int(state.skipped_steps)
+    return means
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -404,6 +422,7 @@ def main() -> None:
     result["refit_one"], result["refit_two"] = refit(world, rank)
     result["metric_names"] = metric_names(rank)
     result["finite_only_means"] = finite_only_means(rank)
+    result["skip_epoch_means"] = [skip_epoch_means(world, rank, k) for k in (1, 2)]
     result["broadcast"] = broadcast(rank)
     result["unequal_validation"] = unequal_validation(world, rank)
     straight = resumable(out / "straight", world, rank)
