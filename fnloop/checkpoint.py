@@ -64,7 +64,7 @@ from fnloop import _tree
 from fnloop._io import atomic_write_file
 from fnloop.distributed import is_main_process
 from fnloop.ensemble import stacked_models
-from fnloop.state import TrainState, freeze_history, with_runtime_fields
+from fnloop.state import TrainState, check_not_donated, freeze_history, with_runtime_fields
 
 FORMAT = "fnloop-checkpoint"
 """The ``"format"`` tag of every fnloop checkpoint file."""
@@ -159,6 +159,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
     """
     path = _as_path(path, "save_checkpoint", "state")
     _check_state(state, "save_checkpoint")
+    check_not_donated(state, "save_checkpoint")
     keys, leaves, _ = _flatten_with_keys(state)
     for key, leaf in zip(keys, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):  # a field a subclass adds

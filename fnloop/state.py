@@ -192,6 +192,38 @@ def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.M
     return copies[training]
 
 
+_DONATED = "_fnloop_donated"
+DONATED_MSG = (
+    "this TrainState was donated to an earlier call of a train step made with donate=True: "
+    "its tensors now hold a later state, so {what} would use the wrong values. Pass the "
+    "state that call returned (or make the step without donate=True to keep every state "
+    "intact)."
+)
+
+
+def mark_donated(consumed: Params, params: Params) -> Params:
+    """A donating step took the parameters ``consumed`` and wrote ``params`` into their
+    storage: marks ``consumed``'s first tensor object, so that every later use of the state
+    that held it fails (:func:`check_not_donated`), and returns ``params`` with a new tensor
+    object (an alias) for its first entry, so that the new state is not taken for the
+    consumed one. The mark lives on the tensor object: it goes with the consumed state."""
+    first = next(iter(consumed.values()), None)
+    if first is None:
+        return params
+    setattr(first, _DONATED, True)
+    name, new_first = next(iter(params.items()))
+    return {**params, name: new_first.detach()}
+
+
+def check_not_donated(state: TrainState, what: str) -> None:
+    """Raises ``RuntimeError`` if a donating train step consumed ``state`` (eager mode)."""
+    if torch.compiler.is_compiling():
+        return
+    first = next(iter(state.params.values()), None)
+    if getattr(first, _DONATED, False):
+        raise RuntimeError(DONATED_MSG.format(what=what))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainState:
     """The whole training state: weights, optimizer state, counters and history.
@@ -420,6 +452,7 @@ class TrainState:
           >>> torch.equal(w, original), w.data_ptr() == original.data_ptr()
           (True, False)
         """
+        check_not_donated(self, "clone()")
         return _tree.tree_map(_clone_group, self, is_leaf=_is_group)
 
     @property
@@ -460,6 +493,7 @@ class TrainState:
         Args:
           use_ema: export the EMA weights instead of the raw parameters.
         """
+        check_not_donated(self, "state_dict()")
         params = self.ema if use_ema and self.ema is not None else self.params
         tensors = {**params, **self.buffers}
         # Tied weights appear once in named_parameters() but under every name in

@@ -36,7 +36,7 @@ from fnloop.precision import (
     autocast,
     check_precision,
 )
-from fnloop.state import TrainState, in_mode
+from fnloop.state import TrainState, check_not_donated, in_mode, mark_donated
 from fnloop.typing import Batch, Metrics, Params
 
 StepFn = Callable[["BoundModel", Batch], Mapping[str, Any]]
@@ -72,11 +72,6 @@ TRANSFORM_MSG = (
 METRIC_MSG = (
     "metric {key!r} returned by {name} must be a tensor or a number; got {kind}. "
     "Return values such as acc.float().mean() or 1.0."
-)
-DONATED_MSG = (
-    "this TrainState was donated to an earlier call of a train step made with donate=True: "
-    "its tensors now hold a later state. Pass the state that call returned (or make the "
-    "step without donate=True to keep every state intact)."
 )
 INPLACE_MSG = (
     "the optimizer wrote in place into an optimizer-state tensor that is not keyed by "
@@ -324,30 +319,6 @@ def _in_transform(params: Params, *, train: bool = True) -> bool:
     return True
 
 
-class _DonationGuard:
-    """Remembers the states a donating step consumed, to reject them loudly.
-
-    A donating step writes the next state into the previous state's storage, so old and
-    new states share tensors. The state it returns holds a fresh tensor object for its
-    first parameter; the consumed state's first tensor object is remembered (weakly, so a
-    state that is gone is forgotten) and passing it again is an error.
-    """
-
-    def __init__(self) -> None:
-        self.donated: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-
-    def check(self, params: Params) -> None:
-        first = next(iter(params.values()))
-        if self.donated.get(id(first)) is first:
-            raise RuntimeError(DONATED_MSG)
-
-    def mark(self, donated: Params, params: Params) -> Params:
-        consumed = next(iter(donated.values()))
-        self.donated[id(consumed)] = consumed
-        name, first = next(iter(params.items()))
-        return {**params, name: first.detach()}
-
-
 _Template: TypeAlias = tuple[
     nn.Module, list[tuple[dict[str, Any], str, str]] | None, frozenset[str], tuple[str, int]
 ]
@@ -494,9 +465,6 @@ class TrainStep:
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(True), init=False, repr=False, compare=False
     )
-    _guard: _DonationGuard = dataclasses.field(
-        default_factory=_DonationGuard, init=False, repr=False, compare=False
-    )
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
@@ -551,8 +519,7 @@ class TrainStep:
         if transformed and not compiling and self.on_nonfinite == "raise":
             raise ValueError(RAISE_VMAP_MSG)
         donate = self.donate and (compiling or not transformed)
-        if donate and not compiling:
-            self._guard.check(state.params)
+        check_not_donated(state, "this train step")
         batch = to_device(batch, device)
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:
@@ -836,7 +803,7 @@ class TrainStep:
             opt_state = _write_into(state.opt_state, opt_state)
             ema = _write_into(state.ema, ema) if ema is not None else None
         elif donate:
-            params = self._guard.mark(state.params, params)
+            params = mark_donated(state.params, params)
         return state.replace(
             params=params,
             opt_state=opt_state,
@@ -1035,8 +1002,9 @@ def make_train_step(
         hand-written loop does), which saves memory and allocation time. A state fresh
         from ``TrainState.create`` shares the module's tensors, so those would change
         too: start from ``state.clone()`` (see :meth:`TrainState.clone`).
-        Passing a donated state again raises ``RuntimeError`` (in eager mode; compiled
-        code cannot check this). Works in eager mode and under ``torch.compile`` (a
+        Using a donated state again (in a train or eval step, ``clone()``,
+        ``state_dict()`` or ``save_checkpoint``) raises ``RuntimeError`` (after an eager
+        step; a compiled one cannot mark the state it consumed). Works in eager mode and under ``torch.compile`` (a
         compiled ``vmap`` of the step too, and with ``"skip"`` or fp16); in eager mode,
         under ``vmap`` and for updates that ``"skip"`` or fp16 may skip, the step computes
         out of place. ``fit`` donates the states it makes itself.
@@ -1104,6 +1072,7 @@ class EvalStep:
             raise TypeError(
                 f"eval_step(state, batch) needs a TrainState first; got {type(state).__name__}."
             )
+        check_not_donated(state, "this eval step")
         name = _fn_name(self.validation_step)
         device = state.device
         batch = to_device(batch, device)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import re
 from typing import NamedTuple
 
 import pytest
@@ -1135,6 +1136,28 @@ def test_reusing_a_donated_state_fails_loudly():
     with pytest.raises(RuntimeError, match="donated to an earlier call"):
         step(state, b)
     step(newer, b)
+
+
+def test_every_use_of_a_donated_state_fails_loudly(tmp_path):
+    """Not only the donating step: a pure step, an eval step, clone(), state_dict() and
+    save_checkpoint() would read values that belong to a later state."""
+    state = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu").clone()
+    b = batches(1)[0]
+    new_state, _ = fl.make_train_step(classify, donate=True)(state, b)
+    for what, use in [
+        ("this train step", lambda s: fl.make_train_step(classify)(s, b)),
+        ("this eval step", lambda s: fl.make_eval_step(classify)(s, b)),
+        ("clone()", lambda s: s.clone()),
+        ("state_dict()", lambda s: s.state_dict()),
+        ("save_checkpoint", lambda s: fl.save_checkpoint(tmp_path / "c.pt", s)),
+    ]:
+        message = rf"donated to an earlier call.*so {re.escape(what)} would"
+        with pytest.raises(RuntimeError, match=message):
+            use(state)
+        with pytest.raises(RuntimeError, match="donated to an earlier call"):
+            use(state.replace(epoch=1))  # a changed copy holds the same tensors
+        use(new_state)  # the state the step returned is fine
+    assert fl.load_checkpoint(tmp_path / "c.pt", like=new_state).step == 1
 
 
 def test_donation_guard_tracks_several_states_and_forgets_dead_ones():
