@@ -270,7 +270,12 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainStat
     Tensors come from the file, each placed on the device of the matching tensor in
     ``like``; ``step``, ``epoch``, ``micro_step`` and ``history`` come from the file; the
     module template, ``tx``, ``ema_decay`` and other static configuration come from
-    ``like``. Use :func:`load_checkpoint_with_extra` to get the ``extra`` data too.
+    ``like``. The optimizer's state is a tensor too: its moments, update counts, a
+    plateau's rate, and the learning rate the next update uses (a constant one, and a
+    schedule's current value) come from the file, as ``torch.optim``'s
+    ``load_state_dict`` restores the rate of its param groups; a changed schedule in
+    ``like``'s ``tx`` applies from the update after. Use
+    :func:`load_checkpoint_with_extra` to get the ``extra`` data too.
 
     A ``like`` whose tensors are all on the ``meta`` device (a skeleton that allocates
     nothing: the module built under ``with torch.device("meta"):`` and

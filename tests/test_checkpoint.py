@@ -888,3 +888,32 @@ def test_swapped_path_and_state_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(TypeError, match=rf"path first: {fn}; its first argument is a"):
             call()
     assert path.read_bytes() == before
+
+
+def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) -> None:
+    """As the guide says: a constant rate is optimizer state (torch's load_state_dict
+    restores a param group's lr); a changed schedule in ``like`` applies from the update
+    after the first."""
+
+    def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": ((model(x) - y) ** 2).mean()}
+
+    torch.manual_seed(0)
+    module = nn.Linear(3, 1)
+    batch = (torch.randn(4, 3), torch.randn(4, 1))
+    step = fnloop.make_train_step(mse)
+    state, _ = step(fnloop.TrainState.create(module, tx=optim.adamw(1e-3), device="cpu"), batch)
+    path = save_checkpoint(tmp_path / "c.pt", state)
+
+    def rate(s: fnloop.TrainState) -> float:
+        (lr,) = optim.learning_rates(s.opt_state)
+        return float(lr)
+
+    constant = load_checkpoint(path, fnloop.TrainState.create(module, tx=optim.adamw(1e-2)))
+    assert rate(constant) == rate(step(constant, batch)[0]) == 1e-3
+    schedule = optim.cosine_schedule(1e-2, 10)
+    scheduled = load_checkpoint(path, fnloop.TrainState.create(module, tx=optim.adamw(schedule)))
+    assert rate(scheduled) == 1e-3
+    after = step(scheduled, batch)[0]
+    assert after.step == 2 and rate(after) == pytest.approx(float(schedule(torch.tensor(2.0))))
