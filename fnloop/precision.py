@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -21,6 +22,22 @@ def check_precision(precision: object) -> None:
     """Raises ``ValueError`` unless ``precision`` is ``None``, ``"bf16"`` or ``"fp16"``."""
     if precision is not None and not (isinstance(precision, str) and precision in _DTYPES):
         raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
+
+
+def warn_if_no_effect(precision: Precision, weight: torch.Tensor | None) -> None:
+    """Warns (once per call site) that ``precision`` does not lower float64 weights'
+    operations: autocast runs only float32 operations in lower precision (an fp16 loss
+    scale still scales the loss). ``weight``: the model's
+    first trainable parameter (eager calls pass it; compiled ones, ``None``)."""
+    if precision is not None and weight is not None and weight.dtype == torch.float64:
+        warnings.warn(
+            f"precision={precision!r} does not lower this float64 model's operations: "
+            f"autocast runs only float32 operations in {precision}, so the model computes "
+            "in float64. Make the model float32 (module.float() before "
+            "TrainState.create) to train in mixed precision, or leave precision out.",
+            UserWarning,
+            stacklevel=4,  # the caller of a made step (make_train_step's wrapper, __call__)
+        )
 
 
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[None]:

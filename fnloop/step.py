@@ -35,6 +35,7 @@ from fnloop.precision import (
     Precision,
     autocast,
     check_precision,
+    warn_if_no_effect,
 )
 from fnloop.state import TrainState, check_not_donated, in_mode, mark_donated
 from fnloop.typing import Batch, Metrics, Params
@@ -518,6 +519,8 @@ class TrainStep:
             check_one_model(state, "train_step", TRAIN_STACKED_FIX)
         if transformed and not compiling and self.on_nonfinite == "raise":
             raise ValueError(RAISE_VMAP_MSG)
+        if self.precision is not None and not compiling:
+            warn_if_no_effect(self.precision, state.params.get(first[0]))
         donate = self.donate and (compiling or not transformed)
         check_not_donated(state, "this train step")
         batch = to_device(batch, device)
@@ -1004,10 +1007,10 @@ def make_train_step(
         too: start from ``state.clone()`` (see :meth:`TrainState.clone`).
         Using a donated state again (in a train or eval step, ``clone()``,
         ``state_dict()`` or ``save_checkpoint``) raises ``RuntimeError`` (after an eager
-        step; a compiled one cannot mark the state it consumed). Works in eager mode and under ``torch.compile`` (a
-        compiled ``vmap`` of the step too, and with ``"skip"`` or fp16); in eager mode,
-        under ``vmap`` and for updates that ``"skip"`` or fp16 may skip, the step computes
-        out of place. ``fit`` donates the states it makes itself.
+        step; a compiled one cannot mark the state it consumed). Works in eager mode and
+        under ``torch.compile`` (a compiled ``vmap`` of the step too, and with ``"skip"``
+        or fp16); in eager mode, under ``vmap`` and for updates that ``"skip"`` or fp16
+        may skip, the step computes out of place. ``fit`` donates the states it makes itself.
       grad_norm: also report ``"grad_norm"``: the global 2-norm of the gradients each
         update uses (accumulated over the window, averaged over processes, unscaled from
         the fp16 loss scale, before the optimizer clips them), the value
@@ -1081,6 +1084,8 @@ class EvalStep:
         transformed = _in_transform(params, train=False)
         if (not transformed or torch.compiler.is_compiling()) and _maybe_stacked(state, first):
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
+        if self.precision is not None and not torch.compiler.is_compiling():
+            warn_if_no_effect(self.precision, params.get(first[0]))
         # Forward may write buffers in eval mode too (counters, observers); the weights
         # are not copied (see make_eval_step).
         buffers = _buffer_copies(state.buffers, frozen)

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import inspect
 import re
+import warnings
 from typing import NamedTuple
 
 import pytest
@@ -436,6 +437,7 @@ class _InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
+@pytest.mark.filterwarnings("ignore:precision='(fp16|bf16)' does not lower")
 def test_raise_on_a_nonfinite_gradient_of_a_finite_loss():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     x, y = batches(1)[0]
@@ -1966,6 +1968,7 @@ def test_frozen_parameters_are_shared_not_copied_by_pure_steps():
     assert shares(out.buffers["mid.weight"], stacked.buffers["mid.weight"])
 
 
+@pytest.mark.filterwarnings("ignore:precision='(fp16|bf16)' does not lower")
 def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     x, y = batches(1)[0]
@@ -1979,6 +1982,7 @@ def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
         fl.make_train_step(blows_up, on_nonfinite="raise")(state, (x, y))
 
 
+@pytest.mark.filterwarnings("ignore:precision='(fp16|bf16)' does not lower")
 def test_a_step_without_fp16_leaves_the_states_loss_scale_alone():
     """A state from an fp16 run (a resumed checkpoint, say) stepped in full precision: plain
     gradients, as a torch SGD step gives, and the scale kept as it was."""
@@ -2141,3 +2145,23 @@ def test_metric_means_restored_on_the_cpu_take_cuda_metrics(models):
     if models is not None:
         want = {k: [v] * models for k, v in want.items()}
     assert means.means() == want
+
+
+def test_mixed_precision_on_a_float64_model_warns_at_the_callers_line():
+    """autocast leaves float64 operations alone: bf16 on a float64 model silently trained
+    in float64. The warning points at the line that called the step."""
+    b = batches(1)[0]
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")  # float64
+    assert state.params["0.weight"].dtype == torch.float64
+    for step in (
+        fl.make_train_step(classify, precision="bf16"),
+        fl.make_eval_step(classify, precision="bf16"),
+    ):
+        with pytest.warns(UserWarning, match="precision='bf16' does not lower this float64") as got:
+            step(state, b)
+        assert got[0].filename == __file__
+    float32 = fl.TrainState.create(mlp(dtype=torch.float32), tx=optim.sgd(0.1), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fl.make_train_step(classify, precision="bf16")(float32, batches(1, dtype=torch.float32)[0])
+        fl.make_train_step(classify)(state, b)
