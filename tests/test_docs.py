@@ -363,7 +363,7 @@ def _single_process_torchrun() -> dict[str, str]:
 
 #: Environment variables a block runs with (and the process group it leaves is destroyed).
 ENVIRONMENT: dict[tuple[str, int], Callable[[], dict[str, str]]] = {
-    ("docs/guide.md", 11): _single_process_torchrun,  # section 7, torchrun
+    ("docs/guide.md", 12): _single_process_torchrun,  # section 7, torchrun
 }
 
 #: Optional packages a block needs: it is skipped without them.
@@ -477,6 +477,22 @@ def _check_guide_checkpoints(ns: Namespace, before: Namespace) -> None:
         fl.load_model("model.safetensors", module)
 
 
+def _check_guide_custom_resume(ns: Namespace, before: Namespace) -> None:
+    # "stopped after an epoch and run again, it ends the same" (bit for bit)
+    train = ns["train"]
+    assert ns["state"].epoch == ns["epochs"] == 2
+    runs = []
+    for stops in ([2], [1, 2]):
+        os.remove("last.pt")
+        torch.manual_seed(0)
+        for epochs in stops:
+            state = train(epochs)
+        runs.append(state)
+    assert runs[0].step == runs[1].step == 4
+    for a, b in zip(fl._tree.tree_leaves(runs[0]), fl._tree.tree_leaves(runs[1]), strict=True):
+        assert torch.equal(a, b)
+
+
 def _check_guide_sweep(ns: Namespace, before: Namespace) -> None:
     # "[0.91, 0.95, ...], one per model"
     accs = ns["valid_metrics"]["acc"]
@@ -541,9 +557,10 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
     ("docs/guide.md", 7): (lambda ns: {}, _check_guide_fit),
     ("docs/guide.md", 8): (lambda ns: {}, _check_guide_callbacks),
     ("docs/guide.md", 9): (lambda ns: {}, _check_guide_checkpoints),
-    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_sweep),
+    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_custom_resume),
+    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
-    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_torchrun),
+    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_torchrun),
 }
 
 
@@ -704,8 +721,9 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("docs/guide.md", 7): 'out_dir="runs/x", run_name="x"',
     ("docs/guide.md", 8): "class ConfusionMatrix",
     ("docs/guide.md", 9): 'fl.save_model("model.pt", state, use_ema=True)',
-    ("docs/guide.md", 10): "fl.stack_states(states)",
-    ("docs/guide.md", 11): "LOCAL_RANK",
+    ("docs/guide.md", 10): "def train(epochs: int",
+    ("docs/guide.md", 11): "fl.stack_states(states)",
+    ("docs/guide.md", 12): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
 }
 
