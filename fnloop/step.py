@@ -424,10 +424,14 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     return metrics
 
 
-def _scalar_floats(metrics: Metrics) -> list[str]:
-    """The metrics an epoch mean averages that can be non-finite (one floating-point
-    element)."""
-    return [k for k, v in metrics.items() if v.numel() == 1 and v.is_floating_point()]
+def _scalar_floats(metrics: Metrics, device: torch.device) -> list[str]:
+    """The metrics on ``device`` that an epoch mean averages and that can be non-finite
+    (one floating-point element)."""
+    return [
+        k
+        for k, v in metrics.items()
+        if v.numel() == 1 and v.is_floating_point() and v.device == device
+    ]
 
 
 def _finite_flags(metrics: Metrics, names: list[str]) -> list[torch.Tensor]:
@@ -566,7 +570,7 @@ class TrainStep:
                     # all of its statistics (integer counters, never averaged, too).
                     finite = torch.isfinite(loss)
                     if distributed:
-                        names = _scalar_floats(metrics)
+                        names = _scalar_floats(metrics, loss.device)
                         flags = torch.stack([finite, *_finite_flags(metrics, names)])
                         flags = true_everywhere(flags)
                         finite = flags[0]
@@ -589,7 +593,7 @@ class TrainStep:
             # of several, those are each process's own, so they are averaged too.
             fallback = state.buffers if k > 1 and self.on_nonfinite == "skip" else None
             extra = {"loss": loss.detach().float()}
-            names = _scalar_floats(metrics) if self.on_nonfinite == "skip" else []
+            names = _scalar_floats(metrics, loss.device) if self.on_nonfinite == "skip" else []
             if names:  # in the same collective: which metrics are finite in every process
                 extra["finite"] = torch.stack(_finite_flags(metrics, names)).float()
             grads, buffers, fallback, mean = mean_grads_and_buffers(
