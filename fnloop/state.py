@@ -197,7 +197,8 @@ DONATED_MSG = (
     "this TrainState was donated to an earlier call of a train step made with donate=True: "
     "its tensors now hold a later state, so {what} would use the wrong values. Pass the "
     "state that call returned (or make the step without donate=True to keep every state "
-    "intact)."
+    "intact). fit trains with a donating step: a callback that keeps a state from an event "
+    "for later should keep state.clone()."
 )
 
 

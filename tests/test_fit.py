@@ -1376,3 +1376,33 @@ def test_a_compiled_dropout_step_meeting_a_smaller_batch_is_told_to_drop_last(tm
     assert "met a batch of another shape" in log and "drop_last=True" in log
     notes = getattr(error, "__notes__", ["drop_last=True"])  # Python 3.11+
     assert any("drop_last=True" in note for note in notes)
+
+
+def test_a_state_a_callback_kept_from_an_event_is_refused_after_later_steps():
+    """fit donates each state to the next step: a state kept from an epoch end held the
+    last epoch's weights by the end of the run (its state_dict() gave them silently).
+    Using it is an error that says to keep state.clone(); a clone keeps its epoch."""
+
+    class Keep(fl.callbacks.Callback):
+        def __init__(self):
+            self.kept, self.clones = [], []
+
+        def on_train_epoch_end(self, state, metrics):
+            self.kept.append(state)
+            self.clones.append(state.clone())
+
+    keep = Keep()
+    final = fl.fit(
+        make_state(),
+        classify,
+        loaders(valid=False),
+        max_epochs=3,
+        callbacks=keep,
+        progress=False,
+        log_to_console=False,
+    )
+    with pytest.raises(RuntimeError, match=r"callback that keeps a state .* state\.clone\(\)"):
+        keep.kept[0].state_dict()
+    assert [c.step for c in keep.clones] == [6, 12, 18]
+    assert not torch.equal(keep.clones[0].params["0.weight"], final.params["0.weight"])
+    assert torch.equal(keep.clones[-1].params["0.weight"], final.params["0.weight"])
