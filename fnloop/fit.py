@@ -841,7 +841,10 @@ class _Run:
             ckpt.save_checkpoint(path, state, fit=self.record(position, ranks))
             if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
                 path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
-            for old in _own_checkpoints(self.ckpt_dir)[self.keep :]:
+            # Only files of earlier steps make way: a newer one that the run did not resume
+            # from (damaged, skipped) must not push out the good checkpoints it writes.
+            earlier = [p for p in _own_checkpoints(self.ckpt_dir) if p.name <= path.name]
+            for old in earlier[self.keep :]:
                 old.unlink(missing_ok=True)
         barrier()  # no process reads the folder (a restart after a crash) while rank 0 writes
 

@@ -673,3 +673,24 @@ def test_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_file_times(
     assert_same(resumed, straight)
     kept = sorted(p.name for p in folder.glob("ckpt-*.pt"))
     assert kept[-1] == f"ckpt-{resumed.step:010d}-e.pt" and len(kept) == 3
+
+
+def test_a_damaged_newest_checkpoint_does_not_push_out_the_new_ones(tmp_path):
+    """The newest checkpoint is damaged, so the re-run starts from an older one (here:
+    none). The damaged file sorts first by its step: pruning counted it among the
+    ``keep_checkpoints`` newest and deleted every good checkpoint the re-run wrote."""
+    run(tmp_path, max_epochs=3, keep_checkpoints=1)
+    (newest,) = (tmp_path / "checkpoints").glob("ckpt-*.pt")
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(Crash):
+        run(tmp_path, max_epochs=3, keep_checkpoints=1, callbacks=[CrashAt(3, 2)])
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert kept == ["ckpt-0000000012-e.pt", newest.name]
+    log = (tmp_path / "run_training.log").read_text()
+    resumed = run(tmp_path, max_epochs=3, keep_checkpoints=1)
+    assert f"Resumed from {tmp_path / 'checkpoints' / kept[0]} (epoch 2," in (
+        tmp_path / "run_training.log"
+    ).read_text().removeprefix(log)
+    assert_same(resumed, run(tmp_path / "ref", max_epochs=3))
+    # The epoch that reached the damaged file's step replaced it.
+    assert [p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")] == [newest.name]
