@@ -668,6 +668,25 @@ def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
     return {"sums": sums, "counts": counts, "dropped": dropped}
 
 
+def _holds_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the state dict file ``path`` holds exactly ``weights`` (False when it is
+    missing or cannot be read)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, damaged, or not a state dict: write it afresh
+        return False
+    return (
+        isinstance(saved, dict)
+        and saved.keys() == weights.keys()
+        and all(
+            isinstance(saved[k], torch.Tensor)
+            and saved[k].dtype == w.dtype
+            and torch.equal(saved[k], w.detach().cpu())
+            for k, w in weights.items()
+        )
+    )
+
+
 def _default_callbacks(run_dir: Path) -> list[Callback]:
     from fnloop.callbacks.metrics_log import CSVLogger
 
@@ -1226,14 +1245,17 @@ class _Run:
         if self.run_dir is None or not self.main or self.best is None:
             return
         path = self.run_dir / BEST_MODEL
-        if not self.epochs_run and path.exists():  # a re-run of a finished job: as it was
-            return
         weights = self.best.state_dict or {}
         best_state = state.replace(
             params={k: weights[k] for k in state.params},
             buffers={k: weights.get(k, b) for k, b in state.buffers.items()},
             ema=None,
         )
+        # A re-run of a finished job leaves the file as it was; one that resumed from a
+        # later checkpoint than the fit that wrote it (a crash, then a lower max_epochs)
+        # writes the checkpoint's best.
+        if not self.epochs_run and _holds_weights(path, best_state.state_dict()):
+            return
         ckpt.save_model(path, best_state)
         self.logger.info(
             f"Best model ({self.monitor} {self.best.value:.4g} at epoch {self.best.epoch}) "

@@ -694,3 +694,29 @@ def test_a_damaged_newest_checkpoint_does_not_push_out_the_new_ones(tmp_path):
     assert_same(resumed, run(tmp_path / "ref", max_epochs=3))
     # The epoch that reached the damaged file's step replaced it.
     assert [p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")] == [newest.name]
+
+
+def test_a_run_that_trains_no_epoch_writes_the_best_of_a_later_checkpoint(tmp_path):
+    """best_model.pt of a finished fit, then a longer fit crashes after a better epoch's
+    checkpoint, and a re-run with the lower max_epochs trains nothing: it kept the first
+    fit's file (epoch 1), not the checkpoint's best (epoch 2), as a re-run of a finished
+    job does; and that one still leaves the file, and the log, as they were."""
+    valid = DataLoader(seeded_loader().dataset, batch_size=30)  # the training examples
+
+    def with_valid():
+        return {"train": seeded_loader(), "valid": valid}
+
+    ref = run(tmp_path / "ref", max_epochs=2, loader=with_valid)
+    losses = ref.history["valid"]["loss"]
+    assert losses[1] < losses[0]  # epoch 2 is the best one
+    out = tmp_path / "run"
+    run(out, max_epochs=1, loader=with_valid)
+    with pytest.raises(Crash):
+        run(out, max_epochs=4, loader=with_valid, callbacks=[CrashAt(3, 2)])
+    run(out, max_epochs=2, loader=with_valid)
+    got = torch.load(out / "best_model.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "best_model.pt", weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    log = (out / "run_training.log").read_text()
+    run(out, max_epochs=2, loader=with_valid)
+    assert "Best model" not in (out / "run_training.log").read_text().removeprefix(log)
