@@ -550,6 +550,11 @@ def fit(
                 f"early_stopping takes fl.EarlyStopping rules; got {rule!r}. Pass e.g. "
                 f"fl.EarlyStopping('valid/loss', patience=5) (mode='max' for accuracies)."
             )
+    if monitor is not None and not isinstance(monitor, str):
+        raise TypeError(
+            f"fit's monitor takes a metric name such as 'valid/loss' or 'train/acc'; got "
+            f"{monitor!r}."
+        )
     if monitor is None and len(stoppers) == 1:
         monitor = stoppers[0].monitor
     monitor = monitor or ("valid/loss" if valid_loader is not None else "train/loss")
@@ -592,6 +597,9 @@ def fit(
         raise ValueError(f"keep_checkpoints must be >= 1; got {keep_checkpoints}.")
     if progress != "auto" and not isinstance(progress, bool):
         raise TypeError(f"progress takes True, False or 'auto'; got {progress!r}.")
+    for arg, flag in [("resume", resume), ("log_to_console", log_to_console)]:
+        if not isinstance(flag, bool):  # resume="no" would resume
+            raise TypeError(f"fit's {arg} takes True or False; got {flag!r}.")
     if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\"):
         raise ValueError(
             f"run_name names the logger and the log file <run_name>_training.log in out_dir, "

@@ -891,6 +891,9 @@ class _Samples(torch.utils.data.Dataset):
             r"the valid loader is a dataset",
         ),
         ({"progress": "no"}, TypeError, r"progress takes True, False or 'auto'; got 'no'"),
+        ({"resume": "no"}, TypeError, r"resume takes True or False; got 'no'"),
+        ({"log_to_console": "no"}, TypeError, r"log_to_console takes True or False; got 'no'"),
+        ({"monitor": 3}, TypeError, r"monitor takes a metric name such as 'valid/loss'.*got 3"),
         ({"run_name": "a/b"}, ValueError, r"without path separators; got 'a/b'"),
         ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
         ({"callbacks": [fl.callbacks.CSVLogger]}, TypeError, r"pass an instance: CSVLogger"),
@@ -924,7 +927,7 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     state = make_state(tx=optim.adam(optim.reduce_on_plateau(1e-2)))
     args = {"max_epochs": 1, **args}
     with pytest.raises(error, match=match):
-        fl.fit(state, classify, log_to_console=False, **args)
+        fl.fit(state, classify, **{"log_to_console": False, **args})
     assert not (tmp_path / "run").exists()
 
 
