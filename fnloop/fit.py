@@ -361,6 +361,13 @@ def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | Non
 def _check_loader(loader: Iterable[Any], split: str) -> None:
     """Rejects what cannot give fit batches epoch after epoch, before anything runs."""
     data = torch.utils.data
+    if isinstance(loader, str | bytes):  # a file name: iterable, by characters
+        raise TypeError(
+            f"the {split} loader is a {type(loader).__name__} ({loader!r}), which fit would "
+            f"iterate character by character. Load the data and pass a DataLoader of it "
+            f"(DataLoader(dataset, batch_size=..., shuffle={split == 'train'})), or a list "
+            f"of batches."
+        )
     # A map-style dataset iterates by __getitem__: single samples, and forever when
     # __getitem__ never raises IndexError. (An IterableDataset, or a dataset class with an
     # __iter__ of its own, may yield batches.)

@@ -891,6 +891,12 @@ class _Samples(torch.utils.data.Dataset):
             r"the valid loader is a dataset",
         ),
         ({"progress": "no"}, TypeError, r"progress takes True, False or 'auto'; got 'no'"),
+        ({"loaders": "train.csv"}, TypeError, r"loader is a str \('train.csv'\), .* by character"),
+        (
+            {"loaders": {"train": loaders()["train"], "valid": b"valid.pt"}},
+            TypeError,
+            r"the valid loader is a bytes .*shuffle=False",
+        ),
         ({"resume": "no"}, TypeError, r"resume takes True or False; got 'no'"),
         ({"log_to_console": "no"}, TypeError, r"log_to_console takes True or False; got 'no'"),
         ({"monitor": 3}, TypeError, r"monitor takes a metric name such as 'valid/loss'.*got 3"),
