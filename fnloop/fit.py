@@ -172,30 +172,43 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _open_logger(run_name: str, out_dir: Path | None, console: bool) -> logging.Logger:
+def _open_logger(
+    run_name: str, out_dir: Path | None, console: bool
+) -> tuple[logging.Logger, Callable[[], None]]:
+    """The run's logger with fit's handlers added, and the function that removes and
+    closes them (handlers the user attached stay) and restores its ``propagate``."""
     logger = logging.getLogger(f"fnloop.run.{run_name}")
+    propagate = logger.propagate
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    added: list[logging.Handler] = []
     if not is_main_process():
-        logger.addHandler(logging.NullHandler())
-        return logger
-    if console:
-        handler: logging.Handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        added.append(logging.NullHandler())
+    else:
+        if console:
+            handler: logging.Handler = _TqdmHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            added.append(handler)
+        if out_dir is not None:
+            file_handler = logging.FileHandler(
+                out_dir / f"{run_name}_training.log", encoding="utf-8"
+            )
+            file_handler.setFormatter(
+                logging.Formatter("%(asctime)s - %(levelname)s - %(message)s")
+            )
+            added.append(file_handler)
+        if not logger.handlers and not added:  # not Python's last-resort handler
+            added.append(logging.NullHandler())
+    for handler in added:
         logger.addHandler(handler)
-    if out_dir is not None:
-        file_handler = logging.FileHandler(out_dir / f"{run_name}_training.log", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
-        logger.addHandler(file_handler)
-    if not logger.handlers:  # not Python's last-resort handler, which prints warnings
-        logger.addHandler(logging.NullHandler())
-    return logger
 
+    def close() -> None:
+        for handler in added:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.propagate = propagate
 
-def _close_logger(logger: logging.Logger) -> None:
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    return logger, close
 
 
 def _lr_text(rate: float) -> str:
@@ -625,7 +638,7 @@ def fit(
                 remove_temporaries(folder)
             # After the user's callbacks: the metrics they add to the history get logged too.
             user_callbacks = user_callbacks + _default_callbacks(run_dir)
-    logger = _open_logger(run_name, run_dir if main else None, log_to_console)
+    logger, close_logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
         run = _Run(
@@ -657,7 +670,7 @@ def fit(
             run.callbacks.teardown()  # writers, runs and profilers that on_fit_end would close
             raise
     finally:
-        _close_logger(logger)
+        close_logger()
 
 
 def _one_model(means: EpochMeans) -> dict[str, float]:

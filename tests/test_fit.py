@@ -497,6 +497,32 @@ def test_a_list_of_batches_is_a_train_loader():
     assert state.step == 2
 
 
+def test_fit_leaves_the_handlers_others_attached_to_its_logger(tmp_path):
+    """fit removed and closed every handler of fnloop.run.<run_name> when it ended (and
+    left propagate off): a handler the user attached got the first fit's lines only."""
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    logger = logging.getLogger("fnloop.run.kept")
+    mine = Keep()
+    logger.addHandler(mine)
+    try:
+        state = fl.fit(
+            make_state(), classify, loaders(), max_epochs=1, run_name="kept", log_to_console=False
+        )
+        assert logger.handlers == [mine] and logger.propagate
+        fl.fit(state, classify, loaders(), max_epochs=2, run_name="kept", log_to_console=False)
+        assert [line[:7] for line in mine.lines if line.startswith("[")] == ["[  1/1]", "[  2/2]"]
+    finally:
+        logger.removeHandler(mine)
+
+
 def test_run_folder_log_file_csv_and_best_model(tmp_path):
     state = fl.fit(
         make_state(ema_decay=0.9),
