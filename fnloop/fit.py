@@ -910,6 +910,15 @@ class _Run:
             self.logger.warning(f"Skipping damaged checkpoint {item.path}: {item.reason}")
         if found is None:
             return None, None
+        given = self.state
+        if given.step > found.state.step or given.epoch > found.state.epoch:
+            self.logger.warning(
+                f"fit got a state at epoch {given.epoch}, step {given.step}, beyond "
+                f"{found.path} (epoch {found.state.epoch}, step {found.state.step}), which "
+                f"it resumes from: the given state's further training is not used. To go on "
+                f"from the given state, pass resume=False (the folder's earlier files are "
+                f"set aside) or another out_dir."
+            )
         self.state = found.state
         rec = found.extra.get("fit", {})
         ranks = rec.get("ranks") or [rec]  # one process wrote its part at the top level

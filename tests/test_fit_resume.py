@@ -720,3 +720,19 @@ def test_a_run_that_trains_no_epoch_writes_the_best_of_a_later_checkpoint(tmp_pa
     log = (out / "run_training.log").read_text()
     run(out, max_epochs=2, loader=with_valid)
     assert "Best model" not in (out / "run_training.log").read_text().removeprefix(log)
+
+
+def test_a_state_beyond_the_checkpoint_it_is_resumed_over_is_warned_about(tmp_path):
+    """A state trained on elsewhere (no out_dir) and passed back with its old run folder:
+    fit resumed from the folder's older checkpoint and dropped the state's later epochs,
+    saying only "Resumed from"."""
+    state = run(tmp_path, max_epochs=1)
+    state = run(None, max_epochs=2, state=state)
+    assert run(tmp_path, max_epochs=2, state=state).step == state.step  # retrained epoch 2
+    log = (tmp_path / "run_training.log").read_text()
+    assert "fit got a state at epoch 2, step 12, beyond" in log
+    assert "ckpt-0000000006-e.pt (epoch 1, step 6), which it resumes from" in log
+    # A state at or behind the checkpoint (a fresh one, or the one fit returned) is not.
+    run(tmp_path, max_epochs=3)
+    run(tmp_path, max_epochs=4, state=run(tmp_path, max_epochs=3))
+    assert (tmp_path / "run_training.log").read_text().count("fit got a state at") == 1
