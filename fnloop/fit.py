@@ -500,7 +500,8 @@ def fit(
         (of the rules given now that are unchanged; a run that stopped early stays
         stopped unless they changed), and the random generators (global ones and the
         loaders' own). ``False`` starts over and moves the earlier checkpoints, best
-        model, ``metrics.csv`` and ``history.png`` to ``checkpoints/previous-<time>/``.
+        model, ``metrics.csv`` and ``history.png`` to ``checkpoints/previous-<time>/``,
+        as ``True`` does when the folder holds no checkpoint that loads.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
@@ -909,6 +910,10 @@ class _Run:
         for item in skipped:
             self.logger.warning(f"Skipping damaged checkpoint {item.path}: {item.reason}")
         if found is None:
+            # An earlier run's files with no checkpoint to go on from (all damaged, or
+            # deleted): this run starts over, and would overwrite its best model.
+            barrier()  # every process has read the folder before rank 0 changes it
+            self.set_aside_checkpoints("no usable checkpoint to resume from")
             return None, None
         given = self.state
         if given.step > found.state.step or given.epoch > found.state.epoch:
@@ -1009,7 +1014,7 @@ class _Run:
     def run(self, *, resume: bool) -> TrainState:
         given = self.state
         if not resume:
-            self.set_aside_checkpoints()
+            self.set_aside_checkpoints("resume=False")
         position, rng = self.restore() if resume else (None, None)
         if self.state.params and self.state.device.type == "meta":
             raise ValueError(
@@ -1081,11 +1086,12 @@ class _Run:
                 self.logger.warning(REPEATED_VALIDATION_MSG.format(n=repeated))
                 return
 
-    def set_aside_checkpoints(self) -> None:
+    def set_aside_checkpoints(self, why: str) -> None:
         """Starting over: an earlier run's checkpoints, best model, metrics.csv and plot go
         to a subfolder (kept, but neither pruned with this run's nor resumed from, and
         the new run's metrics.csv starts empty instead of dropping the earlier rows; for
-        a state with trained epochs it is copied, and keeps the rows of those epochs)."""
+        a state with trained epochs it is copied, and keeps the rows of those epochs).
+        ``why`` starts the log line that says where they went."""
         if self.ckpt_dir is None or not self.main:
             return
         old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
@@ -1107,7 +1113,7 @@ class _Run:
                     shutil.copy2(path, aside / path.name)
                 else:
                     path.rename(aside / path.name)
-            self.logger.info(f"resume=False: set the earlier run's files aside in {aside}")
+            self.logger.info(f"{why}: set the earlier run's files aside in {aside}")
 
     def resume_hint(self) -> str:
         if self.ckpt_dir is None:

@@ -676,24 +676,58 @@ def test_resume_takes_the_checkpoint_of_the_latest_step_whatever_the_file_times(
 
 
 def test_a_damaged_newest_checkpoint_does_not_push_out_the_new_ones(tmp_path):
-    """The newest checkpoint is damaged, so the re-run starts from an older one (here:
-    none). The damaged file sorts first by its step: pruning counted it among the
+    """The two newest checkpoints are damaged, so the re-run starts from an older one.
+    The damaged newest file sorts first by its step: pruning counted it among the
     ``keep_checkpoints`` newest and deleted every good checkpoint the re-run wrote."""
-    run(tmp_path, max_epochs=3, keep_checkpoints=1)
-    (newest,) = (tmp_path / "checkpoints").glob("ckpt-*.pt")
-    newest.write_bytes(newest.read_bytes()[:1000])
+    run(tmp_path, max_epochs=3, keep_checkpoints=3)
+    _, middle, newest = sorted((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    for path in (middle, newest):
+        path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(Crash):
         run(tmp_path, max_epochs=3, keep_checkpoints=1, callbacks=[CrashAt(3, 2)])
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
-    assert kept == ["ckpt-0000000012-e.pt", newest.name]
+    assert kept == [middle.name, newest.name]  # epoch 2's, written again, and the damaged
     log = (tmp_path / "run_training.log").read_text()
     resumed = run(tmp_path, max_epochs=3, keep_checkpoints=1)
-    assert f"Resumed from {tmp_path / 'checkpoints' / kept[0]} (epoch 2," in (
+    assert f"Resumed from {middle} (epoch 2," in (
         tmp_path / "run_training.log"
     ).read_text().removeprefix(log)
     assert_same(resumed, run(tmp_path / "ref", max_epochs=3))
     # The epoch that reached the damaged file's step replaced it.
     assert [p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")] == [newest.name]
+    assert not list((tmp_path / "checkpoints").glob("previous-*"))
+
+
+@pytest.mark.parametrize("lost", ["damaged", "deleted"])
+def test_a_folder_without_a_usable_checkpoint_keeps_the_earlier_best_model(tmp_path, lost):
+    """Every checkpoint damaged (or deleted to free space): the re-run starts over, and
+    it wrote its own best_model.pt over the earlier run's, and dropped its metrics rows.
+    They are set aside, as resume=False does."""
+    valid = DataLoader(seeded_loader().dataset, batch_size=30)
+    with_valid = lambda: {"train": seeded_loader(), "valid": valid}  # noqa: E731
+    run(tmp_path, max_epochs=2, loader=with_valid)
+    best = (tmp_path / "best_model.pt").read_bytes()
+    checkpoints = sorted((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    for path in checkpoints:
+        if lost == "damaged":
+            path.write_bytes(path.read_bytes()[:1000])
+        else:
+            path.unlink()
+    state = run(tmp_path, max_epochs=1, loader=with_valid)
+    assert state.epoch == 1
+    (aside,) = (tmp_path / "checkpoints").glob("previous-*")
+    assert (aside / "best_model.pt").read_bytes() == best
+    assert len((aside / "metrics.csv").read_text().splitlines()) == 1 + 2
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 1
+    kept = checkpoints if lost == "damaged" else []
+    assert sorted(p.name for p in aside.glob("ckpt-*.pt")) == [p.name for p in kept]
+    log = (tmp_path / "run_training.log").read_text()
+    assert (
+        f"no usable checkpoint to resume from: set the earlier run's files aside in {aside}" in log
+    )
+    # A folder that is new, or that this run fills, has nothing to set aside.
+    run(tmp_path, max_epochs=2, loader=with_valid)
+    assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 1
 
 
 def test_a_run_that_trains_no_epoch_writes_the_best_of_a_later_checkpoint(tmp_path):
