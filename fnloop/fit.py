@@ -38,6 +38,7 @@ from fnloop.distributed import (
 from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
+from fnloop.optim.transform import learning_rates
 from fnloop.state import TrainState, append_history, history_added, history_growth
 from fnloop.step import (
     EvalStep,
@@ -924,6 +925,16 @@ class _Run:
                 f"from the given state, pass resume=False (the folder's earlier files are "
                 f"set aside) or another out_dir."
             )
+        elif given.step > 0 and (given.step, given.epoch) == (found.state.step, found.state.epoch):
+            rates = [lr.tolist() for lr in learning_rates(given.opt_state)]
+            if rates != [lr.tolist() for lr in learning_rates(found.state.opt_state)]:
+                self.logger.warning(
+                    f"fit got a state whose learning rates ({rates}) differ from those of "
+                    f"{found.path}, at the same step, which it resumes from: the checkpoint's "
+                    f"are used. To train on with the given state's, pass resume=False (the "
+                    f"folder's earlier files are set aside), or set them in a callback's "
+                    f"on_fit_start (optim.with_learning_rates)."
+                )
         self.state = found.state
         rec = found.extra.get("fit", {})
         ranks = rec.get("ranks") or [rec]  # one process wrote its part at the top level
@@ -1034,6 +1045,12 @@ class _Run:
         self.warn_repeated_validation()
         self.warn_scores_minimized()
         state = self.callbacks("on_fit_start", self.state)
+        if state.opt_state is not self.state.opt_state:  # a callback set another rate, say
+            _log_lr_changes(
+                self.logger,
+                list(learning_rate_metrics(self.state.opt_state).values()),
+                list(learning_rate_metrics(state.opt_state).values()),
+            )
         if rng is not None and position is None:  # after on_fit_start, which may draw
             self.set_rng_state(rng)
         if self.stop_reason:

@@ -363,7 +363,7 @@ def _single_process_torchrun() -> dict[str, str]:
 
 #: Environment variables a block runs with (and the process group it leaves is destroyed).
 ENVIRONMENT: dict[tuple[str, int], Callable[[], dict[str, str]]] = {
-    ("docs/guide.md", 12): _single_process_torchrun,  # section 7, torchrun
+    ("docs/guide.md", 13): _single_process_torchrun,  # section 7, torchrun
 }
 
 #: Optional packages a block needs: it is skipped without them.
@@ -477,6 +477,27 @@ def _check_guide_checkpoints(ns: Namespace, before: Namespace) -> None:
         fl.load_model("model.safetensors", module)
 
 
+def _check_guide_lower_rate(ns: Namespace, before: Namespace) -> None:
+    # "after fit has loaded the checkpoint": a resumed run trains on at the new rate, and
+    # its checkpoint holds that rate
+    state, training_step, loaders = ns["DOC_FIT_ARGS"]()
+    fl.fit(state, training_step, loaders, max_epochs=1, out_dir="runs/lower", progress=False)
+    state = fl.fit(
+        state,
+        training_step,
+        loaders,
+        max_epochs=2,
+        out_dir="runs/lower",
+        callbacks=[ns["LowerRate"]()],
+        progress=False,
+    )
+    assert state.epoch == 2 and optim.learning_rates(state.opt_state)[0].item() == 1e-4
+    assert (
+        "Learning rate updated: 0.001000 → 0.000100"
+        in Path("runs/lower/run_training.log").read_text()
+    )
+
+
 def _check_guide_custom_resume(ns: Namespace, before: Namespace) -> None:
     # "stopped after an epoch and run again, it ends the same" (bit for bit)
     train = ns["train"]
@@ -557,10 +578,11 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
     ("docs/guide.md", 7): (lambda ns: {}, _check_guide_fit),
     ("docs/guide.md", 8): (lambda ns: {}, _check_guide_callbacks),
     ("docs/guide.md", 9): (lambda ns: {}, _check_guide_checkpoints),
-    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_custom_resume),
-    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_sweep),
+    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_lower_rate),
+    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_custom_resume),
+    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
-    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_torchrun),
+    ("docs/guide.md", 13): (lambda ns: {}, _check_guide_torchrun),
 }
 
 
@@ -721,9 +743,10 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("docs/guide.md", 7): 'out_dir="runs/x", run_name="x"',
     ("docs/guide.md", 8): "class ConfusionMatrix",
     ("docs/guide.md", 9): 'fl.save_model("model.pt", state, use_ema=True)',
-    ("docs/guide.md", 10): "def train(epochs: int",
-    ("docs/guide.md", 11): "fl.stack_states(states)",
-    ("docs/guide.md", 12): "LOCAL_RANK",
+    ("docs/guide.md", 10): "class LowerRate(",
+    ("docs/guide.md", 11): "def train(epochs: int",
+    ("docs/guide.md", 12): "fl.stack_states(states)",
+    ("docs/guide.md", 13): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
 }
 

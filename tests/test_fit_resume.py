@@ -770,3 +770,27 @@ def test_a_state_beyond_the_checkpoint_it_is_resumed_over_is_warned_about(tmp_pa
     run(tmp_path, max_epochs=3)
     run(tmp_path, max_epochs=4, state=run(tmp_path, max_epochs=3))
     assert (tmp_path / "run_training.log").read_text().count("fit got a state at") == 1
+
+
+def test_a_state_with_other_learning_rates_at_the_checkpoints_step_is_warned_about(tmp_path):
+    """The state a fit returned, given another rate and passed back with its run folder:
+    fit resumes from the checkpoint of that step, whose rate wins, and says so. A
+    callback's on_fit_start is where a resumed run takes another rate."""
+    state = run(tmp_path, max_epochs=1)
+    lower = state.replace(opt_state=optim.with_learning_rates(state.opt_state, 1e-3))
+    resumed = run(tmp_path, max_epochs=2, state=lower)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "fit got a state whose learning rates ([0.001]) differ from those of" in log
+    assert "ckpt-0000000006-e.pt, at the same step, which it resumes from" in log
+    assert optim.learning_rates(resumed.opt_state)[0].item() == 1e-2
+
+    class LowerRate(fl.callbacks.Callback):
+        def on_fit_start(self, state):
+            return state.replace(opt_state=optim.with_learning_rates(state.opt_state, 1e-3))
+
+    resumed = run(tmp_path, max_epochs=3, callbacks=[LowerRate()])
+    assert (resumed.step, optim.learning_rates(resumed.opt_state)[0].item()) == (18, 1e-3)
+    # A state at the checkpoint's step with the same rates, or a fresh one, is not warned of.
+    run(tmp_path, max_epochs=4, state=resumed)
+    run(tmp_path, max_epochs=4, state=make_state())
+    assert (tmp_path / "run_training.log").read_text().count("whose learning rates") == 1

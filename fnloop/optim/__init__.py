@@ -49,3 +49,4 @@ from fnloop.optim.transform import scale_by_adam as scale_by_adam
 from fnloop.optim.transform import scale_by_learning_rate as scale_by_learning_rate
 from fnloop.optim.transform import scale_by_rms as scale_by_rms
 from fnloop.optim.transform import trace as trace
+from fnloop.optim.transform import with_learning_rates as with_learning_rates

@@ -6,10 +6,11 @@ Each transformation is a state ``NamedTuple`` plus a factory returning a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias, TypedDict
 
 import optree
@@ -670,10 +671,87 @@ def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
     [0.001]
     """
 
-    def is_lr(node: Any) -> bool:
-        return isinstance(node, ScaleByLearningRateState | ReduceOnPlateauState)
+    return [n.lr for n in _rate_nodes(opt_state)[0] if _is_rate(n)]
 
+
+def _is_rate(node: Any) -> bool:
+    return isinstance(node, ScaleByLearningRateState | ReduceOnPlateauState)
+
+
+def _rate_nodes(opt_state: OptState) -> tuple[list[Any], Any]:
+    """The nodes of ``opt_state`` down to the learning-rate states, and its tree structure."""
     # optree sorts dict keys; a partition's groups are listed in the order it was given.
     with optree.dict_insertion_ordered(True, namespace=_tree.NAMESPACE):
-        nodes = optree.tree_leaves(opt_state, is_leaf=is_lr, namespace=_tree.NAMESPACE)
-    return [n.lr for n in nodes if is_lr(n)]
+        return optree.tree_flatten(opt_state, is_leaf=_is_rate, namespace=_tree.NAMESPACE)
+
+
+def with_learning_rates(
+    opt_state: OptState, rates: float | torch.Tensor | Sequence[float | torch.Tensor]
+) -> OptState:
+    """``opt_state`` with the learning rates the next update will use set to ``rates``.
+
+    The functional form of ``for g in opt.param_groups: g["lr"] = rate``: to go on with
+    another rate from a trained or resumed state, moments and update counts kept. A
+    constant rate stays at the new value, a ``reduce_on_plateau`` rate until its next
+    reduction; a schedule gives the rates after the next update from the update count
+    (change the schedule, ``tx``, to change those).
+
+    Args:
+      opt_state: an optimizer state (``state.opt_state``).
+      rates: one rate for every learning-rate transform, or one per transform in the
+        order :func:`learning_rates` lists them (one per ``partition`` group). For a
+        stacked state a rate may also be a 1-d tensor with an entry per model.
+
+    Returns:
+      The new optimizer state; ``opt_state`` is unchanged.
+
+    Raises:
+      ValueError: ``opt_state`` has no learning rate, ``rates`` has another length
+        than :func:`learning_rates`, or a rate is negative or of another shape.
+
+    >>> import torch
+    >>> from fnloop import optim
+    >>> opt_state = optim.adam(1e-3).init({"w": torch.zeros(1)})
+    >>> [float(lr) for lr in optim.learning_rates(optim.with_learning_rates(opt_state, 1e-4))]
+    [0.0001]
+    """
+    leaves, treedef = _rate_nodes(opt_state)
+    positions = [i for i, node in enumerate(leaves) if _is_rate(node)]
+    if not positions:
+        raise ValueError(
+            "with_learning_rates: this optimizer state holds no learning rate (an "
+            "optimizer such as optim.adamw(lr) has one; optim.learning_rates lists them)."
+        )
+    if isinstance(rates, Sequence) and not isinstance(rates, str):
+        values = list(rates)
+    else:
+        values = [rates] * len(positions)
+    if len(values) != len(positions):
+        raise ValueError(
+            f"with_learning_rates: the optimizer state has {len(positions)} learning rates "
+            f"(one per parameter group, as optim.learning_rates lists them); got "
+            f"{len(values)}. Pass one rate for all, or one per group."
+        )
+    leaves = list(leaves)
+    for i, value in zip(positions, values):
+        old = leaves[i].lr
+        if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor):
+            raise TypeError(
+                f"with_learning_rates takes numbers or tensors; got a {type(value).__name__}."
+            )
+        lr = torch.as_tensor(value, dtype=old.dtype, device=old.device)
+        if lr.shape not in (torch.Size(), old.shape):
+            raise ValueError(
+                f"with_learning_rates: a rate is a number or a 0-d tensor (a 1-d one with "
+                f"an entry per model for a stacked state of shape {tuple(old.shape)}); got "
+                f"shape {tuple(lr.shape)}."
+            )
+        check_non_negative("learning_rate", lr)
+        lr = lr.expand(old.shape).clone()
+        node = leaves[i]
+        leaves[i] = (
+            node._replace(lr=lr)
+            if isinstance(node, ScaleByLearningRateState)
+            else dataclasses.replace(node, lr=lr)
+        )
+    return optree.tree_unflatten(treedef, leaves)

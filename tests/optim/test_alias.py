@@ -301,6 +301,138 @@ def test_learning_rates_follow_the_schedule() -> None:
         _, state = tx.update(grads, state, params)
 
 
+CHANGE_AT = 20  # updates before the learning rate changes
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_with_learning_rates_matches_setting_torchs_param_groups(case: Case) -> None:
+    """Going on with another rate, moments kept: ``g["lr"] = ...`` on torch's groups."""
+    params, grads_seq = make_params(), make_grads()
+    tx = case.make(case.lr)
+
+    def ours() -> Iterator[dict[str, torch.Tensor]]:
+        state, ps = tx.init(params), params
+        for t, grads in enumerate(grads_seq):
+            if t == CHANGE_AT:
+                before = state
+                state = optim.with_learning_rates(state, 0.3 * case.lr)
+                assert [lr.item() for lr in optim.learning_rates(before)] == [case.lr]
+            updates, state = tx.update(grads, state, ps)
+            ps = optim.apply_updates(ps, updates)
+            yield ps
+        assert [lr.item() for lr in optim.learning_rates(state)] == [0.3 * case.lr]
+
+    def theirs() -> Iterator[dict[str, torch.Tensor]]:
+        ps = {name: torch.nn.Parameter(p.clone()) for name, p in params.items()}
+        opt = torch_twin(case, True)(list(ps.values()))
+        for t, grads in enumerate(grads_seq):
+            if t == CHANGE_AT:
+                for group in opt.param_groups:
+                    group["lr"] = 0.3 * case.lr
+            for name, p in ps.items():
+                p.grad = grads[name].clone()
+            opt.step()
+            yield {name: p.detach().clone() for name, p in ps.items()}
+
+    assert_same_trajectory(ours(), theirs())
+
+
+def test_with_learning_rates_sets_each_partition_group_as_torch_does() -> None:
+    params, grads_seq = make_params(), make_grads()
+    biases = ("fc.bias", "scale")
+    tx = optim.partition(
+        {"decay": optim.adamw(1e-2), "no_decay": optim.adamw(1e-2, weight_decay=0.0)},
+        lambda name: "no_decay" if name in biases else "decay",
+    )
+    state, ours = tx.init(params), params
+    ps = {name: torch.nn.Parameter(p.clone()) for name, p in params.items()}
+    opt = AdamW(
+        [
+            {"params": [p for n, p in ps.items() if n not in biases]},
+            {"params": [p for n, p in ps.items() if n in biases], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        foreach=True,
+    )
+    for t, grads in enumerate(grads_seq):
+        if t == CHANGE_AT:
+            state = optim.with_learning_rates(state, [3e-3, 5e-2])  # learning_rates' order
+            opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 3e-3, 5e-2
+        updates, state = tx.update(grads, state, ours)
+        ours = optim.apply_updates(ours, updates)
+        for name, p in ps.items():
+            p.grad = grads[name].clone()
+        opt.step()
+    for name, p in ps.items():
+        assert_close(ours[name], p.detach(), rtol=RTOL, atol=ATOL)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [3e-3, 5e-2]
+
+
+def test_with_learning_rates_under_a_plateau_is_reduced_from_the_new_rate() -> None:
+    """torch's ReduceLROnPlateau reduces the rate a param group holds, set by hand or not."""
+    params = make_params()
+    tx = optim.sgd(optim.reduce_on_plateau(0.1, factor=0.5, patience=0))
+    state = optim.with_learning_rates(tx.init(params), 0.04)
+    opt = SGD([torch.nn.Parameter(p.clone()) for p in params.values()], lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    opt.param_groups[0]["lr"] = 0.04
+    for metric in [1.0, 0.5, 0.7, 0.8, 0.4, 0.9]:
+        state = optim.observe_metric(state, metric)
+        plateau.step(metric)
+        assert optim.learning_rates(state)[0].item() == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-12
+        )
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.04 * 0.5**3)
+
+
+def test_with_learning_rates_under_a_schedule_sets_the_next_update_only() -> None:
+    params, grads_seq = make_params(), make_grads(steps=3)
+    tx = optim.adam(lambda t: 0.01 * 0.5**t)
+    state = optim.with_learning_rates(tx.init(params), 0.2)
+    updates, after = tx.update(grads_seq[0], state, params)
+    (expected,) = fnloop_trajectory(optim.adam(0.2), params, grads_seq[:1])
+    for name, value in optim.apply_updates(params, updates).items():
+        assert_close(value, expected[name], rtol=RTOL, atol=ATOL)
+    assert optim.learning_rates(after)[0].item() == pytest.approx(0.01 * 0.5, rel=1e-12)
+
+
+def test_with_learning_rates_of_a_stacked_state_takes_one_rate_per_model() -> None:
+    params = make_params()
+    stacked = stack([optim.adamw(lr).init(params) for lr in (1e-3, 2e-3, 4e-3)])
+    per_model = optim.with_learning_rates(stacked, torch.tensor([1.0, 2.0, 3.0]))
+    assert optim.learning_rates(per_model)[0].tolist() == [1.0, 2.0, 3.0]
+    assert optim.learning_rates(per_model)[0].dtype == F64
+    everyone = optim.with_learning_rates(stacked, 5e-4)
+    assert optim.learning_rates(everyone)[0].tolist() == [5e-4] * 3
+    assert optim.learning_rates(stacked)[0].tolist() == [1e-3, 2e-3, 4e-3]  # unchanged
+    with pytest.raises(ValueError, match=r"entry per model .* shape \(3,\)\); got shape \(2,\)"):
+        optim.with_learning_rates(stacked, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("rates", "error", "match"),
+    [
+        ([1e-3, 1e-3], ValueError, r"has 1 learning rates .* got 2\. Pass one rate for all"),
+        (-1e-3, ValueError, r"Invalid learning_rate: .* must be >= 0"),
+        (torch.ones(2), ValueError, r"a rate is a number or a 0-d tensor .* got shape \(2,\)"),
+        ("1e-3", TypeError, r"takes numbers or tensors; got a str"),
+        (True, TypeError, r"takes numbers or tensors; got a bool"),
+    ],
+    ids=["count", "negative", "shape", "str", "bool"],
+)
+def test_with_learning_rates_refuses_bad_rates(rates, error, match) -> None:
+    state = optim.adam(1e-3).init(make_params())
+    with pytest.raises(error, match=match):
+        optim.with_learning_rates(state, rates)
+    assert optim.learning_rates(state)[0].item() == 1e-3
+
+
+def test_with_learning_rates_needs_a_learning_rate_in_the_state() -> None:
+    state = optim.clip_by_global_norm(1.0).init(make_params())
+    with pytest.raises(ValueError, match="holds no learning rate"):
+        optim.with_learning_rates(state, 1e-3)
+
+
 # ----------------------------------------------------------------------------- purity
 
 
