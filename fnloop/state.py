@@ -225,6 +225,28 @@ def check_not_donated(state: TrainState, what: str) -> None:
         raise RuntimeError(DONATED_MSG.format(what=what))
 
 
+def check_ema(state: TrainState) -> None:
+    """Raises ``ValueError`` when ``ema`` and ``ema_decay`` disagree (one set by
+    ``replace`` without the other) or ``ema_decay`` lies outside ``[0, 1)``."""
+    decay = state.ema_decay
+    if (state.ema is None) == (decay is None) and (decay is None or 0.0 <= decay < 1.0):
+        return
+    if state.ema is None:
+        raise ValueError(
+            f"this TrainState has ema_decay={decay} but no EMA weights (state.ema is None): "
+            f"replace(ema_decay=...) does not make them. Start them from the current "
+            f"weights: state.replace(ema_decay={decay}, ema={{n: p.clone() for n, p in "
+            f"state.params.items()}}), or use TrainState.create(..., ema_decay=...)."
+        )
+    if decay is None:
+        raise ValueError(
+            "this TrainState holds EMA weights but has ema_decay=None: they would no longer "
+            "be updated while evaluation still used them. To stop keeping an EMA, drop the "
+            "weights too: state.replace(ema_decay=None, ema=None)."
+        )
+    raise ValueError(f"ema_decay must be in [0, 1); got {decay}.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainState:
     """The whole training state: weights, optimizer state, counters and history.

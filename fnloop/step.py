@@ -37,7 +37,7 @@ from fnloop.precision import (
     check_precision,
     warn_if_no_effect,
 )
-from fnloop.state import TrainState, check_not_donated, in_mode, mark_donated
+from fnloop.state import TrainState, check_ema, check_not_donated, in_mode, mark_donated
 from fnloop.typing import Batch, Metrics, Params
 
 StepFn = Callable[["BoundModel", Batch], Mapping[str, Any]]
@@ -527,6 +527,7 @@ class TrainStep:
             warn_if_no_effect(self.precision, state.params.get(first[0]))
         donate = self.donate and (compiling or not transformed)
         check_not_donated(state, "this train step")
+        check_ema(state)
         batch = to_device(batch, device)
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:

@@ -319,6 +319,40 @@ def test_ema_matches_averaged_model_and_eval_uses_it():
     torch.testing.assert_close(raw, F.cross_entropy(ref(x), y), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"ema_decay": 0.9}, r"ema_decay=0.9 but no EMA weights .* ema=\{n: p.clone\(\)"),
+        ({"ema_decay": None}, r"holds EMA weights but has ema_decay=None: .* ema=None\)"),
+        ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\); got 1.0"),
+    ],
+    ids=["decay-without-weights", "weights-without-decay", "decay-1"],
+)
+def test_a_state_whose_ema_and_ema_decay_disagree_is_refused(change, match):
+    """``replace`` sets one of the two: the EMA was silently not kept (no weights), or
+    its stale weights were evaluated (no decay)."""
+    ema_decay = 0.5 if change["ema_decay"] != 0.9 else None
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), ema_decay=ema_decay, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        fl.make_train_step(classify)(state.replace(**change), batches(1)[0])
+
+
+def test_an_ema_started_with_replace_matches_one_made_by_create():
+    """The recipe the error gives: EMA weights from the current ones, then trained."""
+    data = batches(4)
+    plain = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    made = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
+    started = plain.replace(ema_decay=0.9, ema={n: p.clone() for n, p in plain.params.items()})
+    step = fl.make_train_step(classify)
+    for b in data:
+        made, _ = step(made, b)
+        started, _ = step(started, b)
+    for name in made.ema:
+        assert torch.equal(started.ema[name], made.ema[name])
+    dropped = started.replace(ema_decay=None, ema=None)
+    assert step(dropped, data[0])[0].ema is None
+
+
 def test_the_device_is_chosen_automatically_and_batches_are_moved_to_it(monkeypatch):
     """REQUIREMENTS S13 (no test covered it): ``cuda`` when available, else ``cpu``; a
     state made without ``device`` lives there, and both steps move every tensor of a
