@@ -90,6 +90,13 @@ SPARSE_MSG = (
     "EmbeddingBag(sparse=True)); fnloop's optimizers take dense gradients. Build the "
     "module with sparse=False."
 )
+OPT_STATE_MSG = (
+    "state.opt_state was not made by state.tx ({diff}; the first tree is state.opt_state, "
+    "the second state.tx.init(state.params)): was tx replaced by another optimizer? Make "
+    "its state too, state.replace(tx=new_tx, opt_state=new_tx.init(state.params)) (the "
+    "optimizer starts afresh); to change only the learning rate, keep tx and use "
+    "optim.with_learning_rates."
+)
 RAISE_VMAP_MSG = (
     "on_nonfinite='raise' reads the loss on the host, which torch.func.vmap cannot do. "
     "Make the step with on_nonfinite='skip' (per model, no host sync) to train stacked "
@@ -424,6 +431,20 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     return metrics
 
 
+def _check_opt_state(state: TrainState) -> None:
+    """Raises ``ValueError`` when ``state.opt_state`` differs in structure from the state
+    ``state.tx`` makes (made on the ``meta`` device: no memory)."""
+    try:
+        made = state.tx.init(
+            {n: torch.empty_like(p, device="meta") for n, p in state.params.items()}
+        )
+    except Exception:  # an optimizer that cannot init on meta: its own errors will show
+        return
+    diff = _tree.first_difference(state.opt_state, made)
+    if diff is not None:
+        raise ValueError(OPT_STATE_MSG.format(diff=diff))
+
+
 def _scalar_floats(metrics: Metrics, device: torch.device) -> list[str]:
     """The metrics on ``device`` that an epoch mean averages and that can be non-finite
     (one floating-point element)."""
@@ -472,6 +493,10 @@ class TrainStep:
     )
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False
+    )
+    # The optimizers (their update functions) whose state this step has checked.
+    _known_tx: set[Callable[..., Any]] = dataclasses.field(
+        default_factory=set, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -528,6 +553,9 @@ class TrainStep:
         donate = self.donate and (compiling or not transformed)
         check_not_donated(state, "this train step")
         check_ema(state)
+        if not transformed and state.tx.update not in self._known_tx:
+            _check_opt_state(state)  # a replace(tx=...) without its opt_state
+            self._known_tx.add(state.tx.update)
         batch = to_device(batch, device)
         loss_scale = state.loss_scale
         if self.loss_scale is not None and loss_scale is None:

@@ -353,6 +353,47 @@ def test_an_ema_started_with_replace_matches_one_made_by_create():
     assert step(dropped, data[0])[0].ema is None
 
 
+@pytest.mark.parametrize(
+    "new_tx",
+    [
+        optim.sgd(0.1, momentum=0.9),
+        optim.adam(0.01),
+        optim.sgd(0.1),
+        optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(0.01)),
+    ],
+    ids=["sgd-momentum", "adam", "sgd", "clipped-adamw"],
+)
+def test_a_tx_replaced_without_its_opt_state_is_refused(new_tx):
+    """``state.replace(tx=...)`` alone kept AdamW's state: an AttributeError deep in the
+    optimizer, or (plain SGD) SGD silently trained at AdamW's stored rate."""
+    state = fl.TrainState.create(mlp(), tx=optim.adamw(0.01), device="cpu")
+    step = fl.make_train_step(classify)
+    with pytest.raises(ValueError, match=r"was not made by state\.tx.*new_tx\.init"):
+        step(state.replace(tx=new_tx), batches(1)[0])
+
+
+def test_a_tx_replaced_with_its_opt_state_trains_as_a_fresh_optimizer():
+    """The recipe the error gives matches a state created with the new optimizer; the same
+    optimizer at another rate keeps the stored rate (as torch's ``load_state_dict``)."""
+    data = batches(3)
+    step = fl.make_train_step(classify)
+    state = fl.TrainState.create(mlp(), tx=optim.adamw(0.01), device="cpu")
+    state, _ = step(state, data[0])
+    sgd = optim.sgd(0.1, momentum=0.9)
+    switched = state.replace(tx=sgd, opt_state=sgd.init(state.params))
+    module = mlp()
+    module.load_state_dict({**state.params, **state.buffers})
+    fresh = fl.TrainState.create(module, tx=sgd, device="cpu")
+    for b in data[1:]:
+        switched, _ = step(switched, b)
+        fresh, _ = step(fresh, b)
+    for name in fresh.params:
+        assert torch.equal(switched.params[name], fresh.params[name])
+
+    same_kind, _ = step(state.replace(tx=optim.adamw(0.5)), data[1])
+    assert optim.learning_rates(same_kind.opt_state) == [pytest.approx(0.01)]
+
+
 def test_the_device_is_chosen_automatically_and_batches_are_moved_to_it(monkeypatch):
     """REQUIREMENTS S13 (no test covered it): ``cuda`` when available, else ``cpu``; a
     state made without ``device`` lives there, and both steps move every tensor of a
