@@ -57,6 +57,48 @@ def test_loss_scale_follows_grad_scaler_with_any_factors(
         ), f"update {i}"
 
 
+def test_loss_scale_defaults_are_grad_scalers():
+    """DynamicLossScale() (what precision="fp16" uses) follows GradScaler() as made with
+    no arguments: the same initial scale, factors and growth interval."""
+    scaler = torch.amp.GradScaler("cpu")
+    rules = fl.DynamicLossScale()
+    assert (
+        rules.init_scale,
+        rules.growth_factor,
+        rules.backoff_factor,
+        rules.growth_interval,
+    ) == (
+        scaler.get_scale(),
+        scaler.get_growth_factor(),
+        scaler.get_backoff_factor(),
+        scaler.get_growth_interval(),
+    )
+
+
+def test_a_scale_that_would_grow_to_inf_stays_put_as_grad_scalers():
+    """GradScaler keeps the scale when growing it would overflow float32 (and restarts the
+    growth count): near float32's largest value the scale must not become inf, which
+    would skip every later fp16 step."""
+    init = 2.0**127
+    module = nn.Linear(1, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init, growth_interval=1)
+    rules = fl.DynamicLossScale(init_scale=init, growth_interval=1)
+    state = rules.init(torch.device("cpu"))
+    for overflow in [False, False, True, False, False]:
+        opt.zero_grad()
+        loss = module(torch.ones(1, 1)).sum() * (float("inf") if overflow else 1e-38)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        state = rules.update(state, torch.tensor(overflow))
+        assert math.isfinite(float(state.scale))
+        assert (float(state.scale), int(state.growth_tracker)) == (
+            scaler.get_scale(),
+            int(scaler._growth_tracker),
+        )
+
+
 @pytest.mark.parametrize("init_scale", [1e39, 1e-46])
 def test_an_init_scale_float32_cannot_hold_is_refused(init_scale):
     """The scale is kept in float32: 1e39 would become inf (every fp16 step skipped, the

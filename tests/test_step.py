@@ -895,6 +895,8 @@ def test_bad_options():
         ({"growth_factor": float("nan")}, "growth_factor must be finite and > 1"),
         ({"growth_factor": 1.0}, "growth_factor must be finite and > 1"),
         ({"backoff_factor": float("nan")}, "backoff_factor"),
+        ({"backoff_factor": 1.0}, r"backoff_factor must be in \(0, 1\)"),
+        ({"backoff_factor": 0.0}, r"backoff_factor must be in \(0, 1\)"),
         ({"growth_interval": 2.5}, "growth_interval must be an integer >= 1"),
         ({"growth_interval": True}, "growth_interval must be an integer >= 1"),
         ({"growth_interval": 0}, "growth_interval must be an integer >= 1"),
