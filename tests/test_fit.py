@@ -142,6 +142,8 @@ def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
         ({"target": float("nan")}, ValueError, r"target must be finite; got nan"),
         ({"target": "high"}, TypeError, r"target takes a number; got 'high'"),
         ({"monitor": None}, TypeError, r"monitor takes a metric name"),
+        ({"patience": -1}, ValueError, r"patience must be >= 0; got -1"),
+        ({"min_delta": -0.1}, ValueError, r"min_delta must be >= 0; got -0\.1"),
     ],
 )
 def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
