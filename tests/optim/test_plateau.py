@@ -305,6 +305,33 @@ def test_a_metric_of_another_shape_than_the_plateau_state_is_a_clear_error() -> 
     assert lrs.tolist() == [0.05, 0.05, 0.1]
 
 
+def test_plateau_defaults_are_reduce_lr_on_plateaus() -> None:
+    """reduce_on_plateau(lr) with no other argument decides as ReduceLROnPlateau(opt) does:
+    the same mode, factor, patience, threshold, cooldown, min_lr and eps."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    ours = optim.reduce_on_plateau(0.1)
+    assert (
+        ours.mode,
+        ours.factor,
+        ours.patience,
+        ours.threshold,
+        ours.threshold_mode,
+        ours.cooldown,
+        ours.min_lr,
+        ours.eps,
+    ) == (
+        theirs.mode,
+        theirs.factor,
+        theirs.patience,
+        theirs.threshold,
+        theirs.threshold_mode,
+        theirs.cooldown,
+        theirs.min_lrs[0],
+        theirs.eps,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
