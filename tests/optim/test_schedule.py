@@ -391,6 +391,43 @@ def test_onecycle_stays_at_final_lr_after_total_steps() -> None:
     assert schedule(f64(1000.0)).item() == final
 
 
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_onecycle_takes_the_phase_that_ends_at_a_boundary_step_as_torch(three_phase) -> None:
+    """At a phase's last step torch's OneCycleLR takes the phase that ends there, whose
+    cosine reaches its end rate exactly; the next phase's start, min + (max - min), is
+    another float for these rates (3.0000000000000003e-4). Both paths must equal torch."""
+    kwargs = dict(total_steps=100, div_factor=10.0, final_div_factor=3.0, three_phase=three_phase)
+    schedule = optim.onecycle_schedule(3e-4, **kwargs)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4)
+    scheduler = lr_scheduler.OneCycleLR(opt, max_lr=3e-4, **kwargs)
+    theirs = []
+    for _ in range(60):
+        theirs.append(scheduler.get_last_lr()[0])
+        opt.step()
+        scheduler.step()
+    boundaries = [29, 58] if three_phase else [29]
+    for t in boundaries:
+        assert schedule(t) == theirs[t], t
+        assert schedule(f64(t)).item() == theirs[t], t
+    assert theirs[29] == 3e-4
+
+
+def test_join_schedules_never_gives_a_later_schedule_a_negative_step() -> None:
+    """Each schedule after the first starts from its own step 0; on the tensor path, which
+    computes every schedule at every step, the ones not yet in charge get step 0, not a
+    negative one (a table lookup, rates[step.long()], would index from the end)."""
+    seen = []
+
+    def spy(step: torch.Tensor) -> torch.Tensor:
+        seen.append(step.item())
+        return step * 0.0 + 0.01
+
+    schedule = optim.join_schedules([optim.constant_schedule(0.1), spy], boundaries=[5])
+    values = [schedule(f64(t)).item() for t in range(8)]
+    assert values == [0.1] * 5 + [0.01] * 3
+    assert seen == [0.0] * 6 + [1.0, 2.0]
+
+
 # --------------------------------------------------------------------------- tensor path
 
 
