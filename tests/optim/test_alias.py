@@ -991,6 +991,11 @@ def test_a_learning_rate_tensor_of_several_numbers_is_refused() -> None:
         optim.adam(torch.tensor([0.1, 0.2]))
 
 
-def test_trace_refuses_nesterov_with_dampening() -> None:
+@pytest.mark.parametrize(("momentum", "dampening"), [(0.9, 0.5), (0.0, 0.0)])
+def test_trace_refuses_nesterov_with_dampening_or_without_momentum(
+    momentum: float, dampening: float
+) -> None:
+    """As torch.optim.SGD: Nesterov needs a momentum and no dampening (trace itself too,
+    not only sgd, which checks before it builds the chain)."""
     with pytest.raises(ValueError, match=r"(?i)nesterov"):
-        optim.trace(0.9, dampening=0.5, nesterov=True)
+        optim.trace(momentum, dampening=dampening, nesterov=True)
