@@ -569,6 +569,31 @@ def test_vmap_learning_rate_sweep_with_shared_grads(case: Case) -> None:
             assert_close(value, expected[name], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.torch_cls in (Adam, AdamW, SGD)], ids=lambda c: c.id
+)
+def test_apply_under_vmap_matches_torch_per_model(case: Case) -> None:
+    """Under vmap, apply_ can run neither torch's fused kernels nor its foreach ops: Adam
+    and AdamW take their sync-free path of 0-d tensors, which must still be torch's step
+    for each model, weight decay included (only the fused and foreach paths of apply_
+    were compared with torch)."""
+    lrs = [case.lr, 2 * case.lr, 0.5 * case.lr]
+    params = [make_params(seed=10 + i) for i in range(N_MODELS)]
+    grads = [make_grads(VMAP_STEPS, seed=20 + i) for i in range(N_MODELS)]
+    tx = case.make(lrs[0])
+    assert tx.apply_ is not None
+    step = torch.func.vmap(lambda g, s, p: tx.apply_(g, s, p))
+    s_params = stack(params)
+    s_states = stack([case.make(lr).init(p) for lr, p in zip(lrs, params, strict=True)])
+    for t in range(VMAP_STEPS):
+        s_params, s_states = step(stack([g[t] for g in grads]), s_states, s_params)
+    for i, lr in enumerate(lrs):
+        twin = lambda ps, lr=lr: case.torch_cls(ps, lr=lr, foreach=False, **case.torch_kwargs)  # noqa: E731
+        *_, expected = torch_trajectory(twin, params[i], grads[i])
+        for name, value in unstack(s_params, i).items():
+            assert_close(value, expected[name], rtol=RTOL, atol=ATOL)
+
+
 def test_vmap_schedule() -> None:
     tx = optim.adam(lambda t: 0.01 * 0.9**t)
     params = [make_params(seed=i) for i in range(N_MODELS)]
