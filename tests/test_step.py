@@ -460,6 +460,7 @@ def test_skip_nonfinite_leaves_state_unchanged_and_counts():
     [
         "nan-in-an-earlier-micro-batch",
         "nan-loss-finite-gradients-in-an-earlier-micro-batch",
+        "nan-loss-finite-gradients",
         "finite-loss-nan-gradient",
     ],
 )
@@ -479,6 +480,11 @@ def test_skip_checks_the_gradients_too(case):
         assert torch.isnan(metrics["loss"])
         new, metrics = step(mid, (x, y))
         assert torch.isfinite(metrics["loss"])
+    elif case == "nan-loss-finite-gradients":
+        # The same without accumulation: finite (zero) gradients do not make the update.
+        step = fl.make_train_step(classify, on_nonfinite="skip")
+        new, metrics = step(state, (x, torch.full_like(y, -100)))
+        assert torch.isnan(metrics["loss"])
     else:
         # sqrt has an infinite derivative at 0: loss 0, gradient NaN (inf * 0).
         step = fl.make_train_step(
