@@ -2088,7 +2088,7 @@ def test_a_step_without_fp16_leaves_the_states_loss_scale_alone():
 def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how, dtype):
     """Skipped updates are not updates: like AveragedModel updated after each applied
     optimizer step, the first applied one sets the average to the weights; then the same
-    lerp, bit for bit, in every dtype."""
+    lerp, bit for bit, in every dtype, and a later skipped update leaves it alone."""
     data = batches(5, dtype=dtype)
     bad = (torch.full_like(data[0][0], float("nan")), data[0][1])
     state = fl.TrainState.create(mlp(dtype=dtype), tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
@@ -2099,7 +2099,7 @@ def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how, dtype):
         state = fl.stack_states([state, state])
         step = torch.func.vmap(step, in_dims=(0, None), randomness="different")
     reference = None  # what AveragedModel(get_ema_multi_avg_fn(0.9)) holds
-    for b in [bad, bad, *data[2:]]:
+    for b in [bad, bad, data[2], data[3], bad, data[4]]:
         state, _ = step(state, b)
         one = fl.unstack_states(state)[1] if how == "vmap" else state
         if b is bad:
@@ -2111,7 +2111,7 @@ def test_ema_starts_at_the_first_applied_update_after_skipped_ones(how, dtype):
             torch._foreach_lerp_(reference, params, 1 - 0.9)
         for name, expected in zip(one.params, reference):
             assert torch.equal(one.ema[name], expected), name
-    assert int(one.skipped_steps) == 2 and one.step == 5
+    assert int(one.skipped_steps) == 3 and one.step == 6
     if dtype == torch.float64 and how != "vmap":  # and the weights are a torch loop's
         ref, _, _ = hand_loop(mlp(dtype=dtype), data[2:], lambda p: torch.optim.SGD(p, 0.1))
         assert_state_matches(one, ref, rtol=1e-12, atol=1e-14)
