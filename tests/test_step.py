@@ -639,6 +639,25 @@ def test_autocast_precision_runs(precision):
     assert torch.isfinite(metrics["loss"])
 
 
+def test_a_low_precision_or_one_element_loss_is_reported_0d_and_at_least_float32():
+    """The loss metric of a train and an eval step is 0-d and upcast from bf16 (as
+    loss.float() in a hand loop: the epoch means then add float32 values), however the
+    step returned it; a float64 loss stays float64."""
+    state = fl.TrainState.create(mlp(dtype=torch.float32), tx=optim.sgd(0.1), device="cpu")
+    x, _ = batches(1, dtype=torch.float32)[0]
+
+    def low(model, x):  # under bf16 autocast, the mean of a Linear's output is bf16
+        return {"loss": model(x).mean().reshape(1)}
+
+    _, metrics = fl.make_train_step(low, precision="bf16")(state, x)
+    assert (metrics["loss"].dtype, metrics["loss"].shape) == (torch.float32, ())
+    metrics = fl.make_eval_step(low, precision="bf16")(state, x)
+    assert (metrics["loss"].dtype, metrics["loss"].shape) == (torch.float32, ())
+    double = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    metrics = fl.make_eval_step(low)(double, x.double())
+    assert (metrics["loss"].dtype, metrics["loss"].shape) == (torch.float64, ())
+
+
 class Pair(NamedTuple):
     x: torch.Tensor
     y: torch.Tensor
