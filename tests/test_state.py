@@ -388,6 +388,15 @@ def test_ema_starts_as_a_copy_of_the_params(module: Net) -> None:
         assert state.ema[name].data_ptr() != p.data_ptr()
 
 
+def test_a_new_state_has_no_skipped_steps_counted_in_int64(module: Net) -> None:
+    """The skip counter is a 0-d int64 tensor (like torch's step counts, and the dtype
+    checkpoints of earlier runs hold), on the state's device, starting at zero."""
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    skipped = state.skipped_steps
+    assert (skipped.dtype, skipped.shape, skipped.device.type) == (torch.int64, (), "cpu")
+    assert int(skipped) == 0 and (state.step, state.micro_step, state.epoch) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("not_a_module", [{"w": torch.zeros(1)}, nn.Linear, "resnet"])
 def test_create_rejects_a_non_module(not_a_module: object) -> None:
     with pytest.raises(TypeError, match=r"nn\.Module"):
