@@ -1220,11 +1220,14 @@ def test_donating_step_matches_pure_step_and_reuses_memory(tx_fn, ema):
     donated = fl._tree.tree_map(torch.clone, pure_state)
     pure, donating = fl.make_train_step(classify), fl.make_train_step(classify, donate=True)
     ptrs = {n: p.data_ptr() for n, p in donated.params.items()}
+    ema_ptrs = {n: e.data_ptr() for n, e in (donated.ema or {}).items()}
     for b in data:
         pure_state, m1 = pure(pure_state, b)
         donated, m2 = donating(donated, b)
         torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-12, atol=1e-14)
     assert {n: p.data_ptr() for n, p in donated.params.items()} == ptrs
+    # The EMA too, from the first step (which sets it to the weights) on.
+    assert {n: e.data_ptr() for n, e in (donated.ema or {}).items()} == ema_ptrs
     for a, b in zip(fl._tree.tree_leaves(pure_state), fl._tree.tree_leaves(donated)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
