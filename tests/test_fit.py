@@ -144,6 +144,8 @@ def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
         ({"monitor": None}, TypeError, r"monitor takes a metric name"),
         ({"patience": -1}, ValueError, r"patience must be >= 0; got -1"),
         ({"min_delta": -0.1}, ValueError, r"min_delta must be >= 0; got -0\.1"),
+        ({"mode": "avg"}, ValueError, r"mode must be 'min' or 'max'; got 'avg'"),
+        ({"monitor": "loss"}, ValueError, r"'train/loss' or 'valid/loss'"),
     ],
 )
 def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
