@@ -885,6 +885,25 @@ def test_fused_apply_is_bit_identical_to_torch(
 
 
 @pytest.mark.parametrize(
+    "case", [c for c in FUSED_CASES if c.torch_cls is not SGD], ids=lambda c: c.id
+)
+def test_foreach_apply_with_a_rate_tensor_matches_torch(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch's fused kernels cannot run (other devices, mixed dtypes; forced here),
+    Adam(W)'s apply_ with a learning-rate tensor (a schedule's, a plateau's) folds
+    -lr / bc1 into the denominator on the device: still torch's step (the foreach path
+    was compared with torch for number rates only)."""
+    monkeypatch.setattr(_foreach, "_fusable", lambda *lists: False)
+    params, grads = make_params(), make_grads()
+    tx = case.make(torch.tensor(case.lr, dtype=F64))
+    assert_same_trajectory(
+        apply_trajectory(tx, params, grads),
+        torch_trajectory(torch_twin(case, True), params, grads),
+    )
+
+
+@pytest.mark.parametrize(
     ("rate", "distinct"),
     [
         pytest.param(lambda: optim.cosine_schedule(0.05, 30), 12, id="schedule"),
