@@ -347,3 +347,27 @@ def test_epoch_means_leave_out_the_steps_a_skipping_step_skipped(stacked):
     assert int(skipped.skipped_steps.sum()) == (2 if stacked else 1)
     for name in state.params:
         assert torch.equal(skipped.params[name], clean.params[name])
+
+
+@pytest.mark.parametrize(("batches", "start_batch", "trained"), [(3, 2, 1), (2, 2, 0), (2, 3, 0)])
+def test_train_epoch_calls_after_skip_once_whether_or_not_batches_are_left(
+    batches, start_batch, trained
+):
+    """Resuming mid-epoch, after_skip (fit restores the random generators there) runs once
+    after the skipped batches were loaded, also when the loader has no more batches than
+    that now (a shorter dataset on resume), so the generators are restored all the same."""
+    state = fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda m, x: {"loss": (m(x) ** 2).mean()})
+    events = []
+
+    def loader():
+        for i in range(batches):
+            events.append(f"load {i}")
+            yield torch.ones(4, 2)
+
+    state, _ = fl.train_epoch(
+        state, step, loader(), start_batch=start_batch, after_skip=lambda: events.append("skip")
+    )
+    assert events.count("skip") == 1
+    assert events.index("skip") == min(start_batch, batches)  # after the skipped batches
+    assert state.step == trained
