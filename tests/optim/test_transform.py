@@ -75,6 +75,19 @@ def test_clip_matches_clip_grad_value_(max_value, foreach) -> None:
         assert ours[name].abs().max() <= max_value
 
 
+@pytest.mark.parametrize("max_value", [0.0, 0.05, 0.5, 10.0])
+def test_clip_in_place_matches_clip_grad_value_(max_value) -> None:
+    """The in-place update_ (what a fused apply_ of a chain runs) clamps both sides too."""
+    grads = {n: 2 * g for n, g in make_tree(1).items()}
+    theirs = torch_clipped(
+        grads, lambda ps: torch.nn.utils.clip_grad_value_(ps, max_value, foreach=True)
+    )
+    tx = optim.clip(max_value)
+    ours, _ = tx.update_({n: g.clone() for n, g in grads.items()}, tx.init(grads), None)
+    for name in grads:
+        assert torch.equal(ours[name], theirs[name])
+
+
 @pytest.mark.parametrize("tx", [optim.clip_by_global_norm(1.0), optim.clip(0.5)])
 def test_clipping_does_not_change_its_input(tx) -> None:
     grads = {n: 5 * g for n, g in make_tree(2).items()}
