@@ -371,3 +371,15 @@ def test_train_epoch_calls_after_skip_once_whether_or_not_batches_are_left(
     assert events.count("skip") == 1
     assert events.index("skip") == min(start_batch, batches)  # after the skipped batches
     assert state.step == trained
+
+
+def test_an_empty_loader_is_a_clear_error_in_train_and_validate_epoch():
+    """A loader that yields nothing (a dataset smaller than one batch with drop_last)
+    would give empty means; both epochs say which loader and what to check instead."""
+    state = fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda m, x: {"loss": (m(x) ** 2).mean()})
+    with pytest.raises(ValueError, match=r"the train loader yielded no batches.*drop_last"):
+        fl.train_epoch(state, step, [])
+    eval_step = fl.make_eval_step(lambda m, x: {"loss": (m(x) ** 2).mean()})
+    with pytest.raises(ValueError, match=r"the valid loader yielded no batches.*drop_last"):
+        fl.validate_epoch(state, eval_step, [])
