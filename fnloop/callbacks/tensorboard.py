@@ -34,9 +34,7 @@ def _summary_writer_class() -> Any:
     return SummaryWriter
 
 
-def _host_scalars(
-    outputs: Mapping[str, Any], rates: Mapping[str, Any] | None = None
-) -> dict[str, float]:
+def _host_scalars(outputs: Mapping[str, Any], rates: Mapping[str, Any]) -> dict[str, float]:
     """The 0-d tensors and numbers of ``outputs``, then the learning ``rates`` whose name
     no output has (a stacked state's per-model rates as ``name/0``, ``name/1``, ...), as
     floats: one host sync per device for all of them."""
@@ -50,7 +48,7 @@ def _host_scalars(
             values[key] = float(value)
     shown = {k for items in by_device.values() for k, _ in items} | set(values)
     names = [k for k in outputs if k in shown]
-    for key, rate in (rates or {}).items():
+    for key, rate in rates.items():
         if key in shown:  # an output keeps its name
             continue
         rate = torch.as_tensor(rate)
@@ -109,14 +107,14 @@ def _drop_scalars_after(
         records = list(RawEventFileLoader(str(path)).Load())
         read = sum(len(r) + 16 for r in records)  # length, 2 checksums: 16 bytes a record
         size = path.stat().st_size
-        if read < size and not _torn_last_record(path, read, size):
+        if read < size and not _torn_last_record(path, read):
             continue  # damaged in the middle: not ours to cut short
         kept = [r for r in records if not beyond(event_pb2.Event.FromString(r))]
         if len(kept) < len(records) or read < size:
             atomic_write_file(path, functools.partial(_write_records, records=kept))
 
 
-def _torn_last_record(path: Path, offset: int, size: int) -> bool:
+def _torn_last_record(path: Path, offset: int) -> bool:
     """Whether the bytes after ``offset`` are the beginning of one record (a write that a
     crash cut short, or the zeros a power loss leaves) rather than more records after a
     damaged one."""
