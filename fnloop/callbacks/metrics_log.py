@@ -57,6 +57,11 @@ def _scalar_items(key: str, value: Any, owner: str = "EpochLogger") -> dict[str,
     return {f"{key}/{i}": float(v) for i, v in enumerate(values)}
 
 
+def lr_names(count: int) -> list[str]:
+    """``lr`` for one learning rate, ``lr_0``, ``lr_1``, ... for several parameter groups."""
+    return ["lr"] if count == 1 else [f"lr_{i}" for i in range(count)]
+
+
 def learning_rate_metrics(opt_state: Any) -> dict[str, float]:
     """The learning rates of ``opt_state`` keyed as ``fit`` logs them.
 
@@ -68,10 +73,9 @@ def learning_rate_metrics(opt_state: Any) -> dict[str, float]:
     {'train/lr': 0.1}
     """
     lrs = learning_rates(opt_state)
-    names = ["train/lr"] if len(lrs) == 1 else [f"train/lr_{i}" for i in range(len(lrs))]
     out: dict[str, float] = {}
-    for name, lr in zip(names, lrs):
-        out.update(_scalar_items(name, lr))
+    for name, lr in zip(lr_names(len(lrs)), lrs):
+        out.update(_scalar_items(f"train/{name}", lr))
     return out
 
 

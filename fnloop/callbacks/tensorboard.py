@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from fnloop._io import atomic_write_file
-from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.callbacks.metrics_log import EpochLogger, lr_names
 from fnloop.optim.transform import learning_rates
 from fnloop.typing import Batch
 
@@ -219,7 +219,6 @@ class TensorBoard(EpochLogger):
         if self.writer is None or n is None or state.step % n != 0 or state.micro_step:
             return
         lrs = learning_rates(state.opt_state)  # 0-d tensors on the device: read with outputs
-        names = ["lr"] if len(lrs) == 1 else [f"lr_{i}" for i in range(len(lrs))]
-        scalars = _host_scalars(outputs, dict(zip(names, lrs)))
+        scalars = _host_scalars(outputs, dict(zip(lr_names(len(lrs)), lrs)))
         for key, value in scalars.items():
             self.writer.add_scalar(f"train_step/{key}", value, global_step=state.step)
