@@ -83,7 +83,6 @@ class Profiler(Callback):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             activities = self.activities if self.activities is not None else _default_activities()
             self._prof = torch.profiler.profile(activities=activities, record_shapes=False)
-            self._batches = 0
             self._prof.start()
         self._close_batch_range()
         self._batch_range = torch.profiler.record_function(f"train_batch#{self._batches}")
