@@ -409,14 +409,27 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
         )
 
 
+def _samplers(loader: Iterable[Any] | None) -> list[Any]:
+    """The loader's sampler, its batch sampler and the sampler inside that
+    (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(...), ...))``), each once."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    found: list[Any] = []
+    for obj in (
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    ):
+        if obj is not None and not any(obj is seen for seen in found):
+            found.append(obj)
+    return found
+
+
 def _loader_generators(*loaders: Iterable[Any] | None) -> list[torch.Generator]:
     """The generators the loaders own (``DataLoader(generator=...)``, a sampler's), which
     draw their shuffle order and worker seeds: fit checkpoints them with the global ones."""
     found: list[torch.Generator] = []
     for loader in loaders:
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for obj in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        for obj in (loader, *_samplers(loader)):
             g = getattr(obj, "generator", None)
             if isinstance(g, torch.Generator) and not any(g is h for h in found):
                 found.append(g)
@@ -432,16 +445,11 @@ def _own_checkpoints(folder: Path) -> list[Path]:
 
 
 def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
-    """Calls ``set_epoch`` on the loader's samplers, also on the sampler inside a batch
-    sampler (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(...), ...))``)."""
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    done: list[Any] = []
-    for obj in (sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
-        set_epoch = getattr(obj, "set_epoch", None)
-        if callable(set_epoch) and not any(obj is seen for seen in done):
+    """Calls ``set_epoch`` on the loader's samplers (see :func:`_samplers`)."""
+    for sampler in _samplers(loader):
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
             set_epoch(epoch)
-            done.append(obj)
 
 
 def fit(
