@@ -972,31 +972,9 @@ class _Run:
             )
         self.logger.info(f"Resumed from {found.path} ({where})")  # before what it restores
         self.restore_stoppers(rec)
-        for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
-            if (
-                getattr(loader, "persistent_workers", False)
-                and self.state.epoch < self.max_epochs
-                and not self.stop_reason
-            ):
-                self.logger.warning(
-                    f"The {split} loader keeps its worker processes between epochs "
-                    f"(persistent_workers=True): their random generators are not in the "
-                    f"checkpoint, so randomness in them (data augmentation) will not repeat "
-                    f"an uninterrupted run. Make it with persistent_workers=False for a "
-                    f"bit-exact resume."
-                )
-        best = rec.get("best")
-        if best is not None:
-            # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
-            monitor, mode = best.get("monitor", self.monitor), best.get("mode", self.mode)
-            if (monitor, mode) == (self.monitor, self.mode):
-                self.best = _Best(best["value"], best["epoch"], best["state_dict"])
-            else:
-                self.logger.info(
-                    f"The best model is chosen afresh: this run monitors {self.monitor} "
-                    f"(mode={self.mode!r}), the checkpoint's best was by {monitor} "
-                    f"(mode={mode!r})."
-                )
+        if self.state.epoch < self.max_epochs and not self.stop_reason:  # training goes on
+            self.warn_persistent_workers()
+        self.restore_best(rec.get("best"))
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.epoch_start = rec.get("epoch_start")
@@ -1004,6 +982,21 @@ class _Run:
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
         return position, rec.get("rng")
+
+    def restore_best(self, best: Mapping[str, Any] | None) -> None:
+        """The checkpoint's best model, if it was chosen by this run's monitor and mode."""
+        if best is None:
+            return
+        # (Checkpoints of fnloop 0.1.0 do not say what their best was measured by.)
+        monitor, mode = best.get("monitor", self.monitor), best.get("mode", self.mode)
+        if (monitor, mode) == (self.monitor, self.mode):
+            self.best = _Best(best["value"], best["epoch"], best["state_dict"])
+        else:
+            self.logger.info(
+                f"The best model is chosen afresh: this run monitors {self.monitor} "
+                f"(mode={self.mode!r}), the checkpoint's best was by {monitor} "
+                f"(mode={mode!r})."
+            )
 
     def restore_stoppers(self, rec: Mapping[str, Any]) -> None:
         """The checkpoint's early-stopping progress for the rules given now: a rule that is
@@ -1087,6 +1080,19 @@ class _Run:
             f"({_format_time(time.monotonic() - start)})"
         )
         return state
+
+    def warn_persistent_workers(self) -> None:
+        """Warns, on resuming, about loaders whose workers outlive an epoch: their random
+        generators are not checkpointed."""
+        for split, loader in (("train", self.train_loader), ("valid", self.valid_loader)):
+            if getattr(loader, "persistent_workers", False):
+                self.logger.warning(
+                    f"The {split} loader keeps its worker processes between epochs "
+                    f"(persistent_workers=True): their random generators are not in the "
+                    f"checkpoint, so randomness in them (data augmentation) will not repeat "
+                    f"an uninterrupted run. Make it with persistent_workers=False for a "
+                    f"bit-exact resume."
+                )
 
     def warn_scores_minimized(self) -> None:
         """Warns when the monitor or an early-stopping rule follows a metric named like a
