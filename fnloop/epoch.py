@@ -118,6 +118,10 @@ class MetricMeans:
         if len(self._pending) >= self.FOLD_EVERY:
             self._fold()
 
+    def _metric_keys(self) -> list[str]:
+        """The names summed so far that are metrics (not outputs)."""
+        return [k for k in self._sums if k not in self._outputs]
+
     def _fold(self) -> None:
         if not self._pending:
             return
@@ -165,7 +169,7 @@ class MetricMeans:
         self._fold()
         if all_processes and world_size() > 1:
             return self._means_over_processes()
-        keys = [k for k in self._sums if k not in self._outputs]
+        keys = self._metric_keys()
         if not keys:
             return {}
         # A restored sum no batch added to is on the CPU, in the CPU's dtype.
@@ -195,7 +199,7 @@ class MetricMeans:
         did not report counts as zero examples there; an output in any process is a
         metric in none)."""
         # The same order everywhere: rank 0's names first, as its steps returned them.
-        ours = [k for k in self._sums if k not in self._outputs]
+        ours = self._metric_keys()
         everyone = gather((ours, sorted(self._outputs)))
         outputs = {k for _, keys in everyone for k in keys}
         names = list(dict.fromkeys(k for keys, _ in everyone for k in keys if k not in outputs))
@@ -225,7 +229,7 @@ class MetricMeans:
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
         self._fold()
-        keys = [k for k in self._sums if k not in self._outputs]
+        keys = self._metric_keys()
         return {
             "sums": {k: self._sums[k] for k in keys},
             "counts": {k: self._counts[k] for k in keys},
