@@ -589,37 +589,37 @@ def _check_structure(
     unexpected = [k for k in saved if k not in key_set]
     if missing or unexpected:
         parts = []
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            parts.append(f"'{missing[0]}'{more} is in `like` but not in the file")
-        if unexpected:
-            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-            parts.append(f"'{unexpected[0]}'{more} is in the file but not in `like`")
-        first = (missing or unexpected)[0]
-        raise CheckpointMismatchError(
-            f"Checkpoint {path} does not match `like`: {'; '.join(parts)}. {_hint(first)}"
-        )
+        for names, where in (
+            (missing, "in `like` but not in the file"),
+            (unexpected, "in the file but not in `like`"),
+        ):
+            if names:
+                more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+                parts.append(f"'{names[0]}'{more} is {where}")
+        raise _mismatch(path, "; ".join(parts), (missing or unexpected)[0])
     for key, ref in zip(keys, like, strict=True):
         value = saved[key]
         if isinstance(ref, torch.Tensor) != isinstance(value, torch.Tensor):
             found = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise CheckpointMismatchError(
-                f"Checkpoint {path} does not match `like`: '{key}' is {found} in the file "
-                f"but {type(ref).__name__} in `like`. {_hint(key)}"
+            raise _mismatch(
+                path, f"'{key}' is {found} in the file but {type(ref).__name__} in `like`", key
             )
         if not isinstance(ref, torch.Tensor):
             continue
-        if value.shape != ref.shape:
-            raise CheckpointMismatchError(
-                f"Checkpoint {path} does not match `like`: '{key}' has shape "
-                f"{tuple(value.shape)} in the file but {tuple(ref.shape)} in `like`. "
-                f"{_hint(key)}"
-            )
-        if value.dtype != ref.dtype:
-            raise CheckpointMismatchError(
-                f"Checkpoint {path} does not match `like`: '{key}' has dtype {value.dtype} "
-                f"in the file but {ref.dtype} in `like`. {_hint(key)}"
-            )
+        for what, in_file, in_like in (
+            ("shape", tuple(value.shape), tuple(ref.shape)),
+            ("dtype", value.dtype, ref.dtype),
+        ):
+            if in_file != in_like:
+                detail = f"'{key}' has {what} {in_file} in the file but {in_like} in `like`"
+                raise _mismatch(path, detail, key)
+
+
+def _mismatch(path: Path, detail: str, key: str) -> CheckpointMismatchError:
+    """The error for a file whose leaves do not fit ``like`` at ``key``."""
+    return CheckpointMismatchError(
+        f"Checkpoint {path} does not match `like`: {detail}. {_hint(key)}"
+    )
 
 
 def _hint(key: str) -> str:
