@@ -371,49 +371,7 @@ def load_model(
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
     """
     path = _as_path(path, "load_model", "module")
-    if _is_safetensors(path):
-        _check_is_file(path)  # (torch files: checked by _safe_torch_load)
-        st = _import_safetensors_torch(path)
-        try:
-            tensors = st.load_file(str(path), device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"Cannot read the safetensors file {path}: {e}") from e
-    else:
-        tensors = _safe_torch_load(path)
-        if isinstance(tensors, dict) and tensors.get("format") == FORMAT:
-            raise CheckpointError(
-                f"{path} is a training checkpoint, not a model export. Restore it with "
-                f"load_checkpoint(path, like=state) and export with save_model."
-            )
-        if not isinstance(tensors, dict):
-            raise CheckpointError(
-                f"{path} does not hold a state dict (a dict of tensors); found "
-                f"{type(tensors).__name__}."
-            )
-        bad = next((k for k, t in tensors.items() if not isinstance(t, torch.Tensor)), None)
-        if bad is not None:
-            nested = next(
-                (
-                    k
-                    for k, v in tensors.items()
-                    if isinstance(v, dict)
-                    and v
-                    and all(isinstance(t, torch.Tensor) for t in v.values())
-                ),
-                None,
-            )
-            hint = ""
-            if nested is not None:
-                hint = (
-                    f" {'That entry' if nested == bad else f'Its entry {nested!r}'} is a "
-                    f"dict of tensors, likely the state dict: load it with "
-                    f"module.load_state_dict(torch.load({str(path)!r}, "
-                    f"weights_only=True)[{nested!r}])."
-                )
-            raise CheckpointError(
-                f"{path} does not hold a state dict (a dict of tensors): its entry {bad!r} "
-                f"is of type {type(tensors[bad]).__name__}, not a tensor.{hint}"
-            )
+    tensors = _read_state_dict(path)
     own = module.state_dict()
     if not strict and tensors and own and own.keys().isdisjoint(tensors):
         raise CheckpointMismatchError(
@@ -439,6 +397,54 @@ def load_model(
             stacklevel=2,
         )
     return module
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in the file ``path``: safetensors for a ``.safetensors`` path, else
+    ``torch.load(weights_only=True)`` with errors that say what the file holds instead."""
+    if _is_safetensors(path):
+        _check_is_file(path)  # (torch files: checked by _safe_torch_load)
+        st = _import_safetensors_torch(path)
+        try:
+            return st.load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"Cannot read the safetensors file {path}: {e}") from e
+    tensors = _safe_torch_load(path)
+    if isinstance(tensors, dict) and tensors.get("format") == FORMAT:
+        raise CheckpointError(
+            f"{path} is a training checkpoint, not a model export. Restore it with "
+            f"load_checkpoint(path, like=state) and export with save_model."
+        )
+    if not isinstance(tensors, dict):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a dict of tensors); found "
+            f"{type(tensors).__name__}."
+        )
+    bad = next((k for k, t in tensors.items() if not isinstance(t, torch.Tensor)), None)
+    if bad is not None:
+        nested = next(
+            (
+                k
+                for k, v in tensors.items()
+                if isinstance(v, dict)
+                and v
+                and all(isinstance(t, torch.Tensor) for t in v.values())
+            ),
+            None,
+        )
+        hint = ""
+        if nested is not None:
+            hint = (
+                f" {'That entry' if nested == bad else f'Its entry {nested!r}'} is a "
+                f"dict of tensors, likely the state dict: load it with "
+                f"module.load_state_dict(torch.load({str(path)!r}, "
+                f"weights_only=True)[{nested!r}])."
+            )
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a dict of tensors): its entry {bad!r} "
+            f"is of type {type(tensors[bad]).__name__}, not a tensor.{hint}"
+        )
+    return tensors
 
 
 def _some_keys(state_dict: Mapping[str, Any]) -> str:
