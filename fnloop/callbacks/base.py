@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from fnloop.state import TrainState
 from fnloop.typing import Batch
-
-if TYPE_CHECKING:
-    from fnloop.state import TrainState
 
 EVENTS = (
     "on_fit_start",
@@ -173,8 +171,6 @@ class CallbackList:
 
     def __call__(self, event: str, state: TrainState, *args: Any) -> TrainState:
         """Runs ``event`` on every callback; returns the (possibly replaced) state."""
-        from fnloop.state import TrainState
-
         for handler in self._handlers[event]:
             result = handler(state, *args)
             if result is None:
