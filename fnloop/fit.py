@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from fnloop import checkpoint as ckpt
 from fnloop._io import remove_temporaries
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
-from fnloop.callbacks.metrics_log import EpochLogger, learning_rate_metrics
+from fnloop.callbacks.metrics_log import CSVLogger, EpochLogger, learning_rate_metrics
+from fnloop.callbacks.plot import PlotHistory
 from fnloop.distributed import (
     barrier,
     broadcast_state,
@@ -726,15 +727,11 @@ def _holds_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _default_callbacks(run_dir: Path) -> list[Callback]:
-    from fnloop.callbacks.metrics_log import CSVLogger
-
     defaults: list[Callback] = [CSVLogger(run_dir / "metrics.csv")]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return defaults
-    from fnloop.callbacks.plot import PlotHistory
-
     defaults.append(PlotHistory(run_dir / "history.png"))
     return defaults
 

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,11 +22,8 @@ from fnloop._io import atomic_write_file
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
-from fnloop.state import history_added
+from fnloop.state import TrainState, history_added
 from fnloop.typing import History
-
-if TYPE_CHECKING:
-    from fnloop.state import TrainState
 
 _NOT_A_NUMBER_MSG = (
     "{owner} can only log numbers; metric {key!r} is a {kind}. Epoch-end metrics must be "
