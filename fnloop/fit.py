@@ -296,7 +296,7 @@ class _Best:
     """The best monitored epoch so far and its weights (EMA weights when kept)."""
 
     value: float
-    epoch: int = 0
+    epoch: int
     state_dict: dict[str, torch.Tensor] | None = None
 
 
@@ -1120,12 +1120,11 @@ class _Run:
         the new run's metrics.csv starts empty instead of dropping the earlier rows; for
         a state with trained epochs it is copied, and keeps the rows of those epochs).
         ``why`` starts the log line that says where they went."""
-        if self.ckpt_dir is None or not self.main:
+        if self.run_dir is None or self.ckpt_dir is None or not self.main:
             return
         old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
-        if self.run_dir is not None:
-            names = (BEST_MODEL, "metrics.csv", "history.png")
-            old += [p for p in (self.run_dir / n for n in names) if p.exists()]
+        names = (BEST_MODEL, "metrics.csv", "history.png")
+        old += [p for p in (self.run_dir / n for n in names) if p.exists()]
         if old:
             stamp = time.strftime("previous-%Y%m%d-%H%M%S")
             aside = self.ckpt_dir / stamp
