@@ -648,7 +648,7 @@ def fit(
             for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
                 remove_temporaries(folder)
             # After the user's callbacks: the metrics they add to the history get logged too.
-            user_callbacks = user_callbacks + _default_callbacks(run_dir)
+            user_callbacks = user_callbacks + _default_callbacks(run_dir, user_callbacks)
     logger, close_logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
@@ -726,14 +726,28 @@ def _holds_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> bool:
     )
 
 
-def _default_callbacks(run_dir: Path) -> list[Callback]:
+def _default_callbacks(run_dir: Path, given: Sequence[Callback]) -> list[Callback]:
+    """The loggers ``fit`` adds for ``run_dir``, less those of a file that one of the
+    ``given`` callbacks already writes (two writers of one ``metrics.csv`` would drop and
+    double its rows)."""
+    taken = {_resolved(getattr(cb, "path", None)) for cb in given} - {None}
     defaults: list[Callback] = [CSVLogger(run_dir / "metrics.csv")]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return defaults
-    defaults.append(PlotHistory(run_dir / "history.png"))
-    return defaults
+        pass
+    else:
+        defaults.append(PlotHistory(run_dir / "history.png"))
+    return [cb for cb in defaults if _resolved(cast(Any, cb).path) not in taken]
+
+
+def _resolved(path: Any) -> Path | None:
+    """``path`` made absolute, or None when it is not a file name (a callback's ``path``
+    may be anything)."""
+    try:
+        return Path(path).resolve()
+    except (TypeError, OSError):
+        return None
 
 
 def _window_mean(state: TrainState) -> TrainState:

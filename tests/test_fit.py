@@ -556,6 +556,29 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
     assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_users_logger_of_the_run_folders_metrics_csv_is_not_doubled(
+    tmp_path, monkeypatch, relative
+):
+    """A CSVLogger of the user's writing <out_dir>/metrics.csv, where fit adds its own:
+    the two wrote the same file, and it lost the first epoch's row of one and held every
+    later epoch twice. fit adds no logger of a file a callback already writes."""
+    monkeypatch.chdir(tmp_path)
+    path = "metrics.csv" if relative else tmp_path / "metrics.csv"
+    mine = fl.callbacks.CSVLogger(path)
+    fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=3,
+        out_dir=tmp_path,
+        callbacks=[mine],
+        log_to_console=False,
+    )
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
+
+
 def test_console_gets_messages_only(capsys):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, progress=False)
     out = capsys.readouterr().out
