@@ -101,6 +101,13 @@ REPEATED_VALIDATION_MSG = (
     "DataLoader(torch.utils.data.Subset(valid_set, range(rank, len(valid_set), world_size)), "
     "...): validation shares may differ in size."
 )
+OTHER_RUN_MSG = (
+    "{path} was written by the run {theirs!r} (at epoch {epoch}, step {step}), and this "
+    "fit is the run {ours!r} from a state at epoch {given_epoch}, step {given_step}: "
+    "resuming would train on, and return, run {theirs!r}'s model as this one. Give this "
+    "run an out_dir of its own; or pass run_name={theirs!r} to continue that run; or "
+    "resume=False to start over in this folder (its files are set aside)."
+)
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
@@ -504,7 +511,9 @@ def fit(
       callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
       out_dir: the run folder; ``None`` writes nothing.
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
-        there to reach the console and the log file) and the log file.
+        there to reach the console and the log file), the log file, and the run its
+        checkpoints belong to: ``fit`` does not resume another run's checkpoints into a
+        state that is not at their step (an error says what to pass instead).
       resume: continue from the newest good checkpoint in ``out_dir``: the state, the
         best model (if ``monitor`` and ``mode`` are unchanged), early-stopping progress
         (of the rules given now that are unchanged; a run that stopped early stays
@@ -537,6 +546,8 @@ def fit(
         eval step as ``training_step`` or a made train step as ``validation_step``.
       ValueError: bad set-up, reported before any training: an empty loader,
         ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
+        a checkpoint to resume that another ``run_name`` wrote (unless ``state`` is at its
+        step and epoch),
         a monitor without the ``train/``/``valid/`` prefix,
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
         early-stopping rule on ``monitor`` whose mode is not fit's,
@@ -672,6 +683,7 @@ def fit(
             keep=keep_checkpoints,
             logger=logger,
             main=main,
+            run_name=run_name,
         )
         try:
             return run.run(resume=resume)
@@ -817,6 +829,7 @@ class _Run:
     keep: int
     logger: logging.Logger
     main: bool
+    run_name: str
     stopper_states: list[EarlyStoppingState] = dataclasses.field(init=False)
     best: _Best | None = None
     stop_reason: str = ""
@@ -879,6 +892,7 @@ class _Run:
             "best": best,
             "stop_reason": self.stop_reason,
             "position": position,
+            "run_name": self.run_name,
             **ranks[0],
             "ranks": ranks if len(ranks) > 1 else None,
         }
@@ -936,6 +950,21 @@ class _Run:
             self.set_aside_checkpoints("no usable checkpoint to resume from")
             return None, None
         given = self.state
+        rec = found.extra.get("fit", {})
+        theirs = rec.get("run_name", self.run_name)  # (0.1.0 checkpoints do not say)
+        at = (found.state.step, found.state.epoch)
+        if theirs != self.run_name and (given.step, given.epoch) != at:
+            raise ValueError(
+                OTHER_RUN_MSG.format(
+                    path=found.path,
+                    theirs=theirs,
+                    ours=self.run_name,
+                    epoch=found.state.epoch,
+                    step=found.state.step,
+                    given_epoch=given.epoch,
+                    given_step=given.step,
+                )
+            )
         if given.step > found.state.step or given.epoch > found.state.epoch:
             self.logger.warning(
                 f"fit got a state at epoch {given.epoch}, step {given.step}, beyond "
@@ -955,7 +984,6 @@ class _Run:
                     f"on_fit_start (optim.with_learning_rates)."
                 )
         self.state = found.state
-        rec = found.extra.get("fit", {})
         ranks = rec.get("ranks") or [rec]  # one process wrote its part at the top level
         if len(ranks) == world_size():
             rec = {**rec, **ranks[rank()]}  # this process's generators and partial means

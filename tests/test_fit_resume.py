@@ -794,3 +794,19 @@ def test_a_state_with_other_learning_rates_at_the_checkpoints_step_is_warned_abo
     run(tmp_path, max_epochs=4, state=resumed)
     run(tmp_path, max_epochs=4, state=make_state())
     assert (tmp_path / "run_training.log").read_text().count("whose learning rates") == 1
+
+
+def test_a_run_of_another_name_does_not_resume_the_folders_run(tmp_path):
+    """A second experiment under another run_name in the same out_dir, from a fresh
+    state: fit resumed the first run's checkpoint and returned its model as the new one
+    (here, trained nothing at all). It is an error that names the run and the fixes, and
+    nothing is written; the state fit returned goes on under the new name."""
+    first = run(tmp_path, max_epochs=2, run_name="a")
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"written by the run 'a'.*run_name='a'.*resume=False"):
+        run(tmp_path, max_epochs=2, run_name="b")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == files
+    assert "Stopped by ValueError" in (tmp_path / "b_training.log").read_text()
+    # Going on from the checkpoint's own state, or under the name that wrote it, resumes.
+    assert run(tmp_path, max_epochs=3, run_name="b", state=first).epoch == 3
+    assert run(tmp_path, max_epochs=4, run_name="b").epoch == 4
