@@ -490,7 +490,8 @@ def fit(
 
     With ``out_dir`` the run folder holds ``<run_name>_training.log``, ``metrics.csv``,
     ``checkpoints/`` (resumed from automatically), ``best_model.pt`` (a state dict for
-    ``module.load_state_dict``) and ``history.png`` when matplotlib is installed.
+    ``module.load_state_dict``, written at the end, or when Ctrl-C stops the run) and
+    ``history.png`` when matplotlib is installed.
 
     Launched by ``torchrun`` (an initialized ``torch.distributed`` group), every process
     runs ``fit`` on its share of the data (give the loaders a ``DistributedSampler``; its
@@ -1106,6 +1107,12 @@ class _Run:
                 position, rng = None, None
         except KeyboardInterrupt:
             self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
+            # Ctrl-C is how a run is ended early by hand: best_model.pt then holds the best
+            # of the finished epochs, not an earlier fit's (or nothing).
+            try:
+                self.export_best(state)
+            except Exception as e:  # the interrupt, not a failed write, is what ends fit
+                self.logger.error(f"Could not write the best model: {type(e).__name__}: {e}")
             raise
         except Exception as e:  # the log file then says why the run ended
             self.log_failure(e, f" in epoch {state.epoch + 1}")

@@ -868,6 +868,42 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
         fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
 
 
+def test_a_run_stopped_with_ctrl_c_leaves_its_best_model(tmp_path):
+    """Ctrl-C, the usual way to end a run early by hand, after better epochs than the
+    first fit's: best_model.pt kept that fit's best (epoch 2) though the checkpoints knew
+    a better one, and a first fit interrupted so left none. It now holds the best of the
+    epochs finished, as an uninterrupted run to that epoch writes it."""
+
+    class CtrlC(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            if state.epoch == 4 and batch_idx == 2:
+                raise KeyboardInterrupt
+
+    def run(out, max_epochs, callbacks=()):
+        return fl.fit(
+            make_state(),
+            classify,
+            loaders(shuffle=False),
+            max_epochs=max_epochs,
+            out_dir=out,
+            callbacks=list(callbacks),
+            log_to_console=False,
+        )
+
+    ref = run(tmp_path / "ref", 4)
+    losses = ref.history["valid"]["loss"]
+    assert min(losses) < min(losses[:2])  # epoch 3 or 4 beats the first fit's best
+    want = torch.load(tmp_path / "ref" / "best_model.pt", weights_only=True)
+    for first in (2, None):  # a finished fit first, or none
+        out = tmp_path / f"after-{first}"
+        if first:
+            run(out, first)
+        with pytest.raises(KeyboardInterrupt):
+            run(out, 6, [CtrlC()])
+        got = torch.load(out / "best_model.pt", weights_only=True)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     "options",
     [{"precision": "fp16"}, {"accumulation_steps": 4}],
