@@ -108,6 +108,11 @@ OTHER_RUN_MSG = (
     "run an out_dir of its own; or pass run_name={theirs!r} to continue that run; or "
     "resume=False to start over in this folder (its files are set aside)."
 )
+VALIDATION_STEP_UNUSED_MSG = (
+    "validation_step was given but no validation loader, so no epoch is validated (the "
+    "best model and the monitor follow {monitor}). Pass loaders={{'train': train_loader, "
+    "'valid': valid_loader}} to validate."
+)
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
@@ -507,7 +512,8 @@ def fit(
       max_epochs: the epoch count to reach (on the state a ``fit`` returned,
         ``max_epochs=state.epoch + 5`` trains five more).
       validation_step: the validation function, or a step made by ``make_eval_step``;
-        defaults to ``training_step``'s function.
+        defaults to ``training_step``'s function. Without a validation loader it is not
+        used, and the log warns.
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
       callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
       out_dir: the run folder; ``None`` writes nothing.
@@ -664,6 +670,8 @@ def fit(
     logger, close_logger = _open_logger(run_name, run_dir if main else None, log_to_console)
 
     try:
+        if validation_step is not None and valid_loader is None:
+            logger.warning(VALIDATION_STEP_UNUSED_MSG.format(monitor=monitor))
         run = _Run(
             state=state,
             step_fn=step_fn,

@@ -579,6 +579,34 @@ def test_a_users_logger_of_the_run_folders_metrics_csv_is_not_doubled(
     assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
 
 
+def test_a_validation_step_without_a_validation_loader_is_warned_about(tmp_path):
+    """fit(..., train_loader, validation_step=...) trained without ever validating and
+    said nothing: the best model and the monitor fell back to the train loss."""
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders()["train"],
+        max_epochs=1,
+        validation_step=classify,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    assert "valid" not in state.history
+    log = (tmp_path / "run_training.log").read_text()
+    assert "validation_step was given but no validation loader" in log
+    assert "{'train': train_loader, 'valid': valid_loader}" in log
+    fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=1,
+        out_dir=tmp_path / "v",
+        validation_step=classify,
+        log_to_console=False,
+    )
+    assert "no validation loader" not in (tmp_path / "v" / "run_training.log").read_text()
+
+
 def test_console_gets_messages_only(capsys):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, progress=False)
     out = capsys.readouterr().out
