@@ -2036,6 +2036,24 @@ def test_vmap_of_steps_with_tied_and_frozen_weights_matches_single_steps():
 
 
 @pytest.mark.slow
+def test_compiled_step_with_sgd_momentum_and_weight_decay_matches_the_hand_loop_ci_subset():
+    """The classic recipe, SGD with momentum and L2 weight decay, compiled: inductor (torch
+    2.13) fused the linear layers' gradient matmuls with torch.add(..., alpha=...) into
+    addmm calls that drop alpha, so the step used a momentum and a weight decay of 1.0."""
+    torch._dynamo.reset()
+    module, data = mlp(), batches(3)
+    make_opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)  # noqa: E731
+    ref, _, losses = hand_loop(module, data, make_opt)
+    tx = optim.sgd(0.1, momentum=0.9, weight_decay=0.01)
+    state = fl.TrainState.create(module, tx=tx, device="cpu")
+    step = torch.compile(fl.make_train_step(classify), fullgraph=True)
+    for b, loss in zip(data, losses, strict=True):
+        state, metrics = step(state, b)
+        torch.testing.assert_close(metrics["loss"], loss, rtol=1e-9, atol=1e-12)
+    assert_state_matches(state, ref)
+
+
+@pytest.mark.slow
 def test_compiled_step_with_tied_and_frozen_weights_matches_eager_ci_subset():
     torch.manual_seed(0)
     state = fl.TrainState.create(_TiedFrozen().double(), tx=optim.adamw(1e-2), device="cpu")

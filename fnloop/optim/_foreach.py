@@ -67,10 +67,23 @@ def _keep_dtypes(xs: TensorList, out: TensorList, ys: TensorList | Scalar) -> Te
     return [o if o.dtype == x.dtype else o.to(x.dtype) for x, o in zip(xs, out, strict=True)]
 
 
+def _scaled(ys: TensorList, alpha: float) -> TensorList:
+    """``alpha * y`` for each ``y``: what :func:`add` adds while ``torch.compile`` traces.
+
+    Inductor (torch 2.13) fuses ``torch.add(x, y, alpha=a)`` whose ``x`` or ``y`` is a
+    matmul's output (a linear layer's weight gradient) into an ``addmm`` that drops
+    ``alpha``, so compiled steps would add ``y`` unscaled (a weight decay or momentum of
+    1.0). Multiplying first is the same arithmetic as inductor's own lowering of ``alpha``.
+    """
+    return ys if alpha == 1.0 else [y * alpha for y in ys]
+
+
 def add(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorList:
     """``x + alpha * y`` for each pair (or ``x + y`` for a scalar ``y``)."""
     if isinstance(ys, list):
         if batched(xs) or batched(ys):
+            if torch.compiler.is_compiling():
+                return [x + y for x, y in zip(xs, _scaled(ys, alpha), strict=True)]
             return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         return list(torch._foreach_add(xs, ys, alpha=alpha))
     if isinstance(ys, torch.Tensor) or batched(xs):
@@ -83,6 +96,8 @@ def add_(xs: TensorList, ys: TensorList | Scalar, alpha: float = 1.0) -> TensorL
     """In-place :func:`add` into ``xs``."""
     if isinstance(ys, list):
         if batched(xs) or batched(ys):
+            if torch.compiler.is_compiling():  # see _scaled
+                return [x.add_(y) for x, y in zip(xs, _scaled(ys, alpha), strict=True)]
             return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
         torch._foreach_add_(xs, ys, alpha=alpha)
         return xs

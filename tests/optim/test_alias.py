@@ -610,6 +610,40 @@ def test_vmap_schedule() -> None:
         assert lr.item() == pytest.approx(0.01 * 0.9**VMAP_STEPS, rel=1e-12)
 
 
+# ----------------------------------------------------------------------------- compiled
+
+COMPILED_CASES = [
+    c for c in CASES if c.id in ("sgd-momentum", "sgd-wd", "adam-wd", "rmsprop-wd", "adagrad-wd")
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
+def test_compiled_update_of_a_matmul_gradient_matches_torch(case: Case) -> None:
+    """A compiled train step computes a linear layer's weight gradient with a matmul and
+    updates it in the same graph. Inductor (torch 2.13) fuses ``torch.add(matmul, y,
+    alpha=a)`` into an addmm that drops ``alpha``: L2 weight decay and SGD's momentum
+    counted as 1.0 there, silently."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(6, 4, generator=g, dtype=F64) for _ in range(3)]
+    dy = [torch.randn(6, 5, generator=g, dtype=F64) for _ in range(3)]
+    params = {"w": torch.randn(5, 4, generator=g, dtype=F64)}
+    tx = case.make(case.lr)
+
+    def step(x, dy, state, params):
+        grads = {"w": dy.t() @ x}  # what a linear layer's weight gradient is
+        updates, state = tx.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    grads_seq = [{"w": b.t() @ a} for a, b in zip(x, dy, strict=True)]
+    expected = torch_trajectory(torch_twin(case, foreach=False), params, grads_seq)
+    state = tx.init(params)
+    for a, b, want in zip(x, dy, expected, strict=True):
+        params, state = compiled(a, b, state, params)
+        assert_close(params["w"], want["w"], rtol=RTOL, atol=ATOL)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
