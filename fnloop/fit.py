@@ -496,7 +496,8 @@ def fit(
     With ``out_dir`` the run folder holds ``<run_name>_training.log``, ``metrics.csv``,
     ``checkpoints/`` (resumed from automatically), ``best_model.pt`` (a state dict for
     ``module.load_state_dict``, written at the end, or when Ctrl-C stops the run) and
-    ``history.png`` when matplotlib is installed.
+    ``history.png`` when matplotlib is installed (drawn at the end, or with the finished
+    epochs when an exception or Ctrl-C ends the run).
 
     Launched by ``torchrun`` (an initialized ``torch.distributed`` group), every process
     runs ``fit`` on its share of the data (give the loaders a ``DistributedSampler``; its

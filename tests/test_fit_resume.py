@@ -810,3 +810,68 @@ def test_a_run_of_another_name_does_not_resume_the_folders_run(tmp_path):
     # Going on from the checkpoint's own state, or under the name that wrote it, resumes.
     assert run(tmp_path, max_epochs=3, run_name="b", state=first).epoch == 3
     assert run(tmp_path, max_epochs=4, run_name="b").epoch == 4
+
+
+class CtrlCAt(CrashAt):
+    """Ctrl-C after the given batch of the given epoch."""
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        if state.epoch + 1 == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt
+
+
+class CrashInValidationOf(fl.callbacks.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_validation_epoch_start(self, state):
+        if state.epoch == self.epoch:
+            raise Crash
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="draws with matplotlib")
+@pytest.mark.parametrize(
+    ("crash", "error"),
+    [(CrashAt(4, 2), Crash), (CrashInValidationOf(4), Crash), (CtrlCAt(4, 2), KeyboardInterrupt)],
+    ids=["in-training", "in-validation", "ctrl-c"],
+)
+def test_the_history_plot_of_a_crashed_run_shows_its_finished_epochs(tmp_path, crash, error):
+    """history.png was drawn at on_fit_end only: a run that crashed or was stopped by
+    Ctrl-C after some epochs kept an earlier fit's plot (or none) though metrics.csv and
+    the checkpoints held more epochs. It now shows the epochs whose checkpoints were
+    written, as metrics.csv does, also when the crash came in an epoch's validation."""
+    from fnloop.callbacks.plot import plot_history
+
+    g = torch.Generator().manual_seed(1)
+    xv = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    valid = DataLoader(TensorDataset(xv, (xv[:, 1] > 0).long()), batch_size=10)
+    out = tmp_path / "run"
+
+    def loaders():
+        return {"train": seeded_loader(), "valid": valid}
+
+    run(out, max_epochs=1, loader=loaders)  # a finished fit draws its epoch
+    with pytest.raises(error):
+        run(out, max_epochs=5, loader=loaders, callbacks=[crash])
+    (newest, *_) = sorted((out / "checkpoints").glob("ckpt-*.pt"), reverse=True)
+    saved = fl.load_checkpoint(newest, like=make_state())
+    assert saved.epoch == 3 and len((out / "metrics.csv").read_text().splitlines()) == 1 + 3
+    plot_history(saved.history, tmp_path / "want.png")
+    assert (out / "history.png").read_bytes() == (tmp_path / "want.png").read_bytes()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="fit adds no plot")
+def test_a_failed_draw_of_a_crashed_runs_plot_does_not_hide_the_crash(tmp_path, monkeypatch):
+    from fnloop.callbacks import plot
+
+    tried = []
+
+    def fail(history, path):
+        tried.append(len(history["train"]["loss"]))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(plot, "plot_history", fail)
+    with pytest.raises(Crash):
+        run(tmp_path, max_epochs=3, callbacks=[CrashAt(2, 1)])
+    assert tried == [1]  # epoch 1's plot, drawn on the way out
+    assert "Stopped by Crash in epoch 2" in (tmp_path / "run_training.log").read_text()

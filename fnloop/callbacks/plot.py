@@ -7,14 +7,11 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fnloop._io import atomic_write_file
-from fnloop.callbacks.base import Callback
-from fnloop.distributed import is_main_process
-
-if TYPE_CHECKING:
-    from fnloop.state import TrainState
+from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.state import TrainState
+from fnloop.typing import History
 
 MATPLOTLIB_MISSING_MSG = (
     "Plotting the history needs the 'matplotlib' package, which is not installed. "
@@ -102,12 +99,20 @@ def plot_history(
     return out
 
 
-class PlotHistory(Callback):
-    """Saves the training curves of ``state.history`` at the end of ``fit``.
+class PlotHistory(EpochLogger):
+    """Saves the training curves of ``state.history`` when ``fit`` ends, also by an error.
 
     Calls :func:`plot_history` at ``on_fit_end`` (on rank 0; nothing is drawn when no
-    epoch has run). matplotlib is imported only then, but its presence is checked at
-    ``on_fit_start`` so a missing install fails before training, not after it.
+    epoch has run). When ``fit`` ends by an exception or Ctrl-C, the plot is drawn on
+    the way out with the epochs ``fit`` finished (those its checkpoints and
+    ``metrics.csv`` hold: an epoch a resumed run will train again is left out), so it
+    does not lag behind them; a draw that fails there does not hide the exception.
+    Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib
+    is imported only when drawing, but its presence is checked at ``on_fit_start`` so
+    a missing install fails before training, not after it.
+
+    It follows the epochs as an :class:`~fnloop.callbacks.EpochLogger` whose rows are
+    drawn at the end.
 
     Args:
       path: the image file, e.g. ``runs/demo/history.png``.
@@ -123,12 +128,25 @@ class PlotHistory(Callback):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.path = Path(path)
+        self._final_history: History = {}  # through the last epoch whose row is final
 
     def on_fit_start(self, state: TrainState) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError(MATPLOTLIB_MISSING_MSG)
+        super().on_fit_start(state)
 
-    def on_fit_end(self, state: TrainState) -> None:
-        if is_main_process() and _metric_names(state.history):
-            plot_history(state.history, self.path)
+    def start(self, state: TrainState) -> None:
+        self._final_history = state.history
+
+    def write_row(self, row: Mapping[str, float]) -> None:
+        """Notes that the epoch of ``row`` is final: the history through it is drawn
+        should ``fit`` end by an exception."""
+        del row
+        self._final_history = self._history  # (the history through this row's epoch)
+
+    def finish(self, state: TrainState | None) -> None:
+        history = self._final_history if state is None else state.history
+        if _metric_names(history):
+            plot_history(history, self.path)
