@@ -31,6 +31,13 @@ EMPTY_LOADER_MSG = (
     "the {split} loader yielded no batches. Check the dataset length, batch_size and "
     "drop_last (a dataset smaller than one batch with drop_last=True yields nothing)."
 )
+EMPTY_UNSIZED_LOADER_MSG = (
+    "the {split} loader yielded no batches. It has no len() (a DataLoader of an "
+    "IterableDataset, or an iterable of your own), so this shows only once it is "
+    "iterated. Check that its dataset yields examples, and that iterating it again "
+    "starts over: an __iter__ that returns an iterator made once (in __init__), or reads "
+    "a file opened there, is used up by the first epoch."
+)
 
 
 def _callback_list(callbacks: Any) -> CallbackList:
@@ -290,6 +297,12 @@ def loader_length(loader: Iterable[Any]) -> int | None:
         return None
 
 
+def _empty_loader_error(loader: Iterable[Any], split: str) -> ValueError:
+    """The error for a loader that yielded no batches, with what to check for its kind."""
+    msg = EMPTY_LOADER_MSG if loader_length(loader) is not None else EMPTY_UNSIZED_LOADER_MSG
+    return ValueError(msg.format(split=split))
+
+
 class _Bar:
     """A tqdm bar whose postfix (running means) is refreshed only when it redraws."""
 
@@ -422,7 +435,7 @@ def train_epoch(
     finally:
         bar.close()
     if seen == 0:
-        raise ValueError(EMPTY_LOADER_MSG.format(split="train"))
+        raise _empty_loader_error(loader, "train")
     if pending_skip is not None:  # the loader has no more than start_batch batches now
         pending_skip()
     return state, means.means(all_processes=True)
@@ -477,5 +490,5 @@ def validate_epoch(
     finally:
         bar.close()
     if seen == 0:
-        raise ValueError(EMPTY_LOADER_MSG.format(split="valid"))
+        raise _empty_loader_error(loader, "valid")
     return state, means.means(all_processes=True)

@@ -552,7 +552,9 @@ def fit(
         that is not a ``TrainState``, a dataset or a one-shot iterator as loader, a
         callback class or non-callback, an early-stopping rule that is not one, a made
         eval step as ``training_step`` or a made train step as ``validation_step``.
-      ValueError: bad set-up, reported before any training: an empty loader,
+      ValueError: bad set-up, reported before any training: an empty loader (one
+        without ``len()``, such as a DataLoader of an IterableDataset, only when its
+        epoch iterates it: ``fit`` does not iterate a loader ahead of its epoch),
         ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
         a checkpoint to resume that another ``run_name`` wrote (unless ``state`` is at its
         step and epoch),

@@ -985,6 +985,49 @@ def test_a_loader_without_length_trains(tmp_path):
     assert state.step == 12 and torch.equal(state.params["0.weight"], ref.params["0.weight"])
 
 
+class _EmptyStream(torch.utils.data.IterableDataset):
+    """A stream with nothing in it (a filter that let no example through)."""
+
+    def __iter__(self):
+        return iter(())
+
+
+class _OneShotStream(torch.utils.data.IterableDataset):
+    """A stream whose iterator is made once: the second pass over it yields nothing."""
+
+    def __init__(self):
+        x, y = data(32, seed=1)
+        self.batches = iter(zip(x.split(16), y.split(16), strict=True))
+
+    def __iter__(self):
+        return self.batches
+
+
+@pytest.mark.parametrize(
+    ("stream", "epoch"), [(_EmptyStream, 3), (_OneShotStream, 4)], ids=["empty", "one-shot"]
+)
+def test_a_validation_stream_that_yields_nothing_is_named_and_costs_no_saved_file(
+    tmp_path, stream, epoch
+):
+    """An empty validation loader without len() cannot be found before training without
+    iterating it (using up a stream's batch, starting its workers, drawing the global
+    generator for their seeds), so it shows after the epoch's training. The error then
+    says why it was not found earlier and what to check (it blamed the dataset length,
+    batch_size and drop_last), and the files of the epochs before are kept."""
+    run = {"out_dir": tmp_path, "log_to_console": False}
+    fl.fit(make_state(), classify, loaders(), max_epochs=2, **run)
+    saved = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".log"}
+    valid = DataLoader(stream(), batch_size=None)
+    with pytest.raises(ValueError, match=r"valid loader yielded no batches\. It has no len\(\)"):
+        fl.fit(make_state(), classify, {**loaders(), "valid": valid}, max_epochs=4, **run)
+    assert f"Stopped by ValueError in epoch {epoch}" in (tmp_path / "run_training.log").read_text()
+    newest = max((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert fl.load_checkpoint(newest, like=make_state()).epoch == epoch - 1
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + epoch - 1
+    if epoch == 3:  # no epoch finished: every file is as the first fit left it
+        assert {p: p.read_bytes() for p in saved} == saved
+
+
 class _Samples(torch.utils.data.Dataset):
     """A map-style dataset whose __getitem__ never raises IndexError: iterated directly
     it yields single samples, forever."""

@@ -383,3 +383,8 @@ def test_an_empty_loader_is_a_clear_error_in_train_and_validate_epoch():
     eval_step = fl.make_eval_step(lambda m, x: {"loss": (m(x) ** 2).mean()})
     with pytest.raises(ValueError, match=r"the valid loader yielded no batches.*drop_last"):
         fl.validate_epoch(state, eval_step, [])
+    # Without len() (a stream), what to check is the stream itself.
+    with pytest.raises(ValueError, match=r"the train loader yielded no batches\. It has no len"):
+        fl.train_epoch(state, step, iter([]))
+    with pytest.raises(ValueError, match=r"valid loader yielded no batches\. It has no len"):
+        fl.validate_epoch(state, eval_step, iter([]))
