@@ -517,7 +517,7 @@ def fit(
         used, and the log warns.
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
       callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
-      out_dir: the run folder; ``None`` writes nothing.
+      out_dir: the run folder (``~`` is the home folder); ``None`` writes nothing.
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
         there to reach the console and the log file), the log file, and the run its
         checkpoints belong to: ``fit`` does not resume another run's checkpoints into a
@@ -662,7 +662,7 @@ def fit(
 
     run_dir = ckpt_dir = None
     if out_dir is not None:
-        run_dir = Path(out_dir)
+        run_dir = Path(out_dir).expanduser()  # "~/runs/x" is in the home folder
         ckpt_dir = run_dir / CHECKPOINT_DIR
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)

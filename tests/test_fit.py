@@ -556,6 +556,28 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
     assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
 
 
+def test_an_out_dir_under_home_is_the_home_folders(tmp_path, monkeypatch):
+    """out_dir="~/runs/x" made a folder named "~" in the working directory, where a
+    second fit from elsewhere did not find (nor resume) the run; "~" is now home, as
+    Path.expanduser has it."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    fl.fit(
+        make_state(), classify, loaders(), max_epochs=1, out_dir="~/runs/x", log_to_console=False
+    )
+    assert list(work.iterdir()) == []
+    run_dir = home / "runs" / "x"
+    assert (run_dir / "checkpoints" / "ckpt-0000000006-e.pt").is_file()
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "best_model.pt").is_file()
+    monkeypatch.chdir(tmp_path)  # the same run, from another working directory
+    state = fl.fit(
+        make_state(), classify, loaders(), max_epochs=2, out_dir="~/runs/x", log_to_console=False
+    )
+    assert state.epoch == 2 and "Resumed from" in (run_dir / "run_training.log").read_text()
+
+
 @pytest.mark.parametrize("relative", [False, True])
 def test_a_users_logger_of_the_run_folders_metrics_csv_is_not_doubled(
     tmp_path, monkeypatch, relative
