@@ -289,11 +289,12 @@ def _nan_last(value: float) -> tuple[bool, float]:
 
 
 def loader_length(loader: Iterable[Any]) -> int | None:
-    """``len(loader)``, or None where it has none (a DataLoader over an IterableDataset
-    without ``__len__`` has the method, and it raises ``TypeError``)."""
+    """``len(loader)``, or None where the length is not known: the loader has no
+    ``__len__``, or its ``__len__`` raises ``TypeError`` (a DataLoader over an
+    IterableDataset without one) or ``NotImplementedError`` (a stream that says so)."""
     try:
         return len(loader)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return None
 
 

@@ -1007,6 +1007,67 @@ def test_a_loader_without_length_trains(tmp_path):
     assert state.step == 12 and torch.equal(state.params["0.weight"], ref.params["0.weight"])
 
 
+def stream_loader():
+    """A DataLoader of ``_Stream``: its ``len()`` raises ``TypeError``."""
+    return DataLoader(_Stream(), batch_size=None)
+
+
+class _StreamOfUnknownLength(_Stream):
+    """A stream whose ``__len__`` says the length is not known (as some streaming
+    datasets do): a DataLoader's ``len()`` passes the error on."""
+
+    def __len__(self):
+        raise NotImplementedError("the length of a stream is not known")
+
+
+class _BatchesOfUnknownLength:
+    """An iterable of one's own whose ``__len__`` raises ``NotImplementedError``."""
+
+    def __iter__(self):
+        return iter(_Stream())
+
+    def __len__(self):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize(
+    ("loader", "like"),
+    [
+        (lambda: DataLoader(_StreamOfUnknownLength(), batch_size=None), stream_loader),
+        (_BatchesOfUnknownLength, _Stream),
+    ],
+    ids=["dataloader", "iterable"],
+)
+def test_a_loader_whose_len_raises_not_implemented_is_of_unknown_length(loader, like):
+    """len() raising NotImplementedError (as TypeError, which was handled) means the
+    length is not known: fit's loader check, the progress bars and the epoch loops
+    crashed on it before the first batch. They now run as for a loader like it whose
+    len() raises TypeError."""
+    with pytest.raises(NotImplementedError):
+        len(loader())
+
+    def run(make):
+        return fl.fit(
+            make_state(),
+            classify,
+            {"train": make(), "valid": make()},
+            max_epochs=1,
+            progress=True,
+            log_to_console=False,
+        )
+
+    state = run(loader)
+    assert state.history == run(like).history
+    eval_step = fl.make_eval_step(classify)
+    _, got = fl.validate_epoch(state, eval_step, loader(), progress=True)
+    assert got == fl.validate_epoch(state, eval_step, like())[1]
+    train_step = fl.make_train_step(classify)
+    torch.manual_seed(0)
+    _, got = fl.train_epoch(state, train_step, loader(), progress=True)
+    torch.manual_seed(0)
+    assert got == fl.train_epoch(state, train_step, like())[1]
+
+
 class _EmptyStream(torch.utils.data.IterableDataset):
     """A stream with nothing in it (a filter that let no example through)."""
 
