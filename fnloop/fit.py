@@ -117,6 +117,9 @@ LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
     "Pass loaders={{'train': train_loader, 'valid': valid_loader}}."
 )
+# Where the iterators that a second pass finds used up come from: iter() of a list or a
+# map, itertools, and iter() of a DataLoader (its _SingleProcess/_MultiProcessingDataLoaderIter).
+_ONE_SHOT_ITERATOR_MODULES = ("builtins", "itertools", "torch.utils.data.dataloader")
 SYMBOLIC_SIZES = "Cannot call numel() on tensor with symbolic sizes"
 SYMBOLIC_SIZES_HINT = (
     "A compiled step met a batch of another shape (a last, smaller batch, or sequences of "
@@ -405,10 +408,11 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
             f"shuffle={split == 'train'}); if its items are batches already, "
             f"DataLoader(dataset, batch_size=None)."
         )
-    # A generator, or iter() of a list: used up by the first epoch. (A class of its own
-    # whose __iter__ starts over, as data-loading libraries' iterators do, is fine.)
+    # A generator, or iter() of a list or a DataLoader: used up by the first epoch. (A
+    # class of its own whose __iter__ starts over, as data-loading libraries' iterators
+    # do, is fine.)
     if inspect.isgenerator(loader) or (
-        isinstance(loader, Iterator) and type(loader).__module__ in ("builtins", "itertools")
+        isinstance(loader, Iterator) and type(loader).__module__ in _ONE_SHOT_ITERATOR_MODULES
     ):
         raise TypeError(
             f"the {split} loader is an iterator ({type(loader).__name__}), which the first "

@@ -1180,6 +1180,19 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_the_iterator_of_a_dataloader_is_refused_before_training(tmp_path, split):
+    """iter(loader) (as a hand-written loop keeps it) trained its first epoch, wrote its
+    checkpoint and then failed with "yielded no batches. Check the dataset length,
+    batch_size and drop_last": it was not refused up front like the other one-shot
+    iterators."""
+    given = loaders()
+    given[split] = iter(given[split])
+    with pytest.raises(TypeError, match=rf"the {split} loader is an iterator \(_\w+DataLoaderIter"):
+        fl.fit(make_state(), classify, given, max_epochs=2, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_steps_of_the_wrong_kind_are_named(tmp_path, compiled):
     """A made train step as validation_step (or a made eval step as training_step) was
