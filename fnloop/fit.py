@@ -521,7 +521,8 @@ def fit(
         used, and the log warns.
       early_stopping: one :class:`EarlyStopping` rule or several (train and valid monitors).
       callbacks: a :class:`fnloop.callbacks.Callback` object, or several.
-      out_dir: the run folder (``~`` is the home folder); ``None`` writes nothing.
+      out_dir: the run folder (``~`` is the home folder); ``None`` writes nothing
+        (``""`` is an error: ``"."`` is the working directory).
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
         there to reach the console and the log file), the log file, and the run its
         checkpoints belong to: ``fit`` does not resume another run's checkpoints into a
@@ -565,7 +566,7 @@ def fit(
         a monitor without the ``train/``/``valid/`` prefix,
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
         early-stopping rule on ``monitor`` whose mode is not fit's,
-        ``checkpoint_every_n_steps`` without ``out_dir``.
+        ``checkpoint_every_n_steps`` without ``out_dir``, an empty string as ``out_dir``.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
       ValueError: at the first epoch end, a training-step metric under the name ``fit``
         records the learning rate by (``lr``, or ``lr_0``, ... with parameter groups).
@@ -642,6 +643,11 @@ def fit(
                 f"(mode={mode!r}). Pass reduce_on_plateau(..., mode={mode!r}), or the "
                 f"monitor and mode it should follow: fit(..., monitor=..., mode=...)."
             )
+    if isinstance(out_dir, str) and not out_dir:  # an unset option's default, say
+        raise ValueError(
+            "out_dir is an empty string, which would make the working directory the run "
+            "folder: pass None to write nothing, or '.' to write there."
+        )
     if checkpoint_every_n_steps is not None and out_dir is None:
         raise ValueError("checkpoint_every_n_steps needs out_dir: fit writes checkpoints there.")
     for what, name in [("fit", monitor)] + [("EarlyStopping", s.monitor) for s in stoppers]:

@@ -578,6 +578,17 @@ def test_an_out_dir_under_home_is_the_home_folders(tmp_path, monkeypatch):
     assert state.epoch == 2 and "Resumed from" in (run_dir / "run_training.log").read_text()
 
 
+def test_an_empty_out_dir_is_an_error_not_the_working_directory(tmp_path, monkeypatch):
+    """out_dir="" (the default of an unset --out-dir option) wrote the run folder into
+    the working directory, and moved a metrics.csv, best_model.pt or history.png found
+    there into checkpoints/previous-<time>/ as an earlier run's."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.csv").write_text("not fit's\n")
+    with pytest.raises(ValueError, match=r"out_dir is an empty string.* None .* '\.'"):
+        fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir="", log_to_console=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
 @pytest.mark.parametrize("relative", [False, True])
 def test_a_users_logger_of_the_run_folders_metrics_csv_is_not_doubled(
     tmp_path, monkeypatch, relative
