@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +22,7 @@ from torch import nn
 from torch._C import _functorch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.stateless import _reparametrize_module
 
 from fnloop import _tree
@@ -112,12 +114,23 @@ EVAL_STACKED_FIX = (
 )
 
 
-VMAP_OP_MSG = (
-    "{name} failed under torch.func.vmap: {error}\n"
+VMAP_OP_MSG = "{name} failed under torch.func.vmap: {error}\n{why}"
+VMAP_MODEL_MSG = (
     "torch.func.vmap cannot run this model's forward pass on stacked states: {why} "
-    "Known cases: spectral_norm (its power iteration writes with out=) and packed "
-    "sequences through an RNN (pack_padded_sequence). Train and evaluate such models one "
-    "at a time, in a loop over fl.unstack_states(state) (docs/guide.md, section 6)."
+    "Known cases: spectral_norm (its power iteration writes with out=), packed "
+    "sequences through an RNN (pack_padded_sequence) and BatchNorm with momentum=None "
+    "in training (its cumulative average reads the batch count on the host; a number "
+    "momentum, such as the default 0.1, trains under vmap). Train and evaluate such models "
+    "one at a time, in a loop over fl.unstack_states(state) (docs/guide.md, section 6)."
+)
+VMAP_CUMULATIVE_BN_MSG = (
+    "torch.func.vmap cannot train this model on stacked states: its {kind} {path!r} has "
+    "momentum=None, a cumulative moving average of the batch statistics, whose forward "
+    "reads the number of batches seen on the host (1.0 / float(num_batches_tracked)). "
+    "Give the layer a number momentum (momentum=0.1, the default; a smaller one averages "
+    "over more batches), which vmap batches; or, to keep the cumulative average, train the "
+    "models one at a time, in a loop over fl.unstack_states(state) (docs/guide.md, "
+    "section 6)."
 )
 VMAP_NO_RULE = "torch has no batching rule for an operation it calls."
 VMAP_HOST_READ = (
@@ -247,20 +260,31 @@ def _vmapping() -> bool:
 
 
 @contextlib.contextmanager
-def _clear_vmap_errors(name: str) -> Iterator[None]:
-    """Under ``vmap``: torch's errors for operations it cannot batch name the models that
-    hit them and what to do instead."""
+def _clear_vmap_errors(name: str, module: nn.Module) -> Iterator[None]:
+    """Under ``vmap``: torch's errors for operations it cannot batch say what hit them (a
+    layer of ``module``, the template, where known) and what to do instead."""
     try:
         yield
     except RuntimeError as e:
         text = str(e)
         if "Batching rule not implemented" in text:
-            why = VMAP_NO_RULE
+            why = VMAP_MODEL_MSG.format(why=VMAP_NO_RULE)
         elif text.startswith("vmap: It looks like you're either (1) calling .item()"):
-            why = VMAP_HOST_READ
+            why = _host_read_why(e, module)
         else:
             raise
         raise RuntimeError(VMAP_OP_MSG.format(name=name, error=text, why=why)) from e
+
+
+def _host_read_why(error: BaseException, module: nn.Module) -> str:
+    """Why a vmapped step read a tensor on the host, from where ``error`` was raised: the
+    innermost Python frame, which called ``.item()``, ``float(t)`` or ``bool(t)``."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    owner = frames[-1][0].f_locals.get("self") if frames else None
+    if isinstance(owner, _BatchNorm) and owner.training and owner.momentum is None:
+        path = next((n for n, m in module.named_modules() if m is owner), "")
+        return VMAP_CUMULATIVE_BN_MSG.format(kind=type(owner).__name__, path=path)
+    return VMAP_MODEL_MSG.format(why=VMAP_HOST_READ)
 
 
 @contextlib.contextmanager
@@ -696,7 +720,7 @@ class TrainStep:
                 buffers = _buffer_copies(state.buffers, frozen)
             with (
                 autocast(self.precision, device),
-                _clear_vmap_errors(name) if vmapping else _nothing,
+                _clear_vmap_errors(name, module) if vmapping else _nothing,
             ):
                 model = BoundModel(module, params, buffers, slots=slots)
                 out = self.training_step(model, batch)
@@ -1125,7 +1149,11 @@ class EvalStep:
         model = BoundModel(module, params, buffers, slots=None if transformed else slots)
         if transformed and _vmapping():
             # Batched: composite kernels (RNNs) decomposed, without attention's fast path.
-            with _clear_vmap_errors(name), _no_mha_fastpath(), autocast(self.precision, device):
+            with (
+                _clear_vmap_errors(name, module),
+                _no_mha_fastpath(),
+                autocast(self.precision, device),
+            ):
                 out = _decomposed(lambda: self.validation_step(model, batch))
         else:
             with (

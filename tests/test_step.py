@@ -1722,6 +1722,30 @@ def test_a_detached_loss_is_an_error_under_vmap_too():
         torch.func.vmap(bad, in_dims=(0, None), randomness="different")(states, batches(1)[0])
 
 
+def test_vmap_of_batchnorm_with_a_cumulative_average_names_the_layer_and_the_fix():
+    """``BatchNorm(momentum=None)`` keeps a cumulative average: its forward reads the batch
+    count on the host (``1 / float(num_batches_tracked)``), which vmap cannot. The error
+    names the layer and the fix (a number momentum), not packed sequences; evaluating,
+    which does not update the statistics, works."""
+    modules = [mlp(seed=i, bn=True) for i in range(2)]
+    for module in modules:
+        module[1].momentum = None
+    states = [fl.TrainState.create(m, tx=optim.sgd(0.1), device="cpu") for m in modules]
+    stacked, batch = fl.stack_states(states), batches(1)[0]
+    many = torch.func.vmap(fl.make_train_step(classify), in_dims=(0, None), randomness="different")
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)BatchNorm1d '1' has momentum=None.*momentum=0\.1.*fl\.unstack_states",
+    ) as info:
+        many(stacked, batch)
+    assert "PackedSequence" not in str(info.value)
+    evals = torch.func.vmap(fl.make_eval_step(classify), in_dims=(0, None))(stacked, batch)
+    for i, state in enumerate(states):
+        torch.testing.assert_close(
+            evals["loss"][i], fl.make_eval_step(classify)(state, batch)["loss"]
+        )
+
+
 class _Scale(nn.Module):
     """``x * w`` with a channels-last ``w``: autograd returns a contiguous gradient."""
 
