@@ -67,6 +67,13 @@ NOT_BOUND_MSG = (
     "gradient is missing. Compute it from the `model` argument (model(x)), which runs "
     "the module with the state's weights, not from your own module object."
 )
+NOT_CALLED_MSG = (
+    "the loss returned by {name} does not depend on the state's parameters: {name} never "
+    "called its `model` argument. A training step must compute its loss from the `model` "
+    "it is given, model(x), which runs the module with the state's weights, not from your "
+    "own module object (such as the one passed to TrainState.create, whose weights the "
+    "step does not train)."
+)
 TRANSFORM_MSG = (
     "a train step cannot be differentiated (torch.func.grad, jacrev or jvp of a step): "
     "its optimizer updates write in place, so the derivative would be wrong. Of the "
@@ -150,10 +157,11 @@ class BoundModel:
 
     Passed to the user's step function. ``model.module`` is the template (its weights
     live on the ``meta`` device) and ``model.params`` / ``model.buffers`` the tensors in
-    use.
+    use. ``model.called`` says whether ``model(...)`` ran, under ``torch.compile`` and
+    ``vmap`` (an eager step does not record it: autograd tells it what it needs).
     """
 
-    __slots__ = ("buffers", "module", "params", "slots")
+    __slots__ = ("buffers", "called", "module", "params", "slots")
 
     def __init__(
         self,
@@ -167,6 +175,7 @@ class BoundModel:
         self.params = params
         self.buffers = buffers
         self.slots = slots
+        self.called = False
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names that are not attributes of the BoundModel itself.
@@ -200,6 +209,7 @@ class BoundModel:
             return self.module(*args, **kwargs)
         # Under torch.compile / vmap: the traceable way, reading back the buffers that
         # forward replaced (``self.n = self.n + 1``) as well as those it updated in place.
+        self.called = True  # for the error when the loss has no gradient (traced away)
         tensors = {**self.params, **self.buffers}
         with _reparametrize_module(self.module, tensors, tie_weights=True, strict=False):
             out = self.module(*args, **kwargs)
@@ -728,7 +738,9 @@ class TrainStep:
             metrics = _metrics(out, name, device)
             metrics["loss"] = _metric_dtype(loss.detach())
             if not loss.requires_grad:  # metadata only: also checked under vmap and compile
-                raise ValueError(LOSS_GRAD_MSG.format(name=name))
+                # Traced, a loss from the user's own module has no gradient at all either.
+                bad = LOSS_GRAD_MSG if model.called or slots is not None else NOT_CALLED_MSG
+                raise ValueError(bad.format(name=name))
             if scale is None:
                 scaled = loss
             elif k > 1:  # as scaler.scale(loss / k): the scale's overflows are GradScaler's

@@ -860,6 +860,27 @@ def test_loss_from_the_users_own_module_is_an_error():
         step(state, batches(1)[0])
 
 
+@pytest.mark.parametrize("how", ["compiled", "vmapped"])
+def test_loss_from_the_users_own_module_is_as_clear_an_error_compiled_and_vmapped(how):
+    """Under torch.compile and vmap the loss from the user's own module has no gradient
+    at all (torch.func.grad tracks only the state's parameters), which the error for a
+    detached loss described ("do not detach it"): it names the cause as in eager mode."""
+    net = mlp()
+    state = fl.TrainState.create(net, tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda model, b: {"loss": F.cross_entropy(net(b[0]), b[1])})
+    if how == "compiled":
+        torch._dynamo.reset()
+        run = torch.compile(step, backend="eager")
+    else:
+        run = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+        state = fl.stack_states([state, state])
+    try:
+        with pytest.raises(ValueError, match=r"(?s)never called its `model` argument.*model\(x\)"):
+            run(state, batches(1)[0])
+    finally:  # dynamo keeps the frames of the failed trace, which later compiles would use
+        torch._dynamo.reset()
+
+
 def test_parameters_without_gradient_get_zero_updates():
     # A parameter the loss does not use gets a zero gradient, not an error. (With plain
     # SGD it then stays put; weight decay or momentum would still move it, where
