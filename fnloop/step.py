@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 import traceback
 import uuid
 import weakref
@@ -138,6 +139,14 @@ VMAP_CUMULATIVE_BN_MSG = (
     "over more batches), which vmap batches; or, to keep the cumulative average, train the "
     "models one at a time, in a loop over fl.unstack_states(state) (docs/guide.md, "
     "section 6)."
+)
+VMAP_CODE_HOST_READ_MSG = (
+    "{function} ({file}, line {line}) reads a tensor's value on the host: `{code}`. "
+    "torch.func.vmap cannot, since there the tensor holds a value per model (or per "
+    "batch): .item(), float(t), int(t), .tolist() or a tensor in an if fails. Keep the "
+    "values tensors: return metrics as tensors ({{'acc': acc}}, not acc.item()), and choose "
+    "with torch.where(cond, a, b) instead of an if on a tensor; where a Python number is "
+    "needed, train the models one at a time, in a loop over fl.unstack_states(state)."
 )
 VMAP_NO_RULE = "torch has no batching rule for an operation it calls."
 VMAP_HOST_READ = (
@@ -288,12 +297,26 @@ def _clear_vmap_errors(name: str, module: nn.Module) -> Iterator[None]:
 
 def _host_read_why(error: BaseException, module: nn.Module) -> str:
     """Why a vmapped step read a tensor on the host, from where ``error`` was raised: the
-    innermost Python frame, which called ``.item()``, ``float(t)`` or ``bool(t)``."""
+    innermost Python frame, which called ``.item()``, ``float(t)`` or ``bool(t)``. Code
+    of the user's (their step function, their forward) is named with the fix."""
     frames = list(traceback.walk_tb(error.__traceback__))
-    owner = frames[-1][0].f_locals.get("self") if frames else None
+    if not frames:
+        return VMAP_MODEL_MSG.format(why=VMAP_HOST_READ)
+    frame = frames[-1][0]
+    owner = frame.f_locals.get("self")
     if isinstance(owner, _BatchNorm) and owner.training and owner.momentum is None:
         path = next((n for n, m in module.named_modules() if m is owner), "")
         return VMAP_CUMULATIVE_BN_MSG.format(kind=type(owner).__name__, path=path)
+    where = os.path.realpath(frame.f_code.co_filename)
+    libraries = [os.path.realpath(os.path.dirname(f)) for f in (torch.__file__, __file__)]
+    if not any(where.startswith(os.path.join(lib, "")) for lib in libraries):
+        summary = traceback.extract_tb(error.__traceback__)[-1]
+        return VMAP_CODE_HOST_READ_MSG.format(
+            function=summary.name,
+            file=os.path.basename(summary.filename),
+            line=summary.lineno,
+            code=(summary.line or "").strip(),
+        )
     return VMAP_MODEL_MSG.format(why=VMAP_HOST_READ)
 
 

@@ -1767,6 +1767,37 @@ def test_vmap_of_batchnorm_with_a_cumulative_average_names_the_layer_and_the_fix
         )
 
 
+def _item_step(model, batch):
+    out = classify(model, batch)
+    return {"loss": out["loss"], "acc": out["acc"].item()}
+
+
+def _if_step(model, batch):
+    loss = classify(model, batch)["loss"]
+    if loss > 10:
+        loss = loss / 10
+    return {"loss": loss}
+
+
+@pytest.mark.parametrize(
+    ("fn", "line"),
+    [(_item_step, 'out["acc"].item()'), (_if_step, "if loss > 10:")],
+    ids=["item", "if"],
+)
+def test_vmap_of_a_step_function_reading_a_tensor_on_the_host_names_the_line_and_fix(fn, line):
+    """An ``.item()`` or an ``if`` on a tensor in the user's own step function: the error
+    points there and says how to keep the value a tensor, instead of blaming the model's
+    forward pass (as with packed sequences) and telling to train the models apart."""
+    states = [fl.TrainState.create(mlp(seed=i), tx=optim.sgd(0.1), device="cpu") for i in (0, 1)]
+    many = torch.func.vmap(fl.make_train_step(fn), in_dims=(0, None), randomness="different")
+    with pytest.raises(RuntimeError, match=re.escape(line)) as info:
+        many(fl.stack_states(states), batches(1)[0])
+    text = str(info.value)
+    assert f"{fn.__name__} (" in text and "test_step.py" in text
+    assert "torch.where" in text and "not acc.item()" in text
+    assert "PackedSequence" not in text and "forward pass" not in text
+
+
 class _Scale(nn.Module):
     """``x * w`` with a channels-last ``w``: autograd returns a contiguous gradient."""
 
