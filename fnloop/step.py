@@ -548,6 +548,10 @@ class TrainStep:
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(True), init=False, repr=False, compare=False
     )
+    # training_step's name for errors, read once: while torch.compile traces a step,
+    # dynamo (torch 2.13) reads a function's __qualname__ as "<attribute '__qualname__' of
+    # 'function' objects>", which fullgraph=True then reports.
+    _name: str = dataclasses.field(default="", init=False, repr=False, compare=False)
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
@@ -561,6 +565,7 @@ class TrainStep:
             raise TypeError(
                 f"training_step must be callable; got {type(self.training_step).__name__}."
             )
+        object.__setattr__(self, "_name", _fn_name(self.training_step))
         k = self.accumulation_steps
         if (
             isinstance(k, bool)
@@ -592,7 +597,7 @@ class TrainStep:
                 f"train_step(state, batch) needs a TrainState first; got "
                 f"{type(state).__name__}. Did you swap the arguments?"
             )
-        name = _fn_name(self.training_step)
+        name = self._name
         device = state.device
         # Donation works in eager mode and under torch.compile (where inductor then writes
         # into the donated buffers), not under vmap. Compiled code cannot read storage
@@ -1153,12 +1158,14 @@ class EvalStep:
     _templates: _Templates = dataclasses.field(
         default_factory=lambda: _Templates(False), init=False, repr=False, compare=False
     )
+    _name: str = dataclasses.field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.validation_step):
             raise TypeError(
                 f"validation_step must be callable; got {type(self.validation_step).__name__}."
             )
+        object.__setattr__(self, "_name", _fn_name(self.validation_step))  # see TrainStep
         check_precision(self.precision)
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
@@ -1168,7 +1175,7 @@ class EvalStep:
                 f"eval_step(state, batch) needs a TrainState first; got {type(state).__name__}."
             )
         check_not_donated(state, "this eval step")
-        name = _fn_name(self.validation_step)
+        name = self._name
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params

@@ -1448,6 +1448,36 @@ def test_compiled_steps_do_not_recompile_as_they_warm_up():
     assert eval_counter.frame_count == 1
 
 
+def _detached_loss_step(model, batch):
+    return {"loss": classify(model, batch)["loss"].detach()}
+
+
+def _logits_only_step(model, batch):
+    return model(batch[0])
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_errors_in_a_fullgraph_compiled_step_name_the_step_function(kind):
+    """Under torch.compile(fullgraph=True) dynamo reports an error raised in traced code
+    with the message it was built with; the step function's name was read while tracing,
+    where dynamo made it "<attribute '__qualname__' of 'function' objects>"."""
+    torch._dynamo.reset()
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    if kind == "train":
+        step, fn = fl.make_train_step(_detached_loss_step), "_detached_loss_step"
+        says = f"the 'loss' returned by {fn} does not depend on any parameter"
+    else:
+        step, fn = fl.make_eval_step(_logits_only_step), "_logits_only_step"
+        says = f"{fn} must return a mapping of metrics"
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    try:
+        with pytest.raises(Exception, match=re.escape(says)) as info:
+            compiled(state, batches(1)[0])
+    finally:  # dynamo keeps the frames of the failed trace, which later compiles would use
+        torch._dynamo.reset()
+    assert "<attribute" not in str(info.value)
+
+
 def test_each_made_step_compiles_on_its_own():
     """torch.compile wraps a callable object in one function shared by all, whose graph
     cache (8 graphs) and record of seen shapes would then be shared by every step of the
