@@ -929,6 +929,9 @@ class _Run:
         return {
             "epoch_rng": self.epoch_rng if position is not None else None,
             "epoch_start": self.epoch_start if position is not None else None,
+            # What ``position`` counts: resuming it in an epoch of another length skips
+            # batches that are not the ones the run trained on.
+            "epoch_batches": loader_length(self.train_loader) if position is not None else None,
             "means": means,
             "rng": self.rng_state(),
         }
@@ -1032,6 +1035,8 @@ class _Run:
                 f"resume=False (or another out_dir) to start over."
             )
         self.logger.info(f"Resumed from {found.path} ({where})")  # before what it restores
+        if len(ranks) == world_size():  # (another number of processes is warned about)
+            self.warn_other_epoch_length(found.path, rec)
         self.restore_stoppers(rec)
         if self.state.epoch < self.max_epochs and not self.stop_reason:  # training goes on
             self.warn_persistent_workers()
@@ -1043,6 +1048,22 @@ class _Run:
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
         return position, rec.get("rng")
+
+    def warn_other_epoch_length(self, path: Path, rec: Mapping[str, Any]) -> None:
+        """Warns when a mid-epoch checkpoint counted its position in an epoch of another
+        length than the train loader's now (another batch size, data set or sampler)."""
+        position, saved = rec.get("position"), rec.get("epoch_batches")
+        now = loader_length(self.train_loader)
+        if position is None or saved is None or now is None or saved == now:
+            return  # (None: an epoch-end or older checkpoint, a loader of unknown length)
+        self.logger.warning(
+            f"{path} was saved after batch {position} of an epoch of {saved} batches, and "
+            f"the train loader now has {now} per epoch (another batch size, data set or "
+            f"sampler?): the resumed epoch skips its first {min(position, now)} batches, "
+            f"which are not the ones the run trained on, so some of its examples are "
+            f"trained on twice and others not at all. Resume with the loader the run was "
+            f"saved with to train the epoch as an uninterrupted run would."
+        )
 
     def restore_best(self, best: Mapping[str, Any] | None) -> None:
         """The checkpoint's best model, if it was chosen by this run's monitor and mode."""

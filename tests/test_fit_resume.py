@@ -875,3 +875,31 @@ def test_a_failed_draw_of_a_crashed_runs_plot_does_not_hide_the_crash(tmp_path, 
         run(tmp_path, max_epochs=3, callbacks=[CrashAt(2, 1)])
     assert tried == [1]  # epoch 1's plot, drawn on the way out
     assert "Stopped by Crash in epoch 2" in (tmp_path / "run_training.log").read_text()
+
+
+@pytest.mark.parametrize("batch_size", [5, 20])
+def test_a_mid_epoch_resume_with_another_epoch_length_is_warned_about(tmp_path, batch_size):
+    """The saved position counts batches of the interrupted run's loader: resumed with
+    another batch size, fit skipped that many of the new loader's batches in silence."""
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAt(2, 3)], checkpoint_every_n_steps=2)
+
+    def other():
+        g = torch.Generator().manual_seed(7)
+        return DataLoader(seeded_loader().dataset, batch_size=batch_size, shuffle=True, generator=g)
+
+    run(tmp_path, loader=other, checkpoint_every_n_steps=2)
+    log = (tmp_path / "run_training.log").read_text()
+    assert (
+        "ckpt-0000000008-b.pt was saved after batch 2 of an epoch of 6 batches, and the "
+        f"train loader now has {60 // batch_size} per epoch" in log
+    )
+    assert f"the resumed epoch skips its first {min(2, 60 // batch_size)} batches" in log
+
+
+def test_a_mid_epoch_resume_with_the_same_epoch_length_is_not_warned_about(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAt(2, 3)], checkpoint_every_n_steps=2)
+    run(tmp_path, checkpoint_every_n_steps=2)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "Resumed from" in log and "per epoch (another batch size" not in log
