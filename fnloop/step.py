@@ -273,11 +273,6 @@ def _bound(
             table[key] = old
 
 
-def _vmapping() -> bool:
-    """Under an eager ``torch.func.vmap`` (not while ``torch.compile`` traces)."""
-    return not torch.compiler.is_compiling() and _functorch.maybe_current_level() is not None
-
-
 @contextlib.contextmanager
 def _clear_vmap_errors(name: str, module: nn.Module) -> Iterator[None]:
     """Under ``vmap``: torch's errors for operations it cannot batch say what hit them (a
@@ -364,15 +359,20 @@ def _decomposed(fn: Callable[[], Any]) -> Any:
 _nothing = contextlib.nullcontext()
 
 
-def _in_transform(params: Params, *, train: bool = True) -> bool:
-    """True under ``torch.compile`` or a ``torch.func`` transform (``vmap`` of the states,
-    of the batches only, or both), where steps run on ``torch.func``.
+def _in_transform(params: Params, compiling: bool, *, train: bool = True) -> bool:
+    """True under ``torch.compile`` (``compiling``, the caller's
+    ``torch.compiler.is_compiling()``) or a ``torch.func`` transform (``vmap`` of the
+    states, of the batches only, or both), where steps run on ``torch.func``.
+
+    The step's own frame says whether it is compiled: dynamo may compile a helper as a
+    frame of its own while the step runs eagerly (after a compile of the step raised),
+    and the helper's ``is_compiling()`` then answers for the helper alone.
 
     Raises:
       ValueError: for a train step (``train``) under a transform other than ``vmap``
         (``torch.func.grad`` of a step).
     """
-    if torch.compiler.is_compiling():
+    if compiling:
         return True
     first = next(iter(params.values()))
     if _functorch.is_batchedtensor(first):
@@ -400,10 +400,11 @@ class _Templates:
         self.training = training
         self.known: weakref.WeakKeyDictionary[nn.Module, _Template] = weakref.WeakKeyDictionary()
 
-    def get(self, module: nn.Module) -> _Template:
+    def get(self, module: nn.Module, compiling: bool) -> _Template:
         """``(template, its tensor slots or None when traced, names of frozen params, the
-        name and number of dims of its first trainable parameter)``."""
-        if torch.compiler.is_compiling():
+        name and number of dims of its first trainable parameter)``; ``compiling`` is the
+        step's ``torch.compiler.is_compiling()`` (see :func:`_in_transform`)."""
+        if compiling:
             # Nothing cached: dynamo guards on what the trace reads, so a cache that the
             # first call fills would make the second call recompile the step.
             template = in_mode(module, training=self.training)
@@ -603,8 +604,8 @@ class TrainStep:
         # into the donated buffers), not under vmap. Compiled code cannot read storage
         # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
-        transformed = _in_transform(state.params)  # compiling, or under torch.func.vmap
-        module, slots, frozen, first = self._templates.get(state.module)
+        transformed = _in_transform(state.params, compiling)  # or under torch.func.vmap
+        module, slots, frozen, first = self._templates.get(state.module, compiling)
         # (Inside vmap, compiled or not, a stacked state's tensors show one model's shape.)
         if (not transformed or compiling) and _maybe_stacked(state, first):
             check_one_model(state, "train_step", TRAIN_STACKED_FIX)
@@ -627,7 +628,7 @@ class TrainStep:
         scale = loss_scale.scale if self.loss_scale is not None else None
 
         grads, loss, metrics, buffers, params = self._gradients(
-            state, module, slots, frozen, batch, scale, name, device, transformed, donate
+            state, module, slots, frozen, batch, scale, name, device, transformed, compiling, donate
         )
         if params is not state.params:  # a pure eager step's copies (forward may write)
             state = state.replace(params=params)
@@ -737,6 +738,7 @@ class TrainStep:
         name: str,
         device: torch.device,
         transformed: bool,
+        compiling: bool,
         donate: bool,
     ) -> tuple[Params, torch.Tensor, Metrics, Params, Params]:
         """Gradients of the loss (with a loss scale: of ``loss / k * scale``, as
@@ -744,7 +746,7 @@ class TrainStep:
         forward ran on (the state's, or a pure eager step's copies of them)."""
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
-        vmapping = transformed and _vmapping()
+        vmapping = transformed and not compiling  # under an eager torch.func.vmap
 
         eager_buffers = None if transformed else _buffer_copies(state.buffers, frozen)
         k = self.accumulation_steps
@@ -1179,17 +1181,18 @@ class EvalStep:
         device = state.device
         batch = to_device(batch, device)
         params = state.ema if self.use_ema and state.ema is not None else state.params
-        module, slots, frozen, first = self._templates.get(state.module)
-        transformed = _in_transform(params, train=False)
-        if (not transformed or torch.compiler.is_compiling()) and _maybe_stacked(state, first):
+        compiling = torch.compiler.is_compiling()
+        module, slots, frozen, first = self._templates.get(state.module, compiling)
+        transformed = _in_transform(params, compiling, train=False)
+        if (not transformed or compiling) and _maybe_stacked(state, first):
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
-        if self.precision is not None and not torch.compiler.is_compiling():
+        if self.precision is not None and not compiling:
             warn_if_no_effect(self.precision, params.get(first[0]))
         # Forward may write buffers in eval mode too (counters, observers); the weights
         # are not copied (see make_eval_step).
         buffers = _buffer_copies(state.buffers, frozen)
         model = BoundModel(module, params, buffers, slots=None if transformed else slots)
-        if transformed and _vmapping():
+        if transformed and not compiling:  # under an eager torch.func.vmap
             # Batched: composite kernels (RNNs) decomposed, without attention's fast path.
             with (
                 _clear_vmap_errors(name, module),

@@ -864,18 +864,21 @@ def test_loss_from_the_users_own_module_is_an_error():
 def test_loss_from_the_users_own_module_is_as_clear_an_error_compiled_and_vmapped(how):
     """Under torch.compile and vmap the loss from the user's own module has no gradient
     at all (torch.func.grad tracks only the state's parameters), which the error for a
-    detached loss described ("do not detach it"): it names the cause as in eager mode."""
+    detached loss described ("do not detach it"): it names the cause as in eager mode.
+    (Compiled, dynamo reruns the step eagerly when its trace raises: the eager error.)"""
     net = mlp()
     state = fl.TrainState.create(net, tx=optim.sgd(0.1), device="cpu")
     step = fl.make_train_step(lambda model, b: {"loss": F.cross_entropy(net(b[0]), b[1])})
     if how == "compiled":
         torch._dynamo.reset()
         run = torch.compile(step, backend="eager")
+        match = r"(?s)does not depend on the state's parameters.*model\(x\).*own module object"
     else:
         run = torch.func.vmap(step, in_dims=(0, None), randomness="different")
         state = fl.stack_states([state, state])
+        match = r"(?s)never called its `model` argument.*model\(x\)"
     try:
-        with pytest.raises(ValueError, match=r"(?s)never called its `model` argument.*model\(x\)"):
+        with pytest.raises(ValueError, match=match):
             run(state, batches(1)[0])
     finally:  # dynamo keeps the frames of the failed trace, which later compiles would use
         torch._dynamo.reset()
@@ -2394,3 +2397,37 @@ def test_mixed_precision_on_a_float64_model_warns_at_the_callers_line():
         warnings.simplefilter("error")
         fl.make_train_step(classify, precision="bf16")(float32, batches(1, dtype=torch.float32)[0])
         fl.make_train_step(classify)(state, b)
+
+
+def test_steps_compiled_after_a_compile_that_raised_still_check_and_train():
+    """A compile that raises leaves the step's shared frames to run eagerly under later
+    compiles, with helpers compiled as frames of their own: those helpers answered
+    "compiling" for the eager step, which then missed the stacked-state check (torch's
+    ``t() expects a tensor with <= 2 dimensions`` instead)."""
+
+    def no_mapping(model, batch):
+        return model(batch[0])
+
+    def broken(model, batch):  # a graph break in the user's function: the step runs
+        torch._dynamo.graph_break()  # its frames eagerly, the helpers compiled
+        return classify(model, batch)
+
+    state = fl.TrainState.create(mlp(), tx=optim.adamw(0.1), device="cpu")
+    stacked = fl.stack_states([state, state])
+    b = batches(1)[0]
+    try:
+        for make in (fl.make_train_step, fl.make_eval_step):
+            with pytest.raises(ValueError, match="no_mapping must return a mapping"):
+                torch.compile(make(no_mapping))(state, b)
+        for make, name in [(fl.make_train_step, "train_step"), (fl.make_eval_step, "eval_step")]:
+            with pytest.raises(ValueError, match=rf"^{name} runs one model.*2 stacked models"):
+                torch.compile(make(classify))(stacked, b)
+        for fn in (classify, broken):
+            new, metrics = torch.compile(fl.make_train_step(fn))(state, b)
+            ref, ref_metrics = fl.make_train_step(classify)(state, b)
+            torch.testing.assert_close(new.params, ref.params, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(metrics, ref_metrics, rtol=1e-9, atol=1e-12)
+            got = torch.compile(fl.make_eval_step(fn))(state, b)
+            torch.testing.assert_close(got, fl.make_eval_step(classify)(state, b))
+    finally:
+        torch._dynamo.reset()  # the frames run eagerly for this test only
