@@ -556,9 +556,10 @@ class TrainStep:
     _checked: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
         default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
-    # The optimizers (their update functions) whose state this step has checked.
-    _known_tx: set[Callable[..., Any]] = dataclasses.field(
-        default_factory=set, init=False, repr=False, compare=False
+    # The optimizers (their update functions) whose state this step has checked, held
+    # weakly: a sweep that makes a new optimizer per run does not keep the old ones alive.
+    _known_tx: weakref.WeakSet[Callable[..., Any]] = dataclasses.field(
+        default_factory=weakref.WeakSet, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:

@@ -6,9 +6,11 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import gc
 import inspect
 import re
 import warnings
+import weakref
 from typing import NamedTuple
 
 import pytest
@@ -392,6 +394,19 @@ def test_a_tx_replaced_with_its_opt_state_trains_as_a_fresh_optimizer():
 
     same_kind, _ = step(state.replace(tx=optim.adamw(0.5)), data[1])
     assert optim.learning_rates(same_kind.opt_state) == [pytest.approx(0.01)]
+
+
+def test_a_step_does_not_keep_the_optimizers_it_checked_alive():
+    """One step used for a sweep, with a new optimizer per run: the step held every
+    optimizer it had checked, and with it each one's closures."""
+    step = fl.make_train_step(classify)
+    tx = optim.adamw(0.01)
+    seen = weakref.ref(tx.update)
+    state = fl.TrainState.create(mlp(), tx=tx, device="cpu")
+    step(state, batches(1)[0])
+    del state, tx
+    gc.collect()
+    assert seen() is None
 
 
 def test_the_device_is_chosen_automatically_and_batches_are_moved_to_it(monkeypatch):
