@@ -1233,19 +1233,23 @@ class _Run:
                     path.rename(aside / path.name)
             self.logger.info(f"{why}: set the earlier run's files aside in {aside}")
 
-    def resume_hint(self) -> str:
+    def resume_hint(self, failed: bool = False) -> str:
+        """How to go on after an interrupt, or after an error (``failed``), which a rerun
+        repeats unless its cause is gone (a bug in a step or callback, bad data)."""
         if self.ckpt_dir is None:
             return "No checkpoint was written (fit checkpoints only with out_dir)."
         found = _own_checkpoints(self.ckpt_dir)
         if not found:
             return "No checkpoint was written yet: running the same fit again starts over."
+        if failed:
+            return f"Once the cause is fixed, run the same fit again to resume from {found[0]}."
         return f"Run the same fit again to resume from {found[0]}."
 
     def log_failure(self, error: Exception, where: str = "") -> None:
         """Says in the log why the run ended (once), and, in an epoch, how to go on."""
         if not self.failure_logged:
             self.failure_logged = True
-            hint = f" {self.resume_hint()}" if where else ""
+            hint = f" {self.resume_hint(failed=True)}" if where else ""
             if SYMBOLIC_SIZES in str(error):
                 hint = f" {SYMBOLIC_SIZES_HINT}{hint}"
                 if hasattr(error, "add_note"):  # Python 3.11+: the traceback shows it too

@@ -587,7 +587,10 @@ def test_the_log_says_why_a_run_ended(tmp_path, capsys):
         run(tmp_path, callbacks=[CrashAtFitStart()])
     log = (tmp_path / "run_training.log").read_text()
     assert "ERROR - Stopped by Crash in epoch 1. No checkpoint was written yet" in log
-    assert "ERROR - Stopped by Crash in epoch 2. Run the same fit again to resume from" in log
+    assert (
+        "ERROR - Stopped by Crash in epoch 2. Once the cause is fixed, run the same fit again "
+        "to resume from" in log
+    )
     assert log.endswith("ERROR - Stopped by Crash: no data.\n")
     with pytest.raises(Crash):  # no out_dir and no console: nothing is printed
         run(None, callbacks=[CrashAt(1, 1)])
