@@ -710,8 +710,12 @@ def fit(
         try:
             return run.run(resume=resume)
         except BaseException as e:
-            if isinstance(e, Exception):  # before or after the epochs (in them: logged there)
+            # Before or after the epochs (in them, logged there): resuming, in on_fit_start,
+            # writing the best model, in on_fit_end.
+            if isinstance(e, Exception):
                 run.log_failure(e)
+            elif isinstance(e, KeyboardInterrupt):
+                run.log_interrupt(" before or after the epochs")
             run.callbacks.teardown()  # writers, runs and profilers that on_fit_end would close
             raise
     finally:
@@ -1148,7 +1152,7 @@ class _Run:
                 self.epochs_run += 1
                 position, rng = None, None
         except KeyboardInterrupt:
-            self.logger.warning(f"Interrupted in epoch {state.epoch + 1}. {self.resume_hint()}")
+            self.log_interrupt(f" in epoch {state.epoch + 1}")
             # Ctrl-C is how a run is ended early by hand: best_model.pt then holds the best
             # of the finished epochs, not an earlier fit's (or nothing).
             try:
@@ -1244,6 +1248,12 @@ class _Run:
         if failed:
             return f"Once the cause is fixed, run the same fit again to resume from {found[0]}."
         return f"Run the same fit again to resume from {found[0]}."
+
+    def log_interrupt(self, where: str) -> None:
+        """Says in the log that Ctrl-C ended the run (once), and how to go on."""
+        if not self.failure_logged:
+            self.failure_logged = True
+            self.logger.warning(f"Interrupted{where}. {self.resume_hint()}")
 
     def log_failure(self, error: Exception, where: str = "") -> None:
         """Says in the log why the run ended (once), and, in an epoch, how to go on."""

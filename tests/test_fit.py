@@ -929,6 +929,24 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
         fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
 
 
+@pytest.mark.parametrize("event", ["on_fit_start", "on_fit_end"])
+def test_keyboard_interrupt_outside_the_epochs_is_logged(tmp_path, event):
+    """Ctrl-C before the first epoch or after the last one left no line in the log: the
+    run's log just ended."""
+
+    def interrupt(self, state):
+        raise KeyboardInterrupt
+
+    CtrlC = type("CtrlC", (fl.callbacks.Callback,), {event: interrupt})
+    kw = dict(max_epochs=1, out_dir=tmp_path, log_to_console=False)
+    with pytest.raises(KeyboardInterrupt):
+        fl.fit(make_state(), classify, loaders(), callbacks=[CtrlC()], **kw)
+    log = (tmp_path / "run_training.log").read_text()
+    hint = "No checkpoint was written yet" if event == "on_fit_start" else "Run the same fit again"
+    assert f"WARNING - Interrupted before or after the epochs. {hint}" in log
+    assert log.count("Interrupted") == 1
+
+
 def test_a_run_stopped_with_ctrl_c_leaves_its_best_model(tmp_path):
     """Ctrl-C, the usual way to end a run early by hand, after better epochs than the
     first fit's: best_model.pt kept that fit's best (epoch 2) though the checkpoints knew
