@@ -648,7 +648,9 @@ def test_a_mid_epoch_record_holds_the_left_out_counts_on_the_cpu(monkeypatch):
     means.add({"loss": torch.tensor(1.0, device="meta")}, 3)
     means.add({"loss": torch.tensor(float("nan"), device="meta")}, 2)
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.zeros(t.shape, dtype=t.dtype))
-    run = SimpleNamespace(means=means, epoch_rng=None, epoch_start=None, rng_state=lambda: None)
+    run = SimpleNamespace(
+        means=means, epoch_rng=None, epoch_start=None, rng_state=lambda: None, train_loader=[1]
+    )
     record = _Run.local_record(run, 5)  # type: ignore[arg-type]
     saved = record["means"]
     assert set(saved["dropped"]) == set(saved["sums"]) == {"loss"}
