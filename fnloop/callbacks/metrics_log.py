@@ -256,7 +256,8 @@ class CSVLogger(EpochLogger):
     as it is written.
 
     Args:
-      path: the CSV file; its parent directories are created.
+      path: the CSV file (a leading ``~`` is the home folder, as in ``fit``'s
+        ``out_dir``); its parent directories are created.
 
     Example:
       >>> import pathlib, tempfile, torch
@@ -274,7 +275,7 @@ class CSVLogger(EpochLogger):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self._fieldnames: list[str] = []
 
     def start(self, state: TrainState) -> None:
@@ -315,7 +316,8 @@ class JSONLinesLogger(EpochLogger):
     line is standard JSON.
 
     Args:
-      path: the ``.jsonl`` file; its parent directories are created.
+      path: the ``.jsonl`` file (a leading ``~`` is the home folder); its parent
+        directories are created.
 
     Example:
       Read the log back with the standard library::
@@ -325,7 +327,7 @@ class JSONLinesLogger(EpochLogger):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
 
     def start(self, state: TrainState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ def plot_history(
     Args:
       history: ``{"train": {"loss": [...], "acc": [...]}, "valid": {...}}``, such as
         ``state.history``.
-      path: the image file, e.g. ``runs/demo/history.png``; parents are created.
+      path: the image file, e.g. ``runs/demo/history.png`` (a leading ``~`` is the
+        home folder); parents are created.
 
     Returns:
       ``path`` as a ``Path``.
@@ -94,7 +95,7 @@ def plot_history(
     for ax in axes[len(names) :]:
         fig.delaxes(ax)
 
-    out = Path(path)
+    out = Path(path).expanduser()
     atomic_write_file(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png"))
     return out
 
@@ -115,7 +116,8 @@ class PlotHistory(EpochLogger):
     drawn at the end.
 
     Args:
-      path: the image file, e.g. ``runs/demo/history.png``.
+      path: the image file, e.g. ``runs/demo/history.png`` (a leading ``~`` is the
+        home folder).
 
     Raises:
       ImportError: at ``on_fit_start``, when matplotlib is not installed.
@@ -129,7 +131,7 @@ class PlotHistory(EpochLogger):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self._final_history: History = {}  # through the last epoch whose row is final
 
     def on_fit_start(self, state: TrainState) -> None:

@@ -38,7 +38,8 @@ class Profiler(Callback):
     ``fit`` calls with the same callback, are not profiled. Only rank 0 profiles.
 
     Args:
-      out_dir: where ``trace.json`` goes; created if missing.
+      out_dir: where ``trace.json`` goes (a leading ``~`` is the home folder); created
+        if missing.
       num_batches: how many training batches to profile.
       activities: ``torch.profiler.ProfilerActivity`` values; ``None`` profiles the CPU
         and, when available, CUDA.
@@ -64,7 +65,7 @@ class Profiler(Callback):
     ) -> None:
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_batches must be a positive int; got {num_batches!r}.")
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir).expanduser()
         self.trace_path = self.out_dir / "trace.json"
         self.num_batches = num_batches
         self.activities = list(activities) if activities is not None else None

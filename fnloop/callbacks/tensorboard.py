@@ -155,7 +155,8 @@ class TensorBoard(EpochLogger):
     files it wrote (other writers' files are left alone), so no point appears twice.
 
     Args:
-      log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent).
+      log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent; a
+        leading ``~`` is the home folder).
       log_every_n_steps: also log the step outputs and learning rates every this many
         optimizer steps; ``None`` logs per epoch only.
 
@@ -182,7 +183,7 @@ class TensorBoard(EpochLogger):
             raise ValueError(
                 f"log_every_n_steps must be a positive int or None; got {log_every_n_steps!r}."
             )
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(log_dir).expanduser()
         self.log_every_n_steps = log_every_n_steps
         self.writer: Any = None
 

@@ -591,6 +591,85 @@ def test_plot_callback_draws_the_state_history_at_fit_end(tmp_path: Path) -> Non
     assert path.read_bytes().startswith(PNG_MAGIC)
 
 
+# --------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    ("package", "make", "written"),
+    [
+        (None, lambda: CSVLogger("~/runs/x/metrics.csv"), "runs/x/metrics.csv"),
+        (None, lambda: JSONLinesLogger("~/runs/x/m.jsonl"), "runs/x/m.jsonl"),
+        ("matplotlib", lambda: PlotHistory("~/runs/x/history.png"), "runs/x/history.png"),
+        ("tensorboard", lambda: TensorBoard("~/runs/x/tb"), "runs/x/tb"),
+        (None, lambda: Profiler("~/runs/x/prof", num_batches=1), "runs/x/prof/trace.json"),
+    ],
+    ids=["csv", "jsonl", "plot", "tensorboard", "profiler"],
+)
+def test_callback_paths_under_home_are_the_home_folders(
+    package: str | None,
+    make: Callable[[], Any],
+    written: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A path "~/runs/x/..." made a folder named "~" in the working directory, while
+    fit(out_dir="~/runs/x") writes to the home folder; "~" is now home for both."""
+    if package is not None:
+        pytest.importorskip(package)
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    drive([make()], new_state(), FIRST_FIT)
+    assert list(work.iterdir()) == []
+    assert (home / written).exists()
+
+
+def test_plot_history_expands_a_path_under_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    out = plot_history({"train": {"loss": (1.0, 0.5)}}, "~/history.png")
+    assert out == tmp_path / "home" / "history.png"
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "~").exists()
+
+
+def test_fit_adds_no_second_csv_logger_for_a_users_one_under_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's CSVLogger("~/runs/x/metrics.csv") and fit(out_dir="~/runs/x") name one
+    file: fit adds no logger of its own for it (two writers of one file would drop and
+    double its rows), and the user's writes it in the home folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    seen: list[int] = []
+
+    class Rows(CSVLogger):
+        def write_row(self, row: Any) -> None:
+            seen.append(int(row["epoch"]))
+            super().write_row(row)
+
+    batches = [torch.ones(4, 3)] * 2
+    fl.fit(
+        new_state(),
+        lambda m, b: {"loss": m(b).square().mean()},
+        batches,
+        max_epochs=2,
+        callbacks=[Rows("~/runs/x/metrics.csv")],
+        out_dir="~/runs/x",
+        log_to_console=False,
+    )
+    assert list(work.iterdir()) == []
+    assert seen == [1, 2]
+    rows = list(csv.DictReader((home / "runs" / "x" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
 # --------------------------------------------------------------------------- missing packages
 
 
