@@ -716,7 +716,9 @@ def fit(
                 run.log_failure(e)
             elif isinstance(e, KeyboardInterrupt):
                 run.log_interrupt(" before or after the epochs")
-            run.callbacks.teardown()  # writers, runs and profilers that on_fit_end would close
+            # Writers, runs and profilers that on_fit_end would close; a failure there
+            # is logged, and the exception that ended fit is raised.
+            run.callbacks.teardown(logger)
             raise
     finally:
         close_logger()

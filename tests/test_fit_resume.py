@@ -879,7 +879,12 @@ def test_a_failed_draw_of_a_crashed_runs_plot_does_not_hide_the_crash(tmp_path, 
     with pytest.raises(Crash):
         run(tmp_path, max_epochs=3, callbacks=[CrashAt(2, 1)])
     assert tried == [1]  # epoch 1's plot, drawn on the way out
-    assert "Stopped by Crash in epoch 2" in (tmp_path / "run_training.log").read_text()
+    log = (tmp_path / "run_training.log").read_text()
+    assert "Stopped by Crash in epoch 2" in log
+    # The failed draw was swallowed without a word: the log now says so, after the crash.
+    (line,) = [line for line in log.splitlines() if "PlotHistory failed" in line]
+    assert " - WARNING - " in line and "OSError: No space left on device" in line
+    assert log.index("Stopped by Crash") < log.index("PlotHistory failed")
 
 
 @pytest.mark.parametrize("batch_size", [5, 20])

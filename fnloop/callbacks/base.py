@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,12 @@ HISTORY_EVENT_MSG = (
     "(state.replace(history=fl.state.append_history(state.history, 'valid', {{'name': "
     "value}}))). Keep per-batch values in the callback and append their epoch summary "
     "at the epoch's end."
+)
+
+TEARDOWN_FAILED_MSG = (
+    "{owner} failed while releasing what it holds after the run ended by an exception: "
+    "{error}. What it writes at the end (a plot, a last log row) may be missing; the "
+    "exception that ended the run is raised as it was."
 )
 
 
@@ -156,14 +163,29 @@ class CallbackList:
             e: [getattr(cb, e) for cb in callbacks if _overrides(cb, e)] for e in EVENTS
         }
 
-    def teardown(self) -> None:
+    def teardown(self, logger: logging.Logger | None = None) -> None:
         """Lets every callback release what it holds when ``fit`` ends by an exception
-        (``on_fit_end`` does it otherwise); an error there does not hide the first one."""
+        (``on_fit_end`` does it otherwise); an error there does not hide the first one.
+
+        A callback whose ``teardown`` raises (a plot that cannot be drawn, a log that
+        cannot be written) is reported as a warning on ``logger`` (``fit`` passes the
+        run's), or with ``warnings.warn`` without one; the other callbacks are still
+        torn down.
+        """
         for cb in self.callbacks:
             teardown = getattr(cb, "teardown", None)
-            if callable(teardown):
-                with contextlib.suppress(Exception):
-                    teardown()
+            if not callable(teardown):
+                continue
+            try:
+                teardown()
+            except Exception as e:
+                message = TEARDOWN_FAILED_MSG.format(
+                    owner=type(cb).__name__, error=f"{type(e).__name__}: {e}"
+                )
+                if logger is not None:
+                    logger.warning(message)
+                else:
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def handles(self, event: str) -> bool:
         """Whether any callback handles ``event`` (lets the driver skip work)."""

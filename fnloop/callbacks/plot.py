@@ -107,7 +107,8 @@ class PlotHistory(EpochLogger):
     epoch has run). When ``fit`` ends by an exception or Ctrl-C, the plot is drawn on
     the way out with the epochs ``fit`` finished (those its checkpoints and
     ``metrics.csv`` hold: an epoch a resumed run will train again is left out), so it
-    does not lag behind them; a draw that fails there does not hide the exception.
+    does not lag behind them; a draw that fails there does not hide the exception
+    (``fit`` logs the failure as a warning).
     Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib
     is imported only when drawing, but its presence is checked at ``on_fit_start`` so
     a missing install fails before training, not after it.

@@ -109,3 +109,23 @@ def test_epoch_loops_take_callbacks_as_a_list() -> None:
     fl.train_epoch(state(), step, batches(3), callbacks=[Count()])
     fl.train_epoch(state(), step, batches(3), callbacks=Count())
     assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_failed_teardown_is_reported_and_the_others_still_run() -> None:
+    """CallbackList.teardown swallowed a callback's error without a word (a plot that
+    could not be drawn on the way out of a crashed fit left no trace); it now warns,
+    naming the callback and the error, and tears the other callbacks down."""
+    released = []
+
+    class FailingPlot(fl.callbacks.Callback):
+        def teardown(self):
+            raise OSError("No space left on device")
+
+    class Writer(fl.callbacks.Callback):
+        def teardown(self):
+            released.append(True)
+
+    callbacks = fl.callbacks.CallbackList([FailingPlot(), Writer()])
+    with pytest.warns(RuntimeWarning, match=r"FailingPlot failed .*OSError: No space left"):
+        callbacks.teardown()
+    assert released == [True]
