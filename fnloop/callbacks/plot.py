@@ -18,6 +18,16 @@ MATPLOTLIB_MISSING_MSG = (
     "Install it with: pip install 'fnloop[plot]'"
 )
 _SPLIT_ORDER = ("train", "valid")
+UNKNOWN_IMAGE_FORMAT_MSG = (
+    "PlotHistory cannot write {path!r}: matplotlib has no {fmt!r} image format (it "
+    "writes {known}). Give the path a suffix such as '.png', '.pdf' or '.svg' (none "
+    "writes PNG)."
+)
+
+
+def _image_format(path: Path) -> str:
+    """The format ``plot_history`` saves ``path`` in: its suffix, PNG without one."""
+    return path.suffix[1:].lower() or "png"
 
 
 def _metric_names(history: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
@@ -96,7 +106,7 @@ def plot_history(
         fig.delaxes(ax)
 
     out = Path(path).expanduser()
-    atomic_write_file(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png"))
+    atomic_write_file(out, lambda f: fig.savefig(f, format=_image_format(out)))
     return out
 
 
@@ -109,9 +119,10 @@ class PlotHistory(EpochLogger):
     ``metrics.csv`` hold: an epoch a resumed run will train again is left out), so it
     does not lag behind them; a draw that fails there does not hide the exception
     (``fit`` logs the failure as a warning).
-    Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib
-    is imported only when drawing, but its presence is checked at ``on_fit_start`` so
-    a missing install fails before training, not after it.
+    Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib's
+    presence, and that it writes the format of ``path``'s suffix, are checked at
+    ``on_fit_start``, so a missing install or a mistyped suffix fails before training,
+    not after it.
 
     It follows the epochs as an :class:`~fnloop.callbacks.EpochLogger` whose rows are
     drawn at the end.
@@ -122,6 +133,8 @@ class PlotHistory(EpochLogger):
 
     Raises:
       ImportError: at ``on_fit_start``, when matplotlib is not installed.
+      ValueError: at ``on_fit_start``, when matplotlib has no image format of
+        ``path``'s suffix.
 
     Example:
       ::
@@ -138,6 +151,17 @@ class PlotHistory(EpochLogger):
     def on_fit_start(self, state: TrainState) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError(MATPLOTLIB_MISSING_MSG)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        known = FigureCanvasAgg.get_supported_filetypes()
+        if _image_format(self.path) not in known:
+            raise ValueError(
+                UNKNOWN_IMAGE_FORMAT_MSG.format(
+                    path=str(self.path),
+                    fmt=_image_format(self.path),
+                    known=", ".join(sorted(known)),
+                )
+            )
         super().on_fit_start(state)
 
     def start(self, state: TrainState) -> None:

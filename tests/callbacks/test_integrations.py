@@ -591,6 +591,33 @@ def test_plot_callback_draws_the_state_history_at_fit_end(tmp_path: Path) -> Non
     assert path.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plot_callback_rejects_an_unknown_image_format_before_training(tmp_path: Path) -> None:
+    """PlotHistory("history.pnj") trained the whole run and then failed at on_fit_end,
+    where matplotlib refused the format; the suffix is now checked at on_fit_start."""
+    pytest.importorskip("matplotlib")
+    batches: list[int] = []
+
+    class Count(fl.callbacks.Callback):
+        def on_train_batch_start(self, state, batch, batch_idx):
+            batches.append(batch_idx)
+
+    with pytest.raises(ValueError, match=r"matplotlib has no 'pnj' image format .* png"):
+        fl.fit(
+            new_state(),
+            lambda m, b: {"loss": m(b).square().mean()},
+            [torch.ones(4, 3)],
+            max_epochs=2,
+            callbacks=[Count(), PlotHistory(tmp_path / "history.pnj")],
+            log_to_console=False,
+        )
+    assert batches == []
+    assert list(tmp_path.iterdir()) == []
+    for name in ("history.PDF", "history.svg", "history"):  # formats matplotlib writes
+        drive([PlotHistory(tmp_path / name)], new_state(), FIRST_FIT[:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history", "history.PDF", "history.svg"]
+    assert (tmp_path / "history").read_bytes().startswith(PNG_MAGIC)
+
+
 # --------------------------------------------------------------------------- paths
 
 
