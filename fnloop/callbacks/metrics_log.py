@@ -25,6 +25,12 @@ from fnloop.optim.transform import learning_rates
 from fnloop.state import TrainState, history_added
 from fnloop.typing import History
 
+NOT_STARTED_MSG = (
+    "{owner}.{event} came before on_fit_start: the logger opens its file (writer, run) "
+    "there, and without it would write nothing. fit sends on_fit_start; in a loop of "
+    "your own, call the logger's on_fit_start(state) before the first epoch and "
+    "on_fit_end(state) after the last."
+)
 _NOT_A_NUMBER_MSG = (
     "{owner} can only log numbers; metric {key!r} is a {kind}. Epoch-end metrics must be "
     "floats (or tensors / sequences of numbers, logged element-wise as '{key}/0', ...)."
@@ -88,6 +94,9 @@ class EpochLogger(Callback):
     before this one appended to ``state.history`` in the epoch join the row. When the
     train metrics carry no ``"train/lr..."`` entry, the learning rates are read from the
     optimizer state (one host sync per epoch). Under ``torch.distributed`` only rank 0 writes.
+    In a loop of your own, call ``on_fit_start`` before the first epoch and ``on_fit_end``
+    after the last, as ``fit`` does: an epoch-end event outside them raises
+    ``RuntimeError`` (the logger has nothing open to write to).
 
     Subclasses implement :meth:`write_row` and, where they hold a resource,
     :meth:`start` and :meth:`finish`.
@@ -119,6 +128,7 @@ class EpochLogger(Callback):
         self._history: History = {}  # at the epoch's start (after the last row)
         self._latest: History = {}  # at the last event collected
         self._active = False
+        self._started = False  # on_fit_start ran (on every rank), on_fit_end not yet
         # fit's progress: the last epoch it finished (and checkpointed), and whether a
         # re-run can resume from its checkpoints. Outside fit every row is final.
         self._finished_epoch = 0
@@ -139,6 +149,7 @@ class EpochLogger(Callback):
         self._pending, self._counters, self._history = {}, None, state.history
         self._finished_epoch = state.epoch
         self._active = is_main_process()
+        self._started = True
         if self._active:
             self.start(state)
 
@@ -147,6 +158,7 @@ class EpochLogger(Callback):
         self._history = state.history
 
     def on_train_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._require_started("on_train_epoch_end")
         if not self._active:
             return
         row = self._collect(state, metrics)
@@ -154,11 +166,13 @@ class EpochLogger(Callback):
             row.update(learning_rate_metrics(state.opt_state))
 
     def on_validation_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._require_started("on_validation_epoch_end")
         if self._active:
             self._collect(state, metrics)
             self._flush()
 
     def on_fit_end(self, state: TrainState) -> None:
+        self._started = False
         if not self._active:
             return
         self._flush()
@@ -166,6 +180,7 @@ class EpochLogger(Callback):
         self.finish(state)
 
     def teardown(self) -> None:
+        self._started = False
         if not self._active:
             return
         try:
@@ -180,6 +195,12 @@ class EpochLogger(Callback):
         finally:
             self._active = False
             self.finish(None)
+
+    def _require_started(self, event: str) -> None:
+        """Raises for an epoch event outside ``on_fit_start`` .. ``on_fit_end``, which
+        would otherwise write nothing without a word."""
+        if not self._started:
+            raise RuntimeError(NOT_STARTED_MSG.format(owner=type(self).__name__, event=event))
 
     def _track_epochs(self, *, resumable: bool) -> None:
         """Called by ``fit`` before ``on_fit_start``: whether it writes checkpoints."""

@@ -216,6 +216,8 @@ class TensorBoard(EpochLogger):
         batch_idx: int,
     ) -> None:
         n = self.log_every_n_steps
+        if n is not None and self.writer is None:  # (None on other ranks than 0 too)
+            self._require_started("on_train_batch_end")
         # Right after an optimizer update only (not after the micro-batches between).
         if self.writer is None or n is None or state.step % n != 0 or state.micro_step:
             return

@@ -170,6 +170,30 @@ def test_csv_rows_in_a_loop_of_ones_own_take_each_epochs_metrics_once(tmp_path: 
     assert [r["valid/loss"] for r in rows] == ["", "0.2", "", "0.4"]
 
 
+def test_loggers_in_a_loop_of_ones_own_without_on_fit_start_say_so(tmp_path: Path) -> None:
+    """A logger given epoch events without on_fit_start (a loop of one's own that
+    forgot it, or reused the logger after on_fit_end) wrote nothing, without a word: the
+    rows were lost. It now raises, naming the event and on_fit_start."""
+    state = new_state().replace(epoch=1, step=2)
+    cb = CSVLogger(tmp_path / "metrics.csv")
+    with pytest.raises(RuntimeError, match=r"CSVLogger.on_train_epoch_end came before on_fit"):
+        cb.on_train_epoch_end(state, {"train/loss": 0.5})
+    with pytest.raises(RuntimeError, match=r"JSONLinesLogger.on_validation_epoch_end came"):
+        JSONLinesLogger(tmp_path / "m.jsonl").on_validation_epoch_end(state, {"valid/loss": 0.5})
+    cb.on_fit_start(new_state())
+    cb.on_train_epoch_end(state, {"train/loss": 0.5})
+    cb.on_fit_end(state)
+    with pytest.raises(RuntimeError, match=r"on_train_epoch_end came before on_fit_start"):
+        cb.on_train_epoch_end(state.replace(epoch=2), {"train/loss": 0.25})  # after the end
+    assert cb.path.read_text() == "epoch,step,train/loss,train/lr\n1,2,0.5,0.1\n"
+    # Step logging in train_epoch alone, as TensorBoard gets its batches there.
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()})
+    tb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    with pytest.raises(RuntimeError, match=r"TensorBoard.on_train_batch_end came before"):
+        fl.train_epoch(new_state(), step, [torch.ones(4, 3)], callbacks=[tb])
+    assert not (tmp_path / "tb").exists()
+
+
 def test_learning_rates_from_the_metrics_are_not_logged_twice(tmp_path: Path) -> None:
     path = tmp_path / "metrics.csv"
     drive([CSVLogger(path)], new_state(), [({"train/loss": 0.5, "train/lr": 0.05}, None)])
