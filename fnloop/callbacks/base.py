@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -154,13 +154,22 @@ def check_callbacks(callbacks: Sequence[Any]) -> None:
 
 
 class CallbackList:
-    """Dispatches events to the callbacks that handle them; the driver's only view of them."""
+    """Dispatches events to the callbacks that handle them; the driver's only view of them.
+
+    Args:
+      callbacks: the callbacks, in the order they run: a sequence (any iterable, read
+        once) or one callback.
+    """
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
-        check_callbacks(callbacks)
+        # One callback is a list of one (as fit and train_epoch take it); an iterable is
+        # read once (a generator checked first would leave no callback to run).
+        if any(hasattr(callbacks, e) for e in EVENTS) or not isinstance(callbacks, Iterable):
+            callbacks = [callbacks]
         self.callbacks = list(callbacks)
+        check_callbacks(self.callbacks)
         self._handlers = {
-            e: [getattr(cb, e) for cb in callbacks if _overrides(cb, e)] for e in EVENTS
+            e: [getattr(cb, e) for cb in self.callbacks if _overrides(cb, e)] for e in EVENTS
         }
 
     def teardown(self, logger: logging.Logger | None = None) -> None:

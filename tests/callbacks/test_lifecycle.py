@@ -129,3 +129,24 @@ def test_a_failed_teardown_is_reported_and_the_others_still_run() -> None:
     with pytest.warns(RuntimeWarning, match=r"FailingPlot failed .*OSError: No space left"):
         callbacks.teardown()
     assert released == [True]
+
+
+def test_callback_list_takes_a_generator_or_one_callback() -> None:
+    """CallbackList checked a generator of callbacks, which used it up, and then kept an
+    empty list: no event reached any callback, without a word. One callback (as fit and
+    train_epoch take it) failed with "object is not iterable"."""
+    seen = []
+
+    class Count(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, idx):
+            seen.append(idx)
+
+    step = fl.make_train_step(classify)
+    fl.train_epoch(state(), step, batches(2), callbacks=[Count()])  # the reference
+    want, seen[:] = list(seen), []
+    for callbacks in [(cb for cb in [Count()]), Count()]:
+        fl.train_epoch(state(), step, batches(2), callbacks=fl.callbacks.CallbackList(callbacks))
+        assert seen == want
+        seen.clear()
+    with pytest.raises(TypeError, match="pass an instance: Profiler"):
+        fl.callbacks.CallbackList(Profiler)
