@@ -163,7 +163,7 @@ def reduce_on_plateau(
         raise ValueError(
             f"reduce_on_plateau patience and cooldown must be >= 0; got {patience} and {cooldown}."
         )
-    if min_lr < 0.0:
+    if not min_lr >= 0.0:  # NaN too: torch.clamp(lr, min=nan) is NaN, so no reduction
         raise ValueError(f"reduce_on_plateau min_lr must be >= 0; got {min_lr}.")
     return ReduceOnPlateau(
         learning_rate=float(learning_rate),

@@ -342,6 +342,8 @@ def test_plateau_defaults_are_reduce_lr_on_plateaus() -> None:
         ({"patience": -1}, "patience"),
         ({"cooldown": -2}, "cooldown"),
         ({"min_lr": -0.1}, r"min_lr must be >= 0; got -0\.1"),
+        # Was accepted, and then no reduction ever happened (torch reduces, ignoring it).
+        ({"min_lr": float("nan")}, r"min_lr must be >= 0; got nan"),
     ],
 )
 def test_bad_plateau_config_is_rejected(kwargs, match) -> None:
