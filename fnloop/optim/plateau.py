@@ -159,10 +159,10 @@ def reduce_on_plateau(
         raise ValueError(
             f"reduce_on_plateau learning_rate must be finite and >= 0; got {learning_rate}."
         )
-    if patience < 0 or cooldown < 0:
-        raise ValueError(
-            f"reduce_on_plateau patience and cooldown must be >= 0; got {patience} and {cooldown}."
-        )
+    # Counts of epochs, kept as ints: a float cooldown made the state's counter a float
+    # tensor at the first reduction, which a checkpoint written before it no longer fit.
+    patience = _epochs("patience", patience)
+    cooldown = _epochs("cooldown", cooldown)
     if not min_lr >= 0.0:  # NaN too: torch.clamp(lr, min=nan) is NaN, so no reduction
         raise ValueError(f"reduce_on_plateau min_lr must be >= 0; got {min_lr}.")
     return ReduceOnPlateau(
@@ -176,6 +176,20 @@ def reduce_on_plateau(
         min_lr=min_lr,
         eps=eps,
     )
+
+
+def _epochs(name: str, value: Any) -> int:
+    """``value`` as an int, or ``ValueError`` unless it is a whole number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not float(value).is_integer()
+        or value < 0
+    ):
+        raise ValueError(
+            f"reduce_on_plateau {name} counts epochs: a whole number >= 0; got {name}={value!r}."
+        )
+    return int(float(value))
 
 
 def _is_plateau(node: Any) -> bool:

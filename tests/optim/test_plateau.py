@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -341,6 +342,12 @@ def test_plateau_defaults_are_reduce_lr_on_plateaus() -> None:
         ({"factor": 0.0}, r"factor must be in \(0, 1\); got 0\.0"),
         ({"patience": -1}, "patience"),
         ({"cooldown": -2}, "cooldown"),
+        # A float cooldown was accepted and turned the state's cooldown counter into a
+        # float tensor at the first reduction (a checkpoint from before no longer fit).
+        ({"cooldown": 1.5}, r"cooldown counts epochs: a whole number >= 0; got cooldown=1\.5"),
+        ({"patience": 2.5}, r"patience counts epochs: a whole number >= 0; got patience=2\.5"),
+        ({"patience": True}, r"patience counts epochs: .* got patience=True"),
+        ({"cooldown": float("inf")}, r"cooldown counts epochs: .* got cooldown=inf"),
         ({"min_lr": -0.1}, r"min_lr must be >= 0; got -0\.1"),
         # Was accepted, and then no reduction ever happened (torch reduces, ignoring it).
         ({"min_lr": float("nan")}, r"min_lr must be >= 0; got nan"),
@@ -360,3 +367,17 @@ def test_negative_or_non_finite_plateau_learning_rate_is_rejected(lr: float) -> 
 def test_plateau_learning_rate_of_another_type_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"learning_rate must be a real number; got '0\.1'"):
         optim.reduce_on_plateau("0.1")
+
+
+def test_plateau_state_keeps_its_dtypes_through_reductions() -> None:
+    """The counters stay int64 and the rate float64 whatever happened, so a state saved
+    at any epoch fits the one ``init`` makes (checkpoints compare dtypes)."""
+    plateau = optim.reduce_on_plateau(0.1, patience=np.int64(0), cooldown=2.0)
+    assert (type(plateau.patience), type(plateau.cooldown)) == (int, int)  # whole numbers pass
+    tx = optim.sgd(plateau)
+    state = tx.init({"w": torch.zeros(2)})
+    fresh = [x.dtype for x in optree.tree_leaves(state, namespace="fnloop")]
+    for metric in FLAT:
+        state = optim.observe_metric(state, metric)
+        assert [x.dtype for x in optree.tree_leaves(state, namespace="fnloop")] == fresh
+    assert only_lr(state) < 0.1
