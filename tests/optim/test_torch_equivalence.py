@@ -662,11 +662,22 @@ def _joins() -> Iterator[Any]:
         yield pytest.param(ours, theirs, boundaries, id=f"{name}-{boundaries}")
 
 
+def _sequential_lr_starts_at_the_milestones() -> bool:
+    """Whether torch's SequentialLR starts with the scheduler meant for step 0: before
+    torch 2.13 it always started with the first one, also under a milestone at 0 (torch
+    2.11 gives 0.5 here, 2.13 and later 0.25, the rate join_schedules gives)."""
+    o = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    L.SequentialLR(o, [L.ConstantLR(o, 0.5, 2), L.ConstantLR(o, 0.25, 2)], [0])
+    return o.param_groups[0]["lr"] == 0.25
+
+
 @pytest.mark.parametrize(("schedules", "schedulers", "boundaries"), _joins())
 def test_join_schedules_matches_sequential_lr_at_any_boundaries(
     schedules, schedulers, boundaries
 ) -> None:
     """Boundaries at 0, two at the same step, one step apart, past the end."""
+    if 0 in boundaries and not _sequential_lr_starts_at_the_milestones():
+        pytest.skip("this torch's SequentialLR ignores a milestone at 0 at step 0")
     joined = optim.join_schedules(schedules(), boundaries)
     expected = torch_lrs(lambda o: L.SequentialLR(o, schedulers(o), boundaries), 0.2, 50)
     assert_schedule_matches(joined, expected)
