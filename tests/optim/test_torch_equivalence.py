@@ -534,7 +534,7 @@ def _onecycle_edges() -> Iterator[Any]:
         )
 
 
-@pytest.mark.parametrize(("total", "pct", "three", "strategy"), _onecycle_edges())
+@pytest.mark.parametrize(("total", "pct", "three", "strategy"), list(_onecycle_edges()))
 def test_onecycle_edges_match_torch(total, pct, three, strategy) -> None:
     """Cycles of 1 or 2 steps, a warm-up shorter than a step, the whole cycle warm-up,
     three phases whose middle one reaches the last step."""
@@ -671,7 +671,7 @@ def _sequential_lr_starts_at_the_milestones() -> bool:
     return o.param_groups[0]["lr"] == 0.25
 
 
-@pytest.mark.parametrize(("schedules", "schedulers", "boundaries"), _joins())
+@pytest.mark.parametrize(("schedules", "schedulers", "boundaries"), list(_joins()))
 def test_join_schedules_matches_sequential_lr_at_any_boundaries(
     schedules, schedulers, boundaries
 ) -> None:
@@ -919,7 +919,7 @@ def _refused() -> Iterator[Any]:
         yield pytest.param(ours, theirs, id=name)
 
 
-@pytest.mark.parametrize(("ours", "theirs"), _refused())
+@pytest.mark.parametrize(("ours", "theirs"), list(_refused()))
 def test_what_torch_refuses_is_refused_when_made(ours, theirs) -> None:
     """Every ValueError torch's constructors raise, fnloop's factories raise too, before
     any state exists (with messages of their own, tested elsewhere)."""
