@@ -760,6 +760,42 @@ def test_load_model_strict_false_loads_the_shared_keys_and_refuses_none(tmp_path
     assert all(torch.equal(v, untouched[k]) for k, v in target.state_dict().items())
 
 
+def test_load_model_strict_is_load_state_dicts_error(tmp_path: Path) -> None:
+    """The default ``strict=True`` refuses a file that lacks some of the module's
+    entries, or holds others, with the error ``module.load_state_dict`` gives."""
+    weights = make_module().state_dict()
+    partial = {k: v for k, v in weights.items() if k.startswith("0.")}
+    for name, entries in [
+        ("missing", partial),
+        ("unexpected", {**weights, "2.bias": torch.ones(2)}),
+    ]:
+        path = tmp_path / f"{name}.pt"
+        torch.save(entries, path)
+        with pytest.raises(RuntimeError) as expected:
+            make_module().load_state_dict(entries)
+        with pytest.raises(RuntimeError) as got:
+            load_model(path, make_module())
+        assert str(got.value) == str(expected.value)
+
+
+def test_load_model_strict_false_counts_the_entries_it_loaded(tmp_path: Path) -> None:
+    """Entries of the file that the module lacks are skipped, not counted as loaded."""
+    source = make_module()
+    shared = {k: v for k, v in source.state_dict().items() if k.startswith("0.")}
+    entries = {**shared, "2.weight": torch.ones(2, 4), "2.bias": torch.ones(2)}
+    path = tmp_path / "head.pt"
+    torch.save(entries, path)
+    target = make_module()
+    loaded = len(entries.keys() & target.state_dict().keys())
+    with pytest.warns(UserWarning) as record:
+        load_model(path, target, strict=False)
+    (message,) = [str(w.message) for w in record]
+    assert f"loaded {loaded} of the module's 7 entries" in message and loaded == 2
+    assert "in the file, not in the module (skipped): '2.weight', '2.bias'" in message
+    for name, value in shared.items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
 def test_safetensors_export(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
     state = randomized(fresh_state())
