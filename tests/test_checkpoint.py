@@ -508,6 +508,23 @@ def test_ema_setting_mismatch_is_explained(good_file: Path) -> None:
         load_checkpoint(good_file, fresh_state(ema_decay=None))
 
 
+def test_a_leaf_that_is_a_tensor_in_one_and_not_the_other_is_a_mismatch(tmp_path: Path) -> None:
+    """A subclass field held as a tensor in the file and as a number in ``like`` (or the
+    other way round) was loaded as the file's, or failed on ``float.shape``."""
+    tensor = StateWithBest.create(
+        make_module(), tx=TXS["adamw"](), device="cpu", best=torch.tensor(0.5)
+    )
+    number = tensor.replace(best=0.5)
+    for saved, like, detail in [
+        (tensor, number, "'best' is a tensor in the file but float in `like`"),
+        (number, tensor, "'best' is float in the file but Tensor in `like`"),
+    ]:
+        path = save_checkpoint(tmp_path / "c.pt", saved)
+        with pytest.raises(CheckpointMismatchError) as info:
+            load_checkpoint(path, like)
+        assert detail in str(info.value)
+
+
 def test_load_rejects_non_state_like(good_file: Path) -> None:
     with pytest.raises(TypeError, match="TrainState"):
         load_checkpoint(good_file, like=make_module())  # type: ignore[arg-type]
