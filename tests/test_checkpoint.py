@@ -7,6 +7,7 @@ a round trip that drops or mixes up a tensor cannot pass by accident.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import random
@@ -440,10 +441,11 @@ def test_a_model_export_is_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(path, fresh_state())
 
 
-def test_newer_format_version_is_refused(good_file: Path) -> None:
+@pytest.mark.parametrize("version", [0, 2])
+def test_other_format_versions_are_refused(good_file: Path, version: int) -> None:
     wrapper = torch.load(good_file, weights_only=True)
-    torch.save({**wrapper, "version": 2}, good_file)
-    with pytest.raises(CheckpointMismatchError, match=r"version 2.*reads version 1"):
+    torch.save({**wrapper, "version": version}, good_file)
+    with pytest.raises(CheckpointMismatchError, match=rf"version {version}.*reads version 1"):
         load_checkpoint(good_file, fresh_state())
 
 
@@ -629,6 +631,54 @@ def test_latest_good_checkpoint_skips_damaged_newest(tmp_path: Path) -> None:
     assert found.extra == {"position": 1}
     assert [s.path for s in skipped] == [newest]
     assert "truncated or damaged" in skipped[0].reason and str(newest) in skipped[0].reason
+
+
+def _signed(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint wrapper around ``payload`` with a valid checksum."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    return {
+        "format": ckpt.FORMAT,
+        "version": ckpt.VERSION,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
+
+
+def _payload_of(wrapper: dict[str, Any]) -> dict[str, Any]:
+    return torch.load(io.BytesIO(wrapper["payload"].numpy().tobytes()), weights_only=True)
+
+
+DAMAGED_ENTRIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "version of another type": lambda w: {**w, "version": "1"},
+    "payload not a tensor": lambda w: {**w, "payload": w["payload"].tolist()},
+    "payload without step": lambda w: _signed(
+        {k: v for k, v in _payload_of(w).items() if k != "step"}
+    ),
+    "leaves not a dict": lambda w: _signed(
+        {**_payload_of(w), "leaves": list(_payload_of(w)["leaves"].values())}
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_ENTRIES))
+def test_a_file_with_malformed_entries_is_skipped_as_damaged(tmp_path: Path, damage: str) -> None:
+    """A readable file whose entries are not what fnloop writes is damage, which
+    latest_good_checkpoint skips: not a set-up mismatch, which it raises (a version
+    of another type read as another version), nor a crash (KeyError, AttributeError)."""
+    old = randomized(fresh_state(), seed=1)
+    _set_mtime(save_checkpoint(tmp_path / "old.pt", old), 100)
+    path = save_checkpoint(tmp_path / "new.pt", randomized(fresh_state(), seed=2))
+    torch.save(DAMAGED_ENTRIES[damage](torch.load(path, weights_only=True)), path)
+    _set_mtime(path, 200)
+
+    found, skipped = latest_good_checkpoint(tmp_path, fresh_state())
+
+    assert found is not None and found.path == tmp_path / "old.pt"
+    assert_same_state(found.state, old)
+    assert [s.path for s in skipped] == [path]
+    assert f"{path} is damaged" in skipped[0].reason
 
 
 def test_latest_good_checkpoint_with_nothing_usable(tmp_path: Path) -> None:
