@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import pickle
 import random
 import stat
 import sys
@@ -276,6 +277,10 @@ class Opaque:
     pass
 
 
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass: torch.save pickles its class, which weights_only refuses."""
+
+
 @pytest.mark.parametrize(
     ("extra", "where", "type_name"),
     [
@@ -283,6 +288,7 @@ class Opaque:
         ({"es": {"best": np.float64(0.5)}}, "extra['es']['best']", "float64"),
         ({"order": [1, 2, {3}]}, "extra['order'][2]", "set"),
         ({"pos": np.arange(3)}, "extra['pos']", "ndarray"),
+        ({"mask": torch.ones(2).as_subclass(TaggedTensor)}, "extra['mask']", "TaggedTensor"),
     ],
 )
 def test_save_rejects_extra_that_is_not_plain_data(
@@ -292,6 +298,22 @@ def test_save_rejects_extra_that_is_not_plain_data(
         save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
     assert where in str(info.value) and type_name in str(info.value)
     assert "weights_only" in str(info.value)
+    assert files_in(tmp_path) == []
+
+
+def test_save_rejects_dict_keys_that_are_not_str_or_int(tmp_path: Path) -> None:
+    """A key of another type was written, into a file that weights_only loading refuses
+    (so resuming would skip it as damaged)."""
+    extra = {"by_key": {Opaque(): 1}}
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buffer, weights_only=True)
+    with pytest.raises(
+        TypeError, match=r"extra\['by_key'\] has a key .* of type Opaque; .* str or int"
+    ):
+        save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
     assert files_in(tmp_path) == []
 
 
