@@ -1000,6 +1000,24 @@ def test_save_model_refuses_a_stacked_state(tmp_path: Path) -> None:
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_save_model_of_one_unstacked_model_holds_that_model_only(tmp_path: Path) -> None:
+    """unstack_states gives views of the stacked tensors: the export of one model (the
+    guide's best-of-sweep) is as large as torch.save of its own weights, not the sweep's."""
+    torch.manual_seed(0)
+    states = [
+        fnloop.TrainState.create(nn.Linear(128, 128), tx=optim.sgd(0.1), device="cpu")
+        for _ in range(8)
+    ]
+    best = fnloop.unstack_states(fnloop.stack_states(states))[3]
+    reference = io.BytesIO()
+    torch.save({k: v.clone() for k, v in best.state_dict().items()}, reference)
+    path = save_model(tmp_path / "best.pt", best)
+    assert path.stat().st_size < 1.1 * len(reference.getvalue())
+    module = load_model(path, nn.Linear(128, 128))
+    for name, value in states[3].state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+
+
 def test_swapped_path_and_state_is_a_clear_error(tmp_path: Path) -> None:
     state = fnloop.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
     path = fnloop.save_checkpoint(tmp_path / "c.pt", state)
