@@ -637,6 +637,19 @@ def test_find_checkpoints_newest_first(tmp_path: Path) -> None:
     assert find_checkpoints(tmp_path / "missing") == []
 
 
+def test_find_checkpoints_of_one_time_are_ordered_by_the_numbers_in_their_names(
+    tmp_path: Path,
+) -> None:
+    """Files written within the clock's resolution (or copied without times) come
+    highest number first, whatever order the folder lists them in."""
+    numbers = [3, 20, 1, 100, 7, 12, 2, 9, 30, 11]
+    for n in numbers:
+        (tmp_path / f"step-{n}.pt").write_bytes(b"x")
+        _set_mtime(tmp_path / f"step-{n}.pt", 100)
+    names = [p.name for p in find_checkpoints(tmp_path)]
+    assert names == [f"step-{n}.pt" for n in sorted(numbers, reverse=True)]
+
+
 def test_latest_good_checkpoint_skips_damaged_newest(tmp_path: Path) -> None:
     states = [randomized(fresh_state(), seed=s).replace(step=s) for s in (1, 2, 3)]
     for i, s in enumerate(states):
