@@ -235,10 +235,11 @@ def test_views_that_overlap_or_skip_elements_are_saved_packed(tmp_path: Path) ->
     params = dict(state.params)
     params["0.bias"] = torch.randn(1).expand(4)  # one element seen 4 times
     params["1.weight"] = torch.randn(4, 2)[:, 0]  # every other element
+    params["1.bias"] = torch.randn(4).as_strided((4,), (0,))  # one element 4 times, in 4
     state = state.replace(params=params)
     loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", state), fresh_state())
     assert_same_state(loaded, state)
-    for name in ("0.bias", "1.weight"):
+    for name in ("0.bias", "1.weight", "1.bias"):
         assert loaded.params[name].is_contiguous(), name
         assert loaded.params[name].untyped_storage().nbytes() == 16, name
 
