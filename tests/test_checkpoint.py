@@ -908,6 +908,17 @@ def test_safetensors_export(tmp_path: Path) -> None:
         assert torch.equal(module.state_dict()[name], value), name
 
 
+def test_load_model_of_a_missing_or_damaged_file_names_the_file(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    for name in ("missing.pt", "missing.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"{name}: it does not exist"):
+            load_model(tmp_path / name, make_module())
+    path = save_model(tmp_path / "model.safetensors", randomized(fresh_state()))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"Cannot read the safetensors file .*model"):
+        load_model(path, make_module())
+
+
 def test_safetensors_export_of_channels_last_weights(tmp_path: Path) -> None:
     """safetensors stores contiguous data only; the weights still load into a module."""
     pytest.importorskip("safetensors")
