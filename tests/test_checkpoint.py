@@ -170,6 +170,32 @@ def test_extra_round_trips_plain_data(tmp_path: Path) -> None:
     assert_same_data(loaded.extra, extra)
 
 
+def test_leaves_that_require_grad_load_as_plain_tensors(tmp_path: Path) -> None:
+    """The state's tensors are saved detached: they load without ``requires_grad``, as
+    TrainState.create makes them (``torch.save`` alone keeps the flag)."""
+    state = randomized(fresh_state())
+    tracked = _tree.tree_map(
+        lambda t: t.clone().requires_grad_() if t.is_floating_point() else t, state
+    )
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", tracked), fresh_state())
+    assert_same_state(loaded, state)
+    assert not any(t.requires_grad for t in _tree.tree_leaves(loaded))
+    assert not any(t.requires_grad for t in _tree.tree_leaves(fresh_state()))
+
+
+def test_a_history_of_numpy_or_tensor_numbers_is_saved_as_floats(tmp_path: Path) -> None:
+    """A history set with ``replace`` may hold NumPy or tensor numbers: they are saved as
+    floats (a NumPy scalar would make a file that weights_only loading refuses)."""
+    history = {
+        "train": {"loss": [np.float64(0.5), torch.tensor(0.25)]},
+        "valid": {"acc": [np.float32(0.75), 1]},
+    }
+    state = fresh_state().replace(history=history)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", state), fresh_state())
+    assert loaded.history == freeze_history(history)
+    assert all(type(v) is float for m in loaded.history.values() for vs in m.values() for v in vs)
+
+
 def test_restored_plateau_state_keeps_working(tmp_path: Path) -> None:
     state = fresh_state("clip-sgd-plateau")
     for loss in [1.0, 0.5, 0.6]:
