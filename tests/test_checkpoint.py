@@ -643,6 +643,31 @@ def test_failure_on_first_write_leaves_nothing(
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
+def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes a write survive a power cut: the new file's data on disk before it
+    takes the name, and the rename on disk before the save returns."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for save in (save_checkpoint, save_model):
+        events.clear()
+        save(tmp_path / "c.pt", fresh_state())
+        assert events == ["fsync file", "replace", "fsync folder"], save.__name__
+
+
 # --------------------------------------------------------------------------- finding and resuming
 
 
