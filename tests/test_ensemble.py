@@ -25,6 +25,34 @@ def test_stacking_states_on_different_devices_names_the_tensor_and_the_devices()
         fl.stack_states([make(0), make(1, device="meta")])
 
 
+def test_stacking_no_states_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"one or more TrainStates; got none"):
+        fl.stack_states([])
+
+
+class Scale(nn.Module):
+    """A module whose size no attribute records: only its parameter's shape shows it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_states_whose_tensors_have_other_shapes_are_refused_naming_the_leaf():
+    """The module templates compare alike here, so the leaves' shapes are what tells
+    the states apart (torch.stack's own error names neither state nor tensor)."""
+    states = [fl.TrainState.create(Scale(n), tx=optim.sgd(0.1), device="cpu") for n in (3, 4)]
+    with pytest.raises(
+        ValueError,
+        match=r"states\[1\] leaf 'params\.w' has shape \(4,\) .* states\[0\] has \(3,\) .*"
+        r"one architecture",
+    ):
+        fl.stack_states(states)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Scored(fl.TrainState):
     best: object = None  # a leaf: stacked when it is a tensor
@@ -69,6 +97,21 @@ def test_states_with_other_histories_or_static_fields_are_refused_not_overwritte
     named = Named.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(TypeError, match=r"states\[1\] is a Named but states\[0\] is a TrainState"):
         fl.stack_states([plain, named])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Masked(fl.TrainState):
+    mask: object = dataclasses.field(default=None, metadata={"static": True})
+
+
+def test_static_fields_whose_values_cannot_be_compared_are_refused():
+    """``==`` of two tensors is no yes or no: such static values count as different
+    (unless they are one object), not as equal, which gave every model states[0]'s."""
+    a = Masked.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", mask=torch.ones(2))
+    b = a.replace(mask=torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"states\[1\]\.mask is tensor\(\[1\., 0\.\]\) but"):
+        fl.stack_states([a, b])
+    assert fl.unstack_states(fl.stack_states([a, a]))[1].mask is a.mask
 
 
 def test_unstacking_a_stack_gives_back_the_states_exactly():
