@@ -144,6 +144,15 @@ def test_unstacking_a_stack_gives_back_the_states_exactly():
     assert got[1].buffers["1.num_batches_tracked"].dtype == torch.int64
 
 
+def test_unstacked_states_are_views_of_the_stack():
+    """As documented: unstacking copies nothing (``state.clone()`` makes a copy)."""
+    stacked = fl.stack_states([make(0, ema_decay=0.9), make(1, ema_decay=0.9)])
+    for i, one in enumerate(fl.unstack_states(stacked)):
+        for part, whole in zip(fl._tree.tree_leaves(one), fl._tree.tree_leaves(stacked)):
+            assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            assert torch.equal(part, whole[i])
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
 def test_the_size_of_a_nested_tensor_batch_is_its_number_of_sequences(layout):
@@ -318,6 +327,14 @@ def test_unstacking_a_state_whose_tensors_are_not_all_stacked_names_the_tensor()
     )
     with pytest.raises(ValueError, match=r"momentum_buffer\.weight' has shape \(2, 3\)"):
         fl.unstack_states(short)
+    # The EMA and accumulated gradients are checked as the parameters are.
+    averaged = fl.stack_states([make(0, ema_decay=0.9), make(1, ema_decay=0.9)])
+    one_ema = averaged.replace(ema={**averaged.ema, "weight": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=r"'ema\.weight' has shape \(2, 3\); one model's is"):
+        fl.unstack_states(one_ema)
+    one_accum = stacked.replace(grad_accum={"weight": torch.zeros(2, 3), "bias": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"'grad_accum\.weight' has shape \(2, 3\); one model's"):
+        fl.unstack_states(one_accum)
 
 
 def test_states_whose_plateaus_reduce_otherwise_are_refused():
