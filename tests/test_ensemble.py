@@ -404,6 +404,33 @@ def test_optimizers_the_stand_ins_do_not_fit_are_compared_on_the_parameters_shap
     fl.stack_states([s.replace(tx=bad[0].tx) for s in bad])
 
 
+def normalized_sgd(dim: int | None) -> optim.GradientTransformation:
+    """A user's transform that scales each gradient to unit norm, along ``dim`` (each
+    row) or over the whole tensor: alike on tensors of one element per dim only."""
+
+    def update(updates, state, params=None):
+        def unit(u):
+            norm = u.norm() if dim is None or u.dim() < 2 else u.norm(dim=dim, keepdim=True)
+            return u / norm
+
+        return {name: unit(u) for name, u in updates.items()}, state
+
+    return optim.chain(optim.GradientTransformation(optim.base.no_state, update), optim.sgd(0.1))
+
+
+def test_optimizers_that_differ_along_a_dimension_are_told_apart():
+    """The probe's stand-ins have two entries per dim, so an update taken per row
+    differs from one taken over the whole tensor (on one entry per dim both are the
+    gradient's sign)."""
+    assert not torch.equal(
+        trained(lambda: normalized_sgd(-1), 1)["weight"],
+        trained(lambda: normalized_sgd(None), 1)["weight"],
+    )
+    with pytest.raises(ValueError, match=r"states\[1\] was made with another optimizer.*update 1"):
+        fl.stack_states(states_with(lambda: normalized_sgd(-1), lambda: normalized_sgd(None)))
+    fl.stack_states(states_with(lambda: normalized_sgd(-1), lambda: normalized_sgd(-1)))
+
+
 def test_optimizers_are_compared_from_the_point_where_the_states_are():
     """The probe ran from a fresh optimizer state (update count 0): two states trained
     15 steps with step schedules of step sizes 20 and 50 part at update 20, the 5th
