@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
+from torch.overrides import TorchFunctionMode
 
 import fnloop as fl
 
@@ -56,3 +57,33 @@ def test_a_batch_size_function_may_return_any_integer():
     assert fl.batch_size(batch, override=lambda b: np.int64(7)) == 7
     assert type(fl.batch_size(batch, override=lambda b: np.int64(7))) is int
     assert fl.batch_size(batch, override=3) == 3
+
+
+class _RecordTo(TorchFunctionMode):
+    """Records each ``Tensor.to(device, non_blocking=...)`` and returns an empty tensor on
+    the target device in its place (no copy runs: meta stands in for an accelerator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            target = torch.device(args[1])
+            self.calls.append((args[0].device.type, target.type, kwargs.get("non_blocking", False)))
+            return torch.empty_like(args[0], device=target)
+        return func(*args, **kwargs)
+
+
+def test_copies_to_an_accelerator_are_asynchronous_and_copies_to_the_cpu_are_not():
+    """As a hand loop does it: ``x.to("cuda", non_blocking=True)`` overlaps the copy with
+    the work queued before it, while a copy to the CPU must be complete before the host
+    reads it (non_blocking=True there can hand over a tensor still being written)."""
+    batch = {"x": torch.ones(2, 3), "y": [torch.zeros(2, device="meta")], "n": 3}
+    with _RecordTo() as to_meta:
+        fl.to_device(batch, "meta")
+    assert to_meta.calls == [("cpu", "meta", True)]  # the meta tensor is already there
+    with _RecordTo() as to_cpu:
+        fl.to_device(batch, torch.device("cpu"))
+    assert to_cpu.calls == [("meta", "cpu", False)]
