@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,25 @@ def test_copies_to_an_accelerator_are_asynchronous_and_copies_to_the_cpu_are_not
     with _RecordTo() as to_cpu:
         fl.to_device(batch, torch.device("cpu"))
     assert to_cpu.calls == [("meta", "cpu", False)]
+
+
+@dataclasses.dataclass
+class _Pair:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+
+def test_the_batch_size_is_that_of_the_first_tensor_in_the_batchs_own_order():
+    """The first tensor of a mapping in its insertion order and of a dataclass in its
+    field order decides, where later ones have another leading dimension."""
+    tokens, labels = torch.zeros(5, 7), torch.zeros(3)
+    for batch in ({"tokens": tokens, "labels": labels}, {"labels": labels, "tokens": tokens}):
+        assert fl.batch_size(batch) == next(iter(batch.values())).shape[0]
+    assert fl.batch_size(_Pair(tokens, labels)) == tokens.shape[0]
+    assert fl.batch_size(_Pair(labels, tokens)) == labels.shape[0]
+
+
+def test_a_fixed_batch_size_of_any_integer_type_is_returned_as_an_int():
+    batch = (torch.zeros(4, 3), torch.zeros(4))
+    size = fl.batch_size(batch, override=np.int64(16))
+    assert size == 16 and type(size) is int
