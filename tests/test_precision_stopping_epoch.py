@@ -388,3 +388,27 @@ def test_an_empty_loader_is_a_clear_error_in_train_and_validate_epoch():
         fl.train_epoch(state, step, iter([]))
     with pytest.raises(ValueError, match=r"valid loader yielded no batches\. It has no len"):
         fl.validate_epoch(state, eval_step, iter([]))
+
+
+def test_per_model_metrics_are_the_entries_with_one_element_per_model_along_dim_0():
+    """With ``models=n`` an entry of shape ``(1, n)`` (one row of n values, such as a
+    prediction for one example) is an output, not n models' metric, as ``(n, 2)`` is;
+    ``(n,)`` and ``(n, 1)`` are metrics, weighted by batch size per model."""
+    means = MetricMeans(models=2)
+    batches = [
+        ({"loss": torch.tensor([1.0, 2.0]), "acc": torch.tensor([[0.5], [1.0]])}, 3),
+        ({"loss": torch.tensor([3.0, 6.0]), "acc": torch.tensor([[1.0], [0.0]])}, 1),
+    ]
+    for metrics, n in batches:
+        means.add({**metrics, "row": torch.ones(1, 2), "pair": torch.ones(2, 2)}, n)
+    weights = torch.tensor([n for _, n in batches], dtype=torch.float64)
+    want = {
+        key: (
+            (torch.stack([m[key].reshape(2) for m, _ in batches]).double() * weights[:, None]).sum(
+                0
+            )
+            / weights.sum()
+        ).tolist()
+        for key in ("loss", "acc")
+    }
+    assert means.means() == pytest.approx(want)
