@@ -412,3 +412,22 @@ def test_per_model_metrics_are_the_entries_with_one_element_per_model_along_dim_
         for key in ("loss", "acc")
     }
     assert means.means() == pytest.approx(want)
+
+
+@pytest.mark.parametrize("event", ["on_validation_batch_start", "on_validation_batch_end"])
+def test_validate_epoch_returns_the_state_its_batch_callbacks_returned(event):
+    """Each batch event gets the state the one before it returned, and the epoch returns
+    the last (a callback that counts batches in a field of the state sees them all)."""
+    seen = []
+
+    def count(self, state, *args):
+        seen.append(state.micro_step)
+        return state.replace(micro_step=state.micro_step + 1)
+
+    counter = type("Counter", (fl.callbacks.Callback,), {event: count})()
+    state = fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    loader = [torch.ones(4, 2), torch.ones(2, 2), torch.ones(3, 2)]
+    step = fl.make_eval_step(lambda m, x: {"loss": m(x).mean()})
+    after, _ = fl.validate_epoch(state, step, loader, callbacks=counter)
+    assert seen == list(range(len(loader)))
+    assert after.micro_step == len(loader) and state.micro_step == 0
