@@ -542,3 +542,19 @@ def test_lazy_and_uncopyable_modules_are_clear_errors():
     prune.l1_unstructured(pruned, "weight", 0.5)
     with pytest.raises(TypeError, match=r"deepcopy of it failed.*prune.remove"):
         fl.TrainState.create(pruned, tx=optim.sgd(0.1), device="cpu")
+
+
+def test_clone_copies_a_4d_tensor_of_another_strided_layout_into_its_group() -> None:
+    """Only channels-last layouts are kept: a 4-d weight that is a slice of a larger
+    tensor (every other column) is copied contiguous, as its strides would reach past
+    its part of the group's buffer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3)
+    conv.weight = nn.Parameter(torch.randn(4, 2, 3, 6)[..., ::2])
+    assert not conv.weight.is_contiguous()
+    state = fl.TrainState.create(conv, tx=optim.adamw(1e-3), ema_decay=0.9, device="cpu")
+    copy = state.clone()
+    want = conv.state_dict()
+    for group in (copy.params, copy.ema):
+        for name, t in group.items():
+            assert torch.equal(t, want[name])
