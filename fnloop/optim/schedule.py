@@ -406,9 +406,10 @@ def onecycle_schedule(
 
     Within a phase from :math:`a` to :math:`b` at fraction :math:`x` of the way, ``"cos"``
     gives :math:`b + \tfrac{1}{2}(a - b)(1 + \cos \pi x)` and ``"linear"``
-    :math:`a + (b - a) x`. Torch raises past ``total_steps``; this schedule stays at
-    :math:`\eta_{\min}` from step :math:`T` on (torch extrapolates the last phase one step
-    further, to step ``total_steps``, a value no optimizer step uses).
+    :math:`a + (b - a) x`. Torch raises past ``total_steps``; this schedule stays at its
+    rate of step :math:`T` from there on, :math:`\eta_{\min}` (``max_lr`` when the last
+    phase is empty, as with ``pct_start=1``, as in torch); torch extrapolates the last
+    phase one step further, to step ``total_steps``, a value no optimizer step uses.
 
     Args:
       max_lr: the peak learning rate.
