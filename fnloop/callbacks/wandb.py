@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.metrics_log import EpochLogger
@@ -44,8 +46,9 @@ class WandB(EpochLogger):
 
     Args:
       project: the W&B project; ``None`` uses W&B's default (``WANDB_PROJECT``).
-      **init_kwargs: passed to ``wandb.init`` unchanged: ``name``, ``config``, ``id``,
-        ``resume``, ``dir``, ``mode``, ``tags``, ...
+      **init_kwargs: passed to ``wandb.init``: ``name``, ``config``, ``id``, ``resume``,
+        ``dir``, ``mode``, ``tags``, ... A leading ``~`` in ``dir`` is the home folder,
+        as in ``fit(out_dir=...)``.
 
     Raises:
       ImportError: at ``on_fit_start``, when the ``wandb`` package is missing.
@@ -64,6 +67,8 @@ class WandB(EpochLogger):
     def __init__(self, project: str | None = None, **init_kwargs: Any) -> None:
         super().__init__()
         self.project = project
+        if isinstance(init_kwargs.get("dir"), (str, os.PathLike)):
+            init_kwargs["dir"] = str(Path(init_kwargs["dir"]).expanduser())
         self.init_kwargs = init_kwargs
         self.run: Any = None
 

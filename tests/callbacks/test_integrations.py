@@ -510,6 +510,17 @@ def test_wandb_logs_one_merged_dict_per_epoch(monkeypatch: pytest.MonkeyPatch) -
     assert run.finished and cb.run is None
 
 
+def test_wandb_dir_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[_FakeRun] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(_FakeRun(kw)) or runs[-1]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    drive([WandB(project="demo", dir="~/wb")], new_state(), FIRST_FIT)
+    drive([WandB(project="demo", dir=Path("~") / "wb2")], new_state(), FIRST_FIT)
+    assert [run.kwargs["dir"] for run in runs] == [str(tmp_path / "wb"), str(tmp_path / "wb2")]
+
+
 def test_wandb_offline_run_writes_its_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
