@@ -566,7 +566,8 @@ def fit(
         a monitor without the ``train/``/``valid/`` prefix,
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
         early-stopping rule on ``monitor`` whose mode is not fit's,
-        ``checkpoint_every_n_steps`` without ``out_dir``, an empty string as ``out_dir``.
+        ``checkpoint_every_n_steps`` without ``out_dir``, an empty string as ``out_dir``,
+        two file loggers in ``callbacks`` writing one file.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
       ValueError: at the first epoch end, a training-step metric under the name ``fit``
         records the learning rate by (``lr``, or ``lr_0``, ... with parameter groups).
@@ -600,6 +601,7 @@ def fit(
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
     user_callbacks = _as_list(callbacks, Callback)
     check_callbacks(user_callbacks)
+    _check_one_writer_per_file(user_callbacks)
     stoppers = _as_list(early_stopping, EarlyStopping)
     for rule in stoppers:
         if not isinstance(rule, EarlyStopping):
@@ -779,6 +781,27 @@ def _default_callbacks(run_dir: Path, given: Sequence[Callback]) -> list[Callbac
     else:
         defaults.append(PlotHistory(run_dir / "history.png"))
     return [cb for cb in defaults if _resolved(cast(Any, cb).path) not in taken]
+
+
+def _check_one_writer_per_file(callbacks: Sequence[Callback]) -> None:
+    """Raises ``ValueError`` when two of fnloop's file loggers in ``callbacks`` write one
+    file: the second would truncate the first's rows or write each row twice."""
+    writers: dict[Path, Callback] = {}
+    for cb in callbacks:
+        if not isinstance(cb, (EpochLogger, PlotHistory)):
+            continue
+        path = _resolved(getattr(cb, "path", None))
+        if path is None:
+            continue
+        if path in writers:
+            first = writers[path]
+            same = "the same callback object twice" if first is cb else "two callbacks"
+            raise ValueError(
+                f"callbacks holds {same} writing {path} ({type(first).__name__} and "
+                f"{type(cb).__name__}): the file would get each row twice or lose rows. "
+                f"Keep one, or give each its own file."
+            )
+        writers[path] = cb
 
 
 def _resolved(path: Any) -> Path | None:

@@ -1426,6 +1426,35 @@ def test_one_callback_class_or_rule_class_is_a_clear_error():
         fl.fit(make_state(), classify, loaders(), max_epochs=1, early_stopping=fl.EarlyStopping)
 
 
+def test_two_file_loggers_of_one_file_are_an_error_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    """Two loggers of one file wrote epoch 1 once (the second truncated the first's
+    rows) and every later row twice; the same logger object twice did the same."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = tmp_path / "m.csv"
+    saved.write_text("epoch,step\n1,6\n")
+    csv = fl.callbacks.CSVLogger(saved)
+    for callbacks, what in [
+        ([csv, fl.callbacks.CSVLogger("~/m.csv")], "two callbacks"),
+        ([csv, fl.callbacks.JSONLinesLogger(tmp_path / "sub" / ".." / "m.csv")], "two callbacks"),
+        ([csv, csv], "the same callback object twice"),
+    ]:
+        with pytest.raises(ValueError, match=rf"holds {what} writing {re.escape(str(saved))}"):
+            fl.fit(make_state(), classify, loaders(), max_epochs=1, callbacks=callbacks)
+    assert saved.read_text() == "epoch,step\n1,6\n"
+    assert not (tmp_path / "sub").exists()
+    state = fl.fit(  # one file each: fine
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=1,
+        callbacks=[fl.callbacks.CSVLogger(tmp_path / "a.csv"), csv],
+        log_to_console=False,
+    )
+    assert state.epoch == 1 and len((tmp_path / "a.csv").read_text().splitlines()) == 2
+
+
 def test_learning_rate_changes_are_logged_once_per_distinct_change(caplog):
     from fnloop.fit import _log_lr_changes
 
