@@ -130,6 +130,15 @@ def _classify(model: Any, batch: Any) -> dict[str, torch.Tensor]:
     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
 
+class _EndlessDigits(torch.utils.data.IterableDataset):
+    """An endless stream of random 1x8x8 images with labels 0-9."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(2)
+        while True:
+            yield torch.rand(1, 8, 8, generator=g), torch.randint(0, 10, (), generator=g)
+
+
 def _loaders() -> tuple[DataLoader, DataLoader]:
     # drop_last=True: the docs' advice for compiled steps with dropout.
     train = DataLoader(_digit_like(32, 0), batch_size=16, shuffle=True, drop_last=True)
@@ -208,6 +217,7 @@ def guide_prelude() -> Namespace:
         "global_batch": 16,
         "epochs": 2,
         "plain_data": {"note": "any plain data", "numbers": [1, 2.5]},
+        "stream": DataLoader(_EndlessDigits(), batch_size=16),
         "DOC_FIT_ARGS": fit_args,
         "DOC_FIT_OPTIONS": {"max_epochs": 2},
     }
@@ -363,7 +373,7 @@ def _single_process_torchrun() -> dict[str, str]:
 
 #: Environment variables a block runs with (and the process group it leaves is destroyed).
 ENVIRONMENT: dict[tuple[str, int], Callable[[], dict[str, str]]] = {
-    ("docs/guide.md", 13): _single_process_torchrun,  # section 7, torchrun
+    ("docs/guide.md", 14): _single_process_torchrun,  # section 7, torchrun
 }
 
 #: Optional packages a block needs: it is skipped without them.
@@ -477,6 +487,16 @@ def _check_guide_checkpoints(ns: Namespace, before: Namespace) -> None:
         fl.load_model("model.safetensors", module)
 
 
+def _check_guide_stream(ns: Namespace, before: Namespace) -> None:
+    # "each time it is iterated, yields the next n batches of the one stream": the block's
+    # fit trained five epochs of 100 steps on the endless stream
+    epochs = ns["Epochs"](iter(range(10)), n=3)
+    assert len(epochs) == 3
+    assert [list(epochs) for _ in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    trained = ns["state"]
+    assert trained.epoch == before["epoch"] + 5 and trained.step == before["step"] + 500
+
+
 def _check_guide_lower_rate(ns: Namespace, before: Namespace) -> None:
     # "after fit has loaded the checkpoint": a resumed run trains on at the new rate, and
     # its checkpoint holds that rate
@@ -577,12 +597,16 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
     ("docs/guide.md", 5): (lambda ns: {}, _check_guide_gan),
     ("docs/guide.md", 7): (lambda ns: {}, _check_guide_fit),
     ("docs/guide.md", 8): (lambda ns: {}, _check_guide_callbacks),
-    ("docs/guide.md", 9): (lambda ns: {}, _check_guide_checkpoints),
-    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_lower_rate),
-    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_custom_resume),
-    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_sweep),
+    ("docs/guide.md", 9): (
+        lambda ns: {"epoch": ns["state"].epoch, "step": ns["state"].step},
+        _check_guide_stream,
+    ),
+    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_checkpoints),
+    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_lower_rate),
+    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_custom_resume),
+    ("docs/guide.md", 13): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
-    ("docs/guide.md", 13): (lambda ns: {}, _check_guide_torchrun),
+    ("docs/guide.md", 14): (lambda ns: {}, _check_guide_torchrun),
 }
 
 
@@ -742,11 +766,12 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("docs/guide.md", 5): "fl.BoundModel(d_state.module, d_params, d_buffers)",
     ("docs/guide.md", 7): 'out_dir="runs/x", run_name="x"',
     ("docs/guide.md", 8): "class ConfusionMatrix",
-    ("docs/guide.md", 9): 'fl.save_model("model.pt", state, use_ema=True)',
-    ("docs/guide.md", 10): "class LowerRate(",
-    ("docs/guide.md", 11): "def train(epochs: int",
-    ("docs/guide.md", 12): "fl.stack_states(states)",
-    ("docs/guide.md", 13): "LOCAL_RANK",
+    ("docs/guide.md", 9): "class Epochs:",
+    ("docs/guide.md", 10): 'fl.save_model("model.pt", state, use_ema=True)',
+    ("docs/guide.md", 11): "class LowerRate(",
+    ("docs/guide.md", 12): "def train(epochs: int",
+    ("docs/guide.md", 13): "fl.stack_states(states)",
+    ("docs/guide.md", 14): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
 }
 
