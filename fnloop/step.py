@@ -688,13 +688,15 @@ class TrainStep:
             extra = {"loss": loss.detach().float()}
             names = _scalar_floats(metrics, loss.device) if self.on_nonfinite == "skip" else []
             if names:  # in the same collective: which metrics are finite in every process
-                extra["finite"] = torch.stack(_finite_flags(metrics, names)).float()
+                # Sent as "not finite" (0 or 1): a mean of zeros is exactly 0 for any number
+                # of processes, where a mean of ones need not round back to 1 (10, 12, ...).
+                extra["nonfinite"] = (~torch.stack(_finite_flags(metrics, names))).float()
             grads, buffers, fallback, mean = mean_grads_and_buffers(
                 grads, buffers, frozen, kept=fallback, extra=extra
             )
             loss = mean["loss"].to(loss.dtype)
             if names:
-                metrics = _nan_where_not(mean["finite"] == 1, names, metrics)
+                metrics = _nan_where_not(mean["nonfinite"] == 0, names, metrics)
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":

@@ -291,3 +291,30 @@ def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
     fl.make_train_step(ddp_job.classify)(state, (x, y))
     assert "buffer/0.weight" not in reduced and "grad/0.weight" not in reduced
     assert {"grad/3.weight", "buffer/1.running_mean", "extra/loss"} <= set(reduced)
+
+
+@pytest.mark.parametrize("world", [2, 10, 12])
+def test_skipping_keeps_finite_metrics_with_any_number_of_processes(monkeypatch, world) -> None:
+    """Whether a metric is finite everywhere rides on the gradients' all-reduce: a mean
+    of ones over 10 or 12 processes rounds to 1 +- 1 ulp, which once made every finite
+    metric NaN (each process's all-reduce is simulated by summing ``world`` copies)."""
+    import fnloop.distributed
+    import fnloop.step
+
+    def all_reduce(flat: torch.Tensor) -> None:
+        total = torch.zeros_like(flat)
+        for _ in range(world):
+            total += flat
+        flat.copy_(total)
+
+    monkeypatch.setattr(fnloop.step, "world_size", lambda: world)
+    monkeypatch.setattr(fnloop.distributed, "world_size", lambda: world)
+    monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    state = fl.TrainState.create(ddp_job.mlp().float(), tx=ddp_job.tx())
+    x, y = ddp_job.data(8)
+    step = fl.make_train_step(ddp_job.classify, on_nonfinite="skip")
+    _, metrics = step(state, (x.float(), y))
+    assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["acc"])
+    own = fl.make_eval_step(ddp_job.classify)(state, (x.float(), y))
+    assert_close(metrics["loss"], own["loss"])
