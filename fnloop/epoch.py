@@ -39,6 +39,25 @@ EMPTY_UNSIZED_LOADER_MSG = (
     "a file opened there, is used up by the first epoch."
 )
 
+UNEQUAL_TRAIN_LENGTHS_MSG = (
+    "the train loaders of the processes have different lengths ({lengths} batches, by "
+    "rank), and every train step averages its gradients over the processes (a collective "
+    "call), so the process with more batches would wait forever for the others. Give "
+    "each process as many batches: a DistributedSampler over one data set (it pads the "
+    "shares to equal size), or shares of equal size with the same batch_size and "
+    "drop_last."
+)
+
+
+def _check_equal_lengths(loader: Iterable[Any]) -> None:
+    """Raises in every process of a distributed run whose train loaders have different
+    known lengths (a collective call); nothing outside one."""
+    if world_size() == 1:
+        return
+    lengths = gather(loader_length(loader))
+    if None not in lengths and len(set(lengths)) > 1:
+        raise ValueError(UNEQUAL_TRAIN_LENGTHS_MSG.format(lengths=lengths))
+
 
 def _callback_list(callbacks: Any) -> CallbackList:
     """``CallbackList`` of one callback, several, or None."""
@@ -381,7 +400,10 @@ def train_epoch(
       state: the state to start from (not changed).
       train_step: a step made by :func:`fnloop.make_train_step` (vmapped for a stacked
         state).
-      loader: any iterable of batches.
+      loader: any iterable of batches. In a ``torch.distributed`` run every process's
+        must yield as many batches: loaders with ``len()`` of different lengths raise
+        ``ValueError`` in every process (an unsized one cannot be checked up front, and
+        a process with more batches than the others waits for them forever).
       callbacks: a callback or several (or a ``CallbackList``) whose batch events fire.
       batch_size: fixed size or ``batch -> size`` when the first tensor is not
         batch-major.
@@ -411,6 +433,7 @@ def train_epoch(
     """
     callbacks = _callback_list(callbacks)
     means = _means_for(state, means, train_step)
+    _check_equal_lengths(loader)
     batch_start = callbacks.handles("on_train_batch_start")
     batch_end = callbacks.handles("on_train_batch_end")
     bar = _Bar(loader, desc, progress, start_batch)

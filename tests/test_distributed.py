@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(out: Path, *args: str, job: Path = Path(ddp_job.__file__)) -> None:
+def torchrun(
+    out: Path, *args: str, job: Path = Path(ddp_job.__file__), timeout: float = 600
+) -> None:
     """Runs ``job`` (the DDP job by default) in 2 processes, writing into ``out``."""
     done = subprocess.run(
         [
@@ -37,7 +39,7 @@ def torchrun(out: Path, *args: str, job: Path = Path(ddp_job.__file__)) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -318,3 +320,16 @@ def test_skipping_keeps_finite_metrics_with_any_number_of_processes(monkeypatch,
     assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["acc"])
     own = fl.make_eval_step(ddp_job.classify)(state, (x.float(), y))
     assert_close(metrics["loss"], own["loss"])
+
+
+BAD_INPUT_JOB = Path(__file__).parent / "jobs" / "bad_input_job.py"
+
+
+@pytest.mark.slow
+def test_train_loaders_of_different_lengths_are_refused_in_every_process(tmp_path) -> None:
+    """The process with more batches would wait in its extra step's all-reduce forever."""
+    torchrun(tmp_path, "unequal_train", job=BAD_INPUT_JOB, timeout=240)
+    for r in range(2):
+        error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
+        assert "different lengths ([5, 4] batches, by rank)" in error
+        assert "DistributedSampler" in error
