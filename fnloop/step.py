@@ -513,8 +513,30 @@ def _scalar_floats(metrics: Metrics, device: torch.device) -> list[str]:
     ]
 
 
-def _finite_flags(metrics: Metrics, names: list[str]) -> list[torch.Tensor]:
-    return [torch.isfinite(metrics[k]).reshape(()) for k in names]
+# Several processes tell each other which metrics are not finite in a vector of this
+# many slots, one per name hash: the same size in every process whatever names its
+# step returned (the collectives need equal sizes). Names that share a slot are left
+# out together; that only drops a finite value where another metric was not finite.
+_METRIC_SLOTS = 61
+
+
+def _metric_slot(name: str) -> int:
+    """The slot of a metric's name: a hash that is the same in every process (Python's
+    ``hash`` of a string is not) and that ``torch.compile`` folds to a constant."""
+    slot = 0
+    for char in name:
+        slot = (slot * 256 + ord(char)) % _METRIC_SLOTS
+    return slot
+
+
+def _nonfinite_slots(metrics: Metrics, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the metrics ``names`` are not finite, per slot of their names
+    (``_METRIC_SLOTS`` floats), and the slot of each name."""
+    device = metrics[names[0]].device
+    slots = torch.tensor([_metric_slot(k) for k in names], device=device)
+    bad = torch.stack([~torch.isfinite(metrics[k]).reshape(()) for k in names])
+    counts = torch.zeros(_METRIC_SLOTS, device=device)
+    return counts.index_add(0, slots, bad.to(counts.dtype)), slots
 
 
 def _nan_where_not(finite: torch.Tensor, names: list[str], metrics: Metrics) -> Metrics:
@@ -664,10 +686,10 @@ class TrainStep:
                     finite = torch.isfinite(loss)
                     if distributed:
                         names = _scalar_floats(metrics, loss.device)
-                        flags = torch.stack([finite, *_finite_flags(metrics, names)])
-                        flags = true_everywhere(flags)
+                        counts, slot_of = _nonfinite_slots(metrics, names)
+                        flags = true_everywhere(torch.cat([finite.reshape(1), counts == 0]))
                         finite = flags[0]
-                        metrics = _nan_where_not(flags[1:], names, metrics)
+                        metrics = _nan_where_not(flags[1:][slot_of], names, metrics)
                     buffers = _select_buffers(finite, buffers, state.buffers)
                     # A non-finite loss can have finite gradients (a mean over no
                     # element, 0/0): mark the window's sum, so its update is skipped.
@@ -688,15 +710,16 @@ class TrainStep:
             extra = {"loss": loss.detach().float()}
             names = _scalar_floats(metrics, loss.device) if self.on_nonfinite == "skip" else []
             if names:  # in the same collective: which metrics are finite in every process
-                # Sent as "not finite" (0 or 1): a mean of zeros is exactly 0 for any number
-                # of processes, where a mean of ones need not round back to 1 (10, 12, ...).
-                extra["nonfinite"] = (~torch.stack(_finite_flags(metrics, names))).float()
+                # Sent as counts of non-finite ones: a mean of zeros is exactly 0 for any
+                # number of processes, where a mean of ones need not round back to 1 (10,
+                # 12, ...).
+                extra["nonfinite"], slot_of = _nonfinite_slots(metrics, names)
             grads, buffers, fallback, mean = mean_grads_and_buffers(
                 grads, buffers, frozen, kept=fallback, extra=extra
             )
             loss = mean["loss"].to(loss.dtype)
             if names:
-                metrics = _nan_where_not(mean["nonfinite"] == 0, names, metrics)
+                metrics = _nan_where_not(mean["nonfinite"][slot_of] == 0, names, metrics)
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":

@@ -333,3 +333,21 @@ def test_train_loaders_of_different_lengths_are_refused_in_every_process(tmp_pat
         error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
         assert "different lengths ([5, 4] batches, by rank)" in error
         assert "DistributedSampler" in error
+
+
+@pytest.mark.slow
+def test_skipping_steps_whose_metric_names_differ_by_process(tmp_path) -> None:
+    """The flags of which metrics are finite have one size in every process (the
+    collectives need it; gloo aborted, or hung with accumulation): a metric is NaN in
+    every process that reports it at a call where one process's value was not finite."""
+    torchrun(tmp_path, "other_metric_names", job=BAD_INPUT_JOB, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in (1, 2):
+        finite0, finite1 = r0[f"k{k}"]["finite"], r1[f"k{k}"]["finite"]
+        ok = {"loss": True, "rare": True, "rare2": True}
+        for i in range(3 * k):
+            want = {**ok, "rare": i != k, "loss": i != 2 * k}
+            assert finite0[i] == want, (k, i)
+            assert finite1[i] == {"loss": want["loss"]}, (k, i)
+        assert r0[f"k{k}"]["skipped"] == r1[f"k{k}"]["skipped"] == 1
+        assert_same(r0[f"k{k}"]["params"], r1[f"k{k}"]["params"])

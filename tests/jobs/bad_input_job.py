@@ -10,6 +10,7 @@ other fails instead of hanging the tests.
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,39 @@ def unequal_train(rank: int) -> dict[str, Any]:
     except ValueError as e:
         return {"error": str(e)}
     return {"error": None}
+
+
+def other_metric_names(rank: int) -> dict[str, Any]:
+    """Steps with on_nonfinite="skip" whose metric names differ by process (rank 0 alone
+    reports "rare" and "rare2"), with and without accumulation: at call 1 rank 0's "rare"
+    is NaN, at call 2 rank 1's loss. Which metrics each call returned finite, the
+    parameters and the skipped updates."""
+    out: dict[str, Any] = {}
+    for k in (1, 2):
+
+        def step_fn(model: Any, batch: Any, k: int = k) -> dict[str, torch.Tensor]:
+            x, y, i = batch
+            loss = F.cross_entropy(model(x), y)
+            if rank == 1:
+                return {"loss": loss * (math.nan if i == 2 * k else 1.0)}
+            rare = loss.detach() * (math.nan if i == k else 2.0)
+            return {"loss": loss, "rare": rare, "rare2": loss.detach() * 3}
+
+        torch.manual_seed(0)
+        state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+        step = fl.make_train_step(step_fn, accumulation_steps=k, on_nonfinite="skip")
+        g = torch.Generator().manual_seed(rank)
+        finite = []
+        for i in range(3 * k):
+            x, y = torch.randn(4, 4, generator=g), torch.randint(0, 2, (4,), generator=g)
+            state, metrics = step(state, (x, y, i))
+            finite.append({n: bool(torch.isfinite(v)) for n, v in metrics.items()})
+        out[f"k{k}"] = {
+            "finite": finite,
+            "params": dict(state.params),
+            "skipped": int(state.skipped_steps),
+        }
+    return out
 
 
 def main() -> None:
