@@ -478,7 +478,9 @@ def validate_epoch(
     """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
 
     The arguments are :func:`train_epoch`'s. A stacked state is evaluated with a vmapped
-    step, ``torch.func.vmap(eval_step, in_dims=(0, None))``.
+    step, ``torch.func.vmap(eval_step, in_dims=(0, None))``. In a ``torch.distributed``
+    run each process validates its own share, of any size: a loader that yields nothing
+    is an error only when every process's does.
 
     Returns:
       The state (as callbacks left it) and the batch-size-weighted metric means (over
@@ -513,6 +515,7 @@ def validate_epoch(
             bar.update(means)
     finally:
         bar.close()
-    if seen == 0:
+    # In a distributed run a process's share may be empty, as long as some are not.
+    if (seen if world_size() == 1 else sum(gather(seen))) == 0:
         raise _empty_loader_error(loader, "valid")
     return state, means.means(all_processes=True)

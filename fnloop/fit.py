@@ -419,7 +419,12 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
             f"epoch would use up. Pass something fit can iterate once per epoch: a "
             f"DataLoader, or a list of batches."
         )
-    if loader_length(loader) == 0:
+    lengths = [loader_length(loader)]
+    if split == "valid" and world_size() > 1:
+        # Each process validates its own share, which may be empty (a set smaller than
+        # the number of processes): only no share at all is an error (a collective call).
+        lengths = gather(lengths[0])
+    if all(n == 0 for n in lengths):
         raise ValueError(
             f"the {split} loader is empty (len 0). Check the dataset length, batch_size and "
             f"drop_last."

@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 sys.path.insert(0, str(Path(__file__).parent / "jobs"))
+import bad_input_job
 import ddp_job
 
 import fnloop as fl
@@ -322,7 +323,7 @@ def test_skipping_keeps_finite_metrics_with_any_number_of_processes(monkeypatch,
     assert_close(metrics["loss"], own["loss"])
 
 
-BAD_INPUT_JOB = Path(__file__).parent / "jobs" / "bad_input_job.py"
+BAD_INPUT_JOB = Path(bad_input_job.__file__)
 
 
 @pytest.mark.slow
@@ -351,3 +352,16 @@ def test_skipping_steps_whose_metric_names_differ_by_process(tmp_path) -> None:
             assert finite1[i] == {"loss": want["loss"]}, (k, i)
         assert r0[f"k{k}"]["skipped"] == r1[f"k{k}"]["skipped"] == 1
         assert_same(r0[f"k{k}"]["params"], r1[f"k{k}"]["params"])
+
+
+@pytest.mark.slow
+def test_a_process_with_an_empty_validation_share_takes_part(tmp_path) -> None:
+    """A validation set smaller than the number of processes leaves a share empty: the
+    means are the other processes' (one process's over the whole set), not an error."""
+    single = bad_input_job.empty_valid_share(0, world=1)
+    torchrun(tmp_path, "empty_valid_share", job=BAD_INPUT_JOB, timeout=240)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert list(got) == list(single)
+        for key, values in single.items():
+            assert_close(torch.tensor(got[key]), torch.tensor(values), rtol=1e-12, atol=0)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 import fnloop as fl
 from fnloop import optim
@@ -73,6 +74,28 @@ def other_metric_names(rank: int) -> dict[str, Any]:
             "skipped": int(state.skipped_steps),
         }
     return out
+
+
+def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
+    """A validation set of one example, shared as the guide says: rank 1's share is
+    empty. The validation history of two epochs (``world=1``: one process on it all)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(33, 4, dtype=torch.float64), torch.randint(0, 2, (33,))
+    train = TensorDataset(x[:32], y[:32])
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=False)
+    valid = Subset(TensorDataset(x[32:], y[32:]), range(rank, 1, world))
+    state = fl.fit(
+        fl.TrainState.create(nn.Linear(4, 2).double(), tx=optim.sgd(0.1)),
+        classify,
+        {
+            "train": DataLoader(train, batch_size=8 // world, sampler=sampler),
+            "valid": DataLoader(valid, batch_size=4),
+        },
+        max_epochs=2,
+        log_to_console=False,
+        progress=False,
+    )
+    return dict(state.history["valid"])
 
 
 def main() -> None:
