@@ -101,6 +101,13 @@ REPEATED_VALIDATION_MSG = (
     "DataLoader(torch.utils.data.Subset(valid_set, range(rank, len(valid_set), world_size)), "
     "...): validation shares may differ in size."
 )
+UNSHARDED_TRAIN_MSG = (
+    "The train loader has no DistributedSampler, so each of the {world} processes trains "
+    "on the whole data set every epoch: an epoch takes as long as in one process, and "
+    "processes that shuffle alike train on the same batches. Give it one, "
+    "DataLoader(train_set, batch_size=..., sampler=DistributedSampler(train_set)) (fit "
+    "calls its set_epoch), or ignore this if its data set is this process's share."
+)
 OTHER_RUN_MSG = (
     "{path} was written by the run {theirs!r} (at epoch {epoch}, step {step}), and this "
     "fit is the run {ours!r} from a state at epoch {given_epoch}, step {given_step}: "
@@ -1160,6 +1167,7 @@ class _Run:
             if isinstance(callback, EpochLogger):
                 callback._track_epochs(resumable=self.ckpt_dir is not None)
         self.warn_repeated_validation()
+        self.warn_unsharded_train()
         self.warn_scores_minimized()
         state = self.callbacks("on_fit_start", self.state)
         if state.opt_state is not self.state.opt_state:  # a callback set another rate, say
@@ -1238,6 +1246,21 @@ class _Run:
             if repeated > 0:
                 self.logger.warning(REPEATED_VALIDATION_MSG.format(n=repeated))
                 return
+
+    def warn_unsharded_train(self) -> None:
+        """Warns, with several processes, when the train loader is a ``DataLoader`` over
+        a map-style data set and no sampler of it shards (a ``DistributedSampler``, or
+        one of its own with ``num_replicas`` and ``rank``); a ``Subset`` is taken for this
+        process's share, as the guide makes them."""
+        loader, data = self.train_loader, torch.utils.data
+        if world_size() == 1 or not isinstance(loader, data.DataLoader):
+            return
+        if isinstance(loader.dataset, data.IterableDataset | data.Subset):
+            return
+        for sampler in _samplers(loader):
+            if hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
+                return
+        self.logger.warning(UNSHARDED_TRAIN_MSG.format(world=world_size()))
 
     def set_aside_checkpoints(self, why: str) -> None:
         """Starting over: an earlier run's checkpoints, best model, metrics.csv and plot go

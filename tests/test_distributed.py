@@ -365,3 +365,15 @@ def test_a_process_with_an_empty_validation_share_takes_part(tmp_path) -> None:
         assert list(got) == list(single)
         for key, values in single.items():
             assert_close(torch.tensor(got[key]), torch.tensor(values), rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_a_train_loader_without_a_distributed_sampler_is_warned_about(tmp_path) -> None:
+    """Every process would train on the whole data set; a DistributedSampler or a Subset
+    (this process's share) is not warned about."""
+    torchrun(tmp_path, "train_samplers", job=BAD_INPUT_JOB, timeout=240)
+    logs = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    warned = [m for m in logs["plain"] if "no DistributedSampler" in m]
+    assert len(warned) == 1 and "each of the 2 processes" in warned[0], logs["plain"]
+    assert logs["sampler"] and logs["subset"]  # (the handler got fit's lines)
+    assert not [m for m in logs["sampler"] + logs["subset"] if "DistributedSampler" in m]

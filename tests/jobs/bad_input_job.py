@@ -10,6 +10,7 @@ other fails instead of hanging the tests.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import sys
 from pathlib import Path
@@ -96,6 +97,39 @@ def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
         progress=False,
     )
     return dict(state.history["valid"])
+
+
+class Records(logging.Handler):
+    """Keeps the messages logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def train_samplers(rank: int) -> dict[str, Any]:
+    """What fit logs (to a handler the script attached to its logger, in every process)
+    for a train loader without a DistributedSampler, with one, and over a Subset (this
+    process's share)."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    loaders = {
+        "plain": DataLoader(data, batch_size=4, shuffle=True),
+        "sampler": DataLoader(data, batch_size=4, sampler=DistributedSampler(data)),
+        "subset": DataLoader(Subset(data, range(rank, 32, 2)), batch_size=4, shuffle=True),
+    }
+    logs = {}
+    for name, loader in loaders.items():
+        records = Records()
+        logging.getLogger("fnloop.run.run").addHandler(records)
+        state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+        fl.fit(state, classify, loader, max_epochs=1, log_to_console=False, progress=False)
+        logging.getLogger("fnloop.run.run").removeHandler(records)
+        logs[name] = records.messages
+    return logs
 
 
 def main() -> None:
