@@ -196,6 +196,12 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _drop_record(record: logging.LogRecord) -> bool:
+    """A logging filter that lets no record through (the run's logger off rank 0)."""
+    del record
+    return False
+
+
 def _open_logger(
     run_name: str, out_dir: Path | None, console: bool
 ) -> tuple[logging.Logger, Callable[[], None]]:
@@ -206,8 +212,11 @@ def _open_logger(
     logger.setLevel(logging.INFO)
     logger.propagate = False
     added: list[logging.Handler] = []
-    if not is_main_process():
+    main = is_main_process()
+    if not main:
         added.append(logging.NullHandler())
+        # Handlers of the script's own, attached in every process, hear rank 0 alone too.
+        logger.addFilter(_drop_record)
     else:
         if console:
             handler: logging.Handler = _TqdmHandler()
@@ -230,6 +239,8 @@ def _open_logger(
         for handler in added:
             logger.removeHandler(handler)
             handler.close()
+        if not main:
+            logger.removeFilter(_drop_record)
         logger.propagate = propagate
 
     return logger, close
@@ -536,7 +547,8 @@ def fit(
       out_dir: the run folder (``~`` is the home folder); ``None`` writes nothing
         (``""`` is an error: ``"."`` is the working directory).
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
-        there to reach the console and the log file), the log file, and the run its
+        there to reach the console and the log file; in a ``torch.distributed`` run only
+        rank 0's records get through), the log file, and the run its
         checkpoints belong to: ``fit`` does not resume another run's checkpoints into a
         state that is not at their step (an error says what to pass instead).
       resume: continue from the newest good checkpoint in ``out_dir``: the state, the

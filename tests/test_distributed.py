@@ -370,10 +370,16 @@ def test_a_process_with_an_empty_validation_share_takes_part(tmp_path) -> None:
 @pytest.mark.slow
 def test_a_train_loader_without_a_distributed_sampler_is_warned_about(tmp_path) -> None:
     """Every process would train on the whole data set; a DistributedSampler or a Subset
-    (this process's share) is not warned about."""
+    (this process's share) is not warned about. Only rank 0 logs."""
     torchrun(tmp_path, "train_samplers", job=BAD_INPUT_JOB, timeout=240)
     logs = torch.load(tmp_path / "rank0.pt", weights_only=True)
     warned = [m for m in logs["plain"] if "no DistributedSampler" in m]
     assert len(warned) == 1 and "each of the 2 processes" in warned[0], logs["plain"]
     assert logs["sampler"] and logs["subset"]  # (the handler got fit's lines)
     assert not [m for m in logs["sampler"] + logs["subset"] if "DistributedSampler" in m]
+    # Rank 1 logs nothing, not even to a handler the script attached to the run's logger.
+    assert torch.load(tmp_path / "rank1.pt", weights_only=True) == {
+        "plain": [],
+        "sampler": [],
+        "subset": [],
+    }
