@@ -1170,8 +1170,11 @@ class _Run:
                 "train on (TrainState.create(..., device=...)), or load a checkpoint first."
             )
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
-        # An open accumulation window holds each process's own sums: their mean goes on.
-        self.state = broadcast_state(_window_mean(self.state))
+        # An open accumulation window in every process holds each process's own sums:
+        # their mean goes on. Open in some only (a state that rank 0 alone loaded), the
+        # processes cannot average it (a collective call): rank 0's goes on, as it is.
+        open_everywhere = all(gather(self.state.grad_accum is not None))
+        self.state = broadcast_state(_window_mean(self.state) if open_everywhere else self.state)
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()

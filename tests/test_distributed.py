@@ -383,3 +383,14 @@ def test_a_train_loader_without_a_distributed_sampler_is_warned_about(tmp_path) 
         "sampler": [],
         "subset": [],
     }
+
+
+@pytest.mark.slow
+def test_fit_given_a_window_open_in_rank_0_alone_goes_on_from_it(tmp_path) -> None:
+    """The processes cannot average a window that only one of them has (it waited in
+    the all-reduce forever): rank 0's goes on, as when every process has that one."""
+    torchrun(tmp_path, "window_in_rank_0", job=BAD_INPUT_JOB, timeout=240)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["rank0"]["counters"] == got["everywhere"]["counters"] == (2, 1)
+        assert_same(got["rank0"]["params"], got["everywhere"]["params"])

@@ -99,6 +99,24 @@ def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
     return dict(state.history["valid"])
 
 
+def window_in_rank_0(rank: int) -> dict[str, Any]:
+    """fit given a state with an open accumulation window in rank 0 alone (as if it
+    alone had loaded a checkpoint), and one given that state in every process."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    step = fl.make_train_step(classify, accumulation_steps=2)
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=False))
+    out = {}
+    for case, opened in [("rank0", rank == 0), ("everywhere", True)]:
+        torch.manual_seed(1)
+        state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+        if opened:
+            state, _ = step(state, (data.tensors[0][:8], data.tensors[1][:8]))
+        state = fl.fit(state, step, loader, max_epochs=1, log_to_console=False, progress=False)
+        out[case] = {"params": dict(state.params), "counters": (state.step, state.micro_step)}
+    return out
+
+
 class Records(logging.Handler):
     """Keeps the messages logged to it."""
 
