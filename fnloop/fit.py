@@ -108,6 +108,13 @@ UNSHARDED_TRAIN_MSG = (
     "DataLoader(train_set, batch_size=..., sampler=DistributedSampler(train_set)) (fit "
     "calls its set_epoch), or ignore this if its data set is this process's share."
 )
+SETUP_MISMATCH_MSG = (
+    "fit got other settings in process {p} than in rank 0: {name} is {theirs!r} there "
+    "and {ours!r} in rank 0. The processes make collective calls together (each update, "
+    "the epoch means, validation, checkpoints), so pass every process the same fit "
+    "arguments; validate in every process, each on its share of the set, rather than "
+    "in rank 0 alone."
+)
 OTHER_RUN_MSG = (
     "{path} was written by the run {theirs!r} (at epoch {epoch}, step {step}), and this "
     "fit is the run {ours!r} from a state at epoch {given_epoch}, step {given_step}: "
@@ -449,6 +456,20 @@ def _check_loader(loader: Iterable[Any], split: str) -> None:
         )
 
 
+def _check_same_setup(settings: Mapping[str, Any]) -> None:
+    """Raises in every process of a distributed run whose ``fit`` settings that decide
+    its collective calls differ from rank 0's (a collective call; nothing outside one)."""
+    if world_size() == 1:
+        return
+    everyone = gather(dict(settings))
+    for other, theirs in enumerate(everyone[1:], start=1):
+        for name, value in everyone[0].items():
+            if theirs[name] != value:
+                raise ValueError(
+                    SETUP_MISMATCH_MSG.format(p=other, name=name, theirs=theirs[name], ours=value)
+                )
+
+
 def _samplers(loader: Iterable[Any] | None) -> list[Any]:
     """The loader's sampler, its batch sampler and the sampler inside that
     (``DataLoader(batch_sampler=BatchSampler(DistributedSampler(...), ...))``), each once."""
@@ -619,9 +640,20 @@ def fit(
     check_one_model(state, "fit", STACKED_LOOP_FIX)
     train_loader, valid_loader = _split_loaders(loaders)
     _check_loader(train_loader, "train")
+    step_fn, train_step = _as_train_step(training_step)
+    _check_same_setup(
+        {
+            "valid loader given": valid_loader is not None,
+            "out_dir given": out_dir is not None,
+            "resume": resume,
+            "max_epochs": max_epochs,
+            "checkpoint_every_n_steps": checkpoint_every_n_steps,
+            "accumulation_steps": train_step.accumulation_steps,
+            "on_nonfinite": train_step.on_nonfinite,
+        }
+    )
     if valid_loader is not None:
         _check_loader(valid_loader, "valid")
-    step_fn, train_step = _as_train_step(training_step)
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
     user_callbacks = _as_list(callbacks, Callback)
     check_callbacks(user_callbacks)

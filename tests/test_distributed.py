@@ -394,3 +394,14 @@ def test_fit_given_a_window_open_in_rank_0_alone_goes_on_from_it(tmp_path) -> No
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert got["rank0"]["counters"] == got["everywhere"]["counters"] == (2, 1)
         assert_same(got["rank0"]["params"], got["everywhere"]["params"])
+
+
+@pytest.mark.slow
+def test_fit_settings_that_differ_from_rank_0s_are_refused_in_every_process(tmp_path) -> None:
+    """A valid loader in rank 0 alone put the processes' collective calls out of step
+    (a hang, or another call's data in the wrong gather)."""
+    torchrun(tmp_path, "valid_in_rank_0_alone", job=BAD_INPUT_JOB, timeout=240)
+    for r in range(2):
+        error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
+        assert "other settings in process 1 than in rank 0: valid loader given is" in error
+        assert "False there and True in rank 0" in error

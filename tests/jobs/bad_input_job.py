@@ -99,6 +99,30 @@ def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
     return dict(state.history["valid"])
 
 
+def valid_in_rank_0_alone(rank: int) -> dict[str, Any]:
+    """Validation in rank 0 alone (a pattern of hand-written DDP loops): refused in both
+    processes, instead of their collective calls going out of step."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    loaders = {"train": DataLoader(data, batch_size=8, sampler=DistributedSampler(data))}
+    if rank == 0:
+        loaders["valid"] = DataLoader(data, batch_size=8)
+    state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+    try:
+        fl.fit(
+            state,
+            classify,
+            loaders,
+            max_epochs=1,
+            monitor="train/loss",
+            log_to_console=False,
+            progress=False,
+        )
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 def window_in_rank_0(rank: int) -> dict[str, Any]:
     """fit given a state with an open accumulation window in rank 0 alone (as if it
     alone had loaded a checkpoint), and one given that state in every process."""
