@@ -1256,6 +1256,9 @@ class _Run:
             f"Finished at epoch {state.epoch}, step {state.step} "
             f"({_format_time(time.monotonic() - start)})"
         )
+        # Rank 0 wrote the best model and on_fit_end's files after the last checkpoint:
+        # when fit returns, every process finds the run folder complete.
+        barrier()
         return state
 
     def warn_persistent_workers(self) -> None:

@@ -405,3 +405,13 @@ def test_fit_settings_that_differ_from_rank_0s_are_refused_in_every_process(tmp_
         error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
         assert "other settings in process 1 than in rank 0: valid loader given is" in error
         assert "False there and True in rank 0" in error
+
+
+@pytest.mark.slow
+def test_the_run_folder_is_complete_in_every_process_when_fit_returns(tmp_path) -> None:
+    """Rank 0 writes best_model.pt and the plot after the last epoch: the other processes
+    wait for it before fit returns."""
+    torchrun(tmp_path, "best_model_after_fit", job=BAD_INPUT_JOB, timeout=240)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got == {"best_model": True, "plot": True}, r

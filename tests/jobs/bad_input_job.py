@@ -1,8 +1,10 @@
-"""One process of a run set up wrongly, launched by ``torchrun`` from test_distributed.py.
+"""One process of a run set up wrongly or unusually, launched by ``torchrun`` from
+test_distributed.py.
 
 Usage: torchrun --standalone --nproc_per_node=2 bad_input_job.py OUT_DIR CASE
 
-Runs ``CASE`` (a function below) and saves what it returned to ``OUT_DIR/rank{r}.pt``.
+Runs ``CASE`` (a function below, given the rank and ``OUT_DIR``) and saves what it
+returned to ``OUT_DIR/rank{r}.pt``.
 The group times out after a minute, so a case that makes the processes wait for each
 other fails instead of hanging the tests.
 """
@@ -31,8 +33,9 @@ def classify(model: Any, batch: Any) -> dict[str, torch.Tensor]:
     return {"loss": F.cross_entropy(model(x), y)}
 
 
-def unequal_train(rank: int) -> dict[str, Any]:
+def unequal_train(rank: int, out: Path) -> dict[str, Any]:
     """Train loaders of 5 and 4 batches: refused in both processes (not a hang)."""
+    del out
     torch.manual_seed(0)
     n = 40 if rank == 0 else 32
     loader = DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), 8)
@@ -44,11 +47,12 @@ def unequal_train(rank: int) -> dict[str, Any]:
     return {"error": None}
 
 
-def other_metric_names(rank: int) -> dict[str, Any]:
+def other_metric_names(rank: int, out: Path) -> dict[str, Any]:
     """Steps with on_nonfinite="skip" whose metric names differ by process (rank 0 alone
     reports "rare" and "rare2"), with and without accumulation: at call 1 rank 0's "rare"
     is NaN, at call 2 rank 1's loss. Which metrics each call returned finite, the
     parameters and the skipped updates."""
+    del out
     out: dict[str, Any] = {}
     for k in (1, 2):
 
@@ -77,9 +81,10 @@ def other_metric_names(rank: int) -> dict[str, Any]:
     return out
 
 
-def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
+def empty_valid_share(rank: int, out: Path | None = None, world: int = 2) -> dict[str, Any]:
     """A validation set of one example, shared as the guide says: rank 1's share is
     empty. The validation history of two epochs (``world=1``: one process on it all)."""
+    del out
     torch.manual_seed(0)
     x, y = torch.randn(33, 4, dtype=torch.float64), torch.randint(0, 2, (33,))
     train = TensorDataset(x[:32], y[:32])
@@ -99,9 +104,10 @@ def empty_valid_share(rank: int, world: int = 2) -> dict[str, Any]:
     return dict(state.history["valid"])
 
 
-def valid_in_rank_0_alone(rank: int) -> dict[str, Any]:
+def valid_in_rank_0_alone(rank: int, out: Path) -> dict[str, Any]:
     """Validation in rank 0 alone (a pattern of hand-written DDP loops): refused in both
     processes, instead of their collective calls going out of step."""
+    del out
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     loaders = {"train": DataLoader(data, batch_size=8, sampler=DistributedSampler(data))}
@@ -123,9 +129,10 @@ def valid_in_rank_0_alone(rank: int) -> dict[str, Any]:
     return {"error": None}
 
 
-def window_in_rank_0(rank: int) -> dict[str, Any]:
+def window_in_rank_0(rank: int, out: Path) -> dict[str, Any]:
     """fit given a state with an open accumulation window in rank 0 alone (as if it
     alone had loaded a checkpoint), and one given that state in every process."""
+    del out
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     step = fl.make_train_step(classify, accumulation_steps=2)
@@ -141,6 +148,21 @@ def window_in_rank_0(rank: int) -> dict[str, Any]:
     return out
 
 
+def best_model_after_fit(rank: int, out: Path) -> dict[str, Any]:
+    """Whether best_model.pt is there in every process as soon as fit returns (to test
+    the best model in every process, say)."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    loaders = {
+        "train": DataLoader(data, batch_size=8, sampler=DistributedSampler(data)),
+        "valid": DataLoader(Subset(data, range(rank, 32, 2)), batch_size=8),
+    }
+    state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+    run = out / "run"
+    fl.fit(state, classify, loaders, max_epochs=1, out_dir=run, log_to_console=False)
+    return {"best_model": (run / "best_model.pt").exists(), "plot": (run / "history.png").exists()}
+
+
 class Records(logging.Handler):
     """Keeps the messages logged to it."""
 
@@ -152,10 +174,11 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def train_samplers(rank: int) -> dict[str, Any]:
+def train_samplers(rank: int, out: Path) -> dict[str, Any]:
     """What fit logs (to a handler the script attached to its logger, in every process)
     for a train loader without a DistributedSampler, with one, and over a Subset (this
     process's share)."""
+    del out
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     loaders = {
@@ -178,7 +201,7 @@ def main() -> None:
     out, case = Path(sys.argv[1]), sys.argv[2]
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = torch.distributed.get_rank()
-    torch.save(globals()[case](rank), out / f"rank{rank}.pt")
+    torch.save(globals()[case](rank, out), out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
