@@ -529,14 +529,23 @@ def _metric_slot(name: str) -> int:
     return slot
 
 
-def _nonfinite_slots(metrics: Metrics, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _nonfinite_slots(metrics: Metrics, names: list[str]) -> tuple[torch.Tensor, list[int]]:
     """How many of the metrics ``names`` are not finite, per slot of their names
-    (``_METRIC_SLOTS`` floats), and the slot of each name."""
+    (``_METRIC_SLOTS`` floats), and the slot of each name. Built on the device from
+    comparisons with Python numbers: no host data is copied in (a host sync on CUDA)."""
     device = metrics[names[0]].device
-    slots = torch.tensor([_metric_slot(k) for k in names], device=device)
-    bad = torch.stack([~torch.isfinite(metrics[k]).reshape(()) for k in names])
+    slot_of = [_metric_slot(k) for k in names]
+    slots = torch.arange(_METRIC_SLOTS, device=device)
     counts = torch.zeros(_METRIC_SLOTS, device=device)
-    return counts.index_add(0, slots, bad.to(counts.dtype)), slots
+    for k, slot in zip(names, slot_of):
+        bad = ~torch.isfinite(metrics[k]).reshape(())
+        counts = counts + ((slots == slot) & bad).to(counts.dtype)
+    return counts, slot_of
+
+
+def _per_name(slot_flags: torch.Tensor, slot_of: list[int]) -> torch.Tensor:
+    """The flag of each name's slot (indexed by Python numbers: no index tensor)."""
+    return torch.stack([slot_flags[slot] for slot in slot_of])
 
 
 def _nan_where_not(finite: torch.Tensor, names: list[str], metrics: Metrics) -> Metrics:
@@ -689,7 +698,7 @@ class TrainStep:
                         counts, slot_of = _nonfinite_slots(metrics, names)
                         flags = true_everywhere(torch.cat([finite.reshape(1), counts == 0]))
                         finite = flags[0]
-                        metrics = _nan_where_not(flags[1:][slot_of], names, metrics)
+                        metrics = _nan_where_not(_per_name(flags[1:], slot_of), names, metrics)
                     buffers = _select_buffers(finite, buffers, state.buffers)
                     # A non-finite loss can have finite gradients (a mean over no
                     # element, 0/0): mark the window's sum, so its update is skipped.
@@ -719,7 +728,7 @@ class TrainStep:
             )
             loss = mean["loss"].to(loss.dtype)
             if names:
-                metrics = _nan_where_not(mean["nonfinite"][slot_of] == 0, names, metrics)
+                metrics = _nan_where_not(_per_name(mean["nonfinite"] == 0, slot_of), names, metrics)
             if fallback is not None:
                 state = state.replace(buffers=fallback)
             if self.on_nonfinite == "raise":
