@@ -1729,3 +1729,36 @@ def test_a_state_a_callback_kept_from_an_event_is_refused_after_later_steps():
     assert [c.step for c in keep.clones] == [6, 12, 18]
     assert not torch.equal(keep.clones[0].params["0.weight"], final.params["0.weight"])
     assert torch.equal(keep.clones[-1].params["0.weight"], final.params["0.weight"])
+
+
+def test_fit_log_lines_do_not_reach_the_root_loggers_handlers(tmp_path):
+    """fit's logger writes to the console and the log file itself, so while fit runs its
+    lines do not also go up to the root logger: after logging.basicConfig() a user saw
+    every line twice, the second time in the root handler's format."""
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def emit(self, record):
+            self.names.append(record.name)
+
+    root = logging.getLogger()
+    mine = Keep()
+    root.addHandler(mine)
+    try:
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            out_dir=tmp_path,
+            run_name="quiet",
+            log_to_console=False,
+        )
+    finally:
+        root.removeHandler(mine)
+    assert "[  1/1]" in (tmp_path / "quiet_training.log").read_text()
+    assert not [name for name in mine.names if name.startswith("fnloop.run")]
+    assert logging.getLogger("fnloop.run.quiet").propagate  # restored when fit ends
