@@ -433,6 +433,40 @@ def test_an_epoch_metric_under_a_step_metrics_name_is_an_error():
         )
 
 
+@pytest.mark.parametrize("event", ["on_train_epoch_end", "on_validation_epoch_end"])
+def test_an_epoch_metric_appended_at_an_epoch_end_is_monitored_and_appended_once(event):
+    """An epoch-level metric appended at either epoch end is the epoch's (fit monitors
+    it), and has one value per epoch: two callbacks appending the same new name (or one
+    appending twice) at one epoch end gave it two values for the epoch in silence, and
+    its history no longer lined up with the epochs."""
+    split = "train" if event == "on_train_epoch_end" else "valid"
+
+    def append(self, state, metrics):
+        return state.replace(history=fl.state.append_history(state.history, split, {"f1": 0.5}))
+
+    appends = type("Appends", (fl.callbacks.Callback,), {event: append})
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=1,
+        callbacks=[appends()],
+        monitor=f"{split}/f1",  # appended once: a metric of the epoch, to monitor
+        mode="max",
+        log_to_console=False,
+    )
+    assert state.history[split]["f1"] == (0.5,)
+    with pytest.raises(ValueError, match=rf"2 value\(s\) for '{split}/f1'.*append it once"):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            callbacks=[appends(), appends()],
+            log_to_console=False,
+        )
+
+
 @pytest.mark.parametrize(
     "event",
     ["on_train_batch_end", "on_validation_batch_end", "on_train_epoch_start", "on_fit_start"],
