@@ -91,6 +91,30 @@ def test_a_loader_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, ep
     assert_same(run(tmp_path / "cut", checkpoint_every_n_steps=2), ref)
 
 
+def sampler_seeded_loader():
+    """A loader whose sampler has the generator (DataLoader(sampler=RandomSampler(...,
+    generator=...))), the loader itself none."""
+    loader = seeded_loader()
+    sampler = torch.utils.data.RandomSampler(
+        loader.dataset, generator=torch.Generator().manual_seed(7)
+    )
+    return DataLoader(loader.dataset, batch_size=10, sampler=sampler)
+
+
+@pytest.mark.parametrize(("epoch", "batch"), [(2, None), (2, 3)], ids=["epoch-start", "mid-epoch"])
+def test_a_sampler_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, epoch, batch):
+    """The generator of the loader's sampler is checkpointed too: a re-run's new sampler,
+    seeded like the first, continues the first run's shuffle order, not epoch 1's."""
+    loader = sampler_seeded_loader()
+    assert loader.generator is None and loader.sampler.generator is not None
+    kw = {"loader": sampler_seeded_loader, "checkpoint_every_n_steps": 2}
+    ref = run(tmp_path / "ref", **kw)
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], **kw)
+    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
+    assert_same(run(tmp_path / "cut", **kw), ref)
+
+
 class Shrink(fl.callbacks.Callback):
     """Changes the state after every batch, as a callback may."""
 
