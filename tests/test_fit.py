@@ -1327,6 +1327,32 @@ def test_numpy_numbers_are_numbers_for_fit(tmp_path):
     assert state.epoch == 1 and type(rule.patience) is int
 
 
+def test_with_several_early_stopping_rules_the_monitor_is_the_default_one(tmp_path):
+    """Only a single rule lends fit its monitor, and only a rule on the monitor its mode:
+    with a rule on valid/acc (mode="max") and one on train/loss, the best model follows
+    valid/loss, the documented default with a validation loader, and its lowest value,
+    not the first rule's metric or mode."""
+    rules = [
+        fl.EarlyStopping("valid/acc", mode="max", patience=100),
+        fl.EarlyStopping("train/loss", patience=100),
+    ]
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=3,
+        early_stopping=rules,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    losses = state.history["valid"]["loss"]
+    best_epoch = min(range(3), key=lambda e: (losses[e], e)) + 1
+    assert (
+        f"Best model (valid/loss {losses[best_epoch - 1]:.4g} at epoch {best_epoch})"
+        in (tmp_path / "run_training.log").read_text()
+    )
+
+
 def test_monitor_takes_the_mode_of_an_early_stopping_rule_on_it(tmp_path):
     """An explicit monitor that an early-stopping rule watches keeps the rule's mode: the
     best model is the epoch with the highest accuracy, not the lowest."""
