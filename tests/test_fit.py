@@ -1212,10 +1212,21 @@ class _Samples(torch.utils.data.Dataset):
         ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
         ({"monitor": "val/acc", "mode": "max"}, ValueError, r"pass monitor='valid/acc'"),
         ({"checkpoint_every_n_steps": 5, "out_dir": None}, ValueError, "needs out_dir"),
+        (  # a second rule on valid/ with no validation loader: a KeyError after epoch 1
+            {
+                "loaders": loaders(valid=False),
+                "monitor": "train/loss",
+                "early_stopping": [fl.EarlyStopping("train/loss"), fl.EarlyStopping("valid/loss")],
+            },
+            ValueError,
+            r"EarlyStopping monitors 'valid/loss' but no validation loader was given",
+        ),
         ({"max_epochs": 1.5}, TypeError, r"max_epochs takes an int; got 1.5"),
         ({"max_epochs": None}, TypeError, r"max_epochs takes an int; got None"),
         ({"keep_checkpoints": 1.5}, TypeError, r"keep_checkpoints takes an int"),
         ({"checkpoint_every_n_steps": 1.5}, TypeError, r"checkpoint_every_n_steps takes an int"),
+        ({"checkpoint_every_n_steps": 0}, ValueError, r"checkpoint_every_n_steps must be >= 1"),
+        ({"keep_checkpoints": 0}, ValueError, r"keep_checkpoints must be >= 1; got 0"),
         ({"batch_size": 0}, ValueError, r"batch_size must be .* a positive int"),
         ({"loaders": {"train": [], "val": []}}, ValueError, r"'valid' \(the validation loader\)"),
         (
