@@ -674,6 +674,16 @@ def test_a_validation_step_without_a_validation_loader_is_warned_about(tmp_path)
     assert "no validation loader" not in (tmp_path / "v" / "run_training.log").read_text()
 
 
+def test_progress_auto_shows_bars_only_when_stderr_is_a_terminal(capsys, monkeypatch):
+    """progress="auto", the default, keeps the bars out of a log that stderr is
+    redirected to (a batch job's output file), and shows them on a terminal."""
+    fl.fit(make_state(), classify, loaders(), max_epochs=1, log_to_console=False)
+    assert "epoch 1/1" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    fl.fit(make_state(), classify, loaders(), max_epochs=1, log_to_console=False)
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
 def test_console_gets_messages_only(capsys):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, progress=False)
     out = capsys.readouterr().out
