@@ -867,6 +867,30 @@ def test_best_model_is_written_before_on_fit_end(tmp_path):
     assert set(best) == {"0.weight", "0.bias", "3.weight", "3.bias"}
 
 
+@pytest.mark.parametrize("change", ["extra-entry", "float64"])
+def test_a_rerun_rewrites_a_best_model_that_is_not_exactly_the_runs(tmp_path, change):
+    """A re-run of a finished job leaves best_model.pt as it was only if it holds exactly
+    the best weights: a file with the same values in another dtype, or with an entry
+    more (which module.load_state_dict refuses), is written afresh."""
+
+    def rerun():
+        fl.fit(
+            make_state(), classify, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False
+        )
+
+    rerun()
+    want = torch.load(tmp_path / "best_model.pt", weights_only=True)  # float32 weights
+    if change == "extra-entry":
+        tampered = {**want, "extra": torch.zeros(1)}
+    else:
+        tampered = {k: v.double() for k, v in want.items()}  # the same values
+    torch.save(tampered, tmp_path / "best_model.pt")
+    rerun()
+    got = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_best_model_follows_a_single_early_stopping_rule(tmp_path):
     stopper = fl.EarlyStopping("valid/acc", mode="max", patience=100)
     state = fl.fit(
