@@ -134,6 +134,24 @@ def test_mid_epoch_checkpoints_hold_what_the_callbacks_returned(tmp_path):
     assert_same(run(tmp_path / "cut", callbacks=[Shrink()], checkpoint_every_n_steps=2), ref)
 
 
+def test_mid_epoch_checkpoints_are_written_at_optimizer_steps_only(tmp_path):
+    """checkpoint_every_n_steps counts optimizer steps: with accumulation over 2 batches,
+    the first batch (step 0, a window open) is no checkpoint's place; each later step is."""
+    step = fl.make_train_step(classify, accumulation_steps=2)
+    fl.fit(
+        make_state(),
+        step,
+        seeded_loader(),
+        max_epochs=1,
+        out_dir=tmp_path,
+        checkpoint_every_n_steps=1,
+        keep_checkpoints=10,
+        log_to_console=False,
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert names == ["ckpt-0000000001-b.pt", "ckpt-0000000002-b.pt", "ckpt-0000000003-e.pt"]
+
+
 class DrawAtStart(fl.callbacks.Callback):
     def on_fit_start(self, state):
         torch.randperm(10)
