@@ -443,6 +443,18 @@ def test_the_best_model_is_chosen_afresh_when_the_monitor_changes(tmp_path):
     assert f"Best model (valid/loss {min(losses):.4g} at epoch {best})" in log
 
 
+def test_the_best_model_is_chosen_afresh_when_the_mode_changes(tmp_path):
+    """The checkpoint's best was the lowest train/loss; a run that resumes it with
+    mode="max" on the same monitor does not compare its epochs with that value."""
+    out = tmp_path / "run"
+    run(out, max_epochs=2)
+    state = run(out, max_epochs=3, mode="max")
+    log = (out / "run_training.log").read_text()
+    assert "The best model is chosen afresh: this run monitors train/loss (mode='max')" in log
+    loss = state.history["train"]["loss"][2]
+    assert f"Best model (train/loss {loss:.4g} at epoch 3)" in log  # the one epoch it ran
+
+
 def test_a_mid_epoch_resume_logs_the_epoch_as_an_uninterrupted_run_does(tmp_path):
     # The epoch's learning-rate change and skipped updates are counted from its start,
     # not from the mid-epoch checkpoint the run resumed from.
