@@ -831,6 +831,21 @@ def test_a_state_beyond_the_checkpoint_it_is_resumed_over_is_warned_about(tmp_pa
     assert (tmp_path / "run_training.log").read_text().count("fit got a state at") == 1
 
 
+def test_a_state_of_more_steps_in_as_many_epochs_is_warned_about_too(tmp_path):
+    """Beyond the checkpoint in steps alone: a state that trained its one epoch elsewhere
+    with smaller batches (12 steps) is dropped for the folder's (epoch 1, step 6) too."""
+
+    def small_batches():
+        return DataLoader(seeded_loader().dataset, batch_size=5)
+
+    run(tmp_path, max_epochs=1)
+    state = run(None, max_epochs=1, loader=small_batches)
+    assert (state.epoch, state.step) == (1, 12)
+    run(tmp_path, max_epochs=1, state=state)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "fit got a state at epoch 1, step 12, beyond" in log
+
+
 def test_a_state_with_other_learning_rates_at_the_checkpoints_step_is_warned_about(tmp_path):
     """The state a fit returned, given another rate and passed back with its run folder:
     fit resumes from the checkpoint of that step, whose rate wins, and says so. A
