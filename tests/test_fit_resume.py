@@ -234,6 +234,21 @@ def test_a_rule_keeps_its_progress_only_while_unchanged(tmp_path):
     assert log.rindex("Resumed from") < log.rindex("is new or changed")
 
 
+def test_a_run_with_several_rules_none_stopped_goes_on_when_resumed(tmp_path):
+    """Resuming restores a stop only if a rule had asked for one: two rules that are
+    still counting let the continued run train its epochs."""
+
+    def rules():
+        return [
+            fl.EarlyStopping("train/loss", patience=50),
+            fl.EarlyStopping("train/loss", patience=40, min_delta=0.0),
+        ]
+
+    run(tmp_path, max_epochs=1, early_stopping=rules())
+    assert run(tmp_path, max_epochs=2, early_stopping=rules()).epoch == 2
+    assert "stopped early" not in (tmp_path / "run_training.log").read_text()
+
+
 def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
     run(tmp_path, max_epochs=3)
     before = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
