@@ -701,6 +701,28 @@ def test_lr_changes_are_logged(tmp_path):
     assert "Learning rate updated: 0.100000 → 0.050000" in log
 
 
+def test_a_learning_rate_set_in_on_fit_start_is_logged_before_the_first_epoch(tmp_path):
+    """A callback's on_fit_start is where a run takes another rate (with_learning_rates):
+    the change is logged as the schedule's are, once, before epoch 1's line."""
+
+    class Lower(fl.callbacks.Callback):
+        def on_fit_start(self, state):
+            return state.replace(opt_state=optim.with_learning_rates(state.opt_state, 1e-3))
+
+    fl.fit(
+        make_state(optim.adam(1e-2)),
+        classify,
+        loaders(),
+        max_epochs=2,
+        callbacks=[Lower()],
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    assert log.count("Learning rate updated: 0.010000 → 0.001000") == 1
+    assert log.index("Learning rate updated") < log.index("[  1/2]")
+
+
 def test_validation_step_can_differ_and_steps_can_be_premade():
     def val(model, batch):
         return {"loss": classify(model, batch)["loss"], "zero": 0.0}
