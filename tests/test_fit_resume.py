@@ -846,6 +846,18 @@ def test_a_state_beyond_the_checkpoint_it_is_resumed_over_is_warned_about(tmp_pa
     assert (tmp_path / "run_training.log").read_text().count("fit got a state at") == 1
 
 
+def test_a_continued_run_whose_best_is_an_earlier_fits_logs_where_it_is(tmp_path):
+    """A fit that trains epochs says where the best model is, also when the best is still
+    the epoch an earlier fit saved (only a re-run that trains nothing keeps quiet)."""
+    run(tmp_path, max_epochs=2, mode="max")  # the highest train loss: epoch 1
+    log = (tmp_path / "run_training.log").read_text()
+    state = run(tmp_path, max_epochs=3, mode="max")
+    losses = state.history["train"]["loss"]
+    assert max(losses) == losses[0]
+    added = (tmp_path / "run_training.log").read_text().removeprefix(log)
+    assert f"Best model (train/loss {losses[0]:.4g} at epoch 1) saved to" in added
+
+
 def test_a_state_of_more_steps_in_as_many_epochs_is_warned_about_too(tmp_path):
     """Beyond the checkpoint in steps alone: a state that trained its one epoch elsewhere
     with smaller batches (12 steps) is dropped for the folder's (epoch 1, step 6) too."""
