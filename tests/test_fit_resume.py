@@ -270,6 +270,20 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 2
 
 
+def test_resume_false_on_a_fresh_state_starts_a_metrics_csv_of_its_own_columns(tmp_path):
+    """The earlier run's metrics.csv goes aside whole: the new one has this run's columns
+    only, not the earlier run's valid/ columns left empty."""
+
+    def with_valid():
+        loader = seeded_loader()
+        return {"train": loader, "valid": DataLoader(loader.dataset, batch_size=30)}
+
+    run(tmp_path, max_epochs=1, loader=with_valid)
+    run(tmp_path, max_epochs=1, resume=False)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,step,train/loss,train/lr"
+
+
 def test_resume_false_on_a_trained_state_keeps_its_epochs_in_metrics_csv(tmp_path):
     """Continuing the state a fit returned with resume=False (a new optimizer, say): the
     earlier run's files are set aside, and metrics.csv still holds the state's epochs."""
