@@ -995,9 +995,11 @@ def test_epoch_end_checkpoint_replaces_a_mid_epoch_one_at_the_same_step(tmp_path
 
 
 def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
+    """The hint names the newest checkpoint (epoch 2's), not the oldest one kept."""
+
     class CtrlC(fl.callbacks.Callback):
         def on_train_batch_end(self, state, outputs, batch, batch_idx):
-            if state.epoch == 1 and batch_idx == 2:
+            if state.epoch == 2 and batch_idx == 2:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -1012,7 +1014,7 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
         )
     log = (tmp_path / "run_training.log").read_text()
     assert re.search(
-        r"Interrupted in epoch 2\. Run the same fit again to resume from .*ckpt-0000000006-e\.pt",
+        r"Interrupted in epoch 3\. Run the same fit again to resume from .*ckpt-0000000012-e\.pt",
         log,
     )
     with pytest.raises(KeyboardInterrupt):
