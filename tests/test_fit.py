@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 
@@ -964,6 +965,46 @@ def test_best_model_holds_the_best_epochs_ema_weights(tmp_path):
         torch.testing.assert_close(best[name], value, rtol=0, atol=0)
     assert not torch.equal(kept[1]["0.weight"], kept[2]["0.weight"])
     assert not torch.equal(kept[1]["1.running_mean"], kept[2]["1.running_mean"])
+
+
+@pytest.mark.parametrize(
+    ("scores", "mode"),
+    [
+        ([0.3, 0.9, 0.9], "max"),
+        ([0.9, 0.3, 0.3], "min"),
+        ([math.nan, 0.9, 0.5], "max"),
+        ([math.nan, 0.3, 0.5], "min"),
+    ],
+    ids=["tie-max", "tie-min", "nan-max", "nan-min"],
+)
+def test_the_best_model_is_the_first_epoch_of_the_best_finite_value(tmp_path, scores, mode):
+    """An epoch improves on the best only by a better value (a tie keeps the earlier
+    epoch, as early stopping does), and a NaN value is never the best: the best model is
+    epoch 2's here, the log says so, and best_model.pt holds its weights."""
+    kept = []
+
+    class Score(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            kept.append({k: v.clone() for k, v in state.state_dict().items()})
+            score = {"score": scores[state.epoch - 1]}
+            return state.replace(history=fl.state.append_history(state.history, "valid", score))
+
+    fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=3,
+        callbacks=[Score()],
+        monitor="valid/score",
+        mode=mode,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    log = (tmp_path / "run_training.log").read_text()
+    assert f"Best model (valid/score {scores[1]:.4g} at epoch 2)" in log
+    best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    assert all(torch.equal(best[k], v) for k, v in kept[1].items())
+    assert not torch.equal(kept[1]["0.weight"], kept[2]["0.weight"])
 
 
 def test_resuming_into_a_folder_of_another_model_says_how_to_fix_it(tmp_path):
