@@ -724,6 +724,20 @@ def test_a_learning_rate_set_in_on_fit_start_is_logged_before_the_first_epoch(tm
     assert log.index("Learning rate updated") < log.index("[  1/2]")
 
 
+def test_skipped_updates_are_counted_per_epoch_in_the_log(tmp_path):
+    """Each epoch's line says how many updates that epoch skipped, not how many the run
+    has skipped so far: two NaN batches per epoch are 2 in every epoch."""
+    x, y = data(48)
+    x[4] = x[36] = float("nan")  # batches 1 and 9 of 12 give a NaN loss
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    step = fl.make_train_step(classify, on_nonfinite="skip")
+    state = fl.fit(make_state(), step, loader, max_epochs=2, out_dir=tmp_path, log_to_console=False)
+    assert int(state.skipped_steps) == 4
+    log = (tmp_path / "run_training.log").read_text()
+    skipped = [line.split(" - ", 2)[-1] for line in log.splitlines() if "Skipped" in line]
+    assert skipped == ["Skipped 2 updates with non-finite loss or gradients"] * 2
+
+
 def test_validation_step_can_differ_and_steps_can_be_premade():
     def val(model, batch):
         return {"loss": classify(model, batch)["loss"], "zero": 0.0}
