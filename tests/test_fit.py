@@ -132,6 +132,30 @@ def test_early_stopping_by_target_and_patience(stopper, expected_epochs):
     assert state.epoch == expected_epochs
 
 
+def test_rules_that_stop_in_the_same_epoch_are_all_named(tmp_path):
+    """Two rules asking to stop at one epoch end: the log line gives both reasons."""
+    rules = [
+        fl.EarlyStopping("valid/acc", mode="max", target=0.0),
+        fl.EarlyStopping("train/loss", target=10.0),
+    ]
+    state = fl.fit(
+        make_state(),
+        classify,
+        loaders(),
+        max_epochs=3,
+        early_stopping=rules,
+        out_dir=tmp_path,
+        log_to_console=False,
+    )
+    assert state.epoch == 1
+    log = (tmp_path / "run_training.log").read_text()
+    assert re.search(
+        r"Early stopping: valid/acc reached the target 0\.0 \(.*\); "
+        r"train/loss reached the target 10\.0 \(",
+        log,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
