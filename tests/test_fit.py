@@ -612,7 +612,9 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
     fresh.load_state_dict(best)
     best_epoch = min(range(3), key=lambda e: state.history["valid"]["loss"][e])
     assert f"at epoch {best_epoch + 1}" in log
-    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    # keep_checkpoints=2 by default: the newest and one to fall back on if it is damaged
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert kept == ["ckpt-0000000012-e.pt", "ckpt-0000000018-e.pt"]
 
 
 def test_an_out_dir_under_home_is_the_home_folders(tmp_path, monkeypatch):
