@@ -115,6 +115,19 @@ def test_a_sampler_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, e
     assert_same(run(tmp_path / "cut", **kw), ref)
 
 
+def test_a_resume_with_other_loader_generators_is_warned_about(tmp_path):
+    """The checkpoint holds one loader generator's state; resumed with a loader that has
+    none of its own, the run says that the shuffle order will not repeat."""
+
+    def unseeded_loader():
+        return DataLoader(seeded_loader().dataset, batch_size=10, shuffle=True)
+
+    run(tmp_path, max_epochs=1)
+    run(tmp_path, max_epochs=2, loader=unseeded_loader)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "holds the states of 1 loader generators and the loaders now have 0" in log
+
+
 class Shrink(fl.callbacks.Callback):
     """Changes the state after every batch, as a callback may."""
 
