@@ -148,6 +148,33 @@ def test_csv_resume_drops_rows_beyond_the_checkpoint_and_torn_lines(tmp_path: Pa
     )
 
 
+def test_csv_and_jsonl_resume_drop_a_torn_last_line_when_no_row_is_beyond(tmp_path: Path) -> None:
+    """A crash in the middle of the row of epoch 3, with the checkpoint taken after epoch
+    2: every complete row is kept, but the torn one must go before the resumed run
+    appends, or its first row is glued to the torn text (the rewrite came only when a row
+    beyond the checkpoint was dropped as well)."""
+    csv_path, jsonl_path = tmp_path / "metrics.csv", tmp_path / "metrics.jsonl"
+
+    def loggers() -> list[EpochLogger]:
+        return [CSVLogger(csv_path), JSONLinesLogger(jsonl_path)]
+
+    drive(loggers(), new_state(), FIRST_FIT)
+    with open(csv_path, "a") as f:
+        f.write("3,6,0.1")
+    with open(jsonl_path, "a") as f:
+        f.write('{"epoch": 3, "step": 6, "train/lo')
+    resumed = new_state().replace(epoch=2, step=4)
+    drive(loggers(), resumed, [({"train/loss": 0.2}, None)])
+    assert csv_path.read_text() == (
+        "epoch,step,train/loss,train/lr,valid/loss\n1,2,0.5,0.1,0.75\n2,4,0.25,0.1,\n3,6,0.2,0.1,\n"
+    )
+    assert [json.loads(line) for line in jsonl_path.read_text().splitlines()] == [
+        {"epoch": 1, "step": 2, "train/loss": 0.5, "train/lr": 0.1, "valid/loss": 0.75},
+        {"epoch": 2, "step": 4, "train/loss": 0.25, "train/lr": 0.1},
+        {"epoch": 3, "step": 6, "train/loss": 0.2, "train/lr": 0.1},
+    ]
+
+
 def test_csv_rows_in_a_loop_of_ones_own_take_each_epochs_metrics_once(tmp_path: Path) -> None:
     """A loop that sends only the epoch-end events (no on_train_epoch_start) and validates
     every second epoch: each row holds its own epoch's values."""
