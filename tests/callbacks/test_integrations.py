@@ -636,6 +636,37 @@ def test_plot_history_writes_a_png(tmp_path: Path) -> None:
         plot_history({"train": {}}, tmp_path / "empty.png")
 
 
+def test_plot_history_draws_a_later_metric_at_the_last_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A metric that began later (validation added by a second fit) holds the last
+    epochs: its curve is drawn at them, not from epoch 1; a metric with no values gets no
+    panel, and a history of such metrics only is refused as one with no values."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    saved: list[Any] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or savefig(fig, *a, **k)
+    )
+    history = {"train": {"loss": (1.0, 0.5, 0.25), "acc": ()}, "valid": {"loss": (0.9, 0.6)}}
+    plot_history(history, tmp_path / "history.png")
+    (fig,) = saved
+    curves = {
+        ax.get_title(): {
+            line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()
+        }
+        for ax in fig.axes
+    }
+    assert curves == {
+        "loss": {"train": ([1, 2, 3], [1.0, 0.5, 0.25]), "valid": ([2, 3], [0.9, 0.6])}
+    }
+    with pytest.raises(ValueError, match="no values"):
+        plot_history({"train": {"loss": ()}}, tmp_path / "empty.png")
+
+
 def test_plot_history_takes_names_with_dollar_signs_as_text(tmp_path: Path) -> None:
     """Metric and split names are not TeX: a pair of "$" in them failed the plot."""
     pytest.importorskip("matplotlib")
