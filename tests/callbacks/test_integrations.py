@@ -508,12 +508,14 @@ class _FakeRun:
         self.kwargs = kwargs
         self.logged: list[tuple[dict[str, float], int, bool]] = []
         self.finished = False
+        self.exit_code: int | None = None
 
     def log(self, data: dict[str, float], step: int, commit: bool) -> None:
         self.logged.append((data, step, commit))
 
     def finish(self, exit_code: int | None = None) -> None:
         self.finished = True
+        self.exit_code = exit_code
 
 
 def test_wandb_logs_one_merged_dict_per_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -546,6 +548,41 @@ def test_wandb_dir_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.M
     drive([WandB(project="demo", dir="~/wb")], new_state(), FIRST_FIT)
     drive([WandB(project="demo", dir=Path("~") / "wb2")], new_state(), FIRST_FIT)
     assert [run.kwargs["dir"] for run in runs] == [str(tmp_path / "wb"), str(tmp_path / "wb2")]
+
+
+def test_wandb_finishes_a_run_that_fit_ended_by_an_exception_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run ends with exit code 0 at on_fit_end and 1 when fit raised (teardown), so the
+    W&B interface shows a crashed run as failed, not as finished."""
+    runs: list[_FakeRun] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(_FakeRun(kw)) or runs[-1]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    class Crash(Exception):
+        pass
+
+    class CrashInEpoch2(fl.callbacks.Callback):
+        def on_train_epoch_start(self, state: fl.TrainState) -> None:
+            if state.epoch == 1:
+                raise Crash
+
+    def run(callbacks: list[Any]) -> None:
+        fl.fit(
+            new_state(),
+            lambda m, b: {"loss": m(b).square().mean()},
+            [torch.ones(4, 3)],
+            max_epochs=2,
+            callbacks=callbacks,
+            log_to_console=False,
+        )
+
+    run([WandB(project="demo")])
+    with pytest.raises(Crash):
+        run([WandB(project="demo"), CrashInEpoch2()])
+    assert [(r.finished, r.exit_code) for r in runs] == [(True, 0), (True, 1)]
+    assert [len(r.logged) for r in runs] == [2, 1]
 
 
 def test_wandb_offline_run_writes_its_files(
