@@ -358,6 +358,22 @@ def test_tensorboard_reads_a_logged_step_in_one_host_transfer(
     assert calls == [(tag, pytest.approx(value)) for tag, value in want]
 
 
+def test_tensorboard_step_output_named_like_a_learning_rate_keeps_its_value(
+    tmp_path: Path,
+) -> None:
+    """The rates are logged under the names no output has: a step output "lr" of a loop of
+    one's own (fit refuses that name) is logged once, with its own value; it was also
+    logged as the optimizer's rate under the same tag, which replaced its value."""
+    cb = TensorBoard(tmp_path / "tb", log_every_n_steps=1)
+    calls: list[tuple[str, float, int]] = []
+    cb.writer = types.SimpleNamespace(
+        add_scalar=lambda tag, value, global_step: calls.append((tag, value, global_step))
+    )
+    outputs = {"loss": torch.tensor(0.5), "lr": torch.tensor(0.25)}
+    cb.on_train_batch_end(new_state().replace(step=1), outputs, None, 0)
+    assert calls == [("train_step/loss", 0.5, 1), ("train_step/lr", 0.25, 1)]
+
+
 def test_tensorboard_logs_the_learning_rate_of_each_logged_step(tmp_path: Path) -> None:
     """The seed's TensorBoard callback logged the learning rate with each batch's outputs
     (a warm-up or schedule shows step by step): the rate of each parameter group after
