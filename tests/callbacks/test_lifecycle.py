@@ -111,22 +111,32 @@ def test_epoch_loops_take_callbacks_as_a_list() -> None:
     assert seen == [0, 1, 2, 0, 1, 2]
 
 
-def test_a_failed_teardown_is_reported_and_the_others_still_run() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("No space left on device"),
+        ValueError("Image size of 90000x320 pixels is too large"),  # matplotlib's
+    ],
+    ids=["OSError", "ValueError"],
+)
+def test_a_failed_teardown_is_reported_and_the_others_still_run(error: Exception) -> None:
     """CallbackList.teardown swallowed a callback's error without a word (a plot that
     could not be drawn on the way out of a crashed fit left no trace); it now warns,
-    naming the callback and the error, and tears the other callbacks down."""
+    naming the callback and the error, and tears the other callbacks down, whatever the
+    kind of error (not only a file system's)."""
     released = []
 
     class FailingPlot(fl.callbacks.Callback):
         def teardown(self):
-            raise OSError("No space left on device")
+            raise error
 
     class Writer(fl.callbacks.Callback):
         def teardown(self):
             released.append(True)
 
     callbacks = fl.callbacks.CallbackList([FailingPlot(), Writer()])
-    with pytest.warns(RuntimeWarning, match=r"FailingPlot failed .*OSError: No space left"):
+    name = type(error).__name__
+    with pytest.warns(RuntimeWarning, match=rf"FailingPlot failed .*{name}: {error}"):
         callbacks.teardown()
     assert released == [True]
 
