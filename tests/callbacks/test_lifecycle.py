@@ -141,6 +141,23 @@ def test_a_failed_teardown_is_reported_and_the_others_still_run(error: Exception
     assert released == [True]
 
 
+def test_teardown_passes_over_a_callback_without_one() -> None:
+    """A callback need not subclass Callback (an object with an event method is one), so
+    it may have no teardown: the callbacks after it are still torn down."""
+    released = []
+
+    class PrintLoss:  # no teardown
+        def on_train_epoch_end(self, state, metrics):
+            pass
+
+    class Writer(fl.callbacks.Callback):
+        def teardown(self):
+            released.append(True)
+
+    fl.callbacks.CallbackList([PrintLoss(), Writer()]).teardown()
+    assert released == [True]
+
+
 def test_callback_list_takes_a_generator_or_one_callback() -> None:
     """CallbackList checked a generator of callbacks, which used it up, and then kept an
     empty list: no event reached any callback, without a word. One callback (as fit and
