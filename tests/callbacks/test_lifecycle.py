@@ -15,6 +15,7 @@ from torch import nn
 import fnloop as fl
 from fnloop.callbacks import JSONLinesLogger, Profiler, TensorBoard
 from fnloop.epoch import MetricMeans
+from fnloop.state import append_history
 
 
 def state() -> fl.TrainState:
@@ -156,6 +157,28 @@ def test_teardown_passes_over_a_callback_without_one() -> None:
 
     fl.callbacks.CallbackList([PrintLoss(), Writer()]).teardown()
     assert released == [True]
+
+
+def test_a_batch_event_may_return_a_state_whose_history_is_equal_but_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """Only the epoch-end events may change the history, and a history equal to the one
+    the event got is no change, though another object: a callback that rolls back to a
+    checkpoint mid-epoch returns the loaded state, and training goes on from it."""
+    start = state()
+    start = start.replace(history=append_history(start.history, "train", {"loss": 1.0}))
+    path = tmp_path / "start.pt"
+    fl.save_checkpoint(path, start)
+
+    class RollBack(fl.callbacks.Callback):
+        def on_train_batch_end(self, st, outputs, batch, idx):
+            if idx == 1:
+                return fl.load_checkpoint(path, like=st)
+            return None
+
+    end, _ = fl.train_epoch(start, fl.make_train_step(classify), batches(3), callbacks=[RollBack()])
+    assert end.step == 1  # the rolled-back state, then one more step
+    assert end.history == start.history
 
 
 def test_callback_list_takes_a_generator_or_one_callback() -> None:
