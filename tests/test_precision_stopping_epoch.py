@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 import fnloop as fl
 from fnloop import optim
 from fnloop.epoch import MetricMeans
+from fnloop.precision import autocast
 
 
 @pytest.mark.parametrize(
@@ -97,6 +100,22 @@ def test_a_scale_that_would_grow_to_inf_stays_put_as_grad_scalers():
             scaler.get_scale(),
             int(scaler._growth_tracker),
         )
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_autocast_is_torchs_for_the_devices_type_in_the_precisions_dtype(device, precision, dtype):
+    """Autocast on another device type than the model's leaves its operations alone: a
+    CUDA model under CPU autocast trains in float32, without a word. The context is made,
+    not entered (torch disables a CUDA one, with a warning, where CUDA is missing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = autocast(precision, torch.device(device))
+    assert isinstance(context, torch.autocast)
+    assert (context.device, context.fast_dtype) == (torch.device(device).type, dtype)
+    assert isinstance(autocast(None, torch.device(device)), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("init_scale", [1e39, 1e-46])
