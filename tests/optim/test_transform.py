@@ -3,6 +3,7 @@ groups, ``chain`` and ``apply_updates``."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import optree
@@ -264,6 +265,21 @@ def test_apply_updates_keeps_each_params_dtype_and_returns_new_tensors() -> None
     assert out["a"].dtype == torch.float32 and out["b"].dtype == F64
     assert torch.equal(out["a"], torch.full((3,), 1.5)) and torch.equal(params["a"], torch.ones(3))
     assert out["a"].data_ptr() != params["a"].data_ptr()
+
+
+def test_an_ordered_dict_of_params_keeps_its_type_through_update_and_apply() -> None:
+    """A module's state_dict() is an OrderedDict: its updates, new params and optimizer
+    state stay OrderedDicts, as any tree keeps its node types (the fast path for plain
+    dicts must not take a dict subclass, which it would give back as a dict)."""
+    params = OrderedDict(w=torch.ones(2), b=torch.zeros(1))
+    grads = OrderedDict((k, torch.ones_like(v)) for k, v in params.items())
+    tx = optim.adam(0.1)
+    opt_state = tx.init(params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = optim.apply_updates(params, updates)
+    assert (type(updates), type(new), list(new)) == (OrderedDict, OrderedDict, ["w", "b"])
+    structure = optree.tree_structure(opt_state, namespace="fnloop")
+    assert optree.tree_structure(new_opt_state, namespace="fnloop") == structure
 
 
 def test_scale_by_learning_rate_without_sign_flip_and_learning_rates_order() -> None:
