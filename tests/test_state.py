@@ -312,6 +312,18 @@ def test_torch_pytree_round_trip_keeps_static_fields_in_the_context(state: fl.Tr
         assert a is b
 
 
+def test_torch_pytree_key_paths_name_each_leafs_own_field(state: fl.TrainState) -> None:
+    """torch.utils._pytree's key paths (read by torch.compile and torch.export) pair each
+    leaf with its field: absent fields (ema, loss_scale, grad_accum are None here) have
+    neither leaf nor key, so the fields after them keep their own names."""
+    assert state.ema is None and state.loss_scale is None and state.grad_accum is None
+    paths, _ = torch_pytree.tree_flatten_with_path(state)
+    fields = [path[0].name for path, _ in paths]
+    assert "skipped_steps" in fields
+    for (path, leaf), field in zip(paths, fields, strict=True):
+        assert any(leaf is x for x in torch_pytree.tree_leaves(getattr(state, field))), path
+
+
 def test_torch_pytree_round_trip_with_ema(module: Net) -> None:
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
     leaves, spec = torch_pytree.tree_flatten(state)
