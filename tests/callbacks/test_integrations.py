@@ -737,6 +737,22 @@ def test_plot_callback_draws_the_state_history_at_fit_end(tmp_path: Path) -> Non
     assert path.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plot_callback_of_a_run_that_fails_before_its_first_row_draws_the_earlier_epochs(
+    tmp_path: Path,
+) -> None:
+    """A resumed run that fails in its first epoch draws, on the way out, the epochs its
+    state began with (those its checkpoints hold): the plot of an earlier run that was
+    killed before drawing it is then not missing."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "history.png"
+    history = append_history(new_state().history, "train", {"loss": 0.5})
+    cb = PlotHistory(path)
+    cb.on_fit_start(new_state().replace(epoch=1, step=2, history=history))
+    cb.on_train_epoch_start(new_state().replace(epoch=1, step=2, history=history))
+    cb.teardown()  # fit raised in epoch 2
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_plot_callback_rejects_an_unknown_image_format_before_training(tmp_path: Path) -> None:
     """PlotHistory("history.pnj") trained the whole run and then failed at on_fit_end,
     where matplotlib refused the format; the suffix is now checked at on_fit_start."""
