@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -493,6 +494,26 @@ def test_tensorboard_resume_leaves_a_file_damaged_in_the_middle_alone(tmp_path: 
     damaged = path.read_bytes()
     drive([TensorBoard(log_dir)], new_state().replace(epoch=1, step=2), [])
     assert path.read_bytes() == damaged
+
+
+def test_tensorboard_resume_leaves_a_file_whose_last_record_is_damaged_alone(
+    tmp_path: Path,
+) -> None:
+    """A last record that is all there (its length says so) but fails its checksum is
+    damage, not a write cut short: the file is left as it is, as one damaged in the
+    middle is."""
+    pytest.importorskip("tensorboard")
+    log_dir = tmp_path / "tb"
+    drive([TensorBoard(log_dir, log_every_n_steps=1)], new_state(), FIRST_FIT)
+    (path,) = log_dir.glob("*.fnloop")
+    data = bytearray(path.read_bytes())
+    start = 0  # records: 8-byte length, 4-byte checksum, the data, 4-byte checksum
+    while start + 12 + struct.unpack("<Q", data[start : start + 8])[0] + 4 < len(data):
+        start += 12 + struct.unpack("<Q", data[start : start + 8])[0] + 4
+    data[start + 12] ^= 0xFF  # the first byte of the last record's data
+    path.write_bytes(bytes(data))
+    drive([TensorBoard(log_dir)], new_state().replace(epoch=1, step=2), [])
+    assert path.read_bytes() == bytes(data)
 
 
 def test_tensorboard_resume_after_a_power_loss_drops_the_zeroed_tail(tmp_path: Path) -> None:
