@@ -295,7 +295,11 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
 
 def _aligned_leaves(params: Params, updates: Updates) -> tuple[list[Any], list[Any], Any]:
     """Leaves of ``params`` and ``updates`` (cast to the params' dtypes) and the treedef."""
-    p_leaves, treedef, (u_leaves,) = flatten_like(params, updates)
+    try:
+        p_leaves, treedef, (u_leaves,) = flatten_like(params, updates)
+    except ValueError:
+        check_same_structure(updates, params)  # names the two trees the right way round
+        raise
     u_leaves = [
         u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(p_leaves, u_leaves, strict=True)
     ]

@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from fnloop import optim
+from fnloop.optim.base import apply_updates_
 
 F64 = torch.float64
 SHAPES = {"conv.weight": (3, 2, 2, 2), "fc.weight": (5, 4), "fc.bias": (4,), "scale": ()}
@@ -342,6 +343,22 @@ def test_apply_updates_rejects_updates_of_another_shape_in_nested_trees() -> Non
     match = r"shape mismatch at 'layer\.1': a tensor of shape \(3,\) is paired with .* \(1,\)"
     with pytest.raises(ValueError, match=match):
         optim.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("apply", [optim.apply_updates, apply_updates_])
+def test_apply_updates_names_the_tree_a_key_is_missing_from(apply) -> None:
+    """The message said an extra update was in params and missing from the updates."""
+    one, two = {"w": torch.zeros(2)}, {"w": torch.zeros(2), "b": torch.zeros(1)}
+    with pytest.raises(
+        ValueError,
+        match=r"'b' is present in the first tree but not in the second \(first tree: updates",
+    ):
+        apply(one, two)
+    with pytest.raises(
+        ValueError,
+        match=r"'b' is present in the second tree but not in the first \(first tree: updates",
+    ):
+        apply(two, one)
 
 
 def test_a_shape_mismatch_is_refused_under_torch_compile_too() -> None:
