@@ -326,12 +326,16 @@ def test_skipping_keeps_finite_metrics_with_any_number_of_processes(monkeypatch,
 BAD_INPUT_JOB = Path(bad_input_job.__file__)
 
 
+def refused_in_every_process(tmp_path: Path, case: str) -> list[str]:
+    """Runs ``case`` of the bad-input job in two processes; the error each one saved."""
+    torchrun(tmp_path, case, job=BAD_INPUT_JOB, timeout=240)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"] for r in range(2)]
+
+
 @pytest.mark.slow
 def test_train_loaders_of_different_lengths_are_refused_in_every_process(tmp_path) -> None:
     """The process with more batches would wait in its extra step's all-reduce forever."""
-    torchrun(tmp_path, "unequal_train", job=BAD_INPUT_JOB, timeout=240)
-    for r in range(2):
-        error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
+    for error in refused_in_every_process(tmp_path, "unequal_train"):
         assert "different lengths ([5, 4] batches, by rank)" in error
         assert "DistributedSampler" in error
 
@@ -400,9 +404,7 @@ def test_fit_given_a_window_open_in_rank_0_alone_goes_on_from_it(tmp_path) -> No
 def test_fit_settings_that_differ_from_rank_0s_are_refused_in_every_process(tmp_path) -> None:
     """A valid loader in rank 0 alone put the processes' collective calls out of step
     (a hang, or another call's data in the wrong gather)."""
-    torchrun(tmp_path, "valid_in_rank_0_alone", job=BAD_INPUT_JOB, timeout=240)
-    for r in range(2):
-        error = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["error"]
+    for error in refused_in_every_process(tmp_path, "valid_in_rank_0_alone"):
         assert "other settings in process 1 than in rank 0: valid loader given is" in error
         assert "False there and True in rank 0" in error
 
