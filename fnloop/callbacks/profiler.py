@@ -30,9 +30,8 @@ class Profiler(Callback):
     """Profiles the first ``num_batches`` training batches and writes a Chrome trace.
 
     ``torch.profiler.profile`` starts at the first ``on_train_batch_start`` this
-    callback sees, marks each batch as a ``train_batch#<i>`` range (and calls
-    ``prof.step()`` after it), and stops after ``num_batches`` training batches (or at
-    ``on_fit_end`` if fewer ran). The trace is
+    callback sees, marks each batch as a ``train_batch#<i>`` range, and stops after
+    ``num_batches`` training batches (or at ``on_fit_end`` if fewer ran). The trace is
     written to ``<out_dir>/trace.json``; open it in ``chrome://tracing`` or
     https://ui.perfetto.dev. Profiling happens once per callback: later epochs, and later
     ``fit`` calls with the same callback, are not profiled. Only rank 0 profiles.
@@ -99,7 +98,6 @@ class Profiler(Callback):
         if self._prof is None:
             return
         self._close_batch_range()
-        self._prof.step()
         self._batches += 1
         if self._batches >= self.num_batches:
             self._stop()
