@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import pickle
 import re
 import sys
 
@@ -439,6 +441,27 @@ def test_epoch_metrics_given_to_callbacks_are_read_only():
             callbacks=[Sets()],
             log_to_console=False,
         )
+
+
+def test_copies_and_pickles_of_the_epoch_metrics_are_plain_dicts():
+    """A callback may keep the metrics (copy.deepcopy, or pickle them to a queue): the
+    copies are plain dicts of the same values, which it may change."""
+    kept = []
+
+    class Keeps(fl.callbacks.Callback):
+        def on_validation_epoch_end(self, state, metrics):
+            copies = [copy.copy(metrics), copy.deepcopy(metrics)]
+            copies.append(pickle.loads(pickle.dumps(metrics)))
+            kept.append((dict(metrics), copies))
+
+    fl.fit(
+        make_state(), classify, loaders(), max_epochs=1, callbacks=[Keeps()], log_to_console=False
+    )
+    ((seen, copies),) = kept
+    assert set(seen) == {"valid/loss", "valid/acc"}
+    for c in copies:
+        assert type(c) is dict and c == seen
+        c["valid/r2"] = 0.5  # a plain dict takes new entries
 
 
 def test_an_epoch_metric_under_a_step_metrics_name_is_an_error():
@@ -930,11 +953,12 @@ def test_best_model_is_written_before_on_fit_end(tmp_path):
     assert set(best) == {"0.weight", "0.bias", "3.weight", "3.bias"}
 
 
-@pytest.mark.parametrize("change", ["extra-entry", "float64"])
+@pytest.mark.parametrize("change", ["extra-entry", "float64", "truncated"])
 def test_a_rerun_rewrites_a_best_model_that_is_not_exactly_the_runs(tmp_path, change):
     """A re-run of a finished job leaves best_model.pt as it was only if it holds exactly
     the best weights: a file with the same values in another dtype, or with an entry
-    more (which module.load_state_dict refuses), is written afresh."""
+    more (which module.load_state_dict refuses), or one torch.load cannot read (cut
+    short by a full disk), is written afresh."""
 
     def rerun():
         fl.fit(
@@ -943,11 +967,13 @@ def test_a_rerun_rewrites_a_best_model_that_is_not_exactly_the_runs(tmp_path, ch
 
     rerun()
     want = torch.load(tmp_path / "best_model.pt", weights_only=True)  # float32 weights
-    if change == "extra-entry":
-        tampered = {**want, "extra": torch.zeros(1)}
-    else:
-        tampered = {k: v.double() for k, v in want.items()}  # the same values
-    torch.save(tampered, tmp_path / "best_model.pt")
+    if change == "truncated":
+        raw = (tmp_path / "best_model.pt").read_bytes()
+        (tmp_path / "best_model.pt").write_bytes(raw[: len(raw) // 2])
+    elif change == "extra-entry":
+        torch.save({**want, "extra": torch.zeros(1)}, tmp_path / "best_model.pt")
+    else:  # the same values
+        torch.save({k: v.double() for k, v in want.items()}, tmp_path / "best_model.pt")
     rerun()
     got = torch.load(tmp_path / "best_model.pt", weights_only=True)
     assert got.keys() == want.keys()
@@ -1348,6 +1374,17 @@ class _Samples(torch.utils.data.Dataset):
         ({"run_name": "a/b"}, ValueError, r"without path separators; got 'a/b'"),
         ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
         ({"callbacks": [fl.callbacks.CSVLogger]}, TypeError, r"pass an instance: CSVLogger"),
+        (
+            {"callbacks": [object()]},
+            TypeError,
+            r"object is not a callback: it has none of the events on_fit_start, .*Subclass",
+        ),
+        (
+            {"loaders": {"train": None, "valid": loaders()["valid"]}},
+            ValueError,
+            r"loaders\['train'\] is None; pass a loader to train on\.",
+        ),
+        ({"mode": "maximum"}, ValueError, r"mode must be 'min' or 'max'; got 'maximum'\."),
         ({"early_stopping": "valid/acc"}, TypeError, r"fl.EarlyStopping rules; got 'valid/acc'"),
         ({"monitor": "val/acc", "mode": "max"}, ValueError, r"pass monitor='valid/acc'"),
         ({"checkpoint_every_n_steps": 5, "out_dir": None}, ValueError, "needs out_dir"),
@@ -1390,6 +1427,13 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
     args = {"max_epochs": 1, **args}
     with pytest.raises(error, match=match):
         fl.fit(state, classify, **{"log_to_console": False, **args})
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_given_a_module_instead_of_a_state_says_it_needs_a_train_state(tmp_path):
+    module = make_state().module
+    with pytest.raises(TypeError, match=r"^fit needs a TrainState first; got Sequential\.$"):
+        fl.fit(module, classify, loaders(), max_epochs=1, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
