@@ -640,6 +640,18 @@ def test_run_folder_log_file_csv_and_best_model(tmp_path):
     assert kept == ["ckpt-0000000012-e.pt", "ckpt-0000000018-e.pt"]
 
 
+def test_without_matplotlib_the_run_folder_has_its_metrics_csv_and_no_plot(tmp_path, monkeypatch):
+    """matplotlib is an optional extra: without it fit writes no history.png (and does not
+    fail at the first epoch end importing it), the rest of the run folder as always."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
+    fl.fit(make_state(), classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"metrics.csv", "best_model.pt", "run_training.log", "checkpoints"}
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_an_out_dir_under_home_is_the_home_folders(tmp_path, monkeypatch):
     """out_dir="~/runs/x" made a folder named "~" in the working directory, where a
     second fit from elsewhere did not find (nor resume) the run; "~" is now home, as
