@@ -278,9 +278,37 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path):
     # The earlier run's rows are kept there; the new metrics.csv has this run's only.
     assert len((aside / "metrics.csv").read_text().splitlines()) == 1 + 3
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 1
-    # A second restart within the same second gets a folder of its own.
+    # A second restart gets a folder of its own.
     run(tmp_path, max_epochs=1, resume=False)
     assert len(list((tmp_path / "checkpoints").glob("previous-*"))) == 2
+
+
+def test_a_restart_within_the_same_second_sets_aside_into_a_folder_of_its_own(
+    tmp_path, monkeypatch
+):
+    """Two restarts in one second (the time stamp names the folder): the second one's
+    files go to previous-<time>-1, and the first one's folder is left as it was."""
+    import time
+
+    strftime = time.strftime
+    stamp = "previous-20260101-120000"
+    monkeypatch.setattr(
+        time,
+        "strftime",
+        lambda fmt, *a: stamp if fmt.startswith("previous-") else strftime(fmt, *a),
+    )
+    ckpts = tmp_path / "checkpoints"
+    run(tmp_path, max_epochs=1)
+    first = sorted(p.name for p in ckpts.glob("ckpt-*.pt"))
+    run(tmp_path, max_epochs=2, resume=False)
+    assert sorted(p.name for p in (ckpts / stamp).iterdir() if p.name.startswith("ckpt-")) == first
+    second = sorted(p.name for p in ckpts.glob("ckpt-*.pt"))
+    before = {p.name: p.read_bytes() for p in (ckpts / stamp).iterdir()}
+    run(tmp_path, max_epochs=1, resume=False)
+    assert {p.name: p.read_bytes() for p in (ckpts / stamp).iterdir()} == before
+    moved = sorted(p.name for p in (ckpts / f"{stamp}-1").iterdir() if p.name.startswith("ckpt-"))
+    assert moved == second
+    assert {p.name for p in ckpts.glob("previous-*")} == {stamp, f"{stamp}-1"}
 
 
 def test_resume_false_on_a_fresh_state_starts_a_metrics_csv_of_its_own_columns(tmp_path):
