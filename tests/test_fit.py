@@ -1140,6 +1140,50 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
         fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
 
 
+def test_ctrl_c_whose_best_model_cannot_be_written_logs_that_and_raises_the_interrupt(tmp_path):
+    """Ctrl-C ends the run with KeyboardInterrupt even when best_model.pt cannot be
+    written then (here a folder of that name is in the way): the failed write is logged,
+    not raised in place of the interrupt."""
+
+    class CtrlC(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            if state.epoch == 1 and batch_idx == 2:
+                (tmp_path / "best_model.pt").mkdir()
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=3,
+            out_dir=tmp_path,
+            callbacks=[CtrlC()],
+            log_to_console=False,
+        )
+    log = (tmp_path / "run_training.log").read_text()
+    assert "Interrupted in epoch 2." in log
+    assert re.search(r"ERROR - Could not write the best model: \w+Error: ", log)
+    assert (tmp_path / "best_model.pt").is_dir()
+
+
+def test_torchs_symbolic_sizes_error_gets_the_hint_for_a_last_smaller_batch(tmp_path):
+    """The error torch raises when a compiled step recompiled for any shape cannot run
+    under torch.func (simulated here: the step raises torch's message) says what to do,
+    in the log and in the traceback (a note), before the hint to resume."""
+    from fnloop.fit import SYMBOLIC_SIZES, SYMBOLIC_SIZES_HINT
+
+    def fails(model, batch):
+        raise RuntimeError(f"{SYMBOLIC_SIZES} (while tracing the step)")
+
+    with pytest.raises(RuntimeError, match="symbolic sizes") as info:
+        fl.fit(make_state(), fails, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False)
+    assert info.value.__notes__ == [SYMBOLIC_SIZES_HINT]
+    log = (tmp_path / "run_training.log").read_text()
+    want = f"Stopped by RuntimeError in epoch 1: {SYMBOLIC_SIZES} (while tracing the step). "
+    assert want + SYMBOLIC_SIZES_HINT + " No checkpoint was written yet" in log
+
+
 @pytest.mark.parametrize("event", ["on_fit_start", "on_fit_end"])
 def test_keyboard_interrupt_outside_the_epochs_is_logged(tmp_path, event):
     """Ctrl-C before the first epoch or after the last one left no line in the log: the
@@ -1921,6 +1965,9 @@ def test_the_epoch_line_has_the_seeds_format():
     assert line == "[  1/2] loss:0.01815 | (val) loss:0.0189 (1.0s)"
     nan = epoch_line(1, 2, {"train/loss": float("nan"), "train/acc": 0.0}, 1)
     assert nan == "[  1/2] loss:nan acc:0 (1.0s)"
+    # An epoch of an hour or more: 1 h 2 min 5 s, and 2 h to the second.
+    assert epoch_line(1, 2, {"train/loss": 0.5}, 3725.4).endswith(" (1h 2m 5s)")
+    assert epoch_line(1, 2, {"train/loss": 0.5}, 7199.6).endswith(" (2h 0m 0s)")
 
 
 def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):
