@@ -833,6 +833,11 @@ def test_moving_a_dataclass_batch_moves_its_derived_tensors_and_leaves_it_alone(
         (lambda m, b: {"loss": 1.0}, TypeError, "must be a tensor"),
         (lambda b, m: {"loss": m(b[0]).mean()}, TypeError, "fn\\(model, batch\\)"),
         (lambda m, b: {"loss": m[0](b[0]).mean()}, TypeError, "cannot be unpacked or indexed"),
+        (  # x, y = batch with the arguments swapped: the model is unpacked
+            lambda b, m: {"loss": (lambda x, y: x)(*b)},
+            TypeError,
+            r"^a BoundModel \(the `model` argument of a step function\) cannot be unpacked",
+        ),
         (
             lambda m, b: {"loss": m.forward(b[0]).mean()},
             AttributeError,
@@ -945,9 +950,15 @@ def test_bad_options():
     with pytest.raises(ValueError, match="precision"):
         fl.EvalStep(classify, precision="fp8")
     assert fl.TrainStep(classify, precision="fp16").loss_scale == fl.DynamicLossScale()
+    with pytest.raises(TypeError, match=r"^grad_norm takes True or False; got 1\.$"):
+        fl.make_train_step(classify, grad_norm=1)
+    with pytest.raises(TypeError, match=r"^validation_step must be callable; got str\.$"):
+        fl.make_eval_step("classify")
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(TypeError, match="swap the arguments"):
         fl.make_train_step(classify)(batches(1)[0], state)
+    with pytest.raises(TypeError, match=r"^eval_step\(state, batch\) needs a TrainState first"):
+        fl.make_eval_step(classify)(batches(1)[0], state)
 
 
 @pytest.mark.parametrize(
@@ -1844,6 +1855,35 @@ def test_vmap_of_a_step_function_reading_a_tensor_on_the_host_names_the_line_and
     assert f"{fn.__name__} (" in text and "test_step.py" in text
     assert "torch.where" in text and "not acc.item()" in text
     assert "PackedSequence" not in text and "forward pass" not in text
+
+
+def _own_error_step(model, batch):
+    raise RuntimeError("labels out of range: check the data set")
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_step_functions_own_runtime_error_under_vmap_is_raised_as_it_is(kind):
+    """Only torch's errors for operations vmap cannot batch get an explanation; any other
+    RuntimeError (the user's own, here) comes out of the vmapped step unchanged."""
+    states = [fl.TrainState.create(mlp(seed=i), tx=optim.sgd(0.1), device="cpu") for i in (0, 1)]
+    make = fl.make_train_step if kind == "train" else fl.make_eval_step
+    many = torch.func.vmap(make(_own_error_step), in_dims=(0, None), randomness="different")
+    with pytest.raises(RuntimeError) as info:
+        many(fl.stack_states(states), batches(1)[0])
+    assert str(info.value) == "labels out of range: check the data set"
+
+
+def test_a_vmapped_eval_step_that_returns_no_mapping_says_so():
+    """As the eager step says (the vmapped one runs the function inside a grad level,
+    which takes the tensors of a mapping out of it)."""
+    states = [fl.TrainState.create(mlp(seed=i), tx=optim.sgd(0.1), device="cpu") for i in (0, 1)]
+    eager = fl.make_eval_step(_logits_only_step)
+    says = "_logits_only_step must return a mapping of metrics such as {'loss': loss}; got Tensor."
+    with pytest.raises(ValueError, match=re.escape(says)):
+        eager(states[0], batches(1)[0])
+    many = torch.func.vmap(eager, in_dims=(0, None))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        many(fl.stack_states(states), batches(1)[0])
 
 
 class _Scale(nn.Module):
