@@ -294,10 +294,7 @@ def _host_read_why(error: BaseException, module: nn.Module) -> str:
     """Why a vmapped step read a tensor on the host, from where ``error`` was raised: the
     innermost Python frame, which called ``.item()``, ``float(t)`` or ``bool(t)``. Code
     of the user's (their step function, their forward) is named with the fix."""
-    frames = list(traceback.walk_tb(error.__traceback__))
-    if not frames:
-        return VMAP_MODEL_MSG.format(why=VMAP_HOST_READ)
-    frame = frames[-1][0]
+    frame = list(traceback.walk_tb(error.__traceback__))[-1][0]  # raised: never empty
     owner = frame.f_locals.get("self")
     if isinstance(owner, _BatchNorm) and owner.training and owner.momentum is None:
         path = next((n for n, m in module.named_modules() if m is owner), "")
