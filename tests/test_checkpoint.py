@@ -12,8 +12,11 @@ import io
 import os
 import pickle
 import random
+import re
 import stat
+import struct
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -462,6 +465,46 @@ def test_flipped_byte_is_detected(good_file: Path, where: float) -> None:
     assert str(good_file) in str(info.value)
 
 
+def _flip_first_pickle_opcode(path: Path) -> None:
+    """Writes 0xFF, which is no pickle opcode, over the first opcode of the file's
+    data.pkl (stored uncompressed; torch checks no CRC when it reads it)."""
+    data = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data.pkl"))
+    assert info.compress_type == zipfile.ZIP_STORED
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    assert data[start] == pickle.PROTO[0]  # protocol opcode and version, then the first opcode
+    data[start + 2] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_pickle_is_named_damage_not_pickled_objects(tmp_path: Path) -> None:
+    """A flipped byte in the pickle of a checkpoint or a model export: torch's
+    weights-only unpickler rejects the opcode, which fnloop reports as damage (not as
+    Python objects it refuses to unpickle), naming the file."""
+    state = randomized(fresh_state())
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    _flip_first_pickle_opcode(path)
+    says = f"Cannot read {path}: the file is damaged (Unsupported operand 255)."
+    with pytest.raises(CheckpointError, match=f"^{re.escape(says)}$"):
+        load_checkpoint(path, fresh_state())
+    model = save_model(tmp_path / "model.pt", state)
+    _flip_first_pickle_opcode(model)
+    says = f"Cannot read {model}: the file is damaged (Unsupported operand 255)."
+    with pytest.raises(CheckpointError, match=f"^{re.escape(says)}$"):
+        load_model(model, make_module())
+
+
+def test_load_model_of_a_file_holding_no_dict_says_what_it_found(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(list(make_module().parameters()), path)
+    says = f"{path} does not hold a state dict (a dict of tensors); found list."
+    with pytest.raises(CheckpointError, match=f"^{re.escape(says)}$"):
+        load_model(path, make_module())
+
+
 def test_altered_payload_fails_the_checksum(good_file: Path) -> None:
     wrapper = torch.load(good_file, weights_only=True)
     payload = wrapper["payload"].clone()
@@ -743,6 +786,7 @@ DAMAGED_ENTRIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "payload without step": lambda w: _signed(
         {k: v for k, v in _payload_of(w).items() if k != "step"}
     ),
+    "payload not a dict": lambda w: _signed(list(_payload_of(w))),  # type: ignore[arg-type]
     "leaves not a dict": lambda w: _signed(
         {**_payload_of(w), "leaves": list(_payload_of(w)["leaves"].values())}
     ),
@@ -821,6 +865,29 @@ def test_rng_state_survives_a_checkpoint(tmp_path: Path) -> None:
         _draws()  # move every generator on
     set_rng_state(load_checkpoint_with_extra(path, fresh_state()).extra["rng"])
     _assert_same_draws(first, _draws())
+
+
+def _assert_same_numpy_state(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
+    assert a[0] == b[0] and a[2:] == b[2:]
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_set_rng_state_restores_the_generators_it_holds_and_leaves_the_others() -> None:
+    """A state of fewer generators (made before NumPy was imported, or by hand) restores
+    those it holds; the others go on from where they are."""
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    saved = rng_state()
+    first = _draws()
+    py, numpy = random.getstate(), np.random.get_state()
+    set_rng_state({"torch": saved["torch"]})
+    assert torch.equal(torch.rand(4), first[0][:4])
+    assert random.getstate() == py
+    _assert_same_numpy_state(np.random.get_state(), numpy)
+    set_rng_state({k: v for k, v in saved.items() if k != "numpy"})
+    assert random.random() == first[2][0]
+    _assert_same_numpy_state(np.random.get_state(), numpy)
 
 
 def test_rng_state_does_not_import_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
