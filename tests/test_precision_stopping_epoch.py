@@ -183,6 +183,25 @@ def test_a_batch_of_no_examples_has_no_weight_in_the_epoch_means():
     assert got == pytest.approx(want, rel=1e-6)
 
 
+def test_a_metric_only_batches_of_no_examples_reported_has_no_mean():
+    """Such a metric (an entry a step returns for empty batches only) weighs nothing in
+    any batch: it is left out of the means, the others' means are those of the batches
+    with examples, as a hand-written weighted mean gives them."""
+    means = fl.MetricMeans()
+    means.add({"loss": torch.tensor(2.0), "empty_frac": torch.tensor(1.0)}, 0)
+    means.add({"loss": torch.tensor(1.0)}, 3)
+    means.add({"loss": torch.tensor(4.0)}, 1)
+    assert means.means() == {"loss": (3 * 1.0 + 1 * 4.0) / 4}
+    only_empty = fl.MetricMeans()
+    only_empty.add({"loss": torch.tensor(float("nan"))}, 0)
+    assert only_empty.means() == {}
+
+
+def test_metric_means_options_of_the_wrong_type_are_refused():
+    with pytest.raises(TypeError, match=r"^finite_only takes True or False; got 1\.$"):
+        fl.MetricMeans(finite_only=1)
+
+
 def _reference_stop_epoch(values, mode, patience, min_delta, target):
     """Keras' / Lightning's EarlyStopping written out: an epoch improves if it beats the
     best so far by more than min_delta (a NaN never does), the wait counter restarts on
