@@ -72,6 +72,19 @@ def test_assigning_a_field_raises(state: fl.TrainState, field: str) -> None:
         setattr(state, field, getattr(state, field))
 
 
+def test_the_history_is_read_only(state: fl.TrainState) -> None:
+    """Neither its entries nor its attributes can be set: only append_history makes a
+    history with more values, and the state's history is left as it was."""
+    history = non_trivial(state).history
+    with pytest.raises(TypeError):
+        history["test"] = {"acc": (1.0,)}  # type: ignore[index]
+    says = "^a history is read-only; make a new one with append_history$"
+    for name in ("_splits", "train"):
+        with pytest.raises(AttributeError, match=says):
+            setattr(history, name, {})
+    assert history == {"train": {"loss": (1.0, 0.5)}, "valid": {"acc": (0.25, 0.75)}}
+
+
 def test_replace_returns_a_new_state_and_leaves_the_old_one(state: fl.TrainState) -> None:
     new_params = {n: p + 1 for n, p in state.params.items()}
     new = state.replace(step=3, epoch=1, params=new_params)
