@@ -176,6 +176,34 @@ def test_csv_and_jsonl_resume_drop_a_torn_last_line_when_no_row_is_beyond(tmp_pa
     ]
 
 
+def test_csv_resume_drops_a_header_torn_before_its_first_line_ended(tmp_path: Path) -> None:
+    """A crash in the middle of the first write (the header): the file holds no complete
+    line, and the resumed run writes its header from the start of the file."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,st")
+    drive([CSVLogger(path)], new_state(), FIRST_FIT)
+    assert path.read_text() == (
+        "epoch,step,train/loss,train/lr,valid/loss\n1,2,0.5,0.1,0.75\n2,4,0.25,0.1,\n"
+    )
+
+
+def test_jsonl_resume_keeps_lines_it_cannot_place_in_an_epoch(tmp_path: Path) -> None:
+    """Resuming drops only the records of epochs beyond the checkpoint: a line that is
+    not JSON and a record whose epoch is not a number (added by hand) stay, in order."""
+    path = tmp_path / "metrics.jsonl"
+    drive([JSONLinesLogger(path)], new_state(), [*FIRST_FIT, *SECOND_FIT])
+    lines = path.read_text().splitlines()
+    extra = ["not json: notes of the run", json.dumps({"epoch": "n/a", "note": "lr halved"})]
+    path.write_text("\n".join([lines[0], *extra, *lines[1:]]) + "\n")
+    resumed = new_state().replace(epoch=1, step=2)
+    drive([JSONLinesLogger(path)], resumed, [({"train/loss": 0.2}, None)])
+    assert path.read_text().splitlines() == [
+        lines[0],
+        *extra,
+        json.dumps({"epoch": 2, "step": 4, "train/loss": 0.2, "train/lr": 0.1}),
+    ]
+
+
 def test_csv_rows_in_a_loop_of_ones_own_take_each_epochs_metrics_once(tmp_path: Path) -> None:
     """A loop that sends only the epoch-end events (no on_train_epoch_start) and validates
     every second epoch: each row holds its own epoch's values."""
@@ -264,6 +292,24 @@ def test_tensor_and_unknown_metric_values() -> None:
     cb.on_fit_start(new_state())
     with pytest.raises(TypeError, match="'train/name' is a str"):
         cb.on_train_epoch_end(new_state(), {"train/name": "x"})  # type: ignore[dict-item]
+    # A list of numbers (the means of stacked models) gives a column per element.
+    rows.clear()
+    cb = Rows()
+    state = new_state().replace(epoch=1, step=2)
+    cb.on_fit_start(new_state())
+    cb.on_train_epoch_end(state, {"train/loss": [0.5, 0.25]})  # type: ignore[dict-item]
+    cb.on_fit_end(state)
+    assert rows == [
+        {"epoch": 1, "step": 2, "train/loss/0": 0.5, "train/loss/1": 0.25, "train/lr": 0.1}
+    ]
+
+
+def test_an_epoch_logger_without_write_row_says_what_to_implement() -> None:
+    class NoRows(EpochLogger):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"^NoRows must implement write_row\(row\)$"):
+        drive([NoRows()], new_state(), [({"train/loss": 0.5}, None)])
 
 
 def test_only_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
