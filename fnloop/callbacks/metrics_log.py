@@ -302,10 +302,8 @@ class CSVLogger(EpochLogger):
     def start(self, state: TrainState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines, torn = _read_complete_lines(self.path)
-        if not lines:
+        if not lines:  # (a torn header goes at the first row, which writes the file afresh)
             self._fieldnames = []
-            if torn:
-                _write_text(self.path, "")
             return
         reader = csv.DictReader(lines)
         self._fieldnames = list(reader.fieldnames or [])
