@@ -403,8 +403,8 @@ def _class(module: torch.nn.Module) -> type:
 def _setting(value: Any) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
     values and tuples or lists of them as they are, functions by their code, callable
-    objects by their class and settings, builtins by identity; ``None`` for what is not
-    compared (tensors, containers)."""
+    objects by their class and settings (and a method by its code and its object's),
+    builtins by identity; ``None`` for what is not compared (tensors, containers)."""
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
@@ -417,17 +417,29 @@ def _setting(value: Any) -> Any:
         kwdefaults = tuple(sorted((k, _plain(v)) for k, v in (value.__kwdefaults__ or {}).items()))
         return ("function", value.__code__, captured, defaults, kwdefaults)
     if isinstance(value, types.MethodType):
-        return ("function", value.__func__.__code__)
+        owner = value.__self__
+        if isinstance(owner, torch.nn.Module | type):
+            # A module's method (the module's settings are compared as a module's), a
+            # classmethod (its class is the same where the code is).
+            return ("function", value.__func__.__code__)
+        # A method of an object of one's own: the object's settings are the method's.
+        return ("method", value.__func__.__code__, _object_setting(owner))
     if isinstance(value, functools.partial):
         keywords = tuple(sorted((k, _setting(v)) for k, v in value.keywords.items()))
         return ("partial", _setting(value.func), tuple(map(_setting, value.args)), keywords)
     if callable(value) and not isinstance(value, torch.nn.Module | type):
-        settings = getattr(value, "__dict__", None)
-        if settings is None:
-            return ("callable", id(value))  # a builtin such as torch.relu
-        # An object made per module (spectral_norm's hook): its class and settings.
-        return ("object", type(value), tuple(sorted((k, _setting(v)) for k, v in settings.items())))
+        return _object_setting(value)
     return None
+
+
+def _object_setting(value: Any) -> Any:
+    """An object made per module (spectral_norm's hook, the owner of a bound method) by
+    its class and settings; one without a ``__dict__`` (a builtin such as torch.relu) by
+    identity."""
+    settings = getattr(value, "__dict__", None)
+    if settings is None:
+        return ("callable", id(value))
+    return ("object", type(value), tuple(sorted((k, _setting(v)) for k, v in settings.items())))
 
 
 def _plain(value: Any) -> Any:

@@ -4,6 +4,7 @@ inputs that differ in ways a stacked state cannot hold, and batch shapes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -198,6 +199,93 @@ def test_modules_whose_functions_capture_other_values_are_refused():
     stacked = fl.stack_states(same)
     many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
     torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in same]))
+
+
+class _Slope:
+    """An activation's settings in an object of one's own, used through a bound method."""
+
+    def __init__(self, slope: float) -> None:
+        self.slope = slope
+
+    def apply(self, x):
+        return nn.functional.leaky_relu(x, self.slope)
+
+
+def _tanh_of(x):
+    return torch.tanh(x)
+
+
+def _sigmoid_of(x):
+    return torch.sigmoid(x)
+
+
+def _unfilled():
+    """A function whose closure cell is never filled (compared as capturing nothing)."""
+
+    def act(x):
+        return later(x)
+
+    return act
+    later = torch.relu  # unreachable: only makes `later` a cell of act
+
+
+def _with(fn) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2), _Act(fn))
+
+
+OTHER_ACTIVATIONS = {
+    "partial": (
+        lambda: functools.partial(nn.functional.leaky_relu, negative_slope=0.01),
+        lambda: functools.partial(nn.functional.leaky_relu, negative_slope=0.5),
+    ),
+    "builtin": (lambda: torch.relu, lambda: torch.tanh),
+    "bound method": (lambda: _Slope(0.01).apply, lambda: _Slope(0.5).apply),
+    "captured tuple": (
+        lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 1.0)),
+        lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 2.0)),
+    ),
+    "captured function": (
+        lambda: (lambda f: lambda x: f(x) * 2)(_tanh_of),
+        lambda: (lambda f: lambda x: f(x) * 2)(_sigmoid_of),
+    ),
+    "captured builtin": (
+        lambda: (lambda f: lambda x: f(x) * 2)(torch.tanh),
+        lambda: (lambda f: lambda x: f(x) * 2)(torch.sigmoid),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_ACTIVATIONS))
+def test_modules_whose_activations_differ_in_settings_are_refused(kind):
+    """The activation kept as an attribute computes otherwise in each model (checked
+    by evaluating them alone): a stacked state would run states[0]'s for both."""
+    first, second = OTHER_ACTIVATIONS[kind]
+    states = [
+        fl.TrainState.create(_with(f()), tx=optim.sgd(0.1), device="cpu") for f in (first, second)
+    ]
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
+    with pytest.raises(ValueError, match=r"1\.fn (is|hold) .* in one and .* in the other"):
+        fl.stack_states(states)
+
+
+@pytest.mark.parametrize("kind", [*OTHER_ACTIVATIONS, "unfilled cell"])
+def test_modules_whose_activations_are_alike_stack_and_run_as_alone(kind):
+    """Made twice alike (other objects of the same settings), they stack, and the
+    vmapped evaluation of the stacked state is each model's own."""
+    make_act = _unfilled if kind == "unfilled cell" else OTHER_ACTIVATIONS[kind][1]
+    states = [
+        fl.TrainState.create(_with(make_act()), tx=optim.sgd(0.1), device="cpu") for _ in "ab"
+    ]
+    stacked = fl.stack_states(states)
+    if kind == "unfilled cell":
+        return  # (its forward cannot run)
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
+    torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in states]))
 
 
 def test_states_made_with_another_kind_of_optimizer_are_named_as_such():
