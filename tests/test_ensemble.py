@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -143,6 +144,36 @@ def test_unstacking_a_stack_gives_back_the_states_exactly():
                 else:
                     assert x is y or x == y, f.name
     assert got[1].buffers["1.num_batches_tracked"].dtype == torch.int64
+
+
+def _norm_scaled_sgd(lr: float) -> optim.GradientTransformation:
+    """SGD whose init reads the parameters' values (each update scaled by the initial
+    largest magnitude of its parameter): its init cannot run on the meta device."""
+
+    def init(params):
+        return {n: torch.tensor(float(p.abs().max()), dtype=p.dtype) for n, p in params.items()}
+
+    def update(updates, state, params=None):
+        return {n: -lr * u / state[n] for n, u in updates.items()}, state
+
+    return optim.GradientTransformation(init, update)
+
+
+def test_unstacking_a_state_whose_optimizer_init_reads_values_gives_back_the_states():
+    """unstack_states finds one model's optimizer state shapes by tx.init on the meta
+    device; an init that reads values raises there, and the states are split without
+    that check, each as it was stacked."""
+    states = [make(seed).replace(tx=_norm_scaled_sgd(0.1)) for seed in (0, 1)]
+    states = [s.replace(opt_state=s.tx.init(s.params)) for s in states]
+    with pytest.raises(RuntimeError, match="meta"):
+        states[0].tx.init(
+            {n: torch.empty_like(p, device="meta") for n, p in states[0].params.items()}
+        )
+    got = fl.unstack_states(fl.stack_states(states))
+    for one, want in zip(got, states, strict=True):
+        for name in want.params:
+            assert torch.equal(one.params[name], want.params[name])
+            assert torch.equal(one.opt_state[name], want.opt_state[name])
 
 
 def test_unstacked_states_are_views_of_the_stack():
@@ -286,6 +317,23 @@ def test_modules_whose_activations_are_alike_stack_and_run_as_alone(kind):
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
     torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in states]))
+
+
+def test_modules_with_another_parameterless_submodule_are_refused():
+    """One model with a Dropout the other lacks: the same parameters, another forward
+    (in training); the message names both lists of submodules."""
+    from collections import OrderedDict
+
+    def net(dropout: bool) -> nn.Module:
+        torch.manual_seed(0)
+        layers = [("fc", nn.Linear(2, 2)), *([("drop", nn.Dropout(0.5))] if dropout else [])]
+        return nn.Sequential(OrderedDict([*layers, ("act", nn.ReLU())]))
+
+    states = [fl.TrainState.create(net(d), tx=optim.sgd(0.1), device="cpu") for d in (True, False)]
+    assert states[0].params.keys() == states[1].params.keys()
+    says = "submodules ['', 'fc', 'drop', 'act'] and ['', 'fc', 'act']"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fl.stack_states(states)
 
 
 def test_states_made_with_another_kind_of_optimizer_are_named_as_such():
