@@ -946,6 +946,17 @@ def test_numpy_numbers_are_metrics():
     assert float(metrics["lr_hint"]) == 0.5 and float(metrics["n"]) == 3.0
 
 
+def test_an_opt_state_rebuilt_as_a_list_is_named_as_of_other_node_types():
+    """The same entries under another container (a list where tx.init makes a tuple, as
+    code that rebuilds the state may): the check of the optimizer state says so."""
+    state = fl.TrainState.create(mlp(), tx=optim.adam(0.1), device="cpu")
+    assert type(state.opt_state) is tuple
+    listed = state.replace(opt_state=list(state.opt_state))
+    says = "state.opt_state was not made by state.tx (the trees have the same keys but different "
+    with pytest.raises(ValueError, match=re.escape(says + "node types; the first tree is")):
+        fl.make_train_step(classify)(listed, batches(1)[0])
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="accumulation_steps"):
         fl.make_train_step(classify, accumulation_steps=0)
