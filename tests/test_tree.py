@@ -1,0 +1,54 @@
+"""fnloop's pytree helpers where the public functions reach their less common cases."""
+
+from __future__ import annotations
+
+import re
+
+import optree
+import pytest
+import torch
+
+from fnloop import _tree, optim
+
+
+def test_updates_with_as_many_entries_under_another_name_are_named() -> None:
+    """Flat dicts of the same length but other keys leave the aligned fast path; the
+    general one names the key the updates have and the params lack."""
+    params = {"w": torch.ones(2), "b": torch.ones(1)}
+    updates = {"w": torch.ones(2), "c": torch.ones(1)}
+    assert _tree.flat_dict_leaves(updates, params) is None
+    says = "'c' is present in the first tree but not in the second (first tree: updates"
+    with pytest.raises(ValueError, match=re.escape(f"same structure, but {says}")):
+        optim.apply_updates(params, updates)
+
+
+def test_updates_holding_a_number_for_a_parameter_are_named() -> None:
+    params = {"w": torch.ones(2), "b": torch.ones(1)}
+    updates = {"w": torch.ones(2), "b": 1.0}
+    assert _tree.flat_dict_leaves(params, updates) is None
+    with pytest.raises(ValueError, match=r"at 'b': a tensor of shape \(1,\) is paired with a non"):
+        optim.apply_updates(params, updates)
+
+
+class _Pair:
+    """A container of one's own, registered in fnloop's optree namespace (documented in
+    the guide) without names for its children."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        self.first, self.second = first, second
+
+
+def test_children_of_a_node_registered_without_names_are_keyed_by_position() -> None:
+    optree.register_pytree_node(
+        _Pair,
+        lambda p: ((p.first, p.second), None),
+        lambda _, children: _Pair(*children),
+        namespace=_tree.NAMESPACE,
+    )
+    try:
+        tree = {"state": _Pair(torch.zeros(1), torch.ones(2))}
+        keys, leaves, _ = _tree.tree_flatten_with_keys(tree)
+        assert keys == ["state.0", "state.1"]
+        assert [t.shape for t in leaves] == [(1,), (2,)]
+    finally:
+        optree.unregister_pytree_node(_Pair, namespace=_tree.NAMESPACE)
