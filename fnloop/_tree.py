@@ -41,9 +41,6 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
         if not layout:
             found = dataclasses.fields(cls)  # type: ignore[arg-type]
             names = [f.name for f in found]
-            unknown = sorted(set(static) - set(names))
-            if unknown:
-                raise ValueError(f"{cls.__name__} has no fields {unknown}")
             fixed = set(static) | {f.name for f in found if f.metadata.get("static")}
             layout.append(
                 (tuple(n for n in names if n not in fixed), tuple(n for n in names if n in fixed))
