@@ -1202,6 +1202,54 @@ def test_keyboard_interrupt_outside_the_epochs_is_logged(tmp_path, event):
     assert log.count("Interrupted") == 1
 
 
+def test_resume_false_without_an_out_dir_trains_as_a_plain_fit():
+    """Without out_dir there is nothing to set aside: the same run as resume=True."""
+    runs = []
+    for resume in (True, False):
+        torch.manual_seed(5)
+        runs.append(
+            fl.fit(
+                make_state(),
+                classify,
+                loaders(),
+                max_epochs=2,
+                resume=resume,
+                log_to_console=False,
+            )
+        )
+    assert runs[0].history == runs[1].history and runs[1].step == 12
+    assert all(torch.equal(runs[0].params[n], p) for n, p in runs[1].params.items())
+
+
+def test_sys_exit_before_the_epochs_tears_the_callbacks_down_and_is_not_a_failure(tmp_path):
+    """SystemExit (sys.exit in a callback) is neither an error nor Ctrl-C: the log says
+    nothing of a failure or an interrupt, the callbacks still release what they hold,
+    and the exit goes on."""
+    torn = []
+
+    class Exits(fl.callbacks.Callback):
+        def on_fit_start(self, state):
+            sys.exit(3)
+
+    class Holds(fl.callbacks.Callback):
+        def teardown(self):
+            torn.append("holds")
+
+    with pytest.raises(SystemExit) as info:
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            out_dir=tmp_path,
+            callbacks=[Exits(), Holds()],
+            log_to_console=False,
+        )
+    assert info.value.code == 3 and torn == ["holds"]
+    log = (tmp_path / "run_training.log").read_text()
+    assert "Stopped by" not in log and "Interrupted" not in log
+
+
 def test_a_run_stopped_with_ctrl_c_leaves_its_best_model(tmp_path):
     """Ctrl-C, the usual way to end a run early by hand, after better epochs than the
     first fit's: best_model.pt kept that fit's best (epoch 2) though the checkpoints knew
