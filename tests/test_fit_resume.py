@@ -1064,3 +1064,44 @@ def test_a_mid_epoch_resume_with_the_same_epoch_length_is_not_warned_about(tmp_p
     run(tmp_path, checkpoint_every_n_steps=2)
     log = (tmp_path / "run_training.log").read_text()
     assert "Resumed from" in log and "per epoch (another batch size" not in log
+
+
+class _Scores(fl.callbacks.Callback):
+    """Appends ``train/score`` = SCORES[epoch - 1] at each train epoch end."""
+
+    SCORES = (1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
+
+    def on_train_epoch_end(self, state, metrics):
+        score = {"score": self.SCORES[state.epoch - 1]}
+        return state.replace(history=fl.state.append_history(state.history, "train", score))
+
+
+def _without_stopper_rules(folder):
+    """Rewrites each checkpoint in ``folder`` as fnloop 0.1.0 wrote it: its fit record
+    does not say which rules its early-stopping states belong to."""
+    for path in sorted((folder / "checkpoints").glob("ckpt-*.pt")):
+        found = fl.checkpoint.load_checkpoint_with_extra(path, make_state())
+        record = {k: v for k, v in found.extra["fit"].items() if k != "stopper_rules"}
+        fl.save_checkpoint(path, found.state, **{**found.extra, "fit": record})
+
+
+@pytest.mark.parametrize("rules", ["same", "one more"])
+def test_a_checkpoint_without_stopper_rules_matches_its_progress_by_position(tmp_path, rules):
+    """Scores 1, 2, 2, 2, ... with patience 2 stop after epoch 4. A run that crashed at
+    the start of epoch 4 (one epoch waited) and resumes from a checkpoint without the
+    rules' record: the same rules take the saved progress back (the run stops after
+    epoch 4, as the uninterrupted one); another number of rules cannot be matched, and
+    every rule starts counting afresh (the scores of epoch 4 on: it stops after 6)."""
+    rule = fl.EarlyStopping("train/score", mode="max", patience=2)
+    kw = {"loader": seeded_loader, "max_epochs": 8, "early_stopping": [rule]}
+    whole = run(tmp_path / "whole", callbacks=[_Scores()], **kw)
+    assert whole.epoch == 4
+    with pytest.raises(Crash):
+        run(tmp_path / "old", callbacks=[_Scores(), CrashAt(4)], **kw)
+    _without_stopper_rules(tmp_path / "old")
+    if rules == "one more":
+        kw["early_stopping"] = [rule, fl.EarlyStopping("train/loss", patience=100)]
+    resumed = run(tmp_path / "old", callbacks=[_Scores()], **kw)
+    assert resumed.epoch == (4 if rules == "same" else 6)
+    if rules == "same":
+        assert_same(resumed, whole)
