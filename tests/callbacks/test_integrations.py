@@ -728,6 +728,34 @@ def test_profiler_writes_a_chrome_trace_once(tmp_path: Path) -> None:
     assert not cb.trace_path.exists()
 
 
+def test_a_fit_failing_after_the_profiled_batches_leaves_their_trace(tmp_path: Path) -> None:
+    """The profiler stopped and wrote its trace after its batches; a failure later in
+    the run tears it down without a word (nothing left to stop) and keeps the trace."""
+
+    class Fails(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("data loader broke")
+
+    cb = Profiler(tmp_path / "prof", num_batches=1)
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()})
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        fl.fit(
+            new_state(),
+            step,
+            [torch.ones(4, 3)] * 4,
+            max_epochs=1,
+            out_dir=tmp_path / "run",
+            callbacks=[cb, Fails()],
+            log_to_console=False,
+        )
+    log = (tmp_path / "run" / "run_training.log").read_text()
+    assert "ERROR - Stopped by RuntimeError in epoch 1: data loader broke." in log
+    assert "WARNING" not in log  # a failed teardown is logged as a warning
+    names = {e.get("name") for e in json.loads(cb.trace_path.read_text())["traceEvents"]}
+    assert "train_batch#0" in names and "train_batch#1" not in names
+
+
 def test_profiler_stops_at_fit_end_when_fewer_batches_ran(tmp_path: Path) -> None:
     cb = Profiler(tmp_path / "prof", num_batches=10)
     drive([cb], new_state(), FIRST_FIT[:1], work=_matmuls)
