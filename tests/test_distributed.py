@@ -3,6 +3,8 @@ on the same global batches."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +183,25 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(ranks, crash) -> Non
                     got = r[f"resumed-{crash}_history"][split][key]
                     assert_close(torch.tensor(got), torch.tensor(values), rtol=1e-12, atol=0)
     assert not torch.equal(results[0]["straight"]["0.weight"].cpu(), ddp_job.mlp()[0].weight)
+
+
+def test_one_process_goes_on_from_a_checkpoint_two_processes_wrote(ranks, tmp_path) -> None:
+    """Resuming on fewer processes (one machine after two): the log says the run will not
+    repeat an uninterrupted one (rank 0's generators for all), the two processes' epochs
+    are the history, and training goes on from their checkpoint."""
+    out, results = ranks
+    folder = tmp_path / "run"
+    shutil.copytree(out / "crash-2-2", folder)
+    state = ddp_job.resumable(folder, 1, 0, max_epochs=4)
+    log = (folder / "run_training.log").read_text()
+    assert re.search(
+        r"WARNING - \S+ckpt-\d+-e\.pt was written by 2 processes and this run has 1: every "
+        r"process continues with rank 0's random generators",
+        log,
+    )
+    assert state.epoch == 4
+    two = results[0]["resumed-2-2_history"]
+    assert {s: {k: v[:3] for k, v in m.items()} for s, m in state.history.items()} == two
 
 
 def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:

@@ -170,7 +170,13 @@ class CrashAt(fl.callbacks.Callback):
             raise Crash
 
 
-def resumable(out_dir: Path, world: int, rank: int, crash_at: tuple[int, int] | None = None):
+def resumable(
+    out_dir: Path,
+    world: int,
+    rank: int,
+    crash_at: tuple[int, int] | None = None,
+    max_epochs: int = 3,
+):
     """Dropout drawn from each process's own generator (seeded by rank), accumulation over
     3 micro-batches (a window is open at every epoch end), a checkpoint after every update."""
     x, y = data()
@@ -190,7 +196,7 @@ def resumable(out_dir: Path, world: int, rank: int, crash_at: tuple[int, int] | 
         fl.TrainState.create(module.double(), tx=tx()),
         fl.make_train_step(classify, accumulation_steps=3),
         DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler),
-        max_epochs=3,
+        max_epochs=max_epochs,
         out_dir=out_dir,
         checkpoint_every_n_steps=1,
         callbacks=[CrashAt(*crash_at)] if crash_at else [],
