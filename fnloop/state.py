@@ -208,9 +208,7 @@ def mark_donated(consumed: Params, params: Params) -> Params:
     that held it fails (:func:`check_not_donated`), and returns ``params`` with a new tensor
     object (an alias) for its first entry, so that the new state is not taken for the
     consumed one. The mark lives on the tensor object: it goes with the consumed state."""
-    first = next(iter(consumed.values()), None)
-    if first is None:
-        return params
+    first = next(iter(consumed.values()))  # a state has parameters (create requires them)
     setattr(first, _DONATED, True)
     name, new_first = next(iter(params.items()))
     return {**params, name: new_first.detach()}
