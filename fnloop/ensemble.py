@@ -417,13 +417,20 @@ def _setting(value: Any) -> Any:
         kwdefaults = tuple(sorted((k, _plain(v)) for k, v in (value.__kwdefaults__ or {}).items()))
         return ("function", value.__code__, captured, defaults, kwdefaults)
     if isinstance(value, types.MethodType):
-        owner = value.__self__
-        if isinstance(owner, torch.nn.Module | type):
-            # A module's method (the module's settings are compared as a module's), a
-            # classmethod (its class is the same where the code is).
-            return ("function", value.__func__.__code__)
+        owner, code = value.__self__, value.__func__.__code__
+        if isinstance(owner, type):  # a classmethod
+            return ("function", code, owner)
+        if isinstance(owner, torch.nn.Module):
+            # A module's method (nn.LeakyReLU(0.1).forward): the module's class and plain
+            # settings (not the rest: a method of the model's own modules would lead back
+            # here; their tensors and submodules are compared as the model's).
+            plain = [(k, v) for k, v in vars(owner).items() if isinstance(v, _PLAIN)]
+            settings = tuple(
+                sorted((kv for kv in plain if kv[0] not in _IGNORED), key=lambda kv: kv[0])
+            )
+            return ("module method", code, _class(owner), settings)
         # A method of an object of one's own: the object's settings are the method's.
-        return ("method", value.__func__.__code__, _object_setting(owner))
+        return ("method", code, _object_setting(owner))
     if isinstance(value, functools.partial):
         keywords = tuple(sorted((k, _setting(v)) for k, v in value.keywords.items()))
         return ("partial", _setting(value.func), tuple(map(_setting, value.args)), keywords)

@@ -272,6 +272,7 @@ OTHER_ACTIVATIONS = {
     ),
     "builtin": (lambda: torch.relu, lambda: torch.tanh),
     "bound method": (lambda: _Slope(0.01).apply, lambda: _Slope(0.5).apply),
+    "module method": (lambda: nn.LeakyReLU(0.01).forward, lambda: nn.LeakyReLU(0.5).forward),
     "captured tuple": (
         lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 1.0)),
         lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 2.0)),
