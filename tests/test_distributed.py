@@ -18,7 +18,7 @@ import bad_input_job
 import ddp_job
 
 import fnloop as fl
-from fnloop.distributed import mean_over_processes, world_size
+from fnloop.distributed import mean_over_processes, true_everywhere, world_size
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -141,6 +141,56 @@ def test_a_single_process_is_left_alone() -> None:
     assert world_size() == 1
     t = {"a": torch.ones(2)}
     assert mean_over_processes(t)["a"] is t["a"]
+    flag = torch.tensor([True, False])
+    assert true_everywhere(flag) is flag
+
+
+def test_averaging_keeps_a_channels_last_tensors_memory_format(monkeypatch) -> None:
+    """Contiguous tensors come back as views of the reduced buffer; a channels-last one
+    (a conv weight's gradient) as a channels-last tensor of the mean (the all-reduce of
+    2 processes simulated as the sum of 2 copies)."""
+    import fnloop.distributed
+
+    def all_reduce(flat: torch.Tensor) -> None:
+        flat.mul_(2)
+
+    monkeypatch.setattr(fnloop.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 2, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(3, generator=g)
+    got = mean_over_processes({"weight": weight, "bias": bias})
+    assert got["weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not got["weight"].is_contiguous()
+    assert torch.equal(got["weight"], weight) and torch.equal(got["bias"], bias)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "says"),
+    [
+        ([("params.w", "float32 (2,)")], "rank 0 has 'params.b' (float32 (3,)), it has not"),
+        (
+            [("params.w", "float32 (2,)"), ("params.b", "float64 (3,)")],
+            "'params.b' is float32 (3,) on rank 0 and float64 (3,) there",
+        ),
+        (
+            [("params.w", "float32 (2,)"), ("params.b", "float32 (3,)"), ("ema.w", "float32 (2,)")],
+            "it has 'ema.w', rank 0 has not",
+        ),
+        (
+            [("params.b", "float32 (3,)"), ("params.w", "float32 (2,)")],
+            "it holds the same entries in another order",
+        ),
+    ],
+)
+def test_broadcast_state_names_how_a_processs_state_differs(theirs, says) -> None:
+    """What broadcast_state's error says (in every process) of a process's state that
+    is not shaped as rank 0's: the first entry that differs, in words."""
+    from fnloop.distributed import _layout_difference
+
+    rank0 = [("params.w", "float32 (2,)"), ("params.b", "float32 (3,)")]
+    assert _layout_difference(rank0, theirs) == says
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
