@@ -242,6 +242,18 @@ class _Slope:
         return nn.functional.leaky_relu(x, self.slope)
 
 
+class _GentleSlope:
+    slope = 0.01
+
+    @classmethod
+    def act(cls, x):
+        return nn.functional.leaky_relu(x, cls.slope)
+
+
+class _SteepSlope(_GentleSlope):
+    slope = 0.5
+
+
 def _tanh_of(x):
     return torch.tanh(x)
 
@@ -273,6 +285,7 @@ OTHER_ACTIVATIONS = {
     "builtin": (lambda: torch.relu, lambda: torch.tanh),
     "bound method": (lambda: _Slope(0.01).apply, lambda: _Slope(0.5).apply),
     "module method": (lambda: nn.LeakyReLU(0.01).forward, lambda: nn.LeakyReLU(0.5).forward),
+    "classmethod": (lambda: _GentleSlope.act, lambda: _SteepSlope.act),
     "captured tuple": (
         lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 1.0)),
         lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 2.0)),
