@@ -54,10 +54,11 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 import fnloop
 from fnloop import _tree
@@ -214,6 +215,8 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
 
     Raises:
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
+      ValueError: a ``.safetensors`` path and a submodule's extra state
+        (``get_extra_state``, kept in the ``.pt`` file) is not a tensor.
 
     Example:
       >>> import pathlib, tempfile, torch
@@ -237,13 +240,25 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
         )
     if not is_main_process():
         return path
-    tensors = {name: _compact(t.detach()) for name, t in state.state_dict(use_ema=use_ema).items()}
+    entries = {
+        name: _compact(t.detach()) if isinstance(t, torch.Tensor) else t
+        for name, t in state.state_dict(use_ema=use_ema).items()
+    }
     if _is_safetensors(path):
         st = _import_safetensors_torch(path)
+        extra = next((k for k, v in entries.items() if not isinstance(v, torch.Tensor)), None)
+        if extra is not None:
+            raise ValueError(
+                f"save_model cannot write {path}: the entry {extra!r} is the extra state "
+                f"of a submodule (its get_extra_state() returns a "
+                f"{type(entries[extra]).__name__}), and a safetensors file holds tensors "
+                f"only. Export to a .pt path, which keeps it."
+            )
+        tensors = cast(dict[str, torch.Tensor], entries)
         data = st.save(_unshared(tensors), metadata={"format": "pt"})
         atomic_write_file(path, lambda f: f.write(data))
     else:
-        atomic_write_file(path, lambda f: torch.save(tensors, f))
+        atomic_write_file(path, lambda f: torch.save(entries, f))
     return path
 
 
@@ -420,7 +435,16 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             f"{path} does not hold a state dict (a dict of tensors); found "
             f"{type(tensors).__name__}."
         )
-    bad = next((k for k, t in tensors.items() if not isinstance(t, torch.Tensor)), None)
+    # A submodule's extra state (get_extra_state) may be any data that loads safely.
+    bad = next(
+        (
+            k
+            for k, t in tensors.items()
+            if not isinstance(t, torch.Tensor)
+            and str(k).rpartition(".")[2] != _EXTRA_STATE_KEY_SUFFIX
+        ),
+        None,
+    )
     if bad is not None:
         nested = next(
             (

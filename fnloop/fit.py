@@ -805,9 +805,9 @@ def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
     return {"sums": sums, "counts": counts, "dropped": dropped}
 
 
-def _holds_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> bool:
+def _holds_weights(path: Path, weights: Mapping[str, Any]) -> bool:
     """Whether the state dict file ``path`` holds exactly ``weights`` (False when it is
-    missing or cannot be read)."""
+    missing or cannot be read, or holds extra state that does not compare equal)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # missing, damaged, or not a state dict: write it afresh
@@ -815,13 +815,23 @@ def _holds_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> bool:
     return (
         isinstance(saved, dict)
         and saved.keys() == weights.keys()
-        and all(
-            isinstance(saved[k], torch.Tensor)
-            and saved[k].dtype == w.dtype
-            and torch.equal(saved[k], w.detach().cpu())
-            for k, w in weights.items()
-        )
+        and all(_same_entry(saved[k], w) for k, w in weights.items())
     )
+
+
+def _same_entry(saved: Any, value: Any) -> bool:
+    """Whether a state dict file's entry is ``value``: a tensor of its dtype and values,
+    or extra state (get_extra_state) equal to it; what cannot be compared is not."""
+    if isinstance(value, torch.Tensor):
+        return (
+            isinstance(saved, torch.Tensor)
+            and saved.dtype == value.dtype
+            and torch.equal(saved, value.detach().cpu())
+        )
+    try:
+        return type(saved) is type(value) and bool(saved == value)
+    except Exception:  # (tensors inside extra state: ambiguous truth values)
+        return False
 
 
 def _default_callbacks(run_dir: Path, given: Sequence[Callback]) -> list[Callback]:
@@ -1517,7 +1527,13 @@ class _Run:
             self.best = _Best(value, epoch)
             return
         weights = state.state_dict(use_ema=state.ema is not None)
-        self.best = _Best(value, epoch, {k: v.detach().clone() for k, v in weights.items()})
+        # Tensors only: extra state (get_extra_state) is the template's, which export_best
+        # writes as it is.
+        self.best = _Best(
+            value,
+            epoch,
+            {k: v.detach().clone() for k, v in weights.items() if isinstance(v, torch.Tensor)},
+        )
 
     def export_best(self, state: TrainState) -> None:
         if self.run_dir is None or not self.main or self.best is None:

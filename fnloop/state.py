@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from fnloop import _tree
 from fnloop.optim.base import GradientTransformation
@@ -508,8 +509,12 @@ class TrainState:
             f"params: {len(self.params)} tensors, {values:,} values{each}{where}{tail})"
         )
 
-    def state_dict(self, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    def state_dict(self, *, use_ema: bool = False) -> dict[str, Any]:
         """Parameters and buffers as a ``state_dict`` for ``module.load_state_dict``.
+
+        Keyed as ``module.state_dict()`` keys them, extra state included: a submodule's
+        ``get_extra_state()`` value (its ``"<name>._extra_state"`` entry) is the
+        template's, as the module had it when the state was made (steps do not change it).
 
         Args:
           use_ema: export the EMA weights instead of the raw parameters.
@@ -526,6 +531,8 @@ class TrainState:
             source = canonical.get(id(t), name)
             if source in tensors:
                 out[name] = tensors[source]
+            elif name.rpartition(".")[2] == _EXTRA_STATE_KEY_SUFFIX:
+                out[name] = t
         return out
 
 

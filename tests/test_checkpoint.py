@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -1055,6 +1056,109 @@ def test_safetensors_missing_says_how_to_install(
     with pytest.raises(ImportError, match=r"pip install fnloop\[safetensors\]"):
         save_model(tmp_path / "model.safetensors", fresh_state())
     assert files_in(tmp_path) == []
+
+
+class Versioned(nn.Linear):
+    """A layer with extra state (``get_extra_state``), as quantized or fp8 layers keep
+    their settings: ``module.state_dict()`` holds it as ``"<name>._extra_state"``."""
+
+    def __init__(self, extra: Any = None) -> None:
+        super().__init__(3, 2)
+        self.extra = {"version": 3, "calibrated": [1.5, 2.0]} if extra is None else extra
+
+    def get_extra_state(self) -> Any:
+        return self.extra
+
+    def set_extra_state(self, state: Any) -> None:
+        self.extra = state
+
+
+def versioned_module(extra: Any = None) -> nn.Module:
+    return nn.Sequential(Versioned(extra), nn.BatchNorm1d(2))
+
+
+@pytest.mark.parametrize("extra", ["plain", "tensor"])
+def test_extra_state_is_exported_and_loads_strictly(tmp_path: Path, extra: str) -> None:
+    """A module whose layer keeps extra state: the state's state_dict, save_model's .pt
+    file and best_model.pt hold the entry module.state_dict() has, and load into a fresh
+    module with strict=True, which sets the layer's extra state (a strict load refused
+    them: 'Missing key(s) in state_dict: "0._extra_state"')."""
+    value = {"version": 3, "calibrated": [1.5, 2.0]} if extra == "plain" else torch.arange(3.0)
+    torch.manual_seed(0)
+    module = versioned_module(value)
+    state = randomized(fnloop.TrainState.create(module, tx=optim.sgd(0.1), device="cpu"))
+    want = {**state.params, **state.buffers}
+
+    sd = state.state_dict()
+    assert list(sd) == list(module.state_dict())  # torch's keys, in torch's order
+    files = [save_model(tmp_path / "model.pt", state)]
+    if extra == "tensor" and importlib.util.find_spec("safetensors"):
+        files.append(save_model(tmp_path / "model.safetensors", state))
+    for source in [sd, *(torch.load(f, weights_only=True) for f in files[:1])]:
+        fresh = versioned_module("unset")
+        fresh.load_state_dict(source, strict=True)
+        assert_same_extra(fresh[0].extra, value)
+        for name, t in fresh.state_dict().items():
+            if not name.endswith("_extra_state"):
+                assert torch.equal(t, want[name]), name
+    for path in files:
+        loaded = load_model(path, versioned_module("unset"))
+        assert_same_extra(loaded[0].extra, value)
+        assert torch.equal(loaded[0].weight, state.params["0.weight"])
+
+    # fit's best model: written with the extra state, and a re-run of the finished job
+    # finds the file holding exactly the run's best model (it is left as it was).
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+
+    def step(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": nn.functional.cross_entropy(model(x), y)}
+
+    def run() -> None:
+        torch.manual_seed(0)
+        made = fnloop.TrainState.create(versioned_module(value), tx=optim.sgd(0.1))
+        fnloop.fit(
+            made,
+            step,
+            loader,
+            max_epochs=1,
+            out_dir=tmp_path / "run",
+            log_to_console=False,
+            progress=False,
+        )
+
+    run()
+    best = tmp_path / "run" / "best_model.pt"
+    fresh = load_model(best, versioned_module("unset"))
+    assert_same_extra(fresh[0].extra, value)
+    written = best.stat().st_mtime_ns
+    run()
+    assert best.stat().st_mtime_ns == written
+
+
+def assert_same_extra(got: Any, want: Any) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    else:
+        assert got == want
+
+
+def test_save_model_refuses_extra_state_a_safetensors_file_cannot_hold(tmp_path: Path) -> None:
+    """Extra state that is not a tensor has no place in a safetensors file: a clear error
+    before anything is written, and an earlier export at that path is kept."""
+    pytest.importorskip("safetensors")
+    state = fnloop.TrainState.create(versioned_module(), tx=optim.sgd(0.1), device="cpu")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"earlier export")
+    with pytest.raises(
+        ValueError,
+        match=r"entry '0\._extra_state' is the extra state of a submodule \(its "
+        r"get_extra_state\(\) returns a dict\).*holds tensors only\. Export to a \.pt path",
+    ):
+        save_model(path, state)
+    assert path.read_bytes() == b"earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 # --------------------------------------------------------------------------- distributed
