@@ -155,6 +155,13 @@ VMAP_HOST_READ = (
 )
 
 
+MISSING_TENSOR_MSG = (
+    "the state holds no tensor named {name!r}, which its module has: a TrainState keeps "
+    "every parameter and buffer of its module (frozen parameters among the buffers). "
+    "Was it made with state.replace(params=...) or buffers=... missing that entry? Keep "
+    "every entry; to train only some parameters, freeze the others "
+    "(requires_grad_(False)) before TrainState.create."
+)
 NONFINITE_MSG = (
     "non-finite {what} at step {step}. Lower the learning rate, add gradient clipping "
     "(optim.clip_by_global_norm), or use on_nonfinite='skip' to skip such updates."
@@ -261,7 +268,7 @@ def _bound(
             if value is None:
                 value = buffers.get(name)
                 if value is None:
-                    continue
+                    raise ValueError(MISSING_TENSOR_MSG.format(name=name))
             saved.append((table, key, name, table[key], value))
             table[key] = value
         yield

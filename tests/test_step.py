@@ -374,6 +374,21 @@ def test_a_tx_replaced_without_its_opt_state_is_refused(new_tx):
         step(state.replace(tx=new_tx), batches(1)[0])
 
 
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_state_missing_a_buffer_of_its_module_is_refused(kind):
+    """``state.replace(buffers=...)`` that drops an entry left the template's meta tensor
+    in the forward pass: "Tensor on device meta is not on the expected device cpu"."""
+    state = fl.TrainState.create(mlp(bn=True), tx=optim.sgd(0.1), device="cpu")
+    name = next(n for n in state.buffers if n.endswith("running_var"))
+    broken = state.replace(buffers={n: b for n, b in state.buffers.items() if n != name})
+    step = fl.make_train_step(classify) if kind == "train" else fl.make_eval_step(classify)
+    with pytest.raises(
+        ValueError, match=rf"holds no tensor named {re.escape(repr(name))}, which its module has"
+    ):
+        step(broken, batches(1)[0])
+    step(state, batches(1)[0])  # the module's own slots were put back
+
+
 def test_a_tx_replaced_with_its_opt_state_trains_as_a_fresh_optimizer():
     """The recipe the error gives matches a state created with the new optimizer; the same
     optimizer at another rate keeps the stored rate (as torch's ``load_state_dict``)."""
