@@ -101,6 +101,13 @@ REPEATED_VALIDATION_MSG = (
     "DataLoader(torch.utils.data.Subset(valid_set, range(rank, len(valid_set), world_size)), "
     "...): validation shares may differ in size."
 )
+DROPPED_VALIDATION_MSG = (
+    "The valid loader's DistributedSampler has drop_last=True and leaves out {n} "
+    "example(s) to give every process as many: the validation metrics are those of the "
+    "rest of the set. For exact metrics give each process its share, "
+    "DataLoader(torch.utils.data.Subset(valid_set, range(rank, len(valid_set), world_size)), "
+    "...): validation shares may differ in size."
+)
 UNSHARDED_TRAIN_MSG = (
     "The train loader has no DistributedSampler, so each of the {world} processes trains "
     "on the whole data set every epoch: an epoch takes as long as in one process, and "
@@ -1223,7 +1230,7 @@ class _Run:
         for callback in self.callbacks.callbacks:
             if isinstance(callback, EpochLogger):
                 callback._track_epochs(resumable=self.ckpt_dir is not None)
-        self.warn_repeated_validation()
+        self.warn_uneven_validation()
         self.warn_unsharded_train()
         self.warn_scores_minimized()
         state = self.callbacks("on_fit_start", self.state)
@@ -1294,17 +1301,19 @@ class _Run:
             if mode == "min" and _SCORE_NAME.search(monitor.split("/", 1)[-1].lower()):
                 self.logger.warning(SCORE_MINIMIZED_MSG.format(what=what, monitor=monitor))
 
-    def warn_repeated_validation(self) -> None:
-        """Warns when the validation loader's ``DistributedSampler`` pads the processes'
-        shares with repeated examples: the validation metrics then count them twice."""
+    def warn_uneven_validation(self) -> None:
+        """Warns when the validation loader's ``DistributedSampler`` evens out the
+        processes' shares: padded with repeated examples, which the validation metrics
+        then count twice, or (``drop_last=True``) cut, leaving examples out."""
         loader = self.valid_loader
         for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
             sampler = getattr(sampler, "sampler", sampler)  # (inside a BatchSampler)
-            if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.drop_last:
+            if not isinstance(sampler, torch.utils.data.DistributedSampler):
                 continue
-            repeated = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
-            if repeated > 0:
-                self.logger.warning(REPEATED_VALIDATION_MSG.format(n=repeated))
+            extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+            if extra:
+                msg = REPEATED_VALIDATION_MSG if extra > 0 else DROPPED_VALIDATION_MSG
+                self.logger.warning(msg.format(n=abs(extra)))
                 return
 
     def warn_unsharded_train(self) -> None:

@@ -1905,14 +1905,20 @@ def test_a_step_metric_named_like_the_learning_rate_is_an_error():
     assert fine.history["valid"]["lr"] == (0.5,) and fine.history["train"]["lr"] != (0.5,)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("rows", [33, 32])
-def test_a_validation_sampler_that_repeats_examples_is_warned_about(tmp_path, rows):
-    """DistributedSampler pads every process's share to one size with repeated examples:
-    with 33 validation rows and 2 processes, one row counted twice in the validation
-    metrics (and in the best model and early stopping), silently."""
+def test_a_validation_sampler_that_repeats_or_drops_examples_is_warned_about(
+    tmp_path, rows, drop_last
+):
+    """DistributedSampler evens out the processes' shares: with 33 validation rows and 2
+    processes, one row counted twice in the validation metrics (and in the best model
+    and early stopping), silently; with drop_last=True one row was left out, silently."""
     x, y = data(rows)
     valid = TensorDataset(x, y)
-    sampler = torch.utils.data.DistributedSampler(valid, num_replicas=2, rank=0, shuffle=False)
+    sampler = torch.utils.data.DistributedSampler(
+        valid, num_replicas=2, rank=0, shuffle=False, drop_last=drop_last
+    )
+    assert len(sampler) == (rows + (0 if drop_last else 1)) // 2  # this process's share
     fl.fit(
         make_state(),
         classify,
@@ -1923,10 +1929,16 @@ def test_a_validation_sampler_that_repeats_examples_is_warned_about(tmp_path, ro
     )
     log = (tmp_path / "run_training.log").read_text()
     if rows % 2:
-        assert "WARNING - The valid loader's DistributedSampler repeats 1 example(s)" in log
+        warning = (
+            "WARNING - The valid loader's DistributedSampler has drop_last=True and leaves "
+            "out 1 example(s)"
+            if drop_last
+            else "WARNING - The valid loader's DistributedSampler repeats 1 example(s)"
+        )
+        assert warning in log
         assert "Subset(valid_set, range(rank, len(valid_set), world_size))" in log
     else:
-        assert "repeats" not in log
+        assert "DistributedSampler" not in log
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["sampler", "batch_sampler"])
