@@ -674,6 +674,11 @@ BAD_HYPERPARAMETERS = [
         -1.0,
     ),
     (lambda: optim.adagrad(0.01, eps=-1e-10), "eps", -1e-10),
+    # NaN too (torch takes it, and every update would be NaN): refused when made.
+    (lambda: optim.sgd(float("nan")), "learning_rate", float("nan")),
+    (lambda: optim.sgd(0.1, momentum=float("nan")), "momentum", float("nan")),
+    (lambda: optim.adam(1e-3, eps=float("nan")), "eps", float("nan")),
+    (lambda: optim.rmsprop(0.01, weight_decay=float("nan")), "weight_decay", float("nan")),
 ]
 
 
