@@ -231,11 +231,15 @@ ALIASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["number", "tensor"])
 @pytest.mark.parametrize(("make", "cls", "kwargs"), ALIASES)
-def test_a_zero_learning_rate_leaves_params_and_moves_moments_as_torch(make, cls, kwargs) -> None:
-    """lr=0 still updates the moments (AdamW's decay too is lr-scaled: no change)."""
+def test_a_zero_learning_rate_leaves_params_and_moves_moments_as_torch(
+    make, cls, kwargs, kind
+) -> None:
+    """lr=0 still updates the moments (AdamW's decay too is lr-scaled: no change). A 0-d
+    tensor 0 is a rate like the number (only a negative one is refused)."""
     params, grads_seq = make_params(), make_grads(steps=10)
-    tx = make(0.0)
+    tx = make(0.0 if kind == "number" else torch.tensor(0.0, dtype=F64))
     for mode in MODES:
         theirs = TorchRun(lambda ps: cls(ps, lr=0.0, **kwargs), params)
         state, ours = tx.init(params), params
