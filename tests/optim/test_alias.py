@@ -1005,6 +1005,8 @@ def test_a_torch_lr_scheduler_as_learning_rate_is_a_clear_error(make) -> None:
         make(sched)
     with pytest.raises(TypeError, match="got str"):
         make("1e-3")
+    with pytest.raises(TypeError, match="got bool"):  # not a rate of 1.0
+        make(True)
 
 
 def test_fused_kernels_run_on_one_cpu_or_cuda_device_and_dtype() -> None:
