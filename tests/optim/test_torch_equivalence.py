@@ -784,6 +784,11 @@ def _refused() -> Iterator[Any]:
             lambda: SGD(params_list(), lr=torch.tensor([0.1, 0.2])),
         ),
         (
+            "sgd-lr-of-none",
+            lambda: optim.sgd(torch.tensor([])),
+            lambda: SGD(params_list(), lr=torch.tensor([])),
+        ),
+        (
             "sgd-momentum",
             lambda: optim.sgd(0.1, momentum=-0.1),
             lambda: SGD(params_list(), lr=0.1, momentum=-0.1),
