@@ -356,7 +356,8 @@ def test_with_learning_rates_sets_each_partition_group_as_torch_does() -> None:
     )
     for t, grads in enumerate(grads_seq):
         if t == CHANGE_AT:
-            state = optim.with_learning_rates(state, [3e-3, 5e-2])  # learning_rates' order
+            # learning_rates' order; any sequence (a tuple here, lists elsewhere)
+            state = optim.with_learning_rates(state, (3e-3, 5e-2))
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 3e-3, 5e-2
         updates, state = tx.update(grads, state, ours)
         ours = optim.apply_updates(ours, updates)
