@@ -852,6 +852,8 @@ def test_apply_and_update_keep_interchangeable_states(case: Case) -> None:
 
 
 def test_partition_apply_runs_each_group_fused() -> None:
+    """The groups interleave in the params: ``update``'s updates and ``apply_``'s params
+    keep the params' order (a state_dict's), not one group after the other."""
     params, grads = make_params(), make_grads()
     labels = {name: ("a" if i % 2 else "b") for i, name in enumerate(SHAPES)}
     tx = optim.partition(
@@ -862,6 +864,8 @@ def test_partition_apply_runs_each_group_fused() -> None:
     *_, pure = fnloop_trajectory(tx, params, grads)
     for name in params:
         assert_close(ours[name], pure[name], rtol=RTOL, atol=ATOL)
+    updates, _ = tx.update(grads[0], tx.init(params), params)
+    assert list(updates) == list(ours) == list(params)
 
 
 FUSED_CASES = [c for c in CASES if c.torch_cls in (Adam, AdamW, SGD)]
