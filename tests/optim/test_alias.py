@@ -928,6 +928,31 @@ def test_fused_apply_is_bit_identical_to_torch(
         assert joined == []
 
 
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_foreach_apply_of_a_flat_group_with_a_channels_last_weight_matches_torch(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TrainState.clone`` keeps a channels-last weight channels-last inside its group's
+    buffer: the group lies back to back, but that tensor's elements are not in its
+    gradient's order, so the foreach path (forced here, as on other devices) must not
+    update the group as one tensor."""
+    monkeypatch.setattr(_foreach, "_fusable", lambda *lists: False)
+    params = {
+        name: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p
+        for name, p in make_params().items()
+    }
+    grads = make_grads(steps=5)
+    theirs = list(torch_trajectory(torch_twin(case, True), params, grads))
+    tx = case.make(case.lr)
+    ours = flat_copy(params)
+    assert not ours["conv.weight"].is_contiguous()
+    state = flat_copy(tx.init(ours))
+    for step, g in enumerate(grads):
+        ours, state = tx.apply_({n: x.clone() for n, x in g.items()}, state, ours)
+        for name in params:
+            assert_close(ours[name], theirs[step][name], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize(
     "case", [c for c in FUSED_CASES if c.torch_cls is not SGD], ids=lambda c: c.id
 )
