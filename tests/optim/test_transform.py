@@ -199,6 +199,37 @@ def test_partition_matches_torch_param_groups(make_fn, make_torch, foreach) -> N
     ]
 
 
+@pytest.mark.parametrize("method", ["update", "apply_"])
+def test_a_label_no_parameter_has_is_left_out_and_the_rest_trains_as_torch(method) -> None:
+    """A group no parameter falls in (a no_decay group for a model without biases) gets
+    no state, and the others train as torch's param groups without it."""
+    tx = optim.partition(
+        {
+            "decay": optim.adamw(0.1, weight_decay=0.05),
+            "no_decay": optim.adamw(0.1, weight_decay=0.0),
+        },
+        lambda name: "decay",
+    )
+    params = make_tree(5)
+    state = tx.init(params)
+    ps = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
+    opt = torch.optim.AdamW(list(ps.values()), lr=0.1, weight_decay=0.05, foreach=True)
+    for seed in range(10):
+        grads = make_tree(20 + seed)
+        if method == "update":
+            updates, state = tx.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        else:
+            assert tx.apply_ is not None
+            params, state = tx.apply_(dict(grads), state, dict(params))
+        for n, p in ps.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n in params:
+            assert_close(params[n], ps[n].detach(), rtol=1e-9, atol=1e-12)
+    assert [lr.item() for lr in optim.learning_rates(state)] == [0.1]
+
+
 def test_learning_rates_lists_groups_in_the_order_partition_was_given() -> None:
     tx = optim.partition(
         {"head": optim.sgd(0.1), "body": optim.adam(0.01), "bias": optim.sgd(0.5)},
