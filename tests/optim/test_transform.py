@@ -290,6 +290,32 @@ def test_chain_rejects_non_transforms_by_position() -> None:
         optim.chain(optim.clip(1.0), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
 
 
+def test_a_transform_without_an_in_place_form_leaves_chain_and_partition_without_one() -> None:
+    """``chain`` and ``partition`` have ``update_`` and ``apply_`` only when every member
+    does: with a transform of one's own (``init`` and ``update`` only) they update out of
+    place, as training steps then do, and still match torch."""
+
+    def double_update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return {n: 2.0 * u for n, u in updates.items()}, state
+
+    double = optim.GradientTransformation(lambda params: optim.EmptyState(), double_update)
+    params, grads = make_tree(5), make_tree(6)
+    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(ps, grads.values(), strict=True):
+        p.grad = 2.0 * g
+    torch.optim.SGD(ps, lr=0.1, momentum=0.9).step()
+    for tx in [
+        optim.chain(double, optim.sgd(0.1, momentum=0.9)),
+        optim.partition({"decay": double, "no_decay": optim.sgd(0.1)}, label),
+    ]:
+        assert (tx.update_, tx.apply_) == (None, None)
+    tx = optim.chain(double, optim.sgd(0.1, momentum=0.9))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for (name, new), theirs in zip(optim.apply_updates(params, updates).items(), ps, strict=True):
+        assert_close(new, theirs.detach(), rtol=1e-12, atol=1e-15, msg=name)
+
+
 def test_apply_updates_keeps_each_params_dtype_and_returns_new_tensors() -> None:
     params = {"a": torch.ones(3, dtype=torch.float32), "b": torch.ones(2, dtype=F64)}
     updates = {"a": torch.full((3,), 0.5, dtype=F64), "b": torch.full((2,), 0.25, dtype=F64)}
