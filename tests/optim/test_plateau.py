@@ -91,6 +91,9 @@ SCRIPTS = [
         FLAT,
         id="eps-and-min_lr",
     ),
+    pytest.param(  # 1.0 -> 0.5; then 0.5 -> 0.25 is a change of exactly eps: kept at 0.5
+        {"lr": 1.0, "patience": 0, "factor": 0.5, "eps": 0.25}, FLAT, id="eps-equal-to-the-drop"
+    ),
 ]
 
 
