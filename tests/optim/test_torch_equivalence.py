@@ -237,7 +237,8 @@ def test_a_zero_learning_rate_leaves_params_and_moves_moments_as_torch(
     make, cls, kwargs, kind
 ) -> None:
     """lr=0 still updates the moments (AdamW's decay too is lr-scaled: no change). A 0-d
-    tensor 0 is a rate like the number (only a negative one is refused)."""
+    tensor 0 is a rate like the number (only a negative one is refused). The moments
+    are torch's: a step at a rate of LR from them lands where torch's does."""
     params, grads_seq = make_params(), make_grads(steps=10)
     tx = make(0.0 if kind == "number" else torch.tensor(0.0, dtype=F64))
     for mode in MODES:
@@ -247,8 +248,12 @@ def test_a_zero_learning_rate_leaves_params_and_moves_moments_as_torch(
             ours, state = fnloop_step(tx, mode, grads, state, ours)
             theirs.step(grads)
         assert_params_close(ours, params, mode, exact=True)
-    buffers = [x for x in _tree.tree_leaves(state) if x.shape == SHAPES["w"]]
-    assert buffers and all(bool(b.abs().sum() > 0) for b in buffers)
+        for group in theirs.opt.param_groups:
+            group["lr"] = LR
+        state = optim.with_learning_rates(state, LR)
+        ours, state = fnloop_step(tx, mode, grads_seq[0], state, ours)
+        assert not torch.equal(ours["w"], params["w"])
+        assert_params_close(ours, theirs.step(grads_seq[0]), f"{mode}, a step at lr={LR}")
 
 
 def test_maximize_is_a_negated_gradient_in_front() -> None:
