@@ -872,11 +872,11 @@ def test_readme_optional_extras_exist() -> None:
 
 
 def test_examples_flags_table() -> None:
-    """examples/README.md: "Every script takes the same flags" of its table, and the
-    scripts' defaults are the ones it names."""
+    """examples/README.md: both scripts take the flags of its table ("Both scripts take
+    these flags"), and the scripts' defaults are the ones it names."""
     pytest.importorskip("sklearn", reason="the examples need scikit-learn")
     text = (ROOT / "examples/README.md").read_text(encoding="utf-8")
-    table = text.split("Every script takes the same flags:")[1].split("\n\n")[1]
+    table = text.split("Both scripts take these flags")[1].split("\n\n")[1]
     flags = re.findall(r"`(--[\w-]+)( [A-Z]+)?`", table)
     assert len(flags) >= 8, table
     values = {" N": "3", " X": "0.1", " DIR": "somewhere"}
