@@ -1113,12 +1113,14 @@ def test_epoch_end_checkpoint_replaces_a_mid_epoch_one_at_the_same_step(tmp_path
     ]
 
 
-def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
-    """The hint names the newest checkpoint (epoch 2's), not the oldest one kept."""
+def interrupt_fit(out_dir, epoch, before=lambda: None):
+    """A fit of 3 epochs that Ctrl-C stops after batch 2 of epoch ``epoch + 1`` (after
+    calling ``before``); it raises the KeyboardInterrupt."""
 
     class CtrlC(fl.callbacks.Callback):
         def on_train_batch_end(self, state, outputs, batch, batch_idx):
-            if state.epoch == 2 and batch_idx == 2:
+            if state.epoch == epoch and batch_idx == 2:
+                before()
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -1127,40 +1129,28 @@ def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
             classify,
             loaders(),
             max_epochs=3,
-            out_dir=tmp_path,
+            out_dir=out_dir,
             callbacks=[CtrlC()],
             log_to_console=False,
         )
+
+
+def test_keyboard_interrupt_is_logged_with_how_to_resume(tmp_path):
+    """The hint names the newest checkpoint (epoch 2's), not the oldest one kept."""
+    interrupt_fit(tmp_path, epoch=2)
     log = (tmp_path / "run_training.log").read_text()
     assert re.search(
         r"Interrupted in epoch 3\. Run the same fit again to resume from .*ckpt-0000000012-e\.pt",
         log,
     )
-    with pytest.raises(KeyboardInterrupt):
-        fl.fit(make_state(), classify, loaders(), max_epochs=3, callbacks=[CtrlC()])
+    interrupt_fit(None, epoch=2)  # without a run folder too
 
 
 def test_ctrl_c_whose_best_model_cannot_be_written_logs_that_and_raises_the_interrupt(tmp_path):
     """Ctrl-C ends the run with KeyboardInterrupt even when best_model.pt cannot be
     written then (here a folder of that name is in the way): the failed write is logged,
     not raised in place of the interrupt."""
-
-    class CtrlC(fl.callbacks.Callback):
-        def on_train_batch_end(self, state, outputs, batch, batch_idx):
-            if state.epoch == 1 and batch_idx == 2:
-                (tmp_path / "best_model.pt").mkdir()
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fl.fit(
-            make_state(),
-            classify,
-            loaders(),
-            max_epochs=3,
-            out_dir=tmp_path,
-            callbacks=[CtrlC()],
-            log_to_console=False,
-        )
+    interrupt_fit(tmp_path, epoch=1, before=(tmp_path / "best_model.pt").mkdir)
     log = (tmp_path / "run_training.log").read_text()
     assert "Interrupted in epoch 2." in log
     assert re.search(r"ERROR - Could not write the best model: \w+Error: ", log)
