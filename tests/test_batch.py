@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pytest
@@ -89,6 +91,68 @@ def test_copies_to_an_accelerator_are_asynchronous_and_copies_to_the_cpu_are_not
     with _RecordTo() as to_cpu:
         fl.to_device(batch, torch.device("cpu"))
     assert to_cpu.calls == [("meta", "cpu", False)]
+    packed = pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    with _RecordTo() as packed_to_meta:
+        fl.to_device(packed, "meta")
+    assert packed_to_meta.calls == [("cpu", "meta", True)]  # its data, as a tensor's
+
+
+class _Frozen(Mapping):
+    """A read-only mapping that is no dict."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_moving_a_batch_keeps_the_type_of_every_container():
+    """Tuples stay tuples, a defaultdict keeps its default factory, and any Mapping (not
+    only a dict) is rebuilt as its own type, its tensors moved."""
+    x = torch.ones(2)
+    batch = (
+        [x, (x,)],
+        collections.defaultdict(list, x=x),
+        collections.OrderedDict(x=x),
+        _Frozen({"x": x}),
+    )
+    moved = fl.to_device(batch, "meta")
+    for before, after in zip(batch, moved, strict=True):
+        assert type(after) is type(before)
+    assert type(moved[0][1]) is tuple
+    assert moved[1].default_factory is list and moved[1]["new"] == []
+    tensors = [moved[0][0], moved[0][1][0], moved[1]["x"], moved[2]["x"], moved[3]["x"]]
+    assert all(t.device.type == "meta" for t in tensors)
+
+
+class _OneSlot:
+    __slots__ = "mask"  # a single slot, named by a string
+
+
+class _DunderSlot(_OneSlot):
+    __slots__ = ("__mask__",)  # a dunder name: not mangled
+
+
+@dataclasses.dataclass
+class _SlottedBases(_DunderSlot):
+    x: torch.Tensor
+
+    def __post_init__(self):
+        self.mask = self.x > 0
+        self.__mask__ = self.x < 0
+
+
+def test_moving_a_dataclass_batch_moves_a_slot_named_by_a_string_and_a_dunder_slot():
+    moved = fl.to_device(_SlottedBases(torch.ones(2)), "meta")
+    assert moved.x.device.type == "meta"
+    assert moved.mask.device.type == "meta" and moved.__mask__.device.type == "meta"
 
 
 @dataclasses.dataclass
