@@ -791,7 +791,28 @@ DAMAGED_ENTRIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "leaves not a dict": lambda w: _signed(
         {**_payload_of(w), "leaves": list(_payload_of(w)["leaves"].values())}
     ),
+    "sha256 altered in its last digit": lambda w: {
+        **w,
+        "sha256": w["sha256"][:-1] + ("1" if w["sha256"][-1] == "0" else "0"),
+    },
+    "payload of another dtype": lambda w: {**w, "payload": w["payload"].view(torch.int8)},
+    "payload of two dimensions": lambda w: {**w, "payload": w["payload"].unsqueeze(1)},
 }
+
+
+def test_a_payload_stored_with_gaps_is_checked_and_read_in_element_order(tmp_path: Path) -> None:
+    """The checksum covers the payload's bytes in element order (as ``.numpy().tobytes()``
+    gives them), however its tensor is laid out in the file: here every other byte of a
+    storage twice its size."""
+    state = randomized(fresh_state(), seed=4)
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    wrapper = torch.load(path, weights_only=True)
+    payload = wrapper["payload"]
+    strided = torch.stack([payload, torch.zeros_like(payload)], dim=1)[:, 0]
+    assert not strided.is_contiguous() and torch.equal(strided, payload)
+    assert hashlib.sha256(strided.numpy().tobytes()).hexdigest() == wrapper["sha256"]
+    torch.save({**wrapper, "payload": strided}, path)
+    assert_same_state(load_checkpoint(path, fresh_state()), state)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_ENTRIES))
