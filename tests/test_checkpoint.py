@@ -1165,6 +1165,30 @@ def assert_same_extra(got: Any, want: Any) -> None:
         assert got == want
 
 
+def test_extra_state_of_the_module_itself_and_of_a_nested_layer_loads(tmp_path: Path) -> None:
+    """torch names extra state '<prefix>_extra_state': '_extra_state' for the module itself,
+    '0.0._extra_state' two levels down. A non-tensor entry whose name merely ends in
+    '_extra_state' is no extra state: the file is not a state dict."""
+    for make, key in [
+        (Versioned, "_extra_state"),
+        (lambda extra: nn.Sequential(nn.Sequential(Versioned(extra))), "0.0._extra_state"),
+    ]:
+        torch.manual_seed(0)
+        module = make({"v": 1})
+        assert key in module.state_dict()
+        state = fnloop.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+        path = save_model(tmp_path / "model.pt", state)
+        fresh = make("unset")
+        fresh.load_state_dict(torch.load(path, weights_only=True))  # torch's own load
+        loaded = load_model(path, make("unset"))
+        assert loaded.state_dict()[key] == fresh.state_dict()[key] == {"v": 1}
+
+    path = tmp_path / "notes.pt"
+    torch.save({**Versioned().state_dict(), "notes_extra_state": "tuned"}, path)
+    with pytest.raises(CheckpointError, match=r"entry 'notes_extra_state' is of type str"):
+        load_model(path, Versioned())
+
+
 def test_save_model_refuses_extra_state_a_safetensors_file_cannot_hold(tmp_path: Path) -> None:
     """Extra state that is not a tensor has no place in a safetensors file: a clear error
     before anything is written, and an earlier export at that path is kept."""
