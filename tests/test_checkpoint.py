@@ -6,6 +6,7 @@ a round trip that drops or mixes up a tensor cannot pass by accident.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import importlib.util
@@ -344,6 +345,18 @@ def test_save_rejects_dict_keys_that_are_not_str_or_int(tmp_path: Path) -> None:
     with pytest.raises(
         TypeError, match=r"extra\['by_key'\] has a key .* of type Opaque; .* str or int"
     ):
+        save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
+    assert files_in(tmp_path) == []
+
+
+def test_save_rejects_a_dict_subclass_that_weights_only_loading_refuses(tmp_path: Path) -> None:
+    extra = {"counts": collections.defaultdict(int, seen=2)}
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buffer, weights_only=True)
+    with pytest.raises(TypeError, match=r"extra\['counts'\] is a collections\.defaultdict"):
         save_checkpoint(tmp_path / "c.pt", fresh_state(), **extra)
     assert files_in(tmp_path) == []
 
@@ -971,6 +984,12 @@ def test_load_model_names_the_entry_that_is_not_a_tensor(tmp_path: Path) -> None
     torch.save({"epoch": 3, "ema": {}, "weights": weights}, path)
     with pytest.raises(
         CheckpointError, match=r"entry 'epoch' is of type int.*Its entry 'weights' is a dict"
+    ):
+        load_model(path, make_module())
+
+    torch.save({"config": {"lr": 0.1}, "weights": weights}, path)
+    with pytest.raises(
+        CheckpointError, match=r"entry 'config' is of type dict.*Its entry 'weights' is a dict"
     ):
         load_model(path, make_module())
 
