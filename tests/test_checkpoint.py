@@ -293,6 +293,14 @@ def test_views_in_extra_are_saved_without_their_whole_storage(tmp_path: Path) ->
     assert big.requires_grad is False and weight.data_ptr() == big.data_ptr()  # untouched
 
 
+def test_sparse_tensors_in_extra_round_trip(tmp_path: Path) -> None:
+    """A sparse tensor has no strides to compact: it is saved as torch.save saves it."""
+    coo = torch.eye(3).to_sparse()
+    path = save_checkpoint(tmp_path / "c.pt", fresh_state(), mask=coo)
+    loaded = load_checkpoint_with_extra(path, fresh_state()).extra["mask"]
+    assert loaded.layout == torch.sparse_coo and torch.equal(loaded.to_dense(), torch.eye(3))
+
+
 def test_save_creates_folders_and_respects_umask(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "runs" / "a" / "ckpt.pt", fresh_state())
     assert path.is_file()
@@ -777,6 +785,17 @@ def test_latest_good_checkpoint_skips_damaged_newest(tmp_path: Path) -> None:
     assert "truncated or damaged" in skipped[0].reason and str(newest) in skipped[0].reason
 
 
+def test_latest_good_checkpoint_tries_the_files_its_pattern_matches_only(tmp_path: Path) -> None:
+    older = randomized(fresh_state(), seed=1)
+    _set_mtime(save_checkpoint(tmp_path / "step-1.pt", older), 100)
+    _set_mtime(save_checkpoint(tmp_path / "other.pt", randomized(fresh_state(), seed=2)), 200)
+
+    found, skipped = latest_good_checkpoint(tmp_path, fresh_state(), pattern="step-*.pt")
+
+    assert found is not None and found.path == tmp_path / "step-1.pt" and skipped == []
+    assert_same_state(found.state, older)
+
+
 def _signed(payload: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint wrapper around ``payload`` with a valid checksum."""
     buffer = io.BytesIO()
@@ -796,6 +815,7 @@ def _payload_of(wrapper: dict[str, Any]) -> dict[str, Any]:
 
 DAMAGED_ENTRIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "version of another type": lambda w: {**w, "version": "1"},
+    "version a bool": lambda w: {**w, "version": True},  # True == 1, but no int
     "payload not a tensor": lambda w: {**w, "payload": w["payload"].tolist()},
     "payload without step": lambda w: _signed(
         {k: v for k, v in _payload_of(w).items() if k != "step"}
