@@ -1044,12 +1044,14 @@ def test_load_model_strict_false_loads_the_shared_keys_and_refuses_none(tmp_path
 
 def test_load_model_strict_is_load_state_dicts_error(tmp_path: Path) -> None:
     """The default ``strict=True`` refuses a file that lacks some of the module's
-    entries, or holds others, with the error ``module.load_state_dict`` gives."""
+    entries, holds others, or shares none with it, with the error
+    ``module.load_state_dict`` gives."""
     weights = make_module().state_dict()
     partial = {k: v for k, v in weights.items() if k.startswith("0.")}
     for name, entries in [
         ("missing", partial),
         ("unexpected", {**weights, "2.bias": torch.ones(2)}),
+        ("disjoint", {f"model.{k}": v for k, v in weights.items()}),  # no key shared
     ]:
         path = tmp_path / f"{name}.pt"
         torch.save(entries, path)
