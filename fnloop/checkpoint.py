@@ -388,12 +388,17 @@ def load_model(
     path = _as_path(path, "load_model", "module")
     tensors = _read_state_dict(path)
     own = module.state_dict()
-    if not strict and tensors and own and own.keys().isdisjoint(tensors):
+    if not strict and own and own.keys().isdisjoint(tensors):
+        fix = (
+            "Rename the file's keys to the module's (e.g. strip a prefix such as 'model.' "
+            "or 'module.') and load the dict with module.load_state_dict."
+            if tensors
+            else "Export the weights again (save_model)."
+        )
         raise CheckpointMismatchError(
             f"{path} shares no key with the module, so load_model(strict=False) would load "
-            f"nothing: the file has {_some_keys(tensors)}, the module {_some_keys(own)}. "
-            f"Rename the file's keys to the module's (e.g. strip a prefix such as 'model.' "
-            f"or 'module.') and load the dict with module.load_state_dict."
+            f"nothing: the file has {_some_keys(tensors) or 'no entry'}, the module "
+            f"{_some_keys(own)}. {fix}"
         )
     result = module.load_state_dict(tensors, strict=strict)
     if result.missing_keys or result.unexpected_keys:  # (strict=False: torch returns them)

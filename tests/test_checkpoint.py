@@ -1041,6 +1041,13 @@ def test_load_model_strict_false_loads_the_shared_keys_and_refuses_none(tmp_path
         load_model(path, target, strict=False)
     assert all(torch.equal(v, untouched[k]) for k, v in target.state_dict().items())
 
+    torch.save({}, path)  # an empty state dict shares no key either (it warned "loaded 0")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"the file has no entry, the module '0\.weight'.*again"
+    ):
+        load_model(path, target, strict=False)
+    assert all(torch.equal(v, untouched[k]) for k, v in target.state_dict().items())
+
 
 def test_load_model_strict_is_load_state_dicts_error(tmp_path: Path) -> None:
     """The default ``strict=True`` refuses a file that lacks some of the module's
