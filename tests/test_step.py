@@ -796,16 +796,17 @@ class _Slotted:
         self.mask = self.x > 0
 
 
-@dataclasses.dataclass(slots=True, weakref_slot=True)
-class _WeaklyReferenced:
+@dataclasses.dataclass
+class _WeaklyReferenced:  # as dataclass(slots=True, weakref_slot=True), new in Python 3.11
+    __slots__ = ("__weakref__", "n", "x")
     x: torch.Tensor
-    n: int = 3
+    n: int
 
 
 def test_moving_a_dataclass_batch_with_a_weakref_slot_moves_its_fields():
     """The __weakref__ slot is no attribute to copy (it cannot be set): the moved batch
     has the moved fields and can be weakly referenced itself."""
-    batch = _WeaklyReferenced(torch.ones(2))
+    batch = _WeaklyReferenced(torch.ones(2), 3)
     moved = fl.to_device(batch, "meta")
     assert type(moved) is _WeaklyReferenced and moved.x.device.type == "meta" and moved.n == 3
     assert weakref.ref(moved)() is moved and batch.x.device.type == "cpu"
