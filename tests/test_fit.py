@@ -1168,7 +1168,9 @@ def test_torchs_symbolic_sizes_error_gets_the_hint_for_a_last_smaller_batch(tmp_
 
     with pytest.raises(RuntimeError, match="symbolic sizes") as info:
         fl.fit(make_state(), fails, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False)
-    assert info.value.__notes__ == [SYMBOLIC_SIZES_HINT]
+    # (Python 3.10 has no exception notes: there the log alone holds the hint.)
+    notes = [SYMBOLIC_SIZES_HINT] if sys.version_info >= (3, 11) else None
+    assert getattr(info.value, "__notes__", None) == notes
     log = (tmp_path / "run_training.log").read_text()
     want = f"Stopped by RuntimeError in epoch 1: {SYMBOLIC_SIZES} (while tracing the step). "
     assert want + SYMBOLIC_SIZES_HINT + " No checkpoint was written yet" in log
