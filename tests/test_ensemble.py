@@ -272,6 +272,60 @@ def _unfilled():
     later = torch.relu  # unreachable: only makes `later` a cell of act
 
 
+def _scaled_leaky(s):
+    """One code for every slope and scale: only the captured tuple tells them apart."""
+    return lambda x: nn.functional.leaky_relu(x, s[0]) * s[1]
+
+
+def _twice(f):
+    """One code for every function captured: only ``f`` tells them apart."""
+    return lambda x: f(x) * 2
+
+
+def _leaky_default(slope: float):
+    def act(x, s=slope):
+        return nn.functional.leaky_relu(x, s)
+
+    return act
+
+
+def _leaky_keyword_default(slope: float):
+    def act(x, *, s=slope):
+        return nn.functional.leaky_relu(x, s)
+
+    return act
+
+
+def _scale(factor: float, x: torch.Tensor) -> torch.Tensor:
+    return x * factor
+
+
+class _Halver:
+    """A class attribute of the owner's class, not the owner's own, sets the scale."""
+
+    factor = 0.5
+
+    def apply(self, x):
+        return x * self.factor
+
+
+class _Doubler(_Halver):
+    factor = 2.0
+
+
+class _GentleAct(nn.Module):
+    """A module used through its forward (not a submodule): its class sets the slope."""
+
+    slope = 0.01
+
+    def forward(self, x):
+        return nn.functional.leaky_relu(x, self.slope)
+
+
+class _SteepAct(_GentleAct):
+    slope = 0.5
+
+
 def _with(fn) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(2, 2), _Act(fn))
@@ -286,18 +340,22 @@ OTHER_ACTIVATIONS = {
     "bound method": (lambda: _Slope(0.01).apply, lambda: _Slope(0.5).apply),
     "module method": (lambda: nn.LeakyReLU(0.01).forward, lambda: nn.LeakyReLU(0.5).forward),
     "classmethod": (lambda: _GentleSlope.act, lambda: _SteepSlope.act),
-    "captured tuple": (
-        lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 1.0)),
-        lambda: (lambda s: lambda x: nn.functional.leaky_relu(x, s[0]) * s[1])((0.5, 2.0)),
+    # Each pair below shares one code object, so only what it names tells them apart.
+    "captured tuple": (lambda: _scaled_leaky((0.5, 1.0)), lambda: _scaled_leaky((0.5, 2.0))),
+    "captured function": (lambda: _twice(_tanh_of), lambda: _twice(_sigmoid_of)),
+    "captured builtin": (lambda: _twice(torch.tanh), lambda: _twice(torch.sigmoid)),
+    "default": (lambda: _leaky_default(0.01), lambda: _leaky_default(0.5)),
+    "keyword default": (lambda: _leaky_keyword_default(0.01), lambda: _leaky_keyword_default(0.5)),
+    "partial argument": (
+        lambda: functools.partial(_scale, 0.5),
+        lambda: functools.partial(_scale, 2.0),
     ),
-    "captured function": (
-        lambda: (lambda f: lambda x: f(x) * 2)(_tanh_of),
-        lambda: (lambda f: lambda x: f(x) * 2)(_sigmoid_of),
+    "partial function": (
+        lambda: functools.partial(_tanh_of),
+        lambda: functools.partial(_sigmoid_of),
     ),
-    "captured builtin": (
-        lambda: (lambda f: lambda x: f(x) * 2)(torch.tanh),
-        lambda: (lambda f: lambda x: f(x) * 2)(torch.sigmoid),
-    ),
+    "subclass's method": (lambda: _Halver().apply, lambda: _Doubler().apply),
+    "subclass module's method": (lambda: _GentleAct().forward, lambda: _SteepAct().forward),
 }
 
 
