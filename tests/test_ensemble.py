@@ -465,8 +465,18 @@ def states_with(*txs) -> list[fl.TrainState]:
             lambda: optim.chain(optim.clip_by_global_norm(1e-3), optim.sgd(1e-2)),
             r"its update 1 differs",
         ),
+        (
+            lambda: optim.adamw(1e-2, weight_decay=0.0),
+            lambda: optim.adamw(1e-2, weight_decay=1e-4),
+            r"its update 1 differs",  # by about 1e-4 of the update: exact, not close
+        ),
+        (
+            lambda: optim.adam(1e-2, b1=0.9),
+            lambda: optim.adam(1e-2, b1=0.5),
+            r"its update 1 differs",  # (in the moments it keeps: the first step is alike)
+        ),
     ],
-    ids=["schedule peak", "weight decay", "momentum", "clipping"],
+    ids=["schedule peak", "weight decay", "momentum", "clipping", "small weight decay", "betas"],
 )
 def test_states_whose_optimizers_update_otherwise_are_refused(first, other, match):
     """A stacked state runs states[0]'s tx for every model: vmapped, the second model
@@ -574,14 +584,14 @@ def test_states_whose_plateaus_reduce_otherwise_are_refused():
     assert optim.learning_rates(stacked.opt_state)[0].tolist() == [0.05, 0.15]
 
 
-def masked_sgd(mask: dict[str, torch.Tensor]) -> optim.GradientTransformation:
+def masked_sgd(mask: dict[str, torch.Tensor], lr=0.1) -> optim.GradientTransformation:
     """A user's transform holding tensors shaped like the parameters (a sparsity mask),
     which the small stand-ins of the optimizer probe do not fit."""
 
     def update(updates, state, params=None):
         return {name: u * mask[name] for name, u in updates.items()}, state
 
-    return optim.chain(optim.GradientTransformation(optim.base.no_state, update), optim.sgd(0.1))
+    return optim.chain(optim.GradientTransformation(optim.base.no_state, update), optim.sgd(lr))
 
 
 def test_optimizers_the_stand_ins_do_not_fit_are_compared_on_the_parameters_shapes():
@@ -596,6 +606,20 @@ def test_optimizers_the_stand_ins_do_not_fit_are_compared_on_the_parameters_shap
     with pytest.raises(ValueError, match=r"states\[1\] was made with another optimizer.*update 1"):
         fl.stack_states(states_with(lambda: masked_sgd(keep), lambda: masked_sgd(other)))
     fl.stack_states(states_with(lambda: masked_sgd(keep), lambda: masked_sgd(same)))
+    # On the parameters' shapes too, the probe runs its updates from where the states
+    # are: step schedules of step sizes 20 and 50, 15 steps in, part at the 5th update.
+    scheduled = [
+        lambda size=size: masked_sgd(keep, optim.step_schedule(0.1, step_size=size))
+        for size in (20, 50)
+    ]
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()})
+    states = []
+    for state in states_with(*scheduled):
+        for _ in range(15):
+            state, _ = step(state, torch.ones(4, 3))
+        states.append(state)
+    with pytest.raises(ValueError, match=r"after 5 updates its learning rate is 0\.1, .* it 0\.01"):
+        fl.stack_states(states)
 
     def cuda_only(tag: str) -> optim.GradientTransformation:  # fails on the CPU
         def update(updates, state, params=None):
