@@ -553,6 +553,24 @@ def test_unstacking_a_state_whose_tensors_are_not_all_stacked_names_the_tensor()
     one_accum = stacked.replace(grad_accum={"weight": torch.zeros(2, 3), "bias": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match=r"'grad_accum\.weight' has shape \(2, 3\); one model's"):
         fl.unstack_states(one_accum)
+    # And the buffers: one model's BatchNorm1d(2) mean has as many entries as the models.
+    normed = fl.stack_states(
+        [
+            fl.TrainState.create(
+                nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), tx=optim.sgd(0.1), device="cpu"
+            )
+            for _ in range(2)
+        ]
+    )
+    one_mean = normed.replace(buffers={**normed.buffers, "1.running_mean": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"'buffers\.1\.running_mean' has shape \(2,\); one model"):
+        fl.unstack_states(one_mean)
+    # A leaf replaced by no tensor is named, not met as torch's or Python's own error.
+    best = torch.tensor(0.0)
+    scored = Scored.create(nn.Linear(3, 2), tx=optim.sgd(0.1), device="cpu", best=best)
+    replaced = fl.stack_states([scored, scored]).replace(best=1.0)
+    with pytest.raises(ValueError, match=r"leaf 'best' has shape none \(a float\)"):
+        fl.unstack_states(replaced)
 
 
 def test_states_whose_plateaus_reduce_otherwise_are_refused():
