@@ -4,6 +4,7 @@ inputs that differ in ways a stacked state cannot hold, and batch shapes."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import re
 
@@ -389,6 +390,60 @@ def test_modules_whose_activations_are_alike_stack_and_run_as_alone(kind):
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
     torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in states]))
+
+
+class _Kind(enum.Enum):
+    RELU = 1
+    TANH = 2
+
+
+class _Branch(nn.Module):
+    """A layer whose forward branches on a plain setting (set only where it is given)."""
+
+    def __init__(self, value=None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        if value is not None:
+            self.value = value
+
+    def forward(self, x):
+        tanh = getattr(self, "value", "relu") in ("tanh", _Kind.TANH, torch.float64)
+        return torch.tanh(self.fc(x)) if tanh else torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("relu", "tanh"), (_Kind.RELU, _Kind.TANH), (torch.float32, torch.float64), (None, "tanh")],
+    ids=["str", "enum", "dtype", "only in one"],
+)
+def test_modules_whose_plain_settings_differ_are_refused(one, other):
+    """A str, an enum member or a dtype kept as an attribute is a setting like a float,
+    and so is one that only one of the modules has."""
+    states = []
+    for value in (one, other):
+        torch.manual_seed(0)
+        states.append(fl.TrainState.create(_Branch(value), tx=optim.sgd(0.1), device="cpu"))
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
+    with pytest.raises(ValueError, match=r"value is .* in one and .* in the other"):
+        fl.stack_states(states)
+
+
+def test_modules_alike_but_for_their_mode_or_an_inplace_activation_stack():
+    """The steps set train or eval mode, and ``inplace`` is a memory choice: neither is
+    a setting that tells the models apart, also on the module an activation is a method
+    of."""
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    x = -torch.ones(4, 2)
+    pairs = [
+        (_with(nn.LeakyReLU(0.1).forward), _with(nn.LeakyReLU(0.1).forward).eval()),
+        (_with(nn.ReLU().forward), _with(nn.ReLU(inplace=True).forward)),
+    ]
+    for modules in pairs:
+        states = [fl.TrainState.create(m, tx=optim.sgd(0.1), device="cpu") for m in modules]
+        many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(states), x)["out"]
+        torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in states]))
 
 
 def test_modules_with_another_parameterless_submodule_are_refused():
