@@ -510,6 +510,17 @@ def test_states_made_with_another_kind_of_optimizer_are_named_as_such():
         fl.stack_states([momentum, momentum, plain])
 
 
+def test_states_trained_in_other_precisions_are_named_as_such():
+    """A state trained in fp16 holds a loss scale that one trained in fp32 lacks: the
+    message names it and the fix, not the optimizer."""
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()}, precision="fp16")
+    half, _ = step(make(0), torch.ones(4, 3))
+    with pytest.raises(
+        ValueError, match=r"'loss_scale\.\w+' is in states\[1\] .* fp16 loss scale and the other"
+    ):
+        fl.stack_states([make(1).replace(step=1), half])
+
+
 def trained(make_tx, seed: int, steps: int = 5) -> dict[str, torch.Tensor]:
     """One model trained alone with ``make_tx()`` (the reference for a stacked run)."""
     state = make(seed).replace(tx=make_tx(), opt_state=make_tx().init(make(seed).params))
