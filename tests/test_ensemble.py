@@ -209,7 +209,8 @@ class _Act(nn.Module):
 
 def _leaky(slope: float) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(2, 2), _Act(lambda x: nn.functional.leaky_relu(x, slope)))
+    one = torch.ones(())  # captured too: a tensor, which is neither compared nor named
+    return nn.Sequential(nn.Linear(2, 2), _Act(lambda x: nn.functional.leaky_relu(x, slope) * one))
 
 
 def test_modules_whose_functions_capture_other_values_are_refused():
@@ -223,7 +224,7 @@ def test_modules_whose_functions_capture_other_values_are_refused():
     assert alone[0] != alone[1]
     with pytest.raises(
         ValueError,
-        match=r"1\.fn is _leaky.<locals>.<lambda> in both.*\[0\.01\] in one and \[0\.5\]",
+        match=r"1\.fn is _leaky.<locals>.<lambda> in both.* to \[0\.01\] in one and \[0\.5\] in",
     ):
         fl.stack_states(states)
     # Functions of other code are named as such (not as one function capturing others).
