@@ -183,6 +183,16 @@ def test_bad_early_stopping_arguments_are_clear_errors(kwargs, error, match):
     assert fl.EarlyStopping(patience=3.0, min_delta="0.1").patience == 3  # whole numbers pass
 
 
+def test_early_stopping_numbers_given_as_text_or_numpy_become_plain_numbers():
+    """A rule read from a config file (text) or a sweep (NumPy) holds plain Python numbers,
+    which the checkpoint records; "4.0" is a whole number of epochs like 4.0."""
+    np = pytest.importorskip("numpy")
+    rule = fl.EarlyStopping(patience="4.0", min_delta="1e-2", target=np.float32(0.5))
+    assert (rule.patience, rule.min_delta, rule.target) == (4, 0.01, 0.5)
+    assert (type(rule.patience), type(rule.min_delta), type(rule.target)) == (int, float, float)
+    assert type(fl.EarlyStopping(target="0.25").target) is float
+
+
 def test_early_stopping_defaults_are_the_contracts():
     """DESIGN section 2 and the seed's EarlyStopper: ``min_delta=1e-3`` by default (it was
     0.0, so an epoch better by 1e-6 reset the patience)."""
