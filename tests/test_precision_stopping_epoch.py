@@ -252,6 +252,35 @@ def test_early_stopping_matches_the_reference_rule_with_nan_values(mode, min_del
         assert state.best == want_best, (trial, values, target)
 
 
+@pytest.mark.parametrize(
+    ("min_delta", "reason"),
+    [
+        (0.25, "did not improve by more than min_delta=0.25 on 1 (epoch 1) for 1 epoch"),
+        (0.0, "did not improve for 1 epoch (best 1 at epoch 1)"),
+    ],
+)
+def test_early_stopping_stops_at_exactly_patience_bad_epochs(min_delta, reason):
+    """Hand-computed, patience=1: 0.75 beats 1.0 by exactly min_delta=0.25, which is no
+    improvement (nor is 1.0 again with min_delta=0), so the second epoch stops the run and
+    the reason says '1 epoch'."""
+    rule = fl.EarlyStopping("valid/loss", patience=1, min_delta=min_delta)
+    s = rule.update(rule.init(), {"valid/loss": 1.0}, 1)
+    assert (s.best, s.best_epoch, s.bad_epochs, s.should_stop) == (1.0, 1, 0, False)
+    s = rule.update(s, {"valid/loss": 0.75 if min_delta else 1.0}, 2)
+    assert (s.best, s.best_epoch, s.bad_epochs) == (1.0, 1, 1)
+    assert s.stop_reason == f"valid/loss {reason}"
+
+
+def test_early_stopping_before_any_improvement_has_no_best_epoch():
+    """best_epoch is 0 until an epoch improves: a run whose first epoch is NaN stops with
+    patience=1 naming no epoch as the best."""
+    rule = fl.EarlyStopping("valid/loss", patience=1, min_delta=0.0)
+    assert (rule.init().best, rule.init().best_epoch, rule.init().bad_epochs) == (math.inf, 0, 0)
+    s = rule.update(rule.init(), {"valid/loss": float("nan")}, 1)
+    assert (s.best, s.best_epoch, s.bad_epochs) == (math.inf, 0, 1)
+    assert s.stop_reason == "valid/loss did not improve for 1 epoch (best inf at epoch 0)"
+
+
 def test_early_stopping_on_per_model_means_says_what_to_pass():
     """train_epoch over a stacked state (the way to train an ensemble, which fit refuses)
     gives a list of one mean per model; EarlyStopping needs one number and must say so
