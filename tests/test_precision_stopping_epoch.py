@@ -299,11 +299,24 @@ def test_early_stopping_on_per_model_means_says_what_to_pass():
     metrics = {f"train/{k}": v for k, v in means.items()}
     with pytest.raises(TypeError, match=r"'train/loss'.*one value per model.*\[i\]"):
         rule.update(rule.init(), metrics, 1)
+    with pytest.raises(TypeError, match=r"'train/loss'.*one value per model \(2, .*\[i\]"):
+        rule.update(rule.init(), {"train/loss": tuple(metrics["train/loss"])}, 1)
     with pytest.raises(TypeError, match=r"'train/loss'.*a number.*'abc'"):
         rule.update(rule.init(), {"train/loss": "abc"}, 1)
     # One model's value, picked out, is watched as usual.
     state = rule.update(rule.init(), {"train/loss": metrics["train/loss"][1]}, 1)
     assert state.best == means["loss"][1]
+
+
+def test_early_stopping_on_a_metric_the_epoch_lacks_names_the_known_ones_and_the_metric():
+    """The KeyError lists the epoch's metrics and says which name to return from the step
+    function: the metric's own, without the split prefix."""
+    rule = fl.EarlyStopping("valid/f1", patience=1)
+    with pytest.raises(KeyError) as info:
+        rule.update(rule.init(), {"valid/loss": 1.0, "train/loss": 2.0}, 1)
+    message = info.value.args[0]
+    assert "produced only ['train/loss', 'valid/loss']" in message
+    assert message.endswith("or return 'f1' from your step function.")
 
 
 def test_loss_scale_survives_a_checkpoint_into_a_fresh_state(tmp_path):
