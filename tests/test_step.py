@@ -1011,6 +1011,7 @@ def test_bad_options():
         ({"init_scale": 0.0}, "init_scale must be finite and > 0"),
         ({"growth_factor": float("nan")}, "growth_factor must be finite and > 1"),
         ({"growth_factor": 1.0}, "growth_factor must be finite and > 1"),
+        ({"growth_factor": float("inf")}, "growth_factor must be finite and > 1"),
         ({"backoff_factor": float("nan")}, "backoff_factor"),
         ({"backoff_factor": 1.0}, r"backoff_factor must be in \(0, 1\)"),
         ({"backoff_factor": 0.0}, r"backoff_factor must be in \(0, 1\)"),
