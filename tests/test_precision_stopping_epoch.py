@@ -79,6 +79,19 @@ def test_loss_scale_defaults_are_grad_scalers():
     )
 
 
+def test_a_fresh_loss_scale_holds_grad_scalers_tensors():
+    """Before the first step: GradScaler's scale and growth tracker, values, shapes and
+    dtypes (a float32 scale, an int32 tracker), as every update keeps them."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(nn.Linear(1, 1)(torch.ones(1, 1)).sum())  # makes its scale and tracker
+    state = fl.DynamicLossScale(init_scale=8.0).init(torch.device("cpu"))
+    for ours, theirs in [
+        (state.scale, scaler._scale),
+        (state.growth_tracker, scaler._growth_tracker),
+    ]:
+        assert (ours.dtype, ours.shape, ours.item()) == (theirs.dtype, theirs.shape, theirs.item())
+
+
 def test_a_scale_that_would_grow_to_inf_stays_put_as_grad_scalers():
     """GradScaler keeps the scale when growing it would overflow float32 (and restarts the
     growth count): near float32's largest value the scale must not become inf, which
