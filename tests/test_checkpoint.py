@@ -15,9 +15,11 @@ import os
 import pickle
 import random
 import re
+import shutil
 import stat
 import struct
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 import fnloop
-from fnloop import _tree, optim
+from fnloop import _io, _tree, optim
 from fnloop import checkpoint as ckpt
 from fnloop.checkpoint import (
     Checkpoint,
@@ -731,6 +733,151 @@ def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(
         events.clear()
         save(tmp_path / "c.pt", fresh_state())
         assert events == ["fsync file", "replace", "fsync folder"], save.__name__
+
+
+@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
+def test_both_atomic_writers_fsync_all_the_data_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atomic_write (the profiler's trace) as atomic_write_file (checkpoints, logs): the
+    whole file is on disk, not in a buffer, before it takes the name."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append("fsync folder" if stat.S_ISDIR(st.st_mode) else f"fsync {st.st_size} bytes")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    data = b"epoch,loss\n1,0.5\n"
+    _io.atomic_write(tmp_path / "trace.json", lambda tmp: tmp.write_bytes(data))
+    assert events == [f"fsync {len(data)} bytes", "replace", "fsync folder"]
+    events.clear()
+    _io.atomic_write_file(tmp_path / "log.csv", lambda f: f.write(data))
+    assert events == [f"fsync {len(data)} bytes", "replace", "fsync folder"]
+
+
+@pytest.mark.parametrize("refused", ["open", "fsync"])
+def test_a_folder_that_cannot_be_opened_or_fsynced_still_gets_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """Windows opens no folder and some file systems fsync none: the save succeeds."""
+    real_open, real_fsync = os.open, os.fsync
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if refused == "open" and os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd: int) -> None:
+        if refused == "fsync" and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    state = randomized(fresh_state())
+    save_checkpoint(tmp_path / "c.pt", state)
+    monkeypatch.undo()
+    assert_same_state(load_checkpoint(tmp_path / "c.pt", fresh_state()), state)
+    assert files_in(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a umask and file permissions")
+def test_atomic_write_of_a_file_the_umask_makes_read_only_for_its_writer() -> None:
+    """Under umask 0o277 the profiler's trace file is read-only once written: fsyncing it
+    before the rename must not need write access. Root passes every permission check, so
+    there the write runs as the user nobody (in a folder of /tmp that user can reach)."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o777)
+    as_root = os.geteuid() == 0
+    umask = os.umask(0o277)
+    try:
+        if as_root:
+            os.seteuid(65534)
+        _io.atomic_write(folder / "trace.json", lambda tmp: tmp.write_bytes(b"{}"))
+    finally:
+        if as_root:
+            os.seteuid(0)
+        os.umask(umask)
+    try:
+        assert (folder / "trace.json").read_bytes() == b"{}"
+        assert files_in(folder) == ["trace.json"]
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_write_that_fails_before_making_its_file_raises_its_own_error(tmp_path: Path) -> None:
+    """No temporary file to remove: the cleanup must not replace the error with its own
+    FileNotFoundError."""
+
+    def write(tmp: Path) -> None:
+        raise ValueError("nothing to write")
+
+    with pytest.raises(ValueError, match="nothing to write"):
+        _io.atomic_write(tmp_path / "trace.json", write)
+    assert files_in(tmp_path) == []
+
+
+def test_two_writes_of_one_path_under_way_at_once_use_their_own_temporary_files(
+    tmp_path: Path,
+) -> None:
+    """Two writers of one path (two processes saving last.pt): the second finishes while
+    the first still writes, then the first replaces its file."""
+    path = tmp_path / "last.pt"
+
+    def first(f: Any) -> None:
+        f.write(b"first")
+        _io.atomic_write_file(path, lambda g: g.write(b"second"))
+        assert path.read_bytes() == b"second"
+
+    _io.atomic_write_file(path, first)
+    assert path.read_bytes() == b"first"
+    assert files_in(tmp_path) == ["last.pt"]
+
+
+def test_the_temporary_file_is_hidden_beside_its_target_and_removed_after_a_kill(
+    tmp_path: Path,
+) -> None:
+    """The temporary file sits in the target's folder, hidden, without the target's name
+    in its own (TensorBoard picks its files by name); one a killed write left (made again
+    here) is what remove_temporaries removes, and only it."""
+    path = tmp_path / "events.out.tfevents.1"
+    seen: list[Path] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_bytes(b"records")
+
+    _io.atomic_write(path, write)
+    (tmp,) = seen
+    assert tmp.parent == tmp_path and tmp.name.startswith(".") and "tfevents" not in tmp.name
+    tmp.write_bytes(b"half")  # what kill -9 during the write leaves
+    _io.remove_temporaries(tmp_path)
+    assert files_in(tmp_path) == [path.name]
+
+
+def test_removing_temporaries_goes_past_one_it_cannot_remove(tmp_path: Path) -> None:
+    (tmp_path / ".fnloop-0123456789ab.tmp").mkdir()  # a folder: unlink fails
+    (tmp_path / ".fnloop-dead.tmp").write_bytes(b"half")
+    _io.remove_temporaries(tmp_path)
+    assert files_in(tmp_path) == [".fnloop-0123456789ab.tmp"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_writes_leave_no_file_descriptor_open(tmp_path: Path) -> None:
+    _io.atomic_write(tmp_path / "trace.json", lambda tmp: tmp.write_bytes(b"{}"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        _io.atomic_write(tmp_path / "trace.json", lambda tmp: tmp.write_bytes(b"{}"))
+        save_checkpoint(tmp_path / "c.pt", fresh_state())
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 # --------------------------------------------------------------------------- finding and resuming
