@@ -337,6 +337,18 @@ def test_torch_pytree_key_paths_name_each_leafs_own_field(state: fl.TrainState) 
         assert any(leaf is x for x in torch_pytree.tree_leaves(getattr(state, field))), path
 
 
+@pytest.mark.parametrize("cls", [_WithRequired, _Best])
+def test_torch_pytree_round_trip_keeps_a_subclass_field_that_is_none(
+    module: Net, cls: type[fl.TrainState]
+) -> None:
+    """An absent (None) field is no leaf for torch.utils._pytree: it comes back None, not
+    as the field's default (_Best's inf) nor as a missing argument (_WithRequired)."""
+    state = cls.create(module, tx=optim.sgd(0.1), device="cpu", best=None)
+    leaves, spec = torch_pytree.tree_flatten(state)
+    back = torch_pytree.tree_unflatten(leaves, spec)
+    assert type(back) is cls and back.best is None
+
+
 def test_torch_pytree_round_trip_with_ema(module: Net) -> None:
     state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.9, device="cpu")
     leaves, spec = torch_pytree.tree_flatten(state)
