@@ -30,6 +30,15 @@ def test_updates_holding_a_number_for_a_parameter_are_named() -> None:
         optim.apply_updates(params, updates)
 
 
+def test_params_holding_a_number_for_a_parameter_are_named() -> None:
+    """The number in the first tree (the params apply_updates aligns the updates with)
+    leaves the aligned fast path too, for the general one's message."""
+    params = {"w": torch.ones(2), "b": 1.0}
+    updates = {"w": torch.ones(2), "b": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"at 'b': a non-tensor is paired with a tensor of shape"):
+        optim.apply_updates(params, updates)
+
+
 class _Pair:
     """A container of one's own, registered in fnloop's optree namespace (documented in
     the guide) without names for its children."""
