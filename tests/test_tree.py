@@ -22,6 +22,15 @@ def test_updates_with_as_many_entries_under_another_name_are_named() -> None:
         optim.apply_updates(params, updates)
 
 
+def test_updates_in_a_list_as_long_as_the_params_are_named() -> None:
+    """The aligned fast path looks entries up by key: a list of updates leaves it for the
+    general one's message, not list indexing's TypeError."""
+    params = {"w": torch.ones(2), "b": torch.ones(1)}
+    updates = [torch.ones(2), torch.ones(1)]
+    with pytest.raises(ValueError, match=r"same structure, but '0' is present in the first tree"):
+        optim.apply_updates(params, updates)
+
+
 def test_updates_holding_a_number_for_a_parameter_are_named() -> None:
     params = {"w": torch.ones(2), "b": torch.ones(1)}
     updates = {"w": torch.ones(2), "b": 1.0}
