@@ -48,6 +48,23 @@ def test_params_holding_a_number_for_a_parameter_are_named() -> None:
         optim.apply_updates(params, updates)
 
 
+def test_a_dict_and_a_list_with_the_same_keys_are_told_apart() -> None:
+    """Keys '0' and '1' in both trees: the difference is the kind of container."""
+    params = {"0": torch.ones(2), "1": torch.ones(1)}
+    updates = [torch.ones(2), torch.ones(1)]
+    with pytest.raises(
+        ValueError, match="same structure, but the trees have the same keys but diff"
+    ):
+        optim.apply_updates(params, updates)
+
+
+def test_a_tree_that_is_one_tensor_is_named_the_root() -> None:
+    with pytest.raises(ValueError, match=r"shape mismatch at '<root>': a tensor of shape \(2,\)"):
+        optim.apply_updates(torch.ones(2), torch.ones(3))
+    keys, leaves, _ = _tree.tree_flatten_with_keys(torch.ones(2))
+    assert keys == ["<root>"] and len(leaves) == 1
+
+
 class _Pair:
     """A container of one's own, registered in fnloop's optree namespace (documented in
     the guide) without names for its children."""
