@@ -16,7 +16,7 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import torch
 from torch import nn
@@ -493,6 +493,21 @@ def _metrics(out: Mapping[str, Any], name: str, device: torch.device) -> Metrics
     return metrics
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _eager_only(fn: _Fn) -> _Fn:
+    """Keeps dynamo from compiling ``fn``, a helper only eager steps call.
+
+    A step whose compile raised (a ``training_step`` returning no mapping, say) runs
+    eagerly under later ``torch.compile`` calls, and dynamo then compiles the helpers it
+    calls as frames of their own; torch 2.12's dynamo crashes on some of them (comparing
+    tree structures or dict keys) instead of leaving them to Python.
+    """
+    return cast(_Fn, torch.compiler.disable(fn))
+
+
+@_eager_only
 def _check_opt_state(state: TrainState) -> None:
     """Raises ``ValueError`` when ``state.opt_state`` differs in structure from the state
     ``state.tx`` makes (made on the ``meta`` device: no memory)."""
@@ -997,6 +1012,7 @@ def _copy_group(group: Params) -> Params:
     return dict(zip(group, _foreach.copy_(dst, src)))
 
 
+@_eager_only
 def _copy_groups(tree: Any, names: Any) -> Any:
     """``tree`` with fresh copies of every dict of tensors keyed by parameter names.
 

@@ -916,12 +916,12 @@ def test_a_compiled_step_is_not_recompiled_by_later_epochs():
     from torch._dynamo.testing import CompileCounter
 
     # How many graphs the first epochs take depends on dynamo: torch 2.13 compiles two
-    # (step 0, then later steps with the int step dynamic), torch 2.14 one. torch < 2.13
+    # (step 0, then later steps with the int step dynamic), torch 2.14 one. torch 2.11
     # also specializes the int epoch the step passes through: one more graph at epoch 1,
     # compiled after the eval step. It still sees the train batch size only (each made
     # step compiles on its own): with the eval step's, it would trace dynamic shapes, and
     # dropout under torch.func cannot. After the second epoch, no version compiles again.
-    old_dynamo = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+    old_dynamo = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
     torch._dynamo.reset()
     train_counter, eval_counter = CompileCounter(), CompileCounter()
     step = torch.compile(fl.make_train_step(classify, donate=True), backend=train_counter)
