@@ -384,7 +384,8 @@ def _check_tensors(i: int, paths: list[str], leaves: list[Any]) -> None:
             )
 
 
-_PLAIN = (bool, int, float, str, type(None), enum.Enum, torch.dtype, torch.device)
+# Classes too: a module may keep the class of the activation it makes in forward.
+_PLAIN = (bool, int, float, str, type(None), enum.Enum, torch.dtype, torch.device, type)
 _IGNORED = {"training", "inplace"}  # the mode fit sets; a memory choice, not the math
 _HOOKS = {
     "_forward_hooks",
@@ -400,11 +401,12 @@ def _class(module: torch.nn.Module) -> type:
     return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
-def _setting(value: Any) -> Any:
+def _setting(value: Any, inner: frozenset[int] = frozenset()) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
-    values and tuples or lists of them as they are, functions by their code, callable
-    objects by their class and settings (and a method by its code and its object's),
-    builtins by identity; ``None`` for what is not compared (tensors, containers)."""
+    values (classes included) and tuples or lists of them as they are, functions by their
+    code, callable objects by their class and settings (and a method by its code and its
+    object's), builtins by identity; ``None`` for what is not compared (tensors,
+    containers). ``inner``: the ids of the models' own modules, whose mode the steps set."""
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
@@ -423,30 +425,34 @@ def _setting(value: Any) -> Any:
         if isinstance(owner, torch.nn.Module):
             # A module's method (nn.LeakyReLU(0.1).forward): the module's class and plain
             # settings (not the rest: a method of the model's own modules would lead back
-            # here; their tensors and submodules are compared as the model's).
+            # here; their tensors and submodules are compared as the model's). The mode
+            # of a module outside the models is its own: the steps do not set it.
+            ignored = _IGNORED if id(owner) in inner else _IGNORED - {"training"}
             plain = [(k, v) for k, v in vars(owner).items() if isinstance(v, _PLAIN)]
             settings = tuple(
-                sorted((kv for kv in plain if kv[0] not in _IGNORED), key=lambda kv: kv[0])
+                sorted((kv for kv in plain if kv[0] not in ignored), key=lambda kv: kv[0])
             )
             return ("module method", code, _class(owner), settings)
         # A method of an object of one's own: the object's settings are the method's.
-        return ("method", code, _object_setting(owner))
+        return ("method", code, _object_setting(owner, inner))
     if isinstance(value, functools.partial):
-        keywords = tuple(sorted((k, _setting(v)) for k, v in value.keywords.items()))
-        return ("partial", _setting(value.func), tuple(map(_setting, value.args)), keywords)
-    if callable(value) and not isinstance(value, torch.nn.Module | type):
-        return _object_setting(value)
+        keywords = tuple(sorted((k, _setting(v, inner)) for k, v in value.keywords.items()))
+        args = tuple(_setting(v, inner) for v in value.args)
+        return ("partial", _setting(value.func, inner), args, keywords)
+    if callable(value) and not isinstance(value, torch.nn.Module):
+        return _object_setting(value, inner)
     return None
 
 
-def _object_setting(value: Any) -> Any:
+def _object_setting(value: Any, inner: frozenset[int]) -> Any:
     """An object made per module (spectral_norm's hook, the owner of a bound method) by
     its class and settings; one without a ``__dict__`` (a builtin such as torch.relu) by
     identity."""
     settings = getattr(value, "__dict__", None)
     if settings is None:
         return ("callable", id(value))
-    return ("object", type(value), tuple(sorted((k, _setting(v)) for k, v in settings.items())))
+    items = sorted((k, _setting(v, inner)) for k, v in settings.items())
+    return ("object", type(value), tuple(items))
 
 
 def _plain(value: Any) -> Any:
@@ -478,6 +484,7 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     if a is b:
         return None
     subs_a, subs_b = dict(a.named_modules()), dict(b.named_modules())
+    inner = frozenset(map(id, [*subs_a.values(), *subs_b.values()]))
     if list(subs_a) != list(subs_b):
         return f"submodules {list(subs_a)} and {list(subs_b)}"
     for name, ma in subs_a.items():
@@ -492,11 +499,11 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
         for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED):
             if key in _HOOKS:  # what forward runs around the module (nn.Module.__init__ sets them)
                 ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
-                if tuple(map(_setting, ha)) != tuple(map(_setting, hb)):
+                if [_setting(h, inner) for h in ha] != [_setting(h, inner) for h in hb]:
                     return f"{where}.{key} hold {ha!r} in one and {hb!r} in the other"
                 continue
             va, vb = va_all.get(key), vb_all.get(key)
-            if _setting(va) != _setting(vb):
+            if _setting(va, inner) != _setting(vb, inner):
                 if (
                     isinstance(va, types.FunctionType)
                     and isinstance(vb, types.FunctionType)
@@ -506,8 +513,23 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                         f"{where}.{key} is {va.__qualname__} in both, capturing or defaulting "
                         f"to {_values(va)} in one and {_values(vb)} in the other"
                     )
-                return f"{where}.{key} is {va!r} in one and {vb!r} in the other"
+                owners = _owner_difference(_setting(va, inner), _setting(vb, inner))
+                return f"{where}.{key} is {va!r} in one and {vb!r} in the other{owners}"
     return None
+
+
+def _owner_difference(a: Any, b: Any) -> str:
+    """For two methods of modules of one class (:func:`_setting` forms), the first setting
+    in which their modules differ (their ``repr`` may not show it), else ``""``."""
+    if (
+        not (isinstance(a, tuple) and isinstance(b, tuple))
+        or a[0] != "module method"
+        or a[:3] != b[:3]
+    ):
+        return ""
+    sa, sb = dict(a[3]), dict(b[3])
+    key = next(k for k in sorted(sa.keys() | sb.keys()) if sa.get(k) != sb.get(k))
+    return f" (their modules' {key} is {sa.get(key)!r} in one and {sb.get(key)!r} in the other)"
 
 
 def _values(fn: types.FunctionType) -> list[Any]:

@@ -365,6 +365,11 @@ OTHER_ACTIVATIONS = {
     ),
     "subclass's method": (lambda: _Halver().apply, lambda: _Doubler().apply),
     "subclass module's method": (lambda: _GentleAct().forward, lambda: _SteepAct().forward),
+    # A module outside the model keeps its own mode (the steps set the model's only).
+    "method of a module in another mode": (
+        lambda: nn.Dropout(1.0).forward,
+        lambda: nn.Dropout(1.0).eval().forward,
+    ),
 }
 
 
@@ -436,6 +441,50 @@ def test_modules_whose_plain_settings_differ_are_refused(one, other):
     assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
     with pytest.raises(ValueError, match=r"value is .* in one and .* in the other"):
         fl.stack_states(states)
+
+
+def test_an_activation_bound_to_a_module_in_another_mode_is_named_by_its_mode():
+    """The two methods print alike: the message names the setting that differs."""
+    states = [
+        fl.TrainState.create(_with(drop.forward), tx=optim.sgd(0.1), device="cpu")
+        for drop in (nn.Dropout(0.5), nn.Dropout(0.5).eval())
+    ]
+    with pytest.raises(ValueError, match=r"modules' training is True in one and False in"):
+        fl.stack_states(states)
+
+
+class _MakesAct(nn.Module):
+    """Keeps the class of the activation it makes in forward."""
+
+    def __init__(self, cls: type[nn.Module]) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.cls = cls
+
+    def forward(self, x):
+        return self.cls()(self.fc(x))
+
+
+def test_modules_that_keep_other_activation_classes_are_refused():
+    """A class kept as an attribute is a setting: stacked, both models ran the first
+    one's class (ReLU for the Tanh model too); of one class, they stack."""
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    x = -torch.ones(4, 2)
+
+    def states(*classes):
+        out = []
+        for cls in classes:
+            torch.manual_seed(0)
+            out.append(fl.TrainState.create(_MakesAct(cls), tx=optim.sgd(0.1), device="cpu"))
+        return out
+
+    relu, tanh = states(nn.ReLU, nn.Tanh)
+    assert float(evaluate(relu, x)["out"]) != float(evaluate(tanh, x)["out"])
+    with pytest.raises(ValueError, match=r"module\.cls is <class '.*ReLU'> in one and <class"):
+        fl.stack_states([relu, tanh])
+    alike = states(nn.Tanh, nn.Tanh)
+    many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(alike), x)["out"]
+    torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in alike]))
 
 
 def test_modules_alike_but_for_their_mode_or_an_inplace_activation_stack():
