@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -15,7 +16,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     onto ``path``.
 
     The temporary file is fsynced before ``os.replace`` and the folder after it, where
-    the platform allows. On any error (or interrupt) the temporary file is removed and
+    the platform allows: a file system that cannot fsync a file (``EINVAL``, ``ENOTSUP``)
+    skips it, while a failed one (``EIO``, ``ENOSPC``: the data may not be on disk) is an
+    error. On any error (or interrupt) the temporary file is removed and
     whatever was at ``path`` is left as it was. The temporary name is unique (two
     writers of one path never share it) and hidden, and it holds no part of ``path``'s
     name, so tools that watch a folder by file name (TensorBoard) skip it.
@@ -58,18 +61,30 @@ def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            _fsync(f.fileno())
 
     _replace_with(path, to_file, synced=True)
 
 
+# What a file system says when it cannot fsync a file at all (not when it failed to).
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _fsync(fd: int) -> None:
+    """Flushes a written file to disk; a no-op where the file system cannot fsync one."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_FSYNC:
+            raise
+
+
 def _fsync_file(path: Path) -> None:
-    """Flushes a written file to disk, through a read-only descriptor (a umask may have
-    made the file read-only for its writer); a no-op where that is not allowed."""
+    """:func:`_fsync` through a read-only descriptor (a umask may have made the file
+    read-only for its writer)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import io
@@ -787,6 +788,42 @@ def test_a_folder_that_cannot_be_opened_or_fsynced_still_gets_the_file(
     monkeypatch.undo()
     assert_same_state(load_checkpoint(tmp_path / "c.pt", fresh_state()), state)
     assert files_in(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    ("error", "fails"),
+    [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True), (errno.ENOSPC, True)],
+)
+def test_a_file_fsync_is_skipped_where_unsupported_and_an_error_where_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, fails: bool
+) -> None:
+    """A file system that cannot fsync a file (EINVAL, ENOTSUP) gets the file from both
+    writers; one whose fsync failed (EIO, ENOSPC: the data may not be on disk) fails the
+    write in both, and the earlier file stays as it was, with no temporary file left."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(error, os.strerror(error))
+        real_fsync(fd)
+
+    writers = {
+        "atomic_write": lambda path, b: _io.atomic_write(path, lambda tmp: tmp.write_bytes(b)),
+        "atomic_write_file": lambda path, b: _io.atomic_write_file(path, lambda f: f.write(b)),
+    }
+    for name, write in writers.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(b"earlier")
+        monkeypatch.setattr(os, "fsync", fsync)
+        if fails:
+            with pytest.raises(OSError) as info:
+                write(path, b"new")
+            assert info.value.errno == error, name
+        else:
+            write(path, b"new")
+        monkeypatch.undo()
+        assert path.read_bytes() == (b"earlier" if fails else b"new"), name
+    assert files_in(tmp_path) == sorted(f"{name}.bin" for name in writers)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a umask and file permissions")
