@@ -110,7 +110,9 @@ class DynamicLossScale:
     def update(self, state: LossScaleState, found_inf: torch.Tensor) -> LossScaleState:
         """The state after a step; ``found_inf`` is a 0-d bool tensor (no host sync)."""
         tracker = torch.where(found_inf, 0, state.growth_tracker + 1)
-        due = tracker == self.growth_interval
+        # (>=, not GradScaler's ==: a state resumed under a shorter interval, its count
+        # past it, grows at its next finite step instead of never.)
+        due = tracker >= self.growth_interval
         # As GradScaler's kernel: the float32 scale times the factor in float64, rounded
         # to float32 once (a float32 product would round the factor first, and drift from
         # GradScaler's scale for factors that are not powers of two).

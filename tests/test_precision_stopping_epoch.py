@@ -116,6 +116,21 @@ def test_a_scale_that_would_grow_to_inf_stays_put_as_grad_scalers():
         )
 
 
+def test_a_loss_scale_resumed_under_a_shorter_growth_interval_grows_at_its_next_step():
+    """A state that counted 5 finite steps (a run with growth_interval=2000, say) resumed
+    by a step whose interval is 2 grows at its next finite step and starts counting
+    afresh: an equality test never fired again until an overflow reset the count."""
+    rules = fl.DynamicLossScale(init_scale=8.0, growth_interval=2)
+    state = fl.precision.LossScaleState(
+        scale=torch.tensor(8.0), growth_tracker=torch.tensor(5, dtype=torch.int32)
+    )
+    scales = []
+    for _ in range(3):
+        state = rules.update(state, torch.tensor(False))
+        scales.append((float(state.scale), int(state.growth_tracker)))
+    assert scales == [(16.0, 0), (16.0, 1), (32.0, 0)]
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:1"])
 @pytest.mark.parametrize(
     ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
