@@ -711,37 +711,9 @@ def test_failure_on_first_write_leaves_nothing(
     assert files_in(tmp_path) == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
-def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What makes a write survive a power cut: the new file's data on disk before it
-    takes the name, and the rename on disk before the save returns."""
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any) -> None:
-        events.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    for save in (save_checkpoint, save_model):
-        events.clear()
-        save(tmp_path / "c.pt", fresh_state())
-        assert events == ["fsync file", "replace", "fsync folder"], save.__name__
-
-
-@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
-def test_both_atomic_writers_fsync_all_the_data_before_the_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """atomic_write (the profiler's trace) as atomic_write_file (checkpoints, logs): the
-    whole file is on disk, not in a buffer, before it takes the name."""
+def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records, in order, each fsync of a file (with its size then), each rename and each
+    fsync of a folder, as the writes call them."""
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -756,6 +728,30 @@ def test_both_atomic_writers_fsync_all_the_data_before_the_rename(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
+def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes a write survive a power cut: the new file's data on disk before it
+    takes the name, and the rename on disk before the save returns."""
+    events = record_writes(monkeypatch)
+    for save in (save_checkpoint, save_model):
+        events.clear()
+        save(tmp_path / "c.pt", fresh_state())
+        size = (tmp_path / "c.pt").stat().st_size
+        assert events == [f"fsync {size} bytes", "replace", "fsync folder"], save.__name__
+
+
+@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where they can be opened")
+def test_both_atomic_writers_fsync_all_the_data_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atomic_write (the profiler's trace) as atomic_write_file (checkpoints, logs): the
+    whole file is on disk, not in a buffer, before it takes the name."""
+    events = record_writes(monkeypatch)
     data = b"epoch,loss\n1,0.5\n"
     _io.atomic_write(tmp_path / "trace.json", lambda tmp: tmp.write_bytes(data))
     assert events == [f"fsync {len(data)} bytes", "replace", "fsync folder"]
