@@ -762,9 +762,10 @@ def test_profiler_stops_at_fit_end_when_fewer_batches_ran(tmp_path: Path) -> Non
     assert "traceEvents" in json.loads((tmp_path / "prof" / "trace.json").read_text())
 
 
-def test_profiler_rejects_a_bad_batch_count() -> None:
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5], ids=["zero", "negative", "bool", "float"])
+def test_profiler_rejects_a_bad_batch_count(bad: Any) -> None:
     with pytest.raises(ValueError, match="num_batches"):
-        Profiler("prof", num_batches=0)
+        Profiler("prof", num_batches=bad)
 
 
 # --------------------------------------------------------------------------- plot
