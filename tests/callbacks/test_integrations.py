@@ -768,6 +768,14 @@ def test_profiler_rejects_a_bad_batch_count(bad: Any) -> None:
         Profiler("prof", num_batches=bad)
 
 
+def test_profiler_profiles_ten_batches_by_default(tmp_path: Path) -> None:
+    cb = Profiler(tmp_path / "prof")
+    drive([cb], new_state(), FIRST_FIT, batches=6)  # 12 batches over two epochs
+    names = {e.get("name") for e in json.loads(cb.trace_path.read_text())["traceEvents"]}
+    assert {f"train_batch#{i}" for i in range(10)} <= names
+    assert "train_batch#10" not in names
+
+
 # --------------------------------------------------------------------------- plot
 
 
