@@ -776,6 +776,30 @@ def test_profiler_profiles_ten_batches_by_default(tmp_path: Path) -> None:
     assert "train_batch#10" not in names
 
 
+def test_profiler_ranges_hold_their_batch_only(tmp_path: Path) -> None:
+    """A batch's range ends at its on_train_batch_end: what a later callback does there
+    (a logger writing, say) is between batches, in no batch's range."""
+
+    class Between(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            with torch.profiler.record_function("between"):
+                _matmuls()
+
+    cb = Profiler(tmp_path / "prof", num_batches=3)
+    drive([cb, Between()], new_state(), FIRST_FIT, work=_matmuls)
+    events = json.loads(cb.trace_path.read_text())["traceEvents"]
+    spans = {
+        e["name"]: (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("name", "").startswith("train_batch#")
+    }
+    between = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "between"]
+    assert len(spans) == 3 and len(between) == 2  # the profiler stopped at batch 2's end
+    for start, end in between:
+        for name, (first, last) in spans.items():
+            assert end <= first or start >= last, name
+
+
 # --------------------------------------------------------------------------- plot
 
 
