@@ -800,6 +800,26 @@ def test_profiler_ranges_hold_their_batch_only(tmp_path: Path) -> None:
             assert end <= first or start >= last, name
 
 
+def test_a_profile_that_fails_to_export_leaves_the_earlier_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trace takes its name once written whole: an export that fails half-way (a full
+    disk) leaves the earlier trace, not a truncated one a viewer cannot open."""
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof" / "trace.json").write_text('{"traceEvents": []}')
+
+    def export_chrome_trace(prof: Any, path: str) -> None:
+        Path(path).write_text('{"traceEvents": [')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_chrome_trace)
+    cb = Profiler(tmp_path / "prof", num_batches=1)
+    with pytest.raises(OSError, match="No space left"):
+        drive([cb], new_state(), FIRST_FIT)
+    assert json.loads(cb.trace_path.read_text()) == {"traceEvents": []}
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["trace.json"]
+
+
 # --------------------------------------------------------------------------- plot
 
 
