@@ -166,6 +166,23 @@ def test_averaging_keeps_a_channels_last_tensors_memory_format(monkeypatch) -> N
     assert torch.equal(got["weight"], weight) and torch.equal(got["bias"], bias)
 
 
+def test_averaging_fp16_values_near_their_largest_gives_their_mean(monkeypatch) -> None:
+    """Each process's share is divided before the all-reduce sums them: two processes'
+    fp16 gradients of 60000 (the largest fp16 is 65504) average to 60000, where a sum
+    taken first would be inf (the all-reduce of 2 processes simulated as the sum of 2
+    copies)."""
+    import fnloop.distributed
+
+    def all_reduce(flat: torch.Tensor) -> None:
+        flat.mul_(2)
+
+    monkeypatch.setattr(fnloop.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    grad = torch.tensor([60000.0, -60000.0, 1.0], dtype=torch.float16)
+    assert torch.equal(mean_over_processes({"grad": grad})["grad"], grad)
+
+
 @pytest.mark.parametrize(
     ("theirs", "says"),
     [
