@@ -332,6 +332,12 @@ def broadcast(rank: int) -> dict[str, Any]:
         broadcast_state(fl.TrainState.create(mlp(), tx=tx(), ema_decay=0.9 if rank else None))
     except ValueError as e:
         after["refused"] = str(e)
+    # The same entries, a wider hidden layer in process 1: refused as well.
+    wider = nn.Sequential(nn.Linear(6, 16 + rank), nn.Tanh(), nn.Linear(16 + rank, 3)).double()
+    try:
+        broadcast_state(fl.TrainState.create(wider, tx=tx()))
+    except ValueError as e:
+        after["refused_shape"] = str(e)
     # An open accumulation window and an fp16 loss scale, in rank 0's state alone (a
     # window's first micro-step makes no collective call).
     state = fl.TrainState.create(mlp(), tx=tx())
