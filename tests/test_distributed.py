@@ -312,6 +312,7 @@ def test_broadcast_state_sends_rank_0s_counters_and_history_and_checks_shapes(ra
     for r in results:
         b = r["broadcast"]
         assert (b["step"], b["epoch"], b["history"]) == (3, 1, {"train": {"loss": (0.5,)}})
+        assert b["ema_decay"] == 0.8
         assert "process 1's state is not shaped as rank 0's: it has 'ema." in b["refused"]
         wider = "'params.0.bias' is float64 (16,) on rank 0 and float64 (17,) there"
         assert wider in b["refused_shape"]

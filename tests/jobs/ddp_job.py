@@ -311,7 +311,7 @@ def metric_names(rank: int) -> dict[str, Any]:
 
 def broadcast(rank: int) -> dict[str, Any]:
     """Rank 0 alone has trained (as if it alone had loaded a checkpoint): broadcast_state
-    gives every process its tensors, counters and history, and one more step keeps them
+    gives every process its tensors, counters, history and EMA decay, and one more step keeps them
     equal (the EMA takes the state.step > 0 branch everywhere). A process whose state has
     no EMA is refused in every process, before any tensor is sent."""
     x, y = data()
@@ -322,9 +322,11 @@ def broadcast(rank: int) -> dict[str, Any]:
             step=3,
             epoch=1,
             history={"train": {"loss": (0.5,)}},
+            ema_decay=0.8,
         )
     state = broadcast_state(state)
     after = {"step": state.step, "epoch": state.epoch, "history": dict(state.history)}
+    after["ema_decay"] = state.ema_decay
     state, _ = fl.make_train_step(classify)(state, (x[24:32][rank::2], y[24:32][rank::2]))
     after["ema"] = dict(state.ema)
     after["params"] = dict(state.params)
