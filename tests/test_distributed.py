@@ -183,6 +183,25 @@ def test_averaging_fp16_values_near_their_largest_gives_their_mean(monkeypatch) 
     assert torch.equal(mean_over_processes({"grad": grad})["grad"], grad)
 
 
+def test_averaging_tensors_on_two_devices_reduces_each_on_its_own(monkeypatch) -> None:
+    """Tensors of one dtype on two devices (weights on a GPU, a buffer kept on the CPU)
+    are reduced device by device, each mean on its input's device (the meta device
+    stands for the second one; the all-reduce of 2 processes simulated as the sum of 2
+    copies)."""
+    import fnloop.distributed
+
+    def all_reduce(flat: torch.Tensor) -> None:
+        flat.mul_(2)
+
+    monkeypatch.setattr(fnloop.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
+    got = mean_over_processes({"a": a, "other": torch.empty(3, device="meta"), "b": b})
+    assert got["other"].device == torch.device("meta") and got["other"].shape == (3,)
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+
+
 @pytest.mark.parametrize(
     ("theirs", "says"),
     [
