@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from fnloop.state import TrainState
 
 
+RUNNING_MSG = (
+    "Profiler({out_dir!r}) cannot start: another torch profiler is running (a second "
+    "fl.callbacks.Profiler in callbacks, or torch.profiler.profile around fit). torch "
+    "runs one at a time, and a second one crashes the process when the traces are "
+    "written; keep one of them."
+)
+
+
 def _default_activities() -> list[ProfilerActivity]:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -44,7 +52,8 @@ class Profiler(Callback):
         and, when available, CUDA.
 
     Raises:
-      ValueError: ``num_batches`` is not a positive integer.
+      ValueError: ``num_batches`` is not a positive integer, or ``activities`` is empty.
+      RuntimeError: at the first batch, when another profiler is already running.
 
     Attributes:
       trace_path: ``<out_dir>/trace.json``.
@@ -68,6 +77,11 @@ class Profiler(Callback):
         self.trace_path = self.out_dir / "trace.json"
         self.num_batches = num_batches
         self.activities = list(activities) if activities is not None else None
+        if self.activities == []:
+            raise ValueError(
+                "activities is empty: pass torch.profiler.ProfilerActivity values (e.g. "
+                "[ProfilerActivity.CPU]), or None for the CPU and, when available, CUDA."
+            )
         self._prof: Any = None
         self._batch_range: Any = None
         self._batches = 0
@@ -80,10 +94,13 @@ class Profiler(Callback):
             if not is_main_process():
                 self._done = True
                 return
+            if torch._C._autograd._profiler_enabled():
+                raise RuntimeError(RUNNING_MSG.format(out_dir=str(self.out_dir)))
             self.out_dir.mkdir(parents=True, exist_ok=True)
             activities = self.activities if self.activities is not None else _default_activities()
-            self._prof = torch.profiler.profile(activities=activities, record_shapes=False)
-            self._prof.start()
+            prof = torch.profiler.profile(activities=activities, record_shapes=False)
+            prof.start()
+            self._prof = prof  # (once started: teardown stops only a running profiler)
         self._close_batch_range()
         self._batch_range = torch.profiler.record_function(f"train_batch#{self._batches}")
         self._batch_range.__enter__()

@@ -768,6 +768,37 @@ def test_profiler_rejects_a_bad_batch_count(bad: Any) -> None:
         Profiler("prof", num_batches=bad)
 
 
+def test_profiler_rejects_no_activities() -> None:
+    """torch would refuse them only at the first batch, with an AssertionError."""
+    with pytest.raises(ValueError, match="activities is empty"):
+        Profiler("prof", activities=[])
+
+
+def test_a_profiler_does_not_start_while_another_runs(tmp_path: Path) -> None:
+    """torch starts a second profiler without a word, and writing the traces then kills
+    the process (a segfault). The second Profiler is refused at its first batch; the
+    first one's trace is written as the run ends, and an outer profiler still exports."""
+    first, second = (Profiler(tmp_path / name, num_batches=2) for name in ("a", "b"))
+    step = fl.make_train_step(lambda m, b: {"loss": m(b).square().mean()})
+
+    def run(callbacks: list[Profiler]) -> None:
+        fl.fit(new_state(), step, [torch.ones(4, 3)] * 3, max_epochs=1, callbacks=callbacks)
+
+    with pytest.raises(RuntimeError, match=r"Profiler\('.*b'\) cannot start: another"):
+        run([first, second])
+    assert "traceEvents" in json.loads(first.trace_path.read_text())
+    assert not (tmp_path / "b").exists()
+    inner = Profiler(tmp_path / "c", num_batches=2)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with (
+        torch.profiler.profile(activities=cpu) as outer,
+        pytest.raises(RuntimeError, match="another torch profiler is running"),
+    ):
+        run([inner])
+    outer.export_chrome_trace(str(tmp_path / "outer.json"))
+    assert "traceEvents" in json.loads((tmp_path / "outer.json").read_text())
+
+
 def test_profiler_profiles_ten_batches_by_default(tmp_path: Path) -> None:
     cb = Profiler(tmp_path / "prof")
     drive([cb], new_state(), FIRST_FIT, batches=6)  # 12 batches over two epochs
