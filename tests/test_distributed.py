@@ -166,11 +166,10 @@ def test_averaging_keeps_a_channels_last_tensors_memory_format(monkeypatch) -> N
     assert torch.equal(got["weight"], weight) and torch.equal(got["bias"], bias)
 
 
-def test_averaging_fp16_values_near_their_largest_gives_their_mean(monkeypatch) -> None:
-    """Each process's share is divided before the all-reduce sums them: two processes'
-    fp16 gradients of 60000 (the largest fp16 is 65504) average to 60000, where a sum
-    taken first would be inf (the all-reduce of 2 processes simulated as the sum of 2
-    copies)."""
+@pytest.fixture
+def two_alike_processes(monkeypatch) -> None:
+    """Two processes holding the same tensors, simulated in this one: the all-reduce sums
+    two copies of what it gets."""
     import fnloop.distributed
 
     def all_reduce(flat: torch.Tensor) -> None:
@@ -179,23 +178,22 @@ def test_averaging_fp16_values_near_their_largest_gives_their_mean(monkeypatch) 
     monkeypatch.setattr(fnloop.distributed, "world_size", lambda: 2)
     monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+
+@pytest.mark.usefixtures("two_alike_processes")
+def test_averaging_fp16_values_near_their_largest_gives_their_mean() -> None:
+    """Each process's share is divided before the all-reduce sums them: two processes'
+    fp16 gradients of 60000 (the largest fp16 is 65504) average to 60000, where a sum
+    taken first would be inf."""
     grad = torch.tensor([60000.0, -60000.0, 1.0], dtype=torch.float16)
     assert torch.equal(mean_over_processes({"grad": grad})["grad"], grad)
 
 
-def test_averaging_tensors_on_two_devices_reduces_each_on_its_own(monkeypatch) -> None:
+@pytest.mark.usefixtures("two_alike_processes")
+def test_averaging_tensors_on_two_devices_reduces_each_on_its_own() -> None:
     """Tensors of one dtype on two devices (weights on a GPU, a buffer kept on the CPU)
     are reduced device by device, each mean on its input's device (the meta device
-    stands for the second one; the all-reduce of 2 processes simulated as the sum of 2
-    copies)."""
-    import fnloop.distributed
-
-    def all_reduce(flat: torch.Tensor) -> None:
-        flat.mul_(2)
-
-    monkeypatch.setattr(fnloop.distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(fnloop.distributed, "collective_device", lambda t: t.device)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stands for the second one)."""
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
     got = mean_over_processes({"a": a, "other": torch.empty(3, device="meta"), "b": b})
     assert got["other"].device == torch.device("meta") and got["other"].shape == (3,)
