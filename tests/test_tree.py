@@ -39,6 +39,22 @@ def test_updates_holding_a_number_for_a_parameter_are_named() -> None:
         optim.apply_updates(params, updates)
 
 
+@pytest.mark.parametrize("tx", [optim.sgd(0.1), optim.clip(0.5)], ids=["sgd", "clip"])
+@pytest.mark.parametrize("method", ["update", "update_", "apply_"])
+def test_gradients_holding_a_number_alone_are_named(
+    tx: optim.GradientTransformation, method: str
+) -> None:
+    """Transforms that read the gradients alone (no state or params shaped like them)
+    name the number too, instead of failing inside torch's foreach ops (pybind's
+    "is_batchedtensor(): incompatible function arguments"); where params are paired with
+    the gradients (sgd's apply_), the shape check names it."""
+    params = {"w": torch.ones(2), "b": torch.ones(())}
+    grads = {"w": torch.ones(2), "b": 1.0}
+    named = r"at 'b'(: a non-tensor is paired| is a float, not a tensor)"
+    with pytest.raises((TypeError, ValueError), match=named):
+        getattr(tx, method)(grads, tx.init(params), params)
+
+
 def test_params_holding_a_number_for_a_parameter_are_named() -> None:
     """The number in the first tree (the params apply_updates aligns the updates with)
     leaves the aligned fast path too, for the general one's message."""

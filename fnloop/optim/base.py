@@ -228,6 +228,9 @@ def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], An
         leaves, treedef, other_leaves = flat
     else:
         leaves, treedef = _tree.tree_flatten(updates)
+        # With other trees, the shape check below names a number among the leaves.
+        if check and not others and not all(isinstance(x, torch.Tensor) for x in leaves):
+            _raise_not_tensor(updates)
         other_leaves = []
         for other in others:
             o_leaves, o_def = _tree.tree_flatten(other)
@@ -242,6 +245,18 @@ def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], An
             if list(map(shape, o_leaves)) != shapes:
                 _raise_shape_mismatch(updates, treedef, leaves, o_leaves)
     return leaves, treedef, other_leaves
+
+
+def _raise_not_tensor(updates: Any) -> None:
+    keys, leaves, _ = _tree.tree_flatten_with_keys(updates)
+    for key, leaf in zip(keys, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"the update (gradient) at {key!r} is a {type(leaf).__name__}, not a "
+                f"tensor. Pass one tensor per parameter, shaped like it, as "
+                f"torch.autograd.grad returns them; for a parameter without a gradient, "
+                f"pass torch.zeros_like(param)."
+            )
 
 
 def _shape_of(x: Any) -> torch.Size | None:
