@@ -395,6 +395,34 @@ _HOOKS = {
 }
 
 
+class _TensorSetting:
+    """A tensor kept outside the parameters and buffers (an unregistered ``self.scale =
+    torch.tensor(2.0)``, or one a closure captures), compared by dtype, shape, device and
+    values (NaN equal to NaN); on the ``meta`` device, which holds no values, by the
+    first three."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _TensorSetting):
+            return NotImplemented
+        a, b = self.tensor, other.tensor
+        if (a.dtype, a.shape, a.device) != (b.dtype, b.shape, b.device):
+            return False
+        if a.is_meta:
+            return True
+        try:
+            with torch.no_grad():
+                return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        except (RuntimeError, NotImplementedError):  # a layout without these ops
+            return a is b
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _class(module: torch.nn.Module) -> type:
     """The module's class (``parametrize`` subclasses each module it changes: its base)."""
     cls = type(module)
@@ -405,12 +433,15 @@ def _setting(value: Any, inner: frozenset[int] = frozenset()) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
     values (classes included) and tuples or lists of them as they are, functions by their
     code, callable objects by their class and settings (and a method by its code and its
-    object's), builtins by identity; ``None`` for what is not compared (tensors,
-    containers). ``inner``: the ids of the models' own modules, whose mode the steps set."""
+    object's), builtins by identity, tensors by their values; ``None`` for what is not
+    compared (other containers). ``inner``: the ids of the models' own modules, whose
+    mode the steps set."""
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
         return ("value", tuple(value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _TensorSetting(value))
     if isinstance(value, types.FunctionType):
         # By its code (a lambda made per instance too) and the plain values it captures
         # or defaults to: a lambda closing over a slope is another activation per slope.
@@ -456,12 +487,15 @@ def _object_setting(value: Any, inner: frozenset[int]) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """A plain value (or a tuple or list of them) as it is, a function by its code (not
-    what it captures: no recursion), ``None`` for anything else."""
+    """A plain value (or a tuple or list of them) as it is, a tensor by its values, a
+    function by its code (not what it captures: no recursion), ``None`` for anything
+    else."""
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
         return ("value", tuple(value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _TensorSetting(value))
     if isinstance(value, types.FunctionType):
         return ("function", value.__code__)
     if isinstance(value, types.BuiltinFunctionType):

@@ -209,7 +209,7 @@ class _Act(nn.Module):
 
 def _leaky(slope: float) -> nn.Module:
     torch.manual_seed(0)
-    one = torch.ones(())  # captured too: a tensor, which is neither compared nor named
+    one = torch.ones(())  # captured too: a tensor, equal in every model
     return nn.Sequential(nn.Linear(2, 2), _Act(lambda x: nn.functional.leaky_relu(x, slope) * one))
 
 
@@ -224,7 +224,7 @@ def test_modules_whose_functions_capture_other_values_are_refused():
     assert alone[0] != alone[1]
     with pytest.raises(
         ValueError,
-        match=r"1\.fn is _leaky.<locals>.<lambda> in both.* to \[0\.01\] in one and \[0\.5\] in",
+        match=r"1\.fn is _leaky.<locals>.<lambda> in both.* to \[tensor\(1\.\), 0\.01\] in one an",
     ):
         fl.stack_states(states)
     # Functions of other code are named as such (not as one function capturing others).
@@ -234,7 +234,7 @@ def test_modules_whose_functions_capture_other_values_are_refused():
         fl.stack_states(
             [fl.TrainState.create(_with(f), tx=optim.sgd(0.1)) for f in (_tanh_of, _sigmoid_of)]
         )
-    # The same code capturing the same values (or only tensors and modules) still stacks.
+    # The same code capturing the same values (equal tensors too) still stacks.
     same = [fl.TrainState.create(_leaky(0.1), tx=optim.sgd(0.1), device="cpu") for _ in range(2)]
     stacked = fl.stack_states(same)
     many = torch.func.vmap(evaluate, in_dims=(0, None))(stacked, x)["out"]
@@ -289,6 +289,11 @@ def _scaled_leaky(s):
 def _twice(f):
     """One code for every function captured: only ``f`` tells them apart."""
     return lambda x: f(x) * 2
+
+
+def _times(t: torch.Tensor):
+    """One code for every tensor captured: only ``t``'s values tell them apart."""
+    return lambda x: x * t
 
 
 def _leaky_default(slope: float):
@@ -353,6 +358,7 @@ OTHER_ACTIVATIONS = {
     "captured tuple": (lambda: _scaled_leaky((0.5, 1.0)), lambda: _scaled_leaky((0.5, 2.0))),
     "captured function": (lambda: _twice(_tanh_of), lambda: _twice(_sigmoid_of)),
     "captured builtin": (lambda: _twice(torch.tanh), lambda: _twice(torch.sigmoid)),
+    "captured tensor": (lambda: _times(torch.tensor(0.5)), lambda: _times(torch.tensor(2.0))),
     "default": (lambda: _leaky_default(0.01), lambda: _leaky_default(0.5)),
     "keyword default": (lambda: _leaky_keyword_default(0.01), lambda: _leaky_keyword_default(0.5)),
     "partial argument": (
@@ -441,6 +447,58 @@ def test_modules_whose_plain_settings_differ_are_refused(one, other):
     assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
     with pytest.raises(ValueError, match=r"value is .* in one and .* in the other"):
         fl.stack_states(states)
+
+
+class _Scaled(nn.Module):
+    """Keeps a tensor outside its parameters and buffers (not registered)."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (torch.tensor(1.0), torch.tensor(3.0)),
+        (torch.tensor([1.0, 2.0]), torch.tensor([1.0, float("nan")])),
+        (torch.tensor([1.0]), torch.tensor([1.0], dtype=torch.float64)),
+    ],
+    ids=["value", "nan", "dtype"],
+)
+def test_modules_that_keep_other_tensors_are_refused(one, other):
+    """A tensor kept as a plain attribute is a setting like a float: stacked, both models
+    ran the first one's (the scale 1 for the model that multiplies by 3)."""
+    states = []
+    for scale in (one, other):
+        torch.manual_seed(0)
+        states.append(fl.TrainState.create(_Scaled(scale), tx=optim.sgd(0.1), device="cpu"))
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    outs = [evaluate(s, x)["out"] for s in states]
+    assert outs[0].dtype != outs[1].dtype or not torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match=r"root module\.scale is tensor\(.* in one and tensor\("):
+        fl.stack_states(states)
+
+
+@pytest.mark.parametrize(
+    "scale", [torch.tensor(3.0), torch.tensor([1.0, float("nan")])], ids=["value", "nan"]
+)
+def test_modules_that_keep_equal_tensors_stack_and_run_as_alone(scale):
+    """Equal tensors (other objects, NaN equal to NaN) stack, and each model runs as it
+    does alone."""
+    states = []
+    for _ in "ab":
+        torch.manual_seed(0)
+        states.append(fl.TrainState.create(_Scaled(scale.clone()), tx=optim.sgd(0.1), device="cpu"))
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b)[:, 0].sum()})
+    many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(states), x)["out"]
+    torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in states]))
 
 
 def test_an_activation_bound_to_a_module_in_another_mode_is_named_by_its_mode():
