@@ -150,7 +150,10 @@ def readme_prelude() -> Namespace:
     from torch.nn.utils import clip_grad_norm_
     from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
-    train_loader, valid_loader = _loaders()
+    # The train loader the README names is the user's own (examples/digits.py's): its
+    # last batch is smaller, so a compiled block must make its own drop_last loader.
+    _, valid_loader = _loaders()
+    train_loader = DataLoader(_digit_like(40, 0), batch_size=16, shuffle=True)
     x, y = next(iter(train_loader))
     # The side-by-side block: the torch.optim column trains `model` on `loss`, the
     # fnloop.optim column `params` (a copy) on `grads`, the gradients of that loss.
