@@ -626,7 +626,12 @@ def fit(
     """
     # ------------------------------------------------------------ set-up checks (fail fast)
     if not isinstance(state, TrainState):
-        raise TypeError(f"fit needs a TrainState first; got {type(state).__name__}.")
+        hint = (
+            " Make one from the module: fl.TrainState.create(module, tx=optim.adamw(1e-3))."
+            if isinstance(state, torch.nn.Module)
+            else ""
+        )
+        raise TypeError(f"fit needs a TrainState first; got {type(state).__name__}.{hint}")
     for arg, value in [
         ("max_epochs", max_epochs),
         ("keep_checkpoints", keep_checkpoints),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import numbers
 import os
@@ -585,6 +586,37 @@ def _fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+def _check_user_function(fn: Any, arg: str) -> None:
+    """Raises ``TypeError`` unless ``fn`` can be the user's ``(model, batch)`` function:
+    callable, and not a step made already (which takes ``(state, batch)``)."""
+    if not callable(fn):
+        raise TypeError(f"{arg} must be callable; got {type(fn).__name__}.")
+    try:
+        made = inspect.unwrap(fn)  # through torch.compile's wrapper too
+    except ValueError:  # a __wrapped__ chain without end (a mock)
+        return
+    if isinstance(made, TrainStep | EvalStep):
+        maker = "make_train_step" if isinstance(made, TrainStep) else "make_eval_step"
+        raise TypeError(
+            f"{arg} is a step made by {maker} already, a function of (state, batch); "
+            f"make_train_step and make_eval_step take your own function of (model, batch). "
+            f"Pass the made step to fit as it is, or call it as step(state, batch)."
+        )
+
+
+def _not_a_state(call: str, state: Any, batch: Any) -> TypeError:
+    """The error for a step called with something else than a state first."""
+    if isinstance(batch, TrainState):
+        hint = " Did you swap the arguments?"
+    elif isinstance(state, nn.Module):
+        hint = " Make one from the module: fl.TrainState.create(module, tx=optim.adamw(1e-3))."
+    else:
+        hint = ""
+    return TypeError(
+        f"{call}(state, batch) needs a TrainState first; got {type(state).__name__}.{hint}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """A pure training step made by :func:`make_train_step`; call it as ``step(state, batch)``."""
@@ -613,10 +645,7 @@ class TrainStep:
     )
 
     def __post_init__(self) -> None:
-        if not callable(self.training_step):
-            raise TypeError(
-                f"training_step must be callable; got {type(self.training_step).__name__}."
-            )
+        _check_user_function(self.training_step, "training_step")
         object.__setattr__(self, "_name", _fn_name(self.training_step))
         k = self.accumulation_steps
         if (
@@ -645,10 +674,7 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
         if not isinstance(state, TrainState):
-            raise TypeError(
-                f"train_step(state, batch) needs a TrainState first; got "
-                f"{type(state).__name__}. Did you swap the arguments?"
-            )
+            raise _not_a_state("train_step", state, batch)
         name = self._name
         device = state.device
         # Donation works in eager mode and under torch.compile (where inductor then writes
@@ -1218,19 +1244,14 @@ class EvalStep:
     _name: str = dataclasses.field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not callable(self.validation_step):
-            raise TypeError(
-                f"validation_step must be callable; got {type(self.validation_step).__name__}."
-            )
+        _check_user_function(self.validation_step, "validation_step")
         object.__setattr__(self, "_name", _fn_name(self.validation_step))  # see TrainStep
         check_precision(self.precision)
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
         """Runs the step in eval mode without gradients; returns its metrics."""
         if not isinstance(state, TrainState):
-            raise TypeError(
-                f"eval_step(state, batch) needs a TrainState first; got {type(state).__name__}."
-            )
+            raise _not_a_state("eval_step", state, batch)
         check_not_donated(state, "this eval step")
         name = self._name
         device = state.device

@@ -1538,7 +1538,11 @@ def test_bad_fit_arguments_fail_before_anything_is_written(tmp_path, kwargs, err
 
 def test_fit_given_a_module_instead_of_a_state_says_it_needs_a_train_state(tmp_path):
     module = make_state().module
-    with pytest.raises(TypeError, match=r"^fit needs a TrainState first; got Sequential\.$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^fit needs a TrainState first; got Sequential\. Make one from the module: "
+        r"fl\.TrainState\.create\(module, tx=optim\.adamw\(1e-3\)\)\.$",
+    ):
         fl.fit(module, classify, loaders(), max_epochs=1, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

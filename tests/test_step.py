@@ -1003,6 +1003,42 @@ def test_bad_options():
         fl.make_eval_step(classify)(batches(1)[0], state)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_made_step_given_to_make_train_step_or_make_eval_step_is_named(compiled):
+    """make_train_step(make_train_step(f)) made a step that called the made step as the
+    user's (model, batch) function, at its first call: "needs a TrainState first; got
+    BoundModel. Did you swap the arguments?", though no arguments were swapped."""
+    wrap = (lambda f: torch.compile(f, backend="eager")) if compiled else (lambda f: f)
+    for made, make, arg, maker in [
+        (fl.make_train_step, fl.make_train_step, "training_step", "make_train_step"),
+        (fl.make_eval_step, fl.make_train_step, "training_step", "make_eval_step"),
+        (fl.make_train_step, fl.make_eval_step, "validation_step", "make_train_step"),
+        (fl.make_eval_step, fl.make_eval_step, "validation_step", "make_eval_step"),
+    ]:
+        with pytest.raises(
+            TypeError, match=rf"^{arg} is a step made by {maker} already, a function of \(state"
+        ):
+            make(wrap(made(classify)))
+
+
+def test_a_step_given_a_module_or_swapped_arguments_says_how_to_call_it():
+    """The hint fits the mistake: a module in place of the state, or the state second."""
+    module = mlp()
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
+    batch = batches(1)[0]
+    for call, make in [("train_step", fl.make_train_step), ("eval_step", fl.make_eval_step)]:
+        with pytest.raises(
+            TypeError,
+            match=rf"^{call}\(state, batch\) needs a TrainState first; got Sequential\. Make "
+            r"one from the module: fl\.TrainState\.create\(module, tx=optim\.adamw\(1e-3\)\)\.$",
+        ):
+            make(classify)(module, batch)
+        with pytest.raises(TypeError, match=r"got tuple\. Did you swap the arguments\?$"):
+            make(classify)(batch, state)
+        with pytest.raises(TypeError, match=r"needs a TrainState first; got int\.$"):
+            make(classify)(3, batch)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
