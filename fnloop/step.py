@@ -219,7 +219,17 @@ class BoundModel:
         raise TypeError(SWAPPED_MSG)
 
     def __getitem__(self, key: Any) -> Any:
-        raise TypeError(SWAPPED_MSG)
+        module = object.__getattribute__(self, "module")
+        if not hasattr(type(module), "__getitem__"):
+            raise TypeError(SWAPPED_MSG)
+        raise TypeError(
+            f"a BoundModel (the `model` argument of a step function) cannot be indexed: "
+            f"model[{key!r}] would be a submodule of your {type(module).__name__}, which a "
+            f"step cannot reach through `model`. model(...) runs the whole module's forward "
+            f"with the state's weights: make forward return what you need (a tuple or a "
+            f"dict). If you meant to index the batch: step functions are called as "
+            f"fn(model, batch), in that order."
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.slots is not None:  # eager: the step has put the tensors in the slots

@@ -863,7 +863,11 @@ def test_moving_a_dataclass_batch_moves_its_derived_tensors_and_leaves_it_alone(
         (lambda m, b: {"loss": m(b[0]).mean(), "name": "x"}, TypeError, "metric 'name'"),
         (lambda m, b: {"loss": 1.0}, TypeError, "must be a tensor"),
         (lambda b, m: {"loss": m(b[0]).mean()}, TypeError, "fn\\(model, batch\\)"),
-        (lambda m, b: {"loss": m[0](b[0]).mean()}, TypeError, "cannot be unpacked or indexed"),
+        (  # a Sequential's layer: not reachable, and not a question of argument order alone
+            lambda m, b: {"loss": m[0](b[0]).mean()},
+            TypeError,
+            r"cannot be indexed: model\[0\] would be a submodule of your Sequential, which",
+        ),
         (  # x, y = batch with the arguments swapped: the model is unpacked
             lambda b, m: {"loss": (lambda x, y: x)(*b)},
             TypeError,
@@ -881,6 +885,14 @@ def test_bad_training_step_output(fn, error, match):
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(error, match=match):
         fl.make_train_step(fn)(state, batches(1)[0])
+
+
+def test_indexing_the_model_of_a_module_without_items_points_at_the_argument_order():
+    """A Linear has no items: model[0] is the batch's index with the arguments swapped."""
+    state = fl.TrainState.create(nn.Linear(4, 3), tx=optim.sgd(0.1), device="cpu")
+    step = fl.make_train_step(lambda b, m: {"loss": b[0].sum()})
+    with pytest.raises(TypeError, match=r"cannot be unpacked or indexed\. Step functions are"):
+        step(state, (torch.ones(2, 4), torch.zeros(2)))
 
 
 @pytest.mark.parametrize("shape", [(1,), (1, 1)])
