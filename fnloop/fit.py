@@ -1070,8 +1070,11 @@ class _Run:
             found, skipped = ckpt.first_good_checkpoint(_own_checkpoints(self.ckpt_dir), self.state)
         except ckpt.CheckpointMismatchError as e:
             raise ckpt.CheckpointMismatchError(
-                f"{e}\n{self.ckpt_dir} holds checkpoints of another model or optimizer. "
-                f"Pass resume=False to start over there, or use another out_dir."
+                f"{self.ckpt_dir} holds checkpoints of another model or optimizer than the "
+                f"state given to fit. Pass resume=False to start over there (the files move "
+                f"to a folder of their own), use another out_dir, or make the state as the "
+                f"run that wrote them did. What differs (`like` is the state given to fit): "
+                f"{e}"
             ) from e
         for item in skipped:
             self.logger.warning(f"Skipping damaged checkpoint {item.path}: {item.reason}")

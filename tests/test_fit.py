@@ -1098,7 +1098,11 @@ def test_the_best_model_is_the_first_epoch_of_the_best_finite_value(tmp_path, sc
 def test_resuming_into_a_folder_of_another_model_says_how_to_fix_it(tmp_path):
     fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir=tmp_path, log_to_console=False)
     other = fl.TrainState.create(nn.Linear(6, 2), tx=optim.adam(1e-2), device="cpu")
-    with pytest.raises(fl.CheckpointMismatchError, match="resume=False"):
+    with pytest.raises(
+        fl.CheckpointMismatchError,
+        match=r"^\S*checkpoints holds checkpoints of another model or optimizer than the state "
+        r"given to fit\. Pass resume=False .* \(`like` is the state given to fit\): Checkpoint ",
+    ):
         fl.fit(other, classify, loaders(), max_epochs=2, out_dir=tmp_path, log_to_console=False)
 
 
