@@ -530,6 +530,7 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                 kind_b += " (another class of that name: define the class once)"
             return f"{where} is a {kind_a} in one and a {kind_b} in the other"
         va_all, vb_all = vars(ma), vars(mb)
+        recomputed = _recomputed(ma) | _recomputed(mb)
         for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED):
             if key in _HOOKS:  # what forward runs around the module (nn.Module.__init__ sets them)
                 ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
@@ -537,7 +538,16 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                     return f"{where}.{key} hold {ha!r} in one and {hb!r} in the other"
                 continue
             va, vb = va_all.get(key), vb_all.get(key)
+            if key in recomputed and isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
+                continue
             if _setting(va, inner) != _setting(vb, inner):
+                if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
+                    return (
+                        f"{where}.{key} is a tensor kept outside the parameters and buffers, "
+                        f"{_describe(va)} in one and {_describe(vb)} in the other; to give "
+                        f"each model its own, register it as a buffer "
+                        f"(module.register_buffer({key!r}, tensor))"
+                    )
                 if (
                     isinstance(va, types.FunctionType)
                     and isinstance(vb, types.FunctionType)
@@ -550,6 +560,20 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                 owners = _owner_difference(_setting(va, inner), _setting(vb, inner))
                 return f"{where}.{key} is {va!r} in one and {vb!r} in the other{owners}"
     return None
+
+
+def _recomputed(module: torch.nn.Module) -> set[str]:
+    """The attributes a forward pre-hook sets from the parameters before each forward
+    (the weight of ``torch.nn.utils.spectral_norm``): their values are no setting."""
+    names = (getattr(hook, "name", None) for hook in module._forward_pre_hooks.values())
+    return {name for name in names if isinstance(name, str)}
+
+
+def _describe(t: torch.Tensor) -> str:
+    """A tensor for a message: its values when few, else its dtype and shape."""
+    if t.numel() <= 8 and not t.is_meta:
+        return repr(t)
+    return f"a {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}"
 
 
 def _owner_difference(a: Any, b: Any) -> str:

@@ -481,7 +481,24 @@ def test_modules_that_keep_other_tensors_are_refused(one, other):
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     outs = [evaluate(s, x)["out"] for s in states]
     assert outs[0].dtype != outs[1].dtype or not torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match=r"root module\.scale is tensor\(.* in one and tensor\("):
+    with pytest.raises(
+        ValueError,
+        match=r"root module\.scale is a tensor kept outside the parameters and buffers, "
+        r"tensor\(.* in one and tensor\(.* in the other; to give each model its own, "
+        r"register it as a buffer \(module\.register_buffer\('scale', tensor\)\)",
+    ):
+        fl.stack_states(states)
+
+
+def test_a_large_tensor_kept_outside_the_parameters_is_named_by_dtype_and_shape():
+    states = []
+    for value in (0.0, 1.0):
+        torch.manual_seed(0)
+        scale = torch.full((3, 3), value, dtype=torch.float64)
+        states.append(fl.TrainState.create(_Scaled(scale), tx=optim.sgd(0.1), device="cpu"))
+    with pytest.raises(
+        ValueError, match=r"a float64 tensor of shape \(3, 3\) in one and a float64 tensor of"
+    ):
         fl.stack_states(states)
 
 
