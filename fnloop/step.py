@@ -132,6 +132,14 @@ VMAP_MODEL_MSG = (
     "momentum, such as the default 0.1, trains under vmap). Train and evaluate such models "
     "one at a time, in a loop over fl.unstack_states(state) (docs/guide.md, section 6)."
 )
+VMAP_AUTOCAST_MSG = (
+    "torch.func.vmap cannot run this model on stacked states under autocast "
+    "(precision={precision!r}): a batched kernel got the layer's float32 weights or "
+    "statistics with {kind} inputs. Seen on the CPU with BatchNorm (training and "
+    "evaluation) and with LayerNorm and InstanceNorm (training). Train the stacked models "
+    "without precision=, or train them one at a time with it, in a loop over "
+    "fl.unstack_states(state)."
+)
 VMAP_CUMULATIVE_BN_MSG = (
     "torch.func.vmap cannot train this model on stacked states: its {kind} {path!r} has "
     "momentum=None, a cumulative moving average of the batch statistics, whose forward "
@@ -292,7 +300,7 @@ def _bound(
 
 
 @contextlib.contextmanager
-def _clear_vmap_errors(name: str, module: nn.Module) -> Iterator[None]:
+def _clear_vmap_errors(name: str, module: nn.Module, precision: Precision) -> Iterator[None]:
     """Under ``vmap``: torch's errors for operations it cannot batch say what hit them (a
     layer of ``module``, the template, where known) and what to do instead."""
     try:
@@ -301,6 +309,9 @@ def _clear_vmap_errors(name: str, module: nn.Module) -> Iterator[None]:
         text = str(e)
         if "Batching rule not implemented" in text:
             why = VMAP_MODEL_MSG.format(why=VMAP_NO_RULE)
+        elif precision is not None and text.startswith("expected scalar type"):
+            kind = "bfloat16" if precision == "bf16" else "float16"
+            why = VMAP_AUTOCAST_MSG.format(precision=precision, kind=kind)
         elif text.startswith("vmap: It looks like you're either (1) calling .item()"):
             why = _host_read_why(e, module)
         else:
@@ -848,10 +859,7 @@ class TrainStep:
             buffers = eager_buffers
             if buffers is None:
                 buffers = _buffer_copies(state.buffers, frozen)
-            with (
-                autocast(self.precision, device),
-                _clear_vmap_errors(name, module) if vmapping else _nothing,
-            ):
+            with autocast(self.precision, device):
                 model = BoundModel(module, params, buffers, slots=slots)
                 out = self.training_step(model, batch)
             loss = _check_output(out, name)
@@ -870,7 +878,9 @@ class TrainStep:
             return scaled, (loss.detach(), metrics, buffers)
 
         if eager_buffers is None:
-            grads, (loss, metrics, new) = torch.func.grad(loss_fn, has_aux=True)(state.params)
+            # Under vmap, torch's errors in the forward or backward pass are explained.
+            with _clear_vmap_errors(name, module, self.precision) if vmapping else _nothing:
+                grads, (loss, metrics, new) = torch.func.grad(loss_fn, has_aux=True)(state.params)
             return grads, loss, metrics, {n: b.detach() for n, b in new.items()}, state.params
 
         # The forward pass may write into the weights it is given (nn.Embedding(max_norm)
@@ -1281,7 +1291,7 @@ class EvalStep:
         if transformed and not compiling:  # under an eager torch.func.vmap
             # Batched: composite kernels (RNNs) decomposed, without attention's fast path.
             with (
-                _clear_vmap_errors(name, module),
+                _clear_vmap_errors(name, module, self.precision),
                 _no_mha_fastpath(),
                 autocast(self.precision, device),
             ):

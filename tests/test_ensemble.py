@@ -1028,3 +1028,43 @@ def test_optimizers_alike_but_for_a_later_member_of_a_chain_are_probed():
     with pytest.raises(ValueError, match=r"another optimizer.*update 1 differs"):
         fl.stack_states(states_with(lambda: clipped(0.1), lambda: clipped(0.2)))
     fl.stack_states(states_with(lambda: clipped(0.1), lambda: clipped(0.1)))
+
+
+@pytest.mark.parametrize(
+    ("norm", "make_step"),
+    [
+        (lambda: nn.BatchNorm1d(6), fl.make_train_step),
+        (lambda: nn.BatchNorm1d(6), fl.make_eval_step),
+        (lambda: nn.LayerNorm(4), fl.make_train_step),
+    ],
+    ids=["batchnorm-train", "batchnorm-eval", "layernorm-train"],
+)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_vmapped_mixed_precision_through_normalization_runs_or_says_what_to_do(
+    norm, make_step, precision
+):
+    """On the CPU torch's batched normalization kernels meet float32 statistics or
+    weights with low-precision inputs under autocast and raise "expected scalar type
+    BFloat16 but found Float", which said nothing of vmap or precision; where a torch
+    version runs it, each model is its own."""
+    fn = lambda model, b: {"loss": nn.functional.cross_entropy(model(b[0]), b[1])}  # noqa: E731
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Conv1d(6, 6, 1), norm(), nn.Flatten(), nn.Linear(24, 3))
+        states.append(fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu"))
+    batch = (torch.randn(8, 6, 4), torch.randint(0, 3, (8,)))
+    step = make_step(fn, precision=precision)
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    try:
+        out = many(fl.stack_states(states), batch)
+    except RuntimeError as e:
+        assert "failed under torch.func.vmap: expected scalar type" in str(e)
+        assert f"under autocast (precision={precision!r})" in str(e)
+        assert "without precision=, or train them one at a time" in str(e)
+        return
+    metrics = out[1] if isinstance(out, tuple) else out
+    for i, state in enumerate(states):
+        alone = step(state, batch)
+        alone = alone[1] if isinstance(alone, tuple) else alone
+        torch.testing.assert_close(metrics["loss"][i], alone["loss"], rtol=2e-2, atol=2e-2)
