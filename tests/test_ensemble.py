@@ -430,6 +430,15 @@ class _Branch(nn.Module):
         return torch.tanh(self.fc(x)) if tanh else torch.relu(self.fc(x))
 
 
+def _seeded_states(make, values) -> list[fl.TrainState]:
+    """One state per value, each module made by ``make(value)`` from the seed 0."""
+    states = []
+    for value in values:
+        torch.manual_seed(0)
+        states.append(fl.TrainState.create(make(value), tx=optim.sgd(0.1), device="cpu"))
+    return states
+
+
 @pytest.mark.parametrize(
     ("one", "other"),
     [("relu", "tanh"), (_Kind.RELU, _Kind.TANH), (torch.float32, torch.float64), (None, "tanh")],
@@ -438,10 +447,7 @@ class _Branch(nn.Module):
 def test_modules_whose_plain_settings_differ_are_refused(one, other):
     """A str, an enum member or a dtype kept as an attribute is a setting like a float,
     and so is one that only one of the modules has."""
-    states = []
-    for value in (one, other):
-        torch.manual_seed(0)
-        states.append(fl.TrainState.create(_Branch(value), tx=optim.sgd(0.1), device="cpu"))
+    states = _seeded_states(_Branch, (one, other))
     x = -torch.ones(4, 2)
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
@@ -473,10 +479,7 @@ class _Scaled(nn.Module):
 def test_modules_that_keep_other_tensors_are_refused(one, other):
     """A tensor kept as a plain attribute is a setting like a float: stacked, both models
     ran the first one's (the scale 1 for the model that multiplies by 3)."""
-    states = []
-    for scale in (one, other):
-        torch.manual_seed(0)
-        states.append(fl.TrainState.create(_Scaled(scale), tx=optim.sgd(0.1), device="cpu"))
+    states = _seeded_states(_Scaled, (one, other))
     x = -torch.ones(4, 2)
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     outs = [evaluate(s, x)["out"] for s in states]
@@ -491,11 +494,8 @@ def test_modules_that_keep_other_tensors_are_refused(one, other):
 
 
 def test_a_large_tensor_kept_outside_the_parameters_is_named_by_dtype_and_shape():
-    states = []
-    for value in (0.0, 1.0):
-        torch.manual_seed(0)
-        scale = torch.full((3, 3), value, dtype=torch.float64)
-        states.append(fl.TrainState.create(_Scaled(scale), tx=optim.sgd(0.1), device="cpu"))
+    scales = [torch.full((3, 3), value, dtype=torch.float64) for value in (0.0, 1.0)]
+    states = _seeded_states(_Scaled, scales)
     with pytest.raises(
         ValueError, match=r"a float64 tensor of shape \(3, 3\) in one and a float64 tensor of"
     ):
@@ -508,10 +508,7 @@ def test_a_large_tensor_kept_outside_the_parameters_is_named_by_dtype_and_shape(
 def test_modules_that_keep_equal_tensors_stack_and_run_as_alone(scale):
     """Equal tensors (other objects, NaN equal to NaN) stack, and each model runs as it
     does alone."""
-    states = []
-    for _ in "ab":
-        torch.manual_seed(0)
-        states.append(fl.TrainState.create(_Scaled(scale.clone()), tx=optim.sgd(0.1), device="cpu"))
+    states = _seeded_states(_Scaled, (scale.clone(), scale.clone()))
     x = -torch.ones(4, 2)
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b)[:, 0].sum()})
     many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(states), x)["out"]
@@ -546,18 +543,11 @@ def test_modules_that_keep_other_activation_classes_are_refused():
     evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
     x = -torch.ones(4, 2)
 
-    def states(*classes):
-        out = []
-        for cls in classes:
-            torch.manual_seed(0)
-            out.append(fl.TrainState.create(_MakesAct(cls), tx=optim.sgd(0.1), device="cpu"))
-        return out
-
-    relu, tanh = states(nn.ReLU, nn.Tanh)
+    relu, tanh = _seeded_states(_MakesAct, (nn.ReLU, nn.Tanh))
     assert float(evaluate(relu, x)["out"]) != float(evaluate(tanh, x)["out"])
     with pytest.raises(ValueError, match=r"module\.cls is <class '.*ReLU'> in one and <class"):
         fl.stack_states([relu, tanh])
-    alike = states(nn.Tanh, nn.Tanh)
+    alike = _seeded_states(_MakesAct, (nn.Tanh, nn.Tanh))
     many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(alike), x)["out"]
     torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in alike]))
 
