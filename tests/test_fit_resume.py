@@ -115,6 +115,34 @@ def test_a_sampler_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, e
     assert_same(run(tmp_path / "cut", **kw), ref)
 
 
+def valid_subset_loaders():
+    """The seeded train loader, and a validation loader that draws another random subset
+    of its set each epoch with a generator of its own (a large set validated in part)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    valid_set = TensorDataset(x, (x[:, 0] > 0).long())
+    sampler = torch.utils.data.RandomSampler(
+        valid_set, num_samples=10, generator=torch.Generator().manual_seed(5)
+    )
+    return {
+        "train": seeded_loader(),
+        "valid": DataLoader(valid_set, batch_size=5, sampler=sampler),
+    }
+
+
+@pytest.mark.parametrize(("epoch", "batch"), [(3, None), (3, 2)], ids=["epoch-start", "mid-epoch"])
+def test_a_validation_loader_with_its_own_generator_resumes_bit_exactly(tmp_path, epoch, batch):
+    """The validation loader's generator is checkpointed too (at an epoch's end, and as
+    it was at the epoch's start for a mid-epoch checkpoint): the re-run validates each
+    epoch on the subset the uninterrupted run drew, not on epoch 1's again."""
+    kw = {"loader": valid_subset_loaders, "checkpoint_every_n_steps": 2}
+    ref = run(tmp_path / "ref", **kw)
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], **kw)
+    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
+    assert_same(run(tmp_path / "cut", **kw), ref)
+
+
 def test_a_resume_with_other_loader_generators_is_warned_about(tmp_path):
     """The checkpoint holds one loader generator's state; resumed with a loader that has
     none of its own, the run says that the shuffle order will not repeat."""
