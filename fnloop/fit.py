@@ -1517,6 +1517,11 @@ class _Run:
             self.stop_reason = "; ".join(reasons)
             self.logger.info(f"Early stopping: {self.stop_reason}")
         self.means = None
+        # The epoch's row goes out before its checkpoint: a run killed after the checkpoint
+        # resumes past the epoch and would never log a row still held back.
+        for callback in self.callbacks.callbacks:
+            if isinstance(callback, EpochLogger):
+                callback._flush()
         self.save(state, position=None)
         self.epoch_finished(epoch)
         return state

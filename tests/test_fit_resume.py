@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 
 import pytest
 import torch
@@ -515,6 +516,38 @@ def test_an_interrupted_run_loses_no_row_of_the_metrics_files(tmp_path, crash):
     assert_same(state, ref)
     assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
     csv = [(tmp_path / run_dir / "metrics.csv").read_text() for run_dir in ("cut", "ref")]
+    assert csv[0] == csv[1]
+
+
+class KilledAt(fl.callbacks.Callback):
+    """What a kill -9 at an event leaves: a copy of the run folder as it is on disk then
+    (nothing after it is written; no teardown runs)."""
+
+    def __init__(self, event, epoch, out_dir, copy_to):
+        self.epoch, self.out_dir, self.copy_to = epoch, out_dir, copy_to
+        setattr(self, event, self._kill)
+
+    def _kill(self, state, *args):
+        if state.epoch == self.epoch and not self.copy_to.exists():
+            shutil.copytree(self.out_dir, self.copy_to)
+
+
+@pytest.mark.parametrize(
+    ("event", "epoch"),
+    [("on_fit_end", 3), ("on_train_epoch_start", 2)],
+    ids=["in-on_fit_end", "at-the-next-epoch-start"],
+)
+def test_a_killed_run_loses_no_row_of_the_metrics_files(tmp_path, event, epoch):
+    """Without validation the loggers hold an epoch's row back (for what callbacks add to
+    it), and wrote it only at the next epoch's start or at on_fit_end, after the epoch's
+    checkpoint: a run killed in between (in a user's on_fit_end upload, say) resumed past
+    the epoch and never logged it. fit now has the row written before the checkpoint."""
+    ref = run(tmp_path / "ref")
+    killed = KilledAt(event, epoch, tmp_path / "run", tmp_path / "killed")
+    run(tmp_path / "run", callbacks=[killed])  # (runs on: only its copy counts)
+    state = run(tmp_path / "killed")
+    assert_same(state, ref)
+    csv = [(tmp_path / run_dir / "metrics.csv").read_text() for run_dir in ("killed", "ref")]
     assert csv[0] == csv[1]
 
 

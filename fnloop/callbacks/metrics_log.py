@@ -88,7 +88,8 @@ class EpochLogger(Callback):
     The metrics of ``on_train_epoch_end`` and ``on_validation_epoch_end`` are collected
     into one row, written at ``on_validation_epoch_end`` (the last event of an epoch);
     a row still pending (an epoch without validation) is written at the next
-    ``on_train_epoch_start`` or at ``on_fit_end``. A row is
+    ``on_train_epoch_start`` or at ``on_fit_end`` (``fit`` has it written before the
+    epoch's checkpoint, so that a run killed after the checkpoint has it). A row is
     ``{"epoch": state.epoch, "step": state.step, "train/loss": ..., "valid/loss": ...}``
     with the counters of the last event that contributed to it; metrics that callbacks
     before this one appended to ``state.history`` in the epoch join the row. When the
