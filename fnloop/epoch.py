@@ -71,10 +71,13 @@ def _callback_list(callbacks: Any) -> CallbackList:
 class MetricMeans:
     """Batch-size-weighted running means of step metrics, summed on the device.
 
-    ``add`` only records the step's tensors; they are folded into device-side sums when
-    ``means`` is called (once per epoch, or when a progress bar redraws), which is the
-    only place a value is read back to the host, and every ``FOLD_EVERY`` steps (on the
-    device, without reading it), so memory does not grow with the epoch's length.
+    ``add`` only records the step's tensors; ``means`` adds them up with the device-side
+    sums for its answer (once per epoch, or when a progress bar redraws), which is the
+    only place a value is read back to the host. They are folded into the sums every
+    ``FOLD_EVERY`` steps (on the device, without reading it), so memory does not grow
+    with the epoch's length, and at a mid-epoch checkpoint, never at a read: the order of
+    the additions, and so a float64 mean's last bit, does not depend on when a bar
+    redraws (a resumed run's means are the uninterrupted run's).
     Entries with one element are metrics; a key that has more elements in any batch
     (predictions) is an output, never averaged, also in a batch where it has one (the
     last batch of one example). A batch of no examples weighs nothing (its NaN means
@@ -144,13 +147,24 @@ class MetricMeans:
         if len(self._pending) >= self.FOLD_EVERY:
             self._fold()
 
-    def _metric_keys(self) -> list[str]:
+    def _metric_keys(self, sums: Mapping[str, torch.Tensor]) -> list[str]:
         """The names summed so far that are metrics (not outputs)."""
-        return [k for k in self._sums if k not in self._outputs]
+        return [k for k in sums if k not in self._outputs]
 
     def _fold(self) -> None:
-        if not self._pending:
-            return
+        """Adds the pending steps into the sums (at fixed points: every ``FOLD_EVERY``
+        steps and at a checkpoint, never at a read, so that the order of the additions,
+        and so a float64 mean's last bit, does not depend on when a bar redraws)."""
+        if self._pending:
+            self._sums, self._counts, self._dropped = self._folded()
+            self._pending.clear()
+
+    def _folded(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]:
+        """The sums, counts and left-out counts with the pending steps added, as new
+        dicts: this accumulator is unchanged."""
+        sums, counts, dropped_all = dict(self._sums), dict(self._counts), dict(self._dropped)
         keys: dict[str, None] = {}
         for metrics, _ in self._pending:
             keys.update(dict.fromkeys(k for k in metrics if k not in self._outputs))
@@ -174,15 +188,15 @@ class MetricMeans:
                 finite = torch.isfinite(stacked)
                 weighted = torch.where(finite, weighted, 0)
                 dropped = (weights * ~finite).sum(0)
-                if key in self._dropped:  # restored ones too are on the CPU
-                    dropped = self._dropped[key].to(dropped.device, dropped.dtype) + dropped
-                self._dropped[key] = dropped
+                if key in dropped_all:  # restored ones too are on the CPU
+                    dropped = dropped_all[key].to(dropped.device, dropped.dtype) + dropped
+                dropped_all[key] = dropped
             total = weighted.sum(0)
-            if key in self._sums:  # restored sums are on the CPU: add on the step's device
-                total = self._sums[key].to(total.device, total.dtype) + total
-            self._sums[key] = total
-            self._counts[key] = self._counts.get(key, 0) + sum(n for _, n in values)
-        self._pending.clear()
+            if key in sums:  # restored sums are on the CPU: add on the step's device
+                total = sums[key].to(total.device, total.dtype) + total
+            sums[key] = total
+            counts[key] = counts.get(key, 0) + sum(n for _, n in values)
+        return sums, counts, dropped_all
 
     def means(self, *, all_processes: bool = False) -> EpochMeans:
         """The weighted mean of every metric so far (reads the device once): a float per
@@ -192,55 +206,68 @@ class MetricMeans:
         processes, the means are over every process's examples: a collective call, which
         every process must make with the same metric names.
         """
-        self._fold()
+        folded = self._folded()
         if all_processes and world_size() > 1:
-            return self._means_over_processes()
-        keys = self._metric_keys()
+            return self._means_over_processes(*folded)
+        sum_of, count_of, dropped = folded
+        keys = self._metric_keys(sum_of)
         if not keys:
             return {}
         # A restored sum no batch added to is on the CPU, in the CPU's dtype.
-        device = self._sums[keys[0]].device
+        device = sum_of[keys[0]].device
         dtype = scalar_dtype(device)
-        sums = torch.stack([self._sums[k].to(device, dtype) for k in keys])
-        counts = self._count_tensor(keys, device, dtype)
+        sums = torch.stack([sum_of[k].to(device, dtype) for k in keys])
+        counts = self._count_tensor(keys, device, dtype, count_of, dropped)
         values, counts_read = torch.stack([sums, counts]).tolist()
         return {k: _divide(v, n) for k, v, n in zip(keys, values, counts_read)}
 
-    def _count_tensor(self, keys: list[str], device: torch.device, dtype: torch.dtype) -> Any:
+    def _count_tensor(
+        self,
+        keys: list[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        count_of: Mapping[str, int],
+        dropped: Mapping[str, torch.Tensor],
+    ) -> Any:
         """The examples each of ``keys``'s mean is over, shaped as the sums (one row per
         key): the batch sizes added, less those of the values ``finite_only`` left out."""
         counts = (
-            torch.tensor([float(self._counts.get(k, 0)) for k in keys], dtype=dtype, device=device)
+            torch.tensor([float(count_of.get(k, 0)) for k in keys], dtype=dtype, device=device)
             .reshape(-1, *[1] * len(self._shape))
             .expand(len(keys), *self._shape)
         )
-        if self._dropped:
+        if dropped:
             zero = torch.zeros(self._shape, dtype=dtype, device=device)
-            dropped = [self._dropped.get(k, zero).to(device, dtype) for k in keys]
-            counts = counts - torch.stack(dropped)
+            left_out = [dropped.get(k, zero).to(device, dtype) for k in keys]
+            counts = counts - torch.stack(left_out)
         return counts
 
-    def _means_over_processes(self) -> EpochMeans:
+    def _means_over_processes(
+        self,
+        sum_of: Mapping[str, torch.Tensor],
+        count_of: Mapping[str, int],
+        dropped: Mapping[str, torch.Tensor],
+    ) -> EpochMeans:
         """Means over every process's examples, matched by name (a metric some processes
         did not report counts as zero examples there; an output in any process is a
         metric in none)."""
         # The same order everywhere: rank 0's names first, as its steps returned them.
-        ours = self._metric_keys()
+        ours = self._metric_keys(sum_of)
         everyone = gather((ours, sorted(self._outputs)))
         outputs = {k for _, keys in everyone for k in keys}
         names = list(dict.fromkeys(k for keys, _ in everyone for k in keys if k not in outputs))
         if not names:
             return {}
-        like = next(iter(self._sums.values()), torch.zeros((), dtype=torch.float64))
+        like = next(iter(sum_of.values()), torch.zeros((), dtype=torch.float64))
         dtype = scalar_dtype(like.device)
         zero = torch.zeros(self._shape, dtype=dtype, device=like.device)
-        sums = torch.stack([self._sums.get(k, zero).to(like.device, dtype) for k in names])
+        sums = torch.stack([sum_of.get(k, zero).to(like.device, dtype) for k in names])
         # The examples added (a metric no process has examples of has no mean), and
         # those the means are over (less the values finite_only left out).
         added = torch.tensor(
-            [float(self._counts.get(k, 0)) for k in names], dtype=dtype, device=like.device
+            [float(count_of.get(k, 0)) for k in names], dtype=dtype, device=like.device
         )
-        counts = self._count_tensor(names, like.device, dtype)
+        counts = self._count_tensor(names, like.device, dtype, count_of, dropped)
         both = mean_over_processes({"both": torch.cat([sums.flatten(), counts.flatten(), added])})[
             "both"
         ]
@@ -255,7 +282,7 @@ class MetricMeans:
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, for a mid-epoch checkpoint."""
         self._fold()
-        keys = self._metric_keys()
+        keys = self._metric_keys(self._sums)
         return {
             "sums": {k: self._sums[k] for k in keys},
             "counts": {k: self._counts[k] for k in keys},
