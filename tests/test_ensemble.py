@@ -1058,3 +1058,30 @@ def test_vmapped_mixed_precision_through_normalization_runs_or_says_what_to_do(
         alone = step(state, batch)
         alone = alone[1] if isinstance(alone, tuple) else alone
         torch.testing.assert_close(metrics["loss"][i], alone["loss"], rtol=2e-2, atol=2e-2)
+
+
+class _Float64Norm(nn.Module):
+    """Normalizes in float64 of its own with float32 statistics: a dtype error of the
+    user's, with or without precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x).double()
+        return nn.functional.batch_norm(h, self.mean, self.var, training=False).float()
+
+
+def test_a_vmapped_dtype_error_without_precision_is_torchs_own():
+    """The autocast explanation is for steps with precision: without it, torch's "expected
+    scalar type" error is the user's own and passes through as it is."""
+    states = [fl.TrainState.create(_Float64Norm(), tx=optim.sgd(0.1), device="cpu")] * 2
+    fn = lambda model, x: {"loss": model(x).sum()}  # noqa: E731
+    for make_step in (fl.make_train_step, fl.make_eval_step):
+        many = torch.func.vmap(make_step(fn), in_dims=(0, None), randomness="different")
+        with pytest.raises(RuntimeError) as info:
+            many(fl.stack_states(states), torch.randn(2, 3))
+        assert "autocast" not in str(info.value) and "vmap" not in str(info.value)
