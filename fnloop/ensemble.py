@@ -387,6 +387,8 @@ def _check_tensors(i: int, paths: list[str], leaves: list[Any]) -> None:
 # Classes too: a module may keep the class of the activation it makes in forward.
 _PLAIN = (bool, int, float, str, type(None), enum.Enum, torch.dtype, torch.device, type)
 _IGNORED = {"training", "inplace"}  # the mode fit sets; a memory choice, not the math
+# The module's weights and submodules: compared as the state's tensors and module by module.
+_OWN = {"_parameters", "_buffers", "_modules"}
 _HOOKS = {
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -416,11 +418,33 @@ class _TensorSetting:
             return True
         try:
             with torch.no_grad():
+                if a.layout != torch.strided:  # sparse: by the values they stand for
+                    a, b = a.to_dense(), b.to_dense()
                 return bool(((a == b) | (a.isnan() & b.isnan())).all())
         except (RuntimeError, NotImplementedError):  # a layout without these ops
             return a is b
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _data(value: Any, depth: int = 0) -> Any:
+    """Plain values and tensors, alone or in tuples, lists and dicts of them (a few
+    levels deep), in a comparable form (tensors by their values); ``None`` for anything
+    else."""
+    if isinstance(value, _PLAIN):
+        return ("value", value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _TensorSetting(value))
+    if depth >= 8 or not isinstance(value, tuple | list | dict):
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    data = []
+    for key, item in items:
+        form = _data(item, depth + 1) if isinstance(key, _PLAIN) else None
+        if form is None:
+            return None
+        data.append((key, form))
+    return ("data", type(value), tuple(data))
 
 
 def _class(module: torch.nn.Module) -> type:
@@ -431,17 +455,14 @@ def _class(module: torch.nn.Module) -> type:
 
 def _setting(value: Any, inner: frozenset[int] = frozenset()) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
-    values (classes included) and tuples or lists of them as they are, functions by their
-    code, callable objects by their class and settings (and a method by its code and its
-    object's), builtins by identity, tensors by their values; ``None`` for what is not
-    compared (other containers). ``inner``: the ids of the models' own modules, whose
-    mode the steps set."""
-    if isinstance(value, _PLAIN):
-        return ("value", value)
-    if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
-        return ("value", tuple(value))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", _TensorSetting(value))
+    values (classes included) and tensors, alone or in tuples, lists and dicts of them,
+    by their values, functions by their code, callable objects by their class and
+    settings (and a method by its code and its object's), builtins by identity; ``None``
+    for what is not compared (containers of anything else). ``inner``: the ids of the
+    models' own modules, whose mode the steps set."""
+    data = _data(value)
+    if data is not None:
+        return data
     if isinstance(value, types.FunctionType):
         # By its code (a lambda made per instance too) and the plain values it captures
         # or defaults to: a lambda closing over a slope is another activation per slope.
@@ -487,15 +508,12 @@ def _object_setting(value: Any, inner: frozenset[int]) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """A plain value (or a tuple or list of them) as it is, a tensor by its values, a
-    function by its code (not what it captures: no recursion), ``None`` for anything
-    else."""
-    if isinstance(value, _PLAIN):
-        return ("value", value)
-    if isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
-        return ("value", tuple(value))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", _TensorSetting(value))
+    """Plain values and tensors (alone or in tuples, lists and dicts of them) by their
+    values, a function by its code (not what it captures: no recursion), ``None`` for
+    anything else."""
+    data = _data(value)
+    if data is not None:
+        return data
     if isinstance(value, types.FunctionType):
         return ("function", value.__code__)
     if isinstance(value, types.BuiltinFunctionType):
@@ -531,7 +549,7 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
             return f"{where} is a {kind_a} in one and a {kind_b} in the other"
         va_all, vb_all = vars(ma), vars(mb)
         recomputed = _recomputed(ma) | _recomputed(mb)
-        for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED):
+        for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED - _OWN):
             if key in _HOOKS:  # what forward runs around the module (nn.Module.__init__ sets them)
                 ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
                 if [_setting(h, inner) for h in ha] != [_setting(h, inner) for h in hb]:
@@ -542,11 +560,13 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                 continue
             if _setting(va, inner) != _setting(vb, inner):
                 if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
+                    values = "" if _describe(va) != _describe(vb) else " with other values"
                     return (
                         f"{where}.{key} is a tensor kept outside the parameters and buffers, "
-                        f"{_describe(va)} in one and {_describe(vb)} in the other; to give "
-                        f"each model its own, register it as a buffer "
-                        f"(module.register_buffer({key!r}, tensor))"
+                        f"{_describe(va)} in one and {_describe(vb)} in the other{values}; "
+                        f"to give each model its own, register it as a buffer (in __init__, "
+                        f"self.register_buffer({key!r}, tensor) in place of self.{key} = "
+                        f"tensor)"
                     )
                 if (
                     isinstance(va, types.FunctionType)
@@ -573,7 +593,8 @@ def _describe(t: torch.Tensor) -> str:
     """A tensor for a message: its values when few, else its dtype and shape."""
     if t.numel() <= 8 and not t.is_meta:
         return repr(t)
-    return f"a {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}"
+    where = "" if t.device.type == "cpu" else f" on {t.device}"
+    return f"a {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}{where}"
 
 
 def _owner_difference(a: Any, b: Any) -> str:

@@ -125,7 +125,8 @@ EVAL_STACKED_FIX = (
 
 VMAP_OP_MSG = "{name} failed under torch.func.vmap: {error}\n{why}"
 VMAP_MODEL_MSG = (
-    "torch.func.vmap cannot run this model's forward pass on stacked states: {why} "
+    "torch.func.vmap cannot run this model's forward or backward pass on stacked states: "
+    "{why} "
     "Known cases: spectral_norm (its power iteration writes with out=), packed "
     "sequences through an RNN (pack_padded_sequence) and BatchNorm with momentum=None "
     "in training (its cumulative average reads the batch count on the host; a number "
@@ -309,7 +310,9 @@ def _clear_vmap_errors(name: str, module: nn.Module, precision: Precision) -> It
         text = str(e)
         if "Batching rule not implemented" in text:
             why = VMAP_MODEL_MSG.format(why=VMAP_NO_RULE)
-        elif precision is not None and text.startswith("expected scalar type"):
+        elif precision is not None and text.startswith(
+            f"expected scalar type {'BFloat16' if precision == 'bf16' else 'Half'}"
+        ):
             kind = "bfloat16" if precision == "bf16" else "float16"
             why = VMAP_AUTOCAST_MSG.format(precision=precision, kind=kind)
         elif text.startswith("vmap: It looks like you're either (1) calling .item()"):

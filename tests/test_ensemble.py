@@ -296,6 +296,11 @@ def _times(t: torch.Tensor):
     return lambda x: x * t
 
 
+def _times_first(ts: tuple[torch.Tensor, ...]):
+    """One code for every tuple of tensors captured: only the tensors tell them apart."""
+    return lambda x: x * ts[0]
+
+
 def _leaky_default(slope: float):
     def act(x, s=slope):
         return nn.functional.leaky_relu(x, s)
@@ -359,6 +364,10 @@ OTHER_ACTIVATIONS = {
     "captured function": (lambda: _twice(_tanh_of), lambda: _twice(_sigmoid_of)),
     "captured builtin": (lambda: _twice(torch.tanh), lambda: _twice(torch.sigmoid)),
     "captured tensor": (lambda: _times(torch.tensor(0.5)), lambda: _times(torch.tensor(2.0))),
+    "captured tensors in a tuple": (
+        lambda: _times_first((torch.tensor(0.5),)),
+        lambda: _times_first((torch.tensor(2.0),)),
+    ),
     "default": (lambda: _leaky_default(0.01), lambda: _leaky_default(0.5)),
     "keyword default": (lambda: _leaky_keyword_default(0.01), lambda: _leaky_keyword_default(0.5)),
     "partial argument": (
@@ -488,16 +497,61 @@ def test_modules_that_keep_other_tensors_are_refused(one, other):
         ValueError,
         match=r"root module\.scale is a tensor kept outside the parameters and buffers, "
         r"tensor\(.* in one and tensor\(.* in the other; to give each model its own, "
-        r"register it as a buffer \(module\.register_buffer\('scale', tensor\)\)",
+        r"register it as a buffer \(in __init__, self\.register_buffer\('scale', tensor\) in "
+        r"place of self\.scale = tensor\)",
     ):
         fl.stack_states(states)
+
+
+class _ScaledIn(nn.Module):
+    """Keeps its scale, a tensor, in a container (not registered)."""
+
+    def __init__(self, scales) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.scales = scales
+
+    def forward(self, x):
+        scale = self.scales["a"] if isinstance(self.scales, dict) else self.scales[-1]
+        return self.fc(x) * scale
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda t: (t,), lambda t: [t], lambda t: {"a": t}, lambda t: (2, t)],
+    ids=["tuple", "list", "dict", "with a number"],
+)
+def test_modules_that_keep_other_tensors_in_containers_are_refused(wrap):
+    """Tensors in a tuple, list or dict were not compared (a container was compared only
+    when it held plain values alone): stacked, the model scaling by 3 ran with 1."""
+    states = _seeded_states(_ScaledIn, (wrap(torch.tensor(1.0)), wrap(torch.tensor(3.0))))
+    x = -torch.ones(4, 2)
+    evaluate = fl.make_eval_step(lambda m, b: {"out": m(b).sum()})
+    assert float(evaluate(states[0], x)["out"]) != float(evaluate(states[1], x)["out"])
+    with pytest.raises(ValueError, match=r"root module\.scales is .*tensor\(1\.\).* in one and"):
+        fl.stack_states(states)
+    alike = _seeded_states(_ScaledIn, (wrap(torch.tensor(3.0)), wrap(torch.tensor(3.0))))
+    many = torch.func.vmap(evaluate, in_dims=(0, None))(fl.stack_states(alike), x)["out"]
+    torch.testing.assert_close(many, torch.stack([evaluate(s, x)["out"] for s in alike]))
+
+
+def test_equal_sparse_tensors_kept_outside_the_parameters_stack():
+    """Compared by the values they stand for (== has no sparse kernel: they were refused)."""
+    eye = torch.eye(2).to_sparse()
+    states = _seeded_states(_Scaled, (eye, eye.clone()))
+    fl.stack_states(states)
+    other = _seeded_states(_Scaled, (eye, (2 * torch.eye(2)).to_sparse()))
+    with pytest.raises(ValueError, match=r"root module\.scale is a tensor kept outside"):
+        fl.stack_states(other)
 
 
 def test_a_large_tensor_kept_outside_the_parameters_is_named_by_dtype_and_shape():
     scales = [torch.full((3, 3), value, dtype=torch.float64) for value in (0.0, 1.0)]
     states = _seeded_states(_Scaled, scales)
     with pytest.raises(
-        ValueError, match=r"a float64 tensor of shape \(3, 3\) in one and a float64 tensor of"
+        ValueError,
+        match=r"a float64 tensor of shape \(3, 3\) in one and a float64 tensor of shape "
+        r"\(3, 3\) in the other with other values; to give",
     ):
         fl.stack_states(states)
 
@@ -1075,13 +1129,16 @@ class _Float64Norm(nn.Module):
         return nn.functional.batch_norm(h, self.mean, self.var, training=False).float()
 
 
-def test_a_vmapped_dtype_error_without_precision_is_torchs_own():
-    """The autocast explanation is for steps with precision: without it, torch's "expected
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_a_vmapped_dtype_error_of_the_users_is_torchs_own(precision):
+    """The autocast explanation is for steps with precision whose error names the low
+    precision: without it, or for another dtype (float64 of the user's), torch's "expected
     scalar type" error is the user's own and passes through as it is."""
     states = [fl.TrainState.create(_Float64Norm(), tx=optim.sgd(0.1), device="cpu")] * 2
     fn = lambda model, x: {"loss": model(x).sum()}  # noqa: E731
     for make_step in (fl.make_train_step, fl.make_eval_step):
-        many = torch.func.vmap(make_step(fn), in_dims=(0, None), randomness="different")
+        step = make_step(fn, precision=precision)
+        many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
         with pytest.raises(RuntimeError) as info:
             many(fl.stack_states(states), torch.randn(2, 3))
         assert "autocast" not in str(info.value) and "vmap" not in str(info.value)
