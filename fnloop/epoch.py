@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,9 @@ def _callback_list(callbacks: Any) -> CallbackList:
     if callbacks is None:
         return CallbackList([])
     return CallbackList(list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks])
+
+
+_Totals: TypeAlias = tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]
 
 
 class MetricMeans:
@@ -130,6 +133,8 @@ class MetricMeans:
         # finite_only: the examples whose non-finite values were left out, on the device.
         self._dropped: dict[str, torch.Tensor] = {}
         self._outputs: set[str] = set()
+        # A progress bar's running view: the first j pending steps added to the sums.
+        self._view: tuple[int, _Totals] | None = None
 
     def _is_metric(self, value: torch.Tensor) -> bool:
         if self.models is None:
@@ -156,22 +161,24 @@ class MetricMeans:
         steps and at a checkpoint, never at a read, so that the order of the additions,
         and so a float64 mean's last bit, does not depend on when a bar redraws)."""
         if self._pending:
-            self._sums, self._counts, self._dropped = self._folded()
+            self._sums, self._counts, self._dropped = self._folded(self._pending, self._totals())
             self._pending.clear()
+        self._view = None
 
-    def _folded(
-        self,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]:
-        """The sums, counts and left-out counts with the pending steps added, as new
-        dicts: this accumulator is unchanged."""
-        sums, counts, dropped_all = dict(self._sums), dict(self._counts), dict(self._dropped)
+    def _totals(self) -> _Totals:
+        return self._sums, self._counts, self._dropped
+
+    def _folded(self, pending: list[tuple[Metrics, int]], base: _Totals) -> _Totals:
+        """``base`` (sums, counts and left-out counts) with the ``pending`` steps added,
+        as new dicts: this accumulator is unchanged."""
+        sums, counts, dropped_all = dict(base[0]), dict(base[1]), dict(base[2])
         keys: dict[str, None] = {}
-        for metrics, _ in self._pending:
+        for metrics, _ in pending:
             keys.update(dict.fromkeys(k for k in metrics if k not in self._outputs))
         for key in keys:
             # A batch of no examples weighs nothing: its mean (0/0, NaN) is left out, as
             # NaN * 0 would make the sum NaN.
-            values = [(m[key], n) for m, n in self._pending if key in m and n != 0]
+            values = [(m[key], n) for m, n in pending if key in m and n != 0]
             if not values:
                 continue
             stacked = torch.stack([v.reshape(self._shape) for v, _ in values])
@@ -206,10 +213,26 @@ class MetricMeans:
         processes, the means are over every process's examples: a collective call, which
         every process must make with the same metric names.
         """
-        folded = self._folded()
+        folded = self._folded(self._pending, self._totals())
         if all_processes and world_size() > 1:
             return self._means_over_processes(*folded)
-        sum_of, count_of, dropped = folded
+        return self._means_of(*folded)
+
+    def _running_means(self) -> EpochMeans:
+        """:meth:`means` for a progress bar, which reads them often: only the steps since
+        its last read are added, to a copy of the sums kept for it (the sums themselves,
+        and so the epoch's means, are not changed by when it reads)."""
+        start, base = self._view if self._view is not None else (0, self._totals())
+        view = self._folded(self._pending[start:], base)
+        self._view = (len(self._pending), view)
+        return self._means_of(*view)
+
+    def _means_of(
+        self,
+        sum_of: Mapping[str, torch.Tensor],
+        count_of: Mapping[str, int],
+        dropped: Mapping[str, torch.Tensor],
+    ) -> EpochMeans:
         keys = self._metric_keys(sum_of)
         if not keys:
             return {}
@@ -302,6 +325,7 @@ class MetricMeans:
                     f"load them into a MetricMeans made with as many models as they hold."
                 )
         self._pending.clear()
+        self._view = None
         self._sums = dict(state["sums"])
         self._counts = {k: int(v) for k, v in state["counts"].items()}
         self._dropped = dict(state.get("dropped", {}))
@@ -375,7 +399,7 @@ class _Bar:
             return
         now = time.monotonic()
         if now - self.last >= 0.5:
-            self.bar.set_postfix_str(_format(means.means()), refresh=False)
+            self.bar.set_postfix_str(_format(means._running_means()), refresh=False)
             self.last = now
         self.bar.update(1)
 
