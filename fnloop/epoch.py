@@ -215,8 +215,8 @@ class MetricMeans:
         """
         folded = self._folded(self._pending, self._totals())
         if all_processes and world_size() > 1:
-            return self._means_over_processes(*folded)
-        return self._means_of(*folded)
+            return self._means_over_processes(folded)
+        return self._means_of(folded)
 
     def _running_means(self) -> EpochMeans:
         """:meth:`means` for a progress bar, which reads them often: only the steps since
@@ -225,14 +225,10 @@ class MetricMeans:
         start, base = self._view if self._view is not None else (0, self._totals())
         view = self._folded(self._pending[start:], base)
         self._view = (len(self._pending), view)
-        return self._means_of(*view)
+        return self._means_of(view)
 
-    def _means_of(
-        self,
-        sum_of: Mapping[str, torch.Tensor],
-        count_of: Mapping[str, int],
-        dropped: Mapping[str, torch.Tensor],
-    ) -> EpochMeans:
+    def _means_of(self, totals: _Totals) -> EpochMeans:
+        sum_of, count_of, dropped = totals
         keys = self._metric_keys(sum_of)
         if not keys:
             return {}
@@ -265,15 +261,11 @@ class MetricMeans:
             counts = counts - torch.stack(left_out)
         return counts
 
-    def _means_over_processes(
-        self,
-        sum_of: Mapping[str, torch.Tensor],
-        count_of: Mapping[str, int],
-        dropped: Mapping[str, torch.Tensor],
-    ) -> EpochMeans:
+    def _means_over_processes(self, totals: _Totals) -> EpochMeans:
         """Means over every process's examples, matched by name (a metric some processes
         did not report counts as zero examples there; an output in any process is a
         metric in none)."""
+        sum_of, count_of, dropped = totals
         # The same order everywhere: rank 0's names first, as its steps returned them.
         ours = self._metric_keys(sum_of)
         everyone = gather((ours, sorted(self._outputs)))

@@ -70,6 +70,16 @@ def run(out_dir, max_epochs=3, callbacks=(), loader=seeded_loader, state=None, *
     )
 
 
+def assert_resumes_as_uninterrupted(tmp_path, epoch, batch, **kw):
+    """A run crashed at ``epoch`` (after ``batch``) and run again, in a process whose
+    global RNG states are others, ends as the uninterrupted run."""
+    ref = run(tmp_path / "ref", checkpoint_every_n_steps=2, **kw)
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], checkpoint_every_n_steps=2, **kw)
+    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
+    assert_same(run(tmp_path / "cut", checkpoint_every_n_steps=2, **kw), ref)
+
+
 def assert_same(a, b):
     assert (a.step, a.epoch) == (b.step, b.epoch)
     for name, p in a.params.items():
@@ -85,11 +95,7 @@ def assert_same(a, b):
 def test_a_loader_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, epoch, batch):
     """The loader's generator (its shuffle order) is checkpointed with the global ones:
     the re-run's new loader, seeded like the first, continues the first run's order."""
-    ref = run(tmp_path / "ref", checkpoint_every_n_steps=2)
-    with pytest.raises(Crash):
-        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], checkpoint_every_n_steps=2)
-    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
-    assert_same(run(tmp_path / "cut", checkpoint_every_n_steps=2), ref)
+    assert_resumes_as_uninterrupted(tmp_path, epoch, batch)
 
 
 def sampler_seeded_loader():
@@ -108,12 +114,7 @@ def test_a_sampler_with_its_own_seeded_generator_resumes_bit_exactly(tmp_path, e
     seeded like the first, continues the first run's shuffle order, not epoch 1's."""
     loader = sampler_seeded_loader()
     assert loader.generator is None and loader.sampler.generator is not None
-    kw = {"loader": sampler_seeded_loader, "checkpoint_every_n_steps": 2}
-    ref = run(tmp_path / "ref", **kw)
-    with pytest.raises(Crash):
-        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], **kw)
-    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
-    assert_same(run(tmp_path / "cut", **kw), ref)
+    assert_resumes_as_uninterrupted(tmp_path, epoch, batch, loader=sampler_seeded_loader)
 
 
 def valid_subset_loaders():
@@ -136,12 +137,7 @@ def test_a_validation_loader_with_its_own_generator_resumes_bit_exactly(tmp_path
     """The validation loader's generator is checkpointed too (at an epoch's end, and as
     it was at the epoch's start for a mid-epoch checkpoint): the re-run validates each
     epoch on the subset the uninterrupted run drew, not on epoch 1's again."""
-    kw = {"loader": valid_subset_loaders, "checkpoint_every_n_steps": 2}
-    ref = run(tmp_path / "ref", **kw)
-    with pytest.raises(Crash):
-        run(tmp_path / "cut", callbacks=[CrashAt(epoch, batch)], **kw)
-    torch.manual_seed(123)  # the re-run's process starts with other global RNG states
-    assert_same(run(tmp_path / "cut", **kw), ref)
+    assert_resumes_as_uninterrupted(tmp_path, epoch, batch, loader=valid_subset_loaders)
 
 
 def test_a_resume_with_other_loader_generators_is_warned_about(tmp_path):
