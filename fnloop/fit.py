@@ -40,7 +40,13 @@ from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
 from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
 from fnloop.optim.transform import learning_rates
-from fnloop.state import TrainState, append_history, history_added, history_growth
+from fnloop.state import (
+    MAKE_STATE_HINT,
+    TrainState,
+    append_history,
+    history_added,
+    history_growth,
+)
 from fnloop.step import (
     EvalStep,
     EvalStepFn,
@@ -626,11 +632,7 @@ def fit(
     """
     # ------------------------------------------------------------ set-up checks (fail fast)
     if not isinstance(state, TrainState):
-        hint = (
-            " Make one from the module: fl.TrainState.create(module, tx=optim.adamw(1e-3))."
-            if isinstance(state, torch.nn.Module)
-            else ""
-        )
+        hint = f" {MAKE_STATE_HINT}" if isinstance(state, torch.nn.Module) else ""
         raise TypeError(f"fit needs a TrainState first; got {type(state).__name__}.{hint}")
     for arg, value in [
         ("max_epochs", max_epochs),

@@ -194,6 +194,7 @@ def in_mode(module: nn.Module, *, training: bool, refresh: bool = False) -> nn.M
 
 
 _DONATED = "_fnloop_donated"
+MAKE_STATE_HINT = "Make one from the module: fl.TrainState.create(module, tx=optim.adamw(1e-3))."
 DONATED_MSG = (
     "this TrainState was donated to an earlier call of a train step made with donate=True: "
     "its tensors now hold a later state, so {what} would use the wrong values. Pass the "

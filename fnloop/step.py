@@ -41,7 +41,14 @@ from fnloop.precision import (
     check_precision,
     warn_if_no_effect,
 )
-from fnloop.state import TrainState, check_ema, check_not_donated, in_mode, mark_donated
+from fnloop.state import (
+    MAKE_STATE_HINT,
+    TrainState,
+    check_ema,
+    check_not_donated,
+    in_mode,
+    mark_donated,
+)
 from fnloop.typing import Batch, Metrics, Params
 
 StepFn = Callable[["BoundModel", Batch], Mapping[str, Any]]
@@ -633,7 +640,7 @@ def _not_a_state(call: str, state: Any, batch: Any) -> TypeError:
     if isinstance(batch, TrainState):
         hint = " Did you swap the arguments?"
     elif isinstance(state, nn.Module):
-        hint = " Make one from the module: fl.TrainState.create(module, tx=optim.adamw(1e-3))."
+        hint = f" {MAKE_STATE_HINT}"
     else:
         hint = ""
     return TypeError(
