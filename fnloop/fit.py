@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +54,7 @@ from fnloop.step import (
     TrainStep,
     TrainStepFn,
     all_finite,
+    made_step,
     make_eval_step,
 )
 from fnloop.stopping import EarlyStopping, EarlyStoppingState
@@ -353,21 +354,12 @@ class _Best:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
-_Step = TypeVar("_Step", TrainStep, EvalStep)
-
-
-def _made_step(fn: Any, kind: type[_Step]) -> _Step | None:
-    """The ``kind`` that describes ``fn``, a made step (compiled or not), or None."""
-    inner = inspect.unwrap(fn)  # torch.compile's wrapper has __wrapped__ too
-    return inner if isinstance(inner, kind) else None
-
-
 def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainStep]:
     """The callable to run and the ``TrainStep`` that describes it: a donating copy of
     the ``TrainStep`` when ``fn`` is the user's function or a made step as made (``fit``
     owns the states it makes, so each step may reuse the previous one's memory)."""
-    made = _made_step(fn, TrainStep)
-    if made is None and _made_step(fn, EvalStep) is not None:
+    made = made_step(fn, TrainStep)
+    if made is None and made_step(fn, EvalStep) is not None:
         raise TypeError(
             "fit's training_step is an eval step (made by make_eval_step); pass your "
             "function training_step(model, batch), or a step made by make_train_step."
@@ -384,9 +376,9 @@ def _as_train_step(fn: StepFn | TrainStepFn) -> tuple[Callable[..., Any], TrainS
 def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Callable[..., Any]:
     if fn is None:
         return make_eval_step(train_step.training_step, precision=train_step.precision)
-    if _made_step(fn, EvalStep) is not None:
+    if made_step(fn, EvalStep) is not None:
         return fn
-    if _made_step(fn, TrainStep) is not None:
+    if made_step(fn, TrainStep) is not None:
         raise TypeError(
             "fit's validation_step is a train step (made by make_train_step); pass your "
             "function validation_step(model, batch), or a step made by make_eval_step."

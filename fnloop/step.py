@@ -622,11 +622,8 @@ def _check_user_function(fn: Any, arg: str) -> None:
     callable, and not a step made already (which takes ``(state, batch)``)."""
     if not callable(fn):
         raise TypeError(f"{arg} must be callable; got {type(fn).__name__}.")
-    try:
-        made = inspect.unwrap(fn)  # through torch.compile's wrapper too
-    except ValueError:  # a __wrapped__ chain without end (a mock)
-        return
-    if isinstance(made, TrainStep | EvalStep):
+    made = made_step(fn, TrainStep) or made_step(fn, EvalStep)
+    if made is not None:
         maker = "make_train_step" if isinstance(made, TrainStep) else "make_eval_step"
         raise TypeError(
             f"{arg} is a step made by {maker} already, a function of (state, batch); "
@@ -1322,6 +1319,18 @@ class EvalStep:
         if "loss" in metrics and metrics["loss"].numel() == 1:  # one element: reported 0-d
             metrics["loss"] = _metric_dtype(metrics["loss"].reshape(()))
         return metrics
+
+
+_Step = TypeVar("_Step", TrainStep, EvalStep)
+
+
+def made_step(fn: Any, kind: type[_Step]) -> _Step | None:
+    """The ``kind`` that describes ``fn``, a made step (compiled or not), or None."""
+    try:
+        inner = inspect.unwrap(fn)  # torch.compile's wrapper has __wrapped__ too
+    except ValueError:  # a __wrapped__ chain without end (a mock)
+        return None
+    return inner if isinstance(inner, kind) else None
 
 
 def make_eval_step(
