@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import numbers
+import os
 import re
 import shutil
 import sys
@@ -64,6 +65,7 @@ Loaders = Iterable[Any] | Mapping[str, Iterable[Any] | None]
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_MODEL = "best_model.pt"
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # the log file's lines
 
 MONITOR_WITHOUT_VALID_MSG = (
     "{what} monitors {monitor!r} but no validation loader was given. Pass "
@@ -217,6 +219,19 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _append_to_log(path: Path, message: str) -> None:
+    """Appends one ERROR line to the log file of rank 0, formatted as its own lines, from
+    another process: the file must be there already (no file on a node without the run
+    folder), and a write that fails is skipped (the error being logged is what counts)."""
+    record = logging.LogRecord("fnloop", logging.ERROR, "", 0, message, None, None)
+    line = logging.Formatter(LOG_FORMAT).format(record) + "\n"
+    try:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8") as f:
+            f.write(line)  # (os.open without O_CREAT: never makes the file)
+    except OSError:
+        pass
+
+
 def _drop_record(record: logging.LogRecord) -> bool:
     """A logging filter that lets no record through (the run's logger off rank 0)."""
     del record
@@ -247,9 +262,7 @@ def _open_logger(
             file_handler = logging.FileHandler(
                 out_dir / f"{run_name}_training.log", encoding="utf-8"
             )
-            file_handler.setFormatter(
-                logging.Formatter("%(asctime)s - %(levelname)s - %(message)s")
-            )
+            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
             added.append(file_handler)
         if not logger.handlers and not added:  # not Python's last-resort handler
             added.append(logging.NullHandler())
@@ -1393,7 +1406,14 @@ class _Run:
             keyed = isinstance(error, KeyError) and len(args) == 1 and isinstance(args[0], str)
             message = (args[0] if keyed else str(error)).rstrip(".")
             detail = f": {message}." if message else "."
-            self.logger.error(f"Stopped by {type(error).__name__}{where}{detail}{hint}")
+            line = f"Stopped by {type(error).__name__}{where}{detail}"
+            if self.main:
+                self.logger.error(f"{line}{hint}")
+            elif self.run_dir is not None:
+                # The cause of a failure in another process: rank 0 only sees a collective
+                # cut off ("Connection closed by peer"), so that process says why itself.
+                log_file = self.run_dir / f"{self.run_name}_training.log"
+                _append_to_log(log_file, f"Process {rank()} of {world_size()}: {line}")
 
     def one_epoch(
         self, state: TrainState, position: int | None, rng: dict[str, Any] | None

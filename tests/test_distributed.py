@@ -26,9 +26,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(
-    out: Path, *args: str, job: Path = Path(ddp_job.__file__), timeout: float = 600
+    out: Path,
+    *args: str,
+    job: Path = Path(ddp_job.__file__),
+    timeout: float = 600,
+    fails: bool = False,
 ) -> None:
-    """Runs ``job`` (the DDP job by default) in 2 processes, writing into ``out``."""
+    """Runs ``job`` (the DDP job by default) in 2 processes, writing into ``out``; it must
+    succeed, or with ``fails``, fail."""
     done = subprocess.run(
         [
             sys.executable,
@@ -44,7 +49,7 @@ def torchrun(
         text=True,
         timeout=timeout,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -495,6 +500,20 @@ def test_a_train_loader_without_a_distributed_sampler_is_warned_about(tmp_path) 
         "sampler": [],
         "subset": [],
     }
+
+
+@pytest.mark.slow
+def test_a_failure_in_another_process_says_why_in_rank_0s_log(tmp_path) -> None:
+    """Rank 0 only sees its all-reduce cut off ("Connection closed by peer"); the process
+    that failed writes its own error into the log file, before rank 0's line."""
+    torchrun(tmp_path, "fails_in_rank_1", job=BAD_INPUT_JOB, timeout=240, fails=True)
+    log = (tmp_path / "run" / "run_training.log").read_text(encoding="utf-8")
+    errors = [
+        line.partition(" - ERROR - ")[2] for line in log.splitlines() if " - ERROR - " in line
+    ]
+    assert len(errors) == 2, log
+    assert errors[0] == "Process 1 of 2: Stopped by ValueError in epoch 1: a bug in rank 1 alone."
+    assert errors[1].startswith("Stopped by "), log  # rank 0's own (torch's words)
 
 
 @pytest.mark.slow

@@ -163,6 +163,25 @@ def best_model_after_fit(rank: int, out: Path) -> dict[str, Any]:
     return {"best_model": (run / "best_model.pt").exists(), "plot": (run / "history.png").exists()}
 
 
+def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
+    """A training step that raises in rank 1 alone, at its third batch: fit raises in
+    both processes (rank 0's all-reduce is cut off), so this case returns nothing."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data))
+    calls = []
+
+    def step(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+        calls.append(None)
+        if rank == 1 and len(calls) == 3:
+            raise ValueError("a bug in rank 1 alone")
+        return classify(model, batch)
+
+    state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+    fl.fit(state, step, loader, max_epochs=1, out_dir=out / "run", log_to_console=False)
+    raise AssertionError("fit went on after a process failed")
+
+
 class Records(logging.Handler):
     """Keeps the messages logged to it."""
 
