@@ -1,0 +1,235 @@
+"""File-system failures while fit writes its run folder, and damaged files it reads back."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fnloop as fl
+import fnloop._io
+from fnloop import optim
+from fnloop.checkpoint import load_checkpoint, save_checkpoint, save_model
+
+
+def make_state():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
+    return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="cpu")
+
+
+def classify(model, batch):
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+def loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    return DataLoader(
+        TensorDataset(x, y), batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+
+
+class OwnPlot(fl.callbacks.Callback):
+    """Stands for a callback that writes history.png itself, so fit adds no PlotHistory
+    (drawing takes a second); the plot's own failures are tested elsewhere."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "history.png"
+
+
+def run(folder: Path, max_epochs: int = 3) -> fl.TrainState:
+    return fl.fit(
+        make_state(),
+        classify,
+        loader(),
+        max_epochs=max_epochs,
+        out_dir=folder,
+        callbacks=[OwnPlot(folder)],
+        log_to_console=False,
+    )
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".log")
+    }
+
+
+def assert_same(a: fl.TrainState, b: fl.TrainState) -> None:
+    assert (a.step, a.epoch) == (b.step, b.epoch)
+    for name, p in a.params.items():
+        assert torch.equal(p, b.params[name]), name
+    leaves_a = torch.utils._pytree.tree_leaves(a.opt_state)
+    leaves_b = torch.utils._pytree.tree_leaves(b.opt_state)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert a.history == b.history
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    return run(folder), files(folder)
+
+
+def _full(path: object) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("point", ["open", "fsync", "replace"])
+def test_a_full_disk_at_an_epochs_checkpoint_loses_nothing_and_a_rerun_ends_as_uninterrupted(
+    tmp_path, monkeypatch, reference, point
+):
+    """ENOSPC while the checkpoint of epoch 2 is written (creating its temporary file,
+    fsyncing it, renaming it): fit raises that OSError, every file written before is
+    bit-identical, no temporary file is left, and the same fit run again ends as the
+    uninterrupted run, its metrics.csv included."""
+    target = "ckpt-0000000008-e.pt"  # 4 batches per epoch: epoch 2 ends at step 8
+    seen: dict[str, bytes] = {}
+    armed = [False]  # set while the target's atomic write runs
+    real_write, real_fsync, real_replace = fl.checkpoint.atomic_write_file, os.fsync, os.replace
+
+    def fail_here(at: str, path: object) -> None:
+        if armed[0] and point == at:
+            armed[0] = False
+            seen.update(files(tmp_path))
+            raise _full(path)
+
+    def atomic_write_file(path, write):
+        armed[0] = Path(path).name == target
+        try:
+            return real_write(path, write)
+        finally:
+            armed[0] = False
+
+    def open_(file, mode="r", *args, **kwargs):
+        fail_here("open", file)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    def fsync(fd):
+        fail_here("fsync", fd)
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        fail_here("replace", dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(fl.checkpoint, "atomic_write_file", atomic_write_file)
+    monkeypatch.setattr(fnloop._io, "open", open_, raising=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError) as raised:
+        run(tmp_path)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert seen, "the failure was not injected"
+    after = files(tmp_path)
+    assert {k: after.get(k) for k in seen if ".fnloop-" not in k} == {
+        k: v for k, v in seen.items() if ".fnloop-" not in k
+    }
+    assert not [k for k in after if ".fnloop-" in k]
+    assert "checkpoints/" + target not in after
+    final = run(tmp_path)
+    ref_state, ref_files = reference
+    assert_same(final, ref_state)
+    assert files(tmp_path)["metrics.csv"] == ref_files["metrics.csv"]
+    assert files(tmp_path)["best_model.pt"] == ref_files["best_model.pt"]
+
+
+class _FailingWrites:
+    """An ``open`` for fnloop._io whose files fail their ``n``-th write with ENOSPC, as a
+    full disk fails a write(2) in the middle of a file."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 (closed by File's __exit__)
+        outer = self
+
+        class File:
+            calls = 0
+
+            def write(self, data):
+                File.calls += 1
+                if File.calls == outer.n:
+                    raise _full(file)
+                return f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return f.__exit__(*exc)
+
+        return File()
+
+
+@pytest.mark.parametrize("save", [save_checkpoint, save_model])
+def test_a_write_that_fails_midway_keeps_the_earlier_file_and_leaves_no_temporary(
+    tmp_path, monkeypatch, save
+):
+    state = make_state()
+    path = save(tmp_path / "file.pt", state)
+    before = path.read_bytes()
+    monkeypatch.setattr(fnloop._io, "open", _FailingWrites(3), raising=False)
+    with pytest.raises(Exception):  # noqa: B017  (which one: the test below)
+        save(path, state.replace(step=5))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.pt"]
+    if save is save_checkpoint:
+        assert load_checkpoint(path, like=state).step == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch.save turns the file's OSError (ENOSPC) into RuntimeError('[enforce fail "
+    "at inline_container.cc:672] . unexpected pos ...'), which save_checkpoint and "
+    "save_model let through: the error names neither the file nor the full disk",
+)
+@pytest.mark.parametrize("save", [save_checkpoint, save_model])
+def test_a_write_that_fails_midway_raises_the_oserror_naming_the_file(tmp_path, monkeypatch, save):
+    state = make_state()
+    monkeypatch.setattr(fnloop._io, "open", _FailingWrites(3), raising=False)
+    with pytest.raises(OSError) as raised:
+        save(tmp_path / "file.pt", state)
+    assert raised.value.errno == errno.ENOSPC
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CSVLogger rewrites metrics.csv with csv.DictWriter, which raises 'dict contains "
+    "fields not in fieldnames: None' for a row with more cells than the header: the error "
+    "names neither the file nor the row, and every resumed epoch ends in it",
+)
+def test_a_metrics_csv_row_with_extra_cells_is_an_error_naming_the_file_or_is_kept(tmp_path):
+    """A hand-edited metrics.csv whose first row has two cells more than the header, and
+    a resume from epoch 1 (the file's epoch-2 row must go): either the logger goes on, or
+    its error says which file to fix."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss\n1,4,0.5,999,888\n2,8,0.25\n")
+    logger = fl.callbacks.CSVLogger(path)
+    state = make_state().replace(epoch=1, step=4)
+    try:
+        logger.on_fit_start(state)
+    except Exception as e:
+        assert str(path) in str(e) or "metrics.csv" in str(e), str(e)
+    else:
+        assert path.read_text().splitlines()[:2] == ["epoch,step,train/loss", "1,4,0.5,999,888"]
