@@ -233,3 +233,57 @@ def test_a_metrics_csv_row_with_extra_cells_is_an_error_naming_the_file_or_is_ke
         assert str(path) in str(e) or "metrics.csv" in str(e), str(e)
     else:
         assert path.read_text().splitlines()[:2] == ["epoch,step,train/loss", "1,4,0.5,999,888"]
+
+
+class _CrashAtEpoch3(fl.callbacks.Callback):
+    def on_train_epoch_start(self, state):
+        if state.epoch == 2:
+            raise KeyError("crash")
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _foreign(path: Path) -> None:
+    path.write_bytes(b"not a checkpoint\n")
+
+
+def _newer_export(path: Path) -> None:
+    torch.save({"w": torch.zeros(2)}, path.with_name("ckpt-9999999999-e.pt"))
+
+
+@pytest.mark.parametrize("damage", [_cut, _empty, _foreign, _newer_export])
+def test_a_damaged_newest_checkpoint_is_named_and_skipped_and_the_run_ends_as_uninterrupted(
+    tmp_path, reference, damage
+):
+    """The newest checkpoint cut by one byte, emptied, overwritten by a text file, or a
+    newer-named file that is a model export: the re-run names the file it skips, resumes
+    from the one before, and ends bit for bit as the uninterrupted run."""
+    with pytest.raises(KeyError):
+        fl.fit(
+            make_state(),
+            classify,
+            loader(),
+            max_epochs=3,
+            out_dir=tmp_path,
+            callbacks=[OwnPlot(tmp_path), _CrashAtEpoch3()],
+            log_to_console=False,
+        )
+    newest = tmp_path / "checkpoints" / "ckpt-0000000008-e.pt"
+    damage(newest)
+    skipped = newest if damage is not _newer_export else newest.with_name("ckpt-9999999999-e.pt")
+    log = (tmp_path / "run_training.log").read_text()
+    final = run(tmp_path)
+    new_log = (tmp_path / "run_training.log").read_text().removeprefix(log)
+    assert f"Skipping damaged checkpoint {skipped}: " in new_log
+    resumed_from = "ckpt-0000000004-e.pt" if damage is not _newer_export else newest.name
+    assert f"Resumed from {tmp_path / 'checkpoints' / resumed_from} " in new_log
+    ref_state, ref_files = reference
+    assert_same(final, ref_state)
+    assert files(tmp_path)["metrics.csv"] == ref_files["metrics.csv"]
+    assert files(tmp_path)["best_model.pt"] == ref_files["best_model.pt"]
