@@ -5,7 +5,11 @@ state and a batch into the next state; :func:`fit` composes them.
 """
 
 from fnloop import callbacks as callbacks
+from fnloop import checkpoint as checkpoint
+from fnloop import distributed as distributed
 from fnloop import optim as optim
+from fnloop import state as state
+from fnloop import typing as typing
 from fnloop.batch import batch_size as batch_size
 from fnloop.batch import to_device as to_device
 from fnloop.checkpoint import CheckpointError as CheckpointError
@@ -26,6 +30,8 @@ from fnloop.state import TrainState as TrainState
 from fnloop.step import BoundModel as BoundModel
 from fnloop.step import EvalStep as EvalStep
 from fnloop.step import EvalStepFn as EvalStepFn
+from fnloop.step import MadeEvalStep as MadeEvalStep
+from fnloop.step import MadeTrainStep as MadeTrainStep
 from fnloop.step import TrainStep as TrainStep
 from fnloop.step import TrainStepFn as TrainStepFn
 from fnloop.step import make_eval_step as make_eval_step

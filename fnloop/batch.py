@@ -7,15 +7,17 @@ import dataclasses
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from fnloop.typing import Batch
 
+BatchT = TypeVar("BatchT")
 
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
+
+def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
     """Moves every tensor in ``batch`` to ``device`` (asynchronously where possible).
 
     Any nesting of tensors, tuples, lists, dicts (``defaultdict``, ``OrderedDict``, ...),

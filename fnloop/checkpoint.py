@@ -54,7 +54,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import nn
@@ -65,7 +65,13 @@ from fnloop import _tree
 from fnloop._io import atomic_write_file
 from fnloop.distributed import is_main_process
 from fnloop.ensemble import stacked_models
-from fnloop.state import TrainState, check_not_donated, freeze_history, with_runtime_fields
+from fnloop.state import (
+    StateT,
+    TrainState,
+    check_not_donated,
+    freeze_history,
+    with_runtime_fields,
+)
 
 FORMAT = "fnloop-checkpoint"
 """The ``"format"`` tag of every fnloop checkpoint file."""
@@ -101,6 +107,9 @@ class CheckpointMismatchError(CheckpointError):
     This is a set-up problem, not damage, so :func:`latest_good_checkpoint` raises it
     instead of silently falling back to an older file.
     """
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class Checkpoint(NamedTuple):
@@ -279,7 +288,7 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- reading
 
 
-def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainState:
+def load_checkpoint(path: str | os.PathLike[str], like: StateT) -> StateT:
     """Loads the training state saved at ``path``.
 
     Tensors come from the file, each placed on the device of the matching tensor in
@@ -315,7 +324,7 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> TrainStat
         differences, both values), or by a newer format version; or ``like`` has some
         tensors on the ``meta`` device and others on a real one.
     """
-    return load_checkpoint_with_extra(path, like).state
+    return cast(StateT, load_checkpoint_with_extra(path, like).state)  # like's class
 
 
 def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -> Checkpoint:
@@ -354,9 +363,7 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
     return Checkpoint(state=state, extra=payload["extra"], path=path)
 
 
-def load_model(
-    path: str | os.PathLike[str], module: nn.Module, *, strict: bool = True
-) -> nn.Module:
+def load_model(path: str | os.PathLike[str], module: ModuleT, *, strict: bool = True) -> ModuleT:
     """Loads weights exported by :func:`save_model` into ``module`` and returns it.
 
     The file is read with ``torch.load(weights_only=True)`` (or safetensors for a

@@ -10,12 +10,12 @@ only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fnloop import _tree
-from fnloop.state import TrainState, with_runtime_fields
+from fnloop.state import StateT, with_runtime_fields
 from fnloop.typing import Params
 
 VMAP_MSG = (
@@ -23,6 +23,9 @@ VMAP_MSG = (
     "its gradients over them, which it cannot do under torch.func.vmap. Train stacked "
     "states in a single process, or one model per process without vmap."
 )
+
+
+T = TypeVar("T")
 
 
 def _initialized() -> bool:
@@ -52,7 +55,7 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def broadcast_state(state: TrainState) -> TrainState:
+def broadcast_state(state: StateT) -> StateT:
     """Rank 0's state in every process: its tensors (one broadcast per dtype), its leaves
     that are not tensors (a float field of a subclass), its step, epoch and micro-step
     counters, history and EMA decay; a collective call.
@@ -87,7 +90,9 @@ def broadcast_state(state: TrainState) -> TrainState:
                 f"build the same state (the same module, tx and ema_decay) before rank 0's "
                 f"values can be copied into it."
             )
-    (runtime, static, plain) = everyone[0][1]
+    sent = everyone[0][1]
+    assert sent is not None  # rank 0's own
+    (runtime, static, plain) = sent
     state = with_runtime_fields(state, runtime)
     leaves, treedef = _tree.tree_flatten(state)
     named = {str(i): leaf for i, leaf in enumerate(leaves) if i not in plain}
@@ -213,7 +218,7 @@ def collective_device(t: torch.Tensor) -> torch.device:
     return t.device
 
 
-def gather(obj: Any) -> list[Any]:
+def gather(obj: T) -> list[T]:
     """Every process's ``obj`` (picklable, tensors on the CPU), in rank order; a
     collective call. Outside a distributed run, ``[obj]``.
 
@@ -224,7 +229,7 @@ def gather(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
-    return out
+    return out  # (filled with every process's obj)
 
 
 def barrier() -> None:

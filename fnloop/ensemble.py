@@ -17,11 +17,11 @@ from torch.nn.utils import parametrize
 from fnloop import _tree
 from fnloop.optim.plateau import plateau_nodes
 from fnloop.optim.transform import learning_rates
-from fnloop.state import _STATIC, TrainState
+from fnloop.state import _STATIC, StateT, TrainState
 from fnloop.typing import Params
 
 
-def stack_states(states: Sequence[TrainState]) -> TrainState:
+def stack_states(states: Sequence[StateT]) -> StateT:
     """Stacks states of identically shaped models into one batched state.
 
     Every tensor leaf gets a new leading dimension of size ``len(states)``. The static
@@ -668,7 +668,7 @@ UNSTACK_SHAPE_MSG = (
 )
 
 
-def unstack_states(stacked: TrainState) -> list[TrainState]:
+def unstack_states(stacked: StateT) -> list[StateT]:
     """Splits a stacked state (from :func:`stack_states` or a vmapped step) into states.
 
     Args:

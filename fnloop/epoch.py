@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from fnloop.callbacks.base import CallbackList
 from fnloop.distributed import gather, mean_over_processes, world_size
 from fnloop.ensemble import stacked_models
 from fnloop.optim.base import scalar_dtype
-from fnloop.state import TrainState
+from fnloop.state import StateT, TrainState
 from fnloop.step import EvalStepFn, TrainStepFn
 from fnloop.typing import Batch, EpochMeans, Metrics
 
@@ -421,7 +421,7 @@ def _means_for(
 
 
 def train_epoch(
-    state: TrainState,
+    state: StateT,
     train_step: TrainStepFn,
     loader: Iterable[Batch],
     *,
@@ -432,7 +432,7 @@ def train_epoch(
     start_batch: int = 0,
     after_skip: Callable[[], None] | None = None,
     means: MetricMeans | None = None,
-) -> tuple[TrainState, EpochMeans]:
+) -> tuple[StateT, EpochMeans]:
     """Runs ``train_step`` over every batch of ``loader``.
 
     A stacked state (:func:`fnloop.stack_states`) trains all its models at once with a
@@ -494,7 +494,8 @@ def train_epoch(
             if batch_start:
                 state = callbacks("on_train_batch_start", state, batch, batch_idx)
             n = find_batch_size(batch, batch_size)
-            state, outputs = train_step(state, batch)
+            new_state, outputs = train_step(state, batch)
+            state = cast(StateT, new_state)  # a step keeps the state's class
             means.add(outputs, n)
             if batch_end:
                 state = callbacks("on_train_batch_end", state, outputs, batch, batch_idx)
@@ -509,7 +510,7 @@ def train_epoch(
 
 
 def validate_epoch(
-    state: TrainState,
+    state: StateT,
     eval_step: EvalStepFn,
     loader: Iterable[Batch],
     *,
@@ -517,7 +518,7 @@ def validate_epoch(
     batch_size: BatchSize = None,
     progress: bool = False,
     desc: str = "valid",
-) -> tuple[TrainState, EpochMeans]:
+) -> tuple[StateT, EpochMeans]:
     """Runs ``eval_step`` over every batch of ``loader``; the state is only changed by callbacks.
 
     The arguments are :func:`train_epoch`'s. A stacked state is evaluated with a vmapped

@@ -43,6 +43,7 @@ from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
 from fnloop.optim.transform import learning_rates
 from fnloop.state import (
     MAKE_STATE_HINT,
+    StateT,
     TrainState,
     append_history,
     history_added,
@@ -532,7 +533,7 @@ def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
 
 
 def fit(
-    state: TrainState,
+    state: StateT,
     training_step: StepFn | TrainStepFn,
     loaders: Loaders,
     *,
@@ -540,7 +541,7 @@ def fit(
     validation_step: StepFn | EvalStepFn | None = None,
     early_stopping: EarlyStopping | Sequence[EarlyStopping] | None = (),
     callbacks: Callback | Sequence[Callback] = (),
-    out_dir: str | Path | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     run_name: str = "run",
     resume: bool = True,
     monitor: str | None = None,
@@ -550,7 +551,7 @@ def fit(
     checkpoint_every_n_steps: int | None = None,
     keep_checkpoints: int = 2,
     log_to_console: bool = True,
-) -> TrainState:
+) -> StateT:
     """Trains ``state`` until ``state.epoch == max_epochs`` (or early stopping).
 
     Each epoch runs the train loader, then the validation loader when there is one,
@@ -785,7 +786,7 @@ def fit(
             run_name=run_name,
         )
         try:
-            return run.run(resume=resume)
+            return cast(StateT, run.run(resume=resume))  # steps keep the class
         except BaseException as e:
             # Before or after the epochs (in them, logged there): resuming, in on_fit_start,
             # writing the best model, in on_fit_end.

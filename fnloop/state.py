@@ -6,7 +6,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from fnloop import _tree
 from fnloop.optim.base import GradientTransformation
 from fnloop.precision import LossScaleState
 from fnloop.typing import History, OptState, Params
+
+StateT = TypeVar("StateT", bound="TrainState")
+"""A ``TrainState`` or a subclass of it: functions that take one return the same class."""
 
 
 class _FrozenHistory(Mapping[str, Mapping[str, tuple[float, ...]]]):
@@ -113,7 +116,7 @@ def history_added(before: History, after: History) -> dict[str, float]:
     return {k: v[0] for k, v in history_growth(before, after).items() if len(v) == 1}
 
 
-def with_runtime_fields(like: TrainState, dtypes: Mapping[str, torch.dtype]) -> TrainState:
+def with_runtime_fields(like: StateT, dtypes: Mapping[str, torch.dtype]) -> StateT:
     """``like`` with the fields a step creates as it runs shaped as in another state
     whose leaves (by key path, ``"grad_accum.w"``) have the dtypes ``dtypes``.
 
@@ -287,7 +290,7 @@ class TrainState:
     buffers: Params
     opt_state: OptState
     ema: Params | None = None
-    loss_scale: Any = None
+    loss_scale: LossScaleState | None = None
     grad_accum: Params | None = None
     skipped_steps: torch.Tensor
     step: int = 0
@@ -307,14 +310,14 @@ class TrainState:
 
     @classmethod
     def create(
-        cls,
+        cls: type[StateT],
         module: nn.Module,
         *,
         tx: GradientTransformation,
         ema_decay: float | None = None,
         device: str | torch.device | None = None,
         **fields: Any,
-    ) -> TrainState:
+    ) -> StateT:
         """Builds the initial state of training ``module`` with the optimizer ``tx``.
 
         The module itself is not changed. Its parameters and buffers are moved to
@@ -414,7 +417,7 @@ class TrainState:
             **fields,
         )
 
-    def replace(self, **changes: Any) -> TrainState:
+    def replace(self: StateT, **changes: Any) -> StateT:
         """A new state with ``changes`` applied; this one is untouched."""
         if torch.compiler.is_compiling() or hasattr(type(self), "__slots__"):
             # Field by field: torch 2.11's dynamo cannot trace __dict__.update, and
@@ -451,7 +454,7 @@ class TrainState:
         new.__dict__.update(self.__dict__, **changes)
         return new
 
-    def clone(self) -> TrainState:
+    def clone(self: StateT) -> StateT:
         """A copy whose tensors share no memory with this state's, laid out for speed.
 
         Each group of tensors keyed like the parameters (the params, the EMA, each

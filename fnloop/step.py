@@ -17,7 +17,7 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeAlias, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar, cast
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from fnloop.precision import (
 )
 from fnloop.state import (
     MAKE_STATE_HINT,
+    StateT,
     TrainState,
     check_ema,
     check_not_donated,
@@ -726,11 +727,13 @@ class TrainStep:
             self._known_tx.add(state.tx.update)
         batch = to_device(batch, device)
         loss_scale = state.loss_scale
-        if self.loss_scale is not None and loss_scale is None:
-            loss_scale = self.loss_scale.init(device)
         # Only a step with a loss scale of its own scales the loss (and unscales the
         # gradients in _update); a state from an fp16 run keeps its scale untouched.
-        scale = loss_scale.scale if self.loss_scale is not None else None
+        scale = None
+        if self.loss_scale is not None:
+            if loss_scale is None:
+                loss_scale = self.loss_scale.init(device)
+            scale = loss_scale.scale
 
         grads, loss, metrics, buffers, params = self._gradients(
             state, module, slots, frozen, batch, scale, name, device, transformed, compiling, donate
@@ -1130,9 +1133,44 @@ def _select_buffers(ok: torch.Tensor, new: Params, old: Params) -> Params:
 
 
 TrainStepFn: TypeAlias = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-"""What :func:`make_train_step` returns: ``new_state, metrics = train_step(state, batch)``."""
+"""A train step as ``fit`` and ``train_epoch`` take it: ``new_state, metrics =
+train_step(state, batch)``; a made step, compiled or vmapped too."""
 EvalStepFn: TypeAlias = Callable[[TrainState, Batch], Metrics]
-"""What :func:`make_eval_step` returns: ``metrics = eval_step(state, batch)``."""
+"""An eval step as ``fit`` and ``validate_epoch`` take it: ``metrics = eval_step(state, batch)``."""
+
+
+class MadeTrainStep(Protocol):
+    """What :func:`make_train_step` returns: a function of ``(state, batch)`` that
+    returns a state of the same class, with the step's options as read-only attributes."""
+
+    @property
+    def training_step(self) -> StepFn: ...
+    @property
+    def accumulation_steps(self) -> int: ...
+    @property
+    def precision(self) -> Precision: ...
+    @property
+    def loss_scale(self) -> DynamicLossScale | None: ...
+    @property
+    def on_nonfinite(self) -> NonFinitePolicy: ...
+    @property
+    def donate(self) -> bool: ...
+    @property
+    def grad_norm(self) -> bool: ...
+    def __call__(self, state: StateT, batch: Batch, /) -> tuple[StateT, Metrics]: ...
+
+
+class MadeEvalStep(Protocol):
+    """What :func:`make_eval_step` returns: a function of ``(state, batch)`` that returns
+    the metrics, with the step's options as read-only attributes."""
+
+    @property
+    def validation_step(self) -> StepFn: ...
+    @property
+    def use_ema(self) -> bool: ...
+    @property
+    def precision(self) -> Precision: ...
+    def __call__(self, state: TrainState, batch: Batch, /) -> Metrics: ...
 
 
 def _as_function(step: Any, name: str) -> Any:
@@ -1171,7 +1209,7 @@ def make_train_step(
     on_nonfinite: NonFinitePolicy = None,
     donate: bool = False,
     grad_norm: bool = False,
-) -> TrainStepFn:
+) -> MadeTrainStep:
     """Turns ``training_step(model, batch) -> {"loss": ...}`` into a pure training step.
 
     The result is called as ``new_state, metrics = train_step(state, batch)``. ``state``
@@ -1335,7 +1373,7 @@ def made_step(fn: Any, kind: type[_Step]) -> _Step | None:
 
 def make_eval_step(
     validation_step: StepFn, *, use_ema: bool = True, precision: Precision = None
-) -> EvalStepFn:
+) -> MadeEvalStep:
     """Turns ``validation_step(model, batch) -> {...}`` into a pure evaluation step.
 
     The step runs the module in eval mode under ``torch.no_grad`` and returns its

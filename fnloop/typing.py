@@ -21,5 +21,5 @@ Schedule: TypeAlias = Callable[[Any], Any]
 """A schedule: ``step -> value`` (a number or a 0-d tensor), such as ``optim.cosine_schedule``."""
 History: TypeAlias = Mapping[str, Mapping[str, tuple[float, ...]]]
 """``{"train": {"loss": (per-epoch values, ...)}, "valid": {...}}``, immutable."""
-EpochMeans: TypeAlias = dict[str, float | list[float]]
+EpochMeans: TypeAlias = dict[str, Any]
 """An epoch's metric means: a float per name, or for a stacked state one float per model."""

@@ -75,14 +75,14 @@ class Callback:
         by an exception, where ``on_fit_end`` does not run. Not an event: it gets no
         state and returns nothing."""
 
-    def on_fit_start(self, state: TrainState) -> TrainState | None:
+    def on_fit_start(self, state: TrainState, /) -> TrainState | None:
         """Before the first epoch of this ``fit`` call (after any resume)."""
 
-    def on_fit_end(self, state: TrainState) -> TrainState | None:
+    def on_fit_end(self, state: TrainState, /) -> TrainState | None:
         """After the last epoch, also when early stopping ended the run; with ``out_dir``,
         ``fit`` has written ``best_model.pt`` by then."""
 
-    def on_train_epoch_start(self, state: TrainState) -> TrainState | None:
+    def on_train_epoch_start(self, state: TrainState, /) -> TrainState | None:
         """Before the first training batch of an epoch.
 
         When ``fit`` resumes from a checkpoint taken in the middle of an epoch, this event
@@ -91,12 +91,12 @@ class Callback:
         """
 
     def on_train_epoch_end(
-        self, state: TrainState, metrics: Mapping[str, float]
+        self, state: TrainState, metrics: Mapping[str, float], /
     ) -> TrainState | None:
         """After the last training batch; ``metrics`` are the epoch's ``train/...`` means."""
 
     def on_train_batch_start(
-        self, state: TrainState, batch: Batch, batch_idx: int
+        self, state: TrainState, batch: Batch, batch_idx: int, /
     ) -> TrainState | None:
         """Before each training step."""
 
@@ -106,19 +106,20 @@ class Callback:
         outputs: Mapping[str, torch.Tensor],
         batch: Batch,
         batch_idx: int,
+        /,
     ) -> TrainState | None:
         """After each training step; ``state`` is the state after the step."""
 
-    def on_validation_epoch_start(self, state: TrainState) -> TrainState | None:
+    def on_validation_epoch_start(self, state: TrainState, /) -> TrainState | None:
         """Before the first validation batch of an epoch."""
 
     def on_validation_epoch_end(
-        self, state: TrainState, metrics: Mapping[str, float]
+        self, state: TrainState, metrics: Mapping[str, float], /
     ) -> TrainState | None:
         """After the last validation batch; ``metrics`` are the epoch's ``valid/...`` means."""
 
     def on_validation_batch_start(
-        self, state: TrainState, batch: Batch, batch_idx: int
+        self, state: TrainState, batch: Batch, batch_idx: int, /
     ) -> TrainState | None:
         """Before each validation step."""
 
@@ -128,6 +129,7 @@ class Callback:
         outputs: Mapping[str, torch.Tensor],
         batch: Batch,
         batch_idx: int,
+        /,
     ) -> TrainState | None:
         """After each validation step."""
 

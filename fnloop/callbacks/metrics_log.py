@@ -146,39 +146,48 @@ class EpochLogger(Callback):
         """Closes what :meth:`start` opened (at ``on_fit_end``, after the last row;
         ``state`` is ``None`` when ``fit`` ended by an exception)."""
 
-    def on_fit_start(self, state: TrainState) -> None:
+    def on_fit_start(self, state: TrainState, /) -> TrainState | None:
         self._pending, self._counters, self._history = {}, None, state.history
         self._finished_epoch = state.epoch
         self._active = is_main_process()
         self._started = True
         if self._active:
             self.start(state)
+        return None
 
-    def on_train_epoch_start(self, state: TrainState) -> None:
+    def on_train_epoch_start(self, state: TrainState, /) -> TrainState | None:
         self._flush()
         self._history = state.history
+        return None
 
-    def on_train_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+    def on_train_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], /
+    ) -> TrainState | None:
         self._require_started("on_train_epoch_end")
         if not self._active:
-            return
+            return None
         row = self._collect(state, metrics)
         if not any(k.startswith("train/lr") for k in metrics):
             row.update(learning_rate_metrics(state.opt_state))
+        return None
 
-    def on_validation_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+    def on_validation_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], /
+    ) -> TrainState | None:
         self._require_started("on_validation_epoch_end")
         if self._active:
             self._collect(state, metrics)
             self._flush()
+        return None
 
-    def on_fit_end(self, state: TrainState) -> None:
+    def on_fit_end(self, state: TrainState, /) -> TrainState | None:
         self._started = False
         if not self._active:
-            return
+            return None
         self._flush()
         self._active = False
         self.finish(state)
+        return None
 
     def teardown(self) -> None:
         self._started = False

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -22,14 +22,14 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 class InitFn(Protocol):
     """``init(params) -> state``."""
 
-    def __call__(self, params: Params) -> OptState: ...
+    def __call__(self, params: Params, /) -> OptState: ...
 
 
 class UpdateFn(Protocol):
     """``update(updates, state, params) -> (updates, state)``."""
 
     def __call__(
-        self, updates: Updates, state: OptState, params: Params | None = None
+        self, updates: Updates, state: OptState, params: Params | None = None, /
     ) -> tuple[Updates, OptState]: ...
 
 
@@ -37,7 +37,7 @@ class ApplyFn(Protocol):
     """``apply_(grads, state, params) -> (params, state)``, written into its inputs."""
 
     def __call__(
-        self, grads: Updates, state: OptState, params: Params
+        self, grads: Updates, state: OptState, params: Params, /
     ) -> tuple[Params, OptState]: ...
 
 
@@ -322,7 +322,7 @@ def _aligned_leaves(params: Params, updates: Updates) -> tuple[list[Any], list[A
 
 
 def partition(
-    transforms: dict[str, GradientTransformation], labels: Callable[[str], str]
+    transforms: Mapping[str, GradientTransformation], labels: Callable[[str], str]
 ) -> GradientTransformation:
     """Parameter groups: a different transformation for each label.
 
