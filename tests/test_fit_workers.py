@@ -1,0 +1,144 @@
+"""fit with multi-process data loading: workers drawing random augmentation from torch,
+NumPy and ``random``, an IterableDataset, KeyboardInterrupt and resume, worker clean-up."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+import fnloop as fl
+from fnloop import optim
+
+
+class _Augmented(Dataset):
+    """Each item draws noise from torch's, NumPy's and Python's generators."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        noise = 0.1 * torch.randn(6, dtype=torch.float64)
+        shift = 0.05 * float(np.random.rand()) + 0.05 * random.random()
+        return self.x[i] + noise + shift, self.y[i]
+
+
+class _AugmentedStream(IterableDataset):
+    """The same items as a stream (no len()), each worker yielding its share."""
+
+    def __iter__(self):
+        items, info = _Augmented(), torch.utils.data.get_worker_info()
+        start, step = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(start, len(items), step):
+            yield items[i]
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def map_loader(persistent=False):
+    return DataLoader(
+        _Augmented(),
+        batch_size=8,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=persistent,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(7),
+    )
+
+
+def stream_loader():
+    return DataLoader(_AugmentedStream(), batch_size=8, num_workers=2, worker_init_fn=_seed_worker)
+
+
+def make_state():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="cpu")
+
+
+def classify(model, batch):
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+class InterruptAt(fl.callbacks.Callback):
+    """Ctrl-C after the given batch (0-based) of the given epoch (1-based)."""
+
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        if state.epoch + 1 == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt
+
+
+def run(out_dir, loader, callbacks=(), **kw):
+    return fl.fit(
+        make_state(),
+        classify,
+        loader(),
+        max_epochs=3,
+        out_dir=out_dir,
+        callbacks=list(callbacks),
+        log_to_console=False,
+        progress=False,
+        **kw,
+    )
+
+
+def assert_same(a, b):
+    assert (a.step, a.epoch) == (b.step, b.epoch)
+    for name, p in a.params.items():
+        assert torch.equal(p, b.params[name]), name
+    assert a.history == b.history
+
+
+def reseed_globals():
+    """A re-run's process starts with other global generator states."""
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+
+
+@pytest.mark.parametrize(
+    ("loader", "every"),
+    [(map_loader, None), (map_loader, 2), (stream_loader, None), (stream_loader, 2)],
+    ids=["map-epoch-checkpoint", "map-mid-epoch", "stream-epoch-checkpoint", "stream-mid-epoch"],
+)
+def test_workers_augmenting_with_torch_numpy_and_random_resume_bit_exactly(tmp_path, loader, every):
+    """Guide, section 5: the workers are seeded each epoch, so the augmentation repeats
+    after a resume; Ctrl-C in the middle of epoch 2, then the same fit again."""
+    ref = run(tmp_path / "ref", loader, checkpoint_every_n_steps=every)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", loader, [InterruptAt(2, 2)], checkpoint_every_n_steps=every)
+    reseed_globals()
+    assert_same(run(tmp_path / "cut", loader, checkpoint_every_n_steps=every), ref)
+
+
+def test_two_runs_with_workers_are_bit_identical_and_leave_no_worker_processes(tmp_path):
+    """Two runs in processes whose global generators differ give the same float64 state;
+    fit's workers are gone when it returns and when Ctrl-C ends it."""
+    assert not multiprocessing.active_children()
+    first = run(tmp_path / "a", map_loader)
+    assert not multiprocessing.active_children()
+    reseed_globals()
+    assert_same(run(tmp_path / "a2", map_loader), first)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", map_loader, [InterruptAt(2, 1)])
+    assert not multiprocessing.active_children()
