@@ -144,6 +144,38 @@ def test_two_runs_with_workers_are_bit_identical_and_leave_no_worker_processes(t
     assert not multiprocessing.active_children()
 
 
+class _Sizes(fl.callbacks.Callback):
+    """Each train batch's size and loss, per epoch."""
+
+    def __init__(self):
+        self.batches = {}
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        n = len(batch[1])
+        self.batches.setdefault(state.epoch + 1, []).append((n, float(outputs["loss"])))
+
+
+def test_an_iterable_dataset_with_workers_averages_partial_batches_by_their_size(tmp_path):
+    """Two workers each end their share with a partial batch (20 items, batches of 8: sizes
+    8, 2, 8, 2); the epoch mean weighs each batch's loss by its size."""
+
+    class Stream(_AugmentedStream):
+        def __iter__(self):
+            items, info = _Augmented(20), torch.utils.data.get_worker_info()
+            for i in range(info.id, len(items), info.num_workers):
+                yield items[i]
+
+    def loader():
+        return DataLoader(Stream(), batch_size=8, num_workers=2, worker_init_fn=_seed_worker)
+
+    sizes = _Sizes()
+    state = run(tmp_path, loader, [sizes])
+    for epoch, batches in sizes.batches.items():
+        assert sorted(n for n, _ in batches) == [2, 2, 8, 8]
+        mean = sum(n * loss for n, loss in batches) / 20
+        assert state.history["train"]["loss"][epoch - 1] == pytest.approx(mean, rel=1e-12)
+
+
 class _Positions(Dataset):
     """Item i is i itself: the batches show the shuffle order."""
 
