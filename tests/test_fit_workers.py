@@ -118,8 +118,12 @@ def reseed_globals():
 
 @pytest.mark.parametrize(
     ("loader", "every"),
-    [(map_loader, None), (map_loader, 2), (stream_loader, None), (stream_loader, 2)],
-    ids=["map-epoch-checkpoint", "map-mid-epoch", "stream-epoch-checkpoint", "stream-mid-epoch"],
+    [
+        pytest.param(map_loader, None, id="map-epoch-checkpoint", marks=pytest.mark.slow),
+        pytest.param(map_loader, 2, id="map-mid-epoch"),
+        pytest.param(stream_loader, None, id="stream-epoch-checkpoint", marks=pytest.mark.slow),
+        pytest.param(stream_loader, 2, id="stream-mid-epoch"),
+    ],
 )
 def test_workers_augmenting_with_torch_numpy_and_random_resume_bit_exactly(tmp_path, loader, every):
     """Guide, section 5: the workers are seeded each epoch, so the augmentation repeats
