@@ -1249,6 +1249,8 @@ class _Run:
         self.warn_uneven_validation()
         self.warn_unsharded_train()
         self.warn_scores_minimized()
+        if self.state.epoch < self.max_epochs and not self.stop_reason:
+            self.start_persistent_workers()
         state = self.callbacks("on_fit_start", self.state)
         if state.opt_state is not self.state.opt_state:  # a callback set another rate, say
             _log_lr_changes(
@@ -1293,6 +1295,16 @@ class _Run:
         # when fit returns, every process finds the run folder complete.
         barrier()
         return state
+
+    def start_persistent_workers(self) -> None:
+        """Starts the workers of the loaders that keep them between epochs, before any
+        random state is recorded or restored. Started, they draw their base seed from the
+        loader's generator (the global one without) once: at a resumed run's first epoch,
+        after the restore, that draw would shift its shuffle order (and the global stream)
+        from the uninterrupted run's, where it came before the epoch's state was saved."""
+        for loader in (self.train_loader, self.valid_loader):
+            if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers:
+                iter(loader)  # (the batches it prefetches are dropped when an epoch starts)
 
     def warn_persistent_workers(self) -> None:
         """Warns, on resuming, about loaders whose workers outlive an epoch: their random

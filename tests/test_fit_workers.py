@@ -198,14 +198,20 @@ class _Order(fl.callbacks.Callback):
         self.order.setdefault(state.epoch + 1, []).extend(batch[0][:, 0].long().tolist())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="persistent_workers=True: the resumed run's first iter(loader) draws the workers' "
-    "base seed from the restored loader generator (the uninterrupted run drew it in epoch 1), "
-    "so the sampler's permutation shifts; the guide promises the shuffle order repeats and "
-    "fit's warning speaks of worker randomness only",
+@pytest.mark.parametrize(
+    ("seeded", "cut", "every"),
+    [
+        pytest.param(False, (2, 0), None, id="global-epoch"),
+        pytest.param(True, (2, 0), None, id="generator-epoch", marks=pytest.mark.slow),
+        pytest.param(False, (1, 1), 1, id="global-mid-epoch-1", marks=pytest.mark.slow),
+        pytest.param(True, (1, 1), 1, id="generator-mid-epoch-1", marks=pytest.mark.slow),
+    ],
 )
-def test_persistent_workers_resume_keeps_the_shuffle_order(tmp_path):
+def test_persistent_workers_resume_keeps_the_shuffle_order(tmp_path, seeded, cut, every):
+    """Started, persistent workers draw their base seed from the loader's generator (the
+    global one without) once: fit starts them before it records or restores any random
+    state, so a resumed run's shuffle order and dropout repeat the uninterrupted run's."""
+
     def loader():
         return DataLoader(
             _Positions(),
@@ -213,14 +219,16 @@ def test_persistent_workers_resume_keeps_the_shuffle_order(tmp_path):
             shuffle=True,
             num_workers=1,
             persistent_workers=True,
-            generator=torch.Generator().manual_seed(7),
+            generator=torch.Generator().manual_seed(7) if seeded else None,
         )
 
     ref = _Order()
-    run(tmp_path / "ref", loader, [ref])
+    want = run(tmp_path / "ref", loader, [ref], checkpoint_every_n_steps=every)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", loader, [InterruptAt(2, 0)])
+        run(tmp_path / "cut", loader, [InterruptAt(*cut)], checkpoint_every_n_steps=every)
+    reseed_globals()
     resumed = _Order()
-    run(tmp_path / "cut", loader, [resumed])
-    assert resumed.order[2] == ref.order[2]
-    assert resumed.order[3] == ref.order[3]
+    got = run(tmp_path / "cut", loader, [resumed], checkpoint_every_n_steps=every)
+    for epoch in range(cut[0] + 1, 4):
+        assert resumed.order[epoch] == ref.order[epoch], epoch
+    assert_same(got, want)
