@@ -55,15 +55,40 @@ def _replace_with(path: Path, write: Callable[[Path], Any], *, synced: bool) -> 
 
 
 def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """:func:`atomic_write` for a ``write`` that takes a binary file object."""
+    """:func:`atomic_write` for a ``write`` that takes a binary file object.
+
+    A write that fails inside ``torch.save`` (a full disk: torch raises a
+    ``RuntimeError`` whose context is the ``OSError``) is raised as an ``OSError`` of
+    the same ``errno`` that names ``path``, chained from torch's error.
+    """
 
     def to_file(tmp: Path) -> None:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            _fsync(f.fileno())
+        try:
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                _fsync(f.fileno())
+        except RuntimeError as e:
+            # torch.save reports a failed write of the file (a full disk) as its own
+            # RuntimeError ("unexpected pos ..."), the OSError only in its context.
+            cause = _os_error_in(e)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
 
     _replace_with(path, to_file, synced=True)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` was raised from or while handling, if any."""
+    seen: set[int] = set()
+    inner: BaseException | None = error
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, OSError) and inner.errno is not None:
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return None
 
 
 # What a file system says when it cannot fsync a file at all (not when it failed to).

@@ -198,12 +198,6 @@ def test_a_write_that_fails_midway_keeps_the_earlier_file_and_leaves_no_temporar
         assert load_checkpoint(path, like=state).step == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.save turns the file's OSError (ENOSPC) into RuntimeError('[enforce fail "
-    "at inline_container.cc:672] . unexpected pos ...'), which save_checkpoint and "
-    "save_model let through: the error names neither the file nor the full disk",
-)
 @pytest.mark.parametrize("save", [save_checkpoint, save_model])
 def test_a_write_that_fails_midway_raises_the_oserror_naming_the_file(tmp_path, monkeypatch, save):
     state = make_state()
@@ -211,6 +205,9 @@ def test_a_write_that_fails_midway_raises_the_oserror_naming_the_file(tmp_path, 
     with pytest.raises(OSError) as raised:
         save(tmp_path / "file.pt", state)
     assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(tmp_path / "file.pt")
+    assert isinstance(raised.value.__cause__, RuntimeError)  # torch's, kept in the chain
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.xfail(
@@ -340,3 +337,12 @@ def test_starting_over_keeps_the_earlier_runs_json_lines_somewhere(tmp_path):
     fit_(1, resume=False)
     everywhere = "".join(p.read_text() for p in tmp_path.rglob("*.jsonl"))
     assert [line for line in earlier if line not in everywhere] == []
+
+
+def test_a_runtimeerror_of_the_writer_not_caused_by_an_oserror_is_raised_as_it_is(tmp_path):
+    def write(f):
+        raise RuntimeError("not a file system's")
+
+    with pytest.raises(RuntimeError, match="not a file system's"):
+        fnloop._io.atomic_write_file(tmp_path / "file.pt", write)
+    assert list(tmp_path.iterdir()) == []
