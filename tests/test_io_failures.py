@@ -47,10 +47,10 @@ class OwnPlot(fl.callbacks.Callback):
         self.path = folder / "history.png"
 
 
-def run(folder: Path, max_epochs: int = 3) -> fl.TrainState:
+def run(folder: Path, max_epochs: int = 3, step=classify) -> fl.TrainState:
     return fl.fit(
         make_state(),
-        classify,
+        step,
         loader(),
         max_epochs=max_epochs,
         out_dir=folder,
@@ -210,12 +210,6 @@ def test_a_write_that_fails_midway_raises_the_oserror_naming_the_file(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CSVLogger rewrites metrics.csv with csv.DictWriter, which raises 'dict contains "
-    "fields not in fieldnames: None' for a row with more cells than the header: the error "
-    "names neither the file nor the row, and every resumed epoch ends in it",
-)
 def test_a_metrics_csv_row_with_extra_cells_is_an_error_naming_the_file_or_is_kept(tmp_path):
     """A hand-edited metrics.csv whose first row has two cells more than the header, and
     a resume from epoch 1 (the file's epoch-2 row must go): either the logger goes on, or
@@ -346,3 +340,25 @@ def test_a_runtimeerror_of_the_writer_not_caused_by_an_oserror_is_raised_as_it_i
     with pytest.raises(RuntimeError, match="not a file system's"):
         fnloop._io.atomic_write_file(tmp_path / "file.pt", write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_metrics_csv_row_with_extra_cells_stops_a_resume_before_training(tmp_path):
+    """A row with more cells than the header, and a resumed run that logs a metric the
+    header lacks (the logger would rewrite the file at the end of the first epoch, after
+    its training): fit raises at the start, naming the file, the line and the fix, and
+    writes no checkpoint."""
+    run(tmp_path, max_epochs=1)
+    csv = tmp_path / "metrics.csv"
+    header, row = csv.read_text().splitlines()
+    csv.write_text(f"{header}\n{row},999\n")
+    before = files(tmp_path)
+
+    def classify_more(model, batch):
+        return {**classify(model, batch), "more": torch.tensor(1.0)}
+
+    with pytest.raises(ValueError) as raised:
+        run(tmp_path, max_epochs=2, step=classify_more)
+    message = str(raised.value)
+    assert f"{csv}, line 2, has " in message
+    assert "Remove or repair that line" in message and "resume=False" in message
+    assert files(tmp_path) == before

@@ -267,6 +267,15 @@ def _after(epoch: Any, state_epoch: int) -> bool:
         return False
 
 
+_EXTRA_CELLS_MSG = (
+    "{path}, line {line}, has {cells} cells and the header {columns}: the logger cannot "
+    "rewrite the file (when it drops the rows after the checkpoint a run resumes from, "
+    "or widens the header for a new metric) without losing them. Remove or repair that "
+    "line (a hand edit, or files joined?), or start afresh: fit(..., resume=False) with an "
+    "untrained state moves the file aside."
+)
+
+
 def _csv_text(fieldnames: list[str], rows: Iterable[Mapping[str, Any]], header: bool) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames, restval="", lineterminator="\n")
@@ -284,7 +293,9 @@ class CSVLogger(EpochLogger):
     run resumes from, or left by an earlier run in the same place) are dropped first, so
     no epoch appears twice. When a metric appears that the header lacks, the file is
     rewritten with the wider header (earlier rows get empty cells). Each row is flushed
-    as it is written.
+    as it is written. A row with more cells than the header (a hand edit) is a
+    ``ValueError`` at ``on_fit_start`` that names its line: the file could not be
+    rewritten without losing cells.
 
     Args:
       path: the CSV file (a leading ``~`` is the home folder, as in ``fit``'s
@@ -317,7 +328,18 @@ class CSVLogger(EpochLogger):
             return
         reader = csv.DictReader(lines)
         self._fieldnames = list(reader.fieldnames or [])
-        rows = list(reader)
+        rows = []
+        for row in reader:
+            if None in row:  # (DictReader's key for cells beyond the header's)
+                raise ValueError(
+                    _EXTRA_CELLS_MSG.format(
+                        path=self.path,
+                        line=reader.line_num,
+                        cells=len(self._fieldnames) + len(row[None]),
+                        columns=len(self._fieldnames),
+                    )
+                )
+            rows.append(row)
         kept = [r for r in rows if not _after(r.get("epoch"), state.epoch)]
         if torn or len(kept) != len(rows):
             _write_text(self.path, _csv_text(self._fieldnames, kept, header=True))
