@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -307,12 +308,6 @@ def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_not_lost_for_good(tmp_pat
     assert epochs == ["1", "2", "3"] or warned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resume=False sets metrics.csv, best_model.pt, history.png and the checkpoints "
-    "aside in checkpoints/previous-<time>/, but a JSONLinesLogger's start() deletes the "
-    "earlier run's lines: they are in no file afterwards",
-)
 def test_starting_over_keeps_the_earlier_runs_json_lines_somewhere(tmp_path):
     def fit_(max_epochs, **kw):
         return fl.fit(
@@ -362,3 +357,30 @@ def test_a_metrics_csv_row_with_extra_cells_stops_a_resume_before_training(tmp_p
     assert f"{csv}, line 2, has " in message
     assert "Remove or repair that line" in message and "resume=False" in message
     assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_starting_over_sets_the_epoch_loggers_files_aside_at_their_place(tmp_path, trained):
+    """A JSONLinesLogger writing a subfolder of the run folder: resume=False moves its
+    file to the folder set aside, under the same relative path (copies it, for a state
+    with trained epochs, whose lines stay in the new file too)."""
+
+    def fit_(state, max_epochs, **kw):
+        return fl.fit(
+            state,
+            classify,
+            loader(),
+            max_epochs=max_epochs,
+            out_dir=tmp_path,
+            callbacks=[OwnPlot(tmp_path), fl.callbacks.JSONLinesLogger(tmp_path / "l" / "m.jsonl")],
+            log_to_console=False,
+            **kw,
+        )
+
+    first = fit_(make_state(), 2)
+    earlier = (tmp_path / "l" / "m.jsonl").read_bytes()
+    fit_(first if trained else make_state(), 3 if trained else 1, resume=False)
+    (aside,) = (tmp_path / "checkpoints").glob("previous-*")
+    assert (aside / "l" / "m.jsonl").read_bytes() == earlier
+    now = (tmp_path / "l" / "m.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in now] == ([1, 2, 3] if trained else [1])
