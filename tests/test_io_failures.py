@@ -281,14 +281,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped_and_the_run_ends_as_un
     assert files(tmp_path)["best_model.pt"] == ref_files["best_model.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the torn row of a checkpointed epoch (its append is flushed, not fsynced, and "
-    "the checkpoint after it is fsynced: a power cut can keep the one and tear the other) "
-    "is dropped at the resume without a word and never written again, though "
-    "state.history holds its values",
-)
-def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_not_lost_for_good(tmp_path):
+def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_not_lost_for_good(tmp_path, reference):
     with pytest.raises(KeyError):
         fl.fit(
             make_state(),
@@ -302,10 +295,56 @@ def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_not_lost_for_good(tmp_pat
     csv = tmp_path / "metrics.csv"
     csv.write_text(csv.read_text()[:-12])  # epoch 2's row, partly on disk
     log = (tmp_path / "run_training.log").read_text()
-    run(tmp_path)
+    with pytest.warns(RuntimeWarning, match=f"{csv} lacked the row of epoch 2, which"):
+        run(tmp_path)
     epochs = [line.split(",")[0] for line in csv.read_text().splitlines()[1:]]
     warned = "metrics.csv" in (tmp_path / "run_training.log").read_text().removeprefix(log)
     assert epochs == ["1", "2", "3"] or warned
+    assert csv.read_bytes() == reference[1]["metrics.csv"]  # as if never torn
+
+
+def _logged_state(epochs: int, step: int) -> fl.TrainState:
+    state = make_state().replace(epoch=epochs, step=step)
+    history = state.history
+    for epoch in range(1, epochs + 1):
+        history = fl.state.append_history(history, "train", {"loss": 1 / epoch, "lr": 0.01})
+        history = fl.state.append_history(history, "valid", {"loss": 2 / epoch})
+    return state.replace(history=history)
+
+
+def test_json_lines_lost_after_the_last_one_are_written_back_from_the_history(tmp_path):
+    """Rows of checkpointed epochs after the file's last line (torn or lost) come back from
+    state.history as an uninterrupted run wrote them; the step per epoch is the file's."""
+    path = tmp_path / "m.jsonl"
+    logger = fl.callbacks.JSONLinesLogger(path)
+    logger.on_fit_start(_logged_state(0, 0))
+    state = _logged_state(3, 12)
+    for epoch in (1, 2, 3):
+        at = state.replace(epoch=epoch, step=4 * epoch)
+        logger.on_train_epoch_start(at)
+        logger.on_train_epoch_end(at, {"train/loss": 1 / epoch, "train/lr": 0.01})
+        logger.on_validation_epoch_end(at, {"valid/loss": 2 / epoch})
+    logger.on_fit_end(state)
+    uninterrupted = path.read_text()
+    path.write_text(uninterrupted.splitlines(keepends=True)[0] + '{"epoch": 2, "st')
+    logger = fl.callbacks.JSONLinesLogger(path)
+    with pytest.warns(RuntimeWarning, match=f"{path} lacked the rows of epochs 2-3, which"):
+        logger.on_fit_start(state)
+    logger.on_fit_end(state)
+    assert path.read_text() == uninterrupted
+
+
+def test_rows_lost_before_a_mid_epoch_checkpoint_are_named_not_guessed(tmp_path):
+    """A state past its last epoch's end (a mid-epoch checkpoint): the lost row's step is
+    unknown, so nothing is written back, and the warning names the file and the rows."""
+    path = tmp_path / "metrics.csv"
+    text = "epoch,step,train/loss,train/lr,valid/loss\n1,4,1.0,0.01,2.0\n"
+    path.write_text(text)
+    logger = fl.callbacks.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match=f"{path} lacks the row of epoch 2, which") as seen:
+        logger.on_fit_start(_logged_state(2, 10))
+    assert "not written back" in str(seen[0].message)
+    assert path.read_text() == text
 
 
 def test_starting_over_keeps_the_earlier_runs_json_lines_somewhere(tmp_path):
@@ -384,3 +423,24 @@ def test_starting_over_sets_the_epoch_loggers_files_aside_at_their_place(tmp_pat
     assert (aside / "l" / "m.jsonl").read_bytes() == earlier
     now = (tmp_path / "l" / "m.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in now] == ([1, 2, 3] if trained else [1])
+
+
+@pytest.mark.parametrize("kind", ["CSVLogger", "JSONLinesLogger"])
+def test_an_epoch_row_is_fsynced_as_it_is_written(tmp_path, monkeypatch, kind):
+    path = tmp_path / "m.log"
+    logger = getattr(fl.callbacks, kind)(path)
+    state = make_state()
+    logger.on_fit_start(state)
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        same = path.exists() and os.fstat(fd).st_ino == path.stat().st_ino
+        synced.append(same and os.fstat(fd).st_size)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    logger.on_train_epoch_start(state)
+    logger.on_train_epoch_end(state.replace(epoch=1, step=4), {"train/loss": 0.5})
+    logger.on_fit_end(state.replace(epoch=1, step=4))
+    assert synced and synced[-1] == path.stat().st_size  # the file, with its last row

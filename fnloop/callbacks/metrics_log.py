@@ -12,13 +12,14 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fnloop._io import atomic_write_file
+from fnloop._io import _fsync, atomic_write_file
 from fnloop.callbacks.base import Callback
 from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
@@ -259,6 +260,67 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _rebuilt_rows(path: Path, state: TrainState, logged: Iterable[tuple[Any, Any]]) -> list[Any]:
+    """The rows of the epochs after the file's last row up to ``state.epoch``, rebuilt
+    from ``state.history``: rows torn or lost when the machine stopped after the epoch's
+    checkpoint (which is fsynced) had been written; warns, naming ``path``.
+
+    A row's ``step`` is not in the history: it is the file's steps per epoch (from its
+    last two rows, or its first row and step 0), when ``state.step`` confirms it (a
+    state at the end of an epoch, epochs of one length). Otherwise the rows are not
+    written back, and the warning says so. Only metrics logged in every epoch are known
+    per epoch; the history of a state made by hand (none) gives no rows.
+    """
+    steps: dict[int, int] = {}
+    for epoch, step in logged:
+        try:
+            steps[int(epoch)] = int(step)
+        except (TypeError, ValueError):
+            continue
+    if not steps:  # (a file without rows: a new one, or a state trained elsewhere)
+        return []
+    last = max(steps)
+    missing = range(last + 1, state.epoch + 1)
+    columns = {
+        f"{split}/{name}": values
+        for split, metrics in state.history.items()
+        for name, values in metrics.items()
+        if len(values) == state.epoch
+    }
+    if not missing or not columns:
+        return []
+    epochs = f"row of epoch {missing[0]}"
+    if len(missing) > 1:
+        epochs = f"rows of epochs {missing[0]}-{missing[-1]}"
+    before = steps.get(last - 1, 0 if last == 1 else None)
+    per_epoch = steps[last] - before if before is not None else 0
+    if per_epoch <= 0 or state.step != steps[last] + per_epoch * len(missing):
+        warnings.warn(
+            f"{path} lacks the {epochs}, which the checkpoint's history "
+            f"holds (rows torn or lost when the machine stopped after their checkpoint?), "
+            f"and they are not written back: their steps are unknown (a resume from a "
+            f"mid-epoch checkpoint, or epochs of several lengths). The values are in "
+            f"state.history.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return []
+    warnings.warn(
+        f"{path} lacked the {epochs}, which the checkpoint's history holds "
+        f"(rows torn or lost when the machine stopped after their checkpoint?): they are "
+        f"written back from the history.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    rows: list[dict[str, float]] = []
+    for epoch in missing:
+        row: dict[str, float] = {"epoch": epoch, "step": steps[last] + per_epoch * (epoch - last)}
+        for key, values in columns.items():
+            row.update(_scalar_items(key, values[epoch - 1]))
+        rows.append(row)
+    return rows
+
+
 def _after(epoch: Any, state_epoch: int) -> bool:
     """Whether a logged ``epoch`` lies beyond the state's: left by a run that resumed earlier."""
     try:
@@ -293,9 +355,12 @@ class CSVLogger(EpochLogger):
     run resumes from, or left by an earlier run in the same place) are dropped first, so
     no epoch appears twice. When a metric appears that the header lacks, the file is
     rewritten with the wider header (earlier rows get empty cells). Each row is flushed
-    as it is written. A row with more cells than the header (a hand edit) is a
-    ``ValueError`` at ``on_fit_start`` that names its line: the file could not be
-    rewritten without losing cells.
+    and fsynced as it is written (before ``fit`` writes the epoch's checkpoint); rows
+    of the state's finished epochs after the file's last row (lost all the same: a
+    file system that ignores fsync) are written back from ``state.history`` at
+    ``on_fit_start``, with a ``RuntimeWarning``. A row with more cells than the header
+    (a hand edit) is a ``ValueError`` at ``on_fit_start`` that names its line: the file
+    could not be rewritten without losing cells.
 
     Args:
       path: the CSV file (a leading ``~`` is the home folder, as in ``fit``'s
@@ -341,8 +406,14 @@ class CSVLogger(EpochLogger):
                 )
             rows.append(row)
         kept = [r for r in rows if not _after(r.get("epoch"), state.epoch)]
-        if torn or len(kept) != len(rows):
-            _write_text(self.path, _csv_text(self._fieldnames, kept, header=True))
+        logged = [(r.get("epoch"), r.get("step")) for r in kept]
+        rebuilt = _rebuilt_rows(self.path, state, logged)
+        for key in (k for row in rebuilt for k in row):
+            if key not in self._fieldnames:
+                self._fieldnames.append(key)
+        if torn or rebuilt or len(kept) != len(rows):
+            text = _csv_text(self._fieldnames, [*kept, *rebuilt], header=True)
+            _write_text(self.path, text)
 
     def write_row(self, row: Mapping[str, float]) -> None:
         new = [k for k in row if k not in self._fieldnames]
@@ -356,13 +427,15 @@ class CSVLogger(EpochLogger):
         with open(self.path, "a", encoding="utf-8", newline="") as f:
             f.write(_csv_text(self._fieldnames, [row], header=False))
             f.flush()
+            _fsync(f.fileno())  # on disk before the epoch's checkpoint
 
 
 class JSONLinesLogger(EpochLogger):
     """Writes one JSON object per epoch and line: ``{"epoch": 1, "step": 80, "train/loss": ...}``.
 
     Appends across ``fit`` calls like :class:`CSVLogger`, dropping lines of epochs
-    beyond the state's epoch at ``on_fit_start``. Each line is flushed as it is written.
+    beyond the state's epoch at ``on_fit_start``, and writing back lost lines of its
+    finished epochs. Each line is flushed and fsynced as it is written.
     A value that is not finite (a diverged epoch's loss) is written as ``null``, so every
     line is standard JSON.
 
@@ -384,6 +457,7 @@ class JSONLinesLogger(EpochLogger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines, torn = _read_complete_lines(self.path)
         kept = []
+        logged = []
         for line in lines:
             try:
                 record = json.loads(line)
@@ -392,10 +466,18 @@ class JSONLinesLogger(EpochLogger):
                 continue
             if not (isinstance(record, dict) and _after(record.get("epoch"), state.epoch)):
                 kept.append(line)
-        if torn or len(kept) != len(lines):
-            _write_text(self.path, "".join(kept))
+                if isinstance(record, dict):
+                    logged.append((record.get("epoch"), record.get("step")))
+        rebuilt = [_json_line(row) for row in _rebuilt_rows(self.path, state, logged)]
+        if torn or rebuilt or len(kept) != len(lines):
+            _write_text(self.path, "".join(kept + rebuilt))
 
     def write_row(self, row: Mapping[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in row.items()}) + "\n")
+            f.write(_json_line(row))
             f.flush()
+            _fsync(f.fileno())  # on disk before the epoch's checkpoint
+
+
+def _json_line(row: Mapping[str, float]) -> str:
+    return json.dumps({k: v if math.isfinite(v) else None for k, v in row.items()}) + "\n"
