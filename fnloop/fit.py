@@ -1061,13 +1061,29 @@ class _Run:
             kind = "b" if position is not None else "e"
             path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
             ckpt.save_checkpoint(path, state, fit=self.record(position, ranks))
+
+            def delete(old: Path) -> None:  # a failure is a warning: the new one is written
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError as e:
+                    self.logger.warning(
+                        f"Could not delete the old checkpoint {old} ({e}); it stays (a "
+                        f"resume takes the newest good one). Delete it by hand to free "
+                        f"its space."
+                    )
+
+            superseded = path.with_name(f"ckpt-{state.step:010d}-b.pt")
             if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
-                path.with_name(f"ckpt-{state.step:010d}-b.pt").unlink(missing_ok=True)
+                delete(superseded)
             # Only files of earlier steps make way: a newer one that the run did not resume
             # from (damaged, skipped) must not push out the good checkpoints it writes.
-            earlier = [p for p in _own_checkpoints(self.ckpt_dir) if p.name <= path.name]
+            earlier = [
+                p
+                for p in _own_checkpoints(self.ckpt_dir)
+                if p.name <= path.name and (kind == "b" or p != superseded)
+            ]
             for old in earlier[self.keep :]:
-                old.unlink(missing_ok=True)
+                delete(old)
         barrier()  # no process reads the folder (a restart after a crash) while rank 0 writes
 
     def restore(self) -> tuple[int | None, dict[str, Any] | None]:

@@ -444,3 +444,25 @@ def test_an_epoch_row_is_fsynced_as_it_is_written(tmp_path, monkeypatch, kind):
     logger.on_train_epoch_end(state.replace(epoch=1, step=4), {"train/loss": 0.5})
     logger.on_fit_end(state.replace(epoch=1, step=4))
     assert synced and synced[-1] == path.stat().st_size  # the file, with its last row
+
+
+def test_a_failed_delete_of_an_old_checkpoint_is_a_warning_and_the_run_goes_on(
+    tmp_path, monkeypatch, reference
+):
+    """EIO deleting the checkpoint of epoch 1 (keep_checkpoints=2, after epoch 3's is
+    written): the run ends as the uninterrupted one, and the log names the file."""
+    stuck = tmp_path / "checkpoints" / "ckpt-0000000004-e.pt"
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if Path(path) == stuck:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    final = run(tmp_path)
+    monkeypatch.undo()
+    assert_same(final, reference[0])
+    assert stuck.exists()
+    log = (tmp_path / "run_training.log").read_text()
+    assert f"Could not delete the old checkpoint {stuck} ([Errno 5] " in log
