@@ -1425,9 +1425,30 @@ class _Run:
         found = _own_checkpoints(self.ckpt_dir)
         if not found:
             return "No checkpoint was written yet: running the same fit again starts over."
+        # The file a resume would take: the newest that is an fnloop checkpoint by its
+        # wrapper, read by mapping the file (cheap at any size). Its checksum is checked
+        # by the resume alone (that reads the whole file): a file damaged inside passes.
+        usable = None
+        for path in found:
+            try:
+                wrapper = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # empty, cut short, not a PyTorch file
+                continue
+            if isinstance(wrapper, dict) and wrapper.get("format") == ckpt.FORMAT:
+                usable = path
+                break
+        if usable is None:
+            return (
+                f"No usable checkpoint in {self.ckpt_dir} (the files there are damaged): "
+                f"running the same fit again sets them aside and starts over."
+            )
+        damaged = [p.name for p in found[: found.index(usable)]]
+        skipped = f" (the newer {', '.join(damaged)}: damaged)" if damaged else ""
         if failed:
-            return f"Once the cause is fixed, run the same fit again to resume from {found[0]}."
-        return f"Run the same fit again to resume from {found[0]}."
+            return (
+                f"Once the cause is fixed, run the same fit again to resume from {usable}{skipped}."
+            )
+        return f"Run the same fit again to resume from {usable}{skipped}."
 
     def log_interrupt(self, where: str) -> None:
         """Says in the log that Ctrl-C ended the run (once), and how to go on."""

@@ -466,3 +466,55 @@ def test_a_failed_delete_of_an_old_checkpoint_is_a_warning_and_the_run_goes_on(
     assert stuck.exists()
     log = (tmp_path / "run_training.log").read_text()
     assert f"Could not delete the old checkpoint {stuck} ([Errno 5] " in log
+
+
+class _CrashAtOnce(fl.callbacks.Callback):
+    def on_train_epoch_start(self, state):
+        raise KeyError("crash")
+
+
+@pytest.mark.parametrize("damage", [_cut, _empty, _foreign, _newer_export])
+def test_the_resume_hint_names_the_checkpoint_a_resume_would_take(tmp_path, damage):
+    """After a damaged newest checkpoint, a run that fails names in its log the file
+    the next resume takes, not the damaged one it skips."""
+    run(tmp_path, max_epochs=2)
+    ckpts = tmp_path / "checkpoints"
+    damage(ckpts / "ckpt-0000000008-e.pt")
+    with pytest.raises(KeyError):
+        fl.fit(
+            make_state(),
+            classify,
+            loader(),
+            max_epochs=3,
+            out_dir=tmp_path,
+            callbacks=[OwnPlot(tmp_path), _CrashAtOnce()],
+            log_to_console=False,
+        )
+    usable = "ckpt-0000000004-e.pt" if damage is not _newer_export else "ckpt-0000000008-e.pt"
+    skipped = "ckpt-0000000008-e.pt" if damage is not _newer_export else "ckpt-9999999999-e.pt"
+    (line,) = [
+        x for x in (tmp_path / "run_training.log").read_text().splitlines() if "Stopped" in x
+    ]
+    assert line.endswith(f"to resume from {ckpts / usable} (the newer {skipped}: damaged).")
+
+
+def test_the_resume_hint_says_when_no_checkpoint_is_usable(tmp_path):
+    class EmptyThemAndCrash(fl.callbacks.Callback):
+        def on_train_epoch_start(self, state):
+            for path in (tmp_path / "checkpoints").glob("ckpt-*.pt"):
+                _empty(path)
+            raise KeyError("crash")
+
+    run(tmp_path, max_epochs=1)
+    with pytest.raises(KeyError):
+        fl.fit(
+            make_state(),
+            classify,
+            loader(),
+            max_epochs=2,
+            out_dir=tmp_path,
+            callbacks=[OwnPlot(tmp_path), EmptyThemAndCrash()],
+            log_to_console=False,
+        )
+    log = (tmp_path / "run_training.log").read_text()
+    assert f"No usable checkpoint in {tmp_path / 'checkpoints'} (the files there are dam" in log
