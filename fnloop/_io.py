@@ -18,10 +18,12 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     The temporary file is fsynced before ``os.replace`` and the folder after it, where
     the platform allows: a file system that cannot fsync a file (``EINVAL``, ``ENOTSUP``)
     skips it, while a failed one (``EIO``, ``ENOSPC``: the data may not be on disk) is an
-    error. On any error (or interrupt) the temporary file is removed and
-    whatever was at ``path`` is left as it was. The temporary name is unique (two
-    writers of one path never share it) and hidden, and it holds no part of ``path``'s
-    name, so tools that watch a folder by file name (TensorBoard) skip it.
+    error. The folder's fsync is best effort (some file systems cannot open or fsync a
+    folder): any error there is ignored, the file being in place. On any other error
+    (or interrupt) the temporary file is removed and whatever was at ``path`` is left as
+    it was. The temporary name is unique (two writers of one path never share it) and
+    hidden, and it holds no part of ``path``'s name, so tools that watch a folder by
+    file name (TensorBoard) skip it.
     """
     _replace_with(path, write, synced=False)
 
@@ -115,7 +117,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable; a no-op where folders cannot be opened."""
+    """Makes a rename in ``folder`` durable, best effort: a no-op where folders cannot be
+    opened, and any error of the fsync is ignored (some file systems refuse it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
