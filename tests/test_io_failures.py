@@ -452,14 +452,14 @@ def test_a_failed_delete_of_an_old_checkpoint_is_a_warning_and_the_run_goes_on(
     """EIO deleting the checkpoint of epoch 1 (keep_checkpoints=2, after epoch 3's is
     written): the run ends as the uninterrupted one, and the log names the file."""
     stuck = tmp_path / "checkpoints" / "ckpt-0000000004-e.pt"
-    real_unlink = os.unlink
+    real_unlink = Path.unlink
 
-    def unlink(path, *args, **kwargs):
+    def unlink(path, *args, **kwargs):  # (Path's: on Python 3.10 it holds its own os.unlink)
         if Path(path) == stuck:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(Path, "unlink", unlink)
     final = run(tmp_path)
     monkeypatch.undo()
     assert_same(final, reference[0])
