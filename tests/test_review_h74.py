@@ -4,6 +4,7 @@ of behaviour that holds, and strict xfails of what the review found broken."""
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,54 @@ def test_a_second_fit_with_a_plain_loader_goes_on_as_one_fit():
 
 @pytest.mark.xfail(
     strict=True,
+    reason="EpochLogger's hooks became positional-only at run time (only the base "
+    "Callback's need to be, for type checkers): a loop of one's own that calls "
+    "on_fit_start(state=...) raises TypeError",
+)
+def test_epoch_logger_hooks_take_their_arguments_by_keyword(tmp_path):
+    state = _state()
+    cb = fl.callbacks.CSVLogger(tmp_path / "m.csv")
+    cb.on_fit_start(state=state)
+    cb.on_train_epoch_end(state=state.replace(epoch=1, step=4), metrics={"train/loss": 0.5})
+    cb.on_fit_end(state=state.replace(epoch=1, step=4))
+    assert (tmp_path / "m.csv").read_text().splitlines()[1].startswith("1,4,0.5,")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a row with a cell beyond the header refuses on_fit_start even when the file "
+    "needs no rewrite (a resume at its last row): it used to be appended to as it was",
+)
+def test_a_hand_added_cell_does_not_stop_a_resume_that_rewrites_nothing(tmp_path):
+    log = tmp_path / "logs" / "m.csv"
+    run = tmp_path / "run"
+    loader = DataLoader(_data(), batch_size=8)
+    _fit(_state(), loader, 2, out_dir=run, callbacks=[fl.callbacks.CSVLogger(log)])
+    lines = log.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].rstrip("\n") + ",my note\n"
+    log.write_text("".join(lines))
+    _fit(_state(), loader, 3, out_dir=run, callbacks=[fl.callbacks.CSVLogger(log)])
+    assert log.read_text().splitlines()[1].endswith(",my note")
+    assert len(log.read_text().splitlines()) == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rows of epochs a logger never saw (a trained state, no checkpoint) are "
+    "'written back' with a RuntimeWarning about a checkpoint and torn rows",
+)
+def test_a_trained_state_without_a_checkpoint_gives_no_torn_rows_warning(tmp_path):
+    log = tmp_path / "log.jsonl"
+    loader = DataLoader(_data(), batch_size=8)
+    state = _fit(_state(), loader, 1, callbacks=[fl.callbacks.JSONLinesLogger(log)])
+    state = _fit(state, loader, 3)  # trained on without the logger
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _fit(state, loader, 4, callbacks=[fl.callbacks.JSONLinesLogger(log)])
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="an old checkpoint that cannot be deleted is retried and warned about at "
     "every later checkpoint (once per epoch), not once",
 )
@@ -102,6 +151,26 @@ def test_a_relative_run_folder_sets_aside_its_jsonl_log_on_a_fresh_start(tmp_pat
     (aside,) = (tmp_path / "run/checkpoints").glob("previous-*")
     assert (aside / "logs/x.jsonl").read_text() == before
     assert len((tmp_path / "run/logs/x.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="atomic_write_file turns any RuntimeError with an OSError anywhere in its chain "
+    "into an OSError naming the file written: matplotlib's 'latex could not be found' "
+    "(text.usetex without LaTeX) became 'No such file or directory: history.png'",
+)
+def test_a_runtime_error_raised_from_another_files_os_error_keeps_its_message(tmp_path):
+    from fnloop._io import atomic_write_file
+
+    def write(f):
+        try:
+            (tmp_path / "no-such-folder" / "latex").read_bytes()
+        except FileNotFoundError as e:
+            raise RuntimeError("latex could not be found") from e
+
+    with pytest.raises(RuntimeError, match="latex could not be found"):
+        atomic_write_file(tmp_path / "history.png", write)
+    assert not (tmp_path / "history.png").exists()
 
 
 def test_another_process_appends_its_line_only_to_an_existing_log(tmp_path):
