@@ -184,3 +184,42 @@ def test_another_process_appends_its_line_only_to_an_existing_log(tmp_path):
     first, line = missing.read_text(encoding="utf-8").splitlines()
     assert first == "first"
     assert line.endswith(" - ERROR - Process 1 of 2: Stopped by ValueError.")
+
+
+class _Levels(torch.utils.data.Dataset):
+    """Items that carry the dataset's ``level`` as their label (a curriculum setting)."""
+
+    level = 0
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.randn(4), torch.tensor(self.level)
+
+
+class _SetLevel(fl.callbacks.Callback):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_fit_start(self, state):
+        self.dataset.level = 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fit starts persistent workers before on_fit_start: a dataset setting a callback "
+    "makes there no longer reaches the workers (it did when they started at the first epoch)",
+)
+def test_persistent_workers_see_what_on_fit_start_set_on_the_dataset():
+    dataset, seen = _Levels(), []
+
+    def step(model, batch):
+        x, level = batch
+        seen.extend(level.tolist())
+        return {"loss": model(x).pow(2).mean()}
+
+    loader = DataLoader(dataset, batch_size=8, num_workers=1, persistent_workers=True)
+    state = fl.TrainState.create(nn.Linear(4, 1), tx=optim.sgd(0.1), device="cpu")
+    fl.fit(state, step, loader, max_epochs=1, callbacks=[_SetLevel(dataset)], log_to_console=False)
+    assert seen == [3] * 16
