@@ -182,6 +182,25 @@ def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
     raise AssertionError("fit went on after a process failed")
 
 
+def fails_in_rank_0(rank: int, out: Path) -> dict[str, Any]:
+    """:func:`fails_in_rank_1` the other way round: rank 0's step raises at its third
+    batch, and rank 1 sees its all-reduce cut off."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data))
+    calls = []
+
+    def step(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+        calls.append(None)
+        if rank == 0 and len(calls) == 3:
+            raise ValueError("a bug in rank 0 alone")
+        return classify(model, batch)
+
+    state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
+    fl.fit(state, step, loader, max_epochs=1, out_dir=out / "run", log_to_console=False)
+    raise AssertionError("fit went on after a process failed")
+
+
 class Records(logging.Handler):
     """Keeps the messages logged to it."""
 
