@@ -1265,8 +1265,6 @@ class _Run:
         self.warn_uneven_validation()
         self.warn_unsharded_train()
         self.warn_scores_minimized()
-        if self.state.epoch < self.max_epochs and not self.stop_reason:
-            self.start_persistent_workers()
         state = self.callbacks("on_fit_start", self.state)
         if state.opt_state is not self.state.opt_state:  # a callback set another rate, say
             _log_lr_changes(
@@ -1274,6 +1272,8 @@ class _Run:
                 list(learning_rate_metrics(self.state.opt_state).values()),
                 list(learning_rate_metrics(state.opt_state).values()),
             )
+        if state.epoch < self.max_epochs and not self.stop_reason:
+            self.start_persistent_workers()  # after on_fit_start, which may set up the data
         if rng is not None and position is None:  # after on_fit_start, which may draw
             self.set_rng_state(rng)
         if self.stop_reason:
@@ -1314,13 +1314,19 @@ class _Run:
 
     def start_persistent_workers(self) -> None:
         """Starts the workers of the loaders that keep them between epochs, before any
-        random state is recorded or restored. Started, they draw their base seed from the
+        random state is restored or recorded. Started, they draw their base seed from the
         loader's generator (the global one without) once: at a resumed run's first epoch,
         after the restore, that draw would shift its shuffle order (and the global stream)
         from the uninterrupted run's, where it came before the epoch's state was saved."""
         for loader in (self.train_loader, self.valid_loader):
-            if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers:
-                iter(loader)  # (the batches it prefetches are dropped when an epoch starts)
+            if (
+                isinstance(loader, torch.utils.data.DataLoader)
+                and loader.persistent_workers
+                and loader._iterator is None  # (running since an earlier fit: drew already)
+            ):
+                # DataLoader's own: a subclass's __iter__ may be a generator, which starts
+                # nothing until the epoch. The batches it prefetches are dropped then.
+                torch.utils.data.DataLoader.__iter__(loader)
 
     def warn_persistent_workers(self) -> None:
         """Warns, on resuming, about loaders whose workers outlive an epoch: their random

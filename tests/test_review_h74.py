@@ -36,12 +36,6 @@ def _fit(state, loader, epochs, **kw):
     return fl.fit(state, _classify, loader, max_epochs=epochs, progress=False, **kw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit primes persistent workers with iter(loader) even when they already run (an "
-    "earlier fit call): the reset draws one more shuffle order, so fit(2) then fit(4) no "
-    "longer trains as fit(4) (it did before the priming)",
-)
 def test_a_second_fit_with_a_persistent_loader_goes_on_as_one_fit():
     def run(*epochs):
         state = _state()
@@ -206,11 +200,6 @@ class _SetLevel(fl.callbacks.Callback):
         self.dataset.level = 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit starts persistent workers before on_fit_start: a dataset setting a callback "
-    "makes there no longer reaches the workers (it did when they started at the first epoch)",
-)
 def test_persistent_workers_see_what_on_fit_start_set_on_the_dataset():
     dataset, seen = _Levels(), []
 
@@ -257,12 +246,6 @@ class _Forwarding(DataLoader):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit primes persistent workers with iter(loader): a subclass whose __iter__ is a "
-    "generator starts none, so the resumed run's shuffle order shifts (the guide says it "
-    "repeats); DataLoader.__iter__(loader) would start them",
-)
 def test_a_resume_with_a_persistent_dataloader_subclass_repeats_the_run(tmp_path):
     def run(out, epochs):
         loader = _Forwarding(
