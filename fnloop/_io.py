@@ -59,9 +59,10 @@ def _replace_with(path: Path, write: Callable[[Path], Any], *, synced: bool) -> 
 def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """:func:`atomic_write` for a ``write`` that takes a binary file object.
 
-    A write that fails inside ``torch.save`` (a full disk: torch raises a
-    ``RuntimeError`` whose context is the ``OSError``) is raised as an ``OSError`` of
-    the same ``errno`` that names ``path``, chained from torch's error.
+    A write that fails (a full disk) raises an ``OSError`` that names ``path``: inside
+    ``torch.save``, which raises its own ``RuntimeError`` with the ``OSError`` as its
+    context, one of the same ``errno``, chained from torch's error; at the flush, fsync
+    or close, the ``OSError`` with the file's name added.
     """
 
     def to_file(tmp: Path) -> None:
@@ -71,26 +72,23 @@ def atomic_write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
                 f.flush()
                 _fsync(f.fileno())
         except RuntimeError as e:
-            # torch.save reports a failed write of the file (a full disk) as its own
-            # RuntimeError ("unexpected pos ..."), the OSError only in its context.
-            cause = _os_error_in(e)
-            if cause is None:
+            # torch.save's "unexpected pos ...", raised while handling the file's OSError
+            # (which names no file; another file's error, as matplotlib's, goes as it is).
+            cause = e.__context__
+            if (
+                e.__cause__ is not None
+                or not isinstance(cause, OSError)
+                or cause.errno is None
+                or cause.filename is not None
+            ):
                 raise
-            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
     _replace_with(path, to_file, synced=True)
-
-
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError that ``error`` was raised from or while handling, if any."""
-    seen: set[int] = set()
-    inner: BaseException | None = error
-    while inner is not None and id(inner) not in seen:
-        if isinstance(inner, OSError) and inner.errno is not None:
-            return inner
-        seen.add(id(inner))
-        inner = inner.__cause__ or inner.__context__
-    return None
 
 
 # What a file system says when it cannot fsync a file at all (not when it failed to).

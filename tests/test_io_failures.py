@@ -166,8 +166,8 @@ class _FailingWrites:
 
             def write(self, data):
                 File.calls += 1
-                if File.calls == outer.n:
-                    raise _full(file)
+                if File.calls == outer.n:  # as write(2) fails: an OSError naming no file
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return f.write(data)
 
             def __getattr__(self, name):

@@ -147,12 +147,6 @@ def test_a_relative_run_folder_sets_aside_its_jsonl_log_on_a_fresh_start(tmp_pat
     assert len((tmp_path / "run/logs/x.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic_write_file turns any RuntimeError with an OSError anywhere in its chain "
-    "into an OSError naming the file written: matplotlib's 'latex could not be found' "
-    "(text.usetex without LaTeX) became 'No such file or directory: history.png'",
-)
 def test_a_runtime_error_raised_from_another_files_os_error_keeps_its_message(tmp_path):
     from fnloop._io import atomic_write_file
 
@@ -214,12 +208,6 @@ def test_persistent_workers_see_what_on_fit_start_set_on_the_dataset():
     assert seen == [3] * 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="only a RuntimeError from inside torch.save is named: a full disk that shows at "
-    "the file's flush, fsync or close (64 KiB tmpfs: a checkpoint of nn.Linear(76, 76)) "
-    "raises '[Errno 28] No space left on device' naming no file",
-)
 def test_a_full_disk_at_the_files_fsync_raises_an_oserror_naming_the_file(tmp_path, monkeypatch):
     import errno
     import os
