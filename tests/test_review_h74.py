@@ -65,12 +65,6 @@ def test_a_second_fit_with_a_plain_loader_goes_on_as_one_fit():
         torch.testing.assert_close(two.params[k], one.params[k], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EpochLogger's hooks became positional-only at run time (only the base "
-    "Callback's need to be, for type checkers): a loop of one's own that calls "
-    "on_fit_start(state=...) raises TypeError",
-)
 def test_epoch_logger_hooks_take_their_arguments_by_keyword(tmp_path):
     state = _state()
     cb = fl.callbacks.CSVLogger(tmp_path / "m.csv")
@@ -80,11 +74,6 @@ def test_epoch_logger_hooks_take_their_arguments_by_keyword(tmp_path):
     assert (tmp_path / "m.csv").read_text().splitlines()[1].startswith("1,4,0.5,")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a row with a cell beyond the header refuses on_fit_start even when the file "
-    "needs no rewrite (a resume at its last row): it used to be appended to as it was",
-)
 def test_a_hand_added_cell_does_not_stop_a_resume_that_rewrites_nothing(tmp_path):
     log = tmp_path / "logs" / "m.csv"
     run = tmp_path / "run"
@@ -98,11 +87,6 @@ def test_a_hand_added_cell_does_not_stop_a_resume_that_rewrites_nothing(tmp_path
     assert len(log.read_text().splitlines()) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rows of epochs a logger never saw (a trained state, no checkpoint) are "
-    "'written back' with a RuntimeWarning about a checkpoint and torn rows",
-)
 def test_a_trained_state_without_a_checkpoint_gives_no_torn_rows_warning(tmp_path):
     log = tmp_path / "log.jsonl"
     loader = DataLoader(_data(), batch_size=8)

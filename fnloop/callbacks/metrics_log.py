@@ -147,7 +147,7 @@ class EpochLogger(Callback):
         """Closes what :meth:`start` opened (at ``on_fit_end``, after the last row;
         ``state`` is ``None`` when ``fit`` ended by an exception)."""
 
-    def on_fit_start(self, state: TrainState, /) -> TrainState | None:
+    def on_fit_start(self, state: TrainState) -> TrainState | None:
         self._pending, self._counters, self._history = {}, None, state.history
         self._finished_epoch = state.epoch
         self._active = is_main_process()
@@ -156,13 +156,13 @@ class EpochLogger(Callback):
             self.start(state)
         return None
 
-    def on_train_epoch_start(self, state: TrainState, /) -> TrainState | None:
+    def on_train_epoch_start(self, state: TrainState) -> TrainState | None:
         self._flush()
         self._history = state.history
         return None
 
     def on_train_epoch_end(
-        self, state: TrainState, metrics: Mapping[str, float], /
+        self, state: TrainState, metrics: Mapping[str, float]
     ) -> TrainState | None:
         self._require_started("on_train_epoch_end")
         if not self._active:
@@ -173,7 +173,7 @@ class EpochLogger(Callback):
         return None
 
     def on_validation_epoch_end(
-        self, state: TrainState, metrics: Mapping[str, float], /
+        self, state: TrainState, metrics: Mapping[str, float]
     ) -> TrainState | None:
         self._require_started("on_validation_epoch_end")
         if self._active:
@@ -181,7 +181,7 @@ class EpochLogger(Callback):
             self._flush()
         return None
 
-    def on_fit_end(self, state: TrainState, /) -> TrainState | None:
+    def on_fit_end(self, state: TrainState) -> TrainState | None:
         self._started = False
         if not self._active:
             return None
@@ -260,65 +260,21 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _rebuilt_rows(path: Path, state: TrainState, logged: Iterable[tuple[Any, Any]]) -> list[Any]:
-    """The rows of the epochs after the file's last row up to ``state.epoch``, rebuilt
-    from ``state.history``: rows torn or lost when the machine stopped after the epoch's
-    checkpoint (which is fsynced) had been written; warns, naming ``path``.
-
-    A row's ``step`` is not in the history: it is the file's steps per epoch (from its
-    last two rows, or its first row and step 0), when ``state.step`` confirms it (a
-    state at the end of an epoch, epochs of one length). Otherwise the rows are not
-    written back, and the warning says so. Only metrics logged in every epoch are known
-    per epoch; the history of a state made by hand (none) gives no rows.
-    """
-    steps: dict[int, int] = {}
-    for epoch, step in logged:
-        try:
-            steps[int(epoch)] = int(step)
-        except (TypeError, ValueError):
-            continue
-    if not steps:  # (a file without rows: a new one, or a state trained elsewhere)
-        return []
-    last = max(steps)
-    missing = range(last + 1, state.epoch + 1)
-    columns = {
-        f"{split}/{name}": values
-        for split, metrics in state.history.items()
-        for name, values in metrics.items()
-        if len(values) == state.epoch
-    }
-    if not missing or not columns:
-        return []
-    epochs = f"row of epoch {missing[0]}"
-    if len(missing) > 1:
-        epochs = f"rows of epochs {missing[0]}-{missing[-1]}"
-    before = steps.get(last - 1, 0 if last == 1 else None)
-    per_epoch = steps[last] - before if before is not None else 0
-    if per_epoch <= 0 or state.step != steps[last] + per_epoch * len(missing):
+def _warn_missing_rows(path: Path, state: TrainState, epochs: Iterable[Any]) -> None:
+    """Warns when the file's last row comes before ``state.epoch``, the resumed state's:
+    rows fsynced before their epoch's checkpoint and gone all the same (a file system
+    that ignored the fsync, an edit). Their values are in ``state.history``."""
+    last = max((int(e) for e in epochs if str(e).isdigit()), default=None)
+    if last is not None and last < state.epoch:
+        rows = f"row of epoch {state.epoch}"
+        if last + 1 < state.epoch:
+            rows = f"rows of epochs {last + 1}-{state.epoch}"
         warnings.warn(
-            f"{path} lacks the {epochs}, which the checkpoint's history "
-            f"holds (rows torn or lost when the machine stopped after their checkpoint?), "
-            f"and they are not written back: their steps are unknown (a resume from a "
-            f"mid-epoch checkpoint, or epochs of several lengths). The values are in "
-            f"state.history.",
+            f"{path} lacks the {rows}, which the resumed state has finished; their "
+            f"values are in state.history.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return []
-    warnings.warn(
-        f"{path} lacked the {epochs}, which the checkpoint's history holds "
-        f"(rows torn or lost when the machine stopped after their checkpoint?): they are "
-        f"written back from the history.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    rows: list[dict[str, float]] = []
-    for epoch in missing:
-        row: dict[str, float] = {"epoch": epoch, "step": steps[last] + per_epoch * (epoch - last)}
-        for key, values in columns.items():
-            row.update(_scalar_items(key, values[epoch - 1]))
-        rows.append(row)
-    return rows
 
 
 def _after(epoch: Any, state_epoch: int) -> bool:
@@ -331,11 +287,28 @@ def _after(epoch: Any, state_epoch: int) -> bool:
 
 _EXTRA_CELLS_MSG = (
     "{path}, line {line}, has {cells} cells and the header {columns}: the logger cannot "
-    "rewrite the file (when it drops the rows after the checkpoint a run resumes from, "
-    "or widens the header for a new metric) without losing them. Remove or repair that "
-    "line (a hand edit, or files joined?), or start afresh: fit(..., resume=False) with an "
-    "untrained state moves the file aside."
+    "rewrite the file (to drop the rows after the checkpoint a run resumes from, or to "
+    "widen the header for a new metric) without losing them. Remove or repair that line "
+    "(a hand edit, or files joined?), or move the file away."
 )
+
+
+def _read_rows(
+    lines: Iterable[str], path: Path
+) -> tuple[list[str], list[dict[str, Any]], str | None]:
+    """A CSV file's header and rows, and for a row with more cells than the header (a
+    hand edit) the error to raise before the file is rewritten, which would lose them."""
+    reader = csv.DictReader(lines)
+    fieldnames = list(reader.fieldnames or [])
+    rows, error = [], None
+    for row in reader:
+        if None in row and error is None:  # (DictReader's key for the cells beyond)
+            cells = len(fieldnames) + len(row[None])
+            error = _EXTRA_CELLS_MSG.format(
+                path=path, line=reader.line_num, cells=cells, columns=len(fieldnames)
+            )
+        rows.append(row)
+    return fieldnames, rows, error
 
 
 def _csv_text(fieldnames: list[str], rows: Iterable[Mapping[str, Any]], header: bool) -> str:
@@ -355,12 +328,12 @@ class CSVLogger(EpochLogger):
     run resumes from, or left by an earlier run in the same place) are dropped first, so
     no epoch appears twice. When a metric appears that the header lacks, the file is
     rewritten with the wider header (earlier rows get empty cells). Each row is flushed
-    and fsynced as it is written (before ``fit`` writes the epoch's checkpoint); rows
-    of the state's finished epochs after the file's last row (lost all the same: a
-    file system that ignores fsync) are written back from ``state.history`` at
-    ``on_fit_start``, with a ``RuntimeWarning``. A row with more cells than the header
-    (a hand edit) is a ``ValueError`` at ``on_fit_start`` that names its line: the file
-    could not be rewritten without losing cells.
+    and fsynced as it is written (before ``fit`` writes the epoch's checkpoint); a
+    resumed run whose file lacks rows of finished epochs all the same (a file system
+    that ignores fsync, an edit) gets a ``RuntimeWarning`` (the values are in
+    ``state.history``). A row with more cells than the header (a hand edit) is a
+    ``ValueError`` naming its line when the file is to be rewritten, which would lose
+    its cells.
 
     Args:
       path: the CSV file (a leading ``~`` is the home folder, as in ``fit``'s
@@ -391,37 +364,24 @@ class CSVLogger(EpochLogger):
         if not lines:  # (a torn header goes at the first row, which writes the file afresh)
             self._fieldnames = []
             return
-        reader = csv.DictReader(lines)
-        self._fieldnames = list(reader.fieldnames or [])
-        rows = []
-        for row in reader:
-            if None in row:  # (DictReader's key for cells beyond the header's)
-                raise ValueError(
-                    _EXTRA_CELLS_MSG.format(
-                        path=self.path,
-                        line=reader.line_num,
-                        cells=len(self._fieldnames) + len(row[None]),
-                        columns=len(self._fieldnames),
-                    )
-                )
-            rows.append(row)
+        self._fieldnames, rows, error = _read_rows(lines, self.path)
         kept = [r for r in rows if not _after(r.get("epoch"), state.epoch)]
-        logged = [(r.get("epoch"), r.get("step")) for r in kept]
-        rebuilt = _rebuilt_rows(self.path, state, logged)
-        for key in (k for row in rebuilt for k in row):
-            if key not in self._fieldnames:
-                self._fieldnames.append(key)
-        if torn or rebuilt or len(kept) != len(rows):
-            text = _csv_text(self._fieldnames, [*kept, *rebuilt], header=True)
-            _write_text(self.path, text)
+        if self._resumable:
+            _warn_missing_rows(self.path, state, (r.get("epoch") for r in kept))
+        if torn or len(kept) != len(rows):
+            if error is not None:
+                raise ValueError(error)
+            _write_text(self.path, _csv_text(self._fieldnames, kept, header=True))
 
     def write_row(self, row: Mapping[str, float]) -> None:
         new = [k for k in row if k not in self._fieldnames]
         if new:
-            old_rows: list[dict[str, str]] = []
+            old_rows: list[dict[str, Any]] = []
             if self._fieldnames and self.path.exists():
                 with open(self.path, encoding="utf-8", newline="") as f:
-                    old_rows = list(csv.DictReader(f))
+                    _, old_rows, error = _read_rows(f, self.path)
+                if error is not None:
+                    raise ValueError(error)
             self._fieldnames = [*self._fieldnames, *new]
             _write_text(self.path, _csv_text(self._fieldnames, old_rows, header=True))
         with open(self.path, "a", encoding="utf-8", newline="") as f:
@@ -434,8 +394,8 @@ class JSONLinesLogger(EpochLogger):
     """Writes one JSON object per epoch and line: ``{"epoch": 1, "step": 80, "train/loss": ...}``.
 
     Appends across ``fit`` calls like :class:`CSVLogger`, dropping lines of epochs
-    beyond the state's epoch at ``on_fit_start``, and writing back lost lines of its
-    finished epochs. Each line is flushed and fsynced as it is written.
+    beyond the state's epoch at ``on_fit_start`` and warning about lines of finished
+    epochs that are missing. Each line is flushed and fsynced as it is written.
     A value that is not finite (a diverged epoch's loss) is written as ``null``, so every
     line is standard JSON.
 
@@ -467,10 +427,11 @@ class JSONLinesLogger(EpochLogger):
             if not (isinstance(record, dict) and _after(record.get("epoch"), state.epoch)):
                 kept.append(line)
                 if isinstance(record, dict):
-                    logged.append((record.get("epoch"), record.get("step")))
-        rebuilt = [_json_line(row) for row in _rebuilt_rows(self.path, state, logged)]
-        if torn or rebuilt or len(kept) != len(lines):
-            _write_text(self.path, "".join(kept + rebuilt))
+                    logged.append(record.get("epoch"))
+        if self._resumable:
+            _warn_missing_rows(self.path, state, logged)
+        if torn or len(kept) != len(lines):
+            _write_text(self.path, "".join(kept))
 
     def write_row(self, row: Mapping[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
