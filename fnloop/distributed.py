@@ -229,7 +229,7 @@ def gather(obj: T) -> list[T]:
         return [obj]
     out: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
-    return out  # (filled with every process's obj)
+    return out
 
 
 def barrier() -> None:

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -228,9 +229,15 @@ def _append_to_log(path: Path, message: str) -> None:
     line = logging.Formatter(LOG_FORMAT).format(record) + "\n"
     try:
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8") as f:
-            f.write(line)  # (os.open without O_CREAT: never makes the file)
+            f.write(line)
     except OSError:
         pass
+
+
+def _in_collective(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``torch.distributed`` (a collective cut off)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames)
 
 
 def _drop_record(record: logging.LogRecord) -> bool:
@@ -1466,7 +1473,7 @@ class _Run:
         """Says in the log why the run ended (once), and, in an epoch, how to go on."""
         if not self.failure_logged:
             self.failure_logged = True
-            hint = f" {self.resume_hint(failed=True)}" if where else ""
+            hint = f" {self.resume_hint(failed=True)}" if where and self.main else ""
             if SYMBOLIC_SIZES in str(error):
                 hint = f" {SYMBOLIC_SIZES_HINT}{hint}"
                 if hasattr(error, "add_note"):  # Python 3.11+: the traceback shows it too
@@ -1479,9 +1486,10 @@ class _Run:
             line = f"Stopped by {type(error).__name__}{where}{detail}"
             if self.main:
                 self.logger.error(f"{line}{hint}")
-            elif self.run_dir is not None:
+            elif self.run_dir is not None and not _in_collective(error):
                 # The cause of a failure in another process: rank 0 only sees a collective
-                # cut off ("Connection closed by peer"), so that process says why itself.
+                # cut off ("Connection closed by peer"), so that process says why itself
+                # (not when its own collective was cut off: rank 0 failed first).
                 log_file = self.run_dir / f"{self.run_name}_training.log"
                 _append_to_log(log_file, f"Process {rank()} of {world_size()}: {line}")
 

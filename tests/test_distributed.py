@@ -517,12 +517,6 @@ def test_a_failure_in_another_process_says_why_in_rank_0s_log(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a process other than rank 0 appends every error it ends with, also its own "
-    "collective cut off by rank 0's failure: rank 0's log ends on 'Process 1 of 2: Stopped "
-    "by RuntimeError ... Connection closed by peer', after rank 0's real cause",
-)
 def test_a_failure_in_rank_0_alone_gets_no_line_from_the_process_it_cut_off(tmp_path) -> None:
     torchrun(tmp_path, "fails_in_rank_0", job=BAD_INPUT_JOB, timeout=240, fails=True)
     log = (tmp_path / "run" / "run_training.log").read_text(encoding="utf-8")
