@@ -985,6 +985,8 @@ class _Run:
     generators: list[torch.Generator] = dataclasses.field(init=False)
     epochs_run: int = 0
     failure_logged: bool = False
+    # Old checkpoints whose delete failed (warned about once; not counted as kept).
+    undeletable: set[Path] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         extra: list[Callback] = []
@@ -1069,29 +1071,30 @@ class _Run:
             path = self.ckpt_dir / f"ckpt-{state.step:010d}-{kind}.pt"
             ckpt.save_checkpoint(path, state, fit=self.record(position, ranks))
 
-            def delete(old: Path) -> None:  # a failure is a warning: the new one is written
-                try:
-                    old.unlink(missing_ok=True)
-                except OSError as e:
-                    self.logger.warning(
-                        f"Could not delete the old checkpoint {old} ({e}); it stays (a "
-                        f"resume takes the newest good one). Delete it by hand to free "
-                        f"its space."
-                    )
-
-            superseded = path.with_name(f"ckpt-{state.step:010d}-b.pt")
-            if kind == "e":  # an epoch that ended on a mid-epoch checkpoint's step supersedes it
-                delete(superseded)
+            # An epoch that ended on a mid-epoch checkpoint's step supersedes that one.
+            old = [path.with_name(f"ckpt-{state.step:010d}-b.pt")] if kind == "e" else []
             # Only files of earlier steps make way: a newer one that the run did not resume
             # from (damaged, skipped) must not push out the good checkpoints it writes.
             earlier = [
                 p
                 for p in _own_checkpoints(self.ckpt_dir)
-                if p.name <= path.name and (kind == "b" or p != superseded)
+                if p.name <= path.name and p not in old and p not in self.undeletable
             ]
-            for old in earlier[self.keep :]:
-                delete(old)
+            for p in old + earlier[self.keep :]:
+                self.delete_checkpoint(p)
         barrier()  # no process reads the folder (a restart after a crash) while rank 0 writes
+
+    def delete_checkpoint(self, path: Path) -> None:
+        """Deletes an old checkpoint; a failure is a warning (once per file): the new
+        checkpoint is written, and a resume takes the newest good one."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            self.undeletable.add(path)
+            self.logger.warning(
+                f"Could not delete the old checkpoint {path} ({e}); it stays. Delete it "
+                f"by hand to free its space."
+            )
 
     def restore(self) -> tuple[int | None, dict[str, Any] | None]:
         """Resumes from the newest good checkpoint; returns the batch position and RNG."""

@@ -1,5 +1,7 @@
-"""Review of the typed API, log-file and persistent-worker changes: regression guards
-of behaviour that holds, and strict xfails of what the review found broken."""
+"""Edges of fit's run folder and loaders found in review: loggers' hooks called by
+keyword, hand-edited and never-logged metrics rows, undeletable checkpoints, errors of
+other files while writing, persistent workers across fit calls, on_fit_start and
+DataLoader subclasses, and the log line of another process."""
 
 from __future__ import annotations
 
@@ -97,11 +99,6 @@ def test_a_trained_state_without_a_checkpoint_gives_no_torn_rows_warning(tmp_pat
         _fit(state, loader, 4, callbacks=[fl.callbacks.JSONLinesLogger(log)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an old checkpoint that cannot be deleted is retried and warned about at "
-    "every later checkpoint (once per epoch), not once",
-)
 def test_an_undeletable_old_checkpoint_is_warned_about_once(tmp_path, monkeypatch):
     real = pathlib.Path.unlink
 
