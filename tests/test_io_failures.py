@@ -249,6 +249,20 @@ def _newer_export(path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, path.with_name("ckpt-9999999999-e.pt"))
 
 
+def _crash_in_epoch_3(folder: Path) -> None:
+    """A run to 3 epochs that crashes in epoch 3, after the checkpoints of epochs 1 and 2."""
+    with pytest.raises(KeyError):
+        fl.fit(
+            make_state(),
+            classify,
+            loader(),
+            max_epochs=3,
+            out_dir=folder,
+            callbacks=[OwnPlot(folder), _CrashAtEpoch3()],
+            log_to_console=False,
+        )
+
+
 @pytest.mark.parametrize("damage", [_cut, _empty, _foreign, _newer_export])
 def test_a_damaged_newest_checkpoint_is_named_and_skipped_and_the_run_ends_as_uninterrupted(
     tmp_path, reference, damage
@@ -256,16 +270,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped_and_the_run_ends_as_un
     """The newest checkpoint cut by one byte, emptied, overwritten by a text file, or a
     newer-named file that is a model export: the re-run names the file it skips, resumes
     from the one before, and ends bit for bit as the uninterrupted run."""
-    with pytest.raises(KeyError):
-        fl.fit(
-            make_state(),
-            classify,
-            loader(),
-            max_epochs=3,
-            out_dir=tmp_path,
-            callbacks=[OwnPlot(tmp_path), _CrashAtEpoch3()],
-            log_to_console=False,
-        )
+    _crash_in_epoch_3(tmp_path)
     newest = tmp_path / "checkpoints" / "ckpt-0000000008-e.pt"
     damage(newest)
     skipped = newest if damage is not _newer_export else newest.with_name("ckpt-9999999999-e.pt")
@@ -285,16 +290,7 @@ def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_warned_about(tmp_path, re
     """Rows are fsynced before their epoch's checkpoint; one lost all the same (a file
     system that ignored the fsync) is named in a warning when the run resumes, its
     values being in the history, and the file goes on without it."""
-    with pytest.raises(KeyError):
-        fl.fit(
-            make_state(),
-            classify,
-            loader(),
-            max_epochs=3,
-            out_dir=tmp_path,
-            callbacks=[OwnPlot(tmp_path), _CrashAtEpoch3()],
-            log_to_console=False,
-        )
+    _crash_in_epoch_3(tmp_path)
     csv = tmp_path / "metrics.csv"
     csv.write_text(csv.read_text()[:-12])  # epoch 2's row, partly on disk
     with pytest.warns(RuntimeWarning, match=f"{csv} lacks the row of epoch 2, which the"):

@@ -163,9 +163,10 @@ def best_model_after_fit(rank: int, out: Path) -> dict[str, Any]:
     return {"best_model": (run / "best_model.pt").exists(), "plot": (run / "history.png").exists()}
 
 
-def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
-    """A training step that raises in rank 1 alone, at its third batch: fit raises in
-    both processes (rank 0's all-reduce is cut off), so this case returns nothing."""
+def _fails_in(failing: int, rank: int, out: Path) -> dict[str, Any]:
+    """A training step that raises in rank ``failing`` alone, at its third batch: fit
+    raises in both processes (the other one's all-reduce is cut off), so this case
+    returns nothing."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data))
@@ -173,8 +174,8 @@ def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
 
     def step(model: Any, batch: Any) -> dict[str, torch.Tensor]:
         calls.append(None)
-        if rank == 1 and len(calls) == 3:
-            raise ValueError("a bug in rank 1 alone")
+        if rank == failing and len(calls) == 3:
+            raise ValueError(f"a bug in rank {failing} alone")
         return classify(model, batch)
 
     state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
@@ -183,22 +184,11 @@ def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
 
 
 def fails_in_rank_0(rank: int, out: Path) -> dict[str, Any]:
-    """:func:`fails_in_rank_1` the other way round: rank 0's step raises at its third
-    batch, and rank 1 sees its all-reduce cut off."""
-    torch.manual_seed(0)
-    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
-    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data))
-    calls = []
+    return _fails_in(0, rank, out)
 
-    def step(model: Any, batch: Any) -> dict[str, torch.Tensor]:
-        calls.append(None)
-        if rank == 0 and len(calls) == 3:
-            raise ValueError("a bug in rank 0 alone")
-        return classify(model, batch)
 
-    state = fl.TrainState.create(nn.Linear(4, 2), tx=optim.sgd(0.1))
-    fl.fit(state, step, loader, max_epochs=1, out_dir=out / "run", log_to_console=False)
-    raise AssertionError("fit went on after a process failed")
+def fails_in_rank_1(rank: int, out: Path) -> dict[str, Any]:
+    return _fails_in(1, rank, out)
 
 
 class Records(logging.Handler):
