@@ -1392,46 +1392,43 @@ class _Run:
         self.logger.warning(UNSHARDED_TRAIN_MSG.format(world=world_size()))
 
     def set_aside_checkpoints(self, why: str) -> None:
-        """Starting over: an earlier run's checkpoints, best model, metrics.csv, plot and
-        the files of its epoch loggers in the run folder (at their place relative to it)
-        go to a subfolder (kept, but neither pruned with this run's nor resumed from, and
-        the new run's logs start empty instead of dropping the earlier rows; for a state
-        with trained epochs they are copied, and keep the rows of those epochs).
-        ``why`` starts the log line that says where they went."""
+        """Starting over: an earlier run's checkpoints and best model, and the files of
+        the run's loggers in the run folder (metrics.csv, history.png, a JSON lines
+        log), go to a subfolder, the logs at their place relative to the run folder:
+        kept, but neither pruned with this run's nor resumed from, and the new run's logs
+        start empty instead of dropping the earlier rows (for a state with trained epochs
+        the logs are copied, and keep the rows of those epochs). ``why`` starts the log
+        line that says where they went."""
         if self.run_dir is None or self.ckpt_dir is None or not self.main:
             return
-        old = ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")
-        names = (BEST_MODEL, "metrics.csv", "history.png")
-        old += [p for p in (self.run_dir / n for n in names) if p.exists()]
-        # The files of the run's epoch loggers in the run folder (a JSONLinesLogger's,
-        # a CSVLogger's of another name): their start would drop the earlier run's rows.
+        old = {p: Path(p.name) for p in ckpt.find_checkpoints(self.ckpt_dir, "ckpt-*.pt")}
+        if (self.run_dir / BEST_MODEL).exists():
+            old[self.run_dir / BEST_MODEL] = Path(BEST_MODEL)
         run_dir = self.run_dir.resolve()
-        logs: dict[Path, Path] = {}  # file -> where it goes, under the folder set aside
+        logs = {}  # file -> where it goes, under the folder set aside
         for callback in self.callbacks.callbacks:
             path = _resolved(getattr(callback, "path", None))
             if not isinstance(callback, EpochLogger) or path is None or not path.is_file():
                 continue
-            if path.is_relative_to(run_dir) and path not in {p.resolve() for p in old}:
+            if path.is_relative_to(run_dir):
                 logs[path] = path.relative_to(run_dir)
-        old += list(logs)
-        if old:
-            stamp = time.strftime("previous-%Y%m%d-%H%M%S")
-            aside = self.ckpt_dir / stamp
-            for i in itertools.count(1):
-                try:
-                    aside.mkdir()
-                    break
-                except FileExistsError:
-                    aside = self.ckpt_dir / f"{stamp}-{i}"
-            for path in old:
-                to = aside / logs.get(path, Path(path.name))
-                to.parent.mkdir(parents=True, exist_ok=True)
-                if (path in logs or path.name == "metrics.csv") and self.state.epoch > 0:
-                    # A trained state goes on: the loggers keep the rows of its epochs.
-                    shutil.copy2(path, to)
-                else:
-                    path.rename(to)
-            self.logger.info(f"{why}: set the earlier run's files aside in {aside}")
+        if not old and not logs:
+            return
+        stamp = time.strftime("previous-%Y%m%d-%H%M%S")
+        aside = self.ckpt_dir / stamp
+        for i in itertools.count(1):
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                aside = self.ckpt_dir / f"{stamp}-{i}"
+        for path, to in [*old.items(), *logs.items()]:
+            (aside / to).parent.mkdir(parents=True, exist_ok=True)
+            if path in logs and self.state.epoch > 0:
+                shutil.copy2(path, aside / to)  # a trained state goes on: its rows stay
+            else:
+                path.rename(aside / to)
+        self.logger.info(f"{why}: set the earlier run's files aside in {aside}")
 
     def resume_hint(self, failed: bool = False) -> str:
         """How to go on after an interrupt, or after an error (``failed``), which a rerun
