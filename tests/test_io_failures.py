@@ -249,8 +249,8 @@ def _newer_export(path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, path.with_name("ckpt-9999999999-e.pt"))
 
 
-def _crash_in_epoch_3(folder: Path) -> None:
-    """A run to 3 epochs that crashes in epoch 3, after the checkpoints of epochs 1 and 2."""
+def _crashed_run(folder: Path, crash: fl.callbacks.Callback) -> None:
+    """A run to 3 epochs that ``crash`` ends with a KeyError."""
     with pytest.raises(KeyError):
         fl.fit(
             make_state(),
@@ -258,7 +258,7 @@ def _crash_in_epoch_3(folder: Path) -> None:
             loader(),
             max_epochs=3,
             out_dir=folder,
-            callbacks=[OwnPlot(folder), _CrashAtEpoch3()],
+            callbacks=[OwnPlot(folder), crash],
             log_to_console=False,
         )
 
@@ -270,7 +270,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped_and_the_run_ends_as_un
     """The newest checkpoint cut by one byte, emptied, overwritten by a text file, or a
     newer-named file that is a model export: the re-run names the file it skips, resumes
     from the one before, and ends bit for bit as the uninterrupted run."""
-    _crash_in_epoch_3(tmp_path)
+    _crashed_run(tmp_path, _CrashAtEpoch3())  # after the checkpoints of epochs 1 and 2
     newest = tmp_path / "checkpoints" / "ckpt-0000000008-e.pt"
     damage(newest)
     skipped = newest if damage is not _newer_export else newest.with_name("ckpt-9999999999-e.pt")
@@ -290,7 +290,7 @@ def test_a_torn_metrics_row_of_a_checkpointed_epoch_is_warned_about(tmp_path, re
     """Rows are fsynced before their epoch's checkpoint; one lost all the same (a file
     system that ignored the fsync) is named in a warning when the run resumes, its
     values being in the history, and the file goes on without it."""
-    _crash_in_epoch_3(tmp_path)
+    _crashed_run(tmp_path, _CrashAtEpoch3())  # after the checkpoints of epochs 1 and 2
     csv = tmp_path / "metrics.csv"
     csv.write_text(csv.read_text()[:-12])  # epoch 2's row, partly on disk
     with pytest.warns(RuntimeWarning, match=f"{csv} lacks the row of epoch 2, which the"):
@@ -477,16 +477,7 @@ def test_the_resume_hint_names_the_checkpoint_a_resume_would_take(tmp_path, dama
     run(tmp_path, max_epochs=2)
     ckpts = tmp_path / "checkpoints"
     damage(ckpts / "ckpt-0000000008-e.pt")
-    with pytest.raises(KeyError):
-        fl.fit(
-            make_state(),
-            classify,
-            loader(),
-            max_epochs=3,
-            out_dir=tmp_path,
-            callbacks=[OwnPlot(tmp_path), _CrashAtOnce()],
-            log_to_console=False,
-        )
+    _crashed_run(tmp_path, _CrashAtOnce())
     usable = "ckpt-0000000004-e.pt" if damage is not _newer_export else "ckpt-0000000008-e.pt"
     skipped = "ckpt-0000000008-e.pt" if damage is not _newer_export else "ckpt-9999999999-e.pt"
     (line,) = [
