@@ -1,0 +1,82 @@
+"""Claims of the guide's prose that no other test checks (docs/guide.md, section 6):
+which normalization layers train and evaluate under ``vmap`` with ``precision=``, and
+how many graphs the step options add to a compiled train step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnloop as fl
+from fnloop import optim
+
+
+def _classify(model, batch):
+    x, y = batch
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+@pytest.mark.parametrize(
+    ("norm", "make_step"),
+    [
+        (lambda: nn.GroupNorm(2, 6), fl.make_train_step),
+        (lambda: nn.GroupNorm(2, 6), fl.make_eval_step),
+        (lambda: nn.LayerNorm(6), fl.make_eval_step),
+    ],
+    ids=["groupnorm-train", "groupnorm-eval", "layernorm-eval"],
+)
+def test_vmapped_bf16_runs_through_the_normalization_layers_the_guide_says_work(norm, make_step):
+    """Section 6: under ``vmap`` with ``precision=`` torch's batched BatchNorm (training
+    and evaluation), LayerNorm and InstanceNorm (training) fail on the CPU, while
+    GroupNorm works (and LayerNorm evaluates): each stacked model gets what its own step
+    gives it alone."""
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(6, 6), norm(), nn.Linear(6, 3))
+        states.append(fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu"))
+    batch = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    step = make_step(_classify, precision="bf16")
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    out = many(fl.stack_states(states), batch)
+    metrics = out[1] if isinstance(out, tuple) else out
+    for i, state in enumerate(states):
+        alone = step(state, batch)
+        alone = alone[1] if isinstance(alone, tuple) else alone
+        torch.testing.assert_close(metrics["loss"][i], alone["loss"], rtol=2e-2, atol=2e-2)
+
+
+def _graphs(start_step: int, **options) -> int:
+    """The graphs dynamo makes of a train step made with ``options`` over 6 calls from a
+    state at ``start_step``."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device="cpu").clone()
+    state = state.replace(step=start_step)
+    counter = CompileCounter()
+    step = torch.compile(fl.make_train_step(_classify, **options), backend=counter)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    for _ in range(6):
+        state, _ = step(state, batch)
+    return counter.frame_count
+
+
+@pytest.mark.slow  # dynamo traces the step 8 times: 15-25 s on two CPU cores
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_compiled_step_options_add_the_graphs_the_guide_counts(start_step):
+    """Section 6: options add a few graphs, once each: ``accumulation_steps=k`` one or
+    two (the window's first and last micro-batch), fp16 at most one (the first call,
+    which creates the loss scale; at step 0 before torch 2.14 that call is step 0's
+    graph anyway)."""
+    plain = _graphs(start_step)
+    fp16 = _graphs(start_step, precision="fp16")
+    assert fp16 - plain in (0, 1)
+    assert _graphs(start_step, accumulation_steps=2) - plain in (1, 2)
+    assert _graphs(start_step, accumulation_steps=3) - plain in (1, 2)
+    if start_step == 0 and torch.__version__ < torch.torch_version.TorchVersion("2.14"):
+        assert fp16 == plain == 2
