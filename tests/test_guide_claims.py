@@ -80,3 +80,21 @@ def test_compiled_step_options_add_the_graphs_the_guide_counts(start_step):
     assert _graphs(start_step, accumulation_steps=3) - plain in (1, 2)
     if start_step == 0 and torch.__version__ < torch.torch_version.TorchVersion("2.14"):
         assert fp16 == plain == 2
+
+
+def test_fit_stops_when_the_weights_are_not_finite_though_the_loss_is(tmp_path):
+    """Section 2, the default policy ("stop"): ``fit`` stops the run without writing a
+    checkpoint when an epoch's loss, or the weights after it, are not finite. Here the
+    loss is finite and the update overflows the weights to inf."""
+    torch.manual_seed(0)
+    state = fl.TrainState.create(nn.Linear(4, 1), tx=optim.sgd(1e36), device="cpu")
+    batch = (torch.randn(8, 4), torch.randn(8, 1) * 1e3)
+    mse = lambda model, b: {"loss": F.mse_loss(model(b[0]), b[1])}  # noqa: E731
+    out = fl.fit(
+        state, mse, [batch], max_epochs=3, out_dir=tmp_path, progress=False, log_to_console=False
+    )
+    assert out.epoch == 1
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.history["train"]["loss"])
+    assert not all(torch.isfinite(p).all() for p in out.params.values())
+    assert not list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert "training diverged" in (tmp_path / "run_training.log").read_text()
