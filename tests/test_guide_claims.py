@@ -70,14 +70,16 @@ def _graphs(start_step: int, **options) -> int:
 @pytest.mark.parametrize("start_step", [0, 3])
 def test_compiled_step_options_add_the_graphs_the_guide_counts(start_step):
     """Section 6: options add a few graphs, once each: ``accumulation_steps=k`` one or
-    two (the window's first and last micro-batch), fp16 at most one (the first call,
-    which creates the loss scale; at step 0 before torch 2.14 that call is step 0's
-    graph anyway)."""
+    two (the window's first and last micro-batch; up to four on torch 2.11), fp16 at
+    most one (the first call, which creates the loss scale; at step 0 before torch 2.14
+    that call is step 0's graph anyway)."""
     plain = _graphs(start_step)
     fp16 = _graphs(start_step, precision="fp16")
     assert fp16 - plain in (0, 1)
-    assert _graphs(start_step, accumulation_steps=2) - plain in (1, 2)
-    assert _graphs(start_step, accumulation_steps=3) - plain in (1, 2)
+    # torch 2.11's dynamo compiles the first window (at step 0) apart: up to four
+    most = 4 if torch.__version__ < torch.torch_version.TorchVersion("2.12") else 2
+    assert 1 <= _graphs(start_step, accumulation_steps=2) - plain <= most
+    assert 1 <= _graphs(start_step, accumulation_steps=3) - plain <= most
     if start_step == 0 and torch.__version__ < torch.torch_version.TorchVersion("2.14"):
         assert fp16 == plain == 2
 
