@@ -400,15 +400,13 @@ class _Bar:
             self.bar.close()
 
 
-def _means_for(
-    state: TrainState, means: MetricMeans | None, step: Callable[..., Any] | None = None
-) -> MetricMeans:
+def _means_for(state: TrainState, means: MetricMeans | None, step: TrainStepFn) -> MetricMeans:
     """``means``, or a new accumulator, for the models ``state`` holds (leaving out the
     non-finite values of the steps that a made ``step`` with ``on_nonfinite="skip"``
     skipped, vmapped or compiled too)."""
     models = stacked_models(state)
     if means is None:
-        skips = getattr(inspect.unwrap(step), "on_nonfinite", None) == "skip" if step else False
+        skips = getattr(inspect.unwrap(step), "on_nonfinite", None) == "skip"
         return MetricMeans(models=models, finite_only=skips)
     if means.models != models:
         held = "one model" if models is None else f"{models} stacked model"
@@ -541,7 +539,7 @@ def validate_epoch(
       {'loss': 0.0}
     """
     callbacks = _callback_list(callbacks)
-    means = _means_for(state, None)
+    means = MetricMeans(models=stacked_models(state))
     batch_start = callbacks.handles("on_validation_batch_start")
     batch_end = callbacks.handles("on_validation_batch_end")
     bar = _Bar(loader, desc, progress, 0)
