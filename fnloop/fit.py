@@ -982,6 +982,8 @@ class _Run:
     epoch_start: dict[str, Any] | None = None
     means: MetricMeans | None = None
     callbacks: CallbackList = dataclasses.field(init=False)
+    # The callbacks that write one row per epoch: fit tells them how far the run got.
+    epoch_loggers: list[EpochLogger] = dataclasses.field(init=False)
     generators: list[torch.Generator] = dataclasses.field(init=False)
     epochs_run: int = 0
     failure_logged: bool = False
@@ -994,6 +996,7 @@ class _Run:
             extra.append(_MidEpochCheckpoints(self, self.every_n_steps))
         # Last: a mid-epoch checkpoint holds the state the user's callbacks returned.
         self.callbacks = CallbackList([*self.user_callbacks, *extra])
+        self.epoch_loggers = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochLogger)]
         self.stopper_states = [s.init() for s in self.stoppers]
         self.generators = _loader_generators(self.train_loader, self.valid_loader)
 
@@ -1269,9 +1272,8 @@ class _Run:
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
-        for callback in self.callbacks.callbacks:
-            if isinstance(callback, EpochLogger):
-                callback._track_epochs(resumable=self.ckpt_dir is not None)
+        for epoch_logger in self.epoch_loggers:
+            epoch_logger._track_epochs(resumable=self.ckpt_dir is not None)
         self.warn_uneven_validation()
         self.warn_unsharded_train()
         self.warn_scores_minimized()
@@ -1406,11 +1408,9 @@ class _Run:
             old[self.run_dir / BEST_MODEL] = Path(BEST_MODEL)
         run_dir = self.run_dir.resolve()
         logs = {}  # file -> where it goes, under the folder set aside
-        for callback in self.callbacks.callbacks:
-            path = _resolved(getattr(callback, "path", None))
-            if not isinstance(callback, EpochLogger) or path is None or not path.is_file():
-                continue
-            if path.is_relative_to(run_dir):
+        for epoch_logger in self.epoch_loggers:
+            path = _resolved(getattr(epoch_logger, "path", None))
+            if path is not None and path.is_file() and path.is_relative_to(run_dir):
                 logs[path] = path.relative_to(run_dir)
         if not old and not logs:
             return
@@ -1611,18 +1611,16 @@ class _Run:
         self.means = None
         # The epoch's row goes out before its checkpoint: a run killed after the checkpoint
         # resumes past the epoch and would never log a row still held back.
-        for callback in self.callbacks.callbacks:
-            if isinstance(callback, EpochLogger):
-                callback._flush()
+        for epoch_logger in self.epoch_loggers:
+            epoch_logger._flush()
         self.save(state, position=None)
         self.epoch_finished(epoch)
         return state
 
     def epoch_finished(self, epoch: int) -> None:
         """Tells the epoch loggers that ``epoch``'s row is final (see ``EpochLogger``)."""
-        for callback in self.callbacks.callbacks:
-            if isinstance(callback, EpochLogger):
-                callback._epoch_finished(epoch)
+        for epoch_logger in self.epoch_loggers:
+            epoch_logger._epoch_finished(epoch)
 
     def diverged(self, state: TrainState, loss: float) -> bool:
         """Whether training diverged: a non-finite epoch loss or non-finite weights (one
