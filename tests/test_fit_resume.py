@@ -1162,3 +1162,26 @@ def test_a_checkpoint_without_stopper_rules_matches_its_progress_by_position(tmp
     assert resumed.epoch == (4 if rules == "same" else 6)
     if rules == "same":
         assert_same(resumed, whole)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fit._summed_means drops MetricMeans' 'outputs' when a mid-epoch checkpoint "
+    "resumes with another number of processes (reported, session 26)",
+)
+def test_partial_means_summed_over_processes_keep_the_step_outputs_out():
+    """A mid-epoch checkpoint resumed with another number of processes sums every
+    process's partial means (fit._summed_means). An entry that had several elements
+    before the checkpoint (predictions) stays an output, also in a last batch of one
+    example, as it does when each process takes back its own part."""
+    from fnloop.fit import _summed_means
+
+    parts = []
+    for r in range(2):
+        means = fl.MetricMeans()
+        means.add({"loss": torch.tensor(1.0 + r), "pred": torch.arange(4.0)}, 4)
+        parts.append(means.state_dict())
+    resumed = fl.MetricMeans()
+    resumed.load_state_dict(_summed_means(parts))
+    resumed.add({"loss": torch.tensor(3.0), "pred": torch.tensor([7.0])}, 1)
+    assert sorted(resumed.means()) == ["loss"]
