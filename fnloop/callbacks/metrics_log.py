@@ -167,9 +167,9 @@ class EpochLogger(Callback):
         self._require_started("on_train_epoch_end")
         if not self._active:
             return None
-        row = self._collect(state, metrics)
+        self._collect(state, metrics)
         if not any(k.startswith("train/lr") for k in metrics):
-            row.update(learning_rate_metrics(state.opt_state))
+            self._pending.update(learning_rate_metrics(state.opt_state))
         return None
 
     def on_validation_epoch_end(
@@ -222,7 +222,7 @@ class EpochLogger(Callback):
         run diverged in it)."""
         self._finished_epoch = epoch
 
-    def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> dict[str, float]:
+    def _collect(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if any(k in self._pending for k in metrics):  # the same split twice: a new epoch
             self._flush()
         for key, value in metrics.items():
@@ -231,7 +231,6 @@ class EpochLogger(Callback):
         for key, value in history_added(self._history, state.history).items():
             self._pending.setdefault(key, value)
         self._counters, self._latest = (state.epoch, state.step), state.history
-        return self._pending
 
     def _flush(self) -> None:
         if not self._active or self._counters is None:
