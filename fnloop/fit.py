@@ -298,6 +298,11 @@ def _lr_text(rate: float) -> str:
     return f"{rate:.6f}" if rate == 0 or abs(rate) >= 1e-4 else f"{rate:.3e}"
 
 
+def _lrs(opt_state: Any) -> list[float]:
+    """The values of :func:`learning_rate_metrics`: the rates the log lines compare."""
+    return list(learning_rate_metrics(opt_state).values())
+
+
 def _log_lr_changes(logger: logging.Logger, old: Sequence[float], new: Sequence[float]) -> None:
     """One line per distinct change that shows in :func:`_lr_text`; groups that changed
     alike share it."""
@@ -1279,11 +1284,7 @@ class _Run:
         self.warn_scores_minimized()
         state = self.callbacks("on_fit_start", self.state)
         if state.opt_state is not self.state.opt_state:  # a callback set another rate, say
-            _log_lr_changes(
-                self.logger,
-                list(learning_rate_metrics(self.state.opt_state).values()),
-                list(learning_rate_metrics(state.opt_state).values()),
-            )
+            _log_lr_changes(self.logger, _lrs(self.state.opt_state), _lrs(state.opt_state))
         if state.epoch < self.max_epochs and not self.stop_reason:
             self.start_persistent_workers()  # after on_fit_start, which may set up the data
         if rng is not None and position is None:  # after on_fit_start, which may draw
@@ -1501,7 +1502,7 @@ class _Run:
         _set_epoch(self.train_loader, state.epoch)
         if position is None or self.epoch_start is None:  # (None: a 0.1.0 checkpoint)
             self.epoch_start = {
-                "lrs": list(learning_rate_metrics(state.opt_state).values()),
+                "lrs": _lrs(state.opt_state),
                 "skipped": int(state.skipped_steps),
             }
         if position is None:
@@ -1585,9 +1586,7 @@ class _Run:
             ]
 
         self.logger.info(epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0))
-        _log_lr_changes(
-            self.logger, lrs_before, list(learning_rate_metrics(state.opt_state).values())
-        )
+        _log_lr_changes(self.logger, lrs_before, _lrs(state.opt_state))
         skipped = int(state.skipped_steps) - skipped_before
         if skipped:
             self.logger.warning(
