@@ -415,18 +415,17 @@ class JSONLinesLogger(EpochLogger):
     def start(self, state: TrainState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines, torn = _read_complete_lines(self.path)
-        kept = []
-        logged = []
+        kept, logged = [], []
         for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                kept.append(line)
-                continue
-            if not (isinstance(record, dict) and _after(record.get("epoch"), state.epoch)):
-                kept.append(line)
-                if isinstance(record, dict):
-                    logged.append(record.get("epoch"))
+                record = None  # kept as it is
+            if isinstance(record, dict):
+                if _after(record.get("epoch"), state.epoch):
+                    continue
+                logged.append(record.get("epoch"))
+            kept.append(line)
         if self._resumable:
             _warn_missing_rows(self.path, state, logged)
         if torn or len(kept) != len(lines):
