@@ -939,7 +939,7 @@ class _MidEpochCheckpoints(Callback):
             return
         self.last_step = state.step
         run = self.run
-        if run.means is not None and run.train_step.on_nonfinite != "skip":
+        if run.train_step.on_nonfinite != "skip":
             # A diverged epoch ends the run at its end: its checkpoints would replace the
             # good ones (and a re-run would resume from them).
             loss = _one_model(run.means.means(all_processes=True)).get("loss", 0.0)
@@ -985,7 +985,8 @@ class _Run:
     epoch_rng: dict[str, Any] | None = None
     # The learning rates and skipped-update count at the epoch's start, for its log lines.
     epoch_start: dict[str, Any] | None = None
-    means: MetricMeans | None = None
+    # The epoch's running means (a mid-epoch checkpoint holds them).
+    means: MetricMeans = dataclasses.field(init=False)
     callbacks: CallbackList = dataclasses.field(init=False)
     # The callbacks that write one row per epoch: fit tells them how far the run got.
     epoch_loggers: list[EpochLogger] = dataclasses.field(init=False)
@@ -1003,6 +1004,7 @@ class _Run:
         self.callbacks = CallbackList([*self.user_callbacks, *extra])
         self.epoch_loggers = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochLogger)]
         self.stopper_states = [s.init() for s in self.stoppers]
+        self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
         self.generators = _loader_generators(self.train_loader, self.valid_loader)
 
     # ------------------------------------------------------------------ checkpoints
@@ -1054,7 +1056,7 @@ class _Run:
     def local_record(self, position: int | None) -> dict[str, Any]:
         """This process's generators and partial epoch means (CPU tensors)."""
         means = None
-        if position is not None and self.means:
+        if position is not None:
             means = self.means.state_dict()
             for part in ("sums", "dropped"):
                 means[part] = {k: v.cpu() for k, v in means[part].items()}
@@ -1196,7 +1198,6 @@ class _Run:
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.epoch_start = rec.get("epoch_start")
-            self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
             if rec.get("means") is not None:
                 self.means.load_state_dict(rec["means"])
         return position, rec.get("rng")
@@ -1607,7 +1608,6 @@ class _Run:
         if reasons:
             self.stop_reason = "; ".join(reasons)
             self.logger.info(f"Early stopping: {self.stop_reason}")
-        self.means = None
         # The epoch's row goes out before its checkpoint: a run killed after the checkpoint
         # resumes past the epoch and would never log a row still held back.
         for epoch_logger in self.epoch_loggers:
