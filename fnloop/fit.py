@@ -886,7 +886,7 @@ def _check_one_writer_per_file(callbacks: Sequence[Callback]) -> None:
     file: the second would truncate the first's rows or write each row twice."""
     writers: dict[Path, Callback] = {}
     for cb in callbacks:
-        if not isinstance(cb, (EpochLogger, PlotHistory)):
+        if not isinstance(cb, EpochLogger):  # (PlotHistory is one)
             continue
         path = _resolved(getattr(cb, "path", None))
         if path is None:
