@@ -828,13 +828,15 @@ def _summed_means(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     dropped: dict[str, torch.Tensor] = {}
+    outputs: set[str] = set()
     for part in present:
         for k, v in part["sums"].items():
             sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + int(part["counts"][k])
         for k, v in part.get("dropped", {}).items():
             dropped[k] = dropped[k] + v if k in dropped else v
-    return {"sums": sums, "counts": counts, "dropped": dropped}
+        outputs.update(part.get("outputs", ()))
+    return {"sums": sums, "counts": counts, "dropped": dropped, "outputs": sorted(outputs)}
 
 
 def _holds_weights(path: Path, weights: Mapping[str, Any]) -> bool:

@@ -1164,11 +1164,6 @@ def test_a_checkpoint_without_stopper_rules_matches_its_progress_by_position(tmp
         assert_same(resumed, whole)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit._summed_means drops MetricMeans' 'outputs' when a mid-epoch checkpoint "
-    "resumes with another number of processes (reported, session 26)",
-)
 def test_partial_means_summed_over_processes_keep_the_step_outputs_out():
     """A mid-epoch checkpoint resumed with another number of processes sums every
     process's partial means (fit._summed_means). An entry that had several elements
