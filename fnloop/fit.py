@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 from fnloop import checkpoint as ckpt
 from fnloop._io import remove_temporaries
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
-from fnloop.callbacks.metrics_log import CSVLogger, EpochLogger, learning_rate_metrics
+from fnloop.callbacks.metrics_log import (
+    CSVLogger,
+    EpochLogger,
+    is_lr_name,
+    learning_rate_metrics,
+)
 from fnloop.callbacks.plot import PlotHistory
 from fnloop.distributed import (
     barrier,
@@ -201,7 +206,7 @@ def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], second
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for key, value in metrics.items():
         split, _, name = key.partition("/")
-        if split == "train" and name.startswith("lr"):
+        if split == "train" and is_lr_name(name):
             continue
         shown = f"{name}:{value:.4g}"
         splits.setdefault("val" if split == "valid" else split, []).append(shown)

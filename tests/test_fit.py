@@ -2040,11 +2040,6 @@ def test_the_epoch_line_has_the_seeds_format():
     assert epoch_line(1, 2, {"train/loss": 0.5}, 7199.6).endswith(" (2h 0m 0s)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="epoch_line leaves out every train metric whose name starts with 'lr', not "
-    "only fit's learning rates (reported, session 26)",
-)
 def test_the_epoch_line_shows_a_step_metric_named_like_lr_but_not_the_rates():
     """The epoch line leaves out fit's learning rates (lr, lr_0, ...), which have log
     lines of their own, and shows the step's metrics, also one whose name starts with

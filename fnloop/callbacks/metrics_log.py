@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -64,6 +65,16 @@ def _scalar_items(key: str, value: Any, owner: str = "EpochLogger") -> dict[str,
 def lr_names(count: int) -> list[str]:
     """``lr`` for one learning rate, ``lr_0``, ``lr_1``, ... for several parameter groups."""
     return ["lr"] if count == 1 else [f"lr_{i}" for i in range(count)]
+
+
+def is_lr_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`lr_names`, with or without a stacked state's
+    ``/j`` suffix (a step's own ``lr_scale`` is not).
+
+    >>> [is_lr_name(n) for n in ("lr", "lr_1", "lr/0", "lr_scale", "loss")]
+    [True, True, True, False, False]
+    """
+    return re.fullmatch(r"lr(_\d+)?(/\d+)?", name) is not None
 
 
 def learning_rate_metrics(opt_state: Any) -> dict[str, float]:
@@ -168,7 +179,7 @@ class EpochLogger(Callback):
         if not self._active:
             return None
         self._collect(state, metrics)
-        if not any(k.startswith("train/lr") for k in metrics):
+        if not any(is_lr_name(k.removeprefix("train/")) for k in metrics if k.startswith("train/")):
             self._pending.update(learning_rate_metrics(state.opt_state))
         return None
 

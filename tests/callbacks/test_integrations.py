@@ -256,6 +256,12 @@ def test_learning_rates_from_the_metrics_are_not_logged_twice(tmp_path: Path) ->
     assert path.read_text() == "epoch,step,train/loss,train/lr\n1,2,0.5,0.05\n"
 
 
+def test_a_step_metric_named_like_lr_leaves_the_learning_rate_in_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    drive([CSVLogger(path)], new_state(), [({"train/loss": 0.5, "train/lr_scale": 2.0}, None)])
+    assert path.read_text() == "epoch,step,train/loss,train/lr_scale,train/lr\n1,2,0.5,2.0,0.1\n"
+
+
 def test_stacked_learning_rates_are_logged_per_model() -> None:
     states = [
         fl.TrainState.create(torch.nn.Linear(3, 1), tx=fl.optim.sgd(lr), device="cpu")
