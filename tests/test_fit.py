@@ -619,6 +619,36 @@ def test_fit_leaves_the_handlers_others_attached_to_its_logger(tmp_path):
         logger.removeHandler(mine)
 
 
+@pytest.mark.parametrize("level", [logging.NOTSET, logging.DEBUG, logging.WARNING])
+def test_fit_restores_the_level_of_its_logger(tmp_path, level):
+    """fit logs at INFO, and left the run's logger at INFO when it ended. A DEBUG level
+    the user set stays during the run: a callback's debug lines reach the log file."""
+
+    class Debug(fl.callbacks.Callback):
+        def on_train_epoch_end(self, state, metrics):
+            logging.getLogger("fnloop.run.levels").debug(f"debug line {state.epoch}")
+
+    logger = logging.getLogger("fnloop.run.levels")
+    logger.setLevel(level)
+    try:
+        fl.fit(
+            make_state(),
+            classify,
+            loaders(),
+            max_epochs=1,
+            run_name="levels",
+            callbacks=[Debug()],
+            out_dir=tmp_path,
+            log_to_console=False,
+        )
+        assert logger.level == level
+        log = (tmp_path / "levels_training.log").read_text()
+        assert "[  1/1]" in log
+        assert ("debug line 1" in log) == (level == logging.DEBUG)
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
 def test_run_folder_log_file_csv_and_best_model(tmp_path):
     state = fl.fit(
         make_state(ema_decay=0.9),
