@@ -211,7 +211,8 @@ class MetricMeans:
 
         With ``all_processes`` and an initialized ``torch.distributed`` group of several
         processes, the means are over every process's examples: a collective call, which
-        every process must make with the same metric names.
+        every process must make. Metrics are matched by name; one that only some
+        processes report is averaged over their examples.
         """
         folded = self._folded(self._pending, self._totals())
         if all_processes and world_size() > 1:

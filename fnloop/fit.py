@@ -586,8 +586,9 @@ def fit(
     epochs when an exception or Ctrl-C ends the run).
 
     Launched by ``torchrun`` (an initialized ``torch.distributed`` group), every process
-    runs ``fit`` on its share of the data (give the loaders a ``DistributedSampler``; its
-    ``set_epoch`` is called every epoch): steps average gradients over the processes,
+    runs ``fit`` on its share of the data (give the train loader a ``DistributedSampler``,
+    whose ``set_epoch`` is called every epoch, and each process its own share of the
+    validation set): steps average gradients over the processes,
     epoch metrics are means over every process's examples, and rank 0 alone logs, shows
     bars and writes the run folder.
 
@@ -615,8 +616,10 @@ def fit(
         (of the rules given now that are unchanged; a run that stopped early stays
         stopped unless they changed), and the random generators (global ones and the
         loaders' own). ``False`` starts over and moves the earlier checkpoints, best
-        model, ``metrics.csv`` and ``history.png`` to ``checkpoints/previous-<time>/``,
-        as ``True`` does when the folder holds no checkpoint that loads.
+        model and the files of the run's loggers in the run folder (``metrics.csv``,
+        ``history.png``, ...: these copied, not moved, when ``state`` has trained epochs) to
+        ``checkpoints/previous-<time>/``, as ``True`` does when the folder holds no
+        checkpoint that loads.
       monitor: the metric that picks the best model and feeds ``reduce_on_plateau``;
         defaults to the monitor of a single ``early_stopping`` rule, else
         ``"valid/loss"`` with a validation loader, else ``"train/loss"``.
