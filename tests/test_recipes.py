@@ -258,3 +258,71 @@ def test_channels_last_resnet_sgd_nesterov_multistep_ema_matches_torch(fused):
         expected = evaluated.eval()(x[steps])
     got = fl.make_eval_step(classify)(state, (x[steps], y[steps]))["logits"]
     assert torch.equal(got, expected)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(fl.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, state, outputs, batch, batch_idx):
+        if state.epoch + 1 == self.epoch and batch_idx == self.batch:
+            raise Crash
+
+
+def fit_resnet(out_dir, callbacks=()):
+    """3 epochs of 4 batches with accumulation over 3: windows cross the epoch ends."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (40,), generator=g)
+
+    def collate(examples):
+        xb, yb = torch.utils.data.default_collate(examples)
+        return xb.contiguous(memory_format=torch.channels_last), yb
+
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[:32], y[:32]),
+        batch_size=8,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(3),
+        collate_fn=collate,
+    )
+    valid = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[32:], y[32:]), batch_size=8, collate_fn=collate
+    )
+    tx = optim.sgd(optim.onecycle_schedule(0.1, 4), 0.9, nesterov=True, weight_decay=5e-4)
+    state = fl.TrainState.create(resnet(), tx=tx, ema_decay=0.8)
+    return fl.fit(
+        state,
+        fl.make_train_step(classify, accumulation_steps=3),
+        {"train": train, "valid": valid},
+        max_epochs=3,
+        out_dir=out_dir,
+        checkpoint_every_n_steps=1,
+        callbacks=list(callbacks),
+        log_to_console=False,
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize(("epoch", "batch"), [(2, 0), (2, 2)], ids=["open-window", "mid-epoch"])
+def test_channels_last_resnet_fit_with_open_windows_resumes_bit_exactly(tmp_path, epoch, batch):
+    """A crash where an accumulation window is open across an epoch end (or, mid-epoch,
+    after the last update) resumes to the uninterrupted run's weights, EMA, BatchNorm
+    statistics and history, in ``channels_last``."""
+    ref = fit_resnet(tmp_path / "ref")
+    with pytest.raises(Crash):
+        fit_resnet(tmp_path / "cut", [CrashAt(epoch, batch)])
+    torch.manual_seed(123)  # a new process starts with other global RNG states
+    got = fit_resnet(tmp_path / "cut")
+    assert (
+        (got.step, got.epoch, got.micro_step) == (ref.step, ref.epoch, ref.micro_step) == (4, 3, 0)
+    )
+    for group in ("params", "ema", "buffers"):
+        for name, t in getattr(ref, group).items():
+            assert torch.equal(getattr(got, group)[name], t), (group, name)
+    assert got.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert got.history == ref.history
