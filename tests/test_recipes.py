@@ -308,12 +308,19 @@ def fit_resnet(out_dir, callbacks=()):
     )
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_resnet_fit(tmp_path_factory):
+    return fit_resnet(tmp_path_factory.mktemp("uninterrupted"))
+
+
 @pytest.mark.parametrize(("epoch", "batch"), [(2, 0), (2, 2)], ids=["open-window", "mid-epoch"])
-def test_channels_last_resnet_fit_with_open_windows_resumes_bit_exactly(tmp_path, epoch, batch):
+def test_channels_last_resnet_fit_with_open_windows_resumes_bit_exactly(
+    tmp_path, uninterrupted_resnet_fit, epoch, batch
+):
     """A crash where an accumulation window is open across an epoch end (or, mid-epoch,
     after the last update) resumes to the uninterrupted run's weights, EMA, BatchNorm
     statistics and history, in ``channels_last``."""
-    ref = fit_resnet(tmp_path / "ref")
+    ref = uninterrupted_resnet_fit
     with pytest.raises(Crash):
         fit_resnet(tmp_path / "cut", [CrashAt(epoch, batch)])
     torch.manual_seed(123)  # a new process starts with other global RNG states
