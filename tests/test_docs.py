@@ -43,6 +43,7 @@ import importlib.util
 import inspect
 import io
 import logging
+import math
 import os
 import re
 import shlex
@@ -50,7 +51,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 import pytest
@@ -193,6 +194,7 @@ def guide_prelude() -> Namespace:
 
     return {
         "os": os,
+        "math": math,
         "logging": logging,
         "torch": torch,
         "F": F,
@@ -376,12 +378,12 @@ def _single_process_torchrun() -> dict[str, str]:
 
 #: Environment variables a block runs with (and the process group it leaves is destroyed).
 ENVIRONMENT: dict[tuple[str, int], Callable[[], dict[str, str]]] = {
-    ("docs/guide.md", 14): _single_process_torchrun,  # section 7, torchrun
+    ("docs/guide.md", 15): _single_process_torchrun,  # section 7, torchrun
 }
 
 #: Optional packages a block needs: it is skipped without them.
 REQUIRES: dict[tuple[str, int], str] = {
-    ("docs/guide.md", 8): "tensorboard",  # the TensorBoard callback
+    ("docs/guide.md", 9): "tensorboard",  # the TensorBoard callback
 }
 
 
@@ -548,6 +550,30 @@ def _check_guide_sweep(ns: Namespace, before: Namespace) -> None:
     assert (stacked.epoch, stacked.history) == (0, {})
 
 
+def _check_guide_schedule(ns: Namespace, before: Namespace) -> None:
+    # "A linear warm-up from 0, then a cosine decay to 0, compiled into one graph": the
+    # rates of the same schedule in plain Python, and one graph for every update count
+    from torch._dynamo.testing import CompileCounter
+
+    schedule = ns["warmup_cosine"]
+
+    def plain(t: int) -> float:
+        cos = 0.5 * (1 + math.cos(math.pi * (t - 100) / 900))
+        return 3e-3 * (t / 100 if t < 100 else max(cos, 0.0))
+
+    for t in (0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200):
+        rate = float(schedule(torch.tensor(t, dtype=torch.float64)))
+        assert math.isclose(rate, plain(t), rel_tol=1e-12, abs_tol=1e-18), t
+    # (dynamo reads the source file of the code it traces: not the Markdown file)
+    code = schedule.__code__.replace(co_filename="<docs/guide.md>")
+    schedule = FunctionType(code, schedule.__globals__, "", schedule.__defaults__)
+    counter = CompileCounter()
+    compiled = torch.compile(schedule, backend=counter)
+    for t in range(0, 1200, 37):
+        compiled(torch.tensor(t, dtype=torch.float64))
+    assert counter.frame_count == 1
+
+
 def _check_guide_gan(ns: Namespace, before: Namespace) -> None:
     # "the gradients reach the generator only": one more G step leaves D's weights as
     # they were, and each state took one update per batch
@@ -597,19 +623,20 @@ CHECKS: dict[tuple[str, int], tuple[Callable[[Namespace], Namespace], Callable[.
         _check_readme_side_by_side,
     ),
     ("docs/guide.md", 1): (lambda ns: {}, _check_guide_steps),
-    ("docs/guide.md", 5): (lambda ns: {}, _check_guide_gan),
-    ("docs/guide.md", 7): (lambda ns: {}, _check_guide_fit),
-    ("docs/guide.md", 8): (lambda ns: {}, _check_guide_callbacks),
-    ("docs/guide.md", 9): (
+    ("docs/guide.md", 5): (lambda ns: {}, _check_guide_schedule),
+    ("docs/guide.md", 6): (lambda ns: {}, _check_guide_gan),
+    ("docs/guide.md", 8): (lambda ns: {}, _check_guide_fit),
+    ("docs/guide.md", 9): (lambda ns: {}, _check_guide_callbacks),
+    ("docs/guide.md", 10): (
         lambda ns: {"epoch": ns["state"].epoch, "step": ns["state"].step},
         _check_guide_stream,
     ),
-    ("docs/guide.md", 10): (lambda ns: {}, _check_guide_checkpoints),
-    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_lower_rate),
-    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_custom_resume),
-    ("docs/guide.md", 13): (lambda ns: {}, _check_guide_sweep),
+    ("docs/guide.md", 11): (lambda ns: {}, _check_guide_checkpoints),
+    ("docs/guide.md", 12): (lambda ns: {}, _check_guide_lower_rate),
+    ("docs/guide.md", 13): (lambda ns: {}, _check_guide_custom_resume),
+    ("docs/guide.md", 14): (lambda ns: {}, _check_guide_sweep),
     ("examples/README.md", 3): (lambda ns: {}, _check_examples_sweep),
-    ("docs/guide.md", 14): (lambda ns: {}, _check_guide_torchrun),
+    ("docs/guide.md", 15): (lambda ns: {}, _check_guide_torchrun),
 }
 
 
@@ -766,15 +793,16 @@ ANCHORS: dict[tuple[str, int], str] = {
     ("README.md", 2): "torch.compile(",
     ("README.md", 3): "# torch.optim ",
     ("docs/guide.md", 1): "train_step = fl.make_train_step(training_step, accumulation_steps=1",
-    ("docs/guide.md", 5): "fl.BoundModel(d_state.module, d_params, d_buffers)",
-    ("docs/guide.md", 7): 'out_dir="runs/x", run_name="x"',
-    ("docs/guide.md", 8): "class ConfusionMatrix",
-    ("docs/guide.md", 9): "class Epochs:",
-    ("docs/guide.md", 10): 'fl.save_model("model.pt", state, use_ema=True)',
-    ("docs/guide.md", 11): "class LowerRate(",
-    ("docs/guide.md", 12): "def train(epochs: int",
-    ("docs/guide.md", 13): "fl.stack_states(states)",
-    ("docs/guide.md", 14): "LOCAL_RANK",
+    ("docs/guide.md", 5): "def warmup_cosine(t, lr=3e-3",
+    ("docs/guide.md", 6): "fl.BoundModel(d_state.module, d_params, d_buffers)",
+    ("docs/guide.md", 8): 'out_dir="runs/x", run_name="x"',
+    ("docs/guide.md", 9): "class ConfusionMatrix",
+    ("docs/guide.md", 10): "class Epochs:",
+    ("docs/guide.md", 11): 'fl.save_model("model.pt", state, use_ema=True)',
+    ("docs/guide.md", 12): "class LowerRate(",
+    ("docs/guide.md", 13): "def train(epochs: int",
+    ("docs/guide.md", 14): "fl.stack_states(states)",
+    ("docs/guide.md", 15): "LOCAL_RANK",
     ("examples/README.md", 3): "learning_rates = ",
 }
 

@@ -662,7 +662,10 @@ def learning_rates(opt_state: OptState) -> list[torch.Tensor]:
     A plain optimizer has one; a partitioned one (several parameter groups) has one per
     group, in the order they appear in the state. Each is a 0-d tensor on the state's
     device, float64 (float32 on MPS), or for a stacked state a 1-d one with an entry per
-    model: ``float(lr)`` reads a 0-d one, which waits for the device.
+    model: ``float(lr)`` reads a 0-d one, which waits for the device. They are the
+    state's own tensors, as a state's parameters are: read them, but do not write into
+    them (``lr.fill_(...)``, as torch's schedulers do to a tensor ``group["lr"]``, would
+    change the state); :func:`with_learning_rates` makes a state with other rates.
 
     >>> import torch
     >>> from fnloop import optim
