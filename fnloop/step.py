@@ -167,6 +167,13 @@ VMAP_CODE_HOST_READ_MSG = (
     "needed, train the models one at a time, in a loop over fl.unstack_states(state)."
 )
 VMAP_NO_RULE = "torch has no batching rule for an operation it calls."
+VMAP_SAVED_TENSOR_HOOKS = (
+    "torch.func.vmap cannot train this model on stacked states: its forward pass uses "
+    "activation checkpointing (torch.utils.checkpoint.checkpoint) or another saved-tensor "
+    "hook, which torch.func's gradients (those of vmapped and compiled steps) cannot run. "
+    "Train the models one at a time with eager steps, in a loop over "
+    "fl.unstack_states(state), or without the checkpointing."
+)
 VMAP_HOST_READ = (
     "it reads a tensor's value on the host (.item(), int(t), a tensor as a size or in an "
     "if), as an RNN does with a PackedSequence's batch sizes."
@@ -323,6 +330,9 @@ def _clear_vmap_errors(name: str, module: nn.Module, precision: Precision) -> It
         ):
             kind = "bfloat16" if precision == "bf16" else "float16"
             why = VMAP_AUTOCAST_MSG.format(precision=precision, kind=kind)
+        elif "don't yet support saved tensor hooks" in text or "over _NoopSaveInputs" in text:
+            # (torch 2.11 fails earlier, at the checkpoint's own autograd Function)
+            why = VMAP_SAVED_TENSOR_HOOKS
         elif text.startswith("vmap: It looks like you're either (1) calling .item()"):
             why = _host_read_why(e, module)
         else:

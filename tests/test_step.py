@@ -1917,6 +1917,35 @@ def test_vmap_of_batchnorm_with_a_cumulative_average_names_the_layer_and_the_fix
         )
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_vmap_of_activation_checkpointing_names_it_and_the_way_out():
+    """torch.func's gradients cannot run saved-tensor hooks (activation checkpointing):
+    torch says "don't yet support saved tensor hooks. Please open an issue" (torch 2.11:
+    "You tried to vmap over _NoopSaveInputs"); the vmapped step names the checkpointing
+    and what to do. The eager step trains as without it."""
+    make = lambda wrap, i: fl.TrainState.create(  # noqa: E731
+        _Checkpointed(mlp(seed=i)) if wrap else mlp(seed=i), tx=optim.sgd(0.1), device="cpu"
+    )
+    states, batch = [make(True, i) for i in (0, 1)], batches(1)[0]
+    step = fl.make_train_step(classify)
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    with pytest.raises(
+        RuntimeError, match=r"(?s)vmap:.*activation checkpointing.*fl\.unstack_states"
+    ):
+        many(fl.stack_states(states), batch)
+    got, want = step(states[0], batch)[0], step(make(False, 0), batch)[0]
+    for name, value in want.params.items():
+        torch.testing.assert_close(got.params[f"inner.{name}"], value, rtol=0, atol=0)
+
+
 def _item_step(model, batch):
     out = classify(model, batch)
     return {"loss": out["loss"], "acc": out["acc"].item()}
