@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import pytest
 import torch
@@ -156,3 +157,19 @@ def test_a_number_loss_scale_is_rejected_when_the_step_is_made() -> None:
 def test_donate_takes_true_or_false() -> None:
     with pytest.raises(TypeError, match="donate"):
         fl.make_train_step(_mse, donate="no")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the EMA starts at the weights of the first applied update only when that step "
+    "may skip (on_nonfinite='skip' or fp16): after skipped updates, a step made with "
+    "on_nonfinite=None averages from the initial weights instead (docs/guide.md, section 1)",
+)
+def test_the_ema_starts_at_the_first_applied_update_whatever_the_policy() -> None:
+    torch.manual_seed(0)
+    state = fl.TrainState.create(nn.Linear(3, 1), tx=optim.sgd(0.5), device="cpu", ema_decay=0.9)
+    x, y = _batches(1)[0]
+    skipped, _ = fl.make_train_step(_mse, on_nonfinite="skip")(state, (x * math.nan, y))
+    assert int(skipped.skipped_steps) == skipped.step == 1
+    new, _ = fl.make_train_step(_mse)(skipped, (x, y))
+    torch.testing.assert_close(new.ema, new.params)
