@@ -131,6 +131,12 @@ EVAL_STACKED_FIX = (
 )
 
 
+WINDOW_MSG = (
+    "{name}: the state holds an open gradient accumulation window of {n} micro-batch(es), "
+    "which a step with accumulation_steps={k} cannot close (the window was opened by a "
+    "step with a larger accumulation_steps). Finish it with that step, or drop its "
+    "gradients: state.replace(grad_accum=None, micro_step=0)."
+)
 VMAP_OP_MSG = "{name} failed under torch.func.vmap: {error}\n{why}"
 VMAP_MODEL_MSG = (
     "torch.func.vmap cannot run this model's forward or backward pass on stacked states: "
@@ -383,24 +389,21 @@ def _decomposed(fn: Callable[[], Any]) -> Any:
     step). The tensors ``fn`` returns as entries of a mapping come out of the level; the
     level differentiates nothing.
     """
-    rest: dict[str, Any] = {}
+    outs: list[Any] = []  # fn's output: what stays in the level is taken from it
 
     def inner(dummy: torch.Tensor) -> tuple[torch.Tensor, Any]:
         with torch.no_grad():
-            out = fn()
-        if not isinstance(out, Mapping):
-            rest["out"] = out  # an error for the caller to raise; no tensors to take out
+            outs.append(fn())
+        out = outs[0]
+        if not isinstance(out, Mapping):  # an error for the caller to raise
             return dummy.sum(), {}
-        items = dict(out)
-        tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
-        rest.update({k: v for k, v in items.items() if k not in tensors})
-        rest["keys"] = list(items)
-        return dummy.sum(), tensors
+        return dummy.sum(), {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     _, tensors = torch.func.grad(inner, has_aux=True)(torch.zeros(()))
-    if "keys" not in rest:
-        return rest["out"]
-    return {k: tensors[k] if k in tensors else rest[k] for k in rest["keys"]}
+    out = outs[0]
+    if not isinstance(out, Mapping):
+        return out
+    return {k: tensors.get(k, v) for k, v in out.items()}
 
 
 _nothing = contextlib.nullcontext()
@@ -707,8 +710,15 @@ class TrainStep:
             )
         if self.precision == "fp16" and self.loss_scale is None:
             object.__setattr__(self, "loss_scale", DynamicLossScale())
-        if not isinstance(self.grad_norm, bool):
-            raise TypeError(f"grad_norm takes True or False; got {self.grad_norm!r}.")
+        if self.loss_scale is not None and not isinstance(self.loss_scale, DynamicLossScale):
+            raise TypeError(
+                f"loss_scale takes a fl.DynamicLossScale; got {self.loss_scale!r}. For "
+                f"another initial scale (GradScaler's init_scale), pass "
+                f"fl.DynamicLossScale(init_scale=...)."
+            )
+        for option in ("grad_norm", "donate"):
+            if not isinstance(getattr(self, option), bool):
+                raise TypeError(f"{option} takes True or False; got {getattr(self, option)!r}.")
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """Runs one (micro-)step; returns the new state and the step's metrics."""
@@ -732,6 +742,10 @@ class TrainStep:
         donate = self.donate and (compiling or not transformed)
         check_not_donated(state, "this train step")
         check_ema(state)
+        if state.micro_step >= self.accumulation_steps:
+            raise ValueError(
+                WINDOW_MSG.format(n=state.micro_step, k=self.accumulation_steps, name=name)
+            )
         if not transformed and state.tx.update not in self._known_tx:
             _check_opt_state(state)  # a replace(tx=...) without its opt_state
             self._known_tx.add(state.tx.update)
@@ -908,7 +922,8 @@ class TrainStep:
         # then updates (see _update), so the input state stays as it was.
         source = state.params if donate else _copy_group(state.params)
         params = {n: p.detach().requires_grad_() for n, p in source.items()}
-        with _bound(slots, params, eager_buffers):
+        # (An outer torch.no_grad does not stop the step, as it does not stop torch.func.grad.)
+        with _bound(slots, params, eager_buffers), torch.enable_grad():
             scaled, (loss, metrics, _) = loss_fn(params)
             names = list(params)
             grad_list = torch.autograd.grad(scaled, [params[n] for n in names], allow_unused=True)

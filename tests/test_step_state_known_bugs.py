@@ -34,11 +34,6 @@ def _state() -> fl.TrainState:
     return fl.TrainState.create(nn.Linear(3, 1), tx=optim.sgd(1.0), device="cpu")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_decomposed keeps its own 'keys' entry in the dict of the step's non-tensor "
-    "outputs: a number metric named 'keys' is overwritten by the list of names under vmap",
-)
 def test_a_vmapped_eval_step_returns_a_number_metric_named_keys() -> None:
     stacked = fl.stack_states([_state(), _state()])
     eval_step = fl.make_eval_step(lambda model, x: {"loss": model(x).mean(), "keys": 3})
@@ -46,12 +41,6 @@ def test_a_vmapped_eval_step_returns_a_number_metric_named_keys() -> None:
     assert metrics["keys"].tolist() == [3.0, 3.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a state whose window holds micro_step >= accumulation_steps micro-batches "
-    "(made by a step with a larger accumulation_steps) is updated with the window's sum "
-    "divided by the new k: no error, and the gradient is scaled wrong",
-)
 def test_a_window_longer_than_the_steps_accumulation_is_an_error() -> None:
     state = _state()
     by_four = fl.make_train_step(_mse, accumulation_steps=4)
@@ -62,11 +51,6 @@ def test_a_window_longer_than_the_steps_accumulation_is_an_error() -> None:
         fl.make_train_step(_mse, accumulation_steps=2)(state, _batches(4)[3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a step with accumulation_steps=1 given a state with an open accumulation "
-    "window silently drops the accumulated gradients (grad_accum=None, micro_step=0)",
-)
 def test_an_open_window_given_to_a_step_without_accumulation_is_an_error() -> None:
     state, _ = fl.make_train_step(_mse, accumulation_steps=2)(_state(), _batches(1)[0])
     assert state.grad_accum is not None
@@ -74,12 +58,6 @@ def test_an_open_window_given_to_a_step_without_accumulation_is_an_error() -> No
         fl.make_train_step(_mse)(state, _batches(2)[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eager steps differentiate with torch.autograd.grad, which an outer torch.no_grad "
-    "turns off (a ValueError that blames training_step), while compiled and vmapped steps "
-    "(torch.func.grad) train under it",
-)
 def test_an_eager_train_step_trains_under_an_outer_no_grad() -> None:
     state, batch = _state(), _batches(1)[0]
     want, _ = fl.make_train_step(_mse)(state, batch)
@@ -138,22 +116,11 @@ def test_a_subclass_with_an_init_false_field_clones() -> None:
     assert state.clone().tag == "t"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_train_step does not check loss_scale's type: a number (GradScaler's "
-    "init_scale) is accepted and the first call fails with AttributeError: 'float' object "
-    "has no attribute 'init'",
-)
 def test_a_number_loss_scale_is_rejected_when_the_step_is_made() -> None:
     with pytest.raises(TypeError, match="DynamicLossScale"):
         fl.make_train_step(_mse, precision="fp16", loss_scale=2.0**16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_train_step checks that grad_norm is a bool but not donate: donate='no' "
-    "(any truthy value) donates the caller's state",
-)
 def test_donate_takes_true_or_false() -> None:
     with pytest.raises(TypeError, match="donate"):
         fl.make_train_step(_mse, donate="no")
