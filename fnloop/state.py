@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -250,6 +250,10 @@ def check_ema(state: TrainState) -> None:
     raise ValueError(f"ema_decay must be in [0, 1); got {decay}.")
 
 
+def _unknown_fields(cls: type, unknown: Iterable[str], fields: Iterable[str]) -> str:
+    return f"{cls.__name__} has no fields {sorted(unknown)}; fields: {sorted(fields)}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainState:
     """The whole training state: weights, optimizer state, counters and history.
@@ -429,9 +433,9 @@ class TrainState:
                 if type(self) is TrainState
                 else tuple(f.name for f in dataclasses.fields(self))
             )
-            for name in changes:
-                if name not in names:
-                    raise TypeError(f"TrainState has no field {name!r}; fields: {names}")
+            missing = [name for name in changes if name not in names]
+            if missing:
+                raise TypeError(_unknown_fields(type(self), missing, names))
             new = object.__new__(type(self))
             for name in names:
                 if name in changes:
@@ -446,12 +450,13 @@ class TrainState:
         )
         unknown = changes.keys() - fields
         if unknown:
-            raise TypeError(
-                f"{type(self).__name__} has no fields {sorted(unknown)}; fields: {sorted(fields)}"
-            )
+            raise TypeError(_unknown_fields(type(self), unknown, fields))
         # A training step calls this once per step: 3x faster than dataclasses.replace.
         new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__, **changes)
+        if type(self) is TrainState:
+            new.__dict__.update(self.__dict__, **changes)
+        else:  # the fields alone: not what a subclass's cached_property kept of this one
+            new.__dict__.update({n: v for n, v in self.__dict__.items() if n in fields}, **changes)
         return new
 
     def clone(self: StateT) -> StateT:

@@ -71,11 +71,6 @@ class _Slotted(fl.TrainState):
     best: float = 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replace on a subclass made with dataclass(slots=True) says 'TrainState has no "
-    "field' (another wording than for other classes) instead of naming the subclass",
-)
 def test_replace_of_a_slotted_subclass_names_the_subclass() -> None:
     state = _Slotted.create(nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
     with pytest.raises(TypeError, match=r"^_Slotted has no fields \['bogus'\]"):
@@ -89,11 +84,6 @@ class _Cached(fl.TrainState):
         return sum(t.numel() for t in self.params.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replace copies the whole instance __dict__, so a subclass's cached_property "
-    "computed on the old state is carried into the new one (dataclasses.replace does not)",
-)
 def test_replace_does_not_carry_a_cached_property_over() -> None:
     state = _Cached.create(nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
     assert state.n_values == 4
