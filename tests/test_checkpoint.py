@@ -21,6 +21,7 @@ import stat
 import struct
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -1583,3 +1584,34 @@ def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) 
     assert rate(scheduled) == 1e-3
     after = step(scheduled, batch)[0]
     assert after.step == 2 and rate(after) == pytest.approx(float(schedule(torch.tensor(2.0))))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h79 F2: with_runtime_fields makes a 0-d loss scale for a stacked `like`, whose "
+    "vmapped fp16 steps keep one scale per model (shape (n,)): the guide's way to resume a "
+    "stacked state (like= a stacked state built the same way) is refused",
+)
+def test_a_stacked_fp16_state_loads_into_a_freshly_stacked_like(tmp_path: Path) -> None:
+    def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": ((model(x) - y) ** 2).mean()}
+
+    def stacked() -> fnloop.TrainState:
+        states = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            states.append(
+                fnloop.TrainState.create(nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
+            )
+        return fnloop.stack_states(states)
+
+    step = fnloop.make_train_step(mse, precision="fp16")
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 autocast on the CPU
+        trained, _ = many(stacked(), (torch.randn(4, 3), torch.randn(4, 1)))
+    assert trained.loss_scale is not None and trained.loss_scale.scale.shape == (2,)
+    path = save_checkpoint(tmp_path / "c.pt", trained)
+    loaded = load_checkpoint(path, like=stacked())
+    assert torch.equal(loaded.loss_scale.scale, trained.loss_scale.scale)
