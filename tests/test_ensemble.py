@@ -1195,3 +1195,42 @@ def test_states_loaded_from_one_checkpoint_with_a_nan_in_their_history_stack(tmp
     path = save_checkpoint(tmp_path / "c.pt", state)
     a, b = load_checkpoint(path, like=state), load_checkpoint(path, like=state)
     assert fl.stack_states([a, b]).epoch == 1
+
+
+class _PickedActivation:
+    """A plain callable (no module) that picks its implementation once: its attribute
+    is one of its own bound methods, so its settings lead back to itself."""
+
+    def __init__(self) -> None:
+        self.impl = self._relu
+
+    def _relu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.impl(x)
+
+
+class _NetWithPickedActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.act = _PickedActivation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RecursionError,
+    reason="h79 F7: _setting/_object_setting follow a callable's __dict__ without a depth "
+    "limit or a visited set: an object whose attribute is its own bound method recurses "
+    "until RecursionError, for identical models",
+)
+def test_identical_models_holding_a_self_referring_callable_stack():
+    def build(seed: int) -> fl.TrainState:
+        torch.manual_seed(seed)
+        return fl.TrainState.create(_NetWithPickedActivation(), tx=optim.sgd(0.1), device="cpu")
+
+    assert fl.stack_states([build(0), build(1)]).params["lin.weight"].shape == (2, 2, 3)
