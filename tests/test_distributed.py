@@ -555,3 +555,27 @@ def test_the_run_folder_is_complete_in_every_process_when_fit_returns(tmp_path) 
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert got == {"best_model": True, "plot": True}, r
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h79 F11: mean_grads_and_buffers averages buffers with is_floating_point(), "
+    "false for complex ones: a complex running statistic stays each process's own, while "
+    "complex gradients are averaged",
+)
+def test_complex_buffers_are_averaged_like_real_ones(monkeypatch) -> None:
+    import fnloop.distributed
+
+    reduced: list[str] = []
+
+    def spy(tensors):
+        reduced.extend(tensors)
+        return dict(tensors)
+
+    monkeypatch.setattr(fnloop.distributed, "mean_over_processes", spy)
+    fnloop.distributed.mean_grads_and_buffers(
+        {"w": torch.ones(2)},
+        {"real": torch.ones(2), "cplx": torch.ones(2, dtype=torch.complex64)},
+        frozen=(),
+    )
+    assert {"buffer/real", "buffer/cplx"} <= set(reduced)
