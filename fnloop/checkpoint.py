@@ -722,7 +722,7 @@ def find_checkpoints(directory: str | os.PathLike[str], pattern: str = "*.pt") -
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)
+        (0, int(part)) if part.isdecimal() else (1, part) for part in re.split(r"(\d+)", name)
     )
 
 

@@ -164,15 +164,20 @@ def mean_grads_and_buffers(
     kept: Params | None = None,
     extra: Params | None = None,
 ) -> tuple[Params, Params, Params | None, Params]:
-    """Data parallelism: gradients and floating-point buffers (running statistics; not the
-    ``frozen`` parameters among them, which are the same everywhere) averaged over the
-    processes, in one collective; also the buffers ``kept`` if a skipped update falls back
-    to them (each process's own after the micro-batches of an accumulation window), and
-    the tensors ``extra`` (a train step's loss, so every process decides alike).
+    """Data parallelism: gradients and floating-point or complex buffers (running
+    statistics; not the ``frozen`` parameters among them, which are the same everywhere)
+    averaged over the processes, in one collective; also the buffers ``kept`` if a skipped
+    update falls back to them (each process's own after the micro-batches of an
+    accumulation window), and the tensors ``extra`` (a train step's loss, so every process
+    decides alike).
 
     Returns ``(grads, buffers, kept, extra)``; the averaged buffers own their memory.
     """
-    floats = [n for n, b in buffers.items() if b.is_floating_point() and n not in frozen]
+    floats = [
+        n
+        for n, b in buffers.items()
+        if (b.is_floating_point() or b.is_complex()) and n not in frozen
+    ]
     mean = mean_over_processes(
         {
             **{f"grad/{n}": g for n, g in grads.items()},

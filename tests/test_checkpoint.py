@@ -1632,11 +1632,6 @@ def test_load_model_reads_a_state_dict_in_torchs_legacy_format(tmp_path: Path) -
     assert torch.equal(target.weight, source.weight)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F5: _natural_key tests parts with str.isdigit, true for '²', which \\d does "
-    "not split off and int() rejects: find_checkpoints (and fit's resume) raise ValueError",
-)
 def test_find_checkpoints_orders_names_with_superscript_digits(tmp_path: Path) -> None:
     (tmp_path / "model-v1²2.pt").write_bytes(b"x")
     assert find_checkpoints(tmp_path) == [tmp_path / "model-v1²2.pt"]

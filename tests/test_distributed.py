@@ -557,12 +557,6 @@ def test_the_run_folder_is_complete_in_every_process_when_fit_returns(tmp_path) 
         assert got == {"best_model": True, "plot": True}, r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F11: mean_grads_and_buffers averages buffers with is_floating_point(), "
-    "false for complex ones: a complex running statistic stays each process's own, while "
-    "complex gradients are averaged",
-)
 def test_complex_buffers_are_averaged_like_real_ones(monkeypatch) -> None:
     import fnloop.distributed
 
