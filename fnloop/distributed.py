@@ -1,7 +1,7 @@
 """Data-parallel training with ``torch.distributed`` (launched by ``torchrun``).
 
 fnloop wraps nothing: when the default process group is initialized with more than one
-process, every train step averages its gradients (and floating-point buffers, such as
+process, every train step averages its gradients (and floating-point and complex buffers, such as
 BatchNorm statistics) over the processes before clipping and the optimizer, so every
 process holds the same state; ``fit`` averages the epoch metrics over the processes and
 only rank 0 writes logs, checkpoints and plots. These helpers are what they use.
