@@ -880,10 +880,15 @@ def _as_path(path: Any, fn: str, second: str) -> Path:
 
 def _check_state(state: Any, fn: str) -> None:
     if not isinstance(state, TrainState):
-        raise TypeError(
-            f"{fn} needs an fnloop.TrainState; got {type(state).__name__}. To save a bare "
-            f"module's weights use torch.save(module.state_dict(), path)."
-        )
+        if fn == "load_checkpoint":  # (also for load_checkpoint_with_extra and fit's resume)
+            fix = (
+                "Pass like=fl.TrainState.create(module, tx=...) with the optimizer the run "
+                "used; to load a model export (save_model, best_model.pt) into a module, use "
+                "fl.load_model(path, module)."
+            )
+        else:
+            fix = "To save a bare module's weights use torch.save(module.state_dict(), path)."
+        raise TypeError(f"{fn} needs an fnloop.TrainState; got {type(state).__name__}. {fix}")
 
 
 def _check_plain(value: Any, where: str) -> None:

@@ -1637,11 +1637,6 @@ def test_find_checkpoints_orders_names_with_superscript_digits(tmp_path: Path) -
     assert find_checkpoints(tmp_path) == [tmp_path / "model-v1²2.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F6: _check_state's message is save_checkpoint's: a module given as `like` "
-    "to load_checkpoint is told how to save a bare module's weights, not what `like` needs",
-)
 def test_a_module_as_like_is_told_what_like_needs(tmp_path: Path) -> None:
     module = nn.Linear(2, 1)
     path = save_checkpoint(
