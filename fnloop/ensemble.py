@@ -8,7 +8,7 @@ import enum
 import functools
 import math
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -364,9 +364,16 @@ def _equal_trees(a: Any, b: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two static values are equal (values that cannot be compared are not)."""
+    """Whether two static values are equal (values that cannot be compared are not); a
+    NaN equals a NaN (a history's, as two loads of one checkpoint hold them)."""
     if a is b:
         return True
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     try:
         return bool(a == b)
     except Exception:

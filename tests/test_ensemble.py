@@ -1182,11 +1182,6 @@ def test_identical_models_with_hooks_registered_with_options_stack(register):
     assert fl.stack_states([build(0), build(1)]).params["weight"].shape == (2, 2, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F4: stack_states compares histories with ==, and NaN != NaN between float "
-    "objects of two loads: two loads of one checkpoint whose history holds a NaN are refused",
-)
 def test_states_loaded_from_one_checkpoint_with_a_nan_in_their_history_stack(tmp_path):
     from fnloop.checkpoint import load_checkpoint, save_checkpoint
     from fnloop.state import freeze_history
