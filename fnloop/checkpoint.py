@@ -349,8 +349,10 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
     _check_state(like, "load_checkpoint")
     payload = _read_payload(path)
     saved: dict[str, Any] = payload["leaves"]
-    dtypes = {k: t.dtype for k, t in saved.items() if isinstance(t, torch.Tensor)}
-    like = with_runtime_fields(like, dtypes)
+    like = with_runtime_fields(
+        like,
+        {k: (t.dtype, tuple(t.shape)) for k, t in saved.items() if isinstance(t, torch.Tensor)},
+    )
     keys, like_leaves, treedef = _flatten_with_keys(like)
     _check_structure(path, saved, keys, like_leaves)
     leaves = [_place(saved[k], ref) for k, ref in zip(keys, like_leaves, strict=True)]

@@ -76,7 +76,11 @@ def broadcast_state(state: StateT) -> StateT:
     paths, leaves, _ = _tree.tree_flatten_with_keys(state)
     # The fields a step creates as it runs (an open accumulation window, the fp16 loss
     # scale) may be in rank 0's state alone, loaded from a checkpoint: they are made here.
-    runtime = {p: leaf.dtype for p, leaf in zip(paths, leaves) if p.startswith(_RUNTIME)}
+    runtime = {
+        p: (leaf.dtype, tuple(leaf.shape))
+        for p, leaf in zip(paths, leaves)
+        if p.startswith(_RUNTIME)
+    }
     layout = [(p, _describe(leaf)) for p, leaf in zip(paths, leaves) if not p.startswith(_RUNTIME)]
     static = (state.step, state.epoch, state.micro_step, state.history, state.ema_decay)
     # Indexed as in every process's state once the runtime fields are made (all tensors).

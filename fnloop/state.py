@@ -116,23 +116,28 @@ def history_added(before: History, after: History) -> dict[str, float]:
     return {k: v[0] for k, v in history_growth(before, after).items() if len(v) == 1}
 
 
-def with_runtime_fields(like: StateT, dtypes: Mapping[str, torch.dtype]) -> StateT:
+def with_runtime_fields(
+    like: StateT, leaves: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> StateT:
     """``like`` with the fields a step creates as it runs shaped as in another state
-    whose leaves (by key path, ``"grad_accum.w"``) have the dtypes ``dtypes``.
+    whose leaves (by key path, ``"grad_accum.w"``) have the dtypes and shapes ``leaves``
+    (a stacked state's fp16 loss scale holds one value per model).
 
     The fp16 loss scale appears at the first fp16 step and the accumulated gradients
     while an accumulation window is open, so a freshly made state lacks what the state
     of a running job holds (and the other way round). Values are left uninitialized:
     they are for a checkpoint or a broadcast to fill.
     """
-    has_scale = any(k.startswith("loss_scale.") for k in dtypes)
-    has_accum = any(k.startswith("grad_accum.") for k in dtypes)
+    has_scale = any(k.startswith("loss_scale.") for k in leaves)
+    has_accum = any(k.startswith("grad_accum.") for k in leaves)
     loss_scale = like.loss_scale
     if has_scale and loss_scale is None:
         loss_scale = LossScaleState(
             *(
-                torch.empty((), dtype=dtypes.get(f"loss_scale.{f}"), device=like.device)
-                for f in LossScaleState._fields
+                torch.empty(shape, dtype=dtype, device=like.device)
+                for dtype, shape in (
+                    leaves.get(f"loss_scale.{f}", (None, ())) for f in LossScaleState._fields
+                )
             )
         )
     grad_accum = like.grad_accum

@@ -1586,12 +1586,6 @@ def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) 
     assert after.step == 2 and rate(after) == pytest.approx(float(schedule(torch.tensor(2.0))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F2: with_runtime_fields makes a 0-d loss scale for a stacked `like`, whose "
-    "vmapped fp16 steps keep one scale per model (shape (n,)): the guide's way to resume a "
-    "stacked state (like= a stacked state built the same way) is refused",
-)
 def test_a_stacked_fp16_state_loads_into_a_freshly_stacked_like(tmp_path: Path) -> None:
     def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch
