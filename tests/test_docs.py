@@ -551,17 +551,19 @@ def _check_guide_sweep(ns: Namespace, before: Namespace) -> None:
 
 
 def _check_guide_schedule(ns: Namespace, before: Namespace) -> None:
-    # "A linear warm-up from 0, then a cosine decay to 0, compiled into one graph": the
-    # rates of the same schedule in plain Python, and one graph for every update count
+    # "A linear warm-up from 0, then a cosine decay to 0 at `total` (0 from there on),
+    # compiled into one graph": the rates of the same schedule in plain Python, and one
+    # graph for every update count
     from torch._dynamo.testing import CompileCounter
 
     schedule = ns["warmup_cosine"]
 
     def plain(t: int) -> float:
-        cos = 0.5 * (1 + math.cos(math.pi * (t - 100) / 900))
-        return 3e-3 * (t / 100 if t < 100 else max(cos, 0.0))
+        x = min(max((t - 100) / 900, 0.0), 1.0)
+        return 3e-3 * (t / 100 if t < 100 else 0.5 * (1 + math.cos(math.pi * x)))
 
-    for t in (0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200):
+    assert plain(0) == plain(1000) == plain(1200) == plain(1900) == 0.0
+    for t in (0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200, 1900):
         rate = float(schedule(torch.tensor(t, dtype=torch.float64)))
         assert math.isclose(rate, plain(t), rel_tol=1e-12, abs_tol=1e-18), t
     # (dynamo reads the source file of the code it traces: not the Markdown file)
