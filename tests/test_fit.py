@@ -2152,6 +2152,43 @@ def test_a_state_a_callback_kept_from_an_event_is_refused_after_later_steps():
     assert torch.equal(keep.clones[-1].params["0.weight"], final.params["0.weight"])
 
 
+def test_fit_donates_with_a_step_made_without_donate_but_runs_a_wrapped_one_as_given():
+    """fit runs a made step donating whatever its donate= (it owns the states it makes):
+    a state a callback kept is refused after later steps. A made step in a wrapper (or
+    compiled) is run as given: made with donate=False, the kept state keeps its values."""
+    import functools
+
+    class Keep(fl.callbacks.Callback):
+        def __init__(self):
+            self.kept, self.clones = [], []
+
+        def on_train_epoch_end(self, state, metrics):
+            self.kept.append(state)
+            self.clones.append(state.clone())
+
+    def run(step):
+        keep = Keep()
+        fl.fit(
+            make_state(),
+            step,
+            loaders(valid=False),
+            max_epochs=2,
+            callbacks=keep,
+            progress=False,
+            log_to_console=False,
+        )
+        return keep
+
+    made = run(fl.make_train_step(classify, donate=False))
+    with pytest.raises(RuntimeError, match=r"state\.clone\(\)"):
+        made.kept[0].state_dict()
+    step = fl.make_train_step(classify, donate=False)
+    kept = run(functools.wraps(step)(lambda state, batch: step(state, batch)))
+    for state, clone in zip(kept.kept, kept.clones):
+        assert torch.equal(state.params["0.weight"], clone.params["0.weight"])
+    assert not torch.equal(kept.kept[0].params["0.weight"], kept.kept[1].params["0.weight"])
+
+
 def test_fit_log_lines_do_not_reach_the_root_loggers_handlers(tmp_path):
     """fit's logger writes to the console and the log file itself, so while fit runs its
     lines do not also go up to the root logger: after logging.basicConfig() a user saw
