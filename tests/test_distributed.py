@@ -16,6 +16,7 @@ from torch.testing import assert_close
 sys.path.insert(0, str(Path(__file__).parent / "jobs"))
 import bad_input_job
 import ddp_job
+import mid_epoch_outputs_job
 
 import fnloop as fl
 from fnloop.distributed import mean_over_processes, true_everywhere, world_size
@@ -291,6 +292,24 @@ def test_one_process_goes_on_from_a_checkpoint_two_processes_wrote(ranks, tmp_pa
     assert state.epoch == 4
     two = results[0]["resumed-2-2_history"]
     assert {s: {k: v[:3] for k, v in m.items()} for s, m in state.history.items()} == two
+
+
+@pytest.mark.slow  # torchrun starts two processes
+def test_one_process_resuming_two_processes_mid_epoch_keeps_the_outputs_out(tmp_path) -> None:
+    """The partial means of the processes that wrote a mid-epoch checkpoint are summed
+    for one process that resumes it: predictions, an output in every batch before the
+    checkpoint, stay out of the metrics though the resumed epoch's only batch left has
+    one example (they became train/pred)."""
+    job = Path(mid_epoch_outputs_job.__file__)
+    torchrun(tmp_path, job=job)
+    newest = max(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert newest == "ckpt-0000000002-b.pt"
+    # 9 examples in batches of 4, 4, 1: the resumed epoch skips 2 and trains on 1.
+    state = mid_epoch_outputs_job.run(tmp_path, 1, 0, 9)
+    assert state.step == 3
+    assert set(state.history["train"]) == {"loss", "lr"}
+    log = (tmp_path / "run_training.log").read_text()
+    assert "batch 2 of epoch 1" in log and "pred:" not in log
 
 
 def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:
