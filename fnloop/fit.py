@@ -256,10 +256,11 @@ def _open_logger(
 ) -> tuple[logging.Logger, Callable[[], None]]:
     """The run's logger with fit's handlers added, and the function that removes and
     closes them (handlers the user attached stay) and restores its ``propagate`` and
-    level. The level is at most INFO meanwhile: a lower one the user set (DEBUG) stays."""
+    level. The level is at most INFO meanwhile: a lower one the user set on it or on a
+    parent logger (DEBUG) stays."""
     logger = logging.getLogger(f"fnloop.run.{run_name}")
     propagate, level = logger.propagate, logger.level
-    logger.setLevel(min(level, logging.INFO) if level != logging.NOTSET else logging.INFO)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logger.propagate = False
     added: list[logging.Handler] = []
     main = is_main_process()
@@ -608,9 +609,10 @@ def fit(
         (``""`` is an error: ``"."`` is the working directory).
       run_name: names the logger (``logging.getLogger(f"fnloop.run.{run_name}")``: log
         there to reach the console and the log file; in a ``torch.distributed`` run only
-        rank 0's records get through; a DEBUG level set on it stays), the log file, and the run its
-        checkpoints belong to: ``fit`` does not resume another run's checkpoints into a
-        state that is not at their step (an error says what to pass instead).
+        rank 0's records get through; a DEBUG level set on it or a parent stays), the log
+        file, and the run its checkpoints belong to: ``fit`` does not resume another run's
+        checkpoints into a state that is not at their step (an error says what to pass
+        instead).
       resume: continue from the newest good checkpoint in ``out_dir``: the state, the
         best model (if ``monitor`` and ``mode`` are unchanged), early-stopping progress
         (of the rules given now that are unchanged; a run that stopped early stays

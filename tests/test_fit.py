@@ -649,12 +649,6 @@ def test_fit_restores_the_level_of_its_logger(tmp_path, level):
         logger.setLevel(logging.NOTSET)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit sets INFO on the run's logger when its own level is NOTSET, over a DEBUG "
-    "level set on a parent (fnloop.run, fnloop): _open_logger reads logger.level, not "
-    "logger.getEffectiveLevel()",
-)
 @pytest.mark.parametrize("parent", ["fnloop.run", "fnloop"])
 def test_fit_keeps_a_debug_level_set_on_a_parent_of_its_logger(tmp_path, parent):
     """A DEBUG level the user set on a parent logger reaches fit's logger, as one set on

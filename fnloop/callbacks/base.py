@@ -52,8 +52,8 @@ class Callback:
     ``"valid/acc"``, ...; batch-end events receive the step's outputs as device tensors
     (reading them with ``float()`` forces a host sync, so do it sparingly).
 
-    ``fit`` trains with a donating step (unless it is given a step made without
-    ``donate=True``, which it runs as made), which writes each new state into the
+    ``fit`` trains with a donating step (unless it is given a compiled made step, or one in
+    a wrapper of yours, which it runs as given), which writes each new state into the
     previous one's memory: a state a callback receives holds its values only until the
     next training step. To keep one (a snapshot of the weights at some epoch), store
     ``state.clone()``, not ``state``.
