@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -27,12 +27,7 @@ from tqdm.auto import tqdm
 from fnloop import checkpoint as ckpt
 from fnloop._io import remove_temporaries
 from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
-from fnloop.callbacks.metrics_log import (
-    CSVLogger,
-    EpochLogger,
-    is_lr_name,
-    learning_rate_metrics,
-)
+from fnloop.callbacks.metrics_log import CSVLogger, EpochLogger, learning_rate_metrics
 from fnloop.callbacks.plot import PlotHistory
 from fnloop.distributed import (
     barrier,
@@ -189,12 +184,19 @@ def _format_time(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
+def epoch_line(
+    epoch: int,
+    max_epochs: int,
+    metrics: Mapping[str, float],
+    seconds: float,
+    rates: Collection[str] = (),
+) -> str:
     """The epoch summary line: ``[ 15/50] loss:0.023 | (val) loss:0.019 (2m 15s)``.
 
     The epoch is right-aligned in at least three places; a metric shows 4 significant
     digits, as in the progress bars (``0.01815``, ``2.5e-05``). Metrics of other splits
-    (a callback's ``test/acc``) follow, each split after its name.
+    (a callback's ``test/acc``) follow, each split after its name. The learning rates,
+    ``rates`` (keys of ``metrics``), have log lines of their own and are left out.
 
     >>> epoch_line(15, 50, {"train/loss": 0.023, "train/acc": 0.98125, "valid/loss": 0.019}, 135)
     '[ 15/50] loss:0.023 acc:0.9812 | (val) loss:0.019 (2m 15s)'
@@ -205,9 +207,9 @@ def epoch_line(epoch: int, max_epochs: int, metrics: Mapping[str, float], second
     parts = [f"[{epoch:>{width}}/{max_epochs}]"]
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for key, value in metrics.items():
-        split, _, name = key.partition("/")
-        if split == "train" and is_lr_name(name):
+        if key in rates:
             continue
+        split, _, name = key.partition("/")
         shown = f"{name}:{value:.4g}"
         splits.setdefault("val" if split == "valid" else split, []).append(shown)
     parts.append(" ".join(splits.pop("train")))
@@ -1600,7 +1602,8 @@ class _Run:
                 s.update(st, metrics, epoch) for s, st in zip(self.stoppers, self.stopper_states)
             ]
 
-        self.logger.info(epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0))
+        line = epoch_line(epoch, self.max_epochs, metrics, time.monotonic() - t0, rates.keys())
+        self.logger.info(line)
         _log_lr_changes(self.logger, lrs_before, _lrs(state.opt_state))
         skipped = int(state.skipped_steps) - skipped_before
         if skipped:

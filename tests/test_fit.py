@@ -2103,7 +2103,8 @@ def test_the_epoch_line_shows_a_step_metric_named_like_lr_but_not_the_rates():
     lines of their own, and shows the step's metrics, also one whose name starts with
     'lr' (lr_scale)."""
     metrics = {"train/loss": 0.5, "train/lr_scale": 0.25, "train/lr_0": 0.1, "train/lr_1": 0.2}
-    assert epoch_line(1, 2, metrics, 1) == "[  1/2] loss:0.5 lr_scale:0.25 (1.0s)"
+    line = epoch_line(1, 2, metrics, 1, rates=("train/lr_0", "train/lr_1"))
+    assert line == "[  1/2] loss:0.5 lr_scale:0.25 (1.0s)"
 
 
 def test_the_epoch_line_shows_a_callbacks_metrics_of_another_split(tmp_path):

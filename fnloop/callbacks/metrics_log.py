@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -67,16 +66,6 @@ def lr_names(count: int) -> list[str]:
     return ["lr"] if count == 1 else [f"lr_{i}" for i in range(count)]
 
 
-def is_lr_name(name: str) -> bool:
-    """Whether ``name`` is one of :func:`lr_names`, with or without a stacked state's
-    ``/j`` suffix (a step's own ``lr_scale`` is not).
-
-    >>> [is_lr_name(n) for n in ("lr", "lr_1", "lr/0", "lr_scale", "loss")]
-    [True, True, True, False, False]
-    """
-    return re.fullmatch(r"lr(_\d+)?(/\d+)?", name) is not None
-
-
 def learning_rate_metrics(opt_state: Any) -> dict[str, float]:
     """The learning rates of ``opt_state`` keyed as ``fit`` logs them.
 
@@ -105,8 +94,9 @@ class EpochLogger(Callback):
     ``{"epoch": state.epoch, "step": state.step, "train/loss": ..., "valid/loss": ...}``
     with the counters of the last event that contributed to it; metrics that callbacks
     before this one appended to ``state.history`` in the epoch join the row. When the
-    train metrics carry no ``"train/lr..."`` entry, the learning rates are read from the
-    optimizer state (one host sync per epoch). Under ``torch.distributed`` only rank 0 writes.
+    train metrics carry no learning rate (``"train/lr"``, ``"train/lr_0"``, ..., with ``/j``
+    for a stacked state), the rates are read from the optimizer state (one host sync per
+    epoch). Under ``torch.distributed`` only rank 0 writes.
     In a loop of your own, call ``on_fit_start`` before the first epoch and ``on_fit_end``
     after the last, as ``fit`` does: an epoch-end event outside them raises
     ``RuntimeError`` (the logger has nothing open to write to).
@@ -179,7 +169,8 @@ class EpochLogger(Callback):
         if not self._active:
             return None
         self._collect(state, metrics)
-        if not any(is_lr_name(k.removeprefix("train/")) for k in metrics if k.startswith("train/")):
+        names = {f"train/{n}" for n in lr_names(len(learning_rates(state.opt_state)))}
+        if not any(k in names or k.rpartition("/")[0] in names for k in metrics):
             self._pending.update(learning_rate_metrics(state.opt_state))
         return None
 

@@ -262,11 +262,6 @@ def test_a_step_metric_named_like_lr_leaves_the_learning_rate_in_the_row(tmp_pat
     assert path.read_text() == "epoch,step,train/loss,train/lr_scale,train/lr\n1,2,0.5,2.0,0.1\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="is_lr_name matches lr_<i> by pattern: with one parameter group (its rate is "
-    "train/lr) a step metric train/lr_0 is taken for a rate and the rate is not read",
-)
 def test_a_step_metric_named_lr_0_with_one_group_leaves_the_rate_in_the_row(
     tmp_path: Path,
 ) -> None:
