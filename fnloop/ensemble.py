@@ -402,6 +402,13 @@ _HOOKS = {
     "_backward_hooks",
     "_backward_pre_hooks",
 }
+# Which of those hooks were registered with an option: keyed by the hooks' handle ids,
+# which differ between identical models; compared as flags of the hooks in order.
+_HOOK_OPTIONS = {
+    "_forward_hooks_with_kwargs": "_forward_hooks",
+    "_forward_hooks_always_called": "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs": "_forward_pre_hooks",
+}
 
 
 class _TensorSetting:
@@ -460,13 +467,17 @@ def _class(module: torch.nn.Module) -> type:
     return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
-def _setting(value: Any, inner: frozenset[int] = frozenset()) -> Any:
+def _setting(
+    value: Any, inner: frozenset[int] = frozenset(), seen: frozenset[int] = frozenset()
+) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
     values (classes included) and tensors, alone or in tuples, lists and dicts of them,
-    by their values, functions by their code, callable objects by their class and
-    settings (and a method by its code and its object's), builtins by identity; ``None``
-    for what is not compared (containers of anything else). ``inner``: the ids of the
-    models' own modules, whose mode the steps set."""
+    by their values, functions by their code, callable objects and dataclass instances
+    (a config) by their class and settings (and a method by its code and its object's),
+    builtins by identity; ``None`` for what is not compared (containers of anything else,
+    other objects). ``inner``: the ids of the models' own modules, whose
+    mode the steps set; ``seen``: the objects whose settings are being taken (an object
+    reached again from its own settings compares as a cycle)."""
     data = _data(value)
     if data is not None:
         return data
@@ -493,24 +504,29 @@ def _setting(value: Any, inner: frozenset[int] = frozenset()) -> Any:
             )
             return ("module method", code, _class(owner), settings)
         # A method of an object of one's own: the object's settings are the method's.
-        return ("method", code, _object_setting(owner, inner))
+        return ("method", code, _object_setting(owner, inner, seen))
     if isinstance(value, functools.partial):
-        keywords = tuple(sorted((k, _setting(v, inner)) for k, v in value.keywords.items()))
-        args = tuple(_setting(v, inner) for v in value.args)
-        return ("partial", _setting(value.func, inner), args, keywords)
-    if callable(value) and not isinstance(value, torch.nn.Module):
-        return _object_setting(value, inner)
+        keywords = tuple(sorted((k, _setting(v, inner, seen)) for k, v in value.keywords.items()))
+        args = tuple(_setting(v, inner, seen) for v in value.args)
+        return ("partial", _setting(value.func, inner, seen), args, keywords)
+    if isinstance(value, torch.nn.Module):
+        return None
+    if callable(value) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return _object_setting(value, inner, seen)
     return None
 
 
-def _object_setting(value: Any, inner: frozenset[int]) -> Any:
-    """An object made per module (spectral_norm's hook, the owner of a bound method) by
-    its class and settings; one without a ``__dict__`` (a builtin such as torch.relu) by
-    identity."""
+def _object_setting(value: Any, inner: frozenset[int], seen: frozenset[int]) -> Any:
+    """An object made per module (spectral_norm's hook, the owner of a bound method, a
+    config) by its class and settings; one without a ``__dict__`` (a builtin such as
+    torch.relu) by identity."""
     settings = getattr(value, "__dict__", None)
     if settings is None:
         return ("callable", id(value))
-    items = sorted((k, _setting(v, inner)) for k, v in settings.items())
+    if id(value) in seen:
+        return ("cycle", type(value))
+    seen = seen | {id(value)}
+    items = sorted((k, _setting(v, inner, seen)) for k, v in settings.items())
     return ("object", type(value), tuple(items))
 
 
@@ -561,6 +577,13 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                 ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
                 if [_setting(h, inner) for h in ha] != [_setting(h, inner) for h in hb]:
                     return f"{where}.{key} hold {ha!r} in one and {hb!r} in the other"
+                continue
+            if key in _HOOK_OPTIONS:
+                hooks = _HOOK_OPTIONS[key]
+                fa = [i in va_all.get(key, {}) for i in va_all.get(hooks, {})]
+                fb = [i in vb_all.get(key, {}) for i in vb_all.get(hooks, {})]
+                if fa != fb:
+                    return f"{where}.{hooks} were registered with other options ({key})"
                 continue
             va, vb = va_all.get(key), vb_all.get(key)
             if key in recomputed and isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
