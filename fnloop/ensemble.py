@@ -230,6 +230,13 @@ COMPARE_FAILED_MSG = (
 )
 
 
+def _probe_scale(k: int) -> float:
+    """The size of the probe's gradients at update ``k``: 1, 10, 100, 1000, 0.1, ..., so
+    that clipping thresholds (by norm or value) of any usual size clip some updates and
+    not others."""
+    return 10.0 ** ((k + 1) % 5 - 1)
+
+
 class _Probe:
     """The inputs of the optimizer probe: small stand-ins for ``params`` (the same names,
     dims and dtypes, two entries per dim, on the CPU) and ``_PROBE_UPDATES`` gradients
@@ -248,7 +255,10 @@ class _Probe:
             shapes = {name: (2,) * p.dim() for name, p in self._params.items()}
             self._small = (
                 self._random(shapes, gen, small=True),
-                [self._random(shapes, gen, small=True) for _ in range(_PROBE_UPDATES)],
+                [
+                    self._random(shapes, gen, small=True, scale=_probe_scale(k))
+                    for k in range(_PROBE_UPDATES)
+                ],
             )
         return self._small
 
@@ -256,13 +266,19 @@ class _Probe:
         """The gradients of each update, shaped like ``params`` and on their devices."""
         gen = torch.Generator().manual_seed(0)
         shapes = {name: tuple(p.shape) for name, p in self._params.items()}
-        for _ in range(_PROBE_UPDATES):
-            yield self._random(shapes, gen, small=False)
+        for k in range(_PROBE_UPDATES):
+            yield self._random(shapes, gen, small=False, scale=_probe_scale(k))
 
     def _random(
-        self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator, *, small: bool
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        gen: torch.Generator,
+        *,
+        small: bool,
+        scale: float = 1.0,
     ) -> Params:
-        """Normal values of ``shapes``: one draw per dtype and device, cut into tensors."""
+        """Normal values of ``shapes``: one draw per dtype and device, cut into tensors,
+        times ``scale`` where the dtype's range allows (not float16's)."""
         groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
         for name, p in self._params.items():
             device = torch.device("cpu") if small else p.device
@@ -270,7 +286,10 @@ class _Probe:
         out: dict[str, torch.Tensor] = {}
         for (dtype, device), names in groups.items():
             sizes = [math.prod(shapes[name]) for name in names]
-            values = torch.randn(sum(sizes), generator=gen, dtype=dtype).to(device)
+            values = torch.randn(sum(sizes), generator=gen, dtype=dtype)
+            if scale != 1.0 and dtype.is_floating_point and torch.finfo(dtype).max > 1e30:
+                values = values * scale
+            values = values.to(device)
             for name, part in zip(names, values.split(sizes)):
                 out[name] = part.view(shapes[name])
         return {name: out[name] for name in self._params}

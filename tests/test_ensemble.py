@@ -1305,12 +1305,6 @@ def test_models_that_differ_in_a_setting_held_in_an_object_are_refused(other):
         fl.stack_states([build(2.0, torch.sigmoid), build(*other)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F10: the optimizer probe's gradients are standard normal on 2-entry "
-    "stand-ins (norm ~2.5), so clipping thresholds above that (global norm or value, "
-    "5 vs 50) update alike there: the states stack and every model clips at states[0]'s",
-)
 @pytest.mark.parametrize(
     "clip",
     [optim.clip_by_global_norm, optim.clip],
