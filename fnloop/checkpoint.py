@@ -79,6 +79,9 @@ VERSION = 1
 """The checkpoint format version this fnloop writes and reads."""
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy format (torch.save(..., _use_new_zipfile_serialization=False), torch
+# before 1.6): pickle protocol 2, then torch's magic number as a 10-byte long.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 _SAFETENSORS_MISSING = (
@@ -536,7 +539,7 @@ def _safe_torch_load(path: Path, source: io.BytesIO | None = None) -> Any:
         _check_is_file(path)
         with open(path, "rb") as f:
             head = f.read(len(_ZIP_MAGIC))
-        if head != _ZIP_MAGIC:
+        if head not in (_ZIP_MAGIC, _LEGACY_MAGIC):
             what = "is empty" if not head else "is not a PyTorch file (no zip signature)"
             raise CheckpointError(f"Cannot read checkpoint {path}: the file {what}.")
     where = f"{path}" if source is None else f"the payload of {path}"

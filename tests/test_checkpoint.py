@@ -1611,12 +1611,6 @@ def test_a_stacked_fp16_state_loads_into_a_freshly_stacked_like(tmp_path: Path) 
     assert torch.equal(loaded.loss_scale.scale, trained.loss_scale.scale)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F1: _safe_torch_load refuses any file without a zip signature, so a state "
-    "dict torch.save wrote in its legacy format (which torch.load(weights_only=True) reads) "
-    "is 'not a PyTorch file' to load_model, whose docstring takes any plain state_dict file",
-)
 def test_load_model_reads_a_state_dict_in_torchs_legacy_format(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = nn.Linear(2, 1)
