@@ -158,6 +158,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
         non-tensor leaf of ``state`` (a field a subclass adds) is not plain data (the
         message names the key and the type).
       ValueError: two leaves of ``state`` map to the same key.
+      RuntimeError: ``state`` was donated to a training step (save the state it returned).
 
     Example:
       >>> import pathlib, tempfile, torch
@@ -226,9 +227,11 @@ def save_model(path: str | os.PathLike[str], state: TrainState, *, use_ema: bool
       ``path`` as a ``pathlib.Path``.
 
     Raises:
+      TypeError: ``state`` is not a ``TrainState``.
       ImportError: a ``.safetensors`` path and the ``safetensors`` package is missing.
-      ValueError: a ``.safetensors`` path and a submodule's extra state
-        (``get_extra_state``, kept in the ``.pt`` file) is not a tensor.
+      ValueError: ``state`` holds stacked models (save each, or use
+        :func:`save_checkpoint`), or a ``.safetensors`` path and a submodule's extra
+        state (``get_extra_state``, kept in the ``.pt`` file) is not a tensor.
 
     Example:
       >>> import pathlib, tempfile, torch
@@ -802,8 +805,8 @@ def rng_state() -> dict[str, Any]:
     :func:`save_checkpoint` as extra data and restore it with :func:`set_rng_state`.
 
     Returns:
-      A dict of tensors, ints, floats and ``None`` (keys ``"torch"``, ``"python"`` and,
-      when captured, ``"cuda"`` and ``"numpy"``).
+      A dict of tensors, ints, floats, strings and ``None`` (keys ``"torch"``,
+      ``"python"`` and, when captured, ``"cuda"`` and ``"numpy"``).
 
     Example:
       >>> import torch

@@ -56,9 +56,9 @@ def is_main_process() -> bool:
 
 
 def broadcast_state(state: StateT) -> StateT:
-    """Rank 0's state in every process: its tensors (one broadcast per dtype), its leaves
-    that are not tensors (a float field of a subclass), its step, epoch and micro-step
-    counters, history and EMA decay; a collective call.
+    """Rank 0's state in every process: its tensors (one broadcast per dtype and device),
+    its leaves that are not tensors (a float field of a subclass), its step, epoch and
+    micro-step counters, history and EMA decay; a collective call.
 
     Data parallelism needs the same starting state everywhere, as
     ``DistributedDataParallel`` makes it when it wraps a module: ``fit`` calls this on
@@ -133,10 +133,11 @@ def _layout_difference(first: list[tuple[str, str]], other: list[tuple[str, str]
 
 
 def mean_over_processes(tensors: Params) -> Params:
-    """Each tensor averaged over the processes of the default group: one all-reduce per dtype.
+    """Each tensor averaged over the processes of the default group: one all-reduce per
+    dtype and device.
 
     The inputs are not changed. Contiguous results are views of one reduced buffer per
-    dtype; others (channels-last, say) keep their memory format.
+    dtype and device; others (channels-last, say) keep their memory format.
     """
     world = world_size()
     if world == 1 or not tensors:
