@@ -2151,20 +2151,23 @@ def test_a_compiled_dropout_step_meeting_a_smaller_batch_is_told_to_drop_last(tm
     assert any("drop_last=True" in note for note in notes)
 
 
+class _KeepStates(fl.callbacks.Callback):
+    """Keeps the state of each epoch end as given, and a clone of it."""
+
+    def __init__(self):
+        self.kept, self.clones = [], []
+
+    def on_train_epoch_end(self, state, metrics):
+        self.kept.append(state)
+        self.clones.append(state.clone())
+
+
 def test_a_state_a_callback_kept_from_an_event_is_refused_after_later_steps():
     """fit donates each state to the next step: a state kept from an epoch end held the
     last epoch's weights by the end of the run (its state_dict() gave them silently).
     Using it is an error that says to keep state.clone(); a clone keeps its epoch."""
 
-    class Keep(fl.callbacks.Callback):
-        def __init__(self):
-            self.kept, self.clones = [], []
-
-        def on_train_epoch_end(self, state, metrics):
-            self.kept.append(state)
-            self.clones.append(state.clone())
-
-    keep = Keep()
+    keep = _KeepStates()
     final = fl.fit(
         make_state(),
         classify,
@@ -2187,16 +2190,8 @@ def test_fit_donates_with_a_step_made_without_donate_but_runs_a_wrapped_one_as_g
     compiled) is run as given: made with donate=False, the kept state keeps its values."""
     import functools
 
-    class Keep(fl.callbacks.Callback):
-        def __init__(self):
-            self.kept, self.clones = [], []
-
-        def on_train_epoch_end(self, state, metrics):
-            self.kept.append(state)
-            self.clones.append(state.clone())
-
     def run(step):
-        keep = Keep()
+        keep = _KeepStates()
         fl.fit(
             make_state(),
             step,
