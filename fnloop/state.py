@@ -351,8 +351,9 @@ class TrainState:
           TypeError: ``module`` is not an ``nn.Module``, ``tx`` is not a
             ``GradientTransformation``, or ``fields`` names a field that ``create`` sets
             or that the class does not have.
-          ValueError: ``ema_decay`` is outside ``[0, 1)``, or a parameter has a gradient
-            hook (which steps cannot run).
+          ValueError: ``ema_decay`` is outside ``[0, 1)``, a parameter is not initialized
+            yet (a Lazy module before its first forward pass) or has a gradient hook
+            (which steps cannot run), or ``module`` has no parameter to train.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(

@@ -1243,7 +1243,8 @@ def make_train_step(
     ``nn.Embedding(max_norm=...)`` does, is given copies in eager mode, but reaches frozen
     parameters, and all weights under ``torch.compile`` or ``vmap``). ``metrics`` holds
     ``"loss"`` (0-d) and every other entry that ``training_step`` returned, as detached
-    tensors on the state's device: nothing is read back to the host.
+    tensors (numbers become tensors on the state's device; tensors stay on theirs):
+    nothing is read back to the host.
 
     Gradients come from ``torch.autograd.grad`` in eager mode, and from
     ``torch.func.grad`` under ``torch.compile`` and ``torch.func.vmap`` (chosen
