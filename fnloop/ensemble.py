@@ -537,11 +537,31 @@ def _setting(
 
 def _object_setting(value: Any, inner: frozenset[int], seen: frozenset[int]) -> Any:
     """An object made per module (spectral_norm's hook, the owner of a bound method, a
-    config) by its class and settings; one without a ``__dict__`` (a builtin such as
-    torch.relu) by identity."""
+    config) by its class and settings: its ``__dict__``, else its slots, else what it
+    pickles from (``operator.itemgetter(0)``: its class and ``0``); a builtin such as
+    torch.relu, and anything else, by identity."""
     settings = getattr(value, "__dict__", None)
     if settings is None:
-        return ("callable", id(value))
+        if isinstance(value, types.BuiltinFunctionType):
+            return ("callable", id(value))
+        slots = [
+            name
+            for klass in type(value).__mro__
+            for name in vars(klass).get("__slots__", ())
+            if isinstance(name, str)
+        ]
+        if slots:
+            if id(value) in seen:
+                return ("cycle", type(value))
+            seen = seen | {id(value)}
+            slotted = tuple((n, _setting(getattr(value, n, None), inner, seen)) for n in slots)
+            return ("slots", type(value), slotted)
+        try:
+            made_by, args = value.__reduce__()[:2]
+        except Exception:
+            return ("callable", id(value))
+        data = _data(args) if made_by is type(value) and isinstance(args, tuple) else None
+        return ("callable", id(value)) if data is None else ("reduced", type(value), data)
     if id(value) in seen:
         return ("cycle", type(value))
     seen = seen | {id(value)}

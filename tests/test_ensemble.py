@@ -1241,12 +1241,6 @@ class _NetWithCallables(nn.Module):
         return self.lin(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h79 F8: _object_setting compares a callable without a __dict__ by identity, "
-    "so one made per model (operator.itemgetter(0), a class with __slots__) tells "
-    "identical models apart ('itemgetter(0) in one and itemgetter(0) in the other')",
-)
 @pytest.mark.parametrize(
     "make_callable",
     [lambda: operator.itemgetter(0), _SlotsScale],
@@ -1259,6 +1253,30 @@ def test_identical_models_holding_callables_without_a_dict_stack(make_callable):
         return fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu")
 
     assert fl.stack_states([build(0), build(1)]).params["lin.weight"].shape == (2, 2, 3)
+
+
+def _slots_scale(k: float) -> _SlotsScale:
+    scale = _SlotsScale()
+    scale.k = k
+    return scale
+
+
+@pytest.mark.parametrize(
+    "make_callables",
+    [
+        (lambda: operator.itemgetter(0), lambda: operator.itemgetter(1)),
+        (lambda: _slots_scale(2.0), lambda: _slots_scale(3.0)),
+    ],
+    ids=["itemgetter", "slots"],
+)
+def test_models_holding_callables_without_a_dict_that_differ_are_refused(make_callables):
+    states = []
+    for make_callable in make_callables:
+        torch.manual_seed(0)
+        module = _NetWithCallables(make_callable)
+        states.append(fl.TrainState.create(module, tx=optim.sgd(0.1), device="cpu"))
+    with pytest.raises(ValueError, match=r"another module.*pick"):
+        fl.stack_states(states)
 
 
 @dataclasses.dataclass
