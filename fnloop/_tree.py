@@ -52,9 +52,17 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
         leaves = [getattr(obj, n) for n in children]
         return leaves, tuple(getattr(obj, n) for n in statics), children
 
+    def build(values: dict[str, Any]) -> Any:
+        # Field by field, past __init__ (as TrainState.replace makes states): __init__
+        # rejects a field declared init=False, and a __post_init__ would run on every map.
+        new = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(new, name, value)
+        return new
+
     def unflatten_optree(context: Any, values: Any) -> Any:
         children, statics = fields()
-        return cls(**dict(zip(children, values)), **dict(zip(statics, context)))
+        return build({**dict(zip(children, values)), **dict(zip(statics, context))})
 
     # torch.utils._pytree treats None as a leaf, which torch.func.vmap rejects; absent
     # (None) children therefore go into the context there.
@@ -69,7 +77,7 @@ def register_dataclass(cls: type[T], *, static: Sequence[str]) -> type[T]:
         statics_, present = context
         values_ = dict.fromkeys(children)
         values_.update(zip(present, values))
-        return cls(**values_, **dict(zip(statics, statics_)))
+        return build({**values_, **dict(zip(statics, statics_))})
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         leaves, context = flatten_torch(obj)

@@ -96,11 +96,6 @@ class _NoInit(fl.TrainState):
     tag: str = dataclasses.field(default="t", init=False, metadata={"static": True})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pytree unflatten calls the class with every field as a keyword, which a "
-    "field declared init=False rejects: clone (and every tree_map) raises TypeError",
-)
 def test_a_subclass_with_an_init_false_field_clones() -> None:
     state = _NoInit.create(nn.Linear(3, 1), tx=optim.sgd(0.1), device="cpu")
     assert state.clone().tag == "t"
