@@ -259,13 +259,17 @@ def _unknown_fields(cls: type, unknown: Iterable[str], fields: Iterable[str]) ->
     return f"{cls.__name__} has no fields {sorted(unknown)}; fields: {sorted(fields)}"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class TrainState:
     """The whole training state: weights, optimizer state, counters and history.
 
     A ``TrainState`` is immutable and a pytree (for optree in the ``"fnloop"`` namespace
     and for ``torch.utils._pytree``). Its tensors are the leaves; the module template,
     the optimizer, the counters and the history are static context.
+
+    States (of subclasses too) compare and hash by identity, as ``nn.Module`` does; compare
+    their tensors with ``torch.equal``: ``all(torch.equal(p, b.params[n]) for n, p in
+    a.params.items())`` for the parameters.
 
     Attributes:
       params: trainable tensors, keyed like ``module.named_parameters()``.
@@ -316,6 +320,11 @@ class TrainState:
         # the dataclass decorator has run).
         super().__init_subclass__(**kwargs)
         _tree.register_dataclass(cls, static=_STATIC)
+        # By identity, as TrainState: set before the dataclass decorator runs, which then
+        # keeps them (its field-by-field __eq__ would raise on the tensors).
+        if "__eq__" not in vars(cls) and "__hash__" not in vars(cls):
+            cls.__eq__ = object.__eq__  # type: ignore[method-assign]
+            cls.__hash__ = object.__hash__  # type: ignore[method-assign]
 
     @classmethod
     def create(

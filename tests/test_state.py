@@ -216,6 +216,29 @@ def test_a_slotted_subclass_replaces_clones_and_steps(module: Net) -> None:
     assert type(new) is _Slotted and new.step == 1 and new.seen is state.seen
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _OwnEq(fl.TrainState):
+    """A subclass that defines its own comparison."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _OwnEq) and self.step == other.step
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("cls", [fl.TrainState, _Tagged, _Slotted])
+def test_states_compare_and_hash_by_identity(module: Net, cls: type[fl.TrainState]) -> None:
+    """As nn.Module: a field-by-field ``==`` raised on the tensors (no single bool), and a
+    subclass declared as the guide does (dataclass eq=True by default) did the same."""
+    extra = {"seen": torch.ones(())} if cls is _Slotted else {}
+    state = cls.create(module, tx=optim.sgd(0.1), device="cpu", **extra)
+    copy_ = state.clone()
+    assert state == state and state != copy_ and state not in [copy_]
+    assert len({state, copy_, state}) == 2 and hash(state) == hash(state)
+    own = _OwnEq.create(module, tx=optim.sgd(0.1), device="cpu")
+    assert own == own.clone() and own != own.replace(step=1)
+
+
 def test_a_state_first_flattened_while_compiling_traces_in_one_graph() -> None:
     """A subclass's fields are read at its first flatten, which may happen while
     torch.compile traces (a fresh state given to a compiled vmap over batches): that is
