@@ -88,6 +88,11 @@ _SAFETENSORS_MISSING = (
     "Saving or loading '{path}' needs the optional 'safetensors' package. Install it with "
     "`pip install fnloop[safetensors]` (or `pip install safetensors`), or use a '.pt' path."
 )
+_MODEL_FILE_HELP = (
+    "load_model reads a model export: the file save_model writes (fit's best_model.pt in "
+    "its out_dir) or one of torch.save(module.state_dict(), path)."
+)
+_EXPORT_AGAIN = "Export the weights again (save_model, or torch.save(module.state_dict(), path))."
 _PLAIN_DATA_HELP = (
     "Checkpoints hold only plain data (dict, list, tuple, str, int, float, bool, None and "
     "torch.Tensor) so they can be loaded with torch.load(weights_only=True). Convert it "
@@ -438,13 +443,16 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     """The state dict in the file ``path``: safetensors for a ``.safetensors`` path, else
     ``torch.load(weights_only=True)`` with errors that say what the file holds instead."""
     if _is_safetensors(path):
-        _check_is_file(path)  # (torch files: checked by _safe_torch_load)
+        _check_is_file(path, _MODEL)  # (torch files: checked by _safe_torch_load)
         st = _import_safetensors_torch(path)
         try:
             return st.load_file(str(path), device="cpu")
         except Exception as e:
-            raise CheckpointError(f"Cannot read the safetensors file {path}: {e}") from e
-    tensors = _safe_torch_load(path)
+            raise CheckpointError(
+                f"Cannot read the safetensors file {path}: {e}. It is truncated or damaged, "
+                f"or not a safetensors file: export the weights again (save_model)."
+            ) from e
+    tensors = _safe_torch_load(path, kind=_MODEL)
     if isinstance(tensors, dict) and tensors.get("format") == FORMAT:
         raise CheckpointError(
             f"{path} is a training checkpoint, not a model export. Restore it with "
@@ -453,7 +461,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     if not isinstance(tensors, dict):
         raise CheckpointError(
             f"{path} does not hold a state dict (a dict of tensors); found "
-            f"{type(tensors).__name__}."
+            f"{type(tensors).__name__}. {_MODEL_FILE_HELP}"
         )
     # A submodule's extra state (get_extra_state) may be any data that loads safely.
     bad = next(
@@ -499,6 +507,11 @@ def _some_keys(state_dict: Mapping[str, Any]) -> str:
 
 def _read_payload(path: Path) -> dict[str, Any]:
     """The verified payload dict of the checkpoint at ``path``."""
+    if _is_safetensors(path) and path.is_file():
+        raise CheckpointError(
+            f"{path} is a safetensors file, a model export (save_model), not a training "
+            f"checkpoint. Load it into a module with load_model(path, module)."
+        )
     wrapper = _safe_torch_load(path)
     if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
         raise CheckpointError(
@@ -536,16 +549,28 @@ def _read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _safe_torch_load(path: Path, source: io.BytesIO | None = None) -> Any:
-    """``torch.load(weights_only=True)`` onto the CPU, with errors that name ``path``."""
+_CHECKPOINT, _MODEL = "checkpoint", "the model file"
+
+
+def _safe_torch_load(
+    path: Path, source: io.BytesIO | None = None, *, kind: str = _CHECKPOINT
+) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU, with errors that name ``path`` (as
+    ``kind``: a checkpoint, or a model file with what ``load_model`` reads)."""
+    model = kind == _MODEL
+    fix = f" {_EXPORT_AGAIN}" if model else ""
     if source is None:
-        _check_is_file(path)
+        _check_is_file(path, kind)
         with open(path, "rb") as f:
             head = f.read(len(_ZIP_MAGIC))
         if head not in (_ZIP_MAGIC, _LEGACY_MAGIC):
             what = "is empty" if not head else "is not a PyTorch file (no zip signature)"
-            raise CheckpointError(f"Cannot read checkpoint {path}: the file {what}.")
+            if model and head:
+                fix = f" {_MODEL_FILE_HELP} A safetensors file needs a '.safetensors' name."
+            raise CheckpointError(f"Cannot read {kind} {path}: the file {what}.{fix}")
     where = f"{path}" if source is None else f"the payload of {path}"
+    if model:
+        where = f"{kind} {path}"
     try:
         return torch.load(
             source if source is not None else path, map_location="cpu", weights_only=True
@@ -553,22 +578,34 @@ def _safe_torch_load(path: Path, source: io.BytesIO | None = None) -> Any:
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "global" in detail.lower():
+            whole = (
+                " A whole module saved with torch.save(module, path)? Save its weights "
+                "instead: torch.save(module.state_dict(), path)."
+                if model
+                else ""
+            )
             raise CheckpointError(
                 f"Refusing to load {where}: it holds pickled Python objects, which fnloop "
-                f"never unpickles ({detail})."
+                f"never unpickles ({detail}).{whole}"
             ) from e
-        raise CheckpointError(f"Cannot read {where}: the file is damaged ({detail}).") from e
+        raise CheckpointError(f"Cannot read {where}: the file is damaged ({detail}).{fix}") from e
     except Exception as e:
         raise CheckpointError(
             f"Cannot read {where}: the file is truncated or damaged "
-            f"({type(e).__name__}: {_first_sentence(str(e))})."
+            f"({type(e).__name__}: {_first_sentence(str(e))}).{fix}"
         ) from e
 
 
-def _check_is_file(path: Path) -> None:
-    if not path.is_file():
-        what = "is not a file" if path.exists() else "does not exist"
-        raise CheckpointError(f"Cannot read checkpoint {path}: it {what}.")
+def _check_is_file(path: Path, kind: str = _CHECKPOINT) -> None:
+    if path.is_file():
+        return
+    what = "is not a file" if path.exists() else "does not exist"
+    fix = ""
+    if kind == _MODEL:
+        what = "is a folder" if path.is_dir() else what
+        inside = path / "best_model.pt"
+        fix = f" Did you mean {inside}?" if inside.is_file() else f" {_MODEL_FILE_HELP}"
+    raise CheckpointError(f"Cannot read {kind} {path}: it {what}.{fix}")
 
 
 def _unpickler_detail(e: Exception) -> str:

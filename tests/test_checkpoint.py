@@ -518,7 +518,10 @@ def test_a_damaged_pickle_is_named_damage_not_pickled_objects(tmp_path: Path) ->
         load_checkpoint(path, fresh_state())
     model = save_model(tmp_path / "model.pt", state)
     _flip_first_pickle_opcode(model)
-    says = f"Cannot read {model}: the file is damaged (Unsupported operand 255)."
+    says = (
+        f"Cannot read the model file {model}: the file is damaged (Unsupported operand 255). "
+        f"Export the weights again (save_model, or torch.save(module.state_dict(), path))."
+    )
     with pytest.raises(CheckpointError, match=f"^{re.escape(says)}$"):
         load_model(model, make_module())
 
@@ -526,9 +529,34 @@ def test_a_damaged_pickle_is_named_damage_not_pickled_objects(tmp_path: Path) ->
 def test_load_model_of_a_file_holding_no_dict_says_what_it_found(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save(list(make_module().parameters()), path)
-    says = f"{path} does not hold a state dict (a dict of tensors); found list."
-    with pytest.raises(CheckpointError, match=f"^{re.escape(says)}$"):
+    says = f"{path} does not hold a state dict (a dict of tensors); found list. load_model reads"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(says)}"):
         load_model(path, make_module())
+
+
+def test_load_model_errors_name_the_model_file_and_the_fix(tmp_path: Path) -> None:
+    """load_model's file errors said "Cannot read checkpoint" of the model file the user
+    gave, and said nothing of what to pass instead."""
+    best = save_model(tmp_path / "run" / "best_model.pt", randomized(fresh_state()))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_bytes(b"not torch")
+    (tmp_path / "cut.pt").write_bytes(best.read_bytes()[:100])
+    torch.save(make_module(), tmp_path / "whole.pt")
+    reads = re.escape("load_model reads a model export: the file save_model writes")
+    again = re.escape("Export the weights again (save_model, or torch.save(module.state_dict()")
+    for name, says in [
+        ("missing.pt", f"it does not exist. {reads}"),
+        ("missing.safetensors", f"it does not exist. {reads}"),
+        ("run", f"it is a folder. Did you mean {re.escape(str(best))}\\?$"),
+        ("empty.pt", f"the file is empty. {again}"),
+        ("text.pt", f"not a PyTorch file .* {reads}.* '.safetensors' name"),
+        ("cut.pt", f"truncated or damaged .* {again}"),
+        ("whole.pt", "pickled .* " + re.escape("torch.save(module.state_dict(), path).") + "$"),
+    ]:
+        kind = "Refusing to load" if name == "whole.pt" else "Cannot read"
+        path = re.escape(str(tmp_path / name))
+        with pytest.raises(CheckpointError, match=f"^{kind} the model file {path}: .*{says}"):
+            load_model(tmp_path / name, make_module())
 
 
 def test_altered_payload_fails_the_checksum(good_file: Path) -> None:
@@ -1289,6 +1317,9 @@ def test_load_model_of_a_missing_or_damaged_file_names_the_file(tmp_path: Path) 
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"Cannot read the safetensors file .*model"):
         load_model(path, make_module())
+    exported = save_model(tmp_path / "best.safetensors", randomized(fresh_state()))
+    with pytest.raises(CheckpointError, match=r"safetensors file, a model export .*load_model"):
+        load_checkpoint(exported, fresh_state())
 
 
 def test_safetensors_export_of_channels_last_weights(tmp_path: Path) -> None:
