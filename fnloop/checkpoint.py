@@ -335,7 +335,7 @@ def load_checkpoint(path: str | os.PathLike[str], like: StateT) -> StateT:
         differences, both values), or by a newer format version; or ``like`` has some
         tensors on the ``meta`` device and others on a real one.
     """
-    return cast(StateT, load_checkpoint_with_extra(path, like).state)  # like's class
+    return cast(StateT, _load(path, like, "load_checkpoint").state)  # like's class
 
 
 def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -> Checkpoint:
@@ -356,8 +356,13 @@ def load_checkpoint_with_extra(path: str | os.PathLike[str], like: TrainState) -
       >>> extra
       {'batch': 7}
     """
-    path = _as_path(path, "load_checkpoint", "like")
-    _check_state(like, "load_checkpoint")
+    return _load(path, like, "load_checkpoint_with_extra")
+
+
+def _load(path: str | os.PathLike[str], like: TrainState, fn: str) -> Checkpoint:
+    """The checkpoint at ``path`` for the public function ``fn`` (named in its errors)."""
+    path = _as_path(path, fn, "like")
+    _check_state(like, fn)
     payload = _read_payload(path)
     saved: dict[str, Any] = payload["leaves"]
     like = with_runtime_fields(
@@ -795,7 +800,7 @@ def latest_good_checkpoint(
     Raises:
       CheckpointMismatchError: the newest sound file belongs to another set-up.
     """
-    return first_good_checkpoint(find_checkpoints(directory, pattern), like)
+    return _first_good(find_checkpoints(directory, pattern), like, "latest_good_checkpoint")
 
 
 def first_good_checkpoint(
@@ -817,10 +822,16 @@ def first_good_checkpoint(
     Raises:
       CheckpointMismatchError: the first sound file belongs to another set-up.
     """
+    return _first_good(paths, like, "first_good_checkpoint")
+
+
+def _first_good(
+    paths: Iterable[str | os.PathLike[str]], like: TrainState, fn: str
+) -> tuple[Checkpoint | None, list[SkippedCheckpoint]]:
     skipped: list[SkippedCheckpoint] = []
     for path in map(Path, paths):
         try:
-            return load_checkpoint_with_extra(path, like), skipped
+            return _load(path, like, fn), skipped
         except CheckpointMismatchError:
             raise
         except CheckpointError as e:
@@ -925,7 +936,7 @@ def _as_path(path: Any, fn: str, second: str) -> Path:
 
 def _check_state(state: Any, fn: str) -> None:
     if not isinstance(state, TrainState):
-        if fn == "load_checkpoint":  # (also for load_checkpoint_with_extra and fit's resume)
+        if not fn.startswith("save_"):  # load_checkpoint and its siblings, fit's resume
             fix = (
                 "Pass like=fl.TrainState.create(module, tx=...) with the optimizer the run "
                 "used; to load a model export (save_model, best_model.pt) into a module, use "

@@ -1588,6 +1588,28 @@ def test_swapped_path_and_state_is_a_clear_error(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_errors_name_the_loading_function_called(tmp_path: Path) -> None:
+    """load_checkpoint_with_extra (and latest_good_checkpoint, first_good_checkpoint)
+    raised errors that named load_checkpoint, a function the user had not called."""
+    state = fnloop.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    path = fnloop.save_checkpoint(tmp_path / "c.pt", state)
+    module = torch.nn.Linear(2, 1)
+    for fn, call in [
+        ("load_checkpoint", lambda: load_checkpoint(path, module)),
+        ("load_checkpoint_with_extra", lambda: load_checkpoint_with_extra(path, module)),
+        ("latest_good_checkpoint", lambda: latest_good_checkpoint(tmp_path, module)),
+        ("first_good_checkpoint", lambda: ckpt.first_good_checkpoint([path], module)),
+    ]:
+        with pytest.raises(
+            TypeError, match=rf"^{fn} needs an fnloop.TrainState; got Linear\. Pass like="
+        ):
+            call()
+    with pytest.raises(
+        TypeError, match=r"^load_checkpoint_with_extra takes the file's path first: "
+    ):
+        load_checkpoint_with_extra(state, path)
+
+
 def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) -> None:
     """As the guide says: a constant rate is optimizer state (torch's load_state_dict
     restores a param group's lr); a changed schedule in ``like`` applies from the update
