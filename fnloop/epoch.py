@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fnloop.batch import batch_size as find_batch_size
-from fnloop.callbacks.base import CallbackList
+from fnloop.callbacks.base import Callback, CallbackList, as_list
 from fnloop.distributed import gather, mean_over_processes, world_size
 from fnloop.ensemble import stacked_models
 from fnloop.optim.base import scalar_dtype
@@ -60,12 +60,11 @@ def _check_equal_lengths(loader: Iterable[Any]) -> None:
 
 
 def _callback_list(callbacks: Any) -> CallbackList:
-    """``CallbackList`` of one callback, several, or None."""
+    """``CallbackList`` of one callback, several (any iterable, as ``fit`` takes them), or
+    None."""
     if isinstance(callbacks, CallbackList):
         return callbacks
-    if callbacks is None:
-        return CallbackList([])
-    return CallbackList(list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks])
+    return CallbackList(as_list(callbacks, Callback))
 
 
 _Totals: TypeAlias = tuple[dict[str, torch.Tensor], dict[str, int], dict[str, torch.Tensor]]
@@ -446,7 +445,8 @@ def train_epoch(
         must yield as many batches: loaders with ``len()`` of different lengths raise
         ``ValueError`` in every process (an unsized one cannot be checked up front, and
         a process with more batches than the others waits for them forever).
-      callbacks: a callback or several (or a ``CallbackList``) whose batch events fire.
+      callbacks: a callback or several (a list or any iterable, as ``fit`` takes them; or
+        a ``CallbackList``) whose batch events fire.
       batch_size: fixed size or ``batch -> size`` when the first tensor is not
         batch-major.
       progress: show a tqdm bar with running means.

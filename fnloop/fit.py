@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fnloop import checkpoint as ckpt
 from fnloop._io import remove_temporaries
-from fnloop.callbacks.base import Callback, CallbackList, check_callbacks
+from fnloop.callbacks.base import Callback, CallbackList, as_list, check_callbacks
 from fnloop.callbacks.metrics_log import CSVLogger, EpochLogger, learning_rate_metrics
 from fnloop.callbacks.plot import PlotHistory
 from fnloop.distributed import (
@@ -423,16 +423,6 @@ def _as_eval_step(fn: StepFn | EvalStepFn | None, train_step: TrainStep) -> Call
     return make_eval_step(cast(StepFn, fn), precision=train_step.precision)
 
 
-def _as_list(items: Any, kind: type) -> list[Any]:
-    """One item of ``kind``, several, or None, as a list; anything else as a one-item list,
-    for the caller's type check to name (a class, a string, another object)."""
-    if items is None:
-        return []
-    if isinstance(items, kind | str | type) or not isinstance(items, Iterable):
-        return [items]
-    return list(items)
-
-
 def _split_loaders(loaders: Loaders) -> tuple[Iterable[Any], Iterable[Any] | None]:
     if isinstance(loaders, Mapping):
         unknown = sorted(set(loaders) - {"train", "valid"})
@@ -701,10 +691,10 @@ def fit(
     if valid_loader is not None:
         _check_loader(valid_loader, "valid")
     eval_step = _as_eval_step(validation_step, train_step) if valid_loader is not None else None
-    user_callbacks = _as_list(callbacks, Callback)
+    user_callbacks = as_list(callbacks, Callback)
     check_callbacks(user_callbacks)
     _check_one_writer_per_file(user_callbacks)
-    stoppers = _as_list(early_stopping, EarlyStopping)
+    stoppers = as_list(early_stopping, EarlyStopping)
     for rule in stoppers:
         if not isinstance(rule, EarlyStopping):
             raise TypeError(

@@ -570,3 +570,25 @@ def test_validate_epoch_returns_the_state_its_batch_callbacks_returned(event):
     after, _ = fl.validate_epoch(state, step, loader, callbacks=counter)
     assert seen == list(range(len(loader)))
     assert after.micro_step == len(loader) and state.micro_step == 0
+
+
+def test_the_epochs_take_callbacks_as_fit_does():
+    """A generator of callbacks (any iterable, which fit accepts) was taken for one
+    callback by train_epoch and validate_epoch: "generator is not a callback"."""
+    seen = []
+
+    class Count(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, *args):
+            seen.append("train")
+
+        def on_validation_batch_end(self, state, *args):
+            seen.append("valid")
+
+    state = fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    loader = [torch.ones(4, 2), torch.ones(2, 2)]
+    loss = lambda m, x: {"loss": m(x).mean()}  # noqa: E731
+    fl.train_epoch(state, fl.make_train_step(loss), loader, callbacks=(c for c in [Count()]))
+    fl.validate_epoch(state, fl.make_eval_step(loss), loader, callbacks=iter([Count()]))
+    assert seen == ["train", "train", "valid", "valid"]
+    with pytest.raises(TypeError, match="str is not a callback"):
+        fl.train_epoch(state, fl.make_train_step(loss), loader, callbacks="Count")

@@ -142,6 +142,17 @@ def _overrides(callback: Any, event: str) -> bool:
     return callable(method) and getattr(method, "__func__", None) is not getattr(Callback, event)
 
 
+def as_list(items: Any, kind: type) -> list[Any]:
+    """One item of ``kind``, several (any iterable), or None, as a list; anything else as
+    a one-item list, for the caller's type check to name (a class, a string, another
+    object). ``fit``, ``train_epoch`` and ``validate_epoch`` take their callbacks so."""
+    if items is None:
+        return []
+    if isinstance(items, kind | str | type) or not isinstance(items, Iterable):
+        return [items]
+    return list(items)
+
+
 def check_callbacks(callbacks: Sequence[Any]) -> None:
     """Raises ``TypeError`` for anything in ``callbacks`` that is not a callback object."""
     for cb in callbacks:
