@@ -493,13 +493,16 @@ def _setting(
     values (classes included) and tensors, alone or in tuples, lists and dicts of them,
     by their values, functions by their code, callable objects and dataclass instances
     (a config) by their class and settings (and a method by its code and its object's),
-    builtins by identity; ``None`` for what is not compared (containers of anything else,
-    other objects). ``inner``: the ids of the models' own modules, whose
+    builtins by identity, a plain dict, list or tuple of functions (and plain values) item
+    by item; ``None`` for what is not compared (other containers: torch's hook registries,
+    an LSTM's weakrefs; other objects). ``inner``: the ids of the models' own modules, whose
     mode the steps set; ``seen``: the objects whose settings are being taken (an object
     reached again from its own settings compares as a cycle)."""
     data = _data(value)
     if data is not None:
         return data
+    if type(value) in (dict, list, tuple):
+        return _functions(value, inner, seen)
     if isinstance(value, types.FunctionType):
         # By its code (a lambda made per instance too) and the plain values it captures
         # or defaults to: a lambda closing over a slope is another activation per slope.
@@ -533,6 +536,33 @@ def _setting(
     if callable(value) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
         return _object_setting(value, inner, seen)
     return None
+
+
+_FUNCTION_TYPES = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+)
+
+
+def _functions(value: Any, inner: frozenset[int], seen: frozenset[int]) -> Any:
+    """A plain dict, list or tuple of functions and plain values (``{"act": torch.tanh}``)
+    item by item, else ``None``. Only these: torch's own containers are not compared (it
+    keeps hooks in OrderedDicts keyed by handle ids, which differ between identical
+    models, and an LSTM keeps weak references to its weights in a list)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    forms = []
+    for key, item in items:
+        if not isinstance(key, _PLAIN):
+            return None
+        form = _data(item)
+        if form is None and isinstance(item, _FUNCTION_TYPES):
+            form = _setting(item, inner, seen)
+        if form is None:
+            return None
+        forms.append((key, form))
+    return ("functions", type(value), tuple(forms))
 
 
 def _object_setting(value: Any, inner: frozenset[int], seen: frozenset[int]) -> Any:

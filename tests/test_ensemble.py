@@ -1301,16 +1301,7 @@ class _NetWithSettingsInObjects(nn.Module):
     "other",
     [
         pytest.param((3.0, torch.sigmoid), id="config_object"),
-        pytest.param(
-            (2.0, torch.tanh),
-            id="dict_of_functions",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="h79 F9: a dict holding functions is not compared (containers are "
-                "compared when they hold plain values alone: item by item they would "
-                "also compare an LSTM's weakrefs and hook dicts keyed by handle ids)",
-            ),
-        ),
+        pytest.param((2.0, torch.tanh), id="dict_of_functions"),
     ],
 )
 def test_models_that_differ_in_a_setting_held_in_an_object_are_refused(other):
@@ -1321,6 +1312,34 @@ def test_models_that_differ_in_a_setting_held_in_an_object_are_refused(other):
 
     with pytest.raises(ValueError, match="another module"):
         fl.stack_states([build(2.0, torch.sigmoid), build(*other)])
+
+
+class _NetWithFunctionList(nn.Module):
+    """Activations kept in a plain list (one lambda made per model), a state-dict hook
+    (kept by torch in an OrderedDict keyed by handle ids) and an LSTM (weakrefs)."""
+
+    def __init__(self, first) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.rnn = nn.LSTM(3, 2)
+        self.acts = [first, lambda t: t * 2.0]
+        self._register_state_dict_hook(lambda *args: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for act in self.acts:
+            x = act(self.lin(x))
+        return self.rnn(x)[0]
+
+
+def test_a_list_of_functions_is_compared_item_by_item_and_torchs_registries_are_not():
+    def build(first) -> fl.TrainState:
+        torch.manual_seed(0)
+        return fl.TrainState.create(_NetWithFunctionList(first), tx=optim.sgd(0.1), device="cpu")
+
+    stacked = fl.stack_states([build(torch.tanh), build(torch.tanh)])
+    assert stacked.params["lin.weight"].shape == (2, 3, 3)
+    with pytest.raises(ValueError, match=r"another module.*acts"):
+        fl.stack_states([build(torch.tanh), build(torch.sigmoid)])
 
 
 @pytest.mark.parametrize(
