@@ -800,6 +800,11 @@ def latest_good_checkpoint(
     Raises:
       CheckpointMismatchError: the newest sound file belongs to another set-up.
     """
+    if isinstance(directory, TrainState | nn.Module):
+        raise TypeError(
+            "latest_good_checkpoint takes the folder first: latest_good_checkpoint(directory, "
+            f"like); its first argument is a {type(directory).__name__}."
+        )
     return _first_good(find_checkpoints(directory, pattern), like, "latest_good_checkpoint")
 
 

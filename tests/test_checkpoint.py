@@ -1608,6 +1608,12 @@ def test_errors_name_the_loading_function_called(tmp_path: Path) -> None:
         TypeError, match=r"^load_checkpoint_with_extra takes the file's path first: "
     ):
         load_checkpoint_with_extra(state, path)
+    with pytest.raises(
+        TypeError,
+        match=r"^latest_good_checkpoint takes the folder first: latest_good_checkpoint\(directory, "
+        r"like\); its first argument is a TrainState\.$",
+    ):
+        latest_good_checkpoint(state, tmp_path)  # type: ignore[arg-type]
 
 
 def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) -> None:
