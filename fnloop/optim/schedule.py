@@ -210,6 +210,7 @@ def multistep_schedule(
       [1.0, 0.5, 0.5, 0.125, 0.125]
     """
     _check_rate("init_value", init_value)
+    milestones = tuple(milestones)  # read once: an iterator would be empty the second time
     for i, milestone in enumerate(milestones):
         _check_int(f"milestones[{i}]", milestone, 0)
     _check_positive("gamma", gamma)

@@ -428,6 +428,14 @@ def test_join_schedules_never_gives_a_later_schedule_a_negative_step() -> None:
     assert seen == [0.0] * 6 + [1.0, 2.0]
 
 
+def test_multistep_reads_milestones_given_as_an_iterator_once() -> None:
+    """MultiStepLR takes any iterable of milestones; a generator was consumed by the
+    argument check, so the schedule kept no milestone and never decayed."""
+    schedule = optim.multistep_schedule(1.0, (10 * k for k in (1, 2)), gamma=0.5)
+    assert [schedule(t) for t in (0, 9, 10, 19, 20)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert schedule(f64(20)).item() == 0.25
+
+
 # --------------------------------------------------------------------------- tensor path
 
 
