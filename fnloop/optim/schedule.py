@@ -4,7 +4,8 @@ Each factory returns a :data:`~fnloop.typing.Schedule`. ``schedule(t)`` is the
 learning rate of the ``t``-th update (counting from 0): the value the torch scheduler
 named on the factory reports through ``get_last_lr()`` after ``t`` calls to
 ``scheduler.step()``. Torch computes most of them recursively from the previous value;
-here they are closed forms, so the two agree up to floating-point rounding.
+here they are closed forms, so the two agree up to floating-point rounding (but for
+``ConstantLR`` with ``total_iters=0``: see :func:`constant_schedule`).
 
 A schedule works on two kinds of step:
 
@@ -118,6 +119,10 @@ def constant_schedule(value: float, factor: float = 1.0, total_iters: int = 0) -
     .. math::
        \eta_t = \begin{cases} \text{value} \cdot \text{factor} & t < \text{total\_iters} \\
        \text{value} & \text{otherwise} \end{cases}
+
+    With ``total_iters=0`` that is torch's closed form, ``value`` at every step; torch's
+    ``scheduler.step()`` (its recursive form) applies ``factor`` at step 0 and, never
+    reaching step ``total_iters`` again, never undoes it.
 
     Args:
       value: the learning rate.
@@ -408,9 +413,13 @@ def onecycle_schedule(
     Within a phase from :math:`a` to :math:`b` at fraction :math:`x` of the way, ``"cos"``
     gives :math:`b + \tfrac{1}{2}(a - b)(1 + \cos \pi x)` and ``"linear"``
     :math:`a + (b - a) x`. Torch raises past ``total_steps``; this schedule stays at its
-    rate of step :math:`T` from there on, :math:`\eta_{\min}` (``max_lr`` when the last
-    phase is empty, as with ``pct_start=1``, as in torch); torch extrapolates the last
-    phase one step further, to step ``total_steps``, a value no optimizer step uses.
+    rate of step :math:`T` from there on. That is :math:`\eta_{\min}` unless step
+    :math:`T` comes before the last phase, where torch gives it an earlier phase's rate, as
+    here: ``max_lr`` with ``pct_start=1``, and with ``three_phase`` and
+    :math:`2p - 2 \ge T` a rate on the way back down to :math:`\eta_0` (:math:`\eta_0`
+    itself when :math:`2p - 2 = T`), never reaching :math:`\eta_{\min}`. Torch
+    extrapolates the last phase one step further, to step ``total_steps``, a value no
+    optimizer step uses.
 
     Args:
       max_lr: the peak learning rate.

@@ -412,6 +412,25 @@ def test_onecycle_takes_the_phase_that_ends_at_a_boundary_step_as_torch(three_ph
     assert theirs[29] == 3e-4
 
 
+@pytest.mark.parametrize(("pct_start", "last"), [(0.55, 1.0 / 25), (0.7, None), (1.0, 1.0)])
+def test_onecycle_ends_on_an_earlier_phase_as_torch_when_its_last_one_starts_late(
+    pct_start: float, last: float | None
+) -> None:
+    """The docstring: three phases with 2p - 2 >= T (here 2 * 5.5 - 2 = 9 = T, and 12 > 9)
+    end on the way back down to max_lr / div_factor, not at its final rate; stepped past
+    the end the schedule keeps that rate."""
+    kwargs = dict(total_steps=10, pct_start=pct_start, three_phase=True)
+    schedule = optim.onecycle_schedule(1.0, **kwargs)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = lr_scheduler.OneCycleLR(opt, max_lr=1.0, cycle_momentum=False, **kwargs)
+    for _ in range(9):
+        opt.step()
+        scheduler.step()
+    final = scheduler.get_last_lr()[0]
+    assert schedule(9) == schedule(100) == schedule(f64(100.0)).item() == final
+    assert final == last if last is not None else 1.0 / 25 < final < 1.0
+
+
 def test_join_schedules_never_gives_a_later_schedule_a_negative_step() -> None:
     """Each schedule after the first starts from its own step 0; on the tensor path, which
     computes every schedule at every step, the ones not yet in charge get step 0, not a
