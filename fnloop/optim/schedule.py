@@ -544,9 +544,15 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
                 f"...))); a plateau does not join or follow other schedules."
             )
         if not callable(schedule):
+            # The advice only for what constant_schedule takes, a real number.
+            number = isinstance(schedule, numbers.Real) and not isinstance(schedule, bool)
             raise ValueError(
-                f"schedules[{i}] must be a schedule (a callable step -> lr); got {schedule!r}. "
-                f"Wrap a constant as constant_schedule({schedule!r})."
+                f"schedules[{i}] must be a schedule (a callable step -> lr); got {schedule!r}"
+                + (
+                    f". Wrap a constant as constant_schedule({schedule!r})."
+                    if number
+                    else f" ({type(schedule).__name__})."
+                )
             )
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(

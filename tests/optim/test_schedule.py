@@ -611,6 +611,18 @@ def test_learning_rate_of_another_type_raises_type_error(value: Any) -> None:
         optim.cosine_schedule(value, 100)
 
 
+@pytest.mark.parametrize("value", [torch.tensor(0.1), "0.1", None, True])
+def test_join_schedules_offers_constant_schedule_only_for_a_number(value: Any) -> None:
+    """The advice "Wrap a constant as constant_schedule(tensor(0.1000))" (or of '0.1', None)
+    led to constant_schedule's TypeError; a number still gets it."""
+    with pytest.raises(ValueError, match=r"schedules\[1\] must be a schedule") as info:
+        optim.join_schedules([optim.constant_schedule(0.1), value], [3])
+    assert "constant_schedule" not in str(info.value)
+    assert str(info.value).endswith(f"got {value!r} ({type(value).__name__}).")
+    with pytest.raises(ValueError, match=re.escape("Wrap a constant as constant_schedule(0.1).")):
+        optim.join_schedules([optim.constant_schedule(0.1), 0.1], [3])
+
+
 def test_a_plateau_rate_in_join_schedules_says_it_cannot_be_joined() -> None:
     """The advice was "Wrap a constant as constant_schedule(ReduceOnPlateau(...))"."""
     plateau = optim.reduce_on_plateau(1e-3, mode="max")
