@@ -605,6 +605,29 @@ def test_fp16_loss_scale_follows_grad_scaler(monkeypatch):
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_an_update_the_fp16_loss_scale_skips_leaves_the_schedule_where_it_was(monkeypatch):
+    """The guide: an overflow skips the update as on_nonfinite="skip" does, so a schedule
+    counts applied updates; torch's loop (scaler.step(opt); scheduler.step()) steps its
+    scheduler on a skipped update too and runs ahead of this one by the skips."""
+    monkeypatch.setattr(fl.step, "autocast", lambda precision, device: contextlib.nullcontext())
+
+    def step_fn(model, batch):
+        x, bad = batch
+        return {"loss": (model(x) ** 2).mean() * torch.where(bad, float("inf"), 1.0)}
+
+    torch.manual_seed(0)
+    tx = optim.sgd(optim.step_schedule(1.0, step_size=1, gamma=0.5))
+    state = fl.TrainState.create(nn.Linear(4, 1), tx=tx, device="cpu")
+    step = fl.make_train_step(step_fn, precision="fp16", loss_scale=fl.DynamicLossScale(8.0))
+    x = torch.randn(8, 4)
+    rates = []
+    for bad in [False, True, True, False]:
+        state, _ = step(state, (x, torch.tensor(bad)))
+        rates.append(float(optim.learning_rates(state.opt_state)[0]))
+    assert rates == [0.5, 0.5, 0.5, 0.25]
+    assert (int(state.step), int(state.skipped_steps)) == (4, 2)
+
+
 def test_fp16_accumulation_scales_like_grad_scaler():
     """fp16 with accumulation_steps=k scales each micro-batch's loss as
     ``scaler.scale(loss / k)`` does: a loss already in float16 receives the gradient
