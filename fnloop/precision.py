@@ -111,8 +111,9 @@ class DynamicLossScale:
         """The state after a step; ``found_inf`` is a 0-d bool tensor (no host sync)."""
         tracker = torch.where(found_inf, 0, state.growth_tracker + 1)
         # (>=, not GradScaler's ==: a state resumed under a shorter interval, its count
-        # past it, grows at its next finite step instead of never.)
-        due = tracker >= self.growth_interval
+        # past it, grows at its next finite step instead of never.) The int32 count is
+        # compared with an int32 number: 2**31 would wrap to -2**31, and grow every step.
+        due = tracker >= min(self.growth_interval, torch.iinfo(torch.int32).max)
         # As GradScaler's kernel: the float32 scale times the factor in float64, rounded
         # to float32 once (a float32 product would round the factor first, and drift from
         # GradScaler's scale for factors that are not powers of two).

@@ -131,6 +131,24 @@ def test_a_loss_scale_resumed_under_a_shorter_growth_interval_grows_at_its_next_
     assert scales == [(16.0, 0), (16.0, 1), (32.0, 0)]
 
 
+@pytest.mark.parametrize("growth_interval", [2**31 - 1, 2**31, 10**12])
+def test_a_growth_interval_past_int32_never_grows_the_scale_as_grad_scalers(growth_interval):
+    """The int32 growth count compared with 2**31 compared with -2**31 (it wrapped), so a
+    scale meant never to grow doubled at every finite step; GradScaler keeps it."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=growth_interval)
+    rules = fl.DynamicLossScale(init_scale=8.0, growth_interval=growth_interval)
+    state = rules.init(torch.device("cpu"))
+    module = nn.Linear(1, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    for _ in range(3):
+        scaler.scale(module(torch.ones(1, 1)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        state = rules.update(state, torch.tensor(False))
+    assert (float(state.scale), int(state.growth_tracker)) == (8.0, 3)
+    assert (scaler.get_scale(), int(scaler._growth_tracker)) == (8.0, 3)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:1"])
 @pytest.mark.parametrize(
     ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
