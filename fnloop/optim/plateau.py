@@ -17,6 +17,8 @@ import torch
 from fnloop import _tree
 from fnloop.optim.base import scalar_dtype
 
+_INT64_MAX = torch.iinfo(torch.int64).max
+
 METRIC_SHAPE_MSG = (
     "reduce_on_plateau was fed a metric of shape {got}, but its state has shape {want}. "
     "Feed one number for a state of one model, or one per model for a stacked state (the "
@@ -76,14 +78,16 @@ class ReduceOnPlateau:
         in_cooldown = state.cooldown_counter > 0
         cooldown = torch.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
         bad = torch.where(in_cooldown, 0, bad)
-        reduce = bad > self.patience
+        # The counts are int64 tensors, and torch wraps a larger Python int (2**63 compares
+        # as -2**63): a count that never ends is one that ends past what they reach.
+        reduce = bad > min(self.patience, _INT64_MAX)
         new_lr = torch.clamp(state.lr * self.factor, min=self.min_lr)
         lr = torch.where(reduce & (state.lr - new_lr > self.eps), new_lr, state.lr)
         return ReduceOnPlateauState(
             lr=lr,
             best=best,
             num_bad_epochs=torch.where(reduce, 0, bad),
-            cooldown_counter=torch.where(reduce, self.cooldown, cooldown),
+            cooldown_counter=torch.where(reduce, min(self.cooldown, _INT64_MAX), cooldown),
             config=self,
         )
 
@@ -180,6 +184,8 @@ def reduce_on_plateau(
 
 def _epochs(name: str, value: Any) -> int:
     """``value`` as an int, or ``ValueError`` unless it is a whole number >= 0."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0:
+        return int(value)  # as it is: through a float, 2**63 - 1 became 2**63
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)

@@ -372,6 +372,30 @@ def test_plateau_learning_rate_of_another_type_is_rejected() -> None:
         optim.reduce_on_plateau("0.1")
 
 
+@pytest.mark.parametrize("patience", [2**63 - 1, 2**63, 10**20])
+def test_a_patience_past_int64_never_reduces_as_torchs(patience: int) -> None:
+    """sys.maxsize as a patience "never" went through a float (2**63) and compared as -2**63
+    with the int64 count, so the rate dropped at every epoch after the first; 10**20
+    raised OverflowError at the first metric. ReduceLROnPlateau never reduces."""
+    plateau = optim.reduce_on_plateau(1.0, patience=patience)
+    assert plateau.patience == patience
+    state = optim.sgd(plateau).init({"w": torch.zeros(1)})
+    for metric in [1.0, 2.0, 2.0, 2.0]:
+        state = optim.observe_metric(state, metric)
+    assert only_lr(state) == 1.0
+
+
+def test_a_cooldown_past_int64_is_one_that_does_not_end() -> None:
+    """A cooldown of 2**63 raised "value cannot be converted to type int64_t" at the first
+    reduction."""
+    state = optim.sgd(optim.reduce_on_plateau(1.0, patience=0, cooldown=2**63)).init(
+        {"w": torch.zeros(1)}
+    )
+    for metric in [1.0, 2.0, 2.0, 2.0]:
+        state = optim.observe_metric(state, metric)
+    assert only_lr(state) == pytest.approx(0.1)
+
+
 def test_plateau_state_keeps_its_dtypes_through_reductions() -> None:
     """The counters stay int64 and the rate float64 whatever happened, so a state saved
     at any epoch fits the one ``init`` makes (checkpoints compare dtypes)."""
