@@ -88,6 +88,9 @@ class EarlyStopping:
                 f"EarlyStopping monitor takes a metric name such as 'valid/loss'; "
                 f"got {self.monitor!r}."
             )
+        for name in ("patience", "min_delta", "target"):
+            if isinstance(getattr(self, name), bool):  # which int() and float() take as 1 or 0
+                raise TypeError(f"EarlyStopping {name} takes a number; got {getattr(self, name)}.")
         try:  # an int (a NumPy one, an integer tensor) as it is, however large
             whole: int | None = operator.index(self.patience)
         except TypeError:

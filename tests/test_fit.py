@@ -168,6 +168,10 @@ def test_rules_that_stop_in_the_same_epoch_are_all_named(tmp_path):
         ({"min_delta": None}, TypeError, r"min_delta takes a number; got None"),
         ({"target": float("nan")}, ValueError, r"target must be finite; got nan"),
         ({"target": "high"}, TypeError, r"target takes a number; got 'high'"),
+        # Were taken as 1 (patience=True: stop after one bad epoch) and 0.0.
+        ({"patience": True}, TypeError, r"patience takes a number; got True\."),
+        ({"min_delta": False}, TypeError, r"min_delta takes a number; got False\."),
+        ({"target": True}, TypeError, r"target takes a number; got True\."),
         ({"monitor": None}, TypeError, r"monitor takes a metric name"),
         ({"patience": -1}, ValueError, r"patience must be >= 0; got -1"),
         ({"min_delta": -0.1}, ValueError, r"min_delta must be >= 0; got -0\.1"),
