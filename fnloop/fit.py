@@ -40,7 +40,7 @@ from fnloop.distributed import (
 )
 from fnloop.ensemble import STACKED_LOOP_FIX, check_one_model
 from fnloop.epoch import BatchSize, MetricMeans, loader_length, train_epoch, validate_epoch
-from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes
+from fnloop.optim.plateau import has_plateau, observe_metric, plateau_nodes, restart_plateaus
 from fnloop.optim.transform import learning_rates
 from fnloop.state import (
     MAKE_STATE_HINT,
@@ -620,7 +620,9 @@ def fit(
       mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` otherwise; defaults to
         the mode of an early-stopping rule on ``monitor``, else ``"min"`` (a warning
         names a score, such as ``acc`` or ``f1``, followed with ``"min"``). A
-        ``reduce_on_plateau`` learning rate must have the same mode.
+        ``reduce_on_plateau`` learning rate must have the same mode. A run resumed with
+        another monitor or mode chooses its best model afresh and restarts its plateaus'
+        counts (their learning rates are kept).
       progress: tqdm bars; ``"auto"`` shows them when stderr is a terminal.
       batch_size: a fixed size or ``batch -> size`` when the first tensor of a batch is
         not batch-major (used for weighted means).
@@ -1052,6 +1054,8 @@ class _Run:
             "stoppers": [dataclasses.asdict(s) for s in self.stopper_states],
             "stopper_rules": [dataclasses.asdict(r) for r in self.stoppers],
             "best": best,
+            "monitor": self.monitor,  # what fed reduce_on_plateau
+            "mode": self.mode,
             "stop_reason": self.stop_reason,
             "position": position,
             "run_name": self.run_name,
@@ -1201,6 +1205,7 @@ class _Run:
         if self.state.epoch < self.max_epochs and not self.stop_reason:  # training goes on
             self.warn_persistent_workers()
         self.restore_best(rec.get("best"))
+        self.restore_plateaus(rec)
         if position is not None:
             self.epoch_rng = rec.get("epoch_rng")
             self.epoch_start = rec.get("epoch_start")
@@ -1238,6 +1243,20 @@ class _Run:
                 f"(mode={self.mode!r}), the checkpoint's best was by {monitor} "
                 f"(mode={mode!r})."
             )
+
+    def restore_plateaus(self, rec: Mapping[str, Any]) -> None:
+        """Restarts the ``reduce_on_plateau`` progress (best, bad epochs) of a checkpoint
+        whose plateaus followed another metric or mode: their best would be compared
+        with values of another metric. Their learning rates are kept."""
+        fed = (rec.get("monitor", self.monitor), rec.get("mode", self.mode))
+        if fed == (self.monitor, self.mode) or not has_plateau(self.state.opt_state):
+            return  # (checkpoints of fnloop 0.1.0 do not say what fed them)
+        self.state = self.state.replace(opt_state=restart_plateaus(self.state.opt_state))
+        self.logger.info(
+            f"reduce_on_plateau starts counting afresh: this run feeds it {self.monitor} "
+            f"(mode={self.mode!r}), the checkpoint's was fed {fed[0]} (mode={fed[1]!r}); "
+            f"its learning rate is kept."
+        )
 
     def restore_stoppers(self, rec: Mapping[str, Any]) -> None:
         """The checkpoint's early-stopping progress for the rules given now: a rule that is

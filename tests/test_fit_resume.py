@@ -1182,13 +1182,6 @@ def test_partial_means_summed_over_processes_keep_the_step_outputs_out():
     assert sorted(resumed.means()) == ["loss"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h82: a resumed run that monitors another metric or mode chooses its best model "
-    "and counts its early stopping afresh, but its reduce_on_plateau keeps the best value of "
-    "the metric it followed before (the checkpoint does not record which), judged by the new "
-    "mode: a design decision (record the plateau's monitor in the checkpoint, or reset it)",
-)
 def test_a_plateau_resumed_to_follow_another_metric_starts_from_its_first_value(tmp_path):
     """Run 1 follows an accuracy (mode='max', best near 1); run 2, resumed, a loss-like
     metric near 10 (mode='min'). Its first epoch must set the plateau's best, as the
@@ -1224,3 +1217,8 @@ def test_a_plateau_resumed_to_follow_another_metric_starts_from_its_first_value(
     assert resumed.epoch == 2
     (node,) = plateau_nodes(resumed.opt_state)
     assert float(node.best) == resumed.history["train"]["big"][-1]
+    assert float(node.lr) == 1e-2 and int(node.num_bad_epochs) == 0  # the rate is kept
+    # Fed the same metric again, it keeps its progress: the best of both runs' values.
+    again = fit("min", "train/big", 3)
+    (node,) = plateau_nodes(again.opt_state)
+    assert float(node.best) == min(again.history["train"]["big"][1:])

@@ -217,6 +217,25 @@ def observe_metric(opt_state: Any, metric: Any) -> Any:
     )
 
 
+def restart_plateaus(opt_state: Any) -> Any:
+    """``opt_state`` with every ``reduce_on_plateau``'s progress (best value, bad epochs,
+    cooldown) as before its first metric, its learning rate kept: for a run that goes on
+    to follow another metric."""
+
+    def restart(node: Any) -> Any:
+        if not _is_plateau(node):
+            return node
+        fresh = node.config.init(node.best.device)
+        return dataclasses.replace(
+            node,
+            best=fresh.best.expand_as(node.best).clone(),
+            num_bad_epochs=torch.zeros_like(node.num_bad_epochs),
+            cooldown_counter=torch.zeros_like(node.cooldown_counter),
+        )
+
+    return optree.tree_map(restart, opt_state, is_leaf=_is_plateau, namespace=_tree.NAMESPACE)
+
+
 def plateau_nodes(opt_state: Any) -> list[ReduceOnPlateauState]:
     """The states of the ``reduce_on_plateau`` learning rates in ``opt_state``."""
     return [
