@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import numbers
-from collections import defaultdict
+from collections import UserDict, defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -21,9 +22,11 @@ def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
     """Moves every tensor in ``batch`` to ``device`` (asynchronously where possible).
 
     Any nesting of tensors, tuples, lists, dicts (``defaultdict``, ``OrderedDict``, ...),
-    namedtuples and dataclasses is kept; a ``PackedSequence`` moves as its ``to`` moves it
-    (its ``batch_sizes`` stay on the CPU); other values pass through. Tensors already on
-    ``device`` are not copied.
+    namedtuples and dataclasses is kept; a subclass of ``dict``, ``UserDict`` or ``list``
+    is copied with its items moved, so it keeps its attributes (a tokenizer's
+    ``BatchEncoding``) as ``DataLoader``'s collate made it; a ``PackedSequence`` moves as
+    its ``to`` moves it (its ``batch_sizes`` stay on the CPU); other values pass through.
+    Tensors already on ``device`` are not copied.
 
     >>> import torch
     >>> to_device({"x": torch.ones(2), "ids": [torch.zeros(1)], "name": "a"}, "cpu")
@@ -43,11 +46,24 @@ def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
             moved = {k: move(v) for k, v in obj.items()}
             if type(obj) is dict:
                 return moved
-            if isinstance(obj, defaultdict):
+            if isinstance(obj, defaultdict):  # (torch.compile cannot copy one)
                 return type(obj)(obj.default_factory, moved)
+            if isinstance(obj, dict | UserDict):
+                # A subclass: a shallow copy (with items of its own) with the moved values
+                # keeps what it holds beside its items (the attributes of a tokenizer's
+                # BatchEncoding) and calls no __init__, whose arguments may be others
+                # than a dict's (DataLoader's collate makes batches of such a type so).
+                # Another mapping's copy may share its items with the batch's.
+                copied = copy.copy(obj)
+                copied.update(moved)
+                return copied
             return type(obj)(moved)  # type: ignore[call-arg]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*(move(v) for v in obj))
+        if isinstance(obj, list) and type(obj) is not list:
+            new_list = copy.copy(obj)  # (a subclass: its attributes kept, as a mapping's)
+            new_list[:] = [move(v) for v in obj]
+            return new_list
         if isinstance(obj, tuple | list):
             return type(obj)(move(v) for v in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import numpy as np
 import pytest
@@ -175,3 +175,73 @@ def test_a_fixed_batch_size_of_any_integer_type_is_returned_as_an_int():
     batch = (torch.zeros(4, 3), torch.zeros(4))
     size = fl.batch_size(batch, override=np.int64(16))
     assert size == 16 and type(size) is int
+
+
+class _Encoding(dict):
+    """A mapping with attributes of its own and an __init__ of its own, as a tokenizer's
+    ``BatchEncoding``: DataLoader's collate copies such a batch and keeps both."""
+
+    def __init__(self, data, words):
+        super().__init__(data)
+        self.words = words
+
+
+class _BatchEncoding(collections.UserDict):
+    """As transformers' BatchEncoding: a UserDict with an __init__ and state of its own."""
+
+    def __init__(self, data=None, encoding=None):
+        super().__init__(data)
+        self._encodings = encoding
+
+    def __getattr__(self, name):
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Tokens(list):
+    pass
+
+
+def test_a_mapping_or_list_of_a_type_of_its_own_keeps_its_attributes():
+    """``to_device`` rebuilt such a batch with ``type(batch)(moved_items)``: the mapping's
+    ``__init__`` failed (a missing argument), inside every train step, on the CPU too,
+    and a subclass made by its items lost its attributes."""
+    x = torch.ones(2)
+    moved = fl.to_device(_Encoding({"x": x}, words=["a", "b"]), "meta")
+    assert type(moved) is _Encoding and moved.words == ["a", "b"]
+    assert moved["x"].device.type == "meta"
+    encoded = _BatchEncoding({"input_ids": x}, encoding=["e"])
+    moved_encoded = fl.to_device(encoded, "meta")
+    assert type(moved_encoded) is _BatchEncoding and moved_encoded._encodings == ["e"]
+    assert moved_encoded.input_ids.device.type == "meta" and encoded["input_ids"] is x
+    tokens = _Tokens([x])
+    tokens.lengths = [2]
+    moved_tokens = fl.to_device(tokens, "meta")
+    assert type(moved_tokens) is _Tokens and moved_tokens.lengths == [2]
+    assert moved_tokens[0].device.type == "meta" and tokens[0] is x
+    # A mapping that is no dict (nor UserDict) is made by its type: a copy of it may share
+    # its items, which moving them would change under the caller's feet.
+    batch = _Store({"x": x})
+    assert fl.to_device(batch, "meta")["x"].device.type == "meta" and batch["x"] is x
+
+
+class _Store(MutableMapping):
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
