@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from fnloop.state import TrainState
-from fnloop.typing import Batch
+from fnloop.typing import Batch, History
 
 EVENTS = (
     "on_fit_start",
@@ -153,6 +154,22 @@ def as_list(items: Any, kind: type) -> list[Any]:
     return list(items)
 
 
+def _same_history(a: History, b: History) -> bool:
+    """Whether two histories hold the same values, a NaN equal to a NaN: a history
+    rebuilt with equal values (a checkpoint's, loaded) holds other NaN objects, which
+    ``==`` takes for other values."""
+    if a is b:
+        return True
+    if a.keys() != b.keys() or any(a[s].keys() != b[s].keys() for s in a):
+        return False
+    return all(
+        len(ours) == len(theirs)
+        and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(ours, theirs))
+        for s in a
+        for ours, theirs in ((a[s][n], b[s][n]) for n in a[s])
+    )
+
+
 def check_callbacks(callbacks: Sequence[Any]) -> None:
     """Raises ``TypeError`` for anything in ``callbacks`` that is not a callback object."""
     for cb in callbacks:
@@ -226,7 +243,7 @@ class CallbackList:
                     f"{owner}.{event} returned a {type(result).__name__}; a callback must "
                     f"return a TrainState (e.g. state.replace(...)) or None to keep the state."
                 )
-            changed = result.history is not state.history and result.history != state.history
+            changed = not _same_history(result.history, state.history)
             if changed and event not in HISTORY_EVENTS:
                 owner = type(getattr(handler, "__self__", handler)).__name__
                 raise ValueError(HISTORY_EVENT_MSG.format(owner=owner, event=event))

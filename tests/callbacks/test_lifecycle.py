@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -200,3 +201,28 @@ def test_callback_list_takes_a_generator_or_one_callback() -> None:
         seen.clear()
     with pytest.raises(TypeError, match="pass an instance: Profiler"):
         fl.callbacks.CallbackList(Profiler)
+
+
+def test_a_batch_event_may_roll_back_to_a_history_holding_a_nan(tmp_path: Path) -> None:
+    """A validation loss that went NaN does not end a run; a state loaded from a
+    checkpoint holds other NaN objects, and ``nan != nan`` made its equal history look
+    changed: the rollback above raised "returned a state with a changed history"."""
+    start = state()
+    start = start.replace(history=append_history(start.history, "valid", {"loss": math.nan}))
+    path = tmp_path / "start.pt"
+    fl.save_checkpoint(path, start)
+    loaded = fl.load_checkpoint(path, like=start)
+    assert loaded.history["valid"]["loss"][0] is not start.history["valid"]["loss"][0]
+    callbacks = fl.callbacks.CallbackList(_Return(loaded))
+    assert callbacks("on_train_batch_end", start, {}, None, 0) is loaded
+    changed = loaded.replace(history=append_history(loaded.history, "valid", {"loss": 1.0}))
+    with pytest.raises(ValueError, match="changed history"):
+        fl.callbacks.CallbackList(_Return(changed))("on_train_batch_end", start, {}, None, 0)
+
+
+class _Return(fl.callbacks.Callback):
+    def __init__(self, result: fl.TrainState) -> None:
+        self.result = result
+
+    def on_train_batch_end(self, st, outputs, batch, idx):
+        return self.result
