@@ -42,11 +42,12 @@ def plot_history(
 ) -> Path:
     """Draws one subplot per metric with the curves of every split overlaid; saves it.
 
-    The x axis is the epoch, ``1 .. len(values)`` for each curve; metric and split names
-    are drawn as plain text (a ``$`` in one is not TeX). The image is written
-    atomically (a temporary file, then ``os.replace``) in the format of ``path``'s
-    suffix (PNG without one). Uses matplotlib's object API only: no pyplot, no backend
-    switch, no global state.
+    The x axis is the epoch: the longest curve is drawn at ``1 .. n``, and one with fewer
+    values at the last epochs (a metric that began later, such as validation added by a
+    second ``fit``); metric and split names are drawn as plain text (a ``$`` in one is
+    not TeX). The image is written atomically (a temporary file, then ``os.replace``) in
+    the format of ``path``'s suffix (PNG without one). Uses matplotlib's object API only:
+    no pyplot, no backend switch, no global state.
 
     Args:
       history: ``{"train": {"loss": [...], "acc": [...]}, "valid": {...}}``, such as
