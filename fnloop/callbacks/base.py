@@ -199,8 +199,11 @@ class CallbackList:
             callbacks = [callbacks]
         self.callbacks = list(callbacks)
         check_callbacks(self.callbacks)
+        # Each handler with its callback's class name, for errors (a hook set on an
+        # instance is a plain function, which names no class).
         self._handlers = {
-            e: [getattr(cb, e) for cb in self.callbacks if _overrides(cb, e)] for e in EVENTS
+            e: [(type(cb).__name__, getattr(cb, e)) for cb in self.callbacks if _overrides(cb, e)]
+            for e in EVENTS
         }
 
     def teardown(self, logger: logging.Logger | None = None) -> None:
@@ -233,19 +236,17 @@ class CallbackList:
 
     def __call__(self, event: str, state: TrainState, *args: Any) -> TrainState:
         """Runs ``event`` on every callback; returns the (possibly replaced) state."""
-        for handler in self._handlers[event]:
+        for owner, handler in self._handlers[event]:
             result = handler(state, *args)
             if result is None:
                 continue
             if not isinstance(result, TrainState):
-                owner = type(getattr(handler, "__self__", handler)).__name__
                 raise TypeError(
                     f"{owner}.{event} returned a {type(result).__name__}; a callback must "
                     f"return a TrainState (e.g. state.replace(...)) or None to keep the state."
                 )
             changed = not _same_history(result.history, state.history)
             if changed and event not in HISTORY_EVENTS:
-                owner = type(getattr(handler, "__self__", handler)).__name__
                 raise ValueError(HISTORY_EVENT_MSG.format(owner=owner, event=event))
             state = result
         return state

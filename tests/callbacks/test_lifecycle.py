@@ -86,6 +86,27 @@ def test_a_hook_set_on_an_instance_is_called() -> None:
     assert seen == [1, 2]
 
 
+def test_a_hook_set_on_an_instance_is_named_by_its_callback_in_errors() -> None:
+    """Such a hook is a plain function: an error about what it returned named the
+    callback "function" ("function.on_train_batch_end returned a dict")."""
+
+    class Tracker(fl.callbacks.Callback):
+        pass
+
+    cb = Tracker()
+    cb.on_train_batch_end = lambda s, outputs, batch, idx: {"loss": 1.0}
+    callbacks = fl.callbacks.CallbackList([cb])
+    with pytest.raises(TypeError, match=r"^Tracker\.on_train_batch_end returned a dict"):
+        callbacks("on_train_batch_end", state(), {}, None, 0)
+    start = state()
+    cb.on_train_batch_end = lambda s, outputs, batch, idx: s.replace(
+        history=append_history(s.history, "train", {"x": 1.0})
+    )
+    callbacks = fl.callbacks.CallbackList([cb])
+    with pytest.raises(ValueError, match=r"^Tracker\.on_train_batch_end returned a state"):
+        callbacks("on_train_batch_end", start, {}, None, 0)
+
+
 def test_jsonl_writes_nonfinite_values_as_null(tmp_path: Path) -> None:
     def diverging(model, batch):
         return {"loss": classify(model, batch)["loss"] * torch.nan}
