@@ -126,7 +126,8 @@ def _first_size(obj: Any) -> int | None:
     elif isinstance(obj, tuple | list):
         children = obj
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+        # (A field declared init=False may not be set: a cache filled on first use.)
+        children = (getattr(obj, f.name, None) for f in dataclasses.fields(obj))
     else:
         return None
     for child in children:

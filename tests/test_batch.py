@@ -245,3 +245,17 @@ class _Store(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+@dataclasses.dataclass
+class _Cached:
+    cache: torch.Tensor = dataclasses.field(init=False)  # set on first use, if ever
+    x: torch.Tensor | None = None
+
+
+def test_the_size_of_a_dataclass_batch_passes_over_a_field_that_is_not_set():
+    """A field declared ``init=False`` and not set yet has no attribute: finding the
+    batch size raised ``AttributeError`` where moving the batch works."""
+    batch = _Cached(x=torch.zeros(5, 2))
+    assert fl.batch_size(batch) == 5
+    assert fl.to_device(batch, "meta").x.device.type == "meta"
