@@ -426,6 +426,13 @@ def adam_(
         torch._foreach_addcdiv_(params, mu, denom, value=-lr / (1.0 - b1**step))
 
 
+def _half_on_cpu(x: torch.Tensor) -> bool:
+    """True for a float16 or bfloat16 CPU tensor, whose updates torch's CPU fused SGD
+    kernel skips but for the last few elements (every full SIMD block; torch 2.13,
+    pytorch/pytorch#191763)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+
+
 def sgd_(
     params: TensorList,
     grads: TensorList,
@@ -444,10 +451,11 @@ def sgd_(
     first update, which copies the gradient into them. ``grads`` are consumed. Eager and
     unbatched only, like :func:`adam_`. On a CPU or CUDA device this is torch's fused
     kernel (bit for bit ``torch.optim.SGD(fused=True)``), which also takes ``lr`` as a
-    0-d tensor (a schedule's); elsewhere torch's foreach order (bit for bit
-    ``foreach=True``) with a number ``lr``, and a tensor one does not run.
+    0-d tensor (a schedule's); elsewhere, and for float16 and bfloat16 on the CPU,
+    torch's foreach order (bit for bit ``foreach=True``) with a number ``lr``, and a
+    tensor one does not run.
     """
-    if _fusable(params, grads, bufs):
+    if _fusable(params, grads, bufs) and not _half_on_cpu(params[0]):
         if isinstance(lr, torch.Tensor) and params[0].is_cuda:
             # As for Adam: the CUDA kernel reads a tensor rate as float32 on the device.
             lr = lr.to(device=params[0].device, dtype=torch.float32)
