@@ -306,11 +306,26 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape, strict=True) if n > 1)
 
 
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill ``x.numel()`` adjacent memory slots, one each (in any
+    order of dimensions: a transposed or channels-last tensor is dense, a column slice or
+    an expanded tensor is not)."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape, strict=True) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _fusable(params: TensorList, *others: TensorList | None) -> bool:
-    """True where torch's fused optimizer kernels run: eager tensors of one floating dtype
-    on one CPU or CUDA device, and ``others`` (gradients, optimizer buffers) laid out like
-    ``params`` (the kernels pair elements by memory position). Elsewhere the foreach ops
-    below do the work."""
+    """True where torch's fused optimizer kernels run: eager dense tensors (see
+    :func:`dense`) of one floating dtype on one CPU or CUDA device, and ``others``
+    (gradients, optimizer buffers) laid out like ``params`` (the kernels walk
+    ``numel()`` slots from each tensor's first element and pair elements by memory
+    position). Elsewhere the foreach ops below do the work."""
     if not params or batched(params) or not hasattr(torch, "_fused_adamw_"):
         return False  # (torch's private kernels: if a release drops them, foreach it is)
     dtype, device = params[0].dtype, params[0].device
@@ -318,7 +333,7 @@ def _fusable(params: TensorList, *others: TensorList | None) -> bool:
         return False
     strides = []
     for p in params:
-        if p.device != device or p.dtype != dtype:
+        if p.device != device or p.dtype != dtype or not dense(p):
             return False
         strides.append(p.stride())
     # Strides may differ only along dimensions of size 1.

@@ -1075,6 +1075,34 @@ def test_fused_kernels_run_on_one_cpu_or_cuda_device_and_dtype() -> None:
     cl = torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert _foreach._fusable([cl], [torch.empty_like(cl)], None)
     assert not _foreach._fusable([cl], [torch.zeros(2, 3, 4, 5)])
+    # They walk numel() slots from each tensor's start: a view with gaps is not theirs.
+    assert _foreach._fusable([torch.zeros(4, 3).t()], [torch.zeros(4, 3).t()])
+    assert not _foreach._fusable([torch.zeros(3, 4)[:, :2]], [torch.zeros(3, 4)[:, :2]])
+    assert not _foreach._fusable([torch.zeros(3).expand(2, 3)])
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_apply_to_params_that_are_column_slices_updates_them_alone(case: Case) -> None:
+    """A param (and its gradient and buffers) may be a view with gaps, such as a column
+    slice of a bigger tensor: ``apply_`` gives the pure update's values and writes nothing
+    outside the views (torch's fused kernels, given such views, update the first
+    ``numel()`` slots from each view's start instead)."""
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        whole = torch.full((x.shape[0], 5), 7.0, dtype=x.dtype)
+        whole[:, :2] = x
+        return whole[:, :2]
+
+    params = {"w": torch.linspace(-1.0, 1.0, 24, dtype=F64).reshape(12, 2)}
+    grads = {"w": torch.linspace(0.5, 2.0, 24, dtype=F64).reshape(12, 2)}
+    tx = case.make(case.lr)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    expected = optim.apply_updates(params, updates)
+    views = fl_tree.tree_map(lambda x: view(x) if x.dim() == 2 else x.clone(), state)
+    ours, _ = tx.apply_({"w": view(grads["w"])}, views, {"w": view(params["w"])})
+    assert_close(ours["w"], expected["w"], rtol=RTOL, atol=ATOL)
+    assert bool((ours["w"]._base[:, 2:] == 7.0).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
