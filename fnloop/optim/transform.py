@@ -446,7 +446,8 @@ class HostValues:
     constant learning rate is the same tensor from step to step. Several states may share
     one optimizer (two models, one transform in two parameter groups, unstacked states
     with their own learning rates): each live tensor has its own entry, dropped when the
-    tensor is freed.
+    tensor is freed. A tensor made under ``torch.inference_mode`` has no version counter
+    to tell a value written in place from the old: it is read every time.
     """
 
     def __init__(self, kind: type[int] | type[float]) -> None:
@@ -457,6 +458,8 @@ class HostValues:
         """The value of ``t``, or ``None`` where it must stay a tensor (compile, vmap)."""
         if torch.compiler.is_compiling() or _functorch.is_batchedtensor(t):
             return None
+        if t.is_inference():  # (made under torch.inference_mode: no version counter)
+            return self._kind(t)
         entry = self._known.get(id(t))
         # The version counter tells a value written in place (lr.fill_(...)) from the old.
         if entry is not None and entry[0]() is t and entry[1] == t._version:
@@ -467,6 +470,8 @@ class HostValues:
 
     def remember(self, t: torch.Tensor, value: Any) -> None:
         """Records that ``t`` (a tensor the caller just made) holds ``value``."""
+        if t.is_inference():  # read again each time: see value
+            return
         key = id(t)
         known = self._known
 

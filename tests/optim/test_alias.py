@@ -1049,6 +1049,19 @@ def test_sgd_apply_moves_every_element_of_a_half_precision_cpu_param(momentum, d
         assert torch.equal(ours["w"], theirs["w"])
 
 
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_apply_under_inference_mode_is_the_update(case: Case) -> None:
+    """Tensors made under ``torch.inference_mode`` have no version counter; ``apply_``
+    (which remembers counts and rates it read by version) steps them as ``update`` does,
+    as ``torch.optim`` steps them there, instead of failing on the first step."""
+    with torch.inference_mode():
+        params, grads = make_params(), make_grads()
+        assert_same_trajectory(
+            apply_trajectory(case.make(case.lr), params, grads),
+            fnloop_trajectory(case.make(case.lr), params, grads),
+        )
+
+
 @pytest.mark.parametrize("make", [optim.sgd, optim.adam, optim.adamw, optim.rmsprop])
 def test_a_torch_lr_scheduler_as_learning_rate_is_a_clear_error(make) -> None:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
