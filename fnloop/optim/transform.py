@@ -441,9 +441,10 @@ class HostValues:
     Python numbers and passes them to foreach kernels, as ``torch.optim`` does, instead of
     running a dozen 0-d tensor ops. It never reads the device in steady state: a tensor
     is read once (``int(t)`` or ``float(t)``) when it is met for the first time (the
-    first step, a state loaded from a checkpoint, a learning rate that ``fit`` reduced on
-    a plateau); a count the step makes is recorded with :meth:`remember` instead, and a
-    constant learning rate is the same tensor from step to step. Several states may share
+    first step, a state loaded from a checkpoint, a constant rate set anew by
+    :func:`with_learning_rates`); a count the step makes is recorded with :meth:`remember`
+    instead, and a constant learning rate is the same tensor from step to step (a
+    schedule's or a plateau's rate is not read: it stays a tensor). Several states may share
     one optimizer (two models, one transform in two parameter groups, unstacked states
     with their own learning rates): each live tensor has its own entry, dropped when the
     tensor is freed. A tensor made under ``torch.inference_mode`` has no version counter
@@ -716,6 +717,7 @@ def with_learning_rates(
     Raises:
       ValueError: ``opt_state`` has no learning rate, ``rates`` has another length
         than :func:`learning_rates`, or a rate is negative or of another shape.
+      TypeError: a rate is neither a number nor a tensor.
 
     >>> import torch
     >>> from fnloop import optim
