@@ -21,16 +21,15 @@ TensorList = list[torch.Tensor]
 
 
 def batched(xs: Sequence[torch.Tensor]) -> bool:
-    """True where foreach ops cannot run: inside ``torch.func.vmap``.
+    """True where foreach ops cannot run: inside ``torch.func.vmap``, and on an empty list
+    (which they refuse; the per-tensor ops make an empty list of it).
 
     Also true while ``torch.compile`` traces: per-tensor ops trace on every torch version
     (the vmap check itself breaks the graph on some), work inside a compiled ``vmap``,
     and the compiler fuses them anyway.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not xs:
         return True
-    if not xs:
-        return False
     if _functorch.is_batchedtensor(xs[0]):
         return True
     # vmap over the batches only (in_dims=(None, 0)): a gradient that does not depend on
@@ -234,7 +233,10 @@ def norms(xs: TensorList) -> TensorList:
 
 
 def global_norm(xs: TensorList) -> torch.Tensor:
-    """The 2-norm of all tensors together, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    """The 2-norm of all tensors together, as ``torch.nn.utils.clip_grad_norm_`` computes it
+    (0 for no tensor)."""
+    if not xs:
+        return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(norms(xs)))
 
 

@@ -316,6 +316,31 @@ def test_a_transform_without_an_in_place_form_leaves_chain_and_partition_without
         assert_close(new, theirs.detach(), rtol=1e-12, atol=1e-15, msg=name)
 
 
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optim.clip(1.0),
+        optim.clip_by_global_norm(1.0),
+        optim.scale(2.0),
+        optim.add_decayed_weights(0.1),
+        optim.scale_by_rms(),
+        optim.chain(optim.clip_by_global_norm(1.0), optim.scale(-0.1)),
+    ],
+    ids=["clip", "clip_by_global_norm", "scale", "add_decayed_weights", "scale_by_rms", "chain"],
+)
+def test_transforms_that_take_an_empty_tree_give_an_empty_tree(tx) -> None:
+    """A transform whose ``init`` takes no parameters updates none (as
+    ``clip_grad_norm_([])`` clips none) in each form, where torch's foreach ops, which
+    refuse an empty list, failed; those that count updates refuse the tree in ``init``."""
+    state = tx.init({})
+    assert tx.update({}, state, {})[0] == {}
+    assert tx.update_({}, state, {})[0] == {}
+    assert tx.apply_({}, state, {})[0] == {}
+    assert optim.apply_updates({}, {}) == {}
+    with pytest.raises(ValueError, match="empty parameter tree"):
+        optim.adam(1e-3).init({})
+
+
 def test_apply_updates_keeps_each_params_dtype_and_returns_new_tensors() -> None:
     params = {"a": torch.ones(3, dtype=torch.float32), "b": torch.ones(2, dtype=F64)}
     updates = {"a": torch.full((3,), 0.5, dtype=F64), "b": torch.full((2,), 0.25, dtype=F64)}
