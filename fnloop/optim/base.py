@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -393,7 +394,7 @@ def partition(
             fn = t.update_ if inplace else t.update
             u, new_state[label] = fn(u_groups[label], s, p)  # type: ignore[misc]
             new_updates.update(u)
-        return {name: new_updates[name] for name in updates}, new_state
+        return _merged(updates, new_updates), new_state
 
     has_inplace = all(t.update_ is not None for t in transforms.values())
     tx = with_inplace(init_fn, run, has_inplace=has_inplace)
@@ -407,6 +408,16 @@ def partition(
         for label, s in state.items():
             p, new_state[label] = _apply_fn(transforms[label])(g_groups[label], s, p_groups[label])
             new_params.update(p)
-        return {name: new_params[name] for name in params}, new_state
+        return _merged(params, new_params), new_state
 
     return tx._replace(apply_=apply_)
+
+
+def _merged(tree: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the flat dict ``tree``, of its type (an ``OrderedDict`` state_dict stays
+    one, as every transform keeps its input's node types), holding ``values[name]`` at
+    each of its names."""
+    out = copy.copy(tree)
+    for name in out:
+        out[name] = values[name]
+    return out

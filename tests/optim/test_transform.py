@@ -365,6 +365,25 @@ def test_an_ordered_dict_of_params_keeps_its_type_through_update_and_apply() -> 
     assert optree.tree_structure(new_opt_state, namespace="fnloop") == structure
 
 
+@pytest.mark.parametrize("method", ["update", "update_", "apply_"])
+def test_partition_gives_an_ordered_dict_of_params_back_as_one(method) -> None:
+    """``partition`` keeps the type of its flat dict, as every other transform keeps its
+    node types: with a plain dict, ``apply_updates(params, updates)`` refused the updates
+    of an ``OrderedDict`` of params ("different node types")."""
+    params = OrderedDict(w=torch.ones(2), b=torch.zeros(1))
+    grads = OrderedDict((k, torch.ones_like(v)) for k, v in params.items())
+    tx = optim.partition({"w": optim.adam(0.1), "b": optim.sgd(0.1)}, lambda name: name)
+    state = tx.init(params)
+    if method == "apply_":
+        new, _ = tx.apply_(grads, state, OrderedDict((k, v.clone()) for k, v in params.items()))
+    else:
+        updates, _ = getattr(tx, method)(grads, state, params)
+        assert (type(updates), list(updates)) == (OrderedDict, ["w", "b"])
+        new = optim.apply_updates(params, updates)
+    assert (type(new), list(new)) == (OrderedDict, ["w", "b"])
+    assert_close(new["b"], torch.full((1,), -0.1))
+
+
 def test_scale_by_learning_rate_without_sign_flip_and_learning_rates_order() -> None:
     params = {"w": torch.ones(2, dtype=F64)}
     tx = optim.chain(
