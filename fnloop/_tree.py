@@ -172,10 +172,15 @@ def tree_unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
     return optree.tree_unflatten(treedef, leaves)
 
 
-def tree_flatten_with_keys(tree: Any) -> tuple[list[str], list[Any], Any]:
+def tree_flatten_with_keys(
+    tree: Any, *, none_is_leaf: bool = False
+) -> tuple[list[str], list[Any], Any]:
     """Readable leaf keys (``opt_state.1.mu.0.weight``: field, dict key and tuple index
-    names joined by dots), leaves and treedef of ``tree`` in fnloop's namespace."""
-    accessors, leaves, treedef = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+    names joined by dots), leaves and treedef of ``tree`` in fnloop's namespace (with
+    ``none_is_leaf``, a ``None`` is a leaf too, not an empty subtree)."""
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor(
+        tree, none_is_leaf=none_is_leaf, namespace=NAMESPACE
+    )
     keys = [".".join(_entry_name(e) for e in accessor) or "<root>" for accessor in accessors]
     return keys, leaves, treedef
 

@@ -209,7 +209,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def check_same_structure(updates: Any, params: Any) -> None:
-    """Raises ``ValueError`` naming the first key where ``updates`` and ``params`` differ."""
+    """Raises ``ValueError`` naming the first key where ``updates`` and ``params`` differ,
+    or ``TypeError`` naming an update that is ``None`` (a tree holds no leaf there, so the
+    key would seem missing) where ``params`` has a leaf."""
+    keys, leaves, _ = _tree.tree_flatten_with_keys(updates, none_is_leaf=True)
+    if any(leaf is None for leaf in leaves):
+        param_keys = set(_tree.tree_flatten_with_keys(params)[0])
+        for key, leaf in zip(keys, leaves, strict=True):
+            if leaf is None and key in param_keys:
+                raise TypeError(_NOT_TENSOR_MSG.format(key=key, kind="NoneType"))
     diff = _tree.first_difference(updates, params)
     if diff is not None:
         raise ValueError(
@@ -252,12 +260,14 @@ def _raise_not_tensor(updates: Any) -> None:
     keys, leaves, _ = _tree.tree_flatten_with_keys(updates)
     for key, leaf in zip(keys, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"the update (gradient) at {key!r} is a {type(leaf).__name__}, not a "
-                f"tensor. Pass one tensor per parameter, shaped like it, as "
-                f"torch.autograd.grad returns them; for a parameter without a gradient, "
-                f"pass torch.zeros_like(param)."
-            )
+            raise TypeError(_NOT_TENSOR_MSG.format(key=key, kind=type(leaf).__name__))
+
+
+_NOT_TENSOR_MSG = (
+    "the update (gradient) at {key!r} is a {kind}, not a tensor. Pass one tensor per "
+    "parameter, shaped like it, as torch.autograd.grad returns them; for a parameter "
+    "without a gradient, pass torch.zeros_like(param)."
+)
 
 
 def _shape_of(x: Any) -> torch.Size | None:

@@ -731,6 +731,23 @@ def test_grads_with_an_extra_key_raise_naming_it(case: Case) -> None:
         run_one_step(case.make(case.lr), grads, params)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_none_gradient_raises_naming_it_as_none(case: Case) -> None:
+    """A ``None`` gradient (``torch.autograd.grad(..., allow_unused=True)`` for an unused
+    parameter) is no leaf of the tree: the error said its key was missing from the
+    gradients. It names the ``None`` and the fix, in ``update`` (or, for transforms that
+    pass it through, ``apply_updates``) and in ``apply_``."""
+    params, (grads,) = make_params(), make_grads(1)
+    grads["fc.bias"] = None
+    match = r"at 'fc\.bias' is a NoneType, not a tensor.*torch\.zeros_like\(param\)"
+    with pytest.raises(TypeError, match=match):
+        run_one_step(case.make(case.lr), grads, params)
+    tx = case.make(case.lr)
+    if tx.apply_ is not None:
+        with pytest.raises(TypeError, match=match):
+            tx.apply_(grads, tx.init(params), params)
+
+
 def test_state_from_another_optimizer_is_rejected() -> None:
     params, (grads,) = make_params(), make_grads(1)
     with pytest.raises(ValueError, match="chain of 3 transforms got a state with 4"):
