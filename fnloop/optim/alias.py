@@ -7,7 +7,14 @@ import numbers
 
 from fnloop import _tree
 from fnloop.optim import _foreach
-from fnloop.optim.base import ApplyFn, GradientTransformation, chain, flatten_like, identity
+from fnloop.optim.base import (
+    ApplyFn,
+    GradientTransformation,
+    chain,
+    check_chain_state,
+    flatten_like,
+    identity,
+)
 from fnloop.optim.transform import (
     HostValues,
     LearningRate,
@@ -99,6 +106,7 @@ def _fused_sgd(
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
+        check_chain_state(state, 3)  # as the chain's update does
         trace_state, lr_state = state[1], state[2]
         bufs = (trace_state.momentum_buffer,) if momentum > 0 else ()
         g, treedef, (p, *b) = flatten_like(grads, params, *bufs)
@@ -241,6 +249,7 @@ def _fused_adam(
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
+        check_chain_state(state, 3)  # as the chain's update does
         adam_state, lr_state = state[at], state[2]
         # The state's own rate (unstacked states have their own), on the host when it is
         # constant (the same tensor every step); a schedule's stays on the device.

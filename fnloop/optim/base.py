@@ -173,11 +173,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def check(state: OptState) -> None:
-        if len(state) != len(transforms):
-            raise ValueError(
-                f"chain of {len(transforms)} transforms got a state with {len(state)} "
-                f"entries; was the state made by this optimizer's init?"
-            )
+        check_chain_state(state, len(transforms))
 
     def run(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
@@ -206,6 +202,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return params, (*new_states, s)
 
     return tx._replace(apply_=apply_)
+
+
+def check_chain_state(state: OptState, n: int) -> None:
+    """Raises ``ValueError`` unless ``state`` has the ``n`` entries of a chain of ``n``."""
+    if len(state) != n:
+        raise ValueError(
+            f"chain of {n} transforms got a state with {len(state)} "
+            f"entries; was the state made by this optimizer's init?"
+        )
 
 
 def check_same_structure(updates: Any, params: Any) -> None:

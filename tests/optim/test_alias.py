@@ -754,6 +754,20 @@ def test_state_from_another_optimizer_is_rejected() -> None:
         optim.adam(1e-3).update(grads, optim.rmsprop(1e-3).init(params), params)
 
 
+@pytest.mark.parametrize(
+    "make", [optim.sgd, lambda lr: optim.sgd(lr, momentum=0.9), optim.adam, optim.adamw]
+)
+def test_fused_apply_rejects_a_state_from_another_optimizer_as_update_does(make) -> None:
+    """The fused ``apply_`` of sgd/adam/adamw reads the chain's state by position: given
+    rmsprop's state (4 entries) or a clipped adam's (2), it failed on an attribute or an
+    index; it raises the chain's error, as ``update`` does."""
+    params, (grads,) = make_params(), make_grads(1)
+    tx = make(1e-3)
+    for other, n in [(optim.rmsprop(1e-3), 4), (optim.chain(optim.clip(1.0), optim.adam(1e-3)), 2)]:
+        with pytest.raises(ValueError, match=f"chain of 3 transforms got a state with {n}"):
+            tx.apply_(grads, other.init(params), params)
+
+
 # ----------------------------------------------------------------------------- in place
 
 
