@@ -703,6 +703,36 @@ def test_bad_tensor_learning_rate_raises_when_the_optimizer_is_made(make, value)
         make(torch.tensor(value))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="design decision: sgd(lr, momentum, nesterov, weight_decay, *, dampening) and "
+    "rmsprop(lr, alpha, eps, momentum, centered, weight_decay) take their positional "
+    "parameters in another order than torch.optim.SGD (lr, momentum, dampening, "
+    "weight_decay, nesterov) and RMSprop (lr, alpha, eps, weight_decay, momentum, centered): "
+    "a positional port silently changes meaning (sgd's 0.3 dampening becomes a truthy "
+    "nesterov). Making them keyword-only after the rate, or torch's order, changes a public "
+    "signature (h81)",
+)
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        pytest.param(lambda: optim.sgd(0.1, 0.9, 0.3), lambda ps: SGD(ps, 0.1, 0.9, 0.3), id="sgd"),
+        pytest.param(
+            lambda: optim.rmsprop(0.01, 0.99, 1e-8, 0.1),
+            lambda ps: RMSprop(ps, 0.01, 0.99, 1e-8, 0.1),
+            id="rmsprop",
+        ),
+    ],
+)
+def test_a_positional_port_of_a_torch_optimizer_keeps_its_meaning(ours, theirs) -> None:
+    params, grads = make_params(), make_grads(steps=3)
+    for a, b in zip(
+        fnloop_trajectory(ours(), params, grads), torch_trajectory(theirs, params, grads)
+    ):
+        for name in params:
+            assert_close(a[name], b[name], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_nesterov_needs_momentum_and_no_dampening(momentum: float) -> None:
     with pytest.raises(ValueError, match=r"(?i)nesterov") as info:
