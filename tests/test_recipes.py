@@ -224,7 +224,7 @@ def test_channels_last_resnet_sgd_nesterov_multistep_ema_matches_torch(fused):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3, 6], 0.1)
     ema = AveragedModel(ref, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
     tx = optim.sgd(
-        optim.multistep_schedule(0.1, [3, 6], 0.1), 0.9, nesterov=True, weight_decay=5e-4
+        optim.multistep_schedule(0.1, [3, 6], 0.1), momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     state = fl.TrainState.create(module, tx=tx, ema_decay=decay).clone()
     step = fl.make_train_step(classify, donate=True)
@@ -293,7 +293,7 @@ def fit_resnet(out_dir, callbacks=()):
     valid = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[32:], y[32:]), batch_size=8, collate_fn=collate
     )
-    tx = optim.sgd(optim.onecycle_schedule(0.1, 4), 0.9, nesterov=True, weight_decay=5e-4)
+    tx = optim.sgd(optim.onecycle_schedule(0.1, 4), momentum=0.9, nesterov=True, weight_decay=5e-4)
     state = fl.TrainState.create(resnet(), tx=tx, ema_decay=0.8)
     return fl.fit(
         state,

@@ -34,10 +34,10 @@ from fnloop.typing import OptState, Params, Updates
 
 def sgd(
     learning_rate: LearningRate,
+    *,
     momentum: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
-    *,
     dampening: float = 0.0,
 ) -> GradientTransformation:
     r"""Stochastic gradient descent, as ``torch.optim.SGD``.
@@ -144,11 +144,11 @@ def _fused_sgd(
 
 def adam(
     learning_rate: LearningRate,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    *,
     amsgrad: bool = False,
 ) -> GradientTransformation:
     r"""Adam, as ``torch.optim.Adam`` (``weight_decay`` is an L2 penalty on the gradient).
@@ -188,11 +188,11 @@ def adam(
 
 def adamw(
     learning_rate: LearningRate,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
-    *,
     amsgrad: bool = False,
 ) -> GradientTransformation:
     r"""AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay.
@@ -276,6 +276,7 @@ def _fused_adam(
 
 def rmsprop(
     learning_rate: LearningRate,
+    *,
     alpha: float = 0.99,
     eps: float = 1e-8,
     momentum: float = 0.0,
@@ -317,6 +318,7 @@ def rmsprop(
 
 def adagrad(
     learning_rate: LearningRate,
+    *,
     lr_decay: float = 0.0,
     weight_decay: float = 0.0,
     initial_accumulator_value: float = 0.0,
