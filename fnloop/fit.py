@@ -1248,9 +1248,15 @@ class _Run:
         """Restarts the ``reduce_on_plateau`` progress (best, bad epochs) of a checkpoint
         whose plateaus followed another metric or mode: their best would be compared
         with values of another metric. Their learning rates are kept."""
-        fed = (rec.get("monitor", self.monitor), rec.get("mode", self.mode))
+        # A checkpoint that does not say (written before it did) has its best model's
+        # monitor and mode, which fed the plateaus too; the earliest ones have neither.
+        best = rec.get("best") or {}
+        fed = (
+            rec.get("monitor", best.get("monitor", self.monitor)),
+            rec.get("mode", best.get("mode", self.mode)),
+        )
         if fed == (self.monitor, self.mode) or not has_plateau(self.state.opt_state):
-            return  # (checkpoints of fnloop 0.1.0 do not say what fed them)
+            return
         self.state = self.state.replace(opt_state=restart_plateaus(self.state.opt_state))
         self.logger.info(
             f"reduce_on_plateau starts counting afresh: this run feeds it {self.monitor} "

@@ -1182,12 +1182,8 @@ def test_partial_means_summed_over_processes_keep_the_step_outputs_out():
     assert sorted(resumed.means()) == ["loss"]
 
 
-def test_a_plateau_resumed_to_follow_another_metric_starts_from_its_first_value(tmp_path):
-    """Run 1 follows an accuracy (mode='max', best near 1); run 2, resumed, a loss-like
-    metric near 10 (mode='min'). Its first epoch must set the plateau's best, as the
-    first observation of a fresh plateau does; the accuracy it kept is never beaten by
-    the new metric, so the rate is cut every patience + 1 epochs however it improves."""
-    from fnloop.optim.plateau import plateau_nodes
+def _plateau_fit(out_dir, mode, monitor, max_epochs):
+    """fit with a reduce_on_plateau fed ``monitor`` (train/acc, or train/big: near 10)."""
 
     def step(model, batch):
         x, y = batch
@@ -1196,29 +1192,61 @@ def test_a_plateau_resumed_to_follow_another_metric_starts_from_its_first_value(
         acc = (logits.argmax(1) == y).double().mean()
         return {"loss": loss, "acc": acc, "big": loss.detach() + 10.0}
 
-    def fit(mode, monitor, max_epochs):
-        torch.manual_seed(0)
-        module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)).double()
-        tx = optim.adam(optim.reduce_on_plateau(1e-2, mode=mode, patience=0))
-        state = fl.TrainState.create(module, tx=tx, device="cpu")
-        return fl.fit(
-            state,
-            step,
-            seeded_loader(),
-            max_epochs=max_epochs,
-            out_dir=tmp_path,
-            monitor=monitor,
-            mode=mode,
-            log_to_console=False,
-        )
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    tx = optim.adam(optim.reduce_on_plateau(1e-2, mode=mode, patience=0))
+    state = fl.TrainState.create(module, tx=tx, device="cpu")
+    return fl.fit(
+        state,
+        step,
+        seeded_loader(),
+        max_epochs=max_epochs,
+        out_dir=out_dir,
+        monitor=monitor,
+        mode=mode,
+        log_to_console=False,
+    )
 
-    assert fit("max", "train/acc", 1).epoch == 1
-    resumed = fit("min", "train/big", 2)
+
+def test_a_plateau_resumed_to_follow_another_metric_starts_from_its_first_value(tmp_path):
+    """Run 1 follows an accuracy (mode='max', best near 1); run 2, resumed, a loss-like
+    metric near 10 (mode='min'). Its first epoch must set the plateau's best, as the
+    first observation of a fresh plateau does; the accuracy it kept is never beaten by
+    the new metric, so the rate is cut every patience + 1 epochs however it improves."""
+    from fnloop.optim.plateau import plateau_nodes
+
+    assert _plateau_fit(tmp_path, "max", "train/acc", 1).epoch == 1
+    resumed = _plateau_fit(tmp_path, "min", "train/big", 2)
     assert resumed.epoch == 2
     (node,) = plateau_nodes(resumed.opt_state)
     assert float(node.best) == resumed.history["train"]["big"][-1]
     assert float(node.lr) == 1e-2 and int(node.num_bad_epochs) == 0  # the rate is kept
     # Fed the same metric again, it keeps its progress: the best of both runs' values.
-    again = fit("min", "train/big", 3)
+    again = _plateau_fit(tmp_path, "min", "train/big", 3)
     (node,) = plateau_nodes(again.opt_state)
     assert float(node.best) == min(again.history["train"]["big"][1:])
+
+
+def test_a_plateau_resumed_from_a_checkpoint_that_names_no_feed_goes_by_its_best(
+    tmp_path, monkeypatch
+):
+    """A checkpoint written before the record named what fed the plateaus (no top-level
+    monitor and mode) has its best model's, which fed them too: the plateau of a run
+    resumed to follow another metric starts afresh from it as well."""
+    from fnloop.fit import _Run
+    from fnloop.optim.plateau import plateau_nodes
+
+    record = _Run.record
+
+    def older_record(self, position, ranks):
+        rec = record(self, position, ranks)
+        del rec["monitor"], rec["mode"]
+        return rec
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Run, "record", older_record)
+        assert _plateau_fit(tmp_path, "max", "train/acc", 1).epoch == 1
+    resumed = _plateau_fit(tmp_path, "min", "train/big", 2)
+    (node,) = plateau_nodes(resumed.opt_state)
+    assert float(node.best) == resumed.history["train"]["big"][-1]
+    assert float(node.lr) == 1e-2
