@@ -799,6 +799,7 @@ def latest_good_checkpoint(
 
     Raises:
       CheckpointMismatchError: the newest sound file belongs to another set-up.
+      TypeError: the arguments are swapped, or ``like`` is not a ``TrainState``.
     """
     if isinstance(directory, TrainState | nn.Module):
         raise TypeError(
@@ -826,13 +827,27 @@ def first_good_checkpoint(
 
     Raises:
       CheckpointMismatchError: the first sound file belongs to another set-up.
+      TypeError: ``paths`` is one path (a string) or a state, or ``like`` is not a
+        ``TrainState``.
     """
+    if isinstance(paths, TrainState | nn.Module):
+        raise TypeError(
+            "first_good_checkpoint takes the files first: first_good_checkpoint(paths, like); "
+            f"its first argument is a {type(paths).__name__}."
+        )
+    if isinstance(paths, str | bytes | os.PathLike):  # (its characters are no files)
+        raise TypeError(
+            f"first_good_checkpoint takes the files to try, in order, such as a list; got "
+            f"one path, {str(paths)!r}. Pass [path], or load the one file with "
+            f"load_checkpoint_with_extra(path, like)."
+        )
     return _first_good(paths, like, "first_good_checkpoint")
 
 
 def _first_good(
     paths: Iterable[str | os.PathLike[str]], like: TrainState, fn: str
 ) -> tuple[Checkpoint | None, list[SkippedCheckpoint]]:
+    _check_state(like, fn)  # (also where there is no file to load)
     skipped: list[SkippedCheckpoint] = []
     for path in map(Path, paths):
         try:

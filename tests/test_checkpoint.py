@@ -1616,6 +1616,29 @@ def test_errors_name_the_loading_function_called(tmp_path: Path) -> None:
         latest_good_checkpoint(state, tmp_path)  # type: ignore[arg-type]
 
 
+def test_first_good_checkpoint_refuses_one_path_swapped_arguments_and_a_bad_like(
+    tmp_path: Path,
+) -> None:
+    """One path was iterated character by character (every character a missing file:
+    ``(None, skipped)``, a silent fresh start), swapped arguments raised Python's bare
+    'not iterable', and a wrong ``like`` passed unnoticed where no file was tried."""
+    state = fnloop.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    path = fnloop.save_checkpoint(tmp_path / "c.pt", state)
+    for one in (path, str(path)):
+        with pytest.raises(TypeError, match=r"got one path, '.*c\.pt'\. Pass \[path\]"):
+            ckpt.first_good_checkpoint(one, state)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^first_good_checkpoint takes the files first: "):
+        ckpt.first_good_checkpoint(state, [path])  # type: ignore[arg-type]
+    module = torch.nn.Linear(2, 1)
+    for call in (
+        lambda: ckpt.first_good_checkpoint([], module),  # type: ignore[arg-type]
+        lambda: latest_good_checkpoint(tmp_path / "none", module),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=r"needs an fnloop.TrainState; got Linear"):
+            call()
+    assert ckpt.first_good_checkpoint([path], state)[0] is not None
+
+
 def test_the_learning_rate_comes_from_the_file_and_tx_from_like(tmp_path: Path) -> None:
     """As the guide says: a constant rate is optimizer state (torch's load_state_dict
     restores a param group's lr); a changed schedule in ``like`` applies from the update
