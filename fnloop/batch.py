@@ -24,7 +24,8 @@ def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
     Any nesting of tensors, tuples, lists, dicts (``defaultdict``, ``OrderedDict``, ...),
     namedtuples and dataclasses is kept; a subclass of ``dict``, ``UserDict`` or ``list``
     is copied with its items moved, so it keeps its attributes (a tokenizer's
-    ``BatchEncoding``) as ``DataLoader``'s collate made it; a ``PackedSequence`` moves as
+    ``BatchEncoding``) as ``DataLoader``'s collate made it (one that refuses changes with
+    a ``TypeError`` is made by its type instead); a ``PackedSequence`` moves as
     its ``to`` moves it (its ``batch_sizes`` stay on the CPU); other values pass through.
     Tensors already on ``device`` are not copied.
 
@@ -53,17 +54,26 @@ def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
                 # keeps what it holds beside its items (the attributes of a tokenizer's
                 # BatchEncoding) and calls no __init__, whose arguments may be others
                 # than a dict's (DataLoader's collate makes batches of such a type so).
-                # Another mapping's copy may share its items with the batch's.
-                copied = copy.copy(obj)
-                copied.update(moved)
-                return copied
+                # Another mapping's copy may share its items with the batch's. One that
+                # refuses changes (TypeError, as DataLoader's collate expects) is made by
+                # its type, as any other mapping.
+                try:
+                    copied = copy.copy(obj)
+                    copied.update(moved)
+                    return copied
+                except TypeError:
+                    pass
             return type(obj)(moved)  # type: ignore[call-arg]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*(move(v) for v in obj))
         if isinstance(obj, list) and type(obj) is not list:
-            new_list = copy.copy(obj)  # (a subclass: its attributes kept, as a mapping's)
-            new_list[:] = [move(v) for v in obj]
-            return new_list
+            items = [move(v) for v in obj]
+            try:  # (a subclass: its attributes kept, as a mapping's; or made by its type)
+                new_list = copy.copy(obj)
+                new_list[:] = items
+                return new_list
+            except TypeError:
+                return type(obj)(items)
         if isinstance(obj, tuple | list):
             return type(obj)(move(v) for v in obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

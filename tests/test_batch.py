@@ -259,3 +259,28 @@ def test_the_size_of_a_dataclass_batch_passes_over_a_field_that_is_not_set():
     batch = _Cached(x=torch.zeros(5, 2))
     assert fl.batch_size(batch) == 5
     assert fl.to_device(batch, "meta").x.device.type == "meta"
+
+
+class _FrozenDict(dict):
+    """A mapping that refuses changes (torch.fx's immutable_dict, a frozen config)."""
+
+    def __setitem__(self, key, value):
+        raise TypeError("frozen")
+
+    def update(self, *args, **kwargs):
+        raise TypeError("frozen")
+
+
+class _FrozenList(list):
+    def __setitem__(self, index, value):
+        raise TypeError("frozen")
+
+
+def test_a_mapping_or_list_that_refuses_changes_is_made_by_its_type():
+    """Copying and updating such a batch raised its TypeError, where it was made by its
+    type before (DataLoader's collate falls back on that TypeError too)."""
+    x = torch.ones(2)
+    moved = fl.to_device(_FrozenDict(x=x), "meta")
+    assert type(moved) is _FrozenDict and moved["x"].device.type == "meta"
+    moved_list = fl.to_device(_FrozenList([x]), "meta")
+    assert type(moved_list) is _FrozenList and moved_list[0].device.type == "meta"
