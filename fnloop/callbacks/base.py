@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -164,7 +163,7 @@ def _same_history(a: History, b: History) -> bool:
         return False
     return all(
         len(ours) == len(theirs)
-        and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(ours, theirs))
+        and all(x == y or (x != x and y != y) for x, y in zip(ours, theirs))  # (NaN: x != x)
         for s in a
         for ours, theirs in ((a[s][n], b[s][n]) for n in a[s])
     )
@@ -245,8 +244,7 @@ class CallbackList:
                     f"{owner}.{event} returned a {type(result).__name__}; a callback must "
                     f"return a TrainState (e.g. state.replace(...)) or None to keep the state."
                 )
-            changed = not _same_history(result.history, state.history)
-            if changed and event not in HISTORY_EVENTS:
+            if event not in HISTORY_EVENTS and not _same_history(result.history, state.history):
                 raise ValueError(HISTORY_EVENT_MSG.format(owner=owner, event=event))
             state = result
         return state

@@ -247,3 +247,24 @@ class _Return(fl.callbacks.Callback):
 
     def on_train_batch_end(self, st, outputs, batch, idx):
         return self.result
+
+
+class _EpochEndReturn(fl.callbacks.Callback):
+    def __init__(self, result: fl.TrainState) -> None:
+        self.result = result
+
+    def on_train_epoch_end(self, st, metrics):
+        return self.result
+
+
+def test_histories_holding_values_that_are_not_numbers_compare_without_raising() -> None:
+    """The NaN-aware comparison called math.isnan on each value that differed: a history
+    with a value that is not a number (a callback's marker, None) raised TypeError from
+    it, at an epoch end too, where a changed history is allowed and is not compared."""
+    start = state()
+    start = start.replace(history=append_history(start.history, "train", {"loss": 1.0}))
+    marked = start.replace(history={"train": {"loss": ("n/a",)}})
+    epoch_end = fl.callbacks.CallbackList(_EpochEndReturn(marked))
+    assert epoch_end("on_train_epoch_end", start, {}) is marked
+    with pytest.raises(ValueError, match="changed history"):
+        fl.callbacks.CallbackList(_Return(marked))("on_train_batch_end", start, {}, None, 0)
