@@ -40,6 +40,9 @@ class EarlyStoppingState:
         return bool(self.stop_reason)
 
 
+_BOOL_DTYPES = ("bool", "torch.bool")  # str() of NumPy's and torch's bool dtypes
+
+
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
     """Stops training when a monitored metric stops improving or reaches a target.
@@ -89,8 +92,10 @@ class EarlyStopping:
                 f"got {self.monitor!r}."
             )
         for name in ("patience", "min_delta", "target"):
-            if isinstance(getattr(self, name), bool):  # which int() and float() take as 1 or 0
-                raise TypeError(f"EarlyStopping {name} takes a number; got {getattr(self, name)}.")
+            value = getattr(self, name)
+            # Which int() and float() take as 1 or 0: a bool, NumPy's or a tensor's too.
+            if isinstance(value, bool) or str(getattr(value, "dtype", "")) in _BOOL_DTYPES:
+                raise TypeError(f"EarlyStopping {name} takes a number; got {value}.")
         try:  # an int (a NumPy one, an integer tensor) as it is, however large
             whole: int | None = operator.index(self.patience)
         except TypeError:

@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,8 @@ def test_rules_that_stop_in_the_same_epoch_are_all_named(tmp_path):
         ({"patience": True}, TypeError, r"patience takes a number; got True\."),
         ({"min_delta": False}, TypeError, r"min_delta takes a number; got False\."),
         ({"target": True}, TypeError, r"target takes a number; got True\."),
+        ({"patience": np.True_}, TypeError, r"patience takes a number; got True\."),
+        ({"min_delta": torch.tensor(True)}, TypeError, r"min_delta takes a number; got True\."),
         ({"monitor": None}, TypeError, r"monitor takes a metric name"),
         ({"patience": -1}, ValueError, r"patience must be >= 0; got -1"),
         ({"min_delta": -0.1}, ValueError, r"min_delta must be >= 0; got -0\.1"),
