@@ -88,6 +88,11 @@ _SAFETENSORS_MISSING = (
     "Saving or loading '{path}' needs the optional 'safetensors' package. Install it with "
     "`pip install fnloop[safetensors]` (or `pip install safetensors`), or use a '.pt' path."
 )
+_SAFETENSORS_CHECKPOINT = (
+    "save_checkpoint writes a PyTorch file, and {path} is named as a safetensors file (a "
+    "model export, which save_model writes): torch.load, and so load_checkpoint, would "
+    "read it as safetensors and fail. Name the checkpoint '.pt'."
+)
 _MODEL_FILE_HELP = (
     "load_model reads a model export: the file save_model writes (fit's best_model.pt in "
     "its out_dir) or one of torch.save(module.state_dict(), path)."
@@ -162,7 +167,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
       TypeError: ``state`` is not a ``TrainState``, or an ``extra`` value or a
         non-tensor leaf of ``state`` (a field a subclass adds) is not plain data (the
         message names the key and the type).
-      ValueError: two leaves of ``state`` map to the same key.
+      ValueError: two leaves of ``state`` map to the same key, or ``path`` ends in
+        ``.safetensors`` (a model export's name: :func:`save_model`).
       RuntimeError: ``state`` was donated to a training step (save the state it returned).
 
     Example:
@@ -178,6 +184,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, /, **extra:
     """
     path = _as_path(path, "save_checkpoint", "state")
     _check_state(state, "save_checkpoint")
+    if _is_safetensors(path):
+        raise ValueError(_SAFETENSORS_CHECKPOINT.format(path=path))
     check_not_donated(state, "save_checkpoint")
     keys, leaves, _ = _flatten_with_keys(state)
     for key, leaf in zip(keys, leaves, strict=True):

@@ -1716,3 +1716,16 @@ def test_a_module_as_like_is_told_what_like_needs(tmp_path: Path) -> None:
         load_checkpoint(path, like=module)  # type: ignore[type-var]
     message = str(info.value)
     assert "like" in message and "torch.save" not in message
+
+
+def test_a_checkpoint_named_as_a_safetensors_file_is_refused(tmp_path: Path) -> None:
+    """save_checkpoint wrote a PyTorch file under a '.safetensors' name, which torch.load
+    (and so load_checkpoint) reads as safetensors: a checkpoint no call could load, which
+    load_checkpoint then called a model export."""
+    state = fnloop.TrainState.create(torch.nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(
+        ValueError, match=r"^save_checkpoint writes a PyTorch file, and .*'\.pt'\.$"
+    ):
+        fnloop.save_checkpoint(path, state)
+    assert not path.exists()
