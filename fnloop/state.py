@@ -269,7 +269,8 @@ class TrainState:
 
     States (of subclasses too) compare and hash by identity, as ``nn.Module`` does; compare
     their tensors with ``torch.equal``: ``all(torch.equal(p, b.params[n]) for n, p in
-    a.params.items())`` for the parameters.
+    a.params.items())`` for the parameters. A subclass that defines ``__eq__`` keeps it,
+    and its own subclasses inherit it (their dataclass decorator does not replace it).
 
     Attributes:
       params: trainable tensors, keyed like ``module.named_parameters()``.
@@ -320,11 +321,12 @@ class TrainState:
         # the dataclass decorator has run).
         super().__init_subclass__(**kwargs)
         _tree.register_dataclass(cls, static=_STATIC)
-        # By identity, as TrainState: set before the dataclass decorator runs, which then
-        # keeps them (its field-by-field __eq__ would raise on the tensors).
+        # The comparison it inherits (TrainState's: by identity; a parent subclass's own),
+        # set in its namespace before the dataclass decorator runs, which then keeps it
+        # (its field-by-field __eq__ would raise on the tensors).
         if "__eq__" not in vars(cls) and "__hash__" not in vars(cls):
-            cls.__eq__ = object.__eq__  # type: ignore[method-assign]
-            cls.__hash__ = object.__hash__  # type: ignore[method-assign]
+            cls.__eq__ = cls.__eq__  # type: ignore[method-assign]
+            cls.__hash__ = cls.__hash__  # type: ignore[method-assign]
 
     @classmethod
     def create(

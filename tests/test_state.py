@@ -239,6 +239,26 @@ def test_states_compare_and_hash_by_identity(module: Net, cls: type[fl.TrainStat
     assert own == own.clone() and own != own.replace(step=1)
 
 
+class _OwnEqChild(_OwnEq):
+    """A plain subclass: it inherits its parent's comparison, as Python's subclasses do."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _OwnEqDataclassChild(_OwnEq):
+    """Its decorator would write a field-by-field __eq__, which raises on the tensors."""
+
+
+@pytest.mark.parametrize("cls", [_OwnEqChild, _OwnEqDataclassChild])
+def test_a_subclass_inherits_its_parents_own_comparison(
+    module: Net, cls: type[fl.TrainState]
+) -> None:
+    """__init_subclass__ gave every subclass defining no __eq__ the identity one, so the
+    subclass of a subclass with its own __eq__ compared by identity instead."""
+    state = cls.create(module, tx=optim.sgd(0.1), device="cpu")
+    assert cls.__eq__ is _OwnEq.__eq__
+    assert state == state.clone() and state != state.replace(step=1)
+
+
 def test_a_state_first_flattened_while_compiling_traces_in_one_graph() -> None:
     """A subclass's fields are read at its first flatten, which may happen while
     torch.compile traces (a fresh state given to a compiled vmap over batches): that is
