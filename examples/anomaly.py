@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out-dir",
         help="the run folder (default runs/anomaly, runs/anomaly-D for --anomaly D other "
-        "than 9, and -fast appended with --fast)",
+        "than 9, -seedN appended for --seed N other than 0, and -fast with --fast)",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the previous run instead of resuming it"
@@ -99,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="tiny settings (for tests)")
     args = parser.parse_args(argv)
     # Each unseen digit gets a folder of its own: resuming the run of another digit would
-    # score a model that was trained on the digit it calls unseen.
+    # score a model that was trained on the digit it calls unseen. So does each seed: it
+    # picks the split, and another seed's model has trained on most of this seed's test.
     name = "anomaly" if args.anomaly == 9 else f"anomaly-{args.anomaly}"
+    name += "" if args.seed == 0 else f"-seed{args.seed}"
     args.out_dir = args.out_dir or f"runs/{name}{'-fast' if args.fast else ''}"
     if args.fast:
         args.epochs = min(args.epochs, 15)

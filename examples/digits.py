@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop after this many epochs without a better valid/acc",
     )
     parser.add_argument(
-        "--out-dir", help="the run folder (default runs/digits, or runs/digits-fast with --fast)"
+        "--out-dir",
+        help="the run folder (default runs/digits, runs/digits-seedN for --seed N other "
+        "than 0, and -fast appended with --fast)",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the previous run instead of resuming it"
@@ -111,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--extras", action="store_true", help="also show step testing, compile and vmap"
     )
     args = parser.parse_args(argv)
-    args.out_dir = args.out_dir or ("runs/digits-fast" if args.fast else "runs/digits")
+    # The seed picks the train/validation split: resuming another seed's run would
+    # validate (and pick best_model.pt) on images that run trained on.
+    name = "digits" if args.seed == 0 else f"digits-seed{args.seed}"
+    args.out_dir = args.out_dir or f"runs/{name}{'-fast' if args.fast else ''}"
     if args.fast:
         args.epochs = min(args.epochs, 3)
     return args

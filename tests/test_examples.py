@@ -149,6 +149,19 @@ def test_anomaly_run_folder_names_the_unseen_digit() -> None:
     assert parse_args(["--anomaly", "3", "--out-dir", "mine"]).out_dir == "mine"
 
 
+@pytest.mark.parametrize("name", ["digits", "anomaly"])
+def test_run_folder_names_the_seed(name: str) -> None:
+    """The seed picks the split: seed 0's run resumed with ``--seed 1`` would validate and
+    score on images it trained on (anomaly.py: 182 of 243 normal test images)."""
+    parse_args = load_example(name).parse_args
+    assert parse_args([]).out_dir == f"runs/{name}"
+    assert parse_args(["--seed", "1"]).out_dir == f"runs/{name}-seed1"
+    assert parse_args(["--seed", "1", "--fast"]).out_dir == f"runs/{name}-seed1-fast"
+    assert parse_args(["--seed", "1", "--out-dir", "mine"]).out_dir == "mine"
+    if name == "anomaly":
+        assert parse_args(["--anomaly", "3", "--seed", "2"]).out_dir == "runs/anomaly-3-seed2"
+
+
 @pytest.mark.slow
 def test_digits_full_reaches_97_percent_ci_subset(tmp_path: Path) -> None:
     run_dir = tmp_path / "digits"
