@@ -467,12 +467,19 @@ def check_no_sync() -> None:
 
 
 def time_blocks(fns: dict[str, Callable[[], None]], blocks: int, steps: int) -> dict[str, float]:
+    """The median µs per call of each of ``fns``, over ``blocks`` timed blocks of ``steps``
+    calls each, synchronized before and after. Every one first runs one untimed block (a
+    warm-up of the same length for all), then the blocks interleave with the order rotated
+    every round (A B C, B C A, ...), as in ``benchmarks/step.py``."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     for fn in fns.values():
-        fn()
+        for _ in range(steps):
+            fn()
     torch.cuda.synchronize()
-    for _ in range(blocks):
-        for name, fn in fns.items():
+    for i in range(blocks):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(steps):
