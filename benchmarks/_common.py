@@ -262,8 +262,9 @@ def interleave(
     """Times ``contenders`` in alternating blocks of ``block_steps`` steps.
 
     Every contender first runs ``warmup_steps`` untimed steps. When ``min_block_s`` is
-    set, ``block_steps`` is raised so that the first contender's block lasts at least
-    that long (tiny models: 50 steps take a few milliseconds). Then, ``blocks`` times,
+    set, every contender then runs one more untimed block of ``block_steps`` steps, and
+    ``block_steps`` is raised so that the fastest of those blocks would have lasted at
+    least that long (tiny models: 50 steps take a few milliseconds). Then, ``blocks`` times,
     each contender runs one timed block; the order rotates every round (A B C, B C A,
     ...) so slow drifts of the machine hit every contender alike. ``gc.collect()`` runs
     between blocks, outside the timing. The CPU load of other processes is recorded per
@@ -276,10 +277,12 @@ def interleave(
     for c in contenders:
         c.run(warmup_steps)
     if min_block_s > 0:
-        t0 = time.perf_counter()
-        contenders[0].run(block_steps)
-        per_step = (time.perf_counter() - t0) / block_steps
-        block_steps = max(block_steps, int(min_block_s / max(per_step, 1e-9)) + 1)
+        per_step = []
+        for c in contenders:
+            t0 = time.perf_counter()
+            c.run(block_steps)
+            per_step.append((time.perf_counter() - t0) / block_steps)
+        block_steps = max(block_steps, int(min_block_s / max(min(per_step), 1e-9)) + 1)
     k = len(contenders)
     meter = LoadMeter()
     round_load: list[float] = []

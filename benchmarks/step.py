@@ -435,7 +435,8 @@ def main() -> None:
         "--min-block-ms",
         type=float,
         default=None,
-        help="raise steps/block so a block lasts this long (default 50, quick 20)",
+        help="raise steps/block so the fastest contender's block lasts this long "
+        "(default 50, quick 20)",
     )
     ap.add_argument(
         "--max-wait",
@@ -472,8 +473,8 @@ def main() -> None:
             "malloc": "pinned (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB)"
             if args.pin_malloc
             else "glibc defaults",
-            "blocks": f"{blocks} x >= {block_steps} steps (and >= {min_block_s * 1e3:.0f} ms) "
-            f"per contender, warm-up {warmup}, interleaved",
+            "blocks": f"{blocks} x >= {block_steps} steps (and >= {min_block_s * 1e3:.0f} ms "
+            f"for the fastest) per contender, warm-up {warmup}, interleaved",
             "load": C.load_line(),
         }
     )
