@@ -71,7 +71,21 @@ def minor_faults() -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux)."""
+    """Peak resident set size of this process in MiB: ``VmHWM`` from ``/proc/self/status``,
+    or ``ru_maxrss`` (KiB on Linux) where there is no ``/proc``.
+
+    On Linux ``ru_maxrss`` is not a fresh interpreter's own: a process that ``subprocess``
+    starts (vfork or fork, then exec) reports the larger of its own peak and the peak its
+    parent had reached, so a child would show a benchmark parent's peak whenever that was
+    the higher. ``VmHWM`` counts the memory of the running program only.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
 

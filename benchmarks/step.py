@@ -43,7 +43,8 @@ per-round ratios, each pairing two blocks that ran seconds apart, which cancels 
 periods of a shared machine.
 
 Peak memory: each contender trains a ~33.6M-parameter MLP (2048-4096-4096-2048-10,
-batch 64) for a few steps in a fresh interpreter, so ``ru_maxrss`` is its own.
+batch 64) for a few steps in a fresh interpreter, and reports its own peak (``VmHWM``: a
+child's ``ru_maxrss`` would include this process's peak).
 """
 
 from __future__ import annotations
