@@ -37,10 +37,12 @@ Compiled contenders (``torch.compile`` with default options, inductor):
 
 Contenders of one table run in one process, interleaved in blocks of ``--block-steps``
 steps (order rotated each round) after a warm-up; the tables give the median per-step
-time over the blocks and the minor page faults per step (``ru_minflt`` delta / steps).
-Ratios are given twice: the ratio of the two medians, and the median (IQR) of the
-per-round ratios, each pairing two blocks that ran seconds apart, which cancels the slow
-periods of a shared machine.
+time over the blocks and the minor page faults per step (``ru_minflt`` delta / steps) of
+the shared process: glibc's malloc adapts to every contender's allocations, so these are
+the mix's, not each contender's own (the peak-RSS runs give those).
+Ratios are given twice: the ratio of the two medians (which the verdicts judge), and the
+median (IQR) of the per-round ratios, each pairing two blocks that ran seconds apart,
+which cancels the slow periods of a shared machine.
 
 Peak memory: each contender trains a ~33.6M-parameter MLP (2048-4096-4096-2048-10,
 batch 64) for a few steps in a fresh interpreter, and reports its own peak (``VmHWM``: a
