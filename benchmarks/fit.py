@@ -197,7 +197,13 @@ def bench_model(
         loads.append(meter.read())
     wall = time.perf_counter() - t_start
     quiet_rounds = [i for i, x in enumerate(loads) if not x > 0.5]
-    use = quiet_rounds if len(quiet_rounds) >= max(3, repeats // 3) else list(range(repeats))
+    filtered = len(quiet_rounds) >= max(3, repeats // 3)
+    use = quiet_rounds if filtered else list(range(repeats))
+    used = (
+        f"{len(use)}/{repeats} repeats with other load <= 0.5 used"
+        if filtered
+        else f"all {repeats} repeats used: too few had other load <= 0.5"
+    )
 
     def med(xs: list[float]) -> float:
         return C.median([xs[i] for i in use])
@@ -211,8 +217,7 @@ def bench_model(
         "iqr": {c: C.iqr([slopes[c][i] for i in use]) for c in names},
         "faults": {c: med(faults[c]) for c in names},
         "startup_s": {c: med(totals[c]) - med(slopes[c]) * n_steps / 1e6 for c in names},
-        "note": f"{len(use)}/{repeats} repeats used (median other load "
-        f"{C.median(loads):.2f} cores)",
+        "note": f"{used} (median other load {C.median(loads):.2f} cores)",
         "wall_s": wall,
         "all": slopes,
     }
