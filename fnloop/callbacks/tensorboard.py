@@ -76,32 +76,37 @@ def _write_records(f: IO[bytes], records: list[bytes]) -> None:
         writer.write(record)
 
 
-def _drop_scalars_after(
-    log_dir: Path, *, epoch: int, step: int, splits: tuple[str, ...] = ()
-) -> None:
-    """Rewrites the event files of ``log_dir`` without the scalars beyond ``epoch`` / ``step``.
+def _event_files(log_dir: Path) -> list[Path]:
+    """The event files this callback wrote in ``log_dir`` (named ``*.fnloop``)."""
+    return sorted(p for p in log_dir.glob(f"*tfevents*{_SUFFIX}") if p.is_file())
 
-    ``"train_step/..."`` scalars are indexed by optimizer step, ``"train/..."``,
-    ``"valid/..."`` and ``"<split>/..."`` ones (the other history ``splits``, where
-    callbacks add epoch metrics) by epoch. Only the files this callback wrote (named
-    ``*.fnloop``) are rewritten: what other writers put in the folder is kept. A file is replaced
+
+def _drop_scalars_after(
+    paths: list[Path], *, epoch: int, step: int | None, splits: tuple[str, ...]
+) -> None:
+    """Rewrites the event files ``paths`` without the scalars beyond ``epoch`` / ``step``.
+
+    ``"train_step/..."`` scalars are indexed by optimizer step (kept when ``step`` is
+    ``None``), ``"<split>/..."`` ones of the ``splits`` (``"train"``, ``"valid"``, and
+    those where callbacks add epoch metrics) by epoch. Only the files this callback wrote
+    are given: what other writers put in the folder is kept. A file is replaced
     atomically and only when something is dropped; a torn last record (a crash in the
     middle of a write) is dropped with it, a file damaged in the middle is left alone.
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
 
-    per_epoch = tuple(f"{s}/" for s in ("train", "valid", *splits) if s != "train_step")
+    per_epoch = tuple(f"{s}/" for s in splits if s != "train_step")
 
     def beyond(event: Any) -> bool:  # only the tags this callback writes
         for value in event.summary.value:
-            if value.tag.startswith("train_step/") and event.step > step:
+            if step is not None and value.tag.startswith("train_step/") and event.step > step:
                 return True
-            if value.tag.startswith(per_epoch) and event.step > epoch:
+            if per_epoch and value.tag.startswith(per_epoch) and event.step > epoch:
                 return True
         return False
 
-    for path in sorted(log_dir.glob(f"*tfevents*{_SUFFIX}")):
+    for path in paths:
         if not path.is_file():
             continue
         records = list(RawEventFileLoader(str(path)).Load())
@@ -152,7 +157,10 @@ class TensorBoard(EpochLogger):
     scalars, of every split in ``state.history``, after ``state.epoch``;
     ``"train_step/..."`` scalars after ``state.step``: written after the checkpoint the
     run resumes from, or by an earlier run in the same place) are removed from the event
-    files it wrote (other writers' files are left alone), so no point appears twice.
+    files it wrote (other writers' files are left alone), so no point appears twice. A
+    split that first appears in the history later (a callback's, resuming from a
+    checkpoint taken before its first value) has its epoch scalars after that
+    ``state.epoch`` removed the same way when its first row is written.
 
     Args:
       log_dir: the run's TensorBoard directory (``tensorboard --logdir`` its parent; a
@@ -186,17 +194,34 @@ class TensorBoard(EpochLogger):
         self.log_dir = Path(log_dir).expanduser()
         self.log_every_n_steps = log_every_n_steps
         self.writer: Any = None
+        self._earlier: list[Path] = []  # the event files of earlier runs, at on_fit_start
+        self._start = 0  # the state's epoch at on_fit_start
+        self._splits: set[str] = set()  # those whose points beyond it are dropped
 
     def start(self, state: TrainState) -> None:
         writer_class = _summary_writer_class()
         self.finish(None)  # a writer left open by an earlier fit
-        if self.log_dir.is_dir():
-            _drop_scalars_after(
-                self.log_dir, epoch=state.epoch, step=state.step, splits=tuple(state.history)
-            )
+        # The earlier runs' files (the writer below starts one of its own).
+        self._earlier = _event_files(self.log_dir) if self.log_dir.is_dir() else []
+        self._start = state.epoch
+        self._splits = {"train", "valid", *state.history}
+        _drop_scalars_after(
+            self._earlier, epoch=state.epoch, step=state.step, splits=tuple(self._splits)
+        )
         self.writer = writer_class(log_dir=str(self.log_dir), filename_suffix=_SUFFIX)
 
     def write_row(self, row: Mapping[str, float]) -> None:
+        # A split of this row that the history lacked at on_fit_start (a callback's, first
+        # appended after a mid-epoch checkpoint of epoch 1): its points beyond that state
+        # go too.
+        new = tuple(
+            s
+            for s in self._history
+            if s not in self._splits and any(k.startswith(f"{s}/") for k in row)
+        )
+        if new:
+            self._splits.update(new)
+            _drop_scalars_after(self._earlier, epoch=self._start, step=None, splits=new)
         epoch = int(row["epoch"])
         for key, value in row.items():
             if key not in ("epoch", "step"):

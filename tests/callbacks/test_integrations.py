@@ -537,14 +537,6 @@ def test_tensorboard_resume_drops_scalars_of_other_history_splits_too(tmp_path: 
     assert [e.step for e in by_step(acc.Scalars("train/loss"))] == [1, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="At on_fit_start TensorBoard drops the epoch scalars of the splits in the "
-    "resumed state's history only; a run resumed from a checkpoint whose history lacks "
-    "a callback's split (a mid-epoch checkpoint of epoch 1, written before the crashed "
-    "run logged epoch 1's row) keeps that split's points and logs them again. Telling "
-    "its rows' tags from the user's own scalars in its files is a design decision (h83).",
-)
 def test_tensorboard_resume_drops_a_split_the_resumed_history_has_not_seen_yet(
     tmp_path: Path,
 ) -> None:
