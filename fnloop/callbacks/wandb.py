@@ -38,7 +38,11 @@ class WandB(EpochLogger):
     callback of yours may log per-step values to the same run
     (``cb.run.log({...}, step=state.step)``), and the epoch rows land beside them (W&B
     drops a row whose step is below one it already has). Plot against ``"epoch"`` in the
-    W&B interface for per-epoch curves.
+    W&B interface for per-epoch curves. W&B keeps one row per step, so an epoch that
+    ends on the same optimizer step as the one before (an epoch of fewer batches than
+    ``accumulation_steps``, in which no window closed) has no row in W&B: W&B ignores it
+    with a warning ("Tried to log to step ... that is less than the current step");
+    ``metrics.csv`` and ``state.history`` have it.
 
     To continue the same W&B run when ``fit`` resumes from a checkpoint, give the run a
     fixed ``id`` and ``resume="allow"``: the resumed run carries on from the checkpoint's

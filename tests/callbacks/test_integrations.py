@@ -658,8 +658,10 @@ def test_wandb_logs_one_merged_dict_per_epoch(monkeypatch: pytest.MonkeyPatch) -
     reason="WandB logs each epoch row at step=state.step with commit=True; W&B drops a "
     "row whose step is not above the last committed one, so of two epochs that end on "
     "the same optimizer step (fewer batches per epoch than accumulation_steps: windows "
-    "carry over) the second row is lost. Giving it another step changes the documented "
-    "'W&B step is the optimizer step': a design decision (h83).",
+    "carry over) the second row is lost. W&B keeps one history row per step, and "
+    "define_metric only changes a chart's x axis: commit=False loses the first row "
+    "instead, no step shifts the user's per-step rows (/tmp/h89/r/wb_api.py). Giving it "
+    "another step changes the documented 'W&B step is the optimizer step' (h83, h89).",
 )
 def test_wandb_logs_every_epoch_row_at_a_step_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro with a real offline run: /tmp/h83/r/wb2.py (W&B warns "Tried to log to step
