@@ -378,7 +378,7 @@ def scale_by_adam(
     check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByAdamState:
-        check_real(params, "Adam")
+        check_real(params, "scale_by_adam (adam, adamw)")
         return ScaleByAdamState(
             count=_count(_first_leaf(params)),
             mu=_tree.tree_map(torch.zeros_like, params),

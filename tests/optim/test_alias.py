@@ -1182,10 +1182,21 @@ def test_fused_apply_on_cuda_matches_torch_fused(case: Case) -> None:
             assert torch.equal(a[name], b[name]), f"step {step}, {name}"
 
 
-@pytest.mark.parametrize("make", [optim.adam, optim.adamw, optim.rmsprop, optim.adagrad])
-def test_complex_parameters_are_refused_where_moments_would_square_them(make) -> None:
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (optim.adam, r"scale_by_adam \(adam, adamw\)"),
+        (optim.adamw, r"scale_by_adam \(adam, adamw\)"),
+        (optim.rmsprop, "RMSprop"),
+        (optim.adagrad, "Adagrad"),
+    ],
+)
+def test_complex_parameters_are_refused_where_moments_would_square_them(make, named) -> None:
+    """The message names what refused them, which adamw reaches through scale_by_adam."""
     params = {"w": torch.ones(3, dtype=torch.complex128)}
-    with pytest.raises(ValueError, match=r"does not take complex parameters.*view_as_real"):
+    with pytest.raises(
+        ValueError, match=rf"^{named} does not take complex parameters.*view_as_real"
+    ):
         make(1e-2).init(params)
 
 
