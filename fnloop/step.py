@@ -799,7 +799,7 @@ class TrainStep:
                         flags = true_everywhere(torch.cat([finite.reshape(1), counts == 0]))
                         finite = flags[0]
                         metrics = _nan_where_not(_per_name(flags[1:], slot_of), names, metrics)
-                    buffers = _select_buffers(finite, buffers, state.buffers)
+                    buffers = _select_buffers(finite, buffers, state.buffers, frozen)
                     # A non-finite loss can have finite gradients (a mean over no
                     # element, 0/0): mark the window's sum, so its update is skipped.
                     grads = _tree.tree_map(lambda g: torch.where(finite, g, math.nan), grads)
@@ -835,7 +835,9 @@ class TrainStep:
                 self._raise_if_nonfinite(state, loss, grads)
         if self.grad_norm:
             metrics["grad_norm"] = self._grad_norm(grads, scale)
-        new_state = self._update(state, grads, loss, buffers, loss_scale, donate, transformed)
+        new_state = self._update(
+            state, grads, loss, buffers, frozen, loss_scale, donate, transformed
+        )
         return new_state, metrics
 
     def _grad_norm(self, grads: Params, scale: torch.Tensor | None) -> torch.Tensor:
@@ -965,6 +967,7 @@ class TrainStep:
         grads: Params,
         loss: torch.Tensor,
         buffers: Params,
+        frozen: frozenset[str],
         loss_scale: LossScaleState | None,
         donate: bool,
         transformed: bool,
@@ -990,7 +993,7 @@ class TrainStep:
             # A non-finite forward pass (a NaN in the batch) would also leave non-finite
             # running statistics: keep the previous ones. (Only gradients that overflow the
             # fp16 loss scale keep the batch's statistics, as with torch.amp.GradScaler.)
-            buffers = _select_buffers(torch.isfinite(loss), buffers, state.buffers)
+            buffers = _select_buffers(torch.isfinite(loss), buffers, state.buffers, frozen)
 
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
@@ -1144,16 +1147,16 @@ def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
     return _tree.tree_unflatten(treedef, _foreach.where(ok, new_leaves, old_leaves))
 
 
-def _select_buffers(ok: torch.Tensor, new: Params, old: Params) -> Params:
+def _select_buffers(ok: torch.Tensor, new: Params, old: Params, frozen: frozenset[str]) -> Params:
     """The buffers forward left where ``ok`` else the old ones, without a host sync.
 
-    A buffer that forward replaced by one of another shape (a cache filled on first use)
-    cannot be chosen by ``torch.where``; it keeps forward's value.
+    The ``frozen`` parameters among them are passed on as they are (a ``torch.where``
+    would copy a frozen backbone every step). A buffer that forward replaced by one of
+    another shape (a cache filled on first use) cannot be chosen by ``torch.where``; it
+    keeps forward's value.
     """
-    same = [n for n, b in new.items() if b.shape == old[n].shape]
-    if len(same) == len(new):
-        return _select(ok, new, old)
-    chosen = _select(ok, {n: new[n] for n in same}, {n: old[n] for n in same})
+    names = [n for n, b in new.items() if n not in frozen and b.shape == old[n].shape]
+    chosen = _select(ok, {n: new[n] for n in names}, {n: old[n] for n in names})
     return {n: chosen.get(n, b) for n, b in new.items()}
 
 

@@ -2398,6 +2398,23 @@ def test_frozen_parameters_are_shared_not_copied_by_pure_steps():
     assert shares(out.buffers["mid.weight"], stacked.buffers["mid.weight"])
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_frozen_parameters_are_shared_not_copied_under_the_skip_policy(k):
+    """A step that may skip picks the buffers of a finite forward pass, not the frozen
+    parameters kept among them: those pass on as they are, eager and under vmap."""
+    torch.manual_seed(0)
+    state = fl.TrainState.create(_TiedFrozen().double(), tx=optim.sgd(0.1), device="cpu")
+    batch = _tied_batch()
+    step = fl.make_train_step(classify, on_nonfinite="skip", accumulation_steps=k)
+    shares = lambda a, b: a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # noqa: E731
+    new, _ = step(state, batch)
+    assert shares(new.buffers["mid.weight"], state.buffers["mid.weight"])
+    assert int(new.buffers["n"]) == 1
+    stacked = fl.stack_states([state, state])
+    out, _ = torch.func.vmap(step, in_dims=(0, None), randomness="same")(stacked, batch)
+    assert shares(out.buffers["mid.weight"], stacked.buffers["mid.weight"])
+
+
 @pytest.mark.filterwarnings("ignore:precision='(fp16|bf16)' does not lower")
 def test_raise_checks_gradients_when_the_step_has_no_loss_scale_of_its_own():
     state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
