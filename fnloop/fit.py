@@ -383,7 +383,8 @@ class EpochMetrics(dict[str, float]):
 
 @dataclasses.dataclass
 class _Best:
-    """The best monitored epoch so far and its weights (EMA weights when kept)."""
+    """The best monitored epoch so far and its weights (EMA weights when kept, unless the
+    eval step was made with ``use_ema=False``)."""
 
     value: float
     epoch: int
@@ -1669,7 +1670,9 @@ class _Run:
         if self.run_dir is None or not self.main:  # no best_model.pt to write: no copy
             self.best = _Best(value, epoch)
             return
-        weights = state.state_dict(use_ema=state.ema is not None)
+        # The weights the eval step scores: the EMA unless it was made with use_ema=False.
+        ema = state.ema is not None and getattr(self.eval_step, "use_ema", True)
+        weights = state.state_dict(use_ema=ema)
         # Tensors only: extra state (get_extra_state) is the template's, which export_best
         # writes as it is.
         self.best = _Best(

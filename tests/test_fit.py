@@ -1120,14 +1120,6 @@ def test_best_model_holds_the_best_epochs_ema_weights(tmp_path):
     assert not torch.equal(kept[1]["1.running_mean"], kept[2]["1.running_mean"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="best_model.pt holds the EMA weights whenever the state keeps an EMA, also when "
-    "fit validates with make_eval_step(..., use_ema=False): the monitored epoch was "
-    "scored on the raw weights, and the exported ones were never validated. Choosing "
-    "the exported weights from the eval step changes what best_model.pt and the "
-    "checkpointed best record hold: a design decision (h88).",
-)
 def test_best_model_holds_the_weights_an_eval_step_without_ema_validated(tmp_path):
     kept = []
 
