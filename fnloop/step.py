@@ -932,6 +932,7 @@ class TrainStep:
         if all(g is None for g in grad_list):
             raise ValueError(NOT_BOUND_MSG.format(name=name))
         grads = _writable_grads(params, names, grad_list)
+        metrics = _unaliased(metrics, source)
         return grads, loss, metrics, {n: b.detach() for n, b in eager_buffers.items()}, source
 
     def _apply_to_copies(self, state: TrainState, grads: Params) -> tuple[Params, Any]:
@@ -1086,6 +1087,20 @@ def _writable_grads(
         seen.add(g.data_ptr())
         grads[name] = g
     return grads
+
+
+def _unaliased(metrics: Metrics, params: Params) -> Metrics:
+    """``metrics`` with copies of the entries that share memory with ``params`` (a
+    parameter, or a view of one, returned as a metric): the optimizer then updates
+    ``params`` in place, and with donation so do the next steps, which would change the
+    value the forward pass saw (an epoch's mean would be the last step's value)."""
+    if not metrics:
+        return metrics
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    return {
+        k: v.clone() if v.untyped_storage().data_ptr() in storages else v
+        for k, v in metrics.items()
+    }
 
 
 def _copy_group(group: Params) -> Params:

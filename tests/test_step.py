@@ -1396,6 +1396,29 @@ def test_donating_step_matches_pure_step_and_reuses_memory(tx_fn, ema):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_parameter_returned_as_a_metric_keeps_the_value_forward_saw(donate):
+    # The optimizer updates the parameters in place (the donated ones, or a pure step's
+    # copies): a metric that is a parameter, or a view of one, read the updated value,
+    # and with donation a later step's (fit's epoch mean was the last step's value).
+    def step_fn(model, batch):
+        out = classify(model, batch)
+        return {**out, "b": model.params["2.bias"][0], "w": model.params["0.weight"]}
+
+    step = fl.make_train_step(step_fn, donate=donate)
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    if donate:
+        state = state.clone()
+    seen, metrics = [], []
+    for b in batches(3):
+        seen.append((state.params["2.bias"][0].item(), state.params["0.weight"].clone()))
+        state, m = step(state, b)
+        metrics.append(m)
+    for (bias, weight), m in zip(seen, metrics):
+        assert m["b"].item() == bias
+        assert torch.equal(m["w"], weight)
+
+
 def test_reusing_a_donated_state_fails_loudly():
     step = fl.make_train_step(classify, donate=True)
     state = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu")
