@@ -1218,9 +1218,14 @@ class _Run:
         """Warns when a mid-epoch checkpoint counted its position in an epoch of another
         length than the train loader's now (another batch size, data set or sampler)."""
         position, saved = rec.get("position"), rec.get("epoch_batches")
+        if position is None or saved is None:
+            return  # (an epoch-end or older checkpoint)
+        # The length of the epoch being resumed, which a sampler's set_epoch may set (a
+        # curriculum), as it was when the checkpoint counted it.
+        _set_epoch(self.train_loader, self.state.epoch)
         now = loader_length(self.train_loader)
-        if position is None or saved is None or now is None or saved == now:
-            return  # (None: an epoch-end or older checkpoint, a loader of unknown length)
+        if now is None or saved == now:  # (None: a loader of unknown length)
+            return
         self.logger.warning(
             f"{path} was saved after batch {position} of an epoch of {saved} batches, and "
             f"the train loader now has {now} per epoch (another batch size, data set or "

@@ -1123,6 +1123,39 @@ def test_a_mid_epoch_resume_with_the_same_epoch_length_is_not_warned_about(tmp_p
     assert "Resumed from" in log and "per epoch (another batch size" not in log
 
 
+class _GrowingSampler(torch.utils.data.Sampler):
+    """A curriculum: epoch e (from 0) takes the first 20 + 10 e examples."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return min(60, 20 + 10 * self.epoch)
+
+    def __iter__(self):
+        return iter(range(len(self)))
+
+
+def test_a_mid_epoch_resume_of_a_loader_whose_length_follows_set_epoch_is_not_warned_about(
+    tmp_path,
+):
+    """The length compared was the sampler's before set_epoch of the resumed epoch: fit
+    warned that the epoch would skip other batches, and resumed it exactly."""
+
+    def curriculum():
+        return DataLoader(seeded_loader().dataset, batch_size=10, sampler=_GrowingSampler())
+
+    with pytest.raises(Crash):
+        run(tmp_path, loader=curriculum, callbacks=[CrashAt(2, 2)], checkpoint_every_n_steps=2)
+    run(tmp_path, loader=curriculum, checkpoint_every_n_steps=2)
+    log = (tmp_path / "run_training.log").read_text()
+    assert "ckpt-0000000004-b.pt (epoch 1, step 4, batch 2 of epoch 2)" in log
+    assert "per epoch (another batch size" not in log
+
+
 class _Scores(fl.callbacks.Callback):
     """Appends ``train/score`` = SCORES[epoch - 1] at each train epoch end."""
 
