@@ -917,6 +917,8 @@ class TrainStep:
             # Under vmap, torch's errors in the forward or backward pass are explained.
             with _clear_vmap_errors(name, module, self.precision) if vmapping else _nothing:
                 grads, (loss, metrics, new) = torch.func.grad(loss_fn, has_aux=True)(state.params)
+            if donate:  # compiled: the update is written into the parameters (see _unaliased)
+                metrics = {k: v.clone() for k, v in metrics.items()}
             return grads, loss, metrics, {n: b.detach() for n, b in new.items()}, state.params
 
         # The forward pass may write into the weights it is given (nn.Embedding(max_norm)

@@ -1419,6 +1419,25 @@ def test_a_parameter_returned_as_a_metric_keeps_the_value_forward_saw(donate):
         assert torch.equal(m["w"], weight)
 
 
+@pytest.mark.slow
+def test_a_parameter_returned_as_a_metric_of_a_compiled_donating_step_keeps_its_value():
+    """Compiled, the donating step writes the update into the parameters, which the
+    metric aliased: it read the updated value, then each later step's."""
+    torch._dynamo.reset()
+
+    def step_fn(model, batch):
+        return {**classify(model, batch), "b": model.params["2.bias"][0]}
+
+    step = torch.compile(fl.make_train_step(step_fn, donate=True))
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu").clone()
+    seen, metrics = [], []
+    for b in batches(3):
+        seen.append(state.params["2.bias"][0].item())
+        state, m = step(state, b)
+        metrics.append(m)
+    assert [m["b"].item() for m in metrics] == seen
+
+
 def test_reusing_a_donated_state_fails_loudly():
     step = fl.make_train_step(classify, donate=True)
     state = fl.TrainState.create(mlp(), tx=optim.adam(1e-2), device="cpu")
