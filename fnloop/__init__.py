@@ -39,4 +39,41 @@ from fnloop.step import make_train_step as make_train_step
 from fnloop.stopping import EarlyStopping as EarlyStopping
 from fnloop.stopping import EarlyStoppingState as EarlyStoppingState
 
+# `from fnloop import *` leaves out the modules `state` and `typing`: they would
+# shadow the standard `typing` and the `state` every example names its TrainState.
+__all__ = [
+    "BoundModel",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "DynamicLossScale",
+    "EarlyStopping",
+    "EarlyStoppingState",
+    "EvalStep",
+    "EvalStepFn",
+    "LossScaleState",
+    "MadeEvalStep",
+    "MadeTrainStep",
+    "MetricMeans",
+    "TrainState",
+    "TrainStep",
+    "TrainStepFn",
+    "batch_size",
+    "callbacks",
+    "checkpoint",
+    "distributed",
+    "fit",
+    "load_checkpoint",
+    "load_model",
+    "make_eval_step",
+    "make_train_step",
+    "optim",
+    "save_checkpoint",
+    "save_model",
+    "stack_states",
+    "to_device",
+    "train_epoch",
+    "unstack_states",
+    "validate_epoch",
+]
+
 __version__ = "0.1.0"

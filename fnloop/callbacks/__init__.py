@@ -11,3 +11,17 @@ from fnloop.callbacks.plot import plot_history as plot_history
 from fnloop.callbacks.profiler import Profiler as Profiler
 from fnloop.callbacks.tensorboard import TensorBoard as TensorBoard
 from fnloop.callbacks.wandb import WandB as WandB
+
+__all__ = [
+    "EVENTS",
+    "CSVLogger",
+    "Callback",
+    "CallbackList",
+    "EpochLogger",
+    "JSONLinesLogger",
+    "PlotHistory",
+    "Profiler",
+    "TensorBoard",
+    "WandB",
+    "plot_history",
+]
