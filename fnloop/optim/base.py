@@ -232,10 +232,14 @@ def check_same_structure(updates: Any, params: Any) -> None:
         )
 
 
-def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], Any, list[Any]]:
+def flatten_like(
+    updates: Updates, *others: Any, same_dtype: bool = True
+) -> tuple[list[torch.Tensor], Any, list[Any]]:
     """Leaves of ``updates`` and of each tree in ``others``, checking they match: the same
     structure, and the same shape leaf by leaf (gradients, updates, params and optimizer
-    buffers are all shaped like the params)."""
+    buffers are all shaped like the params) and, with ``same_dtype``, the same dtype (as
+    ``torch.optim`` requires of a ``.grad``: its fused kernels refuse other dtypes, and a
+    pure update would turn the optimizer state into the gradient's dtype)."""
     check = not torch.compiler.is_compiling()  # treedefs are not traceable everywhere
     flat = _tree.flat_dict_leaves(updates, *others)
     if flat is not None:
@@ -252,12 +256,17 @@ def flatten_like(updates: Updates, *others: Any) -> tuple[list[torch.Tensor], An
                 check_same_structure(updates, other)
                 raise ValueError(f"tree structures differ: {treedef} vs {o_def}")
             other_leaves.append(o_leaves)
-    if other_leaves:  # also while compiling: static shapes, checked when traced
+    if other_leaves:  # also while compiling: static shapes and dtypes, checked when traced
         shape = _shape_of if flat is None else torch.Tensor.size  # flat: all tensors
         shapes = list(map(shape, leaves))
         for o_leaves in other_leaves:
             if list(map(shape, o_leaves)) != shapes:
                 _raise_shape_mismatch(updates, treedef, leaves, o_leaves)
+        if same_dtype:
+            dtypes = _dtypes(leaves, flat is not None)
+            for o_leaves in other_leaves:
+                if _dtypes(o_leaves, flat is not None) != dtypes:
+                    _raise_dtype_mismatch(updates, treedef, leaves, o_leaves)
     return leaves, treedef, other_leaves
 
 
@@ -298,6 +307,34 @@ def _shape(shape: Any) -> str:
     return "a non-tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
 
 
+def _dtype_of(x: Any) -> torch.dtype | None:
+    return x.dtype if isinstance(x, torch.Tensor) else None
+
+
+def _dtypes(leaves: list[Any], all_tensors: bool) -> list[torch.dtype | None]:
+    if all_tensors:  # (the common case, without a call per leaf)
+        return [x.dtype for x in leaves]
+    return [_dtype_of(x) for x in leaves]
+
+
+def _raise_dtype_mismatch(updates: Any, treedef: Any, leaves: list[Any], others: list[Any]) -> None:
+    keys = list(treedef) if isinstance(treedef, _tree.FlatDictDef) else None
+    if keys is None:
+        keys = _tree.tree_flatten_with_keys(updates)[0]
+    for key, a, b in zip(keys, leaves, others, strict=True):
+        if _dtype_of(a) != _dtype_of(b):
+            raise ValueError(_DTYPE_MISMATCH_MSG.format(key=key, a=a.dtype, b=b.dtype))
+
+
+_DTYPE_MISMATCH_MSG = (
+    "dtype mismatch at {key!r}: the update (gradient) is {a}, paired with {b} (its "
+    "parameter or optimizer state). Gradients must have their parameters' dtypes, as "
+    "torch.optim requires of .grad: cast them, grads = {{k: g.to(params[k].dtype) for k, g "
+    "in grads.items()}}; after changing the params' dtypes, make the optimizer state with "
+    "tx.init(params)."
+)
+
+
 def map_flat(fn: Callable[..., list[torch.Tensor]], updates: Updates, *others: Any) -> Updates:
     """Applies ``fn(leaves, *other_leaves) -> new_leaves`` and rebuilds the tree."""
     leaves, treedef, other_leaves = flatten_like(updates, *others)
@@ -327,7 +364,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
 def _aligned_leaves(params: Params, updates: Updates) -> tuple[list[Any], list[Any], Any]:
     """Leaves of ``params`` and ``updates`` (cast to the params' dtypes) and the treedef."""
     try:
-        p_leaves, treedef, (u_leaves,) = flatten_like(params, updates)
+        p_leaves, treedef, (u_leaves,) = flatten_like(params, updates, same_dtype=False)
     except ValueError:
         check_same_structure(updates, params)  # names the two trees the right way round
         raise

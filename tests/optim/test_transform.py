@@ -438,6 +438,45 @@ def test_an_optimizer_state_of_other_shapes_is_rejected(method) -> None:
         getattr(tx, method)({"w": torch.ones(6)}, state, params)
 
 
+_DTYPE_TXS = {
+    **_SHAPE_TXS,
+    "sgd-nesterov-wd": lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "adam-amsgrad": lambda: optim.adam(0.1, amsgrad=True),
+    "rmsprop-centered-momentum": lambda: optim.rmsprop(0.1, centered=True, momentum=0.9),
+    "trace": lambda: optim.trace(0.9),
+    "scale_by_adagrad": lambda: optim.scale_by_adagrad(),
+}
+
+
+@pytest.mark.parametrize("name", list(_DTYPE_TXS))
+@pytest.mark.parametrize("method", ["update", "update_", "apply_"])
+@pytest.mark.parametrize(
+    ("param_dtype", "grad_dtype"),
+    [(torch.float32, F64), (torch.bfloat16, torch.float32)],
+    ids=["f32-param-f64-grad", "bf16-param-f32-grad"],
+)
+def test_a_gradient_of_another_dtype_is_rejected_naming_it(name, method, param_dtype, grad_dtype):
+    """As torch refuses such a .grad: the fused kernels failed ("expected scalar type
+    Float but found Double"), adam's update too, and sgd's momentum or adagrad's sum
+    silently became float64 in a pure update. Plain sgd's update reads the gradients
+    alone and passes them through (apply_updates casts)."""
+    if name == "sgd" and method != "apply_":
+        pytest.skip("plain sgd's update never pairs the gradients with anything")
+    tx = _DTYPE_TXS[name]()
+    params = {"b": torch.zeros(4, dtype=param_dtype), "w": torch.zeros(3, dtype=param_dtype)}
+    state = tx.init(params)
+    before = [t.clone() for t in optree.tree_leaves((params, state))]
+    grads = {"b": torch.ones(4, dtype=param_dtype), "w": torch.ones(3, dtype=grad_dtype)}
+    match = (
+        rf"^dtype mismatch at 'w': the update \(gradient\) is {grad_dtype}, paired with "
+        rf"{param_dtype} .*g\.to\(params\[k\]\.dtype\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        getattr(tx, method)(grads, state, params)
+    for old, now in zip(before, optree.tree_leaves((params, state)), strict=True):
+        assert torch.equal(old, now)
+
+
 def test_apply_updates_rejects_updates_of_another_shape_in_nested_trees() -> None:
     params = {"layer": [torch.zeros(2, 2), torch.zeros(3)]}
     updates = {"layer": [torch.zeros(2, 2), torch.zeros(1)]}
