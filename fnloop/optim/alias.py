@@ -12,6 +12,8 @@ from fnloop.optim.base import (
     GradientTransformation,
     chain,
     check_chain_state,
+    check_no_state,
+    check_state,
     flatten_like,
     identity,
 )
@@ -22,7 +24,9 @@ from fnloop.optim.transform import (
     _learning_rate,
     adam_apply_,
     add_decayed_weights,
+    check_adam_state,
     check_non_negative,
+    rate_state_check,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_learning_rate,
@@ -102,12 +106,20 @@ def _fused_sgd(
     kernel reads itself.
     """
     _, advance = _learning_rate(learning_rate)
+    check_rate = rate_state_check(learning_rate)
     constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
-        check_chain_state(state, 3)  # as the chain's update does
+        # The checks of the chain and its members' updates.
+        check_chain_state(state, 3)
         trace_state, lr_state = state[1], state[2]
+        check_no_state(state[0], "add_decayed_weights")
+        if momentum > 0:
+            check_state(trace_state, TraceState, "trace")
+        else:
+            check_no_state(trace_state, "identity")
+        check_rate(lr_state)
         bufs = (trace_state.momentum_buffer,) if momentum > 0 else ()
         g, treedef, (p, *b) = flatten_like(grads, params, *bufs)
         if _foreach.batched(p):  # compiling or under vmap: tensors only
@@ -245,12 +257,17 @@ def _fused_adam(
     """
     _, advance = _learning_rate(learning_rate)
     at = 0 if decoupled else 1  # where scale_by_adam sits in the chain
+    check_rate = rate_state_check(learning_rate)
     constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
-        check_chain_state(state, 3)  # as the chain's update does
+        # The checks of the chain and its members' updates.
+        check_chain_state(state, 3)
         adam_state, lr_state = state[at], state[2]
+        check_no_state(state[1 - at], "add_decayed_weights")
+        check_adam_state(adam_state, amsgrad)
+        check_rate(lr_state)
         # The state's own rate (unstacked states have their own), on the host when it is
         # constant (the same tensor every step); a schedule's stays on the device.
         lr = rates.value(lr_state.lr) if constant_lr else None

@@ -146,6 +146,7 @@ def identity() -> GradientTransformation:
         updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
         del params
+        check_no_state(state, "identity")
         return updates, state
 
     return GradientTransformation(no_state, update_fn, update_fn, update_then_apply(update_fn))
@@ -205,11 +206,48 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def check_chain_state(state: OptState, n: int) -> None:
-    """Raises ``ValueError`` unless ``state`` has the ``n`` entries of a chain of ``n``."""
+    """Raises ``ValueError`` unless ``state`` is the tuple of ``n`` entries of a chain of
+    ``n``."""
+    if not isinstance(state, tuple):
+        raise ValueError(
+            STATE_MSG.format(
+                name=f"chain of {n} transforms", got=_a(type(state).__name__), expected="a tuple"
+            )
+        )
     if len(state) != n:
         raise ValueError(
             f"chain of {n} transforms got a state with {len(state)} "
             f"entries; was the state made by this optimizer's init?"
+        )
+
+
+STATE_MSG = (
+    "{name} got {got} as its state, where its init makes {expected}; was the state made by "
+    "this optimizer's init?"
+)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "AEIOUaeiou" else f"a {noun}"
+
+
+def check_state(state: OptState, expected: type, name: str) -> None:
+    """Raises ``ValueError`` unless ``state`` is an ``expected``, the state ``name``'s init
+    makes (a state made by another optimizer failed on a missing attribute, or ran)."""
+    if not isinstance(state, expected):
+        raise ValueError(
+            STATE_MSG.format(
+                name=name, got=_a(type(state).__name__), expected=_a(expected.__name__)
+            )
+        )
+
+
+def check_no_state(state: OptState, name: str) -> None:
+    """Raises ``ValueError`` unless ``state`` is empty (``EmptyState()``, ``()`` or
+    ``None``), the state of a transformation that keeps none."""
+    if state is not None and not (isinstance(state, tuple) and not state):
+        raise ValueError(
+            STATE_MSG.format(name=name, got=_a(type(state).__name__), expected="an EmptyState")
         )
 
 
@@ -433,10 +471,21 @@ def partition(
         groups = split(params)
         return {label: t.init(groups[label]) for label, t in transforms.items() if groups[label]}
 
+    def check(state: OptState, groups: dict[str, dict[str, Any]]) -> None:
+        """``state`` must hold the states of the groups with parameters (as init made it)."""
+        labels = [label for label, group in groups.items() if group]
+        if not isinstance(state, dict) or state.keys() != set(labels):
+            got = _a(type(state).__name__)
+            if isinstance(state, dict):
+                got = f"a dict of the groups {sorted(map(str, state))}"
+            expected = f"a dict of the groups {sorted(labels)}"
+            raise ValueError(STATE_MSG.format(name="partition", got=got, expected=expected))
+
     def run(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         u_groups = split(updates)
+        check(state, u_groups)
         p_groups = split(params) if params is not None else None
         new_updates: dict[str, Any] = {}
         new_state = {}
@@ -455,6 +504,7 @@ def partition(
 
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         g_groups, p_groups = split(grads), split(params)
+        check(state, g_groups)
         new_params: dict[str, Any] = {}
         new_state = {}
         for label, s in state.items():

@@ -20,8 +20,11 @@ from torch._C import _functorch
 from fnloop import _tree
 from fnloop.optim import _foreach
 from fnloop.optim.base import (
+    STATE_MSG,
     GradientTransformation,
     InitFn,
+    check_no_state,
+    check_state,
     flatten_like,
     map_flat,
     no_state,
@@ -123,6 +126,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_no_state(state, "clip_by_global_norm")
         mul = _foreach.mul_ if inplace else _foreach.mul
 
         def clip_leaves(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -151,6 +155,7 @@ def clip(max_value: float) -> GradientTransformation:
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_no_state(state, "clip")
         clamp = _foreach.clamp_ if inplace else _foreach.clamp
         return map_flat(lambda xs: clamp(xs, -max_value, max_value), updates), state
 
@@ -171,6 +176,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
+        check_no_state(state, "add_decayed_weights")
         if weight_decay == 0:
             return updates, state
         if params is None:
@@ -247,6 +253,17 @@ def _learning_rate(
     return init_fn, advance
 
 
+def rate_state_check(learning_rate: LearningRate) -> Callable[[OptState], None]:
+    """The check of a learning-rate state: a ``ReduceOnPlateauState`` for
+    ``reduce_on_plateau``, a ``ScaleByLearningRateState`` for the other rates."""
+    if isinstance(learning_rate, ReduceOnPlateau):
+        expected: type = ReduceOnPlateauState
+        name = "scale_by_learning_rate(reduce_on_plateau(...))"
+    else:
+        expected, name = ScaleByLearningRateState, "scale_by_learning_rate"
+    return lambda state: check_state(state, expected, name)
+
+
 def scale_by_learning_rate(
     learning_rate: LearningRate,
     *,
@@ -264,12 +281,14 @@ def scale_by_learning_rate(
     :func:`fnloop.optim.learning_rates` reads it.
     """
     init_fn, advance = _learning_rate(learning_rate)
+    check_rate = rate_state_check(learning_rate)
     sign = -1.0 if flip_sign else 1.0
 
     def update(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_rate(state)
         mul = _foreach.mul_ if inplace else _foreach.mul
         factor = state.lr * sign
         return map_flat(lambda us: mul(us, factor), updates), advance(state)
@@ -284,6 +303,7 @@ def scale(factor: float) -> GradientTransformation:
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_no_state(state, "scale")
         mul = _foreach.mul_ if inplace else _foreach.mul
         return map_flat(lambda us: mul(us, factor), updates), state
 
@@ -322,6 +342,7 @@ def trace(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_state(state, TraceState, "trace")
         grads, treedef, (bufs,) = flatten_like(updates, state.momentum_buffer)
         if dampening != 0.0:
             # torch copies the gradient into the buffer on the first step (no dampening).
@@ -365,6 +386,22 @@ class ScaleByAdamState(NamedTuple):
     nu_max: Updates
 
 
+def _is_empty(tree: Any) -> bool:
+    return isinstance(tree, tuple) and not tree
+
+
+def check_adam_state(state: OptState, amsgrad: bool) -> None:
+    """Raises ``ValueError`` unless ``state`` is what ``scale_by_adam(amsgrad=amsgrad)``'s
+    init makes (a ``ScaleByAdamState`` with ``nu_max`` exactly when ``amsgrad``)."""
+    if isinstance(state, ScaleByAdamState) and _is_empty(state.nu_max) != amsgrad:
+        return
+    name = f"scale_by_adam (adam, adamw) with amsgrad={amsgrad}"
+    check_state(state, ScaleByAdamState, name)
+    got = f"a ScaleByAdamState made with amsgrad={not amsgrad}"
+    expected = f"one {'with' if amsgrad else 'without'} nu_max"
+    raise ValueError(STATE_MSG.format(name=name, got=got, expected=expected))
+
+
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
 ) -> GradientTransformation:
@@ -390,6 +427,7 @@ def scale_by_adam(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_adam_state(state, amsgrad)
         if amsgrad:
             grads, treedef, (mu, nu, nu_max) = flatten_like(
                 updates, state.mu, state.nu, state.nu_max
@@ -572,6 +610,17 @@ class ScaleByRmsState(NamedTuple):
     grad_avg: Updates
 
 
+def _check_rms_state(state: OptState, centered: bool) -> None:
+    """As :func:`check_adam_state`, for ``scale_by_rms(centered=centered)``."""
+    if isinstance(state, ScaleByRmsState) and _is_empty(state.grad_avg) != centered:
+        return
+    name = f"scale_by_rms (rmsprop) with centered={centered}"
+    check_state(state, ScaleByRmsState, name)
+    got = f"a ScaleByRmsState made with centered={not centered}"
+    expected = f"one {'with' if centered else 'without'} grad_avg"
+    raise ValueError(STATE_MSG.format(name=name, got=got, expected=expected))
+
+
 def scale_by_rms(
     alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False
 ) -> GradientTransformation:
@@ -590,6 +639,7 @@ def scale_by_rms(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        _check_rms_state(state, centered)
         if centered:
             grads, treedef, (sq, gavg) = flatten_like(updates, state.square_avg, state.grad_avg)
         else:
@@ -646,6 +696,7 @@ def scale_by_adagrad(
         updates: Updates, state: OptState, params: Params | None, inplace: bool
     ) -> tuple[Updates, OptState]:
         del params
+        check_state(state, ScaleByAdagradState, "scale_by_adagrad (adagrad)")
         grads, treedef, (acc,) = flatten_like(updates, state.sum_of_squares)
         acc = (_foreach.addcmul_ if inplace else _foreach.addcmul)(acc, grads, grads)
         std = (_foreach.add_ if inplace else _foreach.add)(_foreach.sqrt(acc), eps)

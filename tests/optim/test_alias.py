@@ -787,6 +787,67 @@ def test_fused_apply_rejects_a_state_from_another_optimizer_as_update_does(make)
             tx.apply_(grads, other.init(params), params)
 
 
+def _two_groups(label_of_fc: str = "fc") -> optim.GradientTransformation:
+    return optim.partition(
+        {"fc": optim.adam(1e-3), "rest": optim.sgd(0.1)},
+        lambda name: label_of_fc if name.startswith("fc.") else "rest",
+    )
+
+
+OTHER_STATES = {  # optimizer, the optimizer whose state it is given
+    "sgd<-adam": (lambda: optim.sgd(0.1), lambda: optim.adam(1e-3)),
+    "sgd<-clip-trace-lr": (
+        lambda: optim.sgd(0.1),
+        lambda: optim.chain(optim.clip(1.0), optim.trace(0.9), optim.scale_by_learning_rate(0.1)),
+    ),
+    "adamw<-adam": (lambda: optim.adamw(1e-3), lambda: optim.adam(1e-3)),
+    "adam<-adam-amsgrad": (lambda: optim.adam(1e-3), lambda: optim.adam(1e-3, amsgrad=True)),
+    "adam-amsgrad<-adam": (lambda: optim.adam(1e-3, amsgrad=True), lambda: optim.adam(1e-3)),
+    "rmsprop<-rmsprop-centered": (
+        lambda: optim.rmsprop(1e-3),
+        lambda: optim.rmsprop(1e-3, centered=True),
+    ),
+    "rmsprop-momentum<-rmsprop": (
+        lambda: optim.rmsprop(1e-3, momentum=0.9),
+        lambda: optim.rmsprop(1e-3),
+    ),
+    "adagrad<-sgd-momentum": (lambda: optim.adagrad(0.1), lambda: optim.sgd(0.1, momentum=0.9)),
+    "clip-adam<-clip-sgd-momentum": (
+        lambda: optim.chain(optim.clip(1.0), optim.adam(1e-3)),
+        lambda: optim.chain(optim.clip(1.0), optim.sgd(0.1, momentum=0.9)),
+    ),
+    "adam-plateau<-adam": (
+        lambda: optim.adam(optim.reduce_on_plateau(1e-3)),
+        lambda: optim.adam(1e-3),
+    ),
+    "adam<-adam-plateau": (
+        lambda: optim.adam(1e-3),
+        lambda: optim.adam(optim.reduce_on_plateau(1e-3)),
+    ),
+    "partition<-adam": (_two_groups, lambda: optim.adam(1e-3)),
+    "partition<-partition-of-other-groups": (_two_groups, lambda: _two_groups("rest")),
+    "clip-sgd<-partition": (
+        lambda: optim.chain(optim.clip(1.0), optim.sgd(0.1)),
+        _two_groups,
+    ),
+}
+
+
+@pytest.mark.parametrize("pair", list(OTHER_STATES))
+@pytest.mark.parametrize("method", ["update", "update_", "apply_"])
+def test_a_state_of_the_same_length_from_another_optimizer_is_rejected(pair, method) -> None:
+    """Not only the chain's length: a state made by another optimizer (or the same one
+    with other options that change its state) failed deep inside on an attribute
+    ("'EmptyState' object has no attribute 'mu'", "'tuple' object has no attribute
+    'items'"), misnamed the trees ("updates and params must have the same structure"), or
+    ran: sgd(0.1) took adam's learning rate, adam dropped amsgrad's nu_max."""
+    make, make_other = OTHER_STATES[pair]
+    params, (grads,) = make_params(), make_grads(1)
+    state = make_other().init(params)
+    with pytest.raises(ValueError, match=r"was the state made by this optimizer's init\?$"):
+        getattr(make(), method)(grads, state, params)
+
+
 # ----------------------------------------------------------------------------- in place
 
 
