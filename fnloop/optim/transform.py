@@ -82,6 +82,28 @@ def check_real(params: Params, optimizer: str) -> None:
         )
 
 
+def check_floating(params: Params) -> None:
+    """Raises ``ValueError`` naming a parameter that is neither a floating-point nor a
+    complex tensor: an integer or bool tensor has no gradient (torch.optim leaves it
+    alone, and its fused kernels refuse it), and fnloop's updates failed on it in torch."""
+    leaves = _tree.tree_leaves(params)
+    if all(not isinstance(p, torch.Tensor) or p.is_floating_point() for p in leaves):
+        return
+    keys, leaves, _ = _tree.tree_flatten_with_keys(params)
+    for key, p in zip(keys, leaves, strict=True):
+        if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(NOT_FLOATING_MSG.format(key=key, dtype=p.dtype))
+
+
+NOT_FLOATING_MSG = (
+    "the parameter {key!r} is a {dtype} tensor; optimizers update floating-point (or "
+    "complex) tensors, the only ones with gradients. Leave integer and bool tensors out "
+    "of the params: buffers such as BatchNorm's num_batches_tracked, which "
+    "model.state_dict() holds, belong in TrainState.buffers (TrainState.create puts them "
+    "there)."
+)
+
+
 def check_non_negative(name: str, value: float | torch.Tensor) -> None:
     """Raises ``ValueError`` as torch does when a hyper-parameter is negative (or NaN).
 
@@ -215,6 +237,7 @@ def _learning_rate(
         plateau = learning_rate
 
         def plateau_init(params: Params) -> ReduceOnPlateauState:
+            check_floating(params)
             return plateau.init(_first_leaf(params).device)
 
         return plateau_init, lambda state: state  # only fit's metric observations change it
@@ -241,6 +264,7 @@ def _learning_rate(
         return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
 
     def init_fn(params: Params) -> ScaleByLearningRateState:
+        check_floating(params)
         count = _count(_first_leaf(params))
         return ScaleByLearningRateState(count=count, lr=lr_at(count))
 
@@ -333,6 +357,7 @@ def trace(
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def init_fn(params: Params) -> TraceState:
+        check_floating(params)
         return TraceState(
             count=_count(_first_leaf(params)),
             momentum_buffer=_tree.tree_map(torch.zeros_like, params),
@@ -415,6 +440,7 @@ def scale_by_adam(
     check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByAdamState:
+        check_floating(params)
         check_real(params, "scale_by_adam (adam, adamw)")
         return ScaleByAdamState(
             count=_count(_first_leaf(params)),
@@ -629,6 +655,7 @@ def scale_by_rms(
     check_non_negative("eps", eps)
 
     def init_fn(params: Params) -> ScaleByRmsState:
+        check_floating(params)
         check_real(params, "RMSprop")
         return ScaleByRmsState(
             square_avg=_tree.tree_map(torch.zeros_like, params),
@@ -684,6 +711,7 @@ def scale_by_adagrad(
     check_non_negative("lr_decay", lr_decay)
 
     def init_fn(params: Params) -> ScaleByAdagradState:
+        check_floating(params)
         check_real(params, "Adagrad")
         return ScaleByAdagradState(
             count=_count(_first_leaf(params)),

@@ -1261,6 +1261,19 @@ def test_complex_parameters_are_refused_where_moments_would_square_them(make, na
         make(1e-2).init(params)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_integer_and_bool_parameters_are_refused_at_init_naming_them(case: Case, dtype) -> None:
+    """They have no gradients (torch.optim never updates them; fused=True refuses them);
+    given zeros as their gradients, every update failed inside torch ("For integral input
+    tensors, argument alpha must not be a floating point number", "lerp_kernel_scalar not
+    implemented for 'Long'"). A dict(model.state_dict()) holds such buffers."""
+    params = {**make_params(), "bn.num_batches_tracked": torch.zeros((), dtype=dtype)}
+    match = rf"^the parameter 'bn\.num_batches_tracked' is a {dtype} tensor.*TrainState\.buffers"
+    with pytest.raises(ValueError, match=match):
+        case.make(case.lr).init(params)
+
+
 def test_sgd_on_complex_parameters_matches_torch() -> None:
     p = torch.tensor([1.0 + 2.0j, -0.5j], dtype=torch.complex128)
     g = torch.tensor([0.3 - 0.1j, 0.2 + 0.4j], dtype=torch.complex128)
