@@ -1173,6 +1173,57 @@ def test_apply_under_inference_mode_is_the_update(case: Case) -> None:
         )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "h90: apply_ writes into params that require grad (a loop over "
+        "model.named_parameters()) only where torch's fused kernel runs (sgd, adam, adamw "
+        "on float32); rmsprop, adagrad, and sgd on float16 raise autograd's 'a leaf Variable "
+        "that requires grad is being used in an in-place operation'. torch.optim.step "
+        "writes under no_grad. Design decision: write under no_grad everywhere, or refuse "
+        "such params on every path."
+    ),
+)
+@pytest.mark.parametrize(
+    ("make", "dtype"),
+    [(optim.rmsprop, torch.float32), (optim.adagrad, torch.float32), (optim.sgd, torch.float16)],
+    ids=["rmsprop", "adagrad", "sgd-float16"],
+)
+def test_apply_writes_into_params_that_require_grad_as_torch_step_does(make, dtype) -> None:
+    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    ref = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    twin = {optim.rmsprop: RMSprop, optim.adagrad: Adagrad, optim.sgd: SGD}[make]
+    ref.grad = torch.ones(3, dtype=dtype)
+    twin([ref], lr=0.1, foreach=True).step()
+    tx = make(0.1)
+    tx.apply_({"w": torch.ones(3, dtype=dtype)}, tx.init({"w": p}), {"w": p})
+    assert torch.equal(p.detach(), ref.detach())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "h90: a sparse gradient (nn.Embedding(sparse=True)) fails inside torch ('Could not "
+        "run aten::lerp.Scalar with arguments from the SparseCPU backend', 'add(sparse, "
+        "dense) is not supported') without naming the parameter; torch.optim's Adam and "
+        "RMSprop refuse it by name, its SGD and Adagrad (no weight decay) take it. A check "
+        "of every gradient's layout costs per step; taking them is a feature."
+    ),
+)
+@pytest.mark.parametrize(
+    "make",
+    [optim.adam, optim.rmsprop, optim.adagrad, lambda lr: optim.sgd(lr, momentum=0.9)],
+    ids=["adam", "rmsprop", "adagrad", "sgd-momentum"],
+)
+@pytest.mark.parametrize("method", ["update", "apply_"])
+def test_a_sparse_gradient_is_a_clear_error_naming_it(make, method) -> None:
+    tx = make(0.1)
+    params = {"emb.weight": torch.ones(4, 2)}
+    grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 2), (4, 2), check_invariants=True)
+    with pytest.raises(ValueError, match=r"'emb\.weight'.*sparse.*to_dense\(\)"):
+        getattr(tx, method)({"emb.weight": grad}, tx.init(params), params)
+
+
 @pytest.mark.parametrize("make", [optim.sgd, optim.adam, optim.adamw, optim.rmsprop])
 def test_a_torch_lr_scheduler_as_learning_rate_is_a_clear_error(make) -> None:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
