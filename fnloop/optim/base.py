@@ -519,6 +519,8 @@ def _merged(tree: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the flat dict ``tree``, of its type (an ``OrderedDict`` state_dict stays
     one, as every transform keeps its input's node types), holding ``values[name]`` at
     each of its names."""
+    if type(tree) is dict:  # (torch.compile traces this; copy.copy broke the graph)
+        return {name: values[name] for name in tree}
     out = copy.copy(tree)
     for name in out:
         out[name] = values[name]

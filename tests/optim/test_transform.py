@@ -242,6 +242,21 @@ def test_learning_rates_lists_groups_in_the_order_partition_was_given() -> None:
     assert optree.tree_leaves({"z": 1, "a": 2}, namespace="fnloop") == [2, 1]
 
 
+@pytest.mark.parametrize("method", ["update", "apply_"])
+def test_partition_compiles_without_a_graph_break(method) -> None:
+    """A compiled train step is one graph (guide, section 6); with a partition it was
+    three: copy.copy of its dict of updates or params is not traceable."""
+    tx = optim.partition(
+        {"decay": optim.sgd(0.1, weight_decay=0.1), "no_decay": optim.sgd(0.1)},
+        lambda name: "no_decay" if name.endswith("bias") else "decay",
+    )
+    params = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.zeros(2)}
+    grads = {name: torch.ones_like(p) for name, p in params.items()}
+    fn = torch.compile(getattr(tx, method), backend="eager", fullgraph=True)
+    out, _ = fn(grads, tx.init(params), {name: p.clone() for name, p in params.items()})
+    assert type(out) is dict and list(out) == list(params)
+
+
 def test_partition_with_an_unknown_label_names_it() -> None:
     tx = optim.partition({"a": optim.sgd(0.1)}, lambda name: "b")
     with pytest.raises(ValueError, match=r"labels\('conv\.weight'\) returned 'b'.*\['a'\]"):
