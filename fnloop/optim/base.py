@@ -52,7 +52,8 @@ class GradientTransformation(NamedTuple):
     the tensors of ``state`` keyed by parameter names (moments, momentum buffers), which
     the caller gives up; other state tensors (update counts, learning rates) it replaces
     with new ones. ``apply_`` goes one step further and also applies the result: it
-    writes the new parameters into ``params`` and returns ``(params, state)``. Training
+    writes the new parameters into ``params`` (under ``torch.no_grad``, as
+    ``torch.optim``'s ``step``) and returns ``(params, state)``. Training
     steps call ``apply_`` (a pure step on fresh copies of what it writes); fnloop's
     optimizers give it torch's fused kernels or operation order (fewer passes over memory
     than ``update_`` followed by :func:`apply_updates_`). Both are ``None`` for
@@ -393,8 +394,11 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
 
 
+@torch.no_grad()
 def apply_updates_(params: Params, updates: Updates) -> Params:
-    """Like :func:`apply_updates` but writes into ``params``, which the caller gives up."""
+    """Like :func:`apply_updates` but writes into ``params``, which the caller gives up
+    (under ``torch.no_grad``, as ``torch.optim``'s ``step``: params that require grad, a
+    module's own, are written too)."""
     p_leaves, u_leaves, treedef = _aligned_leaves(params, updates)
     return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
 

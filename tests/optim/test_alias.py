@@ -1173,17 +1173,6 @@ def test_apply_under_inference_mode_is_the_update(case: Case) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h90: apply_ writes into params that require grad (a loop over "
-        "model.named_parameters()) only where torch's fused kernel runs (sgd, adam, adamw "
-        "on float32); rmsprop, adagrad, and sgd on float16 raise autograd's 'a leaf Variable "
-        "that requires grad is being used in an in-place operation'. torch.optim.step "
-        "writes under no_grad. Design decision: write under no_grad everywhere, or refuse "
-        "such params on every path."
-    ),
-)
 @pytest.mark.parametrize(
     ("make", "dtype"),
     [(optim.rmsprop, torch.float32), (optim.adagrad, torch.float32), (optim.sgd, torch.float16)],
