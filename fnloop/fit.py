@@ -589,7 +589,8 @@ def fit(
     Args:
       state: the state to train; a second ``fit`` continues its step, epoch and history.
       training_step: ``(model, batch) -> {"loss": ..., ...}``, or a step made by
-        ``make_train_step`` (its options, such as precision, are used as made).
+        ``make_train_step`` (its options, such as precision, are used as made), compiled
+        or in a wrapper of yours marked ``@functools.wraps(step)``.
       loaders: a train loader, or ``{"train": loader, "valid": loader}``.
       max_epochs: the epoch count to reach (on the state a ``fit`` returned,
         ``max_epochs=state.epoch + 5`` trains five more).

@@ -72,6 +72,11 @@ SWAPPED_MSG = (
     "indexed. Step functions are called as fn(model, batch), in that order: check the "
     "order of your function's arguments, and call model(x) to run the module."
 )
+WRAPPER_HINT = (
+    "A function of (state, batch) that calls this step was taken for your function of "
+    "(model, batch) and got its `model`: fnloop runs a wrapper of a made step as a step "
+    "only when it keeps the step in __wrapped__. Decorate it with @functools.wraps(step)."
+)
 NOT_BOUND_MSG = (
     "the loss returned by {name} does not depend on the state's parameters: every "
     "gradient is missing. Compute it from the `model` argument (model(x)), which runs "
@@ -652,6 +657,8 @@ def _not_a_state(call: str, state: Any, batch: Any) -> TypeError:
         hint = " Did you swap the arguments?"
     elif isinstance(state, nn.Module):
         hint = f" {MAKE_STATE_HINT}"
+    elif isinstance(state, BoundModel):  # a wrapper of a made step, taken for the user's fn
+        hint = f" {WRAPPER_HINT}"
     else:
         hint = ""
     return TypeError(

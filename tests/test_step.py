@@ -6,6 +6,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import inspect
 import re
@@ -1072,6 +1073,30 @@ def test_a_step_given_a_module_or_swapped_arguments_says_how_to_call_it():
             make(classify)(batch, state)
         with pytest.raises(TypeError, match=r"needs a TrainState first; got int\.$"):
             make(classify)(3, batch)
+
+
+def test_a_wrapper_of_a_made_step_taken_for_the_users_function_says_to_mark_it():
+    """fit runs a wrapper of a made step as given only when it keeps the step in
+    __wrapped__; a plain one (to time or log each step) was called as the user's (model,
+    batch) function and said "needs a TrainState first; got BoundModel." alone."""
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    train_step, eval_step = fl.make_train_step(classify), fl.make_eval_step(classify)
+
+    def timed(state, batch):
+        return train_step(state, batch)
+
+    def timed_eval(state, batch):
+        return eval_step(state, batch)
+
+    hint = r"got BoundModel\. A function of \(state, batch\) that calls this step .*@functools"
+    with pytest.raises(TypeError, match=rf"^train_step\(state, batch\) .*{hint}"):
+        fl.fit(state, timed, batches(2), max_epochs=1, progress=False, log_to_console=False)
+    with pytest.raises(TypeError, match=rf"^eval_step\(state, batch\) .*{hint}"):
+        fl.make_eval_step(timed_eval)(state, batches(1)[0])
+    # What the hint says to do works.
+    marked = functools.wraps(train_step)(timed)
+    done = fl.fit(state, marked, batches(2), max_epochs=1, progress=False, log_to_console=False)
+    assert done.step == 2
 
 
 @pytest.mark.parametrize(
