@@ -39,6 +39,12 @@ EMPTY_UNSIZED_LOADER_MSG = (
     "a file opened there, is used up by the first epoch."
 )
 
+NOT_A_MADE_STEP_MSG = (
+    "{fn} called the state it got as its model: {arg} takes a step of (state, batch), "
+    "made from your function of (model, batch) by fl.{maker}(fn) (vmap that step, not fn, "
+    "for a stacked state). fit is the one that takes your function as it is."
+)
+
 UNEQUAL_TRAIN_LENGTHS_MSG = (
     "the train loaders of the processes have different lengths ({lengths} batches, by "
     "rank), and every train step averages its gradients over the processes (a collective "
@@ -366,6 +372,19 @@ def _empty_loader_error(loader: Iterable[Any], split: str) -> ValueError:
     return ValueError(msg.format(split=split))
 
 
+def _call_step(step: Callable[..., Any], state: TrainState, batch: Batch, arg: str) -> Any:
+    """``step(state, batch)``; a user's ``(model, batch)`` function passed in place of a
+    made step fails calling the state as a module, and the error says what to pass."""
+    try:
+        return step(state, batch)
+    except TypeError as e:
+        if str(e) != f"'{type(state).__name__}' object is not callable":
+            raise
+        maker = "make_train_step" if arg == "train_epoch" else "make_eval_step"
+        fn = getattr(step, "__qualname__", None) or type(step).__name__
+        raise TypeError(NOT_A_MADE_STEP_MSG.format(fn=fn, arg=arg, maker=maker)) from e
+
+
 class _Bar:
     """A tqdm bar whose postfix (running means) is refreshed only when it redraws."""
 
@@ -493,7 +512,7 @@ def train_epoch(
             if batch_start:
                 state = callbacks("on_train_batch_start", state, batch, batch_idx)
             n = find_batch_size(batch, batch_size)
-            new_state, outputs = train_step(state, batch)
+            new_state, outputs = _call_step(train_step, state, batch, "train_epoch")
             state = cast(StateT, new_state)  # a step keeps the state's class
             means.add(outputs, n)
             if batch_end:
@@ -551,7 +570,7 @@ def validate_epoch(
             if batch_start:
                 state = callbacks("on_validation_batch_start", state, batch, batch_idx)
             n = find_batch_size(batch, batch_size)
-            outputs = eval_step(state, batch)
+            outputs = _call_step(eval_step, state, batch, "validate_epoch")
             means.add(outputs, n)
             if batch_end:
                 state = callbacks("on_validation_batch_end", state, outputs, batch, batch_idx)

@@ -1075,6 +1075,33 @@ def test_a_step_given_a_module_or_swapped_arguments_says_how_to_call_it():
             make(classify)(3, batch)
 
 
+def test_train_and_validate_epoch_given_the_users_function_say_to_make_a_step():
+    """train_epoch and validate_epoch take made steps; given the user's (model, batch)
+    function (which fit takes), or a vmap of it, the function called the state as its
+    model and failed with "'TrainState' object is not callable" alone."""
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    data = batches(1)
+    tail = r"fl\.{}\(fn\) \(vmap that step, not fn, for a stacked state\)\. fit is the one"
+    with pytest.raises(
+        TypeError,
+        match=r"^classify called the state it got as its model: "
+        r"train_epoch takes a step of \(state, batch\), made from your function "
+        r"of \(model, batch\) by " + tail.format("make_train_step"),
+    ):
+        fl.train_epoch(state, classify, data)
+    with pytest.raises(
+        TypeError, match=r"^classify .*validate_epoch .*" + tail.format("make_eval_step")
+    ):
+        fl.validate_epoch(state, classify, data)
+    stacked = fl.stack_states([state, state])
+    vmapped = torch.func.vmap(classify, in_dims=(0, None), randomness="different")
+    with pytest.raises(TypeError, match=r"^classify .*train_epoch .*make_train_step"):
+        fl.train_epoch(stacked, vmapped, data)
+    # Other TypeErrors from a made step pass unchanged.
+    with pytest.raises(TypeError, match=r"forward\(\) takes 2 positional arguments"):
+        fl.train_epoch(state, fl.make_train_step(lambda m, b: m(*b)), data)
+
+
 def test_a_wrapper_of_a_made_step_taken_for_the_users_function_says_to_mark_it():
     """fit runs a wrapper of a made step as given only when it keeps the step in
     __wrapped__; a plain one (to time or log each step) was called as the user's (model,
