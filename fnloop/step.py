@@ -240,6 +240,13 @@ class BoundModel:
             if callable(getattr(type(module), name, None))
             else "an attribute"
         )
+        if name == "training" and hasattr(module, name):
+            raise AttributeError(
+                f"{type(module).__name__}.training is an attribute of your module, which a "
+                f"step cannot reach through `model`. A train step runs the module in training "
+                f"mode and an eval step in eval mode: to compute something in validation "
+                f"only, give fit a validation_step of its own (validation_step=...)."
+            )
         raise AttributeError(
             f"{type(module).__name__}.{name} is {what} of your module, which a training "
             f"step cannot reach through `model`: model(...) runs the module's forward with "

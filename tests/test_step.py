@@ -903,6 +903,11 @@ def test_moving_a_dataclass_batch_moves_its_derived_tensors_and_leaves_it_alone(
             "Sequential.forward is a method",
         ),
         (lambda m, b: {"loss": m.nope(b[0]).mean()}, AttributeError, "no attribute 'nope'"),
+        (  # to branch on the mode: "Make forward return what you need" was no fix for it
+            lambda m, b: {"loss": m(b[0]).mean() * m.training},
+            AttributeError,
+            r"Sequential\.training .* give fit a validation_step of its own",
+        ),
     ],
 )
 def test_bad_training_step_output(fn, error, match):
