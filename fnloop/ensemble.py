@@ -641,7 +641,10 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
             return f"{where} is a {kind_a} in one and a {kind_b} in the other"
         va_all, vb_all = vars(ma), vars(mb)
         recomputed = _recomputed(ma) | _recomputed(mb)
-        for key in sorted((va_all.keys() | vb_all.keys()) - _IGNORED - _OWN):
+        keys = (va_all.keys() | vb_all.keys()) - _IGNORED - _OWN
+        # Public settings first: the one the user set (GRU.hidden_size), not the
+        # private state torch derives from it (GRU._flat_weights, a list of Parameters).
+        for key in sorted(keys, key=lambda k: (k.startswith("_"), k)):
             if key in _HOOKS:  # what forward runs around the module (nn.Module.__init__ sets them)
                 ha, hb = tuple(va_all[key].values()), tuple(vb_all[key].values())
                 if [_setting(h, inner) for h in ha] != [_setting(h, inner) for h in hb]:

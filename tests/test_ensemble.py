@@ -465,6 +465,18 @@ def test_modules_whose_plain_settings_differ_are_refused(one, other):
         fl.stack_states(states)
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrent_layers_of_other_sizes_are_named_by_the_size(cell):
+    """A sweep over an RNN's hidden size named the first differing attribute in sorted
+    order, the private ``_flat_weights``: a list of four meta Parameters printed whole,
+    for each model, in place of ``hidden_size``."""
+    states = _seeded_states(lambda h: cell(2, h), (4, 8))
+    with pytest.raises(
+        ValueError, match=r"\.hidden_size is 4 in one and 8 in the other\); a stacked state"
+    ):
+        fl.stack_states(states)
+
+
 class _Scaled(nn.Module):
     """Keeps a tensor outside its parameters and buffers (not registered)."""
 
