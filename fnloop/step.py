@@ -850,7 +850,7 @@ class TrainStep:
         if self.grad_norm:
             metrics["grad_norm"] = self._grad_norm(grads, scale)
         new_state = self._update(
-            state, grads, loss, buffers, frozen, loss_scale, donate, transformed
+            state, grads, loss, buffers, frozen, loss_scale, donate, transformed, compiling
         )
         return new_state, metrics
 
@@ -988,6 +988,7 @@ class TrainStep:
         loss_scale: LossScaleState | None,
         donate: bool,
         transformed: bool,
+        compiling: bool,
     ) -> TrainState:
         """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
 
@@ -1014,8 +1015,9 @@ class TrainStep:
 
         # Donated, eager: the optimizer's fused in-place step. Donated, compiled: the pure
         # update, written back into the donated tensors at the end (inductor turns those
-        # copies into in-place stores, so no new buffers are allocated per step).
-        write_back = donate and torch.compiler.is_compiling()
+        # copies into in-place stores, so no new buffers are allocated per step). Compiled
+        # as the step's frame says (see _in_transform), not as this helper's would.
+        write_back = donate and compiling
         inplace = donate and ok is None and not write_back and state.tx.apply_ is not None
         # Pure, eager: the same fused step, on fresh copies of the parameters and of the
         # optimizer buffers keyed like them (the tensors it writes into): a copy and one

@@ -10,6 +10,7 @@ import functools
 import gc
 import inspect
 import re
+import sys
 import warnings
 import weakref
 from typing import NamedTuple
@@ -2745,3 +2746,29 @@ def test_steps_compiled_after_a_compile_that_raised_still_check_and_train():
             torch.testing.assert_close(got, fl.make_eval_step(classify)(state, b))
     finally:
         torch._dynamo.reset()  # the frames run eagerly for this test only
+
+
+def test_a_donating_step_run_eagerly_marks_the_state_it_consumed_whatever_its_helpers_see(
+    monkeypatch,
+):
+    """After a compile of a step raised, a later compiled step whose function breaks the
+    graph runs its own frame eagerly while dynamo compiles ``_update`` as a frame of its
+    own (seen with torch 2.13). ``_update`` asked its own frame whether it was compiled, so
+    the eager step took the compiled write-back and left the consumed state unmarked: using
+    it again trained on overwritten weights. Simulated here: only ``_update``'s frame says
+    it is compiling."""
+    is_compiling = torch.compiler.is_compiling
+
+    def helper_compiled() -> bool:
+        return sys._getframe(1).f_code.co_name == "_update" or is_compiling()
+
+    state = fl.TrainState.create(mlp(), tx=optim.adamw(0.1), device="cpu")
+    b = batches(1)[0]
+    ref, _ = fl.make_train_step(classify)(state, b)
+    donated = state.clone()
+    monkeypatch.setattr(torch.compiler, "is_compiling", helper_compiled)
+    new, _ = fl.make_train_step(classify, donate=True)(donated, b)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="was donated to an earlier call"):
+        fl.make_train_step(classify)(donated, b)
+    torch.testing.assert_close(new.params, ref.params, rtol=1e-9, atol=1e-12)
