@@ -1112,8 +1112,6 @@ def _unaliased(metrics: Metrics, params: Params) -> Metrics:
     parameter, or a view of one, returned as a metric): the optimizer then updates
     ``params`` in place, and with donation so do the next steps, which would change the
     value the forward pass saw (an epoch's mean would be the last step's value)."""
-    if not metrics:
-        return metrics
     storages = {p.untyped_storage().data_ptr() for p in params.values()}
     return {
         k: v.clone() if v.untyped_storage().data_ptr() in storages else v
