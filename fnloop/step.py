@@ -774,7 +774,7 @@ class TrainStep:
             scale = loss_scale.scale
 
         grads, loss, metrics, buffers, params = self._gradients(
-            state, module, slots, frozen, batch, scale, name, device, transformed, compiling, donate
+            state, module, slots, frozen, batch, scale, transformed, compiling, donate
         )
         if params is not state.params:  # a pure eager step's copies (forward may write)
             state = state.replace(params=params)
@@ -886,8 +886,6 @@ class TrainStep:
         frozen: frozenset[str],
         batch: Batch,
         scale: torch.Tensor | None,
-        name: str,
-        device: torch.device,
         transformed: bool,
         compiling: bool,
         donate: bool,
@@ -895,6 +893,8 @@ class TrainStep:
         """Gradients of the loss (with a loss scale: of ``loss / k * scale``, as
         ``scaler.scale(loss / k)``), the loss, metrics, the new buffers and the parameters
         forward ran on (the state's, or a pure eager step's copies of them)."""
+        name = self._name
+        device = state.device
         if transformed:  # compile, vmap: torch.func's traceable functional_call and grad
             slots = None
         vmapping = transformed and not compiling  # under an eager torch.func.vmap
