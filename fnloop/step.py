@@ -740,9 +740,6 @@ class TrainStep:
             raise _not_a_state("train_step", state, batch)
         name = self._name
         device = state.device
-        # Donation works in eager mode and under torch.compile (where inductor then writes
-        # into the donated buffers), not under vmap. Compiled code cannot read storage
-        # addresses, so only eager calls check for stale states.
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params, compiling)  # or under torch.func.vmap
         module, slots, frozen, first = self._templates.get(state.module, compiling)
@@ -753,6 +750,8 @@ class TrainStep:
             raise ValueError(RAISE_VMAP_MSG)
         if self.precision is not None and not compiling:
             warn_if_no_effect(self.precision, state.params.get(first[0]))
+        # Donation works in eager mode and under torch.compile (where inductor then writes
+        # into the donated buffers), not under vmap.
         donate = self.donate and (compiling or not transformed)
         check_not_donated(state, "this train step")
         check_ema(state)
