@@ -331,11 +331,11 @@ class MetricMeans:
 
 
 def _divide(total: float | list[float], count: float | list[float]) -> float | list[float]:
-    """A sum, or one sum per model, over a count of examples (per model too); NaN over
-    none (every value left out)."""
+    """A sum over its count of examples, or one sum per model over one count per model
+    (the counts are shaped as the sums); NaN over none (every value left out)."""
     if isinstance(total, list):
-        counts = count if isinstance(count, list) else [count] * len(total)
-        return [_divide(v, n) for v, n in zip(total, counts)]  # type: ignore[misc]
+        assert isinstance(count, list)
+        return [v / n if n else math.nan for v, n in zip(total, count)]
     assert not isinstance(count, list)
     return total / count if count else math.nan
 
