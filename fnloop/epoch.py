@@ -162,9 +162,8 @@ class MetricMeans:
         return [k for k in sums if k not in self._outputs]
 
     def _fold(self) -> None:
-        """Adds the pending steps into the sums (at fixed points: every ``FOLD_EVERY``
-        steps and at a checkpoint, never at a read, so that the order of the additions,
-        and so a float64 mean's last bit, does not depend on when a bar redraws)."""
+        """Adds the pending steps into the sums: every ``FOLD_EVERY`` steps and at a
+        checkpoint, never at a read (see the class docstring)."""
         if self._pending:
             self._sums, self._counts, self._dropped = self._folded(self._pending, self._totals())
             self._pending.clear()
