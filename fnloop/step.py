@@ -991,8 +991,9 @@ class TrainStep:
     ) -> TrainState:
         """Applies the optimizer (skipping non-finite updates as configured) and the EMA.
 
-        With ``donate`` (and no skipping), the optimizer state, the parameters and the EMA
-        are updated in the input state's storage.
+        With ``donate``, the optimizer state, the parameters and the EMA are updated in the
+        input state's storage: compiled always; eager with an optimizer that has ``apply_``
+        and where no update may be skipped (no ``"skip"``, no fp16 loss scale).
         """
         ok: torch.Tensor | None = None
         if loss_scale is not None and self.loss_scale is not None:
