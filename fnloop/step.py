@@ -1314,8 +1314,8 @@ def make_train_step(
         ``state_dict()`` or ``save_checkpoint``) raises ``RuntimeError`` (after an eager
         step; a compiled one cannot mark the state it consumed). Works in eager mode and
         under ``torch.compile`` (a compiled ``vmap`` of the step too, and with ``"skip"``
-        or fp16); in eager mode, under ``vmap`` and for updates that ``"skip"`` or fp16
-        may skip, the step computes out of place. ``fit`` donates the states it makes itself.
+        or fp16); in eager mode, a step under ``vmap`` or one that may skip an update
+        (``"skip"``, fp16) computes out of place. ``fit`` donates the states it makes itself.
       grad_norm: also report ``"grad_norm"``: the global 2-norm of the gradients each
         update uses (accumulated over the window, averaged over processes, unscaled from
         the fp16 loss scale, before the optimizer clips them), the value
