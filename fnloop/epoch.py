@@ -521,7 +521,7 @@ def train_epoch(
         bar.close()
     if seen == 0:
         raise _empty_loader_error(loader, "train")
-    if pending_skip is not None:  # the loader has no more than start_batch batches now
+    if pending_skip is not None:  # the loader has fewer than start_batch batches now
         pending_skip()
     return state, means.means(all_processes=True)
 
