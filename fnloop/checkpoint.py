@@ -809,11 +809,7 @@ def latest_good_checkpoint(
       CheckpointMismatchError: the newest sound file belongs to another set-up.
       TypeError: the arguments are swapped, or ``like`` is not a ``TrainState``.
     """
-    if isinstance(directory, TrainState | nn.Module):
-        raise TypeError(
-            "latest_good_checkpoint takes the folder first: latest_good_checkpoint(directory, "
-            f"like); its first argument is a {type(directory).__name__}."
-        )
+    _check_not_swapped(directory, "latest_good_checkpoint", "the folder", "directory, like")
     return _first_good(find_checkpoints(directory, pattern), like, "latest_good_checkpoint")
 
 
@@ -838,11 +834,7 @@ def first_good_checkpoint(
       TypeError: ``paths`` is one path (a string) or a state, or ``like`` is not a
         ``TrainState``.
     """
-    if isinstance(paths, TrainState | nn.Module):
-        raise TypeError(
-            "first_good_checkpoint takes the files first: first_good_checkpoint(paths, like); "
-            f"its first argument is a {type(paths).__name__}."
-        )
+    _check_not_swapped(paths, "first_good_checkpoint", "the files", "paths, like")
     if isinstance(paths, str | bytes | os.PathLike):  # (its characters are no files)
         raise TypeError(
             f"first_good_checkpoint takes the files to try, in order, such as a list; got "
@@ -952,13 +944,19 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_path(path: Any, fn: str, second: str) -> Path:
-    """``path`` as a ``Path``; a state or module there (arguments swapped) is a clear error."""
-    if isinstance(path, TrainState | nn.Module):
+def _check_not_swapped(first: Any, fn: str, what: str, params: str) -> None:
+    """Raises ``TypeError`` when ``fn``'s ``first`` argument is a state or a module (the
+    arguments swapped), saying that it takes ``what`` first: ``fn(params)``."""
+    if isinstance(first, TrainState | nn.Module):
         raise TypeError(
-            f"{fn} takes the file's path first: {fn}(path, {second}); its first argument "
-            f"is a {type(path).__name__}."
+            f"{fn} takes {what} first: {fn}({params}); its first argument is a "
+            f"{type(first).__name__}."
         )
+
+
+def _as_path(path: Any, fn: str, second: str) -> Path:
+    """``path`` as a ``Path``, checked by :func:`_check_not_swapped`."""
+    _check_not_swapped(path, fn, "the file's path", f"path, {second}")
     return Path(path)
 
 
