@@ -716,14 +716,8 @@ def _check_structure(
 
 
 def _mismatch(path: Path, detail: str, key: str) -> CheckpointMismatchError:
-    """The error for a file whose leaves do not fit ``like`` at ``key``."""
-    return CheckpointMismatchError(
-        f"Checkpoint {path} does not match `like`: {detail}. {_hint(key)}"
-    )
-
-
-def _hint(key: str) -> str:
-    field = key.split(".", 1)[0]
+    """The error for a file whose leaves do not fit ``like`` at ``key``, naming the
+    set-up that the state field of ``key`` suggests was another."""
     what = {
         "params": "another model",
         "buffers": "another model",
@@ -731,10 +725,11 @@ def _hint(key: str) -> str:
         "ema": "another ema_decay setting (EMA on or off)",
         "loss_scale": "another precision setting",
         "grad_accum": "another gradient-accumulation setting",
-    }.get(field, "another set-up")
-    return (
-        f"It was probably written with {what}: build `like` with the same module and "
-        f"TrainState.create(...) arguments as the run that saved it."
+    }.get(key.split(".", 1)[0], "another set-up")
+    return CheckpointMismatchError(
+        f"Checkpoint {path} does not match `like`: {detail}. It was probably written with "
+        f"{what}: build `like` with the same module and TrainState.create(...) arguments "
+        f"as the run that saved it."
     )
 
 
