@@ -609,7 +609,7 @@ def _safe_torch_load(
         ) from e
 
 
-def _check_is_file(path: Path, kind: str = _CHECKPOINT) -> None:
+def _check_is_file(path: Path, kind: str) -> None:
     if path.is_file():
         return
     what = "is not a file" if path.exists() else "does not exist"
