@@ -1497,11 +1497,8 @@ class _Run:
             )
         damaged = [p.name for p in found[: found.index(usable)]]
         skipped = f" (the newer {', '.join(damaged)}: damaged)" if damaged else ""
-        if failed:
-            return (
-                f"Once the cause is fixed, run the same fit again to resume from {usable}{skipped}."
-            )
-        return f"Run the same fit again to resume from {usable}{skipped}."
+        run = "Once the cause is fixed, run" if failed else "Run"
+        return f"{run} the same fit again to resume from {usable}{skipped}."
 
     def log_interrupt(self, where: str) -> None:
         """Says in the log that Ctrl-C ended the run (once), and how to go on."""
