@@ -256,10 +256,11 @@ def _drop_record(record: logging.LogRecord) -> bool:
 def _open_logger(
     run_name: str, out_dir: Path | None, console: bool
 ) -> tuple[logging.Logger, Callable[[], None]]:
-    """The run's logger with fit's handlers added, and the function that removes and
-    closes them (handlers the user attached stay) and restores its ``propagate`` and
-    level. The level is at most INFO meanwhile: a lower one the user set on it or on a
-    parent logger (DEBUG) stays."""
+    """The run's logger with fit's handlers added (on rank 0 alone: the console's, and
+    the log file's in ``out_dir``), and the function that removes and closes them
+    (handlers the user attached stay) and restores its ``propagate`` and level. The
+    level is at most INFO meanwhile: a lower one the user set on it or on a parent
+    logger (DEBUG) stays."""
     logger = logging.getLogger(f"fnloop.run.{run_name}")
     propagate, level = logger.propagate, logger.level
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
@@ -778,7 +779,7 @@ def fit(
                 remove_temporaries(folder)
             # After the user's callbacks: the metrics they add to the history get logged too.
             user_callbacks = user_callbacks + _default_callbacks(run_dir, user_callbacks)
-    logger, close_logger = _open_logger(run_name, run_dir if main else None, log_to_console)
+    logger, close_logger = _open_logger(run_name, run_dir, log_to_console)
 
     try:
         if validation_step is not None and valid_loader is None:
