@@ -1165,7 +1165,7 @@ class _Run:
                 f"from the given state, pass resume=False (the folder's earlier files are "
                 f"set aside) or another out_dir."
             )
-        elif given.step > 0 and (given.step, given.epoch) == (found.state.step, found.state.epoch):
+        elif given.step > 0 and (given.step, given.epoch) == at:
             rates = [lr.tolist() for lr in learning_rates(given.opt_state)]
             if rates != [lr.tolist() for lr in learning_rates(found.state.opt_state)]:
                 self.logger.warning(
