@@ -82,7 +82,6 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy format (torch.save(..., _use_new_zipfile_serialization=False), torch
 # before 1.6): pickle protocol 2, then torch's magic number as a 10-byte long.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 _SAFETENSORS_MISSING = (
     "Saving or loading '{path}' needs the optional 'safetensors' package. Install it with "
@@ -971,7 +970,7 @@ def _check_state(state: Any, fn: str) -> None:
 def _check_plain(value: Any, where: str) -> None:
     """Raises ``TypeError`` naming ``where`` unless ``value`` is plain checkpoint data."""
     kind = type(value)
-    if kind in _PLAIN_SCALARS or kind in (torch.Tensor, nn.Parameter):
+    if kind in (str, int, float, bool, type(None), torch.Tensor, nn.Parameter):
         return
     if kind is dict:
         for key, item in value.items():
