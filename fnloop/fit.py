@@ -1067,7 +1067,9 @@ class _Run:
         }
 
     def local_record(self, position: int | None) -> dict[str, Any]:
-        """This process's generators and partial epoch means (CPU tensors)."""
+        """This process's part of a checkpoint: its generators' states and, mid-epoch, the
+        epoch's generators and counts at its start, its length and its partial means (CPU
+        tensors)."""
         means = None
         if position is not None:
             means = self.means.state_dict()
