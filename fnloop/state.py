@@ -564,7 +564,7 @@ def _clone_group(node: Any) -> Any:
     """A copy of a tensor, or of a group of same-dtype tensors laid out in one buffer."""
     if isinstance(node, torch.Tensor):
         return node.clone()
-    if not _is_group(node):  # a subclass's non-tensor leaf (a float): immutable, kept
+    if type(node) is not dict:  # a subclass's non-tensor leaf (a float): immutable, kept
         return node
     first = next(iter(node.values()))
     buffer = torch.empty(
