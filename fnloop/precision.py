@@ -27,8 +27,8 @@ def check_precision(precision: object) -> None:
 def warn_if_no_effect(precision: Precision, weight: torch.Tensor | None) -> None:
     """Warns (once per call site) that ``precision`` does not lower float64 weights'
     operations: autocast runs only float32 operations in lower precision (an fp16 loss
-    scale still scales the loss). ``weight``: the model's
-    first trainable parameter (eager calls pass it; compiled ones, ``None``)."""
+    scale still scales the loss). ``weight``: the model's first trainable parameter, or
+    ``None`` (no warning). Eager steps call this; compiled ones do not."""
     if precision is not None and weight is not None and weight.dtype == torch.float64:
         warnings.warn(
             f"precision={precision!r} does not lower this float64 model's operations: "
