@@ -194,8 +194,8 @@ def _entry_name(entry: Any) -> str:
 
 def first_difference(a: Any, b: Any) -> str | None:
     """Describes the first structural difference between two trees, or ``None``."""
-    keys_a, _, _ = tree_flatten_with_keys(a)
-    keys_b, _, _ = tree_flatten_with_keys(b)
+    keys_a, _, treedef_a = tree_flatten_with_keys(a)
+    keys_b, _, treedef_b = tree_flatten_with_keys(b)
     set_b = set(keys_b)
     for k in keys_a:
         if k not in set_b:
@@ -204,8 +204,6 @@ def first_difference(a: Any, b: Any) -> str | None:
     for k in keys_b:
         if k not in set_a:
             return f"'{k}' is present in the second tree but not in the first"
-    if optree.tree_structure(a, namespace=NAMESPACE) != optree.tree_structure(
-        b, namespace=NAMESPACE
-    ):
+    if treedef_a != treedef_b:
         return "the trees have the same keys but different node types"
     return None
