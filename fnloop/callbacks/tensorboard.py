@@ -102,7 +102,7 @@ def _drop_scalars_after(
         for value in event.summary.value:
             if step is not None and value.tag.startswith("train_step/") and event.step > step:
                 return True
-            if per_epoch and value.tag.startswith(per_epoch) and event.step > epoch:
+            if value.tag.startswith(per_epoch) and event.step > epoch:
                 return True
         return False
 
