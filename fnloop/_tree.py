@@ -1,9 +1,11 @@
 """Pytree helpers: the one place that knows fnloop's optree namespace.
 
-fnloop's own containers (``TrainState`` and a few optimizer states) are registered with
-optree under the ``"fnloop"`` namespace and with ``torch.utils._pytree`` (which
-``torch.func.vmap`` and ``torch.compile`` use). Every tree operation inside fnloop goes
-through the functions here so a ``TrainState`` is never flattened as a single leaf.
+fnloop's own containers (``TrainState`` and its subclasses, ``reduce_on_plateau``'s state)
+are registered with optree under the ``"fnloop"`` namespace and with
+``torch.utils._pytree`` (which ``torch.func.vmap`` and ``torch.compile`` use). Every tree
+operation inside fnloop goes through the functions here, or passes :data:`NAMESPACE` to
+optree where it needs an option they lack, so a ``TrainState`` is never flattened as a
+single leaf.
 """
 
 from __future__ import annotations
