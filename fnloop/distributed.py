@@ -235,9 +235,10 @@ def gather(obj: T) -> list[T]:
     >>> gather({"a": 1})
     [{'a': 1}]
     """
-    if world_size() == 1:
+    world = world_size()
+    if world == 1:
         return [obj]
-    out: list[Any] = [None] * world_size()
+    out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
 
