@@ -200,7 +200,7 @@ class TensorBoard(EpochLogger):
 
     def start(self, state: TrainState) -> None:
         writer_class = _summary_writer_class()
-        self.finish(None)  # a writer left open by an earlier fit
+        self.finish(None)  # one left open: on_fit_start again without on_fit_end (own loop)
         # The earlier runs' files (the writer below starts one of its own).
         self._earlier = _event_files(self.log_dir) if self.log_dir.is_dir() else []
         self._start = state.epoch

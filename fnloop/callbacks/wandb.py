@@ -78,7 +78,7 @@ class WandB(EpochLogger):
 
     def start(self, state: TrainState) -> None:
         wandb = _import_wandb()
-        self.finish(None)  # a run left open by an earlier fit that raised
+        self.finish(None)  # one left open: on_fit_start again without on_fit_end (own loop)
         self.run = wandb.init(project=self.project, **self.init_kwargs)
 
     def write_row(self, row: Mapping[str, float]) -> None:
