@@ -660,7 +660,8 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
             va, vb = va_all.get(key), vb_all.get(key)
             if key in recomputed and isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
                 continue
-            if _setting(va, inner) != _setting(vb, inner):
+            form_a, form_b = _setting(va, inner), _setting(vb, inner)
+            if form_a != form_b:
                 if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
                     values = "" if _describe(va) != _describe(vb) else " with other values"
                     return (
@@ -679,7 +680,7 @@ def _module_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
                         f"{where}.{key} is {va.__qualname__} in both, capturing or defaulting "
                         f"to {_values(va)} in one and {_values(vb)} in the other"
                     )
-                owners = _owner_difference(_setting(va, inner), _setting(vb, inner))
+                owners = _owner_difference(form_a, form_b)
                 return f"{where}.{key} is {va!r} in one and {vb!r} in the other{owners}"
     return None
 
