@@ -486,9 +486,7 @@ def _class(module: torch.nn.Module) -> type:
     return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
-def _setting(
-    value: Any, inner: frozenset[int] = frozenset(), seen: frozenset[int] = frozenset()
-) -> Any:
+def _setting(value: Any, inner: frozenset[int], seen: frozenset[int] = frozenset()) -> Any:
     """A comparable form of an attribute that may change what forward computes: plain
     values (classes included) and tensors, alone or in tuples, lists and dicts of them,
     by their values, functions by their code, callable objects and dataclass instances
