@@ -468,12 +468,12 @@ class TrainState:
     def clone(self: StateT) -> StateT:
         """A copy whose tensors share no memory with this state's, laid out for speed.
 
-        Each group of tensors keyed like the parameters (the params, the EMA, each
-        optimizer buffer such as Adam's moments) is copied back to back into one buffer
-        per group, so that the ``foreach`` optimizer step of a donating training step
-        (``sgd``/``adam``/``adamw`` where torch's fused kernels do not run: devices
-        other than CPU and CUDA, mixed dtypes) updates it as one tensor instead of one
-        small tensor at a time; channels-last tensors keep their layout. ``fit`` makes
+        Each dict of two or more tensors of one dtype and device (the params, the
+        buffers, the EMA, each optimizer buffer such as Adam's moments) is copied back to
+        back into one buffer, so that the ``foreach`` optimizer step of a donating
+        training step (``sgd``/``adam``/``adamw`` where torch's fused kernels do not run,
+        such as on devices other than CPU and CUDA) updates it as one tensor instead of
+        one small tensor at a time; channels-last tensors keep their layout. ``fit`` makes
         this copy once before it donates; use it before a donating custom loop too, so
         that the step does not write into the module's own tensors.
 
