@@ -114,12 +114,13 @@ def plot_history(
 class PlotHistory(EpochLogger):
     """Saves the training curves of ``state.history`` when ``fit`` ends, also by an error.
 
-    Calls :func:`plot_history` at ``on_fit_end`` (on rank 0; nothing is drawn when no
-    epoch has run). When ``fit`` ends by an exception or Ctrl-C, the plot is drawn on
-    the way out with the epochs ``fit`` finished (those its checkpoints and
-    ``metrics.csv`` hold: an epoch a resumed run will train again is left out), so it
-    does not lag behind them; a draw that fails there does not hide the exception
-    (``fit`` logs the failure as a warning).
+    Calls :func:`plot_history` at ``on_fit_end`` (on rank 0, once the history holds a
+    value: a ``fit`` that trains no epoch, on a finished job, draws the history it got).
+    When ``fit`` ends by an exception or Ctrl-C, the plot is drawn on the way out with
+    the epochs ``fit`` finished (those its checkpoints and ``metrics.csv`` hold: an
+    epoch a resumed run will train again is left out), so it does not lag behind them;
+    a draw that fails there does not hide the exception (``fit`` logs the failure as a
+    warning).
     Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib's
     presence, and that it writes the format of ``path``'s suffix, are checked at
     ``on_fit_start``, so a missing install or a mistyped suffix fails before training,
