@@ -140,7 +140,7 @@ def mean_over_processes(tensors: Params) -> Params:
     dtype and device; others (channels-last, say) keep their memory format.
     """
     world = world_size()
-    if world == 1 or not tensors:
+    if world == 1:
         return dict(tensors)
 
     def mean(flat: torch.Tensor) -> None:
