@@ -397,6 +397,7 @@ def fused_adam_(
     return True
 
 
+@torch.no_grad()  # as torch.optim's step: params that require grad are written too
 def adam_(
     params: TensorList,
     grads: TensorList,
@@ -491,6 +492,23 @@ def sgd_(
         return True
     if isinstance(lr, torch.Tensor):
         return False
+    _sgd_foreach_(params, grads, bufs, first, lr, weight_decay, momentum, dampening, nesterov)
+    return True
+
+
+@torch.no_grad()  # as torch.optim's step: params that require grad are written too
+def _sgd_foreach_(
+    params: TensorList,
+    grads: TensorList,
+    bufs: TensorList | None,
+    first: bool,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> None:
+    """The foreach half of :func:`sgd_`: torch's foreach order, with a number ``lr``."""
     lists = _flat_lists(grads, params, bufs)
     if lists is not None:
         grads, params, bufs = lists  # type: ignore[assignment]
@@ -508,4 +526,3 @@ def sgd_(
         else:
             step = bufs
     torch._foreach_add_(params, step, alpha=-lr)
-    return True

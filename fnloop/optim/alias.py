@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numbers
 
-import torch
-
 from fnloop import _tree
 from fnloop.optim import _foreach
 from fnloop.optim.base import (
@@ -112,7 +110,6 @@ def _fused_sgd(
     constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
-    @torch.no_grad()  # as torch.optim's step: params that require grad are written too
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         # The checks of the chain and its members' updates.
         check_chain_state(state, 3)
@@ -264,7 +261,6 @@ def _fused_adam(
     constant_lr = isinstance(learning_rate, numbers.Real)
     counts, rates = HostValues(int), HostValues(float)
 
-    @torch.no_grad()  # as torch.optim's step: params that require grad are written too
     def apply_(grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
         # The checks of the chain and its members' updates.
         check_chain_state(state, 3)

@@ -394,13 +394,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return _tree.tree_unflatten(treedef, _foreach.add(p_leaves, u_leaves))
 
 
-@torch.no_grad()
 def apply_updates_(params: Params, updates: Updates) -> Params:
     """Like :func:`apply_updates` but writes into ``params``, which the caller gives up
     (under ``torch.no_grad``, as ``torch.optim``'s ``step``: params that require grad, a
     module's own, are written too)."""
     p_leaves, u_leaves, treedef = _aligned_leaves(params, updates)
-    return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
+    with torch.no_grad():
+        return _tree.tree_unflatten(treedef, _foreach.add_(p_leaves, u_leaves))
 
 
 def _aligned_leaves(params: Params, updates: Updates) -> tuple[list[Any], list[Any], Any]:

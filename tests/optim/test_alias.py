@@ -1173,19 +1173,35 @@ def test_apply_under_inference_mode_is_the_update(case: Case) -> None:
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize(
-    ("make", "dtype"),
-    [(optim.rmsprop, torch.float32), (optim.adagrad, torch.float32), (optim.sgd, torch.float16)],
-    ids=["rmsprop", "adagrad", "sgd-float16"],
+    "make",
+    [optim.sgd, lambda lr: optim.sgd(lr, momentum=0.9), optim.adam, optim.adamw, optim.rmsprop],
+    ids=["sgd", "sgd-momentum", "adam", "adamw", "rmsprop"],
 )
 def test_apply_writes_into_params_that_require_grad_as_torch_step_does(make, dtype) -> None:
-    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
-    ref = torch.nn.Parameter(torch.ones(3, dtype=dtype))
-    twin = {optim.rmsprop: RMSprop, optim.adagrad: Adagrad, optim.sgd: SGD}[make]
-    ref.grad = torch.ones(3, dtype=dtype)
-    twin([ref], lr=0.1, foreach=True).step()
+    # A loop over a module's own parameters, as torch.optim's step takes them: fused
+    # kernels (float32) and foreach paths (float16 on the CPU) alike write under no_grad.
     tx = make(0.1)
-    tx.apply_({"w": torch.ones(3, dtype=dtype)}, tx.init({"w": p}), {"w": p})
+    grads = {"w": torch.linspace(-1, 1, 4, dtype=dtype)}  # (no 0: rmsprop float16 gives 0/0)
+    plain = {"w": torch.ones(4, dtype=dtype)}
+    own = {"w": torch.nn.Parameter(torch.ones(4, dtype=dtype))}
+    for params in (plain, own):
+        state = tx.init(params)
+        for _ in range(2):
+            params, state = tx.apply_({"w": grads["w"].clone()}, state, params)
+    assert own["w"].requires_grad and own["w"].grad_fn is None
+    assert torch.equal(own["w"].detach(), plain["w"])
+    assert not torch.equal(plain["w"], torch.ones(4, dtype=dtype))
+
+
+def test_adagrad_apply_writes_into_params_that_require_grad_as_torch_step_does() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    ref = torch.nn.Parameter(torch.ones(3))
+    ref.grad = torch.ones(3)
+    Adagrad([ref], lr=0.1, foreach=True).step()
+    tx = optim.adagrad(0.1)
+    tx.apply_({"w": torch.ones(3)}, tx.init({"w": p}), {"w": p})
     assert torch.equal(p.detach(), ref.detach())
 
 
