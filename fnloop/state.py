@@ -552,6 +552,8 @@ class TrainState:
 
 
 def _is_group(node: Any) -> bool:
+    """A dict that :func:`_clone_group` lays out in one buffer: two or more tensors (one
+    gains nothing) of one dtype on one device (what one buffer holds)."""
     return (
         type(node) is dict
         and len(node) > 1
@@ -561,7 +563,9 @@ def _is_group(node: Any) -> bool:
 
 
 def _clone_group(node: Any) -> Any:
-    """A copy of a tensor, or of a group of same-dtype tensors laid out in one buffer."""
+    """A copy of a tensor, or of a group of same-dtype tensors laid out in one buffer (so
+    that a ``foreach`` step updates it as one tensor; the step's own per-step copies,
+    ``step._copy_group``, are one tensor each, which costs less to make)."""
     if isinstance(node, torch.Tensor):
         return node.clone()
     if type(node) is not dict:  # a subclass's non-tensor leaf (a float): immutable, kept
