@@ -11,7 +11,7 @@ single leaf.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import optree
@@ -194,18 +194,23 @@ def _entry_name(entry: Any) -> str:
     return str(entry.entry)
 
 
+def key_differences(a: Iterable[Any], b: Iterable[Any]) -> tuple[list[Any], list[Any]]:
+    """The keys only in ``a`` and those only in ``b``, each in its sequence's order (the
+    first of each is what a mismatch message names)."""
+    a, b = list(a), list(b)
+    set_a, set_b = set(a), set(b)
+    return [k for k in a if k not in set_b], [k for k in b if k not in set_a]
+
+
 def first_difference(a: Any, b: Any) -> str | None:
     """Describes the first structural difference between two trees, or ``None``."""
     keys_a, _, treedef_a = tree_flatten_with_keys(a)
     keys_b, _, treedef_b = tree_flatten_with_keys(b)
-    set_b = set(keys_b)
-    for k in keys_a:
-        if k not in set_b:
-            return f"'{k}' is present in the first tree but not in the second"
-    set_a = set(keys_a)
-    for k in keys_b:
-        if k not in set_a:
-            return f"'{k}' is present in the second tree but not in the first"
+    only_a, only_b = key_differences(keys_a, keys_b)
+    if only_a:
+        return f"'{only_a[0]}' is present in the first tree but not in the second"
+    if only_b:
+        return f"'{only_b[0]}' is present in the second tree but not in the first"
     if treedef_a != treedef_b:
         return "the trees have the same keys but different node types"
     return None

@@ -683,9 +683,7 @@ def _check_structure(
             f"build `like` on one device, all on meta (TrainState.create(..., "
             f"device='meta')) or all on the device to train on."
         )
-    missing = [k for k in keys if k not in saved]
-    key_set = set(keys)
-    unexpected = [k for k in saved if k not in key_set]
+    missing, unexpected = _tree.key_differences(keys, saved)
     if missing or unexpected:
         parts = []
         for names, where in (

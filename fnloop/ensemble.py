@@ -189,9 +189,7 @@ _FIELD_FIX = {
 
 def _structure_difference(i: int, paths0: list[str], paths: list[str]) -> str:
     """Names the first leaf that ``states[i]`` and ``states[0]`` do not share, and why."""
-    set0, set_i = set(paths0), set(paths)
-    only0 = [p for p in paths0 if p not in set_i]
-    only_i = [p for p in paths if p not in set0]
+    only0, only_i = _tree.key_differences(paths0, paths)
     if only0:
         where = f"'{only0[0]}' is in states[0] but not in states[{i}]"
     elif only_i:
