@@ -24,12 +24,13 @@ def check_precision(precision: object) -> None:
         raise ValueError(f"precision must be None, 'bf16' or 'fp16'; got {precision!r}.")
 
 
-def warn_if_no_effect(precision: Precision, weight: torch.Tensor | None) -> None:
+def warn_if_no_effect(precision: Literal["bf16", "fp16"], weight: torch.Tensor | None) -> None:
     """Warns (once per call site) that ``precision`` does not lower float64 weights'
     operations: autocast runs only float32 operations in lower precision (an fp16 loss
     scale still scales the loss). ``weight``: the model's first trainable parameter, or
-    ``None`` (no warning). Eager steps call this; compiled ones do not."""
-    if precision is not None and weight is not None and weight.dtype == torch.float64:
+    ``None`` (no warning). Eager steps with a ``precision`` call this; compiled ones do
+    not (their check keeps dynamo from tracing the call)."""
+    if weight is not None and weight.dtype == torch.float64:
         warnings.warn(
             f"precision={precision!r} does not lower this float64 model's operations: "
             f"autocast runs only float32 operations in {precision}, so the model computes "
