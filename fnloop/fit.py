@@ -1304,7 +1304,7 @@ class _Run:
         if not resume:
             self.set_aside_checkpoints("resume=False")
         position, rng = self.restore() if resume else (None, None)
-        if self.state.params and self.state.device.type == "meta":
+        if self.state.device.type == "meta":  # (a state without params raises here)
             raise ValueError(
                 "fit got a state on the meta device, which holds no values, and found no "
                 "checkpoint in out_dir to load into it. Make the state on the device to "

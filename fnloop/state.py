@@ -494,8 +494,16 @@ class TrainState:
 
     @property
     def device(self) -> torch.device:
-        """The device of the parameters."""
-        return next(iter(self.params.values())).device
+        """The device of the parameters.
+
+        Raises:
+          ValueError: ``params`` is empty (a state made with ``replace`` or the
+            constructor; ``create`` refuses a module with nothing to train).
+        """
+        first = next(iter(self.params.values()), None)
+        if first is None:
+            raise ValueError(NO_PARAMS_MSG)
+        return first.device
 
     def __repr__(self) -> str:
         """A one-line summary; the tensors themselves are in ``params``, ``opt_state``, ...
@@ -593,6 +601,12 @@ def _channels_last_strides(t: torch.Tensor) -> tuple[int, ...] | None:
             return t.stride()
     return None
 
+
+NO_PARAMS_MSG = (
+    "This TrainState has no parameters (state.params is empty), so it has no device and "
+    "nothing to train. Keep at least one trainable tensor in params (check the filter of "
+    "a state.replace(params=...)), or make the state with TrainState.create(module, ...)."
+)
 
 _STATIC = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainState))

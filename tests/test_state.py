@@ -638,3 +638,16 @@ def test_clone_copies_a_4d_tensor_of_another_strided_layout_into_its_group() -> 
     for group in (copy.params, copy.ema):
         for name, t in group.items():
             assert torch.equal(t, want[name])
+
+
+def test_a_state_without_params_says_so_instead_of_stopiteration() -> None:
+    """``state.device`` of an empty ``params`` (a ``replace`` whose filter kept nothing)
+    raised a bare ``StopIteration``, which a train step, an eval step and ``fit`` let out
+    with no message."""
+    state = fl.TrainState.create(nn.Linear(2, 1), tx=optim.sgd(0.1), device="cpu")
+    empty = state.replace(params={k: v for k, v in state.params.items() if k == "head"})
+    with pytest.raises(ValueError, match=r"no parameters \(state.params is empty\)"):
+        _ = empty.device
+    step = fl.make_train_step(lambda model, batch: {"loss": model(batch).sum()})
+    with pytest.raises(ValueError, match="no parameters"):
+        step(empty, torch.ones(1, 2))
