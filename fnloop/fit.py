@@ -56,6 +56,7 @@ from fnloop.step import (
     StepFn,
     TrainStep,
     TrainStepFn,
+    _frozen,
     all_finite,
     made_step,
     make_eval_step,
@@ -929,7 +930,7 @@ def _window_mean(state: TrainState) -> TrainState:
     Otherwise ``state`` itself."""
     if state.grad_accum is None or world_size() == 1:
         return state
-    frozen = {n for n, p in state.module.named_parameters() if not p.requires_grad}
+    frozen = _frozen(state.module)
     grads, buffers, _, _ = mean_grads_and_buffers(state.grad_accum, state.buffers, frozen)
     return state.replace(grad_accum=grads, buffers=buffers)
 

@@ -428,6 +428,31 @@ def test_frozen_parameters_are_not_averaged(monkeypatch) -> None:
     assert {"grad/3.weight", "buffer/1.running_mean", "extra/loss"} <= set(reduced)
 
 
+def test_fit_averages_an_open_window_without_the_frozen_parameters(monkeypatch) -> None:
+    """fit's mean of an open accumulation window (a second fit, or a checkpoint) leaves
+    the frozen parameters out as the step does."""
+    import fnloop.distributed
+    from fnloop.fit import _window_mean
+
+    reduced: list[str] = []
+
+    def spy(tensors):
+        reduced.extend(tensors)
+        return dict(tensors)
+
+    # (fnloop.fit is the function: the module is found by its name.)
+    monkeypatch.setattr(sys.modules["fnloop.fit"], "world_size", lambda: 2)
+    monkeypatch.setattr(fnloop.distributed, "mean_over_processes", spy)
+    module = ddp_job.with_bn()
+    module[0].requires_grad_(False)
+    state = fl.TrainState.create(module, tx=ddp_job.tx())
+    state, _ = fl.make_train_step(ddp_job.classify, accumulation_steps=2)(state, ddp_job.data(8))
+    assert state.grad_accum is not None
+    _window_mean(state)
+    assert "buffer/0.weight" not in reduced and "grad/0.weight" not in reduced
+    assert {"grad/3.weight", "buffer/1.running_mean"} <= set(reduced)
+
+
 @pytest.mark.parametrize("world", [2, 10, 12])
 def test_skipping_keeps_finite_metrics_with_any_number_of_processes(monkeypatch, world) -> None:
     """Whether a metric is finite everywhere rides on the gradients' all-reduce: a mean
