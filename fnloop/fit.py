@@ -1547,7 +1547,7 @@ class _Run:
             }
         if position is None:
             self.epoch_rng = self.rng_state()
-            self.means = MetricMeans(finite_only=self.train_step.on_nonfinite == "skip")
+            self.means = MetricMeans(finite_only=self.means.finite_only)  # a fresh one alike
         elif self.epoch_rng is not None:
             self.set_rng_state(self.epoch_rng)
         lrs_before, skipped_before = self.epoch_start["lrs"], self.epoch_start["skipped"]
