@@ -415,16 +415,25 @@ def _is_empty(tree: Any) -> bool:
     return isinstance(tree, tuple) and not tree
 
 
+def _check_option_state(
+    state: OptState, kind: type, field: str, option: str, on: bool, transform: str
+) -> None:
+    """Raises ``ValueError`` unless ``state`` is a ``kind`` whose ``field`` is filled
+    exactly when ``option`` is ``on`` (as ``transform``'s init makes it)."""
+    if isinstance(state, kind) and _is_empty(getattr(state, field)) != on:
+        return
+    name = f"{transform} with {option}={on}"
+    check_state(state, kind, name)
+    got = f"a {kind.__name__} made with {option}={not on}"
+    expected = f"one {'with' if on else 'without'} {field}"
+    raise ValueError(STATE_MSG.format(name=name, got=got, expected=expected))
+
+
 def check_adam_state(state: OptState, amsgrad: bool) -> None:
     """Raises ``ValueError`` unless ``state`` is what ``scale_by_adam(amsgrad=amsgrad)``'s
     init makes (a ``ScaleByAdamState`` with ``nu_max`` exactly when ``amsgrad``)."""
-    if isinstance(state, ScaleByAdamState) and _is_empty(state.nu_max) != amsgrad:
-        return
-    name = f"scale_by_adam (adam, adamw) with amsgrad={amsgrad}"
-    check_state(state, ScaleByAdamState, name)
-    got = f"a ScaleByAdamState made with amsgrad={not amsgrad}"
-    expected = f"one {'with' if amsgrad else 'without'} nu_max"
-    raise ValueError(STATE_MSG.format(name=name, got=got, expected=expected))
+    transform = "scale_by_adam (adam, adamw)"
+    _check_option_state(state, ScaleByAdamState, "nu_max", "amsgrad", amsgrad, transform)
 
 
 def scale_by_adam(
@@ -638,13 +647,8 @@ class ScaleByRmsState(NamedTuple):
 
 def _check_rms_state(state: OptState, centered: bool) -> None:
     """As :func:`check_adam_state`, for ``scale_by_rms(centered=centered)``."""
-    if isinstance(state, ScaleByRmsState) and _is_empty(state.grad_avg) != centered:
-        return
-    name = f"scale_by_rms (rmsprop) with centered={centered}"
-    check_state(state, ScaleByRmsState, name)
-    got = f"a ScaleByRmsState made with centered={not centered}"
-    expected = f"one {'with' if centered else 'without'} grad_avg"
-    raise ValueError(STATE_MSG.format(name=name, got=got, expected=expected))
+    transform = "scale_by_rms (rmsprop)"
+    _check_option_state(state, ScaleByRmsState, "grad_avg", "centered", centered, transform)
 
 
 def scale_by_rms(
