@@ -22,7 +22,7 @@ from fnloop.distributed import gather, mean_over_processes, world_size
 from fnloop.ensemble import stacked_models
 from fnloop.optim.base import scalar_dtype
 from fnloop.state import StateT, TrainState
-from fnloop.step import EvalStepFn, TrainStepFn
+from fnloop.step import EvalStep, EvalStepFn, TrainStep, TrainStepFn, made_step
 from fnloop.typing import Batch, EpochMeans, Metrics
 
 BatchSize = int | Callable[[Batch], int] | None
@@ -373,11 +373,13 @@ def _empty_loader_error(loader: Iterable[Any], split: str) -> ValueError:
 
 def _call_step(step: Callable[..., Any], state: TrainState, batch: Batch, arg: str) -> Any:
     """``step(state, batch)``; a user's ``(model, batch)`` function passed in place of a
-    made step fails calling the state as a module, and the error says what to pass."""
+    made step fails calling the state as a module, and the error says what to pass (a
+    made step's own function calling a state, a teacher's say, is another mistake)."""
     try:
         return step(state, batch)
     except TypeError as e:
-        if str(e) != f"'{type(state).__name__}' object is not callable":
+        made = made_step(step, TrainStep) is not None or made_step(step, EvalStep) is not None
+        if made or str(e) != f"'{type(state).__name__}' object is not callable":
             raise
         maker = "make_train_step" if arg == "train_epoch" else "make_eval_step"
         fn = getattr(step, "__qualname__", None) or type(step).__name__

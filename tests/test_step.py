@@ -1108,6 +1108,23 @@ def test_train_and_validate_epoch_given_the_users_function_say_to_make_a_step():
         fl.train_epoch(state, fl.make_train_step(lambda m, b: m(*b)), data)
 
 
+def test_a_made_step_whose_function_calls_a_state_is_not_taken_for_the_users_function():
+    """A made step passed to train_epoch / validate_epoch whose own function calls a
+    state (a teacher's, by mistake) raised the "called the state it got as its model"
+    error meant for the user's function passed in place of a made step."""
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    teacher = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+
+    def distill(model, batch):
+        x, _ = batch
+        return {"loss": (model(x) - teacher(x)).pow(2).mean()}
+
+    data = batches(1)
+    for run, make in ((fl.train_epoch, fl.make_train_step), (fl.validate_epoch, fl.make_eval_step)):
+        with pytest.raises(TypeError, match=r"^'TrainState' object is not callable$"):
+            run(state, make(distill), data)
+
+
 def test_a_wrapper_of_a_made_step_taken_for_the_users_function_says_to_mark_it():
     """fit runs a wrapper of a made step as given only when it keeps the step in
     __wrapped__; a plain one (to time or log each step) was called as the user's (model,
