@@ -1,6 +1,7 @@
 """GPU checks in one run (<= 5 minutes on one GPU): correctness, AMP, no host syncs, speed.
 
-Usage: python benchmarks/gpu.py [--out FILE.md] [--quick]
+Usage: python benchmarks/gpu.py [--out FILE.md] [--quick] [--no-compile] [--only CHECK ...]
+[--device cpu]
 
 1. CUDA correctness: fnloop's optimizers and train step against torch.optim and a
    hand-written loop on the GPU (float32, tight tolerances); the fused in-place update
@@ -13,11 +14,18 @@ Usage: python benchmarks/gpu.py [--out FILE.md] [--quick]
    models at once with vmap vs 32 sequential hand loops, and CUDA kernels per step.
 
 Each check is reported (``FAIL`` with the error) and the script goes on.
+
+``--device cpu`` runs the same checks on the CPU, so that CI catches a renamed helper or
+a changed signature before a GPU session does: everything but the CUDA-only parts, which
+print ``SKIP`` rows (the sync debug mode: the steps run, unchecked; the compiled sync
+config; the CUDA kernel count). With ``--quick`` the benchmarks there run one block of
+two steps: their code, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import platform
@@ -26,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,7 +47,6 @@ import fnloop as fl
 from fnloop import optim
 from fnloop.optim import _foreach
 
-DEV = torch.device("cuda")
 LINES: list[str] = []
 
 
@@ -90,18 +97,24 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
 }
 
 
-def make_batch(shape: tuple[int, ...], b: int, seed: int = 0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
+def make_batch(shape: tuple[int, ...], b: int, dev: torch.device, seed: int = 0):
+    g = torch.Generator(device=dev).manual_seed(seed)
     return (
-        torch.randn(b, *shape, device=DEV, generator=g),
-        torch.randint(0, 10, (b,), device=DEV, generator=g),
+        torch.randn(b, *shape, device=dev, generator=g),
+        torch.randint(0, 10, (b,), device=dev, generator=g),
     )
+
+
+def _synchronize(dev: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); CPU work is done when the call returns."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- 1. correctness
 
 
-def check_optimizers() -> None:
+def check_optimizers(dev: torch.device) -> None:
     torch.manual_seed(0)
     rows = [
         ("adamw", lambda: optim.adamw(1e-2), lambda p: torch.optim.AdamW(p, 1e-2, foreach=True)),
@@ -127,7 +140,7 @@ def check_optimizers() -> None:
         ),
     ]
     for name, mk, mk_torch in rows:
-        p0 = {"w": torch.randn(64, 32, device=DEV), "b": torch.randn(32, device=DEV)}
+        p0 = {"w": torch.randn(64, 32, device=dev), "b": torch.randn(32, device=dev)}
         tp = [nn.Parameter(v.clone()) for v in p0.values()]
         opt = mk_torch(tp)
         tx = mk()
@@ -148,7 +161,7 @@ def check_optimizers() -> None:
         )
 
 
-def check_train_step() -> None:
+def check_train_step(dev: torch.device) -> None:
     """CNN+BN with clipping and AdamW against hand loops (both torch.optim kernels), with
     cuDNN's deterministic algorithms: its default conv backward sums in a varying order,
     and 20 Adam steps magnify that noise past any tight bound."""
@@ -156,10 +169,10 @@ def check_train_step() -> None:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         torch.manual_seed(0)
-        module = cnn().to(DEV)
-        data = [make_batch((1, 8, 8), 64, seed=i) for i in range(20)]
+        module = cnn().to(dev)
+        data = [make_batch((1, 8, 8), 64, dev, seed=i) for i in range(20)]
         state = fl.TrainState.create(
-            module, tx=optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3)), device=DEV
+            module, tx=optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3)), device=dev
         )
         step = fl.make_train_step(classify)
         for b in data:
@@ -188,7 +201,7 @@ def check_train_step() -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
-def check_compiled_schedule() -> None:
+def check_compiled_schedule(dev: torch.device) -> None:
     """A compiled donating step with a schedule advances the rate (0-d leaves come back new:
     on the CPU dynamo dropped writes into 0-d float64 inputs) and matches the eager pure
     step; compiled twice over 6 steps: two graphs (step 0, later steps), no more."""
@@ -196,12 +209,12 @@ def check_compiled_schedule() -> None:
 
     torch.manual_seed(0)
     tx = optim.adamw(optim.exponential_schedule(1e-2, 0.5))
-    state = fl.TrainState.create(mlp().to(DEV), tx=tx, ema_decay=0.9, device=DEV).clone()
+    state = fl.TrainState.create(mlp().to(dev), tx=tx, ema_decay=0.9, device=dev).clone()
     counter = CompileCounter()
     compiled = torch.compile(fl.make_train_step(training_step, donate=True), backend=counter)
     eager_step, eager, donated = fl.make_train_step(training_step), state, state.clone()
     for i in range(6):
-        b = make_batch((784,), 128, seed=i)
+        b = make_batch((784,), 128, dev, seed=i)
         eager, _ = eager_step(eager, b)
         donated, _ = compiled(donated, b)
     lr = float(optim.learning_rates(donated.opt_state)[0])
@@ -219,9 +232,9 @@ def _max_diff(a: dict[str, torch.Tensor], ref: nn.Module) -> float:
     return max((a[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
 
 
-def check_fused_update() -> None:
-    """The in-place update (torch's fused CUDA kernels) against ``fused=True`` torch.optim,
-    pure and donating; and with a schedule against fnloop's foreach order."""
+def check_fused_update(dev: torch.device) -> None:
+    """The in-place update (torch's fused CUDA or CPU kernels) against ``fused=True``
+    torch.optim, pure and donating; and with a schedule against fnloop's foreach order."""
     rows = [
         (
             "adamw",
@@ -243,14 +256,14 @@ def check_fused_update() -> None:
         ),
         ("sgd", lambda: optim.sgd(1e-1), torch.optim.SGD, dict(lr=1e-1)),
     ]
-    data = [make_batch((784,), 128, seed=i) for i in range(20)]
+    data = [make_batch((784,), 128, dev, seed=i) for i in range(20)]
     for name, mk, opt_cls, kw in rows:
         for donate in (False, True):
             torch.manual_seed(0)
-            module = mlp().to(DEV)
+            module = mlp().to(dev)
             ref = copy.deepcopy(module)
             opt = opt_cls(ref.parameters(), fused=True, **kw)
-            state = fl.TrainState.create(module, tx=mk(), device=DEV)
+            state = fl.TrainState.create(module, tx=mk(), device=dev)
             state = state.clone() if donate else state
             step = fl.make_train_step(training_step, donate=donate)
             for b in data:
@@ -270,7 +283,7 @@ def check_fused_update() -> None:
     )
     lrs = [float(sched(torch.tensor(k))) for k in range(len(data))]
     torch.manual_seed(0)
-    module = mlp().to(DEV)
+    module = mlp().to(dev)
     tol = {"fused": 1e-6, "foreach": 1e-5}  # the same kernel; the same math, another order
     for kernel in ("fused", "foreach"):
         ref = copy.deepcopy(module)
@@ -279,7 +292,7 @@ def check_fused_update() -> None:
         if kernel == "foreach":  # fnloop's foreach order with host scalars
             _foreach._fusable = lambda *lists: False
         try:
-            state = _side_by_side(module, optim.adamw(sched), ref, opt, data, lrs)
+            state = _side_by_side(module, optim.adamw(sched), ref, opt, data, lrs, dev)
         finally:
             _foreach._fusable = saved
         worst = _max_diff(state.params, ref)
@@ -290,17 +303,17 @@ def check_fused_update() -> None:
     ref = copy.deepcopy(module)
     opt = torch.optim.SGD(ref.parameters(), lrs[0], momentum=0.9, nesterov=True, fused=True)
     tx = optim.sgd(sched, momentum=0.9, nesterov=True)
-    state = _side_by_side(module, tx, ref, opt, data, lrs)
+    state = _side_by_side(module, tx, ref, opt, data, lrs, dev)
     worst = _max_diff(state.params, ref)
     report(
         f"| fused update sgd nesterov(schedule) vs torch.optim fused=True, lr set per step, 20 steps | max abs diff {worst:.2e} | {'ok' if worst < 1e-6 else 'FAIL'} |"
     )
 
 
-def _side_by_side(module, tx, ref, opt, data, lrs) -> fl.TrainState:
+def _side_by_side(module, tx, ref, opt, data, lrs, dev) -> fl.TrainState:
     """A donating fnloop step with ``tx`` on ``module`` and the hand loop on ``ref`` with
     ``opt`` (its rate set to ``lrs[k]`` before step ``k``), over ``data``; fnloop's state."""
-    state = fl.TrainState.create(module, tx=tx, device=DEV).clone()
+    state = fl.TrainState.create(module, tx=tx, device=dev).clone()
     step = fl.make_train_step(training_step, donate=True)
     for k, b in enumerate(data):
         opt.param_groups[0]["lr"] = lrs[k]
@@ -311,8 +324,8 @@ def _side_by_side(module, tx, ref, opt, data, lrs) -> fl.TrainState:
     return state
 
 
-def check_fit_resume() -> None:
-    """``fit`` on CUDA: 2 epochs straight vs 1 epoch, then a re-run resuming to 2."""
+def check_fit_resume(dev: torch.device) -> None:
+    """``fit`` on ``dev``: 2 epochs straight vs 1 epoch, then a re-run resuming to 2."""
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
@@ -324,7 +337,7 @@ def check_fit_resume() -> None:
 
     def run(out_dir: Path, max_epochs: int) -> fl.TrainState:
         torch.manual_seed(0)
-        state = fl.TrainState.create(cnn(), tx=optim.adamw(1e-3), device=DEV, ema_decay=0.99)
+        state = fl.TrainState.create(cnn(), tx=optim.adamw(1e-3), device=dev, ema_decay=0.99)
         return fl.fit(
             state,
             fl.make_train_step(classify, precision="bf16"),
@@ -343,34 +356,35 @@ def check_fit_resume() -> None:
         same = resumed.step == straight.step and all(
             torch.equal(resumed.params[n], p) for n, p in straight.params.items()
         )
-        on_gpu = all(p.is_cuda for p in resumed.params.values())
+        on_dev = all(p.device.type == dev.type for p in resumed.params.values())
         files = sorted(p.name for p in (Path(tmp) / "resumed").iterdir())
-    ok = same and on_gpu
+    ok = same and on_dev
+    where = "the GPU" if dev.type == "cuda" else dev.type
     report(
-        f"| fit on CUDA (bf16, EMA): 1 epoch + resume to 2 vs 2 straight | params equal: {same}, on the GPU: {on_gpu}; run folder {files} | {'ok' if ok else 'FAIL'} |"
+        f"| fit on {dev.type.upper()} (bf16, EMA): 1 epoch + resume to 2 vs 2 straight | params equal: {same}, on {where}: {on_dev}; run folder {files} | {'ok' if ok else 'FAIL'} |"
     )
 
 
 # ----------------------------------------------------------------------------- 2. AMP
 
 
-def check_amp() -> None:
+def check_amp(dev: torch.device) -> None:
     for precision in ("bf16", "fp16"):
         torch.manual_seed(0)
-        module = mlp().to(DEV)
-        state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV)
+        module = mlp().to(dev)
+        state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=dev)
         step = fl.make_train_step(classify, precision=precision)
         ref = copy.deepcopy(module)
         opt = torch.optim.AdamW(ref.parameters(), 1e-3, foreach=True)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
         losses, ref_losses = [], []
         for i in range(30):
-            b = make_batch((784,), 128, seed=i)
+            b = make_batch((784,), 128, dev, seed=i)
             state, m = step(state, b)
             losses.append(m["loss"])
             opt.zero_grad()
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast(dev.type, dtype=dtype):
                 loss = F.cross_entropy(ref(b[0]), b[1])
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -401,7 +415,7 @@ def _sync_site(err: BaseException) -> str:
     return f"sync at {Path(f.filename).name}:{f.lineno} `{(f.line or '').strip()[:70]}`"
 
 
-def check_no_sync() -> None:
+def check_no_sync(dev: torch.device) -> None:
     sched = optim.join_schedules(
         [optim.linear_schedule(1e-3, 0.1, 1.0, 10), optim.cosine_schedule(1e-3, 100)], [10]
     )
@@ -425,12 +439,16 @@ def check_no_sync() -> None:
             dict(precision="fp16", on_nonfinite="skip"),
         ),
     ]
-    batches = [make_batch((1, 8, 8), 64, seed=i) for i in range(8)]
+    batches = [make_batch((1, 8, 8), 64, dev, seed=i) for i in range(8)]
     everything = configs[-1]
     configs.append(("compiled, donate=True: " + everything[0], everything[1], everything[2]))
     for name, create_kw, step_kw in configs:
+        skipped = f"| no host sync: {name} (train + eval steps) | skipped on {dev.type} | SKIP |"
+        if name.startswith("compiled") and dev.type != "cuda":  # not worth a CPU inductor compile
+            report(skipped)
+            continue
         torch.manual_seed(0)
-        state = fl.TrainState.create(cnn().to(DEV), device=DEV, **create_kw)
+        state = fl.TrainState.create(cnn().to(dev), device=dev, **create_kw)
         state = state.clone()
         step = fl.make_train_step(classify, **step_kw)
         eval_step = fl.make_eval_step(classify)
@@ -444,47 +462,66 @@ def check_no_sync() -> None:
         for b in batches[:3]:  # warm-up: first calls read host values, compile
             state, m = step(state, b)
             eval_step(state, b)
-        torch.cuda.synchronize()
+        _synchronize(dev)
         ok, msg = True, "no sync"
         for phase in ("train step", "eval step"):
             try:
-                torch.cuda.set_sync_debug_mode("error")
-                for b in batches[3:]:
-                    if phase == "train step":
-                        state, m = step(state, b)
-                        means.add(m, 64)
-                    else:
-                        means.add(eval_step(state, b), 64)
+                with _sync_errors(dev):
+                    for b in batches[3:]:
+                        if phase == "train step":
+                            state, m = step(state, b)
+                            means.add(m, 64)
+                        else:
+                            means.add(eval_step(state, b), 64)
             except RuntimeError as e:
                 ok, msg = False, f"{phase}: {_sync_site(e)}"
                 break
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        report(f"| no host sync: {name} (train + eval steps) | {msg} | {'ok' if ok else 'FAIL'} |")
+        if dev.type != "cuda":  # the steps ran (API drift shows), unchecked for syncs
+            report(skipped)
+        else:
+            report(
+                f"| no host sync: {name} (train + eval steps) | {msg} | {'ok' if ok else 'FAIL'} |"
+            )
+
+
+@contextlib.contextmanager
+def _sync_errors(dev: torch.device) -> Iterator[None]:
+    """On CUDA, a host sync in the block raises a RuntimeError (the sync debug mode
+    "error"); other devices have no such mode: the block just runs."""
+    if dev.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # ----------------------------------------------------------------------------- 4. speed
 
 
-def time_blocks(fns: dict[str, Callable[[], None]], blocks: int, steps: int) -> dict[str, float]:
+def time_blocks(
+    fns: dict[str, Callable[[], None]], blocks: int, steps: int, dev: torch.device
+) -> dict[str, float]:
     """The median µs per call of each of ``fns``, over ``blocks`` timed blocks of ``steps``
-    calls each, synchronized before and after. Every one first runs one untimed block (a
-    warm-up of the same length for all), then the blocks interleave with the order rotated
-    every round (A B C, B C A, ...), as in ``benchmarks/step.py``."""
+    calls each, synchronized (on CUDA) before and after. Every one first runs one untimed
+    block (a warm-up of the same length for all), then the blocks interleave with the order
+    rotated every round (A B C, B C A, ...), as in ``benchmarks/step.py``."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for fn in fns.values():
         for _ in range(steps):
             fn()
-    torch.cuda.synchronize()
+    _synchronize(dev)
     for i in range(blocks):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             fn = fns[name]
-            torch.cuda.synchronize()
+            _synchronize(dev)
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
-            torch.cuda.synchronize()
+            _synchronize(dev)
             times[name].append((time.perf_counter() - t) / steps * 1e6)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -505,7 +542,7 @@ def hand_steps(module: nn.Module, batch: tuple) -> dict[str, Callable[[], None]]
     return fns
 
 
-def bench_steps(blocks: int, compile_too: bool) -> None:
+def bench_steps(dev: torch.device, blocks: int, steps: int, compile_too: bool) -> None:
     report("")
     report(
         "Ratios are to the hand loop with `torch.optim.AdamW(foreach=True)`; the step is "
@@ -519,15 +556,15 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
     for name, (mk, shape, b) in MODELS.items():
         torch._dynamo.reset()  # each model's two compiled steps get dynamo's full cache
         torch.manual_seed(0)
-        module = mk().to(DEV)
-        batch = make_batch(shape, b)
+        module = mk().to(dev)
+        batch = make_batch(shape, b, dev)
         fns = {f"hand {k}": fn for k, fn in hand_steps(module, batch).items()}
         holder: dict[str, fl.TrainState] = {}
 
         def add(key: str, donate: bool, compiled: bool) -> None:
             step = fl.make_train_step(training_step, donate=donate)
             step = torch.compile(step) if compiled else step
-            state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV)
+            state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=dev)
             holder[key] = state.clone() if donate else state
 
             def run() -> None:
@@ -542,7 +579,7 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
         if compile_too:
             add("compiled", False, True)
             add("compiled donate", True, True)
-        med = time_blocks(fns, blocks, 50)
+        med = time_blocks(fns, blocks, steps, dev)
         base = med["hand foreach"]
         cells = [f"{base:.0f}"] + [
             f"{med[k]:.0f} ({med[k] / base:.2f})" if k in med else "-"
@@ -551,18 +588,18 @@ def bench_steps(blocks: int, compile_too: bool) -> None:
         report(f"| {name} | {' | '.join(cells)} |")
 
 
-def count_kernels() -> None:
+def count_kernels(dev: torch.device) -> None:
     """CUDA kernels launched per step (tiny MLP), from the profiler: eager GPU steps of
     small models are launch-bound, so this count drives their time."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    module = tiny_mlp().to(DEV)
-    batch = make_batch((32,), 32)
+    module = tiny_mlp().to(dev)
+    batch = make_batch((32,), 32, dev)
     fns = {f"hand loop, AdamW({k}=True)": fn for k, fn in hand_steps(module, batch).items()}
     for donate in (False, True):
         step = fl.make_train_step(training_step, donate=donate)
-        box = {"s": fl.TrainState.create(module, tx=optim.adamw(1e-3), device=DEV).clone()}
+        box = {"s": fl.TrainState.create(module, tx=optim.adamw(1e-3), device=dev).clone()}
 
         def run(step: Callable = step, box: dict = box) -> None:
             box["s"], _ = step(box["s"], batch)
@@ -583,11 +620,11 @@ def count_kernels() -> None:
     report(f"CUDA kernels per step, tiny MLP: {'; '.join(cells)}.")
 
 
-def bench_vmap(blocks: int) -> None:
+def bench_vmap(dev: torch.device, blocks: int, steps: int) -> None:
     n = 32
     torch.manual_seed(0)
-    modules = [tiny_mlp().to(DEV) for _ in range(n)]
-    batch = make_batch((32,), 32)
+    modules = [tiny_mlp().to(dev) for _ in range(n)]
+    batch = make_batch((32,), 32, dev)
     opts = [torch.optim.AdamW(m.parameters(), 1e-3, foreach=True) for m in modules]
 
     def hand() -> None:
@@ -601,14 +638,14 @@ def bench_vmap(blocks: int) -> None:
     )
     holder = {
         "s": fl.stack_states(
-            [fl.TrainState.create(m, tx=optim.adamw(1e-3), device=DEV) for m in modules]
+            [fl.TrainState.create(m, tx=optim.adamw(1e-3), device=dev) for m in modules]
         )
     }
 
     def vm() -> None:
         holder["s"], _ = step(holder["s"], batch)
 
-    med = time_blocks({"hand": hand, "vmap": vm}, blocks, 10)
+    med = time_blocks({"hand": hand, "vmap": vm}, blocks, steps, dev)
     report("")
     report(
         f"| {n} tiny MLPs | 32 sequential hand loops {med['hand']:.0f} µs | vmapped fnloop step {med['vmap']:.0f} µs | speed-up {med['hand'] / med['vmap']:.1f}x |"
@@ -621,18 +658,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="run only these checks (names)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py needs a CUDA GPU")
-    report(
-        f"## GPU: {torch.cuda.get_device_name()} — torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}"
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: every check that can run there (the CUDA-only ones print SKIP)",
     )
-    report("")
-    report("| check | result | status |")
-    report("|---|---|---|")
-    t0 = time.time()
-    blocks = 5 if args.quick else 15
-    checks: list[Callable[[], None]] = [
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py needs a CUDA GPU (or --device cpu)")
+    blocks, steps, vmap_steps = (5 if args.quick else 15), 50, 10
+    if dev.type == "cpu" and args.quick:  # the benchmarks' code paths, not a measurement
+        blocks, steps, vmap_steps = 1, 2, 2
+    checks: list[Callable[[torch.device], None]] = [
         check_optimizers,
         check_train_step,
         check_fused_update,
@@ -640,19 +679,34 @@ def main() -> None:
         check_fit_resume,
         check_amp,
         check_no_sync,
-        functools.partial(bench_steps, blocks, compile_too=not args.no_compile),
-        functools.partial(bench_vmap, blocks),
+        functools.partial(bench_steps, blocks=blocks, steps=steps, compile_too=not args.no_compile),
+        functools.partial(bench_vmap, blocks=blocks, steps=vmap_steps),
         count_kernels,
     ]
-    for check in checks:
-        if args.only and getattr(check, "func", check).__name__ not in args.only:
+    cuda_only = (count_kernels,)  # from the CUDA profiler's kernel events
+    names = [getattr(check, "func", check).__name__ for check in checks]
+    if dev.type == "cuda":
+        report(
+            f"## GPU: {torch.cuda.get_device_name()} — torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}"
+        )
+    else:
+        report(
+            f"## CPU: {platform.processor() or platform.machine()} — torch {torch.__version__}, Python {platform.python_version()}"
+        )
+    report("")
+    report("| check | result | status |")
+    report("|---|---|---|")
+    t0 = time.time()
+    for name, check in zip(names, checks):
+        if args.only and name not in args.only:
+            continue
+        if dev.type != "cuda" and check in cuda_only:
+            report(f"| {name} | skipped on {dev.type} | SKIP |")
             continue
         try:
-            check()
+            check(dev)
         except Exception as e:  # report and go on: one run has to show everything
-            report(
-                f"| {getattr(check, 'func', check).__name__} | {type(e).__name__}: {str(e)[:300]} | FAIL |"
-            )
+            report(f"| {name} | {type(e).__name__}: {str(e)[:300]} | FAIL |")
             traceback.print_exc()
         if args.out:
             Path(args.out).write_text("\n".join(LINES) + "\n")
