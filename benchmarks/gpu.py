@@ -13,7 +13,8 @@ Usage: python benchmarks/gpu.py [--out FILE.md] [--quick] [--no-compile] [--only
 4. The step benchmark on the GPU: fnloop vs the hand loop, eager and compiled, plus 32
    models at once with vmap vs 32 sequential hand loops, and CUDA kernels per step.
 
-Each check is reported (``FAIL`` with the error) and the script goes on.
+Each check is reported (``FAIL`` with the error) and the script goes on; it exits with
+status 1 at the end if any check failed.
 
 ``--device cpu`` runs the same checks on the CPU, so that CI catches a renamed helper or
 a changed signature before a GPU session does: everything but the CUDA-only parts, which
@@ -685,6 +686,8 @@ def main() -> None:
     ]
     cuda_only = (count_kernels,)  # from the CUDA profiler's kernel events
     names = [getattr(check, "func", check).__name__ for check in checks]
+    if args.only and set(args.only) - set(names):
+        ap.error(f"unknown checks {sorted(set(args.only) - set(names))}; the checks: {names}")
     if dev.type == "cuda":
         report(
             f"## GPU: {torch.cuda.get_device_name()} — torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}"
@@ -714,6 +717,8 @@ def main() -> None:
     report(f"(total {time.time() - t0:.0f} s)")
     if args.out:
         Path(args.out).write_text("\n".join(LINES) + "\n")
+    if any(line.endswith("| FAIL |") for line in LINES):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
