@@ -1,0 +1,82 @@
+"""``benchmarks/gpu.py --device cpu``: the GPU checks' code runs on the CPU (the CUDA-only
+parts print SKIP), so a renamed helper or a changed signature fails here, in CI, and not
+in a scarce GPU session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def load_script() -> ModuleType:
+    """A fresh import of ``benchmarks/gpu.py`` (not a package), with its own report lines."""
+    spec = importlib.util.spec_from_file_location("gpu_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def failed_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.endswith("| FAIL |")]
+
+
+def test_cheap_checks_pass_on_cpu(monkeypatch, capsys):
+    gpu = load_script()
+    argv = ["gpu.py", "--device", "cpu", "--quick", "--no-compile"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--only", "check_optimizers", "count_kernels"])
+    gpu.main()  # a FAIL row would exit with status 1
+    out = capsys.readouterr().out
+    assert not failed_rows(out), out
+    assert out.count("vs torch.optim (50 steps, fp32) |") == 5, out
+    assert "| count_kernels | skipped on cpu | SKIP |" in out
+
+
+def test_a_failed_check_exits_with_status_1(monkeypatch, capsys):
+    gpu = load_script()
+
+    def check_optimizers(dev):  # as if fnloop had renamed an optimizer
+        raise AttributeError("module 'fnloop.optim' has no attribute 'adamw'")
+
+    monkeypatch.setattr(gpu, "check_optimizers", check_optimizers)
+    argv = ["gpu.py", "--device", "cpu", "--only", "check_optimizers", "count_kernels"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.main()
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    error = "AttributeError: module 'fnloop.optim' has no attribute 'adamw'"
+    assert failed_rows(out) == [f"| check_optimizers | {error} | FAIL |"]
+    assert "| count_kernels | skipped on cpu | SKIP |" in out  # it went on after the failure
+
+
+def test_an_unknown_check_name_is_refused(monkeypatch, capsys):
+    gpu = load_script()
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--only", "check_optimisers"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.main()
+    assert exit_info.value.code == 2
+    assert "unknown checks ['check_optimisers']" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: every CPU-capable check, the benchmarks one block each
+def test_every_check_passes_or_skips_on_cpu():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-compile"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as cheap on a shared host as alone
+    )
+    assert done.returncode == 0 and not failed_rows(done.stdout), done.stdout + done.stderr
+    skipped = [line for line in done.stdout.splitlines() if line.endswith("| SKIP |")]
+    assert len(skipped) == 10, skipped  # the 9 sync checks' rows and the kernel count
+    assert "(total " in done.stdout
