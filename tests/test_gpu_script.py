@@ -68,7 +68,7 @@ def test_an_unknown_check_name_is_refused(monkeypatch, capsys):
 
 
 @pytest.mark.slow  # ~30 s on 2 cores: every CPU-capable check, the benchmarks one block each
-def test_every_check_passes_or_skips_on_cpu():
+def test_every_check_passes_or_skips_on_cpu_ci_subset():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-compile"],
         capture_output=True,
