@@ -7,7 +7,8 @@ Usage: python benchmarks/gpu.py [--out FILE.md] [--quick] [--no-compile] [--only
    hand-written loop on the GPU (float32, tight tolerances); the fused in-place update
    against ``torch.optim``'s ``fused=True``; ``fit`` resumed from a checkpoint against an
    uninterrupted run.
-2. bf16 and fp16 steps: autocast runs, the fp16 loss scale behaves like GradScaler.
+2. bf16 and fp16 steps: autocast runs; the fp16 loss scale backs off and grows as
+   GradScaler's, scale for scale.
 3. No host syncs: ``torch.cuda.set_sync_debug_mode("error")`` around steady-state steps
    with clipping, EMA, fp16 loss scaling and ``on_nonfinite="skip"``.
 4. The step benchmark on the GPU: fnloop vs the hand loop, eager and compiled, plus 32
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import itertools
 import platform
 import statistics
 import sys
@@ -370,16 +372,22 @@ def check_fit_resume(dev: torch.device) -> None:
 
 
 def check_amp(dev: torch.device) -> None:
+    """bf16 and fp16 steps against ``torch.autocast`` loops; fp16 with a loss scale that
+    starts too high (2**24: the first steps overflow and back off) and grows every 5 finite
+    steps, against ``GradScaler`` with the same settings, scale for scale."""
+    scaling = {"init_scale": 2.0**24, "growth_interval": 5}
     for precision in ("bf16", "fp16"):
+        fp16 = precision == "fp16"
         torch.manual_seed(0)
         module = mlp().to(dev)
         state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=dev)
-        step = fl.make_train_step(classify, precision=precision)
+        loss_scale = fl.DynamicLossScale(**scaling) if fp16 else None
+        step = fl.make_train_step(classify, precision=precision, loss_scale=loss_scale)
         ref = copy.deepcopy(module)
         opt = torch.optim.AdamW(ref.parameters(), 1e-3, foreach=True)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-        losses, ref_losses = [], []
+        dtype = torch.float16 if fp16 else torch.bfloat16
+        scaler = torch.amp.GradScaler(dev.type, enabled=fp16, **scaling)
+        losses, ref_losses, scales, ref_scales = [], [], [], []
         for i in range(30):
             b = make_batch((784,), 128, dev, seed=i)
             state, m = step(state, b)
@@ -391,12 +399,22 @@ def check_amp(dev: torch.device) -> None:
             scaler.step(opt)
             scaler.update()
             ref_losses.append(loss.detach().float())
+            if fp16:
+                scales.append(state.loss_scale.scale.clone())
+                ref_scales.append(scaler.get_scale())  # (a host read, as GradScaler's)
         a, r = torch.stack(losses), torch.stack(ref_losses)
         diff = (a - r).abs().max().item()
-        extra = ""
-        if precision == "fp16":
-            extra = f", scale {float(state.loss_scale.scale):.0f} vs GradScaler {scaler.get_scale():.0f}"
         ok = bool(torch.isfinite(a).all()) and diff < 5e-2
+        extra = ""
+        if fp16:
+            ours = [float(x) for x in scales]
+            moves = list(itertools.pairwise(ours))
+            grew, backed_off = any(b > a for a, b in moves), any(b < a for a, b in moves)
+            ok = ok and ours == ref_scales and grew and backed_off
+            extra = (
+                f", scales equal to GradScaler's at every step: {ours == ref_scales} "
+                f"({ours[0]:.0f} to {ours[-1]:.0f}; grew: {grew}, backed off: {backed_off})"
+            )
         report(
             f"| {precision} autocast step, 30 steps vs torch.autocast loop | max loss diff {diff:.2e}{extra} | {'ok' if ok else 'FAIL'} |"
         )
