@@ -2,7 +2,10 @@
 
 Run: ``python benchmarks/optim.py`` (about 100 float32 tensors, ~10M values) or
 ``python benchmarks/optim.py --quick``. Contenders are interleaved in one process (the order
-alternates every repetition) after a warm-up; the script prints the median time per update,
+rotates every repetition: A B C, B C A, ...) after a warm-up; before each update, outside the
+timing, every contender refills its own gradient tensors, as a backward pass does right
+before a training step's update, so each one starts with its gradients freshly written (in
+cache). The script prints the median time per update,
 the ratio to the last contender (``torch.optim``'s ``foreach=True`` step), minor page
 faults per update (``ru_minflt``) and how many ``torch._foreach_*`` kernels one update
 launches.
@@ -88,17 +91,33 @@ class Contender:
             self.faults.append(f1 - f0)
 
 
+def refill(buffers: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """The untimed ``prepare`` of every contender: copies ``grads`` into its own ``buffers``.
+
+    Every contender gets it, so that each update starts with its gradients just written,
+    as after a backward pass; a contender that alone refilled its gradients would find
+    them in cache while the others read theirs from memory.
+    """
+
+    def prepare() -> None:
+        for n, g in grads.items():
+            buffers[n].copy_(g)
+
+    return prepare
+
+
 def fnloop_contender(
     name: str, tx: optim.GradientTransformation, params: dict, grads: dict
 ) -> Contender:
     box: dict[str, Any] = {"params": {n: p.clone() for n, p in params.items()}}
     box["state"] = tx.init(box["params"])
+    buffers = {n: g.clone() for n, g in grads.items()}
 
     def step() -> None:
-        updates, box["state"] = tx.update(grads, box["state"], box["params"])
+        updates, box["state"] = tx.update(buffers, box["state"], box["params"])
         box["params"] = optim.apply_updates(box["params"], updates)
 
-    c = Contender(name, step)
+    c = Contender(name, step, refill(buffers, grads))
     c.box = box  # type: ignore[attr-defined]
     return c
 
@@ -115,25 +134,23 @@ def fnloop_inplace_contender(
     box["state"] = tx.init(box["params"])
     buffers = {n: g.clone() for n, g in grads.items()}
 
-    def prepare() -> None:
-        for n, g in grads.items():
-            buffers[n].copy_(g)
-
     def step() -> None:
         assert tx.apply_ is not None
         box["params"], box["state"] = tx.apply_(buffers, box["state"], box["params"])
 
-    return Contender(name, step, prepare)
+    return Contender(name, step, refill(buffers, grads))
 
 
 def torch_optimizer(
     make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params: dict, grads: dict
-) -> torch.optim.Optimizer:
-    """``make_opt`` over copies of ``params`` whose ``.grad`` are copies of ``grads``."""
+) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    """``make_opt`` over copies of ``params`` whose ``.grad`` are copies of ``grads``, and
+    the ``prepare`` that refills those ``.grad``."""
     ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    for p, g in zip(ps, grads.values(), strict=True):
-        p.grad = g.clone()
-    return make_opt(ps)
+    buffers = {n: g.clone() for n, g in grads.items()}
+    for p, g in zip(ps, buffers.values(), strict=True):
+        p.grad = g
+    return make_opt(ps), refill(buffers, grads)
 
 
 def torch_contender(
@@ -142,7 +159,8 @@ def torch_contender(
     params: dict,
     grads: dict,
 ) -> Contender:
-    return Contender(name, torch_optimizer(make_opt, params, grads).step)
+    opt, prepare = torch_optimizer(make_opt, params, grads)
+    return Contender(name, opt.step, prepare)
 
 
 def torch_scheduled_contender(
@@ -153,14 +171,14 @@ def torch_scheduled_contender(
     grads: dict,
 ) -> Contender:
     """``opt.step()`` then ``scheduler.step()``, as a hand loop with a schedule runs them."""
-    opt = torch_optimizer(make_opt, params, grads)
+    opt, prepare = torch_optimizer(make_opt, params, grads)
     scheduler = make_scheduler(opt)
 
     def step() -> None:
         opt.step()
         scheduler.step()
 
-    return Contender(name, step)
+    return Contender(name, step, prepare)
 
 
 def fused_adamw_reference(
@@ -201,11 +219,12 @@ def fused_contender(name: str, params: dict, grads: dict) -> Contender:
     tx = fused_adamw_reference(1e-3)
     box: dict[str, Any] = {"params": {n: p.clone() for n, p in params.items()}}
     box["state"] = tx.init(box["params"])
+    buffers = {n: g.clone() for n, g in grads.items()}
 
     def step() -> None:
-        box["params"], box["state"] = tx.update(grads, box["state"], box["params"])
+        box["params"], box["state"] = tx.update(buffers, box["state"], box["params"])
 
-    return Contender(name, step)
+    return Contender(name, step, refill(buffers, grads))
 
 
 def count_foreach_kernels(step: Callable[[], None]) -> tuple[int, int]:
@@ -230,8 +249,12 @@ def bench(
     for _ in range(warmup):
         for c in contenders:
             c.run(record=False)
+    k = len(contenders)
     for rep in range(reps):
-        order = contenders if rep % 2 == 0 else contenders[::-1]
+        # Rotated (A B C, B C A, ...), not reversed every other time: reversing ran the
+        # first and the last contender twice in a row at each turn, with their own
+        # tensors still in cache from the run just before.
+        order = contenders[rep % k :] + contenders[: rep % k]
         for c in order:
             c.run(record=True)
     base = statistics.median(contenders[-1].times)
