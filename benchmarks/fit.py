@@ -5,7 +5,7 @@ Usage::
     python benchmarks/fit.py           # full run (a few minutes on 2 cores)
     python benchmarks/fit.py --quick   # smoke run
 
-All three train the same model from the same initial weights with AdamW(lr=1e-3) on the
+All of them train the same model from the same initial weights with AdamW(lr=1e-3) on the
 same in-memory ``TensorDataset`` through a ``DataLoader(batch_size, shuffle=True,
 num_workers=0)`` of ``--steps-per-epoch`` batches, with a progress bar on, as users run
 them (bars and console lines go to ``/dev/null`` while timed; they still render):
@@ -15,6 +15,9 @@ them (bars and console lines go to ``/dev/null`` while timed; they still render)
 * ``hand``: ``for x, y in tqdm(loader): opt.zero_grad(); loss = ...; loss.backward();
   opt.step()`` with ``torch.optim.AdamW(foreach=True)``, the loss summed on the device
   and printed once per epoch.
+* ``hand fused``: the same with ``torch.optim.AdamW(fused=True)``: ``fit`` donates its
+  states, so its update is torch's fused CPU kernel; ``fnloop/hand fused`` compares the
+  two loops with the same optimizer kernel.
 * ``Lightning``: ``Trainer(max_epochs=E, logger=False, enable_checkpointing=False,
   enable_model_summary=False, accelerator="cpu", devices=1).fit(module, loader)``, the
   default TQDM bar, ``self.log("loss", loss, prog_bar=True)`` in ``training_step``.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import os
 import sys
@@ -81,9 +85,10 @@ def run_fnloop(module: nn.Module, loader: DataLoader, epochs: int) -> None:
     fl.fit(state, training_step, loader, max_epochs=epochs, progress=True)
 
 
-def run_hand(module: nn.Module, loader: DataLoader, epochs: int) -> None:
+def run_hand(module: nn.Module, loader: DataLoader, epochs: int, fused: bool = False) -> None:
     model = module
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    kernel = {"fused": True} if fused else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **kernel)
     for epoch in range(epochs):
         model.train()
         total = torch.zeros(())
@@ -249,6 +254,7 @@ def main() -> None:
 
     contenders: dict[str, Callable[[nn.Module, DataLoader, int], None]] = {
         "hand": run_hand,
+        "hand fused": functools.partial(run_hand, fused=True),
         "fnloop": run_fnloop,
     }
     pl = None if args.no_lightning else lightning_module()
@@ -298,9 +304,11 @@ def main() -> None:
             [
                 r["label"],
                 f"{u['hand']:.0f} ({q['hand'][0]:.0f}-{q['hand'][1]:.0f})",
+                f"{u['hand fused']:.0f} ({q['hand fused'][0]:.0f}-{q['hand fused'][1]:.0f})",
                 f"{u['fnloop']:.0f} ({q['fnloop'][0]:.0f}-{q['fnloop'][1]:.0f})",
                 f"{lt:.0f} ({lq[0]:.0f}-{lq[1]:.0f})" if pl is not None else "not installed",
                 f"{C.ratio(u['fnloop'], u['hand']):.2f}",
+                f"{C.ratio(u['fnloop'], u['hand fused']):.2f}",
                 f"{C.ratio(lt, u['hand']):.2f}" if pl is not None else "n/a",
                 " / ".join(f"{r['faults'][c]:.1f}" for c in contenders),
                 " / ".join(f"{r['startup_s'][c]:.2f}" for c in contenders),
@@ -314,9 +322,11 @@ def main() -> None:
             [
                 "model",
                 "hand us",
+                "hand fused us",
                 "fnloop us",
                 "Lightning us",
                 "fnloop/hand",
+                "fnloop/hand fused",
                 "Lightning/hand",
                 "faults/step " + "/".join(contenders),
                 "start-up s " + "/".join(contenders),
