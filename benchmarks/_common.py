@@ -272,6 +272,7 @@ def interleave(
     min_block_s: float = 0.0,
     max_other_load: float = 0.5,
     clock: Callable[[], int] = time.perf_counter_ns,
+    sync: Callable[[], Any] | None = None,
 ) -> Interleaved:
     """Times ``contenders`` in alternating blocks of ``block_steps`` steps.
 
@@ -287,6 +288,12 @@ def interleave(
 
     ``clock`` (nanoseconds) is wall time by default; ``time.process_time_ns`` gives CPU
     time, which a loaded machine disturbs much less when torch runs one thread.
+
+    ``sync``, when given, runs after ``gc.collect()`` and before each block's clock starts:
+    processes that time collective steps pass ``torch.distributed.barrier``, so that no
+    block starts with one process still collecting garbage (a full collection with torch
+    imported takes 0.1-0.3 s, a different time in each process) and the others' first
+    collective waiting for it inside their timed block.
     """
     for c in contenders:
         c.run(warmup_steps)
@@ -305,6 +312,8 @@ def interleave(
         meter.reset()
         for c in order:
             gc.collect()
+            if sync is not None:
+                sync()
             f0 = minor_faults()
             t0 = clock()
             c.run(block_steps)

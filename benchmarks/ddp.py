@@ -134,13 +134,15 @@ def main() -> None:
         diff = same_numbers(factory, batches)
         cs, _ = contenders(factory, batches)
         # Fixed block sizes: every process must take the same number of steps. The other
-        # process is expected load (1 core), hence max_other_load.
+        # process is expected load (1 core), hence max_other_load. The barrier lines the
+        # processes up after each block's gc.collect(), outside the timing.
         res = C.interleave(
             cs,
             block_steps=10 if args.quick else 20,
             blocks=5 if args.quick else 15,
             warmup_steps=20,
             max_other_load=1.5,
+            sync=dist.barrier,
         )
         base = res.us("DDP")
         rows.append(
