@@ -1,6 +1,7 @@
 """Claims of the guide's prose that no other test checks (docs/guide.md, section 6):
-which normalization layers train and evaluate under ``vmap`` with ``precision=``, and
-how many graphs the step options add to a compiled train step."""
+which normalization layers train and evaluate under ``vmap`` with ``precision=``, what
+a ``PackedSequence`` in the batch meets there, and how many graphs the step options add
+to a compiled train step."""
 
 from __future__ import annotations
 
@@ -46,6 +47,35 @@ def test_vmapped_bf16_runs_through_the_normalization_layers_the_guide_says_work(
         alone = step(state, batch)
         alone = alone[1] if isinstance(alone, tuple) else alone
         torch.testing.assert_close(metrics["loss"][i], alone["loss"], rtol=2e-2, atol=2e-2)
+
+
+class _LastHidden(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 3, batch_first=True)
+
+    def forward(self, packed):
+        return self.rnn(packed)[1][0]
+
+
+@pytest.mark.parametrize("make_step", [fl.make_train_step, fl.make_eval_step])
+def test_a_packed_sequence_in_the_batch_fails_at_vmaps_entry_with_torchs_error(make_step):
+    """Section 6: a ``PackedSequence`` in the batch fails before the step runs, at
+    ``vmap``'s entry, with torch's own ``AttributeError`` (torch 2.13); one model at a
+    time trains on it. When torch learns to take it, this test fails: the guide's
+    sentence can go."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    state = fl.TrainState.create(_LastHidden(), tx=optim.sgd(0.1), device="cpu")
+    packed = pack_padded_sequence(torch.randn(4, 5, 4), [5, 4, 2, 1], batch_first=True)
+    batch = (packed, torch.randint(0, 3, (4,)))
+    step = make_step(_classify)
+    alone = step(state, batch)
+    assert torch.isfinite((alone[1] if isinstance(alone, tuple) else alone)["loss"])
+    many = torch.func.vmap(step, in_dims=(0, None), randomness="different")
+    with pytest.raises(AttributeError, match="'int' object has no attribute 'device'"):
+        many(fl.stack_states([state, state]), batch)
 
 
 def _graphs(start_step: int, **options) -> int:
