@@ -130,3 +130,26 @@ def test_fit_stops_when_the_weights_are_not_finite_though_the_loss_is(tmp_path):
     assert not all(torch.isfinite(p).all() for p in out.params.values())
     assert not list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
     assert "training diverged" in (tmp_path / "run_training.log").read_text()
+
+
+def test_with_learning_rates_on_a_constant_a_plateau_and_a_schedule():
+    """Section 3: a rate set with ``with_learning_rates`` is the one the next update uses;
+    a constant rate keeps it, a ``reduce_on_plateau`` rate too (its next reduction scales
+    it, as torch's scheduler reduces the ``lr`` of a param group), and a schedule sets
+    the rate from the update count after that update."""
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.ones(3)}
+    for tx, after in [
+        (optim.sgd(0.1), 0.0),
+        (optim.sgd(optim.reduce_on_plateau(0.1, patience=0, factor=0.5)), 0.0),
+        (optim.sgd(optim.step_schedule(0.1, 2, 0.5)), 0.1),
+    ]:
+        opt_state = optim.with_learning_rates(tx.init(params), 0.0)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        assert torch.equal(optim.apply_updates(params, updates)["w"], params["w"])
+        assert [float(r) for r in optim.learning_rates(opt_state)] == [after]
+    tx = optim.sgd(optim.reduce_on_plateau(0.1, patience=0, factor=0.5))
+    opt_state = optim.with_learning_rates(tx.init(params), 1e-3)
+    for metric in (1.0, 2.0):
+        opt_state = optim.observe_metric(opt_state, metric)
+    assert [float(r) for r in optim.learning_rates(opt_state)] == [pytest.approx(5e-4)]
