@@ -153,3 +153,36 @@ def test_with_learning_rates_on_a_constant_a_plateau_and_a_schedule():
     for metric in (1.0, 2.0):
         opt_state = optim.observe_metric(opt_state, metric)
     assert [float(r) for r in optim.learning_rates(opt_state)] == [pytest.approx(5e-4)]
+
+
+@pytest.mark.slow  # dynamo traces the step: 2-4 s each on two busy CPU cores
+@pytest.mark.parametrize("error", ["python", "torch"])
+def test_a_compiled_step_after_a_first_call_that_raised(error):
+    """Section 6: a first call that raises a Python exception while dynamo traces the
+    step leaves that step running its own code eagerly, its inner functions compiled one
+    by one (many small graphs); a torch operation's error does not: the next call compiles
+    the step whole (one graph, as a step that never failed)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    failed = []
+
+    def classify(model, batch):
+        out = _classify(model, batch)
+        if error == "python" and not failed:
+            failed.append(True)
+            raise ValueError("the first call fails")
+        return out
+
+    state = fl.TrainState.create(nn.Linear(4, 3), tx=optim.sgd(0.1), device="cpu").clone()
+    counter = CompileCounter()
+    step = torch.compile(fl.make_train_step(classify), backend=counter)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    first = (torch.randn(8, 5), batch[1]) if error == "torch" else batch
+    with pytest.raises(Exception, match="first call fails" if error == "python" else "size"):
+        step(state, first)
+    step(state, batch)
+    if error == "python":
+        assert counter.frame_count > 2  # the inner functions, each a graph of its own
+    else:
+        assert counter.frame_count == 1
