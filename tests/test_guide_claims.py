@@ -5,6 +5,8 @@ to a compiled train step."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +188,45 @@ def test_a_compiled_step_after_a_first_call_that_raised(error):
         assert counter.frame_count > 2  # the inner functions, each a graph of its own
     else:
         assert counter.frame_count == 1
+
+
+def test_fit_warns_when_a_score_is_followed_with_mode_min():
+    """Section 4: ``fit`` logs a warning when it, or an early-stopping rule, follows a
+    metric named like a score (``acc``, ``f1``, ...) with ``"min"``; not with ``"max"``."""
+
+    def classify(model, batch):
+        x, y = batch
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.warnings: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING:
+                self.warnings.append(record.getMessage())
+
+    state = fl.TrainState.create(nn.Linear(4, 3), tx=optim.sgd(0.1), device="cpu")
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    runs = {
+        "fit": {"monitor": "train/acc"},
+        "rule": {"early_stopping": [fl.EarlyStopping("train/acc"), fl.EarlyStopping("train/loss")]},
+        "max": {"early_stopping": fl.EarlyStopping("train/acc", mode="max")},
+    }
+    logger = logging.getLogger("fnloop.run.run")  # fit's logger: handlers of yours stay
+    warned = {}
+    for name, options in runs.items():
+        records = Records()
+        logger.addHandler(records)
+        try:
+            fl.fit(state, classify, [batch], max_epochs=1, progress=False, log_to_console=False,
+                   **options)  # fmt: skip
+        finally:
+            logger.removeHandler(records)
+        warned[name] = [m for m in records.warnings if "reads like a score" in m]
+    assert len(warned["fit"]) == 1 and warned["fit"][0].startswith("fit follows train/acc")
+    assert len(warned["rule"]) == 1
+    assert warned["rule"][0].startswith("EarlyStopping(monitor='train/acc'")
+    assert warned["max"] == []
