@@ -263,6 +263,31 @@ class Interleaved:
         return next(c for c in self.contenders if c.name == name)
 
 
+def balanced_order(round_index: int, items: Sequence[Any]) -> list[Any]:
+    """``items`` in the order of round ``round_index``, by a Williams design: over ``k``
+    rounds (``2k`` when ``k`` is odd) each item runs once in every position and right after
+    every other item equally often, so neither a slow drift of the machine nor what the
+    contender before left behind (caches, the allocator's state) favours one. A plain
+    rotation (A B C, B C A, ...) has A run right before B in every round but one.
+
+    >>> ["".join(balanced_order(i, "ABCD")) for i in range(4)]
+    ['ABDC', 'BCAD', 'CDBA', 'DACB']
+    """
+    k = len(items)
+    base, low, high = [0], 1, k - 1
+    while len(base) < k:
+        if len(base) % 2:
+            base.append(low)
+            low += 1
+        else:
+            base.append(high)
+            high -= 1
+    row = [(b + round_index) % k for b in base]
+    if k % 2 and (round_index // k) % 2:
+        row.reverse()
+    return [items[j] for j in row]
+
+
 def interleave(
     contenders: Sequence[Contender],
     *,
@@ -280,8 +305,8 @@ def interleave(
     set, every contender then runs one more untimed block of ``block_steps`` steps, and
     ``block_steps`` is raised so that the fastest of those blocks would have lasted at
     least that long (tiny models: 50 steps take a few milliseconds). Then, ``blocks`` times,
-    each contender runs one timed block; the order rotates every round (A B C, B C A,
-    ...) so slow drifts of the machine hit every contender alike. ``gc.collect()`` runs
+    each contender runs one timed block, in :func:`balanced_order` (so slow drifts of the
+    machine and the contender run just before hit every contender alike). ``gc.collect()`` runs
     between blocks, outside the timing. The CPU load of other processes is recorded per
     round; rounds where it exceeded ``max_other_load`` cores are left out of the medians
     (unless fewer than a third of the rounds, or 5, remain).
@@ -304,11 +329,10 @@ def interleave(
             c.run(block_steps)
             per_step.append((time.perf_counter() - t0) / block_steps)
         block_steps = max(block_steps, int(min_block_s / max(min(per_step), 1e-9)) + 1)
-    k = len(contenders)
     meter = LoadMeter()
     round_load: list[float] = []
     for i in range(blocks):
-        order = [contenders[(i + j) % k] for j in range(k)]
+        order = balanced_order(i, contenders)
         meter.reset()
         for c in order:
             gc.collect()

@@ -25,8 +25,8 @@ them (bars and console lines go to ``/dev/null`` while timed; they still render)
 The per-step cost is the slope ``(time(2N steps) - time(N steps)) / N`` so start-up
 (building the state or the Trainer, the first epoch's set-up) cancels; per-epoch work
 (bars, epoch-end reads) stays in, amortised over ``--steps-per-epoch`` steps. Each
-repeat runs every contender for N and 2N steps, in rotated order; the table gives the
-median slope over the repeats.
+repeat runs every contender for N and 2N steps, in a balanced order
+(``_common.balanced_order``); the table gives the median slope over the repeats.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def bench_model(
     t_start = time.perf_counter()
     for r in range(repeats):
         meter.reset()
-        order = names[r % len(names) :] + names[: r % len(names)]
+        order = C.balanced_order(r, names)
         for cname in order:
             lengths = (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs)
             res = {

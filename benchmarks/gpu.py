@@ -45,6 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by a test
+
+import _common as C
 
 import fnloop as fl
 from fnloop import optim
@@ -525,8 +528,8 @@ def time_blocks(
 ) -> dict[str, float]:
     """The median µs per call of each of ``fns``, over ``blocks`` timed blocks of ``steps``
     calls each, synchronized (on CUDA) before and after. Every one first runs one untimed
-    block (a warm-up of the same length for all), then the blocks interleave with the order
-    rotated every round (A B C, B C A, ...), as in ``benchmarks/step.py``."""
+    block (a warm-up of the same length for all), then the blocks interleave in ``_common.balanced_order``, as in
+    ``benchmarks/step.py``."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for fn in fns.values():
@@ -534,7 +537,7 @@ def time_blocks(
             fn()
     _synchronize(dev)
     for i in range(blocks):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+        for name in C.balanced_order(i, names):
             fn = fns[name]
             _synchronize(dev)
             t = time.perf_counter()

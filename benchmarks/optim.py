@@ -1,8 +1,8 @@
 """One optimizer update: fnloop (``tx.update`` + ``apply_updates``, or ``tx.apply_``) vs torch.
 
 Run: ``python benchmarks/optim.py`` (about 100 float32 tensors, ~10M values) or
-``python benchmarks/optim.py --quick``. Contenders are interleaved in one process (the order
-rotates every repetition: A B C, B C A, ...) after a warm-up; before each update, outside the
+``python benchmarks/optim.py --quick``. Contenders are interleaved in one process (in a balanced
+order: `_common.balanced_order`) after a warm-up; before each update, outside the
 timing, every contender refills its own gradient tensors, as a backward pass does right
 before a training step's update, so each one starts with its gradients freshly written (in
 cache). The script prints the median time per update,
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _common as C
 import torch
 
 from fnloop import optim
@@ -249,12 +250,10 @@ def bench(
     for _ in range(warmup):
         for c in contenders:
             c.run(record=False)
-    k = len(contenders)
     for rep in range(reps):
-        # Rotated (A B C, B C A, ...), not reversed every other time: reversing ran the
-        # first and the last contender twice in a row at each turn, with their own
-        # tensors still in cache from the run just before.
-        order = contenders[rep % k :] + contenders[: rep % k]
+        # Not reversed every other time: reversing ran the first and the last contender
+        # twice in a row at each turn, with their own tensors still in cache.
+        order = C.balanced_order(rep, contenders)
         for c in order:
             c.run(record=True)
     base = statistics.median(contenders[-1].times)

@@ -38,7 +38,7 @@ Compiled contenders (``torch.compile`` with default options, inductor):
   (the tables print it as ``floor``, its ratio to ``hand``).
 
 Contenders of one table run in one process, interleaved in blocks of ``--block-steps``
-steps (order rotated each round) after a warm-up; the tables give the median per-step
+steps (in ``_common.balanced_order``) after a warm-up; the tables give the median per-step
 time over the blocks and the minor page faults per step (``ru_minflt`` delta / steps) of
 the shared process: glibc's malloc adapts to every contender's allocations, so these are
 the mix's, not each contender's own (the peak-RSS runs give those).
