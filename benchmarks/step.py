@@ -178,6 +178,29 @@ def fnloop_runner(module: nn.Module, batches: list, compiled: bool = False, dona
     return run, box
 
 
+def fit_runner(module: nn.Module, batches: list):
+    """``run(n)``: one ``fl.fit`` epoch of ``n`` batches from the current state, as a user
+    calls it, the state passed in alive while ``fit`` trains its private copy."""
+    import fnloop as fl
+
+    box = {"state": fl.TrainState.create(module, tx=fl.optim.adamw(1e-3), device="cpu"), "i": 0}
+
+    def run(n: int) -> None:
+        state, i = box["state"], box["i"]
+        epoch = [batches[(i + k) % N_BATCHES] for k in range(n)]
+        box["state"] = fl.fit(
+            state,
+            training_step,
+            {"train": epoch},
+            max_epochs=state.epoch + 1,
+            progress=False,
+            log_to_console=False,
+        )
+        box["i"] = i + n
+
+    return run, box
+
+
 def hand_runner(
     module: nn.Module, batches: list, compile_mode: str | None = None, fused: bool = False
 ):
@@ -383,6 +406,8 @@ def rss_child(kind: str, steps: int) -> None:
     rss_model = C.current_rss_mb()
     if kind in ("hand", "hand-fused"):
         run = hand_runner(module, batches, fused=kind == "hand-fused")[0]
+    elif kind == "fnloop-fit":
+        run = fit_runner(module, batches)[0]
     else:
         run = fnloop_runner(module, batches, donate=kind == "fnloop-donate")[0]
     if kind != "fnloop-keep":
@@ -413,7 +438,7 @@ def rss_child(kind: str, steps: int) -> None:
 def measure_rss(steps: int, pin: bool, threads: int | None) -> list[dict[str, Any]]:
     out = []
     script = os.path.abspath(__file__)
-    for kind in ("hand", "hand-fused", "fnloop", "fnloop-keep", "fnloop-donate"):
+    for kind in ("hand", "hand-fused", "fnloop", "fnloop-keep", "fnloop-donate", "fnloop-fit"):
         args = [script, "--rss-child", kind, "--rss-steps", str(steps)]
         if pin:
             args.append("--pin-malloc")
@@ -671,6 +696,7 @@ def main() -> None:
                 "fnloop": "fnloop (module dropped after create)",
                 "fnloop-keep": "fnloop (user keeps `model` alive)",
                 "fnloop-donate": "fnloop donate=True (module dropped)",
+                "fnloop-fit": "fl.fit, one epoch a call (the state passed in stays alive)",
             }[r["kind"]]
             rows.append(
                 [
