@@ -4,6 +4,7 @@ in a scarce GPU session."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from torch import nn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
@@ -80,3 +82,21 @@ def test_every_check_passes_or_skips_on_cpu_ci_subset():
     skipped = [line for line in done.stdout.splitlines() if line.endswith("| SKIP |")]
     assert len(skipped) == 10, skipped  # the 9 sync checks' rows and the kernel count
     assert "(total " in done.stdout
+
+
+def test_an_error_in_a_sync_checked_block_fails_on_cpu(monkeypatch, capsys):
+    gpu = load_script()
+
+    @contextlib.contextmanager
+    def broken(dev):  # as if a step raised a RuntimeError after its warm-up calls
+        raise RuntimeError("the step broke")
+        yield
+
+    monkeypatch.setattr(gpu, "_sync_errors", broken)
+    monkeypatch.setattr(gpu, "cnn", lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--only", "check_no_sync"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.main()
+    assert exit_info.value.code == 1
+    rows = failed_rows(capsys.readouterr().out)
+    assert len(rows) == 8 and all("train step: the step broke" in row for row in rows), rows
