@@ -807,6 +807,9 @@ def fit(
             main=main,
             run_name=run_name,
         )
+        # Only the run holds the state passed in now: a caller that keeps no reference of
+        # its own (fit(TrainState.create(...), ...)) frees it once the run has its copy.
+        del state
         try:
             return cast(StateT, run.run(resume=resume))  # steps keep the class
         except BaseException as e:
@@ -1320,6 +1323,7 @@ class _Run:
         if self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
+        del given  # (not kept: see fit)
         for epoch_logger in self.epoch_loggers:
             epoch_logger._track_epochs(resumable=self.ckpt_dir is not None)
         self.warn_uneven_validation()

@@ -2291,3 +2291,34 @@ def test_the_best_model_holds_the_weights_its_validation_measured(tmp_path):
     best = torch.load(tmp_path / "best_model.pt", weights_only=True)
     for name, value in validated[best_epoch].items():
         torch.testing.assert_close(best[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 keeps a call's arguments until it returns"
+)
+def test_a_state_only_fit_holds_is_freed_once_fit_has_its_copy():
+    """``fit(TrainState.create(...), ...)``: nothing but ``fit`` refers to the state passed
+    in, so its optimizer state (and EMA) is freed when ``fit`` has made its private copy,
+    and ``fit`` holds one state in memory, as a donating loop does, not two."""
+    import gc
+    import weakref
+
+    import optree
+
+    refs = []
+
+    def fresh():
+        state = make_state(ema_decay=0.9)
+        leaves = [*optree.tree_leaves(state.opt_state), *state.ema.values()]
+        refs.extend(weakref.ref(t) for t in leaves if isinstance(t, torch.Tensor))
+        return state
+
+    alive = []
+
+    class Count(fl.callbacks.Callback):
+        def on_train_epoch_start(self, state):
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+
+    fl.fit(fresh(), classify, loaders(), max_epochs=1, callbacks=[Count()], log_to_console=False)
+    assert len(refs) > 8 and alive == [0]
