@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by a test
+sys.path.append(str(Path(__file__).resolve().parent))  # _common, also when a test imports this
 
 import _common as C
 
