@@ -541,8 +541,27 @@ class TrainState:
 
         Args:
           use_ema: export the EMA weights instead of the raw parameters.
+
+        Raises:
+          ValueError: the state holds stacked models (from :func:`fnloop.stack_states`):
+            export one, ``fl.unstack_states(state)[i].state_dict()``.
+          RuntimeError: the state was donated to a train step made with ``donate=True``.
         """
         check_not_donated(self, "state_dict()")
+        from fnloop.ensemble import stacked_models  # (ensemble imports this module)
+
+        models = stacked_models(self)
+        if models is not None:
+            name, param = next(iter(self.params.items()))
+            raise ValueError(
+                STACKED_STATE_DICT_MSG.format(
+                    n=models,
+                    name=name,
+                    stacked=tuple(param.shape),
+                    own=tuple(param.shape[1:]),
+                    args="use_ema=True" if use_ema else "",
+                )
+            )
         params = self.ema if use_ema and self.ema is not None else self.params
         tensors = {**params, **self.buffers}
         # Tied weights appear once in named_parameters() but under every name in
@@ -606,6 +625,14 @@ NO_PARAMS_MSG = (
     "This TrainState has no parameters (state.params is empty), so it has no device and "
     "nothing to train. Keep at least one trainable tensor in params (check the filter of "
     "a state.replace(params=...)), or make the state with TrainState.create(module, ...)."
+)
+
+STACKED_STATE_DICT_MSG = (
+    "state_dict() exports one model's weights for module.load_state_dict, but this state "
+    "holds {n} stacked models (parameter {name!r} has shape {stacked}; the module's is "
+    "{own}), so every tensor would keep the extra leading dimension. Export one model's: "
+    "fl.unstack_states(state)[i].state_dict({args}); or keep them all with "
+    "fl.save_checkpoint."
 )
 
 _STATIC = ("step", "epoch", "micro_step", "history", "module", "tx", "ema_decay")

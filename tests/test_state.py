@@ -545,6 +545,24 @@ def test_state_dict_of_tied_weights_loads_strictly() -> None:
     assert fresh.out.weight is fresh.emb.weight
 
 
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_state_dict_of_a_stacked_state_is_an_error_naming_unstack(
+    module: Net, use_ema: bool
+) -> None:
+    """It returned the stacked tensors, which load_state_dict refused with a size
+    mismatch (or, for a 0-d parameter stacked once, loaded without a word)."""
+    state = fl.TrainState.create(module, tx=optim.sgd(0.1), ema_decay=0.5, device="cpu")
+    stacked = fl.stack_states([state, state])
+    call = r"state_dict\(use_ema=True\)" if use_ema else r"state_dict\(\)"
+    with pytest.raises(
+        ValueError,
+        match=r"holds 2 stacked models \(parameter 'fc1\.weight' has shape \(2, 4, 3\); the "
+        r"module's is \(4, 3\)\).*fl\.unstack_states\(state\)\[i\]\." + call,
+    ):
+        stacked.state_dict(use_ema=use_ema)
+    Net().load_state_dict(fl.unstack_states(stacked)[1].state_dict(use_ema=use_ema))
+
+
 def test_clone_copies_every_tensor_and_lays_out_each_group_in_one_buffer() -> None:
     from fnloop.optim import _foreach
 
