@@ -339,8 +339,10 @@ def load_checkpoint(path: str | os.PathLike[str], like: StateT) -> StateT:
         or is not an fnloop checkpoint.
       CheckpointMismatchError: the file is sound but was written for another model or
         optimizer (the message names the first differing key and, for shape or dtype
-        differences, both values), or by a newer format version; or ``like`` has some
-        tensors on the ``meta`` device and others on a real one.
+        differences, both values; and says so where one of the file and ``like`` holds
+        stacked models and the other one model, or another number of them), or by a
+        newer format version; or ``like`` has some tensors on the ``meta`` device and
+        others on a real one.
     """
     return cast(StateT, _load(path, like, "load_checkpoint").state)  # like's class
 
@@ -377,7 +379,7 @@ def _load(path: str | os.PathLike[str], like: TrainState, fn: str) -> Checkpoint
         {k: (t.dtype, tuple(t.shape)) for k, t in saved.items() if isinstance(t, torch.Tensor)},
     )
     keys, like_leaves, treedef = _flatten_with_keys(like)
-    _check_structure(path, saved, keys, like_leaves)
+    _check_structure(path, saved, keys, like_leaves, like)
     leaves = [_place(saved[k], ref) for k, ref in zip(keys, like_leaves, strict=True)]
     state = _tree.tree_unflatten(treedef, leaves).replace(
         step=payload["step"],
@@ -669,9 +671,10 @@ def _flatten_with_keys(state: TrainState) -> tuple[list[str], list[Any], Any]:
 
 
 def _check_structure(
-    path: Path, saved: Mapping[str, Any], keys: list[str], like: list[Any]
+    path: Path, saved: Mapping[str, Any], keys: list[str], like: list[Any], state: TrainState
 ) -> None:
-    """Raises :class:`CheckpointMismatchError` when ``saved`` does not fit ``like``."""
+    """Raises :class:`CheckpointMismatchError` when ``saved`` does not fit ``like``, the
+    leaves of ``state``."""
     tensors = [(k, ref) for k, ref in zip(keys, like, strict=True) if isinstance(ref, torch.Tensor)]
     meta = [k for k, ref in tensors if ref.device.type == "meta"]
     real = [(k, ref.device) for k, ref in tensors if ref.device.type != "meta"]
@@ -709,7 +712,67 @@ def _check_structure(
         ):
             if in_file != in_like:
                 detail = f"'{key}' has {what} {in_file} in the file but {in_like} in `like`"
-                raise _mismatch(path, detail, key)
+                raise _stacking_mismatch(path, detail, saved, state) or _mismatch(path, detail, key)
+
+
+STACKING_MISMATCH_MSG = (
+    "Checkpoint {path} does not match `like`: {detail}. The file holds {in_file} and "
+    "`like` {in_like} ('{key}' has shape {file_shape} in the file and {like_shape} in "
+    "`like`; the module's is {own}): {fix}"
+)
+
+
+def _stacking_mismatch(
+    path: Path, detail: str, saved: Mapping[str, Any], like: TrainState
+) -> CheckpointMismatchError | None:
+    """The error for a file that holds another number of stacked models than ``like``
+    (a stacked state's checkpoint and a ``like`` of one model, or the other way round):
+    every parameter, in the file and in ``like``, has the module template's shape, or
+    that shape under one leading dimension of the same size; else ``None``."""
+    template = dict(like.module.named_parameters())
+    counts: tuple[set[int | None], set[int | None]] = (set(), set())
+    for name, param in like.params.items():
+        value = saved.get(f"params.{name}")
+        if name not in template or not isinstance(value, torch.Tensor):
+            return None
+        own = tuple(template[name].shape)
+        for seen, shape in zip(counts, (tuple(value.shape), tuple(param.shape))):
+            # 0: one model; n: n stacked models; None: neither
+            stacked = len(shape) == len(own) + 1 and shape[1:] == own
+            seen.add(0 if shape == own else shape[0] if stacked else None)
+    if len(counts[0]) != 1 or len(counts[1]) != 1:
+        return None
+    in_file, in_like = counts[0].pop(), counts[1].pop()
+    if in_file is None or in_like is None or in_file == in_like:
+        return None
+    name, param = next(iter(like.params.items()))
+    value, own = saved[f"params.{name}"], tuple(template[name].shape)
+    if not in_like:
+        fix = (
+            f"load it with like= a stacked state, fl.stack_states of {in_file} states made "
+            f"as that run made them, and take one model with fl.unstack_states(loaded)[i]."
+        )
+    elif not in_file:
+        fix = (
+            "load it with like= one state made as that run made it (fl.stack_states([loaded] "
+            "* n) stacks copies of it)."
+        )
+    else:
+        fix = f"make `like` with fl.stack_states of {in_file} states."
+    held = [f"{n} stacked model{'s' * (n > 1)}" if n else "one model" for n in (in_file, in_like)]
+    return CheckpointMismatchError(
+        STACKING_MISMATCH_MSG.format(
+            path=path,
+            detail=detail,
+            in_file=held[0],
+            key=f"params.{name}",
+            file_shape=tuple(value.shape),
+            like_shape=tuple(param.shape),
+            own=own,
+            in_like=held[1],
+            fix=fix,
+        )
+    )
 
 
 def _mismatch(path: Path, detail: str, key: str) -> CheckpointMismatchError:

@@ -613,6 +613,44 @@ def test_other_model_size_names_key_and_shapes(good_file: Path) -> None:
     assert "another model" in message and str(good_file) in message
 
 
+def test_a_stacked_checkpoint_and_a_like_of_one_model_say_so(tmp_path: Path) -> None:
+    """A checkpoint of a stacked state (which the guide saves and loads with a stacked
+    ``like``) loaded into one model's ``like``, or the other way round, was said to be
+    "probably written with another model", of the same module."""
+    one = fresh_state()
+    stacked = fnloop.stack_states([one, one])
+    stacked_file = save_checkpoint(tmp_path / "stacked.pt", stacked)
+    one_file = save_checkpoint(tmp_path / "one.pt", one)
+    for path, like, expected in [
+        (
+            stacked_file,
+            one,
+            "The file holds 2 stacked models and `like` one model ('params.0.weight' has "
+            "shape (2, 4, 3) in the file and (4, 3) in `like`; the module's is (4, 3)): load "
+            "it with like= a stacked state, fl.stack_states of 2 states",
+        ),
+        (
+            one_file,
+            stacked,
+            "The file holds one model and `like` 2 stacked models ('params.0.weight' has "
+            "shape (4, 3) in the file and (2, 4, 3) in `like`; the module's is (4, 3)): load "
+            "it with like= one state",
+        ),
+        (
+            stacked_file,
+            fnloop.stack_states([one] * 3),
+            "The file holds 2 stacked models and `like` 3 stacked models",
+        ),
+        (one_file, fnloop.stack_states([one]), "one model and `like` 1 stacked model ("),
+    ]:
+        with pytest.raises(CheckpointMismatchError) as info:
+            load_checkpoint(path, like)
+        message = str(info.value)
+        assert expected in message and "another model" not in message, message
+    loaded = load_checkpoint(stacked_file, fnloop.stack_states([fresh_state()] * 2))
+    assert torch.equal(loaded.params["0.weight"], stacked.params["0.weight"])
+
+
 def test_other_model_layers_names_first_missing_key(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "c.pt", fresh_state())
     like = fnloop.TrainState.create(
