@@ -743,8 +743,9 @@ class TrainStep:
         compiling = torch.compiler.is_compiling()
         transformed = _in_transform(state.params, compiling)  # or under torch.func.vmap
         module, slots, frozen, first = self._templates.get(state.module, compiling)
-        # (Inside vmap, compiled or not, a stacked state's tensors show one model's shape.)
-        if (not transformed or compiling) and _maybe_stacked(state, first):
+        # Under vmap of the state, compiled or not, a stacked state's tensors show one
+        # model's shape; under vmap of the batches alone (in_dims=(None, 0)), its own.
+        if _maybe_stacked(state, first):
             check_one_model(state, "train_step", TRAIN_STACKED_FIX)
         if transformed and not compiling and self.on_nonfinite == "raise":
             raise ValueError(RAISE_VMAP_MSG)
@@ -1385,7 +1386,7 @@ class EvalStep:
         compiling = torch.compiler.is_compiling()
         module, slots, frozen, first = self._templates.get(state.module, compiling)
         transformed = _in_transform(params, compiling, train=False)
-        if (not transformed or compiling) and _maybe_stacked(state, first):
+        if _maybe_stacked(state, first):  # (see TrainStep)
             check_one_model(state, "eval_step", EVAL_STACKED_FIX)
         if self.precision is not None and not compiling:
             warn_if_no_effect(self.precision, params.get(first[0]))

@@ -1283,6 +1283,24 @@ def test_a_stacked_state_outside_vmap_is_a_clear_error():
         torch.func.vmap(raising, in_dims=(0, None), randomness="different")(stacked, b)
 
 
+def test_a_stacked_state_under_vmap_over_the_batches_only_is_a_clear_error():
+    """``in_dims=(None, 0)`` (one state, several batches: the guide's bootstrap) given a
+    stacked state: the step, under vmap, skipped the check and torch failed in forward
+    with "t() expects a tensor with <= 2 dimensions, but self is 3D"."""
+    state = fl.TrainState.create(mlp(), tx=optim.sgd(0.1), device="cpu")
+    stacked = fl.stack_states([state, state])
+    x, y = batches(1)[0]
+    two = (torch.stack([x, x]), torch.stack([y, y]))
+    for make, name, extra in [
+        (fl.make_train_step, "train_step", {"randomness": "different"}),
+        (fl.make_eval_step, "eval_step", {}),
+    ]:
+        over_batches = torch.func.vmap(make(classify), in_dims=(None, 0), **extra)
+        with pytest.raises(ValueError, match=rf"^{name} runs one model.*2 stacked models"):
+            over_batches(stacked, two)
+        over_batches(state, two)  # one state: as before
+
+
 def test_vmap_over_stacked_states_matches_separate_training():
     data = batches(4, dtype=torch.float32)
     lrs = [0.1, 0.03, 0.01]
