@@ -402,10 +402,30 @@ def ratio(a: float, b: float) -> float:
 
 
 def verdict(value: float, target: float) -> str:
-    """``"met"`` when ``value <= target``."""
+    """``"met"`` when ``value <= target``: the unrounded value (print it with
+    :func:`judged_ratio`, so that the figure beside the verdict agrees with it)."""
     if value != value:
         return "n/a"
     return "met" if value <= target else "MISSED"
+
+
+def judged_ratio(value: float, target: float, decimals: int = 2) -> str:
+    """``value``, a ratio that :func:`verdict` judges against ``<= target``, as the tables
+    print it: with ``decimals`` decimals, or with as many more as it takes for the printed
+    figure to fall on the same side of the target as the value itself.
+
+    Every verdict column uses it: a ratio of 0.7049 printed as "0.70" beside "MISSED"
+    (target <= 0.7) would read as a contradiction, and judging the rounded figure instead
+    would call 0.7049 met. Here it prints "0.705"; 0.6951 prints "0.70" (met).
+    """
+    if value != value:
+        return "n/a"
+    met = value <= target
+    for d in range(decimals, 18):
+        text = f"{value:.{d}f}"
+        if (float(text) <= target) == met:
+            return text
+    return repr(value)  # round-trips: the same side as the value
 
 
 # --------------------------------------------------------------------------- subprocesses
