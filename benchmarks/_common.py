@@ -1,8 +1,9 @@
-"""Shared helpers for the benchmarks: timing, interleaving, medians, page faults, RSS,
-machine information and table formatting.
+"""Shared helpers for the benchmarks: the benchmark models, timing, interleaving, medians,
+page faults, RSS, machine information and table formatting.
 
 Nothing here imports fnloop, so the helpers can be reused by any benchmark script
-(``benchmarks/step.py``, ``benchmarks/fit.py``, ``benchmarks/gpu.py``).
+(``benchmarks/step.py``, ``benchmarks/fit.py``, ``benchmarks/gpu.py``,
+``benchmarks/ddp.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,52 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import nn
+
+# --------------------------------------------------------------------------- models
+# One definition for every script, so that the GPU and data-parallel figures are the CPU
+# benchmark's models on another device or in other processes.
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+
+
+def cnn(conv_bias: bool = True) -> nn.Module:
+    """The CNN+BN on 1x8x8 inputs. ``conv_bias=False`` drops the biases of the two
+    convolutions, which BatchNorm right after them cancels: their gradient is ~0, and Adam
+    turns its rounding noise into steps of about ``lr`` either way, so checks that compare
+    two implementations parameter by parameter (``gpu.py``'s) leave them out this way."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=conv_bias),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=conv_bias),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+# name -> (label, factory, batch size, input shape without the batch dimension)
+MODELS: dict[str, tuple[str, Callable[[], nn.Module], int, tuple[int, ...]]] = {
+    "tiny": ("tiny MLP 32-64-10, b=32", tiny_mlp, 32, (32,)),
+    "mlp": ("MLP 784-1024-1024-10, b=128", mlp, 128, (784,)),
+    "cnn": ("CNN+BN 1x8x8, b=64", cnn, 64, (1, 8, 8)),
+}
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
 
 # --------------------------------------------------------------------------- machine info
 

@@ -35,16 +35,15 @@ import _common as C
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from step import cnn, mlp, tiny_mlp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fnloop as fl
 
-MODELS = {
-    "tiny MLP 32-64-10, global b=64": (tiny_mlp, (32,), 64),
-    "MLP 784-1024-1024-10, global b=128": (mlp, (784,), 128),
-    "CNN+BN 1x8x8, global b=128": (cnn, (1, 8, 8), 128),
+MODELS = {  # _common's models, step.py's, with data-parallel global batches
+    "tiny MLP 32-64-10, global b=64": (C.tiny_mlp, (32,), 64),
+    "MLP 784-1024-1024-10, global b=128": (C.mlp, (784,), 128),
+    "CNN+BN 1x8x8, global b=128": (C.cnn, (1, 8, 8), 128),
 }
 N_BATCHES = 8
 

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C
 import torch
 import torch.nn.functional as F
-from step import MODELS, n_params, training_step
+from step import training_step
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -168,7 +168,7 @@ def bench_model(
     quiet: bool,
     max_wait_s: float,
 ) -> dict[str, Any]:
-    label, factory, batch, shape = MODELS[name]
+    label, factory, batch, shape = C.MODELS[name]
     torch.manual_seed(0)
     module = factory()
     n = batch * steps_per_epoch
@@ -216,7 +216,7 @@ def bench_model(
     return {
         "model": name,
         "label": label,
-        "params": n_params(module),
+        "params": C.n_params(module),
         "steps": n_steps,
         "us": {c: med(slopes[c]) for c in names},
         "iqr": {c: C.iqr([slopes[c][i] for i in use]) for c in names},

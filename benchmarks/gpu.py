@@ -11,8 +11,10 @@ Usage: python benchmarks/gpu.py [--out FILE.md] [--quick] [--no-compile] [--only
    GradScaler's, scale for scale.
 3. No host syncs: ``torch.cuda.set_sync_debug_mode("error")`` around steady-state steps
    with clipping, EMA, fp16 loss scaling and ``on_nonfinite="skip"``.
-4. The step benchmark on the GPU: fnloop vs the hand loop, eager and compiled, plus 32
-   models at once with vmap vs 32 sequential hand loops, and CUDA kernels per step.
+4. The step benchmark on the GPU: fnloop vs the hand loop, eager and compiled, on
+   ``benchmarks/step.py``'s models (``_common.MODELS``, one definition), plus 32 models at
+   once with vmap vs 32 sequential hand loops, and CUDA kernels per step. The correctness
+   and sync checks train that CNN without its conv biases (``check_cnn``).
 
 Each check is reported (``FAIL`` with the error) and the script goes on; it exits with
 status 1 at the end if any check failed.
@@ -73,34 +75,12 @@ def training_step(model, batch):
     return {"loss": F.cross_entropy(model(x), y)}
 
 
-def tiny_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 64, 10),
-    )
-
-
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
-    "tiny MLP 32-64-10 (b=32)": (tiny_mlp, (32,), 32),
-    "MLP 784-1024-1024-10 (b=128)": (mlp, (784,), 128),
-    "CNN+BN 1x8x8 (b=64)": (cnn, (1, 8, 8), 64),
-}
+def check_cnn() -> nn.Module:
+    """The correctness and sync checks' CNN: the benchmark's (``_common.cnn``) without the
+    conv biases that BatchNorm cancels (their ~0 gradients make Adam's steps rounding
+    noise, which no tight bound against another implementation could hold). The step
+    benchmark (``bench_steps``) times ``_common.MODELS``, step.py's models, biases and all."""
+    return C.cnn(conv_bias=False)
 
 
 def make_batch(shape: tuple[int, ...], b: int, dev: torch.device, seed: int = 0):
@@ -175,7 +155,7 @@ def check_train_step(dev: torch.device) -> None:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         torch.manual_seed(0)
-        module = cnn().to(dev)
+        module = check_cnn().to(dev)
         data = [make_batch((1, 8, 8), 64, dev, seed=i) for i in range(20)]
         state = fl.TrainState.create(
             module, tx=optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3)), device=dev
@@ -215,7 +195,7 @@ def check_compiled_schedule(dev: torch.device) -> None:
 
     torch.manual_seed(0)
     tx = optim.adamw(optim.exponential_schedule(1e-2, 0.5))
-    state = fl.TrainState.create(mlp().to(dev), tx=tx, ema_decay=0.9, device=dev).clone()
+    state = fl.TrainState.create(C.mlp().to(dev), tx=tx, ema_decay=0.9, device=dev).clone()
     counter = CompileCounter()
     compiled = torch.compile(fl.make_train_step(training_step, donate=True), backend=counter)
     eager_step, eager, donated = fl.make_train_step(training_step), state, state.clone()
@@ -266,7 +246,7 @@ def check_fused_update(dev: torch.device) -> None:
     for name, mk, opt_cls, kw in rows:
         for donate in (False, True):
             torch.manual_seed(0)
-            module = mlp().to(dev)
+            module = C.mlp().to(dev)
             ref = copy.deepcopy(module)
             opt = opt_cls(ref.parameters(), fused=True, **kw)
             state = fl.TrainState.create(module, tx=mk(), device=dev)
@@ -289,7 +269,7 @@ def check_fused_update(dev: torch.device) -> None:
     )
     lrs = [float(sched(torch.tensor(k))) for k in range(len(data))]
     torch.manual_seed(0)
-    module = mlp().to(dev)
+    module = C.mlp().to(dev)
     tol = {"fused": 1e-6, "foreach": 1e-5}  # the same kernel; the same math, another order
     for kernel in ("fused", "foreach"):
         ref = copy.deepcopy(module)
@@ -343,7 +323,7 @@ def check_fit_resume(dev: torch.device) -> None:
 
     def run(out_dir: Path, max_epochs: int) -> fl.TrainState:
         torch.manual_seed(0)
-        state = fl.TrainState.create(cnn(), tx=optim.adamw(1e-3), device=dev, ema_decay=0.99)
+        state = fl.TrainState.create(check_cnn(), tx=optim.adamw(1e-3), device=dev, ema_decay=0.99)
         return fl.fit(
             state,
             fl.make_train_step(classify, precision="bf16"),
@@ -382,7 +362,7 @@ def check_amp(dev: torch.device) -> None:
     for precision in ("bf16", "fp16"):
         fp16 = precision == "fp16"
         torch.manual_seed(0)
-        module = mlp().to(dev)
+        module = C.mlp().to(dev)
         state = fl.TrainState.create(module, tx=optim.adamw(1e-3), device=dev)
         loss_scale = fl.DynamicLossScale(**scaling) if fp16 else None
         step = fl.make_train_step(classify, precision=precision, loss_scale=loss_scale)
@@ -470,7 +450,7 @@ def check_no_sync(dev: torch.device) -> None:
             report(skipped)
             continue
         torch.manual_seed(0)
-        state = fl.TrainState.create(cnn().to(dev), device=dev, **create_kw)
+        state = fl.TrainState.create(check_cnn().to(dev), device=dev, **create_kw)
         state = state.clone()
         step = fl.make_train_step(classify, **step_kw)
         eval_step = fl.make_eval_step(classify)
@@ -577,7 +557,7 @@ def bench_steps(dev: torch.device, blocks: int, steps: int, compile_too: bool) -
         "| model | hand loop µs/step | hand loop, AdamW(fused=True) | fnloop eager | fnloop eager donate=True | fnloop compiled | fnloop compiled donate=True |"
     )
     report("|---|---|---|---|---|---|---|")
-    for name, (mk, shape, b) in MODELS.items():
+    for name, mk, b, shape in C.MODELS.values():
         torch._dynamo.reset()  # each model's two compiled steps get dynamo's full cache
         torch.manual_seed(0)
         module = mk().to(dev)
@@ -618,7 +598,7 @@ def count_kernels(dev: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    module = tiny_mlp().to(dev)
+    module = C.tiny_mlp().to(dev)
     batch = make_batch((32,), 32, dev)
     fns = {f"hand loop, AdamW({k}=True)": fn for k, fn in hand_steps(module, batch).items()}
     for donate in (False, True):
@@ -647,7 +627,7 @@ def count_kernels(dev: torch.device) -> None:
 def bench_vmap(dev: torch.device, blocks: int, steps: int) -> None:
     n = 32
     torch.manual_seed(0)
-    modules = [tiny_mlp().to(dev) for _ in range(n)]
+    modules = [C.tiny_mlp().to(dev) for _ in range(n)]
     batch = make_batch((32,), 32, dev)
     opts = [torch.optim.AdamW(m.parameters(), 1e-3, foreach=True) for m in modules]
 

@@ -85,29 +85,8 @@ TARGET_RSS = 1.15
 
 
 # --------------------------------------------------------------------------- models
-
-
-def tiny_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 8 * 8, 10),
-    )
+# The tiny MLP, the 784 MLP and the CNN are _common.MODELS (one definition with gpu.py's,
+# fit.py's and ddp.py's); the big MLP is the peak-RSS runs' alone.
 
 
 def big_mlp() -> nn.Module:
@@ -120,18 +99,6 @@ def big_mlp() -> nn.Module:
         nn.ReLU(),
         nn.Linear(2048, 10),
     )
-
-
-# name -> (label, factory, batch size, input shape without the batch dimension)
-MODELS: dict[str, tuple[str, Callable[[], nn.Module], int, tuple[int, ...]]] = {
-    "tiny": ("tiny MLP 32-64-10, b=32", tiny_mlp, 32, (32,)),
-    "mlp": ("MLP 784-1024-1024-10, b=128", mlp, 128, (784,)),
-    "cnn": ("CNN+BN 1x8x8, b=64", cnn, 64, (1, 8, 8)),
-}
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def make_batches(batch: int, shape: tuple[int, ...], n: int = N_BATCHES, seed: int = 0):
@@ -316,7 +283,7 @@ def time_models(
 ) -> list[dict[str, Any]]:
     results = []
     for name in names:
-        label, factory, batch, shape = MODELS[name]
+        label, factory, batch, shape = C.MODELS[name]
         torch.manual_seed(0)
         module = factory()
         batches = make_batches(batch, shape)
@@ -364,7 +331,7 @@ def time_models(
         row = {
             "model": name,
             "label": label,
-            "params": n_params(module),
+            "params": C.n_params(module),
             "wall_s": wall,
             "compile_s": compile_s,
             "block_steps": res.block_steps,
@@ -401,7 +368,7 @@ def rss_child(kind: str, steps: int) -> None:
     rss_import = C.current_rss_mb()
     torch.manual_seed(0)
     module = big_mlp()
-    params = n_params(module)
+    params = C.n_params(module)
     x = torch.randn(64, 2048)
     y = torch.randint(0, 10, (64,))
     batches = [(x, y)] * N_BATCHES
@@ -524,7 +491,7 @@ def main() -> None:
     print()
     print("numbers check (max |param diff| fnloop, fnloop donate=True vs hand, 3 eager steps):")
     for name in names:
-        label, factory, batch, shape = MODELS[name]
+        label, factory, batch, shape = C.MODELS[name]
         diff, skipped = check_same_numbers(factory, make_batches(batch, shape))
         note = f" ({skipped} params with ~0 gradient left out)" if skipped else ""
         print(f"  {label}: {diff:.2e}{note}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from torch import nn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
@@ -21,6 +22,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 def load_script() -> ModuleType:
     """A fresh import of ``benchmarks/gpu.py`` (not a package), with its own report lines."""
     spec = importlib.util.spec_from_file_location("gpu_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_step_script(monkeypatch) -> ModuleType:
+    """A fresh import of ``benchmarks/step.py``; the folder it puts first on ``sys.path``
+    comes off again after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("step_script", SCRIPT.parent / "step.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -69,6 +81,30 @@ def test_an_unknown_check_name_is_refused(monkeypatch, capsys):
     assert "unknown checks ['check_optimisers']" in capsys.readouterr().err
 
 
+def test_the_step_benchmark_times_step_py_s_models(monkeypatch):
+    """The GPU table is step.py's benchmark on another device: the same modules (conv
+    biases included), initial weights and batch shapes."""
+    gpu, step = load_script(), load_step_script(monkeypatch)
+    timed = []
+
+    def hand_steps(module, batch):
+        timed.append((repr(module), [p.sum().item() for p in module.parameters()], batch[0].shape))
+        return {"foreach": lambda: None, "fused": lambda: None}
+
+    monkeypatch.setattr(gpu, "hand_steps", hand_steps)
+    monkeypatch.setattr(gpu, "time_blocks", lambda fns, *args: dict.fromkeys(fns, 1.0))
+    monkeypatch.setattr(gpu.fl, "make_train_step", lambda *a, **k: lambda s, b: (s, {}))
+    gpu.bench_steps(torch.device("cpu"), blocks=1, steps=1, compile_too=False)
+    expected = []
+    for name in ("tiny", "mlp", "cnn"):
+        _, factory, batch, shape = step.C.MODELS[name]
+        torch.manual_seed(0)
+        module = factory()
+        sums = [p.sum().item() for p in module.parameters()]
+        expected.append((repr(module), sums, torch.Size([batch, *shape])))
+    assert timed == expected
+
+
 @pytest.mark.slow  # ~30 s on 2 cores: every CPU-capable check, the benchmarks one block each
 def test_every_check_passes_or_skips_on_cpu_ci_subset():
     done = subprocess.run(
@@ -93,7 +129,7 @@ def test_an_error_in_a_sync_checked_block_fails_on_cpu(monkeypatch, capsys):
         yield
 
     monkeypatch.setattr(gpu, "_sync_errors", broken)
-    monkeypatch.setattr(gpu, "cnn", lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    monkeypatch.setattr(gpu, "check_cnn", lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--only", "check_no_sync"])
     with pytest.raises(SystemExit) as exit_info:
         gpu.main()
