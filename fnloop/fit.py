@@ -229,6 +229,41 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _HeldFileHandler(logging.Handler):
+    """The log file's handler, which holds the records until :meth:`open` creates or opens
+    the file: a ``fit`` refused by what it finds in the run folder (another run's
+    checkpoints, a ``max_epochs`` below theirs) leaves no log file there, its error being
+    the record. Records held when the file never opens are dropped at :meth:`close`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def open(self) -> None:
+        """Opens the file (to append) and writes the records held so far."""
+        if self.file is not None:
+            return
+        self.file = logging.FileHandler(self.path, encoding="utf-8")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        held, self.held = self.held, []
+        for record in held:
+            self.file.handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            self.held.append(record)
+        else:
+            self.file.handle(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.held = []
+        super().close()
+
+
 def _append_to_log(path: Path, message: str) -> None:
     """Appends one ERROR line to the log file of rank 0, formatted as its own lines, from
     another process: the file must be there already (no file on a node without the run
@@ -256,17 +291,19 @@ def _drop_record(record: logging.LogRecord) -> bool:
 
 def _open_logger(
     run_name: str, out_dir: Path | None, console: bool
-) -> tuple[logging.Logger, Callable[[], None]]:
+) -> tuple[logging.Logger, Callable[[], None], Callable[[], None]]:
     """The run's logger with fit's handlers added (on rank 0 alone: the console's, and
-    the log file's in ``out_dir``), and the function that removes and closes them
-    (handlers the user attached stay) and restores its ``propagate`` and level. The
-    level is at most INFO meanwhile: a lower one the user set on it or on a parent
-    logger (DEBUG) stays."""
+    the log file's in ``out_dir``), the function that removes and closes them
+    (handlers the user attached stay) and restores its ``propagate`` and level, and the
+    function that opens the log file, which holds the records until then (see
+    :class:`_HeldFileHandler`). The level is at most INFO meanwhile: a lower one the
+    user set on it or on a parent logger (DEBUG) stays."""
     logger = logging.getLogger(f"fnloop.run.{run_name}")
     propagate, level = logger.propagate, logger.level
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logger.propagate = False
     added: list[logging.Handler] = []
+    log_file: _HeldFileHandler | None = None
     main = is_main_process()
     if not main:
         added.append(logging.NullHandler())
@@ -278,11 +315,8 @@ def _open_logger(
             handler.setFormatter(logging.Formatter("%(message)s"))
             added.append(handler)
         if out_dir is not None:
-            file_handler = logging.FileHandler(
-                out_dir / f"{run_name}_training.log", encoding="utf-8"
-            )
-            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            added.append(file_handler)
+            log_file = _HeldFileHandler(out_dir / f"{run_name}_training.log")
+            added.append(log_file)
         if not logger.handlers and not added:  # not Python's last-resort handler
             added.append(logging.NullHandler())
     for handler in added:
@@ -297,7 +331,11 @@ def _open_logger(
         logger.propagate = propagate
         logger.setLevel(level)
 
-    return logger, close
+    def open_file() -> None:
+        if log_file is not None:
+            log_file.open()
+
+    return logger, close, open_file
 
 
 def _lr_text(rate: float) -> str:
@@ -653,7 +691,8 @@ def fit(
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
         early-stopping rule on ``monitor`` whose mode is not fit's,
         ``checkpoint_every_n_steps`` without ``out_dir``, an empty string as ``out_dir``,
-        two file loggers in ``callbacks`` writing one file.
+        two file loggers in ``callbacks`` writing one file. A ``fit`` refused by what
+        ``out_dir`` holds leaves it as it was (no log file, no ``checkpoints/``).
       KeyError: a monitored metric is not produced (raised at the first epoch end).
       ValueError: at the first epoch end, a training-step metric under the name ``fit``
         records the learning rate by (``lr``, or ``lr_0``, ... with parameter groups).
@@ -772,15 +811,13 @@ def fit(
 
     run_dir = ckpt_dir = None
     if out_dir is not None:
+        # Made (with the log file) once the run's checks of what the folder holds pass.
         run_dir = Path(out_dir).expanduser()  # "~/runs/x" is in the home folder
         ckpt_dir = run_dir / CHECKPOINT_DIR
         if main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (run_dir, ckpt_dir):  # what an earlier run killed while writing left
-                remove_temporaries(folder)
             # After the user's callbacks: the metrics they add to the history get logged too.
             user_callbacks = user_callbacks + _default_callbacks(run_dir, user_callbacks)
-    logger, close_logger = _open_logger(run_name, run_dir, log_to_console)
+    logger, close_logger, open_log_file = _open_logger(run_name, run_dir, log_to_console)
 
     try:
         if validation_step is not None and valid_loader is None:
@@ -804,6 +841,7 @@ def fit(
             every_n_steps=checkpoint_every_n_steps,
             keep=keep_checkpoints,
             logger=logger,
+            open_log_file=open_log_file,
             main=main,
             run_name=run_name,
         )
@@ -992,6 +1030,7 @@ class _Run:
     every_n_steps: int | None
     keep: int
     logger: logging.Logger
+    open_log_file: Callable[[], None]
     main: bool
     run_name: str
     stopper_states: list[EarlyStoppingState] = dataclasses.field(init=False)
@@ -1008,6 +1047,7 @@ class _Run:
     generators: list[torch.Generator] = dataclasses.field(init=False)
     epochs_run: int = 0
     failure_logged: bool = False
+    run_dir_open: bool = False  # see open_run_dir
     # Old checkpoints whose delete failed (warned about once; not counted as kept).
     undeletable: set[Path] = dataclasses.field(default_factory=set)
 
@@ -1144,7 +1184,9 @@ class _Run:
         if found is None:
             # An earlier run's files with no checkpoint to go on from (all damaged, or
             # deleted): this run starts over, and would overwrite its best model.
+            self.refuse_meta()
             barrier()  # every process has read the folder before rank 0 changes it
+            self.open_run_dir()
             self.set_aside_checkpoints("no usable checkpoint to resume from")
             return None, None
         given = self.state
@@ -1303,17 +1345,38 @@ class _Run:
         self.stop_reason = "; ".join(st.stop_reason for st in states if st.should_stop)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, *, resume: bool) -> TrainState:
-        given = self.state
-        if not resume:
-            self.set_aside_checkpoints("resume=False")
-        position, rng = self.restore() if resume else (None, None)
-        if self.state.device.type == "meta":  # (a state without params raises here)
+    def refuse_meta(self) -> None:
+        """Raises for a state on the meta device (one without params raises here too)."""
+        if self.state.device.type == "meta":
             raise ValueError(
                 "fit got a state on the meta device, which holds no values, and found no "
                 "checkpoint in out_dir to load into it. Make the state on the device to "
                 "train on (TrainState.create(..., device=...)), or load a checkpoint first."
             )
+
+    def open_run_dir(self) -> None:
+        """Makes the run folder and its checkpoints/ (rank 0), removes what an earlier
+        run killed while writing left there, and opens the log file with the records
+        held so far. Called once the checks of what the folder holds pass, before
+        anything in it changes: a ``fit`` refused by them leaves the folder as it was."""
+        if self.run_dir_open:
+            return
+        self.run_dir_open = True
+        if self.ckpt_dir is not None and self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.ckpt_dir.parent, self.ckpt_dir):
+                remove_temporaries(folder)
+        self.open_log_file()
+
+    def run(self, *, resume: bool) -> TrainState:
+        given = self.state
+        if not resume:
+            self.refuse_meta()  # before the earlier run's files are set aside
+            self.open_run_dir()
+            self.set_aside_checkpoints("resume=False")
+        position, rng = self.restore() if resume else (None, None)
+        self.refuse_meta()
+        self.open_run_dir()
         # Data parallelism starts from one state: rank 0's (a copy, so never the caller's).
         # An open accumulation window in every process holds each process's own sums:
         # their mean goes on. Open in some only (a state that rank 0 alone loaded), the

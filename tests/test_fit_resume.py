@@ -743,12 +743,6 @@ def test_a_state_on_meta_trains_only_from_a_checkpoint(tmp_path):
     the CPU); with nothing to load, fit says so before training."""
     ref = run(tmp_path / "ref", max_epochs=2)
     run(tmp_path / "run", max_epochs=1)
-
-    def on_meta():
-        with torch.device("meta"):
-            module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
-        return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="meta")
-
     assert_same(run(tmp_path / "run", max_epochs=2, state=on_meta()), ref)
     with pytest.raises(ValueError, match="on the meta device, which holds no values"):
         run(tmp_path / "new", max_epochs=2, state=on_meta())
@@ -1019,10 +1013,77 @@ def test_a_run_of_another_name_does_not_resume_the_folders_run(tmp_path):
     with pytest.raises(ValueError, match=r"written by the run 'a'.*run_name='a'.*resume=False"):
         run(tmp_path, max_epochs=2, run_name="b")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == files
-    assert "Stopped by ValueError" in (tmp_path / "b_training.log").read_text()
+    assert not (tmp_path / "b_training.log").exists()  # the error is the record
     # Going on from the checkpoint's own state, or under the name that wrote it, resumes.
     assert run(tmp_path, max_epochs=3, run_name="b", state=first).epoch == 3
     assert run(tmp_path, max_epochs=4, run_name="b").epoch == 4
+
+
+def on_meta():
+    """``make_state()``'s state on the meta device: a skeleton, without values."""
+    with torch.device("meta"):
+        module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    return fl.TrainState.create(module.double(), tx=optim.adam(1e-2), device="meta")
+
+
+def listing(folder):
+    """Every file and folder under ``folder`` with its size and mtime_ns (None: missing)."""
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+def refusal_folder(kind, folder):
+    """Makes ``folder`` as the refusal ``kind`` finds it; returns the refused fit's arguments."""
+    if kind == "a new folder, a state on meta":
+        return {"state": on_meta()}
+    if kind == "mid-epoch checkpoint at max_epochs":
+        with pytest.raises(Crash):
+            run(folder, callbacks=[CrashAt(2, 3)], checkpoint_every_n_steps=3)
+        return {"max_epochs": 1}
+    run(folder, max_epochs=2, run_name="a")
+    (folder / ".fnloop-0123456789ab.tmp").write_bytes(b"what a killed write left")
+    if kind == "another run's checkpoints":
+        return {"run_name": "b"}
+    if kind == "a checkpoint beyond max_epochs":
+        return {"run_name": "a", "max_epochs": 1}
+    if kind == "checkpoints of another model":
+        state = fl.TrainState.create(nn.Linear(6, 2).double(), tx=optim.adam(1e-2))
+        return {"run_name": "a", "state": state}
+    if kind == "resume=False, a state on meta":
+        return {"run_name": "a", "resume": False, "state": on_meta()}
+    assert kind == "damaged checkpoints, a state on meta"
+    for path in (folder / "checkpoints").glob("ckpt-*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    return {"run_name": "a", "state": on_meta()}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "another run's checkpoints",
+        "a checkpoint beyond max_epochs",
+        "mid-epoch checkpoint at max_epochs",
+        "checkpoints of another model",
+        "a new folder, a state on meta",
+        "resume=False, a state on meta",
+        "damaged checkpoints, a state on meta",
+    ],
+)
+def test_a_fit_refused_by_what_the_run_folder_holds_leaves_it_as_it_was(tmp_path, kind):
+    """A fit refused once it looks at out_dir wrote <run_name>_training.log (a new file,
+    or a line appended), made the folder and checkpoints/, removed temporary files, and
+    (resume=False, or no usable checkpoint, with a state on meta) set the earlier run's
+    files aside: its error is the record, and the folder stays as it was."""
+    folder = tmp_path / "run"
+    kwargs = refusal_folder(kind, folder)
+    before = listing(folder)
+    with pytest.raises(ValueError):  # (CheckpointMismatchError is one)
+        run(folder, **{"max_epochs": 2, **kwargs})
+    assert listing(folder) == before
 
 
 class CtrlCAt(CrashAt):
