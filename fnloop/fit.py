@@ -739,6 +739,9 @@ def fit(
     user_callbacks = as_list(callbacks, Callback)
     check_callbacks(user_callbacks)
     _check_one_writer_per_file(user_callbacks)
+    for cb in user_callbacks:  # a missing package, an image format: before any write
+        if isinstance(cb, EpochLogger):
+            cb._check_setup()
     stoppers = as_list(early_stopping, EarlyStopping)
     for rule in stoppers:
         if not isinstance(rule, EarlyStopping):

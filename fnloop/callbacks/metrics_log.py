@@ -137,6 +137,12 @@ class EpochLogger(Callback):
         self._finished_epoch = 0
         self._resumable = False
 
+    def _check_setup(self) -> None:
+        """Raises what ``on_fit_start`` would refuse in the set-up (a package that is not
+        installed, a path of a format it cannot write), reading and writing no file:
+        ``fit`` calls it with its own checks, before it writes anything in ``out_dir``.
+        Nothing to check here."""
+
     def start(self, state: TrainState) -> None:
         """Opens what the logger writes to (at ``on_fit_start``, rank 0 only)."""
 

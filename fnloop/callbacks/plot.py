@@ -122,9 +122,9 @@ class PlotHistory(EpochLogger):
     a draw that fails there does not hide the exception (``fit`` logs the failure as a
     warning).
     Drawing takes about a second, so the plot is not redrawn every epoch. matplotlib's
-    presence, and that it writes the format of ``path``'s suffix, are checked at
-    ``on_fit_start``, so a missing install or a mistyped suffix fails before training,
-    not after it.
+    presence, and that it writes the format of ``path``'s suffix, are checked when
+    ``fit`` starts, before it writes anything (at ``on_fit_start`` in a loop of your
+    own), so a missing install or a mistyped suffix fails before training, not after it.
 
     It follows the epochs as an :class:`~fnloop.callbacks.EpochLogger` whose rows are
     drawn at the end.
@@ -134,9 +134,10 @@ class PlotHistory(EpochLogger):
         home folder).
 
     Raises:
-      ImportError: at ``on_fit_start``, when matplotlib is not installed.
-      ValueError: at ``on_fit_start``, when matplotlib has no image format of
-        ``path``'s suffix.
+      ImportError: when ``fit`` starts (at ``on_fit_start`` in a loop of your own),
+        when matplotlib is not installed.
+      ValueError: when ``fit`` starts (at ``on_fit_start`` in a loop of your own),
+        when matplotlib has no image format of ``path``'s suffix.
 
     Example:
       ::
@@ -150,7 +151,7 @@ class PlotHistory(EpochLogger):
         self.path = Path(path).expanduser()
         self._final_history: History = {}  # through the last epoch whose row is final
 
-    def on_fit_start(self, state: TrainState) -> None:
+    def _check_setup(self) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError(MATPLOTLIB_MISSING_MSG)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -164,6 +165,9 @@ class PlotHistory(EpochLogger):
                     known=", ".join(sorted(known)),
                 )
             )
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self._check_setup()
         super().on_fit_start(state)
 
     def start(self, state: TrainState) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from fnloop._io import atomic_write_file
 from fnloop.callbacks.metrics_log import EpochLogger, lr_names
+from fnloop.distributed import is_main_process
 from fnloop.optim.transform import learning_rates
 from fnloop.typing import Batch
 
@@ -170,7 +171,8 @@ class TensorBoard(EpochLogger):
 
     Raises:
       ValueError: ``log_every_n_steps`` is not a positive integer.
-      ImportError: at ``on_fit_start``, when the ``tensorboard`` package is missing.
+      ImportError: when ``fit`` starts (at ``on_fit_start`` in a loop of your own),
+        when the ``tensorboard`` package is missing.
 
     Example:
       Log to ``runs/demo/tb`` and view it with ``tensorboard --logdir runs``::
@@ -197,6 +199,10 @@ class TensorBoard(EpochLogger):
         self._earlier: list[Path] = []  # the event files of earlier runs, at on_fit_start
         self._start = 0  # the state's epoch at on_fit_start
         self._splits: set[str] = set()  # those whose points beyond it are dropped
+
+    def _check_setup(self) -> None:
+        if is_main_process():  # (where on_fit_start starts the writer)
+            _summary_writer_class()
 
     def start(self, state: TrainState) -> None:
         writer_class = _summary_writer_class()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.metrics_log import EpochLogger
+from fnloop.distributed import is_main_process
 
 if TYPE_CHECKING:
     from fnloop.state import TrainState
@@ -55,7 +56,8 @@ class WandB(EpochLogger):
         as in ``fit(out_dir=...)``.
 
     Raises:
-      ImportError: at ``on_fit_start``, when the ``wandb`` package is missing.
+      ImportError: when ``fit`` starts (at ``on_fit_start`` in a loop of your own),
+        when the ``wandb`` package is missing.
 
     Attributes:
       run: the W&B run while ``fit`` runs, else ``None``.
@@ -75,6 +77,10 @@ class WandB(EpochLogger):
             init_kwargs["dir"] = str(Path(init_kwargs["dir"]).expanduser())
         self.init_kwargs = init_kwargs
         self.run: Any = None
+
+    def _check_setup(self) -> None:
+        if is_main_process():  # (where on_fit_start starts the run)
+            _import_wandb()
 
     def start(self, state: TrainState) -> None:
         wandb = _import_wandb()

@@ -1021,6 +1021,59 @@ def test_plot_callback_rejects_an_unknown_image_format_before_training(tmp_path:
     assert (tmp_path / "history").read_bytes().startswith(PNG_MAGIC)
 
 
+def listing(folder: Path) -> dict[str, tuple[int, int]] | None:
+    """Every file and folder under ``folder`` with its size and mtime_ns (None: missing)."""
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.parametrize("folder", ["new", "a run's, resumed", "a run's, resume=False"])
+@pytest.mark.parametrize("refusal", ["image format", "no tensorboard", "no wandb"])
+def test_a_logger_refusing_its_set_up_leaves_the_run_folder_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str, refusal: str
+) -> None:
+    """A PlotHistory of an unknown image format, or a TensorBoard or WandB callback
+    without its package, was refused at on_fit_start: after fit had made out_dir and
+    checkpoints/, written the log (and with resume=False set the earlier run's files
+    aside), and after the callbacks before it had started (a TensorBoard event file).
+    fit now checks their set-up with its own checks, before it writes anything."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+
+    def fit(callbacks: list[Any], resume: bool = True) -> None:
+        fl.fit(
+            new_state(),
+            lambda m, b: {"loss": m(b).square().mean()},
+            [torch.ones(4, 3)],
+            max_epochs=2,
+            out_dir=out,
+            callbacks=callbacks,
+            resume=resume,
+            log_to_console=False,
+        )
+
+    if folder != "new":
+        fit([], resume=True)
+    before = listing(out)
+    callbacks: list[Any] = [TensorBoard(out / "tb")]
+    if refusal == "image format":
+        callbacks.append(PlotHistory(out / "history.pnj"))
+    elif refusal == "no tensorboard":
+        hide_package(monkeypatch, "tensorboard")
+        callbacks = [CSVLogger(out / "log.csv"), TensorBoard(out / "tb")]
+    else:
+        hide_package(monkeypatch, "wandb")
+        callbacks.append(WandB(mode="offline", dir=str(out / "wandb")))
+    with pytest.raises((ValueError, ImportError)):
+        fit(callbacks, resume=folder != "a run's, resume=False")
+    assert listing(out) == before
+
+
 # --------------------------------------------------------------------------- paths
 
 
