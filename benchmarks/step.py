@@ -147,9 +147,10 @@ def fnloop_runner(module: nn.Module, batches: list, compiled: bool = False, dona
     return run, box
 
 
-def fit_runner(module: nn.Module, batches: list):
+def fit_runner(module: nn.Module, batches: list, donate: bool = False):
     """``run(n)``: one ``fl.fit`` epoch of ``n`` batches from the current state, as a user
-    calls it, the state passed in alive while ``fit`` trains its private copy."""
+    calls it, the state passed in alive while ``fit`` trains its private copy (with
+    ``donate``, while ``fit`` trains in its memory)."""
     import fnloop as fl
 
     box = {"state": fl.TrainState.create(module, tx=fl.optim.adamw(1e-3), device="cpu"), "i": 0}
@@ -164,6 +165,7 @@ def fit_runner(module: nn.Module, batches: list):
             max_epochs=state.epoch + 1,
             progress=False,
             log_to_console=False,
+            donate=donate,
         )
         box["i"] = i + n
 
@@ -375,8 +377,8 @@ def rss_child(kind: str, steps: int) -> None:
     rss_model = C.current_rss_mb()
     if kind in ("hand", "hand-fused"):
         run = hand_runner(module, batches, fused=kind == "hand-fused")[0]
-    elif kind == "fnloop-fit":
-        run = fit_runner(module, batches)[0]
+    elif kind in ("fnloop-fit", "fnloop-fit-donate"):
+        run = fit_runner(module, batches, donate=kind == "fnloop-fit-donate")[0]
     else:
         run = fnloop_runner(module, batches, donate=kind == "fnloop-donate")[0]
     if kind != "fnloop-keep":
@@ -407,7 +409,15 @@ def rss_child(kind: str, steps: int) -> None:
 def measure_rss(steps: int, pin: bool, threads: int | None) -> list[dict[str, Any]]:
     out = []
     script = os.path.abspath(__file__)
-    for kind in ("hand", "hand-fused", "fnloop", "fnloop-keep", "fnloop-donate", "fnloop-fit"):
+    for kind in (
+        "hand",
+        "hand-fused",
+        "fnloop",
+        "fnloop-keep",
+        "fnloop-donate",
+        "fnloop-fit",
+        "fnloop-fit-donate",
+    ):
         args = [script, "--rss-child", kind, "--rss-steps", str(steps)]
         if pin:
             args.append("--pin-malloc")
@@ -668,6 +678,7 @@ def main() -> None:
                 "fnloop-keep": "fnloop (user keeps `model` alive)",
                 "fnloop-donate": "fnloop donate=True (module dropped)",
                 "fnloop-fit": "fl.fit, one epoch a call (the state passed in stays alive)",
+                "fnloop-fit-donate": "fl.fit(..., donate=True), one epoch a call",
             }[r["kind"]]
             rows.append(
                 [

@@ -5,6 +5,7 @@ It owns every side effect (files, logs, progress bars, checkpoints); the steps o
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import itertools
@@ -24,6 +25,7 @@ from typing import Any, Literal, cast
 import torch
 from tqdm.auto import tqdm
 
+from fnloop import _tree
 from fnloop import checkpoint as ckpt
 from fnloop._io import remove_temporaries
 from fnloop.callbacks.base import Callback, CallbackList, as_list, check_callbacks
@@ -47,6 +49,7 @@ from fnloop.state import (
     StateT,
     TrainState,
     append_history,
+    check_not_donated,
     history_added,
     history_growth,
 )
@@ -604,6 +607,7 @@ def fit(
     checkpoint_every_n_steps: int | None = None,
     keep_checkpoints: int = 2,
     log_to_console: bool = True,
+    donate: bool = False,
 ) -> StateT:
     """Trains ``state`` until ``state.epoch == max_epochs`` (or early stopping).
 
@@ -672,6 +676,13 @@ def fit(
         optimizer steps (resumes at the right batch).
       keep_checkpoints: how many checkpoint files to keep.
       log_to_console: print log messages (the log file gets them either way).
+      donate: give up ``state``: ``fit`` trains in its memory instead of a private copy,
+        as a hand-written loop trains the module's own tensors, so the parameters and the
+        optimizer state are held once, not twice. A state ``fit`` loads from a checkpoint
+        or receives from rank 0 is copied into ``state``'s tensors when laid out alike.
+        Do not use ``state`` afterwards (a step or ``clone()`` of it raises once an eager
+        donating step has consumed it) and take the weights from the returned state: the
+        module ``state`` was made from shares its parameters, so it changes too.
 
     Returns:
       The final state.
@@ -693,6 +704,8 @@ def fit(
         ``checkpoint_every_n_steps`` without ``out_dir``, an empty string as ``out_dir``,
         two file loggers in ``callbacks`` writing one file. A ``fit`` refused by what
         ``out_dir`` holds leaves it as it was (no log file, no ``checkpoints/``).
+      RuntimeError: ``state`` was consumed by a donating train step (its tensors hold a
+        later state), before anything runs or is written.
       KeyError: a monitored metric is not produced (raised at the first epoch end).
       ValueError: at the first epoch end, a training-step metric under the name ``fit``
         records the learning rate by (``lr``, or ``lr_0``, ... with parameter groups).
@@ -719,6 +732,7 @@ def fit(
             f"state.epoch == max_epochs. To train more, pass max_epochs=state.epoch + n."
         )
     check_one_model(state, "fit", STACKED_LOOP_FIX)
+    check_not_donated(state, "fit")
     train_loader, valid_loader = _split_loaders(loaders)
     _check_loader(train_loader, "train")
     step_fn, train_step = _as_train_step(training_step)
@@ -801,7 +815,7 @@ def fit(
         raise ValueError(f"keep_checkpoints must be >= 1; got {keep_checkpoints}.")
     if progress != "auto" and not isinstance(progress, bool):
         raise TypeError(f"progress takes True, False or 'auto'; got {progress!r}.")
-    for arg, flag in [("resume", resume), ("log_to_console", log_to_console)]:
+    for arg, flag in [("resume", resume), ("log_to_console", log_to_console), ("donate", donate)]:
         if not isinstance(flag, bool):  # resume="no" would resume
             raise TypeError(f"fit's {arg} takes True or False; got {flag!r}.")
     if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\"):
@@ -847,6 +861,7 @@ def fit(
             open_log_file=open_log_file,
             main=main,
             run_name=run_name,
+            donate=donate,
         )
         # Only the run holds the state passed in now: a caller that keeps no reference of
         # its own (fit(TrainState.create(...), ...)) frees it once the run has its copy.
@@ -866,6 +881,35 @@ def fit(
             raise
     finally:
         close_logger()
+
+
+def _written_into(given: TrainState, state: TrainState) -> TrainState:
+    """``state`` with its tensors copied into ``given``'s, which ``fit(..., donate=True)``
+    trains in. A tensor of ``given`` that differs in shape, dtype or device, or shares its
+    memory with another of ``given``'s, is not written: ``state`` keeps its own there (all
+    of them when the two states hold other entries)."""
+    if state is given:
+        return state
+    keys, mine, _ = _tree.tree_flatten_with_keys(given)
+    their_keys, theirs, treedef = _tree.tree_flatten_with_keys(state)
+    if keys != their_keys:
+        return state
+    memory = collections.Counter(
+        m.untyped_storage().data_ptr() for m in mine if isinstance(m, torch.Tensor)
+    )
+    leaves = []
+    with torch.no_grad():
+        for m, t in zip(mine, theirs):
+            if (
+                isinstance(t, torch.Tensor)
+                and isinstance(m, torch.Tensor)
+                and (m.shape, m.dtype, m.device) == (t.shape, t.dtype, t.device)
+                and m.numel()
+                and memory[m.untyped_storage().data_ptr()] == 1
+            ):
+                t = m.copy_(t)
+            leaves.append(t)
+    return cast(TrainState, _tree.tree_unflatten(treedef, leaves))
 
 
 def _one_model(means: EpochMeans) -> dict[str, float]:
@@ -1036,6 +1080,7 @@ class _Run:
     open_log_file: Callable[[], None]
     main: bool
     run_name: str
+    donate: bool
     stopper_states: list[EarlyStoppingState] = dataclasses.field(init=False)
     best: _Best | None = None
     stop_reason: str = ""
@@ -1386,7 +1431,9 @@ class _Run:
         # processes cannot average it (a collective call): rank 0's goes on, as it is.
         open_everywhere = all(gather(self.state.grad_accum is not None))
         self.state = broadcast_state(_window_mean(self.state) if open_everywhere else self.state)
-        if self.state is given and self.train_step.donate:
+        if self.donate:  # the caller gave the state up: train in its memory
+            self.state = _written_into(given, self.state)
+        elif self.state is given and self.train_step.donate:
             # One private copy: the steps then write into it, never into the caller's state.
             self.state = given.clone()
         del given  # (not kept: see fit)

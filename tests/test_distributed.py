@@ -319,6 +319,9 @@ def test_fit_starts_every_process_from_rank_0s_state(ranks) -> None:
     single = ddp_job.fit(None, 1, 0, ddp_job.mlp(seed=0)).state_dict()
     for r in results:
         assert_same(r["fit_seeded"], single)
+        # fit(..., donate=True) trains rank 0's state in the memory of each process's own.
+        assert_same(r["fit_donated"], single)
+        assert r["fit_donated_in_place"]
 
 
 @pytest.mark.slow

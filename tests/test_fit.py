@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fnloop as fl
 from fnloop import optim
+from fnloop._tree import tree_leaves
 from fnloop.fit import epoch_line
 
 
@@ -1548,6 +1549,7 @@ class _Samples(torch.utils.data.Dataset):
         ),
         ({"resume": "no"}, TypeError, r"resume takes True or False; got 'no'"),
         ({"log_to_console": "no"}, TypeError, r"log_to_console takes True or False; got 'no'"),
+        ({"donate": 1}, TypeError, r"donate takes True or False; got 1"),
         ({"monitor": 3}, TypeError, r"monitor takes a metric name such as 'valid/loss'.*got 3"),
         ({"run_name": "a/b"}, ValueError, r"without path separators; got 'a/b'"),
         ({"loaders": (b for b in loaders()["train"])}, TypeError, "first epoch would use up"),
@@ -2322,3 +2324,70 @@ def test_a_state_only_fit_holds_is_freed_once_fit_has_its_copy():
 
     fl.fit(fresh(), classify, loaders(), max_epochs=1, callbacks=[Count()], log_to_console=False)
     assert len(refs) > 8 and alive == [0]
+
+
+def _pointers(state):
+    """Where the state's parameter-sized tensors live (step counters are new each step)."""
+    return [t.data_ptr() for t in tree_leaves(state) if isinstance(t, torch.Tensor) and t.dim()]
+
+
+def test_donate_trains_in_the_given_state_s_memory_to_the_same_numbers():
+    """``fit(..., donate=True)`` makes no private copy: the returned state's parameters,
+    moments and EMA live in the given state's tensors (so the module it was made from holds
+    the trained weights too), the numbers are bit for bit those of a plain ``fit``, and the
+    given state, consumed by the first step, cannot be used again."""
+    run = dict(max_epochs=2, log_to_console=False)
+    fresh = make_state(ema_decay=0.9)
+    torch.manual_seed(5)
+    plain = fl.fit(fresh, classify, loaders(), **run)
+    given = make_state(ema_decay=0.9)
+    module = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    pointers = _pointers(given)
+    torch.manual_seed(5)
+    donated = fl.fit(given, classify, loaders(), **run, donate=True)
+    assert _pointers(donated) == pointers
+    for a, b in zip(tree_leaves(plain), tree_leaves(donated)):
+        assert torch.equal(a, b)
+    assert plain.history == donated.history and (plain.step, plain.epoch) == (12, 2)
+    with pytest.raises(RuntimeError, match="donat"):
+        given.clone()
+    # The module a state is made from shares its parameters: trained in place.
+    state = fl.TrainState.create(module, tx=optim.adam(1e-2), device="cpu")
+    before = module[0].weight.detach().clone()
+    trained = fl.fit(state, classify, loaders(), **run, donate=True)
+    assert torch.equal(module[0].weight, trained.params["0.weight"])
+    assert not torch.equal(module[0].weight, before)
+
+
+def test_donate_writes_a_resumed_checkpoint_into_the_given_state(tmp_path):
+    """A state ``fit(..., donate=True)`` resumes from a checkpoint is copied into the given
+    state's tensors (one state in memory, not the given one beside the loaded one), and
+    trains on as a plain resumed ``fit`` does."""
+    finals = []
+    for donate in (False, True):
+        out = tmp_path / str(donate)
+        torch.manual_seed(3)
+        fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir=out, log_to_console=False)
+        given = make_state(seed=9)  # other weights: the checkpoint's are used
+        pointers = _pointers(given)
+        torch.manual_seed(4)
+        run = dict(max_epochs=2, out_dir=out, log_to_console=False)
+        final = fl.fit(given, classify, loaders(), **run, donate=donate)
+        assert (_pointers(final) == pointers) is donate
+        finals.append(final)
+    for a, b in zip(tree_leaves(finals[0]), tree_leaves(finals[1])):
+        assert torch.equal(a, b)
+    assert finals[0].history == finals[1].history and finals[1].epoch == 2
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_donated_state_is_refused_before_fit_writes_anything(tmp_path, donate):
+    """A state a donating step consumed holds a later state's tensors: ``fit`` refuses it
+    at once (with ``donate=True`` it would otherwise write a checkpoint into them)."""
+    state = make_state()
+    step = fl.make_train_step(classify, donate=True)
+    step(state, next(iter(loaders()["train"])))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"so fit would use the wrong values"):
+        fl.fit(state, classify, loaders(), max_epochs=1, out_dir=out, donate=donate)
+    assert not out.exists()

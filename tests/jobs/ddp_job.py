@@ -112,9 +112,12 @@ def refit(world: int, rank: int) -> tuple[dict, dict]:
     return one.state_dict(), two.state_dict()
 
 
-def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.TrainState:
+def fit(
+    out_dir: Path | None, world: int, rank: int, module: nn.Module, given: list | None = None
+) -> fl.TrainState:
     """Three epochs of ``fit`` with a shuffling DistributedSampler (``world=1``: the same
-    global batches in one process)."""
+    global batches in one process); with a list as ``given``, ``fit`` trains the state it
+    appends there with ``donate=True``."""
     x, y = data()
 
     def loader(rows: slice) -> DataLoader:
@@ -122,14 +125,18 @@ def fit(out_dir: Path | None, world: int, rank: int, module: nn.Module) -> fl.Tr
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
         return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
+    state = fl.TrainState.create(module, tx=tx())
+    if given is not None:
+        given.append(state)
     return fl.fit(
-        fl.TrainState.create(module, tx=tx()),
+        state,
         classify,
         {"train": loader(slice(0, 64)), "valid": loader(slice(64, 96))},
         max_epochs=3,
         out_dir=out_dir,
         log_to_console=False,
         progress=False,
+        donate=given is not None,
     )
 
 
@@ -410,6 +417,8 @@ def main() -> None:
         "fit_bn": fit(None, world, rank, with_bn()),
         "fit_seeded": fit(None, world, rank, mlp(seed=rank)),  # rank 0's weights win
     }
+    given: list[fl.TrainState] = []
+    donated = fit(None, world, rank, mlp(seed=rank), given)  # rank 0's, in this one's memory
     result = {
         "steps": result["steps"],
         "steps_nan": result["steps_nan"].state_dict(),
@@ -418,6 +427,11 @@ def main() -> None:
         "history": {k: dict(v) for k, v in result["fit"].history.items()},
         "fit_bn": result["fit_bn"].state_dict(),
         "fit_seeded": result["fit_seeded"].state_dict(),
+        "fit_donated": donated.state_dict(),
+        "fit_donated_in_place": all(
+            a.data_ptr() == b.data_ptr()
+            for a, b in zip(given[0].params.values(), donated.params.values())
+        ),
     }
     result["raised_at"] = raise_on_nan(rank)
     updated, skipped = skip_with_bn(rank, world)
