@@ -682,7 +682,9 @@ def fit(
         or receives from rank 0 is copied into ``state``'s tensors when laid out alike.
         Do not use ``state`` afterwards (a step or ``clone()`` of it raises once an eager
         donating step has consumed it) and take the weights from the returned state: the
-        module ``state`` was made from shares its parameters, so it changes too.
+        module ``state`` was made from shares its parameters, so it changes too. When an
+        exception or Ctrl-C ends ``fit``, the trained state goes with it: with
+        ``out_dir``, rerun to resume from the last checkpoint.
 
     Returns:
       The final state.
