@@ -887,24 +887,27 @@ def fit(
 
 def _written_into(given: TrainState, state: TrainState) -> TrainState:
     """``state`` with its tensors copied into ``given``'s, which ``fit(..., donate=True)``
-    trains in. A tensor of ``given`` that differs in shape, dtype or device, or shares its
-    memory with another of ``given``'s, is not written: ``state`` keeps its own there (all
-    of them when the two states hold other entries)."""
+    trains in, matched by their place in the state (``opt_state.0.mu.0.weight``). A tensor
+    of ``state`` that ``given`` lacks (an open accumulation window's sums, a loss scale),
+    or whose match differs in shape, dtype or device, or shares its memory with another of
+    ``given``'s tensors, is not written: ``state`` keeps its own there."""
     if state is given:
         return state
     keys, mine, _ = _tree.tree_flatten_with_keys(given)
     their_keys, theirs, treedef = _tree.tree_flatten_with_keys(state)
-    if keys != their_keys:
-        return state
+    # (A key that two leaves of either state read alike matches neither.)
+    count = collections.Counter(keys) + collections.Counter(their_keys)
+    place = {k: m for k, m in zip(keys, mine) if count[k] == 2 and isinstance(m, torch.Tensor)}
     memory = collections.Counter(
         m.untyped_storage().data_ptr() for m in mine if isinstance(m, torch.Tensor)
     )
     leaves = []
     with torch.no_grad():
-        for m, t in zip(mine, theirs):
+        for key, t in zip(their_keys, theirs):
+            m = place.get(key)
             if (
                 isinstance(t, torch.Tensor)
-                and isinstance(m, torch.Tensor)
+                and m is not None
                 and (m.shape, m.dtype, m.device) == (t.shape, t.dtype, t.device)
                 and m.numel()
                 and memory[m.untyped_storage().data_ptr()] == 1

@@ -2380,6 +2380,32 @@ def test_donate_writes_a_resumed_checkpoint_into_the_given_state(tmp_path):
     assert finals[0].history == finals[1].history and finals[1].epoch == 2
 
 
+def test_donate_writes_a_checkpoint_with_an_open_window_into_the_given_state(tmp_path, monkeypatch):
+    """A checkpoint saved with an accumulation window open (3 batches an epoch, windows of
+    2) holds gradient sums a fresh state lacks: ``fit(..., donate=True)`` still copies the
+    rest into the given state's tensors, and trains on as a plain resumed ``fit`` does.
+    It used to copy nothing then, training beside the given state (held twice) and
+    leaving the module untrained."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no history.png to draw (time)
+    step = fl.make_train_step(classify, accumulation_steps=2)
+    finals = []
+    for donate in (False, True):
+        out = tmp_path / str(donate)
+        torch.manual_seed(3)
+        run = dict(out_dir=out, log_to_console=False)
+        first = fl.fit(make_state(), step, loaders(32, valid=False), max_epochs=1, **run)
+        assert first.micro_step == 1
+        given = make_state(seed=9)
+        pointers = _pointers(given)
+        torch.manual_seed(4)
+        final = fl.fit(given, step, loaders(32, valid=False), max_epochs=2, **run, donate=donate)
+        assert final.grad_accum is None and (_pointers(final) == pointers) is donate
+        finals.append(final)
+    for a, b in zip(tree_leaves(finals[0]), tree_leaves(finals[1])):
+        assert torch.equal(a, b)
+    assert finals[0].history == finals[1].history
+
+
 @pytest.mark.parametrize("donate", [False, True])
 def test_a_donated_state_is_refused_before_fit_writes_anything(tmp_path, donate):
     """A state a donating step consumed holds a later state's tensors: ``fit`` refuses it
