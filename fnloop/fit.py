@@ -49,7 +49,7 @@ from fnloop.state import (
     StateT,
     TrainState,
     append_history,
-    check_not_donated,
+    donated,
     history_added,
     history_growth,
 )
@@ -148,6 +148,14 @@ VALIDATION_STEP_UNUSED_MSG = (
     "validation_step was given but no validation loader, so no epoch is validated (the "
     "best model and the monitor follow {monitor}). Pass loaders={{'train': train_loader, "
     "'valid': valid_loader}} to validate."
+)
+FIT_DONATED_MSG = (
+    "fit got a TrainState that a donating train step consumed (a step made with "
+    "donate=True, or a fit(..., donate=True), which trains with one): its tensors now "
+    "hold a later state, so fit would use the wrong values. Pass the state that the step "
+    "or fit returned. A fit(..., donate=True) that an exception or Ctrl-C ended returned "
+    "none: make the state again as you made it before (fl.TrainState.create(...)) and run "
+    "the same fit, which resumes from the newest checkpoint in out_dir."
 )
 LOADER_LIST_MSG = (
     "loaders is a {kind} of {n} DataLoaders; fit takes one train loader or a mapping. "
@@ -680,11 +688,11 @@ def fit(
         as a hand-written loop trains the module's own tensors, so the parameters and the
         optimizer state are held once, not twice. A state ``fit`` loads from a checkpoint
         or receives from rank 0 is copied into ``state``'s tensors when laid out alike.
-        Do not use ``state`` afterwards (a step or ``clone()`` of it raises once an eager
-        donating step has consumed it) and take the weights from the returned state: the
-        module ``state`` was made from shares its parameters, so it changes too. When an
-        exception or Ctrl-C ends ``fit``, the trained state goes with it: with
-        ``out_dir``, rerun to resume from the last checkpoint.
+        Do not use ``state`` afterwards (a step, ``clone()`` or ``fit`` of it raises once an
+        eager donating step has consumed it) and take the weights from the returned state:
+        the module ``state`` was made from shares its parameters, so it may change too.
+        When an exception or Ctrl-C ends ``fit``, the trained state goes with it: make the
+        state again and rerun; with ``out_dir``, ``fit`` resumes from the last checkpoint.
 
     Returns:
       The final state.
@@ -734,7 +742,8 @@ def fit(
             f"state.epoch == max_epochs. To train more, pass max_epochs=state.epoch + n."
         )
     check_one_model(state, "fit", STACKED_LOOP_FIX)
-    check_not_donated(state, "fit")
+    if donated(state):  # fit's own words: a fit that raised returned no state to pass
+        raise RuntimeError(FIT_DONATED_MSG)
     train_loader, valid_loader = _split_loaders(loaders)
     _check_loader(train_loader, "train")
     step_fn, train_step = _as_train_step(training_step)

@@ -224,12 +224,18 @@ def mark_donated(consumed: Params, params: Params) -> Params:
     return {**params, name: new_first.detach()}
 
 
+def donated(state: TrainState) -> bool:
+    """Whether a donating train step consumed ``state`` (eager mode: a compiled one leaves
+    no mark)."""
+    first = next(iter(state.params.values()), None)
+    return bool(getattr(first, _DONATED, False))
+
+
 def check_not_donated(state: TrainState, what: str) -> None:
     """Raises ``RuntimeError`` if a donating train step consumed ``state`` (eager mode)."""
     if torch.compiler.is_compiling():
         return
-    first = next(iter(state.params.values()), None)
-    if getattr(first, _DONATED, False):
+    if donated(state):
         raise RuntimeError(DONATED_MSG.format(what=what))
 
 

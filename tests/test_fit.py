@@ -2406,6 +2406,28 @@ def test_donate_writes_a_checkpoint_with_an_open_window_into_the_given_state(tmp
     assert finals[0].history == finals[1].history
 
 
+def test_a_donating_fit_ended_by_ctrl_c_is_resumed_from_a_state_made_again(tmp_path, monkeypatch):
+    """Run again after Ctrl-C, ``fit(state, ..., donate=True)`` gets the state the ended
+    fit consumed, and returned none: the refusal says to make it again (it used to say
+    "Pass the state that call returned"), and a state made again resumes."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no history.png to draw (time)
+
+    class CtrlC(fl.callbacks.Callback):
+        def on_train_batch_end(self, state, outputs, batch, batch_idx):
+            if state.step == 4:
+                raise KeyboardInterrupt
+
+    run = dict(max_epochs=2, out_dir=tmp_path, log_to_console=False, donate=True)
+    state = make_state()
+    with pytest.raises(KeyboardInterrupt):
+        fl.fit(state, classify, loaders(32), **run, callbacks=CtrlC(), checkpoint_every_n_steps=2)
+    with pytest.raises(
+        RuntimeError, match=r"so fit would use the wrong values.*make the state again"
+    ):
+        fl.fit(state, classify, loaders(32), **run)
+    assert fl.fit(make_state(), classify, loaders(32), **run).step == 6
+
+
 @pytest.mark.parametrize("donate", [False, True])
 def test_a_donated_state_is_refused_before_fit_writes_anything(tmp_path, donate):
     """A state a donating step consumed holds a later state's tensors: ``fit`` refuses it
