@@ -898,18 +898,18 @@ def _written_into(given: TrainState, state: TrainState) -> TrainState:
     """``state`` with its tensors copied into ``given``'s, which ``fit(..., donate=True)``
     trains in, matched by their place in the state (``opt_state.0.mu.0.weight``). A tensor
     of ``state`` that ``given`` lacks (an open accumulation window's sums, a loss scale),
-    or whose match differs in shape, dtype or device, or shares its memory with another of
-    ``given``'s tensors, is not written: ``state`` keeps its own there."""
+    or whose match differs in shape, dtype or device, or overlaps another of ``given``'s
+    tensors in memory (tied weights), is not written: ``state`` keeps its own there.
+    Tensors laid out side by side in one buffer (``clone()``'s) are written."""
     if state is given:
         return state
     keys, mine, _ = _tree.tree_flatten_with_keys(given)
     their_keys, theirs, treedef = _tree.tree_flatten_with_keys(state)
+    tensors = {i: m for i, m in enumerate(mine) if isinstance(m, torch.Tensor) and m.numel()}
+    shared = _overlapping(tensors)
     # (A key that two leaves of either state read alike matches neither.)
     count = collections.Counter(keys) + collections.Counter(their_keys)
-    place = {k: m for k, m in zip(keys, mine) if count[k] == 2 and isinstance(m, torch.Tensor)}
-    memory = collections.Counter(
-        m.untyped_storage().data_ptr() for m in mine if isinstance(m, torch.Tensor)
-    )
+    place = {keys[i]: m for i, m in tensors.items() if count[keys[i]] == 2 and i not in shared}
     leaves = []
     with torch.no_grad():
         for key, t in zip(their_keys, theirs):
@@ -918,12 +918,33 @@ def _written_into(given: TrainState, state: TrainState) -> TrainState:
                 isinstance(t, torch.Tensor)
                 and m is not None
                 and (m.shape, m.dtype, m.device) == (t.shape, t.dtype, t.device)
-                and m.numel()
-                and memory[m.untyped_storage().data_ptr()] == 1
             ):
                 t = m.copy_(t)
             leaves.append(t)
     return cast(TrainState, _tree.tree_unflatten(treedef, leaves))
+
+
+def _overlapping(tensors: Mapping[int, torch.Tensor]) -> set[int]:
+    """The keys of the (non-empty) ``tensors`` whose memory overlaps another's: the same
+    tensor twice (tied weights), or views that share elements; not views side by side in
+    one buffer."""
+    spans: list[tuple[int, int, int, int]] = []
+    for i, t in tensors.items():
+        start = int(t.storage_offset())
+        end = start + 1 + sum((int(n) - 1) * abs(step) for n, step in zip(t.shape, t.stride()))
+        size = t.element_size()
+        spans.append((t.untyped_storage().data_ptr(), start * size, end * size, i))
+    spans.sort()
+    shared: set[int] = set()
+    reach: dict[int, int] = {}  # per buffer: the furthest end of the spans before
+    for n, (buffer, start, end, i) in enumerate(spans):
+        after = spans[n + 1] if n + 1 < len(spans) else None
+        if start < reach.get(buffer, start) or (
+            after is not None and after[0] == buffer and after[1] < end
+        ):
+            shared.add(i)
+        reach[buffer] = max(reach.get(buffer, end), end)
+    return shared
 
 
 def _one_model(means: EpochMeans) -> dict[str, float]:

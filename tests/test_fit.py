@@ -2406,6 +2406,31 @@ def test_donate_writes_a_checkpoint_with_an_open_window_into_the_given_state(tmp
     assert finals[0].history == finals[1].history
 
 
+def test_donate_writes_a_resumed_checkpoint_into_a_cloned_state(tmp_path, monkeypatch):
+    """``state.clone()`` lays each group of tensors (parameters, moments) side by side in
+    one buffer: a checkpoint ``fit(..., donate=True)`` resumes is still written into
+    them (it used to be written into none, any shared buffer counting as tied weights,
+    so the run held two states), and trains on as a plain resumed ``fit`` does."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no history.png to draw (time)
+    finals = []
+    for donate in (False, True):
+        out = tmp_path / str(donate)
+        run = dict(out_dir=out, log_to_console=False)
+        torch.manual_seed(3)
+        fl.fit(make_state(), classify, loaders(32, valid=False), max_epochs=1, **run)
+        given = make_state(seed=9).clone()
+        pointers = _pointers(given)
+        torch.manual_seed(4)
+        final = fl.fit(
+            given, classify, loaders(32, valid=False), max_epochs=2, **run, donate=donate
+        )
+        assert (_pointers(final) == pointers) is donate
+        finals.append(final)
+    for a, b in zip(tree_leaves(finals[0]), tree_leaves(finals[1])):
+        assert torch.equal(a, b)
+    assert finals[0].history == finals[1].history
+
+
 def test_a_donating_fit_ended_by_ctrl_c_is_resumed_from_a_state_made_again(tmp_path, monkeypatch):
     """Run again after Ctrl-C, ``fit(state, ..., donate=True)`` gets the state the ended
     fit consumed, and returned none: the refusal says to make it again (it used to say
