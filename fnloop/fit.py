@@ -707,7 +707,8 @@ def fit(
         epoch iterates it: ``fit`` does not iterate a loader ahead of its epoch),
         ``max_epochs`` below ``state.epoch`` or the epoch of the checkpoint to resume,
         a checkpoint to resume that another ``run_name`` wrote (unless ``state`` is at its
-        step and epoch),
+        step and epoch), with ``donate=True`` a state trained beyond the checkpoint to
+        resume (its training would be overwritten),
         a monitor without the ``train/``/``valid/`` prefix,
         a ``valid/`` monitor without a validation loader, a ``reduce_on_plateau`` or an
         early-stopping rule on ``monitor`` whose mode is not fit's,
@@ -1287,6 +1288,16 @@ class _Run:
                     given_epoch=given.epoch,
                     given_step=given.step,
                 )
+            )
+        if (given.step > found.state.step or given.epoch > found.state.epoch) and self.donate:
+            raise ValueError(
+                f"fit(..., donate=True) got a state at epoch {given.epoch}, step "
+                f"{given.step}, beyond {found.path} (epoch {found.state.epoch}, step "
+                f"{found.state.step}), which it would resume from, into the given state's "
+                f"tensors: the given state's further training would be lost. To go on from "
+                f"the given state, pass resume=False (the folder's earlier files are set "
+                f"aside) or another out_dir; to resume from the checkpoint and keep the given "
+                f"state, pass donate=False."
             )
         if given.step > found.state.step or given.epoch > found.state.epoch:
             self.logger.warning(

@@ -2464,3 +2464,21 @@ def test_a_donated_state_is_refused_before_fit_writes_anything(tmp_path, donate)
     with pytest.raises(RuntimeError, match=r"so fit would use the wrong values"):
         fl.fit(state, classify, loaders(), max_epochs=1, out_dir=out, donate=donate)
     assert not out.exists()
+
+
+def test_donate_refuses_a_state_beyond_the_checkpoint_it_would_resume_from(tmp_path):
+    """A plain ``fit`` resumes the folder's older checkpoint and warns that the given
+    state's further training is not used (the caller still has it); with ``donate=True``
+    the checkpoint would be written into that state's tensors and its training lost, so
+    ``fit`` refuses, leaving the folder and the state as they were."""
+    out = tmp_path / "run"
+    run = dict(log_to_console=False)
+    fl.fit(make_state(), classify, loaders(), max_epochs=1, out_dir=out, **run)
+    ahead = fl.fit(make_state(), classify, loaders(), max_epochs=2, **run)
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    kept = ahead.clone()
+    with pytest.raises(ValueError, match=r"further training would be lost.*pass donate=False"):
+        fl.fit(ahead, classify, loaders(), max_epochs=3, out_dir=out, **run, donate=True)
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
+    for a, b in zip(tree_leaves(ahead), tree_leaves(kept)):
+        assert torch.equal(a, b)
